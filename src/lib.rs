@@ -1,0 +1,20 @@
+//! Courier: a Matrix federation relay for send-to-device messages.
+//!
+//! The library holds everything; `main.rs` is a thin command-line edge over
+//! it. See ARCHITECTURE.md for the codemap and the invariants.
+
+pub mod canonical_json;
+pub mod error;
+pub mod identifiers;
+pub mod keys;
+pub mod signing;
+pub mod store;
+pub mod xmatrix;
+
+/// Milliseconds since the Unix epoch, from the system clock.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,393 @@
+//! The durable store: one narrow domain trait (`Store`) and its backends.
+//! Only this module and its children know SQL. Callers see domain
+//! operations, each of which is one atomic store transaction: nothing here is
+//! a generic key-value API, and no caller composes two calls into one
+//! "transaction" (DESIGN §3).
+//!
+//! Every write returns only after it is durable (committed with fsync), so a
+//! caller may acknowledge to its peer as soon as the future resolves.
+
+use std::future::Future;
+use std::pin::Pin;
+
+pub mod sqlite;
+
+/// The future every store operation returns: boxed so that `Store` is usable
+/// as `Arc<dyn Store>` by the server, which picks a backend from config.
+pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
+
+/// Milliseconds since the Unix epoch.
+pub type TimestampMs = i64;
+
+/// Why a store operation failed. None of these is the caller's fault; the
+/// HTTP edge maps them all to a 500 and logs the cause.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("sqlite: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("postgres: {0}")]
+    Postgres(String),
+    #[error("migration {version} failed: {reason}")]
+    Migration { version: u32, reason: String },
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+    #[error("the store is shut down")]
+    Closed,
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Which devices of a local user a message is for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeviceTarget {
+    /// One device; dropped silently if the device is not registered.
+    One(String),
+    /// `*`: every device registered at the moment the write commits.
+    All,
+}
+
+/// One message for a local user, before `*` expansion.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewInboxMessage {
+    pub user_id: String,
+    pub device: DeviceTarget,
+    pub sender: String,
+    pub event_type: String,
+    /// The message content as serialized JSON (an object).
+    pub content_json: String,
+}
+
+/// One message in a device inbox, as `/sync` returns it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InboxMessage {
+    pub stream_id: i64,
+    pub sender: String,
+    pub event_type: String,
+    pub content_json: String,
+}
+
+/// One page of a device inbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InboxPage {
+    /// At most `limit` messages, in stream order.
+    pub messages: Vec<InboxMessage>,
+    /// The highest stream id included, or the `since` given when none were.
+    pub next_batch: i64,
+    /// True when more messages remain after this page.
+    pub more: bool,
+}
+
+/// A device that received at least one new inbox row (for waking long-polls).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct DeviceKey {
+    pub user_id: String,
+    pub device_id: String,
+}
+
+/// One packed `m.direct_to_device` EDU for a remote destination.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewOutboxEdu {
+    pub destination: String,
+    /// The whole EDU (`{"edu_type", "content"}`) as serialized JSON.
+    pub edu_json: String,
+    /// How many device messages the EDU carries (for status and metrics).
+    pub message_count: u32,
+}
+
+/// The idempotency key of a client (or RPC) send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientTxnKey {
+    pub user_id: String,
+    /// The sending device; the RPC uses an empty string.
+    pub device_id: String,
+    pub event_type: String,
+    pub txn_id: String,
+}
+
+/// Everything one accepted send writes, in one store transaction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SendBatch {
+    pub txn: ClientTxnKey,
+    pub local: Vec<NewInboxMessage>,
+    pub remote: Vec<NewOutboxEdu>,
+    pub now_ms: TimestampMs,
+}
+
+/// What a send did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SendOutcome {
+    /// The txn key was seen before: nothing was written.
+    Duplicate,
+    Accepted {
+        /// Devices that got at least one inbox row.
+        woken_devices: Vec<DeviceKey>,
+        /// Destinations that got at least one outbox row.
+        destinations: Vec<String>,
+    },
+}
+
+/// One `m.direct_to_device` EDU received over federation, already validated
+/// and split into local messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InboundEdu {
+    pub message_id: String,
+    pub messages: Vec<NewInboxMessage>,
+}
+
+/// Everything one inbound federation transaction writes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InboundTxn {
+    pub origin: String,
+    pub txn_id: String,
+    /// The response body to store and replay for a retransmission.
+    pub response_json: String,
+    /// In the order received.
+    pub edus: Vec<InboundEdu>,
+    pub now_ms: TimestampMs,
+}
+
+/// What an inbound transaction did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InboundOutcome {
+    /// (origin, txn_id) was seen before: nothing written; the stored response.
+    Duplicate { response_json: String },
+    Accepted {
+        woken_devices: Vec<DeviceKey>,
+        /// EDUs skipped because (origin, message_id) was seen before.
+        duplicate_message_ids: u32,
+    },
+}
+
+/// One queued EDU for a destination.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxEdu {
+    pub seq: i64,
+    pub edu_json: String,
+    pub message_count: u32,
+    pub queued_ts: TimestampMs,
+    /// How many times a transaction holding this EDU was refused (4xx).
+    pub refusals: u32,
+}
+
+/// The transaction in flight to a destination, recorded before it is sent so
+/// that a retry (also after a restart) resends the same txnId and bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InFlightTxn {
+    pub destination: String,
+    pub txn_id: String,
+    /// The outbox rows it carries, in order.
+    pub seqs: Vec<i64>,
+    /// The exact request body.
+    pub body: String,
+}
+
+/// Persisted retry state of a destination.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RetryState {
+    /// Consecutive failures since the last success.
+    pub failures: u32,
+    /// Do not send before this time (0: no wait).
+    pub retry_after_ms: TimestampMs,
+    pub last_success_ms: Option<TimestampMs>,
+    pub last_error: Option<String>,
+}
+
+/// One row of `GET /_courier/v1/destinations`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DestinationStatus {
+    pub destination: String,
+    pub pending_edus: u64,
+    pub pending_messages: u64,
+    pub oldest_queued_ts: Option<TimestampMs>,
+    pub retry: RetryState,
+    pub quarantined: u64,
+}
+
+/// A quarantined EDU: refused alone too often, kept for an operator.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QuarantinedEdu {
+    pub destination: String,
+    pub seq: i64,
+    pub edu_json: String,
+    pub reason: String,
+    pub quarantined_ts: TimestampMs,
+}
+
+/// A remote server's verify key as cached.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredServerKey {
+    pub server_name: String,
+    pub key_id: String,
+    /// Unpadded base64 of the 32-byte ed25519 public key.
+    pub public_key: String,
+    /// Effective expiry (already capped per SPEC §5.3).
+    pub valid_until_ts: TimestampMs,
+}
+
+/// What one pruning pass removed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PruneReport {
+    pub client_txns: u64,
+    pub inbound_txns: u64,
+    pub inbound_message_ids: u64,
+    pub orphan_inbox_rows: u64,
+    pub expired_server_keys: u64,
+}
+
+/// How long dedupe records live (DESIGN §1.7).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    pub client_txn_ms: i64,
+    pub inbound_txn_ms: i64,
+    pub inbound_message_id_ms: i64,
+}
+
+impl Retention {
+    pub const DEFAULT: Retention = Retention {
+        client_txn_ms: 24 * 3600 * 1000,
+        inbound_txn_ms: 24 * 3600 * 1000,
+        inbound_message_id_ms: 7 * 24 * 3600 * 1000,
+    };
+}
+
+/// The durable store. Each method is one atomic transaction.
+pub trait Store: Send + Sync + 'static {
+    // --- devices and tokens ---------------------------------------------
+
+    /// Registers (or re-registers) a local device; with a token, also maps
+    /// the token's hash to the device (a device may have several tokens).
+    fn upsert_device<'a>(
+        &'a self,
+        user_id: &'a str,
+        device_id: &'a str,
+        access_token: Option<&'a str>,
+    ) -> StoreFuture<'a, ()>;
+
+    /// Removes a device, its tokens and its pending inbox. Returns whether
+    /// the device existed.
+    fn delete_device<'a>(&'a self, user_id: &'a str, device_id: &'a str) -> StoreFuture<'a, bool>;
+
+    /// The registered devices of a local user, sorted.
+    fn list_devices<'a>(&'a self, user_id: &'a str) -> StoreFuture<'a, Vec<String>>;
+
+    /// The device an access token belongs to, if any (looked up by hash).
+    fn lookup_token<'a>(&'a self, access_token: &'a str) -> StoreFuture<'a, Option<DeviceKey>>;
+
+    // --- the to-device paths --------------------------------------------
+
+    /// Records the client txn and writes inbox and outbox rows, atomically.
+    /// `*` is expanded and unknown devices dropped inside the transaction.
+    fn enqueue_send(&self, batch: SendBatch) -> StoreFuture<'_, SendOutcome>;
+
+    /// Applies one inbound federation transaction atomically: the (origin,
+    /// txn_id) check, each EDU's (origin, message_id) check and inbox rows,
+    /// and the stored response.
+    fn apply_inbound_txn(&self, txn: InboundTxn) -> StoreFuture<'_, InboundOutcome>;
+
+    /// The stored response of an inbound transaction already applied.
+    fn inbound_txn_response<'a>(
+        &'a self,
+        origin: &'a str,
+        txn_id: &'a str,
+    ) -> StoreFuture<'a, Option<String>>;
+
+    /// Deletes the device's rows with stream id <= `since` (the
+    /// acknowledgement), then returns the next <= `limit` rows after `since`,
+    /// in one transaction.
+    fn fetch_inbox<'a>(
+        &'a self,
+        user_id: &'a str,
+        device_id: &'a str,
+        since: i64,
+        limit: u32,
+    ) -> StoreFuture<'a, InboxPage>;
+
+    // --- the outbox -------------------------------------------------------
+
+    /// The recorded in-flight transaction of a destination, if any.
+    fn in_flight<'a>(&'a self, destination: &'a str) -> StoreFuture<'a, Option<InFlightTxn>>;
+
+    /// The oldest queued, not quarantined EDUs of a destination, in order:
+    /// at most `max_edus`, and stopping before the total `edu_json` length
+    /// would pass `max_bytes` (but always at least one EDU if any is queued).
+    fn peek_outbox<'a>(
+        &'a self,
+        destination: &'a str,
+        max_edus: u32,
+        max_bytes: u64,
+    ) -> StoreFuture<'a, Vec<OutboxEdu>>;
+
+    /// Records the transaction about to be sent. Fails if another is already
+    /// recorded for the destination.
+    fn begin_txn(&self, txn: InFlightTxn) -> StoreFuture<'_, ()>;
+
+    /// The peer answered 200: deletes the transaction's rows and record and
+    /// records the success (resetting the retry state), atomically.
+    fn ack_txn<'a>(
+        &'a self,
+        destination: &'a str,
+        txn_id: &'a str,
+        now_ms: TimestampMs,
+    ) -> StoreFuture<'a, ()>;
+
+    /// The peer refused the transaction's payload: drops the in-flight record
+    /// (its rows stay queued) and counts one refusal on each of its rows.
+    fn refuse_txn<'a>(&'a self, destination: &'a str, txn_id: &'a str) -> StoreFuture<'a, ()>;
+
+    /// Moves one queued EDU to quarantine.
+    fn quarantine_edu<'a>(
+        &'a self,
+        destination: &'a str,
+        seq: i64,
+        reason: &'a str,
+        now_ms: TimestampMs,
+    ) -> StoreFuture<'a, ()>;
+
+    /// Quarantined EDUs (of one destination, or all).
+    fn list_quarantined<'a>(
+        &'a self,
+        destination: Option<&'a str>,
+    ) -> StoreFuture<'a, Vec<QuarantinedEdu>>;
+
+    /// Puts a quarantined EDU back at the end of its destination's queue
+    /// (`requeue`) or deletes it. Returns whether it existed.
+    fn release_quarantined<'a>(
+        &'a self,
+        destination: &'a str,
+        seq: i64,
+        requeue: bool,
+    ) -> StoreFuture<'a, bool>;
+
+    // --- destination retry state ----------------------------------------
+
+    fn retry_state<'a>(&'a self, destination: &'a str) -> StoreFuture<'a, RetryState>;
+
+    fn set_retry_state<'a>(
+        &'a self,
+        destination: &'a str,
+        state: &'a RetryState,
+    ) -> StoreFuture<'a, ()>;
+
+    /// Destinations with queued (not quarantined) EDUs or an in-flight txn.
+    fn destinations_with_pending(&self) -> StoreFuture<'_, Vec<String>>;
+
+    /// Every destination with queued, quarantined or retry state.
+    fn destination_statuses(&self) -> StoreFuture<'_, Vec<DestinationStatus>>;
+
+    // --- remote server keys -----------------------------------------------
+
+    fn server_keys<'a>(&'a self, server_name: &'a str) -> StoreFuture<'a, Vec<StoredServerKey>>;
+
+    fn put_server_keys(&self, keys: Vec<StoredServerKey>) -> StoreFuture<'_, ()>;
+
+    // --- housekeeping -------------------------------------------------------
+
+    /// Removes expired dedupe records, expired server keys and inbox rows of
+    /// devices that no longer exist, at most `batch` rows of each kind.
+    fn prune(
+        &self,
+        now_ms: TimestampMs,
+        retention: Retention,
+        batch: u32,
+    ) -> StoreFuture<'_, PruneReport>;
+}

@@ -1,0 +1,1 @@
+//! SQLite backend of `Store`. (Placeholder; the store work fills it in.)
