@@ -4,11 +4,22 @@
 //! it. See ARCHITECTURE.md for the codemap and the invariants.
 
 pub mod canonical_json;
+pub mod cli;
+pub mod client_api;
+pub mod config;
 pub mod error;
+pub mod federation;
 pub mod identifiers;
 pub mod keys;
+pub mod metrics;
+pub mod notify;
+pub mod rpc;
+pub mod server;
 pub mod signing;
+pub mod state;
 pub mod store;
+pub mod tls;
+pub mod todevice;
 pub mod xmatrix;
 
 /// Milliseconds since the Unix epoch, from the system clock.

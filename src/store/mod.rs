@@ -391,3 +391,17 @@ pub trait Store: Send + Sync + 'static {
         batch: u32,
     ) -> StoreFuture<'_, PruneReport>;
 }
+
+/// Opens the backend named in the configuration.
+pub async fn open(
+    config: &crate::config::StoreConfig,
+) -> Result<std::sync::Arc<dyn Store>, StoreError> {
+    match config {
+        crate::config::StoreConfig::Sqlite(path) => {
+            Ok(std::sync::Arc::new(sqlite::SqliteStore::open(path).await?))
+        }
+        crate::config::StoreConfig::Postgres(_) => Err(StoreError::Postgres(
+            "the PostgreSQL backend is not available in this build yet".to_owned(),
+        )),
+    }
+}

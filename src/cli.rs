@@ -1,0 +1,154 @@
+//! The command line: one clap-derived enum of subcommands and their
+//! implementations. This is the only library module that uses `anyhow`;
+//! everything it calls returns typed errors.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::keys::ServerSigningKey;
+
+/// Courier: a Matrix federation relay for send-to-device messages.
+#[derive(Debug, Parser)]
+#[command(name = "courier", version, about)]
+pub struct Cli {
+    /// Log as JSON lines instead of human-readable text.
+    #[arg(long, global = true)]
+    pub log_json: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a relay.
+    Serve {
+        /// The TOML configuration file.
+        #[arg(long, env = "COURIER_CONFIG")]
+        config: PathBuf,
+    },
+    /// Write a new ed25519 signing key in Synapse's key file format.
+    Keygen {
+        /// Where to write the key (refuses to overwrite).
+        #[arg(long)]
+        out: PathBuf,
+        /// The key version (`ed25519:<version>`), letters, digits and `_`.
+        #[arg(long, default_value = "a_1")]
+        version: String,
+    },
+    /// Validate a configuration file and report every problem at once.
+    CheckConfig {
+        #[arg(long, env = "COURIER_CONFIG")]
+        config: PathBuf,
+    },
+}
+
+/// A failed command: the error and the process exit code it maps to.
+pub struct Failure {
+    pub error: anyhow::Error,
+    pub exit_code: u8,
+}
+
+fn runtime_failure(error: impl Into<anyhow::Error>) -> Failure {
+    Failure {
+        error: error.into(),
+        exit_code: 1,
+    }
+}
+
+fn usage_failure(error: impl Into<anyhow::Error>) -> Failure {
+    Failure {
+        error: error.into(),
+        exit_code: 2,
+    }
+}
+
+/// Logs to stderr; `RUST_LOG` (or `COURIER_LOG`) sets the filter.
+pub fn init_tracing(json: bool) {
+    use tracing_subscriber::EnvFilter;
+    let filter = std::env::var("COURIER_LOG")
+        .ok()
+        .and_then(|f| EnvFilter::try_new(f).ok())
+        .or_else(|| EnvFilter::try_from_default_env().ok())
+        .unwrap_or_else(|| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = if json {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
+}
+
+pub async fn run(cli: Cli) -> Result<(), Failure> {
+    match cli.command {
+        Command::Serve { config } => {
+            let config = Config::load(&config).map_err(usage_failure)?;
+            let listeners = crate::server::Listeners::bind(&config)
+                .await
+                .map_err(runtime_failure)?;
+            let shutdown = CancellationToken::new();
+            tokio::spawn(cancel_on_signal(shutdown.clone()));
+            crate::server::run(config, listeners, shutdown)
+                .await
+                .map_err(runtime_failure)
+        }
+        Command::Keygen { out, version } => {
+            if out.exists() {
+                return Err(usage_failure(anyhow::anyhow!(
+                    "{} already exists; refusing to overwrite a signing key",
+                    out.display()
+                )));
+            }
+            if version.is_empty()
+                || !version
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_')
+            {
+                return Err(usage_failure(anyhow::anyhow!(
+                    "key version {version:?} must be letters, digits and _"
+                )));
+            }
+            let key = ServerSigningKey::generate(&version);
+            if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+                std::fs::create_dir_all(parent).map_err(runtime_failure)?;
+            }
+            std::fs::write(&out, key.to_file_contents()).map_err(runtime_failure)?;
+            println!("wrote {} ({})", out.display(), key.key_id());
+            Ok(())
+        }
+        Command::CheckConfig { config } => {
+            let config = Config::load(&config).map_err(usage_failure)?;
+            ServerSigningKey::load(&config.signing_key_path).map_err(usage_failure)?;
+            println!("configuration is valid for {}", config.server_name);
+            Ok(())
+        }
+    }
+}
+
+/// Cancels `shutdown` on SIGINT or SIGTERM.
+async fn cancel_on_signal(shutdown: CancellationToken) {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+    shutdown.cancel();
+}

@@ -1,0 +1,589 @@
+//! Configuration: one TOML file, overridden by `COURIER_*` environment
+//! variables, parsed into a raw serde struct and then validated into a typed
+//! `Config` with every problem reported at once (STYLE §9). Nothing else
+//! reads the file or the environment.
+//!
+//! Environment overrides name a key by its path, upper-cased, sections joined
+//! with a double underscore: `COURIER_SERVER_NAME`, `COURIER_RPC__SECRET`,
+//! `COURIER_FEDERATION__BIND`. A value that parses as a TOML value (number,
+//! boolean, array) is taken as that; anything else is a string.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::Deserialize;
+
+use crate::identifiers::ServerName;
+use crate::keys::OldVerifyKey;
+
+/// Every problem found in a configuration, reported together.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid TOML for Courier: {message}")]
+    Parse { path: String, message: String },
+    #[error("invalid configuration:\n  - {}", .0.join("\n  - "))]
+    Invalid(Vec<String>),
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server_name: ServerName,
+    pub signing_key_path: PathBuf,
+    /// Retired keys still published under `old_verify_keys`.
+    pub old_verify_keys: Vec<OldVerifyKey>,
+    /// How far ahead our key document's `valid_until_ts` is set.
+    pub key_validity: Duration,
+    pub federation: FederationConfig,
+    pub client: ClientConfig,
+    pub rpc: RpcConfig,
+    pub store: StoreConfig,
+    pub worker: WorkerConfig,
+}
+
+#[derive(Debug, Clone)]
+pub struct FederationConfig {
+    pub bind: SocketAddr,
+    pub tls_cert: PathBuf,
+    pub tls_key: PathBuf,
+    /// CA certificates trusted for outbound TLS besides the public roots.
+    pub extra_ca: Vec<PathBuf>,
+    /// Exceptions to the outbound private-range denylist.
+    pub ip_allow: Vec<IpNet>,
+    /// Nameservers for SRV/A lookups instead of the system's (tests).
+    pub nameservers: Vec<SocketAddr>,
+    /// Port used for `.well-known` fetches (443 in production).
+    pub well_known_port: u16,
+    pub connect_timeout: Duration,
+    pub request_timeout: Duration,
+    /// Timeout for fetching a remote server's keys.
+    pub key_fetch_timeout: Duration,
+    /// Largest inbound request body.
+    pub max_request_bytes: usize,
+    /// If non-empty, only these origins may send to us.
+    pub origin_allow: Vec<String>,
+    /// Origins refused with 403.
+    pub origin_deny: Vec<String>,
+    /// Inbound requests per second per origin (burst = 2 × rate).
+    pub inbound_rate_per_origin: u32,
+    /// Notary servers tried when an origin cannot be reached for its keys.
+    pub notary_servers: Vec<ServerName>,
+    pub retry: RetryConfig,
+    /// A lone EDU refused this many times is quarantined.
+    pub quarantine_after: u32,
+    /// Delay between waking successive destinations at start-up.
+    pub startup_stagger: Duration,
+    /// Idle pooled connections kept per destination.
+    pub pool_idle_per_host: usize,
+}
+
+/// The per-destination backoff schedule (persisted failures × this policy).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RetryConfig {
+    pub initial: Duration,
+    pub multiplier: f64,
+    pub max: Duration,
+    /// Relative jitter: a delay d becomes uniform in [d(1−j), d(1+j)].
+    pub jitter: f64,
+}
+
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    pub bind: SocketAddr,
+    pub max_request_bytes: usize,
+    /// Longest `/sync` long-poll honoured.
+    pub max_sync_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct RpcConfig {
+    pub bind: SocketAddr,
+    pub secret: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreConfig {
+    Sqlite(PathBuf),
+    Postgres(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// This worker's name (unique among workers sharing a database).
+    pub name: String,
+    /// How long a destination lease lasts without renewal.
+    pub lease_duration: Duration,
+}
+
+// ---- raw file shape ---------------------------------------------------------
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    server_name: Option<String>,
+    signing_key_path: Option<PathBuf>,
+    #[serde(default)]
+    old_verify_keys: Vec<RawOldKey>,
+    key_validity_hours: Option<u64>,
+    federation: Option<RawFederation>,
+    client: Option<RawClient>,
+    rpc: Option<RawRpc>,
+    store: Option<RawStore>,
+    worker: Option<RawWorker>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOldKey {
+    key_id: String,
+    key: String,
+    expired_ts: i64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFederation {
+    bind: Option<String>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    #[serde(default)]
+    extra_ca: Vec<PathBuf>,
+    #[serde(default)]
+    ip_allow: Vec<String>,
+    #[serde(default)]
+    nameservers: Vec<String>,
+    well_known_port: Option<u16>,
+    connect_timeout_ms: Option<u64>,
+    request_timeout_ms: Option<u64>,
+    key_fetch_timeout_ms: Option<u64>,
+    max_request_bytes: Option<usize>,
+    #[serde(default)]
+    origin_allow: Vec<String>,
+    #[serde(default)]
+    origin_deny: Vec<String>,
+    inbound_rate_per_origin: Option<u32>,
+    #[serde(default)]
+    notary_servers: Vec<String>,
+    retry_initial_ms: Option<u64>,
+    retry_multiplier: Option<f64>,
+    retry_max_ms: Option<u64>,
+    retry_jitter: Option<f64>,
+    quarantine_after: Option<u32>,
+    startup_stagger_ms: Option<u64>,
+    pool_idle_per_host: Option<usize>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawClient {
+    bind: Option<String>,
+    max_request_bytes: Option<usize>,
+    max_sync_timeout_ms: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRpc {
+    bind: Option<String>,
+    secret: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStore {
+    sqlite: Option<PathBuf>,
+    postgres: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWorker {
+    name: Option<String>,
+    lease_ms: Option<u64>,
+}
+
+/// Default inbound body limit: Synapse's 200 × 64 KiB.
+pub const DEFAULT_MAX_REQUEST_BYTES: usize = 200 * 65536;
+
+impl Config {
+    /// Reads, overrides from the process environment, and validates.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::from_toml_str(&text, &path.display().to_string(), std::env::vars())
+    }
+
+    /// Parses `text`, applies `COURIER_*` overrides from `env`, validates.
+    /// Relative paths in the file stay relative to the working directory.
+    pub fn from_toml_str(
+        text: &str,
+        path_for_errors: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let parse_err = |message: String| ConfigError::Parse {
+            path: path_for_errors.to_owned(),
+            message,
+        };
+        let mut table: toml::Table = text
+            .parse()
+            .map_err(|e: toml::de::Error| parse_err(e.to_string()))?;
+        apply_env_overrides(&mut table, env).map_err(parse_err)?;
+        let raw: RawConfig = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| parse_err(e.to_string()))?;
+        validate(raw)
+    }
+}
+
+fn apply_env_overrides(
+    table: &mut toml::Table,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<(), String> {
+    for (name, value) in env {
+        let Some(path) = name.strip_prefix("COURIER_") else {
+            continue;
+        };
+        if path.is_empty() || path == "CONFIG" || path == "LOG" {
+            continue;
+        }
+        let keys: Vec<String> = path.split("__").map(|k| k.to_ascii_lowercase()).collect();
+        let parsed = format!("v = {value}")
+            .parse::<toml::Table>()
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .unwrap_or_else(|| toml::Value::String(value.clone()));
+        let (last, sections) = keys
+            .split_last()
+            .ok_or_else(|| format!("bad variable {name}"))?;
+        let mut cursor = &mut *table;
+        for section in sections {
+            let entry = cursor
+                .entry(section.clone())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            cursor = entry
+                .as_table_mut()
+                .ok_or_else(|| format!("{name}: {section} is not a section"))?;
+        }
+        cursor.insert(last.clone(), parsed);
+    }
+    Ok(())
+}
+
+fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
+    let mut problems = Vec::new();
+    let mut need = |what: &str| problems.push(format!("{what} is required"));
+
+    let server_name = match raw.server_name.as_deref() {
+        Some(s) => ServerName::parse(s).map_err(|e| e.to_string()),
+        None => Err("server_name is required".to_owned()),
+    };
+    let signing_key_path = raw.signing_key_path.clone();
+    if signing_key_path.is_none() {
+        need("signing_key_path");
+    }
+    let fed = raw.federation;
+    let client = raw.client;
+    let rpc = raw.rpc;
+    let store = raw.store;
+    if fed.is_none() {
+        need("[federation]");
+    }
+    if client.is_none() {
+        need("[client]");
+    }
+    if rpc.is_none() {
+        need("[rpc]");
+    }
+    if store.is_none() {
+        need("[store]");
+    }
+    let mut problems = problems;
+    let server_name = server_name.map_err(|e| problems.push(e)).ok();
+
+    let bind = |section: &str, value: Option<&String>, problems: &mut Vec<String>| match value
+        .map(|v| v.parse::<SocketAddr>())
+    {
+        Some(Ok(addr)) => Some(addr),
+        Some(Err(e)) => {
+            problems.push(format!("[{section}] bind: {e}"));
+            None
+        }
+        None => {
+            problems.push(format!("[{section}] bind is required"));
+            None
+        }
+    };
+
+    let old_verify_keys = raw
+        .old_verify_keys
+        .into_iter()
+        .map(|k| OldVerifyKey {
+            key_id: k.key_id,
+            public_key: k.key,
+            expired_ts: k.expired_ts,
+        })
+        .collect();
+    let key_validity = Duration::from_secs(raw.key_validity_hours.unwrap_or(24) * 3600);
+    if key_validity < Duration::from_secs(3600) || key_validity > Duration::from_secs(7 * 24 * 3600)
+    {
+        problems.push("key_validity_hours must be between 1 and 168".to_owned());
+    }
+
+    let federation = fed.map(|f| {
+        let bind = bind("federation", f.bind.as_ref(), &mut problems);
+        if f.tls_cert.is_none() {
+            problems.push("[federation] tls_cert is required".to_owned());
+        }
+        if f.tls_key.is_none() {
+            problems.push("[federation] tls_key is required".to_owned());
+        }
+        let ip_allow = f
+            .ip_allow
+            .iter()
+            .filter_map(|s| {
+                s.parse::<IpNet>()
+                    .or_else(|_| s.parse::<std::net::IpAddr>().map(IpNet::from))
+                    .map_err(|e| problems.push(format!("[federation] ip_allow {s:?}: {e}")))
+                    .ok()
+            })
+            .collect();
+        let nameservers = f
+            .nameservers
+            .iter()
+            .filter_map(|s| {
+                s.parse::<SocketAddr>()
+                    .map_err(|e| problems.push(format!("[federation] nameservers {s:?}: {e}")))
+                    .ok()
+            })
+            .collect();
+        let notary_servers = f
+            .notary_servers
+            .iter()
+            .filter_map(|s| {
+                ServerName::parse(s)
+                    .map_err(|e| problems.push(format!("[federation] notary_servers: {e}")))
+                    .ok()
+            })
+            .collect();
+        let retry = RetryConfig {
+            initial: Duration::from_millis(f.retry_initial_ms.unwrap_or(2_000)),
+            multiplier: f.retry_multiplier.unwrap_or(2.0),
+            max: Duration::from_millis(f.retry_max_ms.unwrap_or(600_000)),
+            jitter: f.retry_jitter.unwrap_or(0.2),
+        };
+        if !(retry.multiplier >= 1.0 && retry.multiplier <= 16.0) {
+            problems.push("[federation] retry_multiplier must be in 1..=16".to_owned());
+        }
+        if !(0.0..1.0).contains(&retry.jitter) {
+            problems.push("[federation] retry_jitter must be in 0..1".to_owned());
+        }
+        if retry.initial.is_zero() || retry.initial > retry.max {
+            problems
+                .push("[federation] retry_initial_ms must be > 0 and <= retry_max_ms".to_owned());
+        }
+        let quarantine_after = f.quarantine_after.unwrap_or(3);
+        if quarantine_after == 0 {
+            problems.push("[federation] quarantine_after must be at least 1".to_owned());
+        }
+        FederationConfig {
+            bind: bind.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0))),
+            tls_cert: f.tls_cert.unwrap_or_default(),
+            tls_key: f.tls_key.unwrap_or_default(),
+            extra_ca: f.extra_ca,
+            ip_allow,
+            nameservers,
+            well_known_port: f.well_known_port.unwrap_or(443),
+            connect_timeout: Duration::from_millis(f.connect_timeout_ms.unwrap_or(10_000)),
+            request_timeout: Duration::from_millis(f.request_timeout_ms.unwrap_or(60_000)),
+            key_fetch_timeout: Duration::from_millis(f.key_fetch_timeout_ms.unwrap_or(10_000)),
+            max_request_bytes: f.max_request_bytes.unwrap_or(DEFAULT_MAX_REQUEST_BYTES),
+            origin_allow: f.origin_allow,
+            origin_deny: f.origin_deny,
+            inbound_rate_per_origin: f.inbound_rate_per_origin.unwrap_or(50),
+            notary_servers,
+            retry,
+            quarantine_after,
+            startup_stagger: Duration::from_millis(f.startup_stagger_ms.unwrap_or(5)),
+            pool_idle_per_host: f.pool_idle_per_host.unwrap_or(4),
+        }
+    });
+
+    let client = client.map(|c| ClientConfig {
+        bind: bind("client", c.bind.as_ref(), &mut problems)
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0))),
+        max_request_bytes: c.max_request_bytes.unwrap_or(DEFAULT_MAX_REQUEST_BYTES),
+        max_sync_timeout: Duration::from_millis(c.max_sync_timeout_ms.unwrap_or(60_000)),
+    });
+
+    let rpc = rpc.map(|r| {
+        let bind = bind("rpc", r.bind.as_ref(), &mut problems)
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)));
+        let secret = r.secret.unwrap_or_default();
+        if secret.len() < 8 {
+            problems.push("[rpc] secret is required and must be at least 8 characters".to_owned());
+        }
+        RpcConfig { bind, secret }
+    });
+
+    let store = store.and_then(|s| match (s.sqlite, s.postgres) {
+        (Some(path), None) => Some(StoreConfig::Sqlite(path)),
+        (None, Some(url)) => Some(StoreConfig::Postgres(url)),
+        (Some(_), Some(_)) => {
+            problems.push("[store] set exactly one of sqlite and postgres, not both".to_owned());
+            None
+        }
+        (None, None) => {
+            problems.push("[store] set one of sqlite or postgres".to_owned());
+            None
+        }
+    });
+
+    let worker = raw.worker.map_or_else(
+        || WorkerConfig {
+            name: "main".to_owned(),
+            lease_duration: Duration::from_secs(30),
+        },
+        |w| WorkerConfig {
+            name: w.name.unwrap_or_else(|| "main".to_owned()),
+            lease_duration: Duration::from_millis(w.lease_ms.unwrap_or(30_000)),
+        },
+    );
+
+    match (
+        server_name,
+        signing_key_path,
+        federation,
+        client,
+        rpc,
+        store,
+    ) {
+        (
+            Some(server_name),
+            Some(signing_key_path),
+            Some(federation),
+            Some(client),
+            Some(rpc),
+            Some(store),
+        ) if problems.is_empty() => Ok(Config {
+            server_name,
+            signing_key_path,
+            old_verify_keys,
+            key_validity,
+            federation,
+            client,
+            rpc,
+            store,
+            worker,
+        }),
+        _ => Err(ConfigError::Invalid(problems)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+server_name = "localhost:38448"
+signing_key_path = "data/signing.key"
+[federation]
+bind = "127.0.0.1:38448"
+tls_cert = "certs/localhost.crt"
+tls_key = "certs/localhost.key"
+extra_ca = ["certs/dev-ca.crt"]
+ip_allow = ["127.0.0.0/8", "::1/128"]
+[client]
+bind = "127.0.0.1:38008"
+[rpc]
+bind = "127.0.0.1:38009"
+secret = "change-me-please"
+[store]
+sqlite = "data/courier.db"
+"#;
+
+    fn parse(text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+        Config::from_toml_str(text, "test.toml", env)
+    }
+
+    #[test]
+    fn the_agreed_shape_parses_with_defaults() {
+        let c = parse(GOOD, &[]).expect("valid config");
+        assert_eq!(c.server_name.as_str(), "localhost:38448");
+        assert_eq!(c.federation.ip_allow.len(), 2);
+        assert_eq!(c.store, StoreConfig::Sqlite("data/courier.db".into()));
+        assert_eq!(c.federation.max_request_bytes, DEFAULT_MAX_REQUEST_BYTES);
+        assert_eq!(c.federation.retry.max, Duration::from_secs(600));
+    }
+
+    #[test]
+    fn environment_overrides_keys_and_sections() {
+        let c = parse(
+            GOOD,
+            &[
+                ("COURIER_SERVER_NAME", "example.org"),
+                ("COURIER_RPC__SECRET", "another-secret"),
+                ("COURIER_FEDERATION__RETRY_MAX_MS", "5000"),
+                ("UNRELATED", "x"),
+            ],
+        )
+        .expect("valid config");
+        assert_eq!(c.server_name.as_str(), "example.org");
+        assert_eq!(c.rpc.secret, "another-secret");
+        assert_eq!(c.federation.retry.max, Duration::from_millis(5000));
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let text = r#"
+server_name = "bad name"
+[federation]
+bind = "nope"
+ip_allow = ["300.0.0.0/8"]
+[client]
+bind = "127.0.0.1:1"
+[rpc]
+bind = "127.0.0.1:2"
+secret = "x"
+[store]
+sqlite = "a"
+postgres = "b"
+"#;
+        let Err(ConfigError::Invalid(problems)) = parse(text, &[]) else {
+            panic!("expected an invalid config");
+        };
+        let all = problems.join("\n");
+        for needle in [
+            "server name",
+            "signing_key_path",
+            "[federation] bind",
+            "tls_cert",
+            "ip_allow",
+            "[rpc] secret",
+            "exactly one",
+        ] {
+            assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
+        }
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_toml_are_errors() {
+        assert!(matches!(
+            parse("server_name = \"a\"\nbogus = 1\n", &[]),
+            Err(ConfigError::Parse { .. })
+        ));
+        assert!(matches!(
+            parse("server_name = ", &[]),
+            Err(ConfigError::Parse { .. })
+        ));
+    }
+}

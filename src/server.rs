@@ -1,0 +1,251 @@
+//! Wiring and lifecycle: `run` takes a validated config, already-bound
+//! listeners and a cancellation token, builds every component, serves the
+//! three listeners (federation over TLS; client and RPC over plain HTTP),
+//! and on cancellation stops accepting, drains in-flight work for a bounded
+//! time and returns. Tests start relays on port 0 through this function.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::federation::client::FederationClient;
+use crate::federation::keyring::KeyRing;
+use crate::federation::sender::{Sender, SenderHandle};
+use crate::keys::ServerSigningKey;
+use crate::notify::Notifier;
+use crate::state::AppState;
+use crate::store::{Retention, Store};
+use crate::todevice::ToDevice;
+
+/// How long in-flight requests may take to finish after shutdown begins.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a TLS handshake may take.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often expired dedupe records are pruned.
+const PRUNE_INTERVAL: Duration = Duration::from_secs(300);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Key(#[from] crate::keys::KeyError),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+    #[error("federation client: {0}")]
+    Client(#[from] crate::federation::client::ClientError),
+    #[error("binding {what} on {addr}: {source}")]
+    Bind {
+        what: &'static str,
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// The three bound listeners of a relay.
+pub struct Listeners {
+    pub federation: TcpListener,
+    pub client: TcpListener,
+    pub rpc: TcpListener,
+}
+
+impl Listeners {
+    /// Binds the addresses in `config`.
+    pub async fn bind(config: &Config) -> Result<Listeners, ServerError> {
+        let bind = |what: &'static str, addr: std::net::SocketAddr| async move {
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServerError::Bind { what, addr, source })
+        };
+        Ok(Listeners {
+            federation: bind("federation", config.federation.bind).await?,
+            client: bind("client", config.client.bind).await?,
+            rpc: bind("rpc", config.rpc.bind).await?,
+        })
+    }
+}
+
+/// Runs a relay until `shutdown` is cancelled.
+pub async fn run(
+    config: Config,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+) -> Result<(), ServerError> {
+    crate::tls::install_crypto_provider();
+    let config = Arc::new(config);
+    let signing_key = Arc::new(ServerSigningKey::load(&config.signing_key_path)?);
+    let tls = crate::tls::server_config(&config.federation.tls_cert, &config.federation.tls_key)?;
+    let store = crate::store::open(&config.store).await?;
+
+    let notifier = Arc::new(Notifier::new());
+    let (sender_handle, sender_commands) = SenderHandle::channel();
+    let federation_client = Arc::new(FederationClient::new(config.clone(), signing_key.clone())?);
+    let keyring = Arc::new(KeyRing::new(
+        config.clone(),
+        store.clone(),
+        federation_client.clone(),
+    ));
+    let todevice = Arc::new(ToDevice::new(
+        config.server_name.clone(),
+        store.clone(),
+        notifier.clone(),
+        sender_handle.clone(),
+    ));
+    let state = AppState {
+        config: config.clone(),
+        store: store.clone(),
+        signing_key,
+        notifier,
+        sender: sender_handle,
+        todevice,
+        federation_client: federation_client.clone(),
+        keyring,
+        metrics: crate::metrics::MetricsHandle::install(),
+    };
+
+    let tasks = TaskTracker::new();
+    let sender = Sender::new(
+        config.clone(),
+        store.clone(),
+        federation_client,
+        sender_commands,
+    );
+    tasks.spawn(sender.run(shutdown.child_token()));
+    tasks.spawn(prune_periodically(store.clone(), shutdown.child_token()));
+
+    let federation_app = crate::federation::router(state.clone())
+        .layer(DefaultBodyLimit::max(config.federation.max_request_bytes));
+    let client_app = crate::client_api::router(state.clone())
+        .layer(DefaultBodyLimit::max(config.client.max_request_bytes));
+    let rpc_app = crate::rpc::router(state.clone());
+
+    tracing::info!(
+        server_name = %config.server_name,
+        federation = %local_addr(&listeners.federation),
+        client = %local_addr(&listeners.client),
+        rpc = %local_addr(&listeners.rpc),
+        "courier is serving"
+    );
+    tasks.spawn(serve(
+        listeners.federation,
+        Some(TlsAcceptor::from(tls)),
+        federation_app,
+        shutdown.clone(),
+    ));
+    tasks.spawn(serve(listeners.client, None, client_app, shutdown.clone()));
+    tasks.spawn(serve(listeners.rpc, None, rpc_app, shutdown.clone()));
+    tasks.close();
+
+    shutdown.cancelled().await;
+    tracing::info!("shutting down");
+    if tokio::time::timeout(DRAIN_TIMEOUT + Duration::from_secs(2), tasks.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("some tasks did not stop in time");
+    }
+    Ok(())
+}
+
+fn local_addr(listener: &TcpListener) -> String {
+    listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|_| "?".to_owned())
+}
+
+/// Accepts connections until shutdown, then gives open connections
+/// `DRAIN_TIMEOUT` to finish their requests.
+async fn serve(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    app: Router,
+    shutdown: CancellationToken,
+) {
+    let graceful = GracefulShutdown::new();
+    let builder = auto::Builder::new(TokioExecutor::new());
+    loop {
+        let (tcp, peer) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(error) => {
+                    // Usually EMFILE: back off briefly instead of spinning.
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = tcp.set_nodelay(true);
+        let service = TowerToHyperService::new(app.clone());
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
+        let tls = tls.clone();
+        tokio::spawn(async move {
+            let result = match tls {
+                Some(acceptor) => {
+                    let stream =
+                        match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
+                            .await
+                        {
+                            Ok(Ok(stream)) => stream,
+                            Ok(Err(error)) => {
+                                tracing::debug!(%peer, %error, "tls handshake failed");
+                                return;
+                            }
+                            Err(_) => {
+                                tracing::debug!(%peer, "tls handshake timed out");
+                                return;
+                            }
+                        };
+                    let conn =
+                        builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                    watcher.watch(conn.into_owned()).await
+                }
+                None => {
+                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), service);
+                    watcher.watch(conn.into_owned()).await
+                }
+            };
+            if let Err(error) = result {
+                tracing::debug!(%peer, %error, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("connections still open after the drain timeout");
+    }
+}
+
+async fn prune_periodically(store: Arc<dyn Store>, shutdown: CancellationToken) {
+    let mut interval = tokio::time::interval(PRUNE_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = interval.tick() => {}
+        }
+        match store
+            .prune(crate::now_ms(), Retention::DEFAULT, 10_000)
+            .await
+        {
+            Ok(report) => tracing::debug!(?report, "pruned expired records"),
+            Err(error) => tracing::warn!(%error, "pruning failed"),
+        }
+    }
+}

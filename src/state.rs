@@ -1,0 +1,33 @@
+//! `AppState`: the shared handles every HTTP handler receives. Built once by
+//! `server::run`; cheap to clone (everything is behind `Arc`). No process
+//! globals: two relays in one test process have two `AppState`s.
+
+use std::sync::Arc;
+
+use crate::config::Config;
+use crate::federation::client::FederationClient;
+use crate::federation::keyring::KeyRing;
+use crate::federation::sender::SenderHandle;
+use crate::keys::ServerSigningKey;
+use crate::notify::Notifier;
+use crate::store::Store;
+use crate::todevice::ToDevice;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub config: Arc<Config>,
+    pub store: Arc<dyn Store>,
+    pub signing_key: Arc<ServerSigningKey>,
+    /// Wakes `/sync` long-polls.
+    pub notifier: Arc<Notifier>,
+    /// Wakes destination tasks.
+    pub sender: SenderHandle,
+    /// The to-device domain core.
+    pub todevice: Arc<ToDevice>,
+    /// Outbound federation requests (sender, key fetching).
+    pub federation_client: Arc<FederationClient>,
+    /// Remote server keys for X-Matrix verification.
+    pub keyring: Arc<KeyRing>,
+    /// Renders `/metrics`.
+    pub metrics: crate::metrics::MetricsHandle,
+}
