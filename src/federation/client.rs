@@ -57,7 +57,10 @@ impl FederationClient {
         path_and_query: &str,
         signed: bool,
     ) -> Result<Value, ClientError> {
-        let _ = (destination, path_and_query, signed);
-        todo!("outbound federation work")
+        let _ = (path_and_query, signed);
+        Err(ClientError::Discovery {
+            destination: destination.to_string(),
+            reason: "outbound federation is not built yet".to_owned(),
+        })
     }
 }

@@ -50,7 +50,7 @@ impl SenderHandle {
 
 /// Owns every destination task.
 pub struct Sender {
-    _private: (),
+    commands: mpsc::UnboundedReceiver<SenderCommand>,
 }
 
 impl Sender {
@@ -60,14 +60,19 @@ impl Sender {
         client: Arc<FederationClient>,
         commands: mpsc::UnboundedReceiver<SenderCommand>,
     ) -> Self {
-        let _ = (config, store, client, commands);
-        todo!("outbound federation work")
+        let _ = (config, store, client);
+        Sender { commands }
     }
 
     /// Runs until `shutdown`: wakes every destination with pending rows
     /// (staggered), then serves commands.
     pub async fn run(self, shutdown: CancellationToken) {
-        let _ = shutdown;
-        todo!("outbound federation work")
+        let mut commands = self.commands;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                command = commands.recv() => if command.is_none() { return },
+            }
+        }
     }
 }
