@@ -9,16 +9,15 @@
 //! altered.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, StoreConfig};
-use crate::keys::ServerSigningKey;
+use crate::dev_pair::{
+    DevPair, DevPairError, DevPairOptions, DevRelay, dev_token, register_device,
+};
 use crate::plain_http::{JsonClient, encode_segment};
-use crate::server::{Listeners, run};
 
 /// How long the demo waits for any one scenario to be delivered.
 const DELIVERY_DEADLINE: Duration = Duration::from_secs(60);
@@ -26,11 +25,7 @@ const DELIVERY_DEADLINE: Duration = Duration::from_secs(60);
 #[derive(Debug, thiserror::Error)]
 pub enum DemoError {
     #[error(transparent)]
-    Config(#[from] crate::config::ConfigError),
-    #[error("preparing the demo: {0}")]
-    Setup(String),
-    #[error(transparent)]
-    Server(#[from] crate::server::ServerError),
+    Pair(#[from] DevPairError),
     #[error(transparent)]
     Http(#[from] crate::plain_http::HttpError),
     #[error("{0}")]
@@ -42,15 +37,6 @@ pub struct DemoOptions {
     pub config_b: PathBuf,
     /// Messages in the batch scenario.
     pub batch: usize,
-}
-
-/// One relay as the demo sees it.
-struct DemoRelay {
-    name: &'static str,
-    server_name: String,
-    client_url: String,
-    rpc_url: String,
-    rpc_secret: String,
 }
 
 /// One row of the final table.
@@ -70,82 +56,27 @@ impl ScenarioResult {
 
 /// A device that receives in a scenario, and what it must receive.
 struct Receiver<'a> {
-    relay: &'a DemoRelay,
+    relay: &'a DevRelay,
     token: String,
     /// Expected message ids.
     expect: Vec<String>,
 }
 
 pub async fn run_demo(options: DemoOptions) -> Result<Vec<ScenarioResult>, DemoError> {
-    crate::tls::install_crypto_provider();
-    let data = tempfile::Builder::new()
-        .prefix("courier-demo-")
-        .tempdir()
-        .map_err(|e| DemoError::Setup(format!("temporary directory: {e}")))?;
-    let config_a = prepare_config(&options.config_a, &data.path().join("relay-a"))?;
-    let config_b = prepare_config(&options.config_b, &data.path().join("relay-b"))?;
-    let relay_a = describe("A", &config_a);
-    let relay_b = describe("B", &config_b);
-
-    let shutdown = CancellationToken::new();
-    let mut handles = Vec::new();
-    for config in [config_a, config_b] {
-        let listeners = Listeners::bind(&config).await.map_err(|e| {
-            DemoError::Setup(format!(
-                "{e} (is another demo or relay running on the dev ports?)"
-            ))
-        })?;
-        let token = shutdown.clone();
-        handles.push(tokio::spawn(run(config, listeners, token)));
-    }
-    let outcome = drive(&relay_a, &relay_b, options.batch).await;
-    shutdown.cancel();
-    for handle in handles {
-        match handle.await {
-            Ok(Ok(())) => {}
-            Ok(Err(error)) => return Err(error.into()),
-            Err(error) => return Err(DemoError::Setup(format!("relay task failed: {error}"))),
-        }
-    }
+    let pair = DevPair::start(&DevPairOptions {
+        config_a: options.config_a,
+        config_b: options.config_b,
+        data_parent: None,
+        worker_threads: 2,
+    })
+    .await?;
+    let outcome = drive(&pair.a, &pair.b, options.batch).await;
+    pair.stop().await?;
     outcome
 }
 
-/// Loads a dev config and points its store and key into `dir`, creating a
-/// fresh key, so every demo run starts clean.
-fn prepare_config(path: &Path, dir: &Path) -> Result<Config, DemoError> {
-    let mut config = Config::load(path)?;
-    std::fs::create_dir_all(dir)
-        .map_err(|e| DemoError::Setup(format!("{}: {e}", dir.display())))?;
-    let key_path = dir.join("signing.key");
-    std::fs::write(
-        &key_path,
-        ServerSigningKey::generate("demo").to_file_contents(),
-    )
-    .map_err(|e| DemoError::Setup(format!("{}: {e}", key_path.display())))?;
-    config.signing_key_path = key_path;
-    config.store = StoreConfig::Sqlite(dir.join("courier.db"));
-    Ok(config)
-}
-
-fn describe(name: &'static str, config: &Config) -> DemoRelay {
-    DemoRelay {
-        name,
-        server_name: config.server_name.to_string(),
-        client_url: format!("http://{}", config.client.bind),
-        rpc_url: format!("http://{}", config.rpc.bind),
-        rpc_secret: config.rpc.secret.clone(),
-    }
-}
-
-async fn drive(
-    a: &DemoRelay,
-    b: &DemoRelay,
-    batch: usize,
-) -> Result<Vec<ScenarioResult>, DemoError> {
+async fn drive(a: &DevRelay, b: &DevRelay, batch: usize) -> Result<Vec<ScenarioResult>, DemoError> {
     let http = JsonClient::new(Duration::from_secs(90));
-    for relay in [a, b] {
-        wait_ready(&http, relay).await?;
-    }
     let alice = format!("@alice:{}", a.server_name);
     let bob = format!("@bob:{}", b.server_name);
     for device in ["ALICE1", "ALICE2"] {
@@ -254,54 +185,16 @@ async fn drive(
 }
 
 fn token(user: &str, device: &str) -> String {
-    format!(
-        "demo_{}_{}",
-        user.trim_start_matches('@').replace([':', '.'], "_"),
-        device
-    )
-}
-
-async fn wait_ready(http: &JsonClient, relay: &DemoRelay) -> Result<(), DemoError> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let url = format!("{}/_matrix/client/versions", relay.client_url);
-        if let Ok(r) = http.request("GET", &url, None, None).await
-            && r.status == 200
-        {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            return Err(DemoError::Failed(format!(
-                "relay {} did not become ready",
-                relay.name
-            )));
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    dev_token(user, device)
 }
 
 async fn register(
     http: &JsonClient,
-    relay: &DemoRelay,
+    relay: &DevRelay,
     user: &str,
     device: &str,
 ) -> Result<(), DemoError> {
-    let url = format!(
-        "{}/_courier/v1/devices/{}/{}",
-        relay.rpc_url,
-        encode_segment(user),
-        encode_segment(device)
-    );
-    let body = json!({ "access_token": token(user, device) });
-    let r = http
-        .request("PUT", &url, Some(&relay.rpc_secret), Some(&body))
-        .await?;
-    if r.status != 200 {
-        return Err(DemoError::Failed(format!(
-            "registering {user}/{device} on relay {}: {} {}",
-            relay.name, r.status, r.body
-        )));
-    }
+    register_device(http, relay, user, device).await?;
     Ok(())
 }
 
@@ -310,7 +203,7 @@ async fn register(
 async fn scenario(
     http: &JsonClient,
     name: &str,
-    from: &DemoRelay,
+    from: &DevRelay,
     sender_token: &str,
     sends: Vec<Value>,
     receivers: Vec<Receiver<'_>>,

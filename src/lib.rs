@@ -8,6 +8,7 @@ pub mod cli;
 pub mod client_api;
 pub mod config;
 pub mod demo;
+pub mod dev_pair;
 pub mod devcerts;
 pub mod error;
 pub mod federation;

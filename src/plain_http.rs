@@ -37,6 +37,13 @@ pub struct JsonResponse {
     pub body: Value,
 }
 
+/// An answer as bytes: status and body, unparsed.
+#[derive(Debug, Clone)]
+pub struct RawResponse {
+    pub status: u16,
+    pub body: Bytes,
+}
+
 /// A pooled client; cheap to clone.
 #[derive(Clone)]
 pub struct JsonClient {
@@ -62,6 +69,32 @@ impl JsonClient {
         bearer: Option<&str>,
         body: Option<&Value>,
     ) -> Result<JsonResponse, HttpError> {
+        let bytes = match body {
+            Some(value) => Some(Bytes::from(serde_json::to_vec(value).map_err(|e| {
+                HttpError::Build {
+                    url: url.to_owned(),
+                    reason: e.to_string(),
+                }
+            })?)),
+            None => None,
+        };
+        let raw = self.request_raw(method, url, bearer, bytes).await?;
+        Ok(JsonResponse {
+            status: raw.status,
+            body: serde_json::from_slice(&raw.body).unwrap_or(Value::Null),
+        })
+    }
+
+    /// Like `request`, but with an already-encoded JSON body and the answer
+    /// left as bytes, for callers (the load generator) that encode and parse
+    /// their own wire types.
+    pub async fn request_raw(
+        &self,
+        method: &str,
+        url: &str,
+        bearer: Option<&str>,
+        json_body: Option<Bytes>,
+    ) -> Result<RawResponse, HttpError> {
         let build_err = |reason: String| HttpError::Build {
             url: url.to_owned(),
             reason,
@@ -72,10 +105,10 @@ impl JsonClient {
         if let Some(token) = bearer {
             builder = builder.header(hyper::header::AUTHORIZATION, format!("Bearer {token}"));
         }
-        let bytes = match body {
-            Some(value) => {
+        let bytes = match json_body {
+            Some(bytes) => {
                 builder = builder.header(hyper::header::CONTENT_TYPE, "application/json");
-                Bytes::from(serde_json::to_vec(value).map_err(|e| build_err(e.to_string()))?)
+                bytes
             }
             None => Bytes::new(),
         };
@@ -94,16 +127,13 @@ impl JsonClient {
                 .await
                 .map_err(|e| transport(e.to_string()))?;
             let status = response.status().as_u16();
-            let bytes = response
+            let body = response
                 .into_body()
                 .collect()
                 .await
                 .map_err(|e| transport(e.to_string()))?
                 .to_bytes();
-            Ok(JsonResponse {
-                status,
-                body: serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-            })
+            Ok(RawResponse { status, body })
         };
         tokio::time::timeout(self.timeout, exchange)
             .await
