@@ -60,6 +60,11 @@ pub enum Command {
         #[arg(long, default_value = "certs")]
         out: PathBuf,
     },
+    /// Load generator: measure to-device throughput and latency between two
+    /// servers over the client-server API (by default the two config/dev/
+    /// relays, started in this process). Exits non-zero if any accepted
+    /// message is not delivered exactly once.
+    Bench(Box<crate::bench::BenchArgs>),
 }
 
 /// A failed command: the error and the process exit code it maps to.
@@ -166,6 +171,24 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
                 out.display()
             );
             Ok(())
+        }
+        Command::Bench(args) => {
+            let report = crate::bench::run_bench(&args).await.map_err(|e| match e {
+                crate::bench::BenchError::Usage(_) => usage_failure(e),
+                _ => runtime_failure(e),
+            })?;
+            if args.json {
+                println!("{}", report.to_json());
+            } else {
+                report.print_text();
+            }
+            if report.ok() {
+                Ok(())
+            } else {
+                Err(runtime_failure(anyhow::anyhow!(
+                    "bench: not every accepted message was delivered exactly once"
+                )))
+            }
         }
         Command::CheckConfig { config } => {
             let config = Config::load(&config).map_err(usage_failure)?;

@@ -3,6 +3,7 @@
 //! The library holds everything; `main.rs` is a thin command-line edge over
 //! it. See ARCHITECTURE.md for the codemap and the invariants.
 
+pub mod bench;
 pub mod canonical_json;
 pub mod cli;
 pub mod client_api;

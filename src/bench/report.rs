@@ -1,0 +1,262 @@
+//! The benchmark's result: rates, latency percentiles, resource use and the
+//! delivery check, printed as a short human summary or as one JSON object
+//! (`--json`) whose keys are the figures BENCHMARKS.md quotes.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use super::BenchArgs;
+use super::stats::{LatencySummary, summarize};
+use super::workload::{Endpoints, Outcome, Workload};
+
+/// CPU time and memory of one process or thread group over the run.
+#[derive(Debug, Clone)]
+pub struct Usage {
+    pub what: String,
+    pub cpu: Duration,
+    pub peak_rss_kib: Option<u64>,
+    pub note: Option<String>,
+}
+
+pub struct BenchReport {
+    pub label: String,
+    pub mode: String,
+    pub workload: Workload,
+    pub receivers: usize,
+    pub outcome: Outcome,
+    pub latency: Option<LatencySummary>,
+    pub probe_latency: Option<LatencySummary>,
+    pub usage: Vec<Usage>,
+    pub wall: Duration,
+}
+
+fn per_second(count: u64, span: Duration) -> f64 {
+    if span.is_zero() {
+        0.0
+    } else {
+        count as f64 / span.as_secs_f64()
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1000.0 * 100.0).round() / 100.0
+}
+
+fn latency_json(summary: &Option<LatencySummary>) -> Value {
+    match summary {
+        None => Value::Null,
+        Some(s) => json!({
+            "count": s.count,
+            "p50_ms": ms(s.p50),
+            "p90_ms": ms(s.p90),
+            "p99_ms": ms(s.p99),
+            "max_ms": ms(s.max),
+            "mean_ms": ms(s.mean),
+        }),
+    }
+}
+
+impl BenchReport {
+    pub fn new(
+        args: &BenchArgs,
+        mode: String,
+        endpoints: &Endpoints,
+        workload: Workload,
+        mut outcome: Outcome,
+        usage: Vec<Usage>,
+        wall: Duration,
+    ) -> BenchReport {
+        let latency = summarize(&mut outcome.latencies_us);
+        let probe_latency = summarize(&mut outcome.probe_latencies_us);
+        BenchReport {
+            label: args.label.clone().unwrap_or_else(|| {
+                format!(
+                    "N={} K={} C={}{}",
+                    args.messages,
+                    args.per_call,
+                    args.concurrency,
+                    if args.local { " local" } else { "" }
+                )
+            }),
+            mode,
+            workload,
+            receivers: endpoints.receivers.len(),
+            outcome,
+            latency,
+            probe_latency,
+            usage,
+            wall,
+        }
+    }
+
+    /// Probe messages accepted but never delivered.
+    pub fn probes_undelivered(&self) -> u64 {
+        self.outcome
+            .probes_accepted
+            .saturating_sub(self.outcome.probes_delivered)
+    }
+
+    /// Every accepted message delivered exactly once, to the right device,
+    /// and no send failed.
+    pub fn ok(&self) -> bool {
+        let o = &self.outcome;
+        o.undelivered == 0
+            && self.probes_undelivered() == 0
+            && o.duplicates == 0
+            && o.misdelivered == 0
+            && o.failed == 0
+            && o.first_error.is_none()
+    }
+
+    pub fn accepted_per_second(&self) -> f64 {
+        per_second(self.outcome.accepted, self.outcome.accept_span)
+    }
+
+    pub fn delivered_per_second(&self) -> f64 {
+        per_second(self.outcome.delivered, self.outcome.delivery_span)
+    }
+
+    pub fn to_json(&self) -> Value {
+        let o = &self.outcome;
+        let w = &self.workload;
+        json!({
+            "label": self.label,
+            "mode": self.mode,
+            "ok": self.ok(),
+            "workload": {
+                "messages": w.messages,
+                "per_call": w.per_call,
+                "concurrency": w.concurrency,
+                "payload_bytes": w.payload_bytes,
+                "receivers": self.receivers,
+                "duration_cap_s": w.duration.as_secs(),
+                "probe_interval_ms": w.probe_interval.map(|d| d.as_millis() as u64),
+            },
+            "attempted": o.attempted,
+            "accepted": o.accepted,
+            "failed": o.failed,
+            "delivered": o.delivered,
+            "undelivered": o.undelivered,
+            "duplicates": o.duplicates,
+            "misdelivered": o.misdelivered,
+            "stale_events_ignored": o.stale,
+            "capped_by_duration": o.capped,
+            "drain_timed_out": o.drain_timed_out,
+            "accept_span_s": o.accept_span.as_secs_f64(),
+            "delivery_span_s": o.delivery_span.as_secs_f64(),
+            "accepted_per_s": self.accepted_per_second().round(),
+            "delivered_per_s": self.delivered_per_second().round(),
+            "latency": latency_json(&self.latency),
+            "probe": {
+                "sent": o.probes_sent,
+                "accepted": o.probes_accepted,
+                "delivered": o.probes_delivered,
+                "latency": latency_json(&self.probe_latency),
+            },
+            "usage": self.usage.iter().map(|u| json!({
+                "what": u.what,
+                "cpu_s": (u.cpu.as_secs_f64() * 100.0).round() / 100.0,
+                "peak_rss_mib": u.peak_rss_kib.map(|k| (k as f64 / 1024.0 * 10.0).round() / 10.0),
+                "note": u.note,
+            })).collect::<Vec<_>>(),
+            "wall_s": self.wall.as_secs_f64(),
+            "first_error": o.first_error,
+        })
+    }
+
+    pub fn print_text(&self) {
+        let o = &self.outcome;
+        let w = &self.workload;
+        println!("courier bench: {}", self.label);
+        println!("  mode        {}", self.mode);
+        println!(
+            "  workload    N={} K={} C={} payload≈{} B, {} receiving devices, probe {}",
+            w.messages,
+            w.per_call,
+            w.concurrency,
+            w.payload_bytes,
+            self.receivers,
+            match w.probe_interval {
+                Some(d) => format!("every {} ms", d.as_millis()),
+                None => "off".into(),
+            }
+        );
+        println!(
+            "  accepted    {} of {} attempted in {:.2} s = {:.0} msgs/s{}",
+            o.accepted,
+            o.attempted,
+            o.accept_span.as_secs_f64(),
+            self.accepted_per_second(),
+            if o.capped { " (duration cap hit)" } else { "" }
+        );
+        println!(
+            "  delivered   {} in {:.2} s = {:.0} msgs/s end to end",
+            o.delivered,
+            o.delivery_span.as_secs_f64(),
+            self.delivered_per_second()
+        );
+        if let Some(l) = &self.latency {
+            println!(
+                "  latency     p50 {:.1} ms  p90 {:.1} ms  p99 {:.1} ms  max {:.1} ms  (send start → /sync returns it)",
+                ms(l.p50),
+                ms(l.p90),
+                ms(l.p99),
+                ms(l.max)
+            );
+        }
+        match &self.probe_latency {
+            Some(l) => println!(
+                "  probe       {} delivered of {} sent: p50 {:.1} ms  p99 {:.1} ms  max {:.1} ms",
+                o.probes_delivered,
+                o.probes_sent,
+                ms(l.p50),
+                ms(l.p99),
+                ms(l.max)
+            ),
+            None if o.probes_sent > 0 => {
+                println!("  probe       {} sent, none delivered", o.probes_sent)
+            }
+            None => {}
+        }
+        for u in &self.usage {
+            let rss = u
+                .peak_rss_kib
+                .map(|k| format!(", peak RSS {:.1} MiB", k as f64 / 1024.0))
+                .unwrap_or_default();
+            let note = u
+                .note
+                .as_ref()
+                .map(|n| format!("  ({n})"))
+                .unwrap_or_default();
+            println!(
+                "  cpu         {:<46} {:>7.2} s{rss}{note}",
+                u.what,
+                u.cpu.as_secs_f64()
+            );
+        }
+        println!(
+            "  check       undelivered {}  probe undelivered {}  duplicates {}  misdelivered {}  failed sends {}  stale ignored {}",
+            o.undelivered,
+            self.probes_undelivered(),
+            o.duplicates,
+            o.misdelivered,
+            o.failed,
+            o.stale
+        );
+        if let Some(error) = &o.first_error {
+            println!("  first error {error}");
+        }
+        if o.drain_timed_out {
+            println!("  drain       timed out waiting for deliveries");
+        }
+        println!(
+            "  result      {}",
+            if self.ok() {
+                "every accepted message delivered exactly once"
+            } else {
+                "FAILED"
+            }
+        );
+    }
+}
