@@ -40,7 +40,7 @@ const THREAD_GROUPS: &[(&str, &str)] = &[
     ("relay-a", "relay A (runtime threads)"),
     ("relay-b", "relay B (runtime threads)"),
     ("courier-sqlite", "SQLite writer threads (A and B)"),
-    ("tokio-runtime", "load generator"),
+    ("tokio-r", "load generator"),
     ("courier", "load generator"),
 ];
 
