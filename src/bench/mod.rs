@@ -16,11 +16,13 @@
 //! them together; it never decides what a relay does.
 
 mod report;
+pub mod sink;
 pub mod stats;
 pub mod workload;
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -29,7 +31,7 @@ use serde::Deserialize;
 
 pub use report::{BenchReport, Usage};
 use stats::{ProcSample, sample_process, sample_threads, thread_cpu_by_group};
-use workload::{Endpoints, Progress, Recipient, Workload};
+use workload::{Delivery, Endpoints, Progress, Recipient, Workload};
 
 use crate::dev_pair::{DevPair, DevPairError, DevPairOptions, register_device};
 use crate::plain_http::JsonClient;
@@ -40,8 +42,8 @@ const THREAD_GROUPS: &[(&str, &str)] = &[
     ("relay-a", "relay A (runtime threads)"),
     ("relay-b", "relay B (runtime threads)"),
     ("courier-sqlite", "SQLite writer threads (A and B)"),
-    ("tokio-r", "load generator"),
-    ("courier", "load generator"),
+    ("tokio-r", "load generator (and sink, if any)"),
+    ("courier", "load generator (and sink, if any)"),
 ];
 
 /// Measure to-device throughput and latency between two homeservers over
@@ -97,6 +99,17 @@ pub struct BenchArgs {
     /// temporary directory). Choose the disk you mean to measure.
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
+    /// In-process mode: send to this many remote destinations instead of
+    /// relay B: a federation sink listens as `localhost:<port>` for each and
+    /// counts what relay A delivers (A's outbound side alone is measured).
+    /// Recipients rotate over the destinations; no probe.
+    #[arg(long)]
+    pub destinations: Option<usize>,
+    /// With --destinations: keep the destinations down while every message
+    /// is queued, then open them, wake every destination over the RPC, and
+    /// measure the catch-up.
+    #[arg(long, requires = "destinations")]
+    pub catch_up: bool,
     /// In-process mode: worker threads of each relay's runtime.
     #[arg(long, default_value_t = 2)]
     pub relay_threads: usize,
@@ -139,8 +152,90 @@ pub enum BenchError {
     Workload(#[from] workload::WorkloadError),
     #[error(transparent)]
     Proc(#[from] stats::ProcError),
+    #[error(transparent)]
+    Sink(#[from] sink::SinkError),
     #[error("{0}")]
     Setup(String),
+}
+
+/// Registers the receiving devices (and the probe) on relay B, or on A
+/// with `--local`.
+async fn pair_endpoints(
+    args: &BenchArgs,
+    http: &JsonClient,
+    pair: &DevPair,
+    sender_token: String,
+) -> Result<(Endpoints, String), BenchError> {
+    let receiving = if args.local { &pair.a } else { &pair.b };
+    let count = args.receivers.unwrap_or(args.per_call.max(16));
+    let mut receivers = Vec::with_capacity(count);
+    for i in 0..count {
+        let user = format!("@bench{i:05}:{}", receiving.server_name);
+        let token = register_device(http, receiving, &user, "BENCH").await?;
+        receivers.push(Recipient {
+            user_id: user,
+            device_id: "BENCH".into(),
+            access_token: token,
+            client_url: receiving.client_url.clone(),
+        });
+    }
+    let probe = if args.probe_ms > 0 {
+        let user = format!("@bench-probe:{}", receiving.server_name);
+        let token = register_device(http, receiving, &user, "PROBE").await?;
+        Some(Recipient {
+            user_id: user,
+            device_id: "PROBE".into(),
+            access_token: token,
+            client_url: receiving.client_url.clone(),
+        })
+    } else {
+        None
+    };
+    let endpoints = Endpoints {
+        sender_url: pair.a.client_url.clone(),
+        sender_token,
+        receivers,
+        probe,
+    };
+    let mode = format!(
+        "in-process Courier pair ({}), {} relay threads each, stores in {}",
+        if args.local {
+            "local: A → A"
+        } else {
+            "remote: A → B over federation"
+        },
+        args.relay_threads,
+        pair.data_dir().display()
+    );
+    Ok((endpoints, mode))
+}
+
+/// Asks relay A over the RPC to retry every destination now, 32 at a time.
+async fn wake_all(http: &JsonClient, relay: &crate::dev_pair::DevRelay, names: &[String]) {
+    let mut in_flight = tokio::task::JoinSet::new();
+    for name in names {
+        let url = format!(
+            "{}/_courier/v1/destinations/{}/wake",
+            relay.rpc_url,
+            crate::plain_http::encode_segment(name)
+        );
+        let http = http.clone();
+        let secret = relay.rpc_secret.clone();
+        in_flight.spawn(async move {
+            match http
+                .request("POST", &url, Some(&secret), Some(&serde_json::json!({})))
+                .await
+            {
+                Ok(r) if r.status == 200 => {}
+                Ok(r) => tracing::warn!(status = r.status, body = %r.body, "wake refused"),
+                Err(error) => tracing::warn!(%error, "wake failed"),
+            }
+        });
+        if in_flight.len() >= 32 {
+            in_flight.join_next().await;
+        }
+    }
+    while in_flight.join_next().await.is_some() {}
 }
 
 /// Runs one benchmark as `args` describe and returns its report.
@@ -172,10 +267,17 @@ fn validate(args: &BenchArgs) -> Result<(), BenchError> {
             args.per_call
         )));
     }
-    if args.sender_url.is_some() && (args.local || args.receivers.is_some()) {
+    if args.destinations == Some(0) {
         return Err(BenchError::Usage(
-            "--local and --receivers apply to the in-process mode; in external mode \
-             pass --receiver-url and the tokens file"
+            "--destinations must be at least 1".into(),
+        ));
+    }
+    if args.sender_url.is_some()
+        && (args.local || args.receivers.is_some() || args.destinations.is_some())
+    {
+        return Err(BenchError::Usage(
+            "--local, --receivers and --destinations apply to the in-process mode; in \
+             external mode pass --receiver-url and the tokens file"
                 .into(),
         ));
     }
@@ -219,56 +321,89 @@ async fn drive_in_process(
     http: &JsonClient,
     pair: &DevPair,
 ) -> Result<BenchReport, BenchError> {
-    let receiving = if args.local { &pair.a } else { &pair.b };
     let sender_user = format!("@bench-sender:{}", pair.a.server_name);
     let sender_token = register_device(http, &pair.a, &sender_user, "SENDER").await?;
-    let count = args.receivers.unwrap_or(args.per_call.max(16));
-    let mut receivers = Vec::with_capacity(count);
-    for i in 0..count {
-        let user = format!("@bench{i:05}:{}", receiving.server_name);
-        let token = register_device(http, receiving, &user, "BENCH").await?;
-        receivers.push(Recipient {
-            user_id: user,
-            device_id: "BENCH".into(),
-            access_token: token,
-            client_url: receiving.client_url.clone(),
-        });
-    }
-    let probe = if args.probe_ms > 0 {
-        let user = format!("@bench-probe:{}", receiving.server_name);
-        let token = register_device(http, receiving, &user, "PROBE").await?;
-        Some(Recipient {
-            user_id: user,
-            device_id: "PROBE".into(),
-            access_token: token,
-            client_url: receiving.client_url.clone(),
-        })
-    } else {
-        None
+    let (endpoints, delivery, mode, sink) = match args.destinations {
+        None => {
+            let (endpoints, mode) = pair_endpoints(args, http, pair, sender_token).await?;
+            (endpoints, Delivery::Sync, mode, None)
+        }
+        Some(destinations) => {
+            let config = crate::config::Config::load(&args.config_a)
+                .map_err(|e| BenchError::Setup(e.to_string()))?;
+            let mut sink = sink::Sink::reserve(
+                destinations,
+                &config.federation.tls_cert,
+                &config.federation.tls_key,
+            )
+            .await?;
+            let names = sink.server_names();
+            let count = args.receivers.unwrap_or(args.per_call.max(destinations));
+            // Consecutive recipients are on different destinations.
+            let receivers: Vec<Recipient> = (0..count)
+                .map(|i| Recipient {
+                    user_id: format!("@bench{:05}:{}", i / destinations, names[i % destinations]),
+                    device_id: "BENCH".into(),
+                    access_token: String::new(),
+                    client_url: String::new(),
+                })
+                .collect();
+            sink.set_users(
+                receivers
+                    .iter()
+                    .enumerate()
+                    .map(|(i, r)| (r.user_id.clone(), i as u64)),
+            );
+            let sink = Arc::new(sink);
+            let after_send: Option<workload::AfterSend> = if args.catch_up {
+                let sink = sink.clone();
+                let http = http.clone();
+                let relay = pair.a.clone();
+                Some(Box::pin(async move {
+                    if let Err(error) = sink.open().await {
+                        tracing::error!(%error, "opening the sink failed");
+                    }
+                    wake_all(&http, &relay, &names).await;
+                }))
+            } else {
+                sink.open().await?;
+                None
+            };
+            let delivery = Delivery::Sink {
+                attach: sink.attacher(),
+                after_send,
+            };
+            let endpoints = Endpoints {
+                sender_url: pair.a.client_url.clone(),
+                sender_token,
+                receivers,
+                probe: None,
+            };
+            let mode = format!(
+                "in-process relay A → {destinations} sink destinations (localhost:<port>, TLS, \
+                 not verifying), {}{} relay threads, store in {}",
+                if args.catch_up {
+                    "destinations down while queueing, then opened and woken; "
+                } else {
+                    ""
+                },
+                args.relay_threads,
+                pair.data_dir().display()
+            );
+            (endpoints, delivery, mode, Some(sink))
+        }
     };
-    let endpoints = Endpoints {
-        sender_url: pair.a.client_url.clone(),
-        sender_token,
-        receivers,
-        probe,
-    };
-    let mode = format!(
-        "in-process Courier pair ({}), {} relay threads each, stores in {}",
-        if args.local {
-            "local: A → A"
-        } else {
-            "remote: A → B over federation"
-        },
-        args.relay_threads,
-        pair.data_dir().display()
-    );
 
     let process_before = sample_process("self")?;
     let threads_before = sample_threads()?;
     let started = Instant::now();
-    let outcome = run_workload(args, http, &endpoints).await?;
+    let outcome = run_workload(args, http, &endpoints, delivery).await?;
     let wall = started.elapsed();
     let process_after = sample_process("self")?;
+    if let Some(sink) = &sink {
+        tracing::info!(transactions = sink.transactions(), "sink closing");
+        sink.close().await;
+    }
     let threads_after = sample_threads()?;
 
     let mut usage = vec![Usage {
@@ -404,7 +539,7 @@ async fn run_external(
     }
     let self_before = sample_process("self")?;
     let started = Instant::now();
-    let outcome = run_workload(args, http, &endpoints).await?;
+    let outcome = run_workload(args, http, &endpoints, Delivery::Sync).await?;
     let wall = started.elapsed();
     let mut usage = Vec::new();
     for (role, pid, sample) in before {
@@ -440,6 +575,7 @@ async fn run_workload(
     args: &BenchArgs,
     http: &JsonClient,
     endpoints: &Endpoints,
+    delivery: Delivery,
 ) -> Result<workload::Outcome, BenchError> {
     let workload = workload_of(args);
     let bar = if std::io::stderr().is_terminal() {
@@ -463,7 +599,7 @@ async fn run_workload(
             p.failed.load(Ordering::Relaxed),
         ));
     };
-    let outcome = workload::run(http, endpoints, &workload, &run_id(), &tick).await;
+    let outcome = workload::run(http, endpoints, &workload, &run_id(), delivery, &tick).await;
     bar.finish_and_clear();
     Ok(outcome?)
 }

@@ -117,10 +117,24 @@ impl BenchReport {
         per_second(self.outcome.delivered, self.outcome.delivery_span)
     }
 
+    /// Deliveries per second from the moment the destinations came back
+    /// (catch-up runs only).
+    pub fn catch_up_per_second(&self) -> Option<f64> {
+        let resumed = self.outcome.resumed_at?;
+        Some(per_second(
+            self.outcome.delivered,
+            self.outcome.delivery_span.saturating_sub(resumed),
+        ))
+    }
+
     pub fn to_json(&self) -> Value {
         let o = &self.outcome;
         let w = &self.workload;
         json!({
+            "catch_up": o.resumed_at.map(|r| json!({
+                "destinations_back_at_s": r.as_secs_f64(),
+                "catch_up_per_s": self.catch_up_per_second().map(f64::round),
+            })),
             "label": self.label,
             "mode": self.mode,
             "ok": self.ok(),
@@ -196,6 +210,15 @@ impl BenchReport {
             o.delivery_span.as_secs_f64(),
             self.delivered_per_second()
         );
+        if let (Some(resumed), Some(rate)) = (o.resumed_at, self.catch_up_per_second()) {
+            println!(
+                "  catch-up    destinations back at {:.2} s; {} delivered by {:.2} s = {:.0} msgs/s",
+                resumed.as_secs_f64(),
+                o.delivered,
+                o.delivery_span.as_secs_f64(),
+                rate
+            );
+        }
         if let Some(l) = &self.latency {
             println!(
                 "  latency     p50 {:.1} ms  p90 {:.1} ms  p99 {:.1} ms  max {:.1} ms  (send start → /sync returns it)",

@@ -12,9 +12,10 @@
 //! This module knows nothing of how the relays were started.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
-use std::sync::Mutex;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use hyper::body::Bytes;
@@ -121,6 +122,119 @@ impl Progress {
     }
 }
 
+/// Runs once every send is accepted, before the wait for deliveries.
+pub type AfterSend = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// How messages are seen arriving.
+pub enum Delivery {
+    /// Each receiving device long-polls `/sync` (and the probe too).
+    Sync,
+    /// A federation sink receives the transactions itself: `attach` hands it
+    /// the run's recorder; `after_send` (opening the sink, for a catch-up
+    /// run) runs when sending is done. No probe.
+    Sink {
+        attach: Box<dyn FnOnce(Arc<Shared>) + Send>,
+        after_send: Option<AfterSend>,
+    },
+}
+
+/// The run's recorder, shared by every receiver (or the sink).
+pub struct Shared {
+    run_id: String,
+    tally: Tally,
+    probe_tally: Mutex<BTreeMap<u64, u8>>,
+    progress: Arc<Progress>,
+    /// The run's time origin, set once every receiver is ready.
+    epoch: OnceLock<Instant>,
+    /// Latencies recorded by a sink, in microseconds.
+    sink_samples: Mutex<Vec<u64>>,
+}
+
+/// A message as recorded.
+enum Recorded {
+    Bulk(u64),
+    Probe(u64),
+    Nothing,
+}
+
+impl Shared {
+    /// Microseconds since the epoch (0 before it is set).
+    pub fn now_us(&self) -> u64 {
+        self.epoch
+            .get()
+            .map(|e| e.elapsed().as_micros() as u64)
+            .unwrap_or(0)
+    }
+
+    /// Records one arrival at the bulk receiver `index` (`None`: the probe
+    /// device) and returns its latency if it is new.
+    fn record(&self, index: Option<u64>, c: BenchContent, now_us: u64) -> Recorded {
+        let progress = &self.progress;
+        if c.run.as_deref() != Some(self.run_id.as_str()) {
+            progress.stale.fetch_add(1, Ordering::Relaxed);
+            return Recorded::Nothing;
+        }
+        let latency = now_us.saturating_sub(c.t.unwrap_or(now_us));
+        match (c.seq, c.probe) {
+            (Some(seq), None) if index.is_some() && c.r == index => match self.tally.record(seq) {
+                Arrival::First => {
+                    progress.delivered.fetch_add(1, Ordering::Relaxed);
+                    progress
+                        .last_delivery_us
+                        .fetch_max(now_us, Ordering::Relaxed);
+                    Recorded::Bulk(latency)
+                }
+                Arrival::Duplicate => {
+                    progress.duplicates.fetch_add(1, Ordering::Relaxed);
+                    Recorded::Nothing
+                }
+                Arrival::Unknown => {
+                    progress.misdelivered.fetch_add(1, Ordering::Relaxed);
+                    Recorded::Nothing
+                }
+            },
+            (None, Some(n)) if index.is_none() => {
+                let first = match self.probe_tally.lock() {
+                    Ok(mut seen) => {
+                        let count = seen.entry(n).or_default();
+                        *count = count.saturating_add(1);
+                        *count == 1
+                    }
+                    Err(_) => false,
+                };
+                if first {
+                    progress.probes_delivered.fetch_add(1, Ordering::Relaxed);
+                    Recorded::Probe(latency)
+                } else {
+                    progress.duplicates.fetch_add(1, Ordering::Relaxed);
+                    Recorded::Nothing
+                }
+            }
+            _ => {
+                progress.misdelivered.fetch_add(1, Ordering::Relaxed);
+                Recorded::Nothing
+            }
+        }
+    }
+
+    /// Records a message a sink received for the bulk receiver `index`, as
+    /// parsed from the EDU: `content` is the message content's JSON.
+    pub fn record_sink(&self, index: Option<u64>, content: &serde_json::Value) {
+        let c: BenchContent = serde_json::from_value(content.clone()).unwrap_or_default();
+        let now_us = self.now_us();
+        if let Recorded::Bulk(latency) = self.record(index, c, now_us)
+            && let Ok(mut samples) = self.sink_samples.lock()
+        {
+            samples.push(latency);
+        }
+    }
+
+    /// Counts something a sink could not attribute to a receiver.
+    pub fn record_misdelivered(&self) {
+        self.progress.misdelivered.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 /// What a finished run measured.
 pub struct Outcome {
     /// Bulk messages the senders attempted (N, or fewer at the duration cap).
@@ -144,6 +258,9 @@ pub struct Outcome {
     pub capped: bool,
     /// Whether the drain timeout ended the wait for deliveries.
     pub drain_timed_out: bool,
+    /// When the `after_send` hook started (the sink opening), since the
+    /// first send.
+    pub resumed_at: Option<Duration>,
     /// Bulk latencies in microseconds.
     pub latencies_us: Vec<u64>,
     /// Probe latencies in microseconds.
@@ -167,6 +284,7 @@ pub async fn run(
     endpoints: &Endpoints,
     workload: &Workload,
     run_id: &str,
+    delivery: Delivery,
     on_tick: &(dyn Fn(&Progress) + Sync),
 ) -> Result<Outcome, WorkloadError> {
     if workload.messages > 0 && workload.per_call > endpoints.receivers.len() {
@@ -178,37 +296,51 @@ pub async fn run(
     }
     let total = usize::try_from(workload.messages)
         .map_err(|_| WorkloadError::Setup("too many messages for this machine".into()))?;
-    let tally = Arc::new(Tally::new(total));
-    let probe_tally = Arc::new(Mutex::new(BTreeMap::<u64, u8>::new()));
+    let progress = Arc::new(Progress::new());
+    let shared = Arc::new(Shared {
+        run_id: run_id.to_owned(),
+        tally: Tally::new(total),
+        probe_tally: Mutex::new(BTreeMap::new()),
+        progress: progress.clone(),
+        epoch: OnceLock::new(),
+        sink_samples: Mutex::new(Vec::new()),
+    });
     let stop_receivers = CancellationToken::new();
 
-    // Receivers: initial sync, then long-poll until stopped.
+    // Receivers: initial sync, then long-poll until stopped. A sink receives
+    // on its own (it is told about `shared` here).
     let mut receivers = JoinSet::new();
     let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel::<Result<(), String>>(16);
-    let progress = Arc::new(Progress::new());
-    let receiving: Vec<(Option<u64>, Recipient)> = endpoints
-        .receivers
-        .iter()
-        .enumerate()
-        .map(|(i, r)| (Some(i as u64), r.clone()))
-        .chain(endpoints.probe.iter().map(|p| (None, p.clone())))
-        .collect();
+    let (sink, mut after_send) = match delivery {
+        Delivery::Sync => (None, None),
+        Delivery::Sink { attach, after_send } => (Some(attach), after_send),
+    };
+    let syncing = sink.is_none();
+    let receiving: Vec<(Option<u64>, Recipient)> = match sink {
+        None => endpoints
+            .receivers
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (Some(i as u64), r.clone()))
+            .chain(endpoints.probe.iter().map(|p| (None, p.clone())))
+            .collect(),
+        Some(attach) => {
+            attach(shared.clone());
+            Vec::new()
+        }
+    };
+
     let receiver_count = receiving.len();
     // The clock starts once every receiver is in place; receivers learn the
-    // epoch through `epoch_cell`.
+    // epoch through `shared.epoch`.
     let epoch_set = Arc::new(tokio::sync::Notify::new());
-    let epoch_cell: Arc<Mutex<Option<Instant>>> = Arc::new(Mutex::new(None));
     for (index, recipient) in receiving {
         let task = ReceiverTask {
             http: http.clone(),
             recipient,
             index,
-            run_id: run_id.to_owned(),
-            tally: tally.clone(),
-            probe_tally: probe_tally.clone(),
-            progress: progress.clone(),
+            shared: shared.clone(),
             stop: stop_receivers.clone(),
-            epoch_cell: epoch_cell.clone(),
             epoch_set: epoch_set.clone(),
         };
         let ready = ready_tx.clone();
@@ -227,10 +359,7 @@ pub async fn run(
     }
 
     // Start the clock.
-    let epoch = Instant::now();
-    if let Ok(mut cell) = epoch_cell.lock() {
-        *cell = Some(epoch);
-    }
+    let epoch = *shared.epoch.get_or_init(Instant::now);
     epoch_set.notify_waiters();
     let clock = Clock { epoch };
     let send_deadline = epoch + workload.duration;
@@ -258,8 +387,8 @@ pub async fn run(
         }
     }
     let stop_probe = CancellationToken::new();
-    let probe_handle = match (&endpoints.probe, workload.probe_interval) {
-        (Some(probe), Some(interval)) => Some(tokio::spawn(
+    let probe_handle = match (&endpoints.probe, workload.probe_interval, syncing) {
+        (Some(probe), Some(interval), true) => Some(tokio::spawn(
             ProbeTask {
                 http: http.clone(),
                 sender_url: endpoints.sender_url.clone(),
@@ -281,6 +410,7 @@ pub async fn run(
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut drain_deadline: Option<Instant> = None;
     let mut drain_timed_out = false;
+    let mut resumed_us = None;
     loop {
         tokio::select! {
             joined = senders.join_next(), if !senders.is_empty() => {
@@ -300,7 +430,11 @@ pub async fn run(
             continue;
         }
         if !progress.sending_done.swap(true, Ordering::Relaxed) {
-            drain_deadline = Some(now + workload.drain_timeout);
+            if let Some(hook) = after_send.take() {
+                resumed_us = Some(clock.now_us());
+                hook.await;
+            }
+            drain_deadline = Some(Instant::now() + workload.drain_timeout);
         }
         let bulk_done =
             progress.delivered.load(Ordering::Relaxed) >= progress.accepted.load(Ordering::Relaxed);
@@ -341,6 +475,9 @@ pub async fn run(
             Err(error) => progress.note_error(format!("receiver task failed: {error}")),
         }
     }
+    if let Ok(mut sink_samples) = shared.sink_samples.lock() {
+        latencies_us.append(&mut sink_samples);
+    }
     on_tick(&progress);
 
     let accepted = progress.accepted.load(Ordering::Relaxed);
@@ -362,6 +499,7 @@ pub async fn run(
         delivery_span: Duration::from_micros(progress.last_delivery_us.load(Ordering::Relaxed)),
         capped: capped.load(Ordering::Relaxed),
         drain_timed_out,
+        resumed_at: resumed_us.map(Duration::from_micros),
         latencies_us,
         probe_latencies_us,
         first_error,
@@ -592,12 +730,8 @@ struct ReceiverTask {
     recipient: Recipient,
     /// Index among bulk receivers; `None` for the probe device.
     index: Option<u64>,
-    run_id: String,
-    tally: Arc<Tally>,
-    probe_tally: Arc<Mutex<BTreeMap<u64, u8>>>,
-    progress: Arc<Progress>,
+    shared: Arc<Shared>,
     stop: CancellationToken,
-    epoch_cell: Arc<Mutex<Option<Instant>>>,
     epoch_set: Arc<tokio::sync::Notify>,
 }
 
@@ -641,7 +775,8 @@ impl ReceiverTask {
         let since = match self.sync(None, 0).await {
             Ok(body) => {
                 let stale = body.to_device.map(|t| t.events.len()).unwrap_or(0);
-                self.progress
+                self.shared
+                    .progress
                     .stale
                     .fetch_add(stale as u64, Ordering::Relaxed);
                 body.next_batch
@@ -659,8 +794,8 @@ impl ReceiverTask {
         let _ = ready.send(Ok(())).await;
         drop(ready);
         let epoch = loop {
-            if let Some(epoch) = self.epoch_cell.lock().ok().and_then(|c| *c) {
-                break epoch;
+            if let Some(epoch) = self.shared.epoch.get() {
+                break *epoch;
             }
             tokio::select! {
                 _ = &mut started => {}
@@ -680,7 +815,7 @@ impl ReceiverTask {
                     since = body.next_batch;
                 }
                 Err(error) => {
-                    self.progress.note_error(error);
+                    self.shared.progress.note_error(error);
                     tokio::select! {
                         _ = self.stop.cancelled() => break,
                         _ = tokio::time::sleep(Duration::from_millis(200)) => {}
@@ -731,51 +866,10 @@ impl ReceiverTask {
         };
         let now_us = clock.now_us();
         for event in to_device.events {
-            let c = event.content;
-            if c.run.as_deref() != Some(self.run_id.as_str()) {
-                self.progress.stale.fetch_add(1, Ordering::Relaxed);
-                continue;
-            }
-            let latency = now_us.saturating_sub(c.t.unwrap_or(now_us));
-            match (c.seq, c.probe) {
-                (Some(seq), None) if self.index.is_some() && c.r == self.index => {
-                    match self.tally.record(seq) {
-                        Arrival::First => {
-                            self.progress.delivered.fetch_add(1, Ordering::Relaxed);
-                            self.progress
-                                .last_delivery_us
-                                .fetch_max(now_us, Ordering::Relaxed);
-                            samples.bulk.push(latency);
-                        }
-                        Arrival::Duplicate => {
-                            self.progress.duplicates.fetch_add(1, Ordering::Relaxed);
-                        }
-                        Arrival::Unknown => {
-                            self.progress.misdelivered.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
-                }
-                (None, Some(n)) if self.index.is_none() => {
-                    let first = match self.probe_tally.lock() {
-                        Ok(mut seen) => {
-                            let count = seen.entry(n).or_default();
-                            *count = count.saturating_add(1);
-                            *count == 1
-                        }
-                        Err(_) => false,
-                    };
-                    if first {
-                        self.progress
-                            .probes_delivered
-                            .fetch_add(1, Ordering::Relaxed);
-                        samples.probe.push(latency);
-                    } else {
-                        self.progress.duplicates.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-                _ => {
-                    self.progress.misdelivered.fetch_add(1, Ordering::Relaxed);
-                }
+            match self.shared.record(self.index, event.content, now_us) {
+                Recorded::Bulk(latency) => samples.bulk.push(latency),
+                Recorded::Probe(latency) => samples.probe.push(latency),
+                Recorded::Nothing => {}
             }
         }
     }

@@ -1,0 +1,290 @@
+//! A federation sink for the many-destination workloads: one TLS listener
+//! per destination on 127.0.0.1 (server names `localhost:<port>`, so the
+//! development certificate fits every one of them and no DNS is needed),
+//! answering `PUT /_matrix/federation/v1/send/{txnId}` with `{"pdus":{}}`
+//! and recording every to-device message of every `m.direct_to_device` EDU
+//! with the run's recorder. It de-duplicates like a receiver must
+//! ((destination, txnId) and (destination, message_id)), so a sender's
+//! legitimate retry is not counted as a duplicate delivery.
+//!
+//! It measures the sender, so it deliberately does not verify X-Matrix
+//! signatures (the two-relay workloads measure verification) and does not
+//! store anything. Its ports can be chosen first and listened on later, for
+//! a catch-up run where the destinations are down while messages queue.
+
+use std::collections::HashSet;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Bytes, Incoming};
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use serde_json::Value;
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::workload::Shared;
+
+/// How long a TLS handshake may take.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    #[error("sink listener on port {port}: {source}")]
+    Bind { port: u16, source: std::io::Error },
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+}
+
+/// What the sink knows about the run: which recipient index each user is,
+/// and the recorder.
+struct SinkState {
+    /// Recipient user ID → index among the run's receivers.
+    users: std::collections::HashMap<String, u64>,
+    shared: OnceLock<Arc<Shared>>,
+    seen_txns: Mutex<HashSet<(u16, String)>>,
+    seen_message_ids: Mutex<HashSet<(u16, String)>>,
+    transactions: std::sync::atomic::AtomicU64,
+}
+
+/// The sink: its ports, and its listeners once open.
+pub struct Sink {
+    ports: Vec<u16>,
+    state: Arc<SinkState>,
+    tls: TlsAcceptor,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+}
+
+impl Sink {
+    /// Picks `count` free loopback ports (bound and released at once) and
+    /// loads the TLS certificate; listens on nothing yet.
+    pub async fn reserve(
+        count: usize,
+        tls_cert: &std::path::Path,
+        tls_key: &std::path::Path,
+    ) -> Result<Sink, SinkError> {
+        let mut held = Vec::with_capacity(count);
+        for _ in 0..count {
+            let listener = TcpListener::bind("127.0.0.1:0")
+                .await
+                .map_err(|source| SinkError::Bind { port: 0, source })?;
+            held.push(listener);
+        }
+        let ports = held
+            .iter()
+            .map(|l| l.local_addr().map(|a| a.port()).unwrap_or(0))
+            .collect();
+        drop(held);
+        Ok(Sink {
+            ports,
+            state: Arc::new(SinkState {
+                users: Default::default(),
+                shared: OnceLock::new(),
+                seen_txns: Mutex::new(HashSet::new()),
+                seen_message_ids: Mutex::new(HashSet::new()),
+                transactions: Default::default(),
+            }),
+            tls: TlsAcceptor::from(crate::tls::server_config(tls_cert, tls_key)?),
+            shutdown: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+        })
+    }
+
+    /// The destination server names, one per port.
+    pub fn server_names(&self) -> Vec<String> {
+        self.ports
+            .iter()
+            .map(|p| format!("localhost:{p}"))
+            .collect()
+    }
+
+    /// Tells the sink which user is which receiver index. Call before
+    /// `attacher` is used.
+    pub fn set_users(&mut self, users: impl IntoIterator<Item = (String, u64)>) {
+        if let Some(state) = Arc::get_mut(&mut self.state) {
+            state.users = users.into_iter().collect();
+        }
+    }
+
+    /// A closure handing the run's recorder to the sink.
+    pub fn attacher(&self) -> Box<dyn FnOnce(Arc<Shared>) + Send> {
+        let state = self.state.clone();
+        Box::new(move |shared| {
+            let _ = state.shared.set(shared);
+        })
+    }
+
+    /// Transactions received (first copies only).
+    pub fn transactions(&self) -> u64 {
+        self.state
+            .transactions
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Starts listening on every port.
+    pub async fn open(&self) -> Result<(), SinkError> {
+        for &port in &self.ports {
+            let listener = TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], port)))
+                .await
+                .map_err(|source| SinkError::Bind { port, source })?;
+            self.tasks.spawn(accept_loop(
+                listener,
+                port,
+                self.tls.clone(),
+                self.state.clone(),
+                self.shutdown.clone(),
+                self.tasks.clone(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Stops every listener and connection.
+    pub async fn close(&self) {
+        self.shutdown.cancel();
+        self.tasks.close();
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.tasks.wait()).await;
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    port: u16,
+    tls: TlsAcceptor,
+    state: Arc<SinkState>,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+) {
+    loop {
+        let tcp = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, _)) => tcp,
+                Err(error) => {
+                    tracing::warn!(port, %error, "sink accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = tcp.set_nodelay(true);
+        let tls = tls.clone();
+        let state = state.clone();
+        let shutdown = shutdown.clone();
+        tasks.spawn(async move {
+            let Ok(Ok(stream)) = tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(tcp)).await
+            else {
+                return;
+            };
+            let service = hyper::service::service_fn(move |request| {
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(handle(request, port, &state).await) }
+            });
+            let builder = auto::Builder::new(TokioExecutor::new());
+            let connection = builder.serve_connection(TokioIo::new(stream), service);
+            tokio::select! {
+                _ = connection => {}
+                _ = shutdown.cancelled() => {}
+            }
+        });
+    }
+}
+
+fn json_response(status: u16, body: &'static str) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    *response.status_mut() =
+        hyper::StatusCode::from_u16(status).unwrap_or(hyper::StatusCode::INTERNAL_SERVER_ERROR);
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+async fn handle(request: Request<Incoming>, port: u16, state: &SinkState) -> Response<Full<Bytes>> {
+    let path = request.uri().path().to_owned();
+    let Some(txn_id) = path
+        .strip_prefix("/_matrix/federation/v1/send/")
+        .map(|t| t.trim_end_matches('/').to_owned())
+    else {
+        return json_response(
+            404,
+            r#"{"errcode":"M_UNRECOGNIZED","error":"the benchmark sink only takes /send"}"#,
+        );
+    };
+    if request.method() != hyper::Method::PUT {
+        return json_response(405, r#"{"errcode":"M_UNRECOGNIZED","error":"PUT only"}"#);
+    }
+    let Ok(body) = request.into_body().collect().await else {
+        return json_response(400, r#"{"errcode":"M_NOT_JSON","error":"unreadable body"}"#);
+    };
+    let Ok(txn) = serde_json::from_slice::<Value>(&body.to_bytes()) else {
+        return json_response(400, r#"{"errcode":"M_NOT_JSON","error":"not JSON"}"#);
+    };
+    let first_copy = state
+        .seen_txns
+        .lock()
+        .map(|mut seen| seen.insert((port, txn_id)))
+        .unwrap_or(false);
+    if first_copy {
+        state
+            .transactions
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        record(&txn, port, state);
+    }
+    json_response(200, r#"{"pdus":{}}"#)
+}
+
+/// Records every message of every to-device EDU of a transaction.
+fn record(txn: &Value, port: u16, state: &SinkState) {
+    let Some(shared) = state.shared.get() else {
+        return;
+    };
+    let destination = format!("localhost:{port}");
+    let edus = txn["edus"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    for edu in edus {
+        if edu["edu_type"] != "m.direct_to_device" {
+            continue;
+        }
+        let content = &edu["content"];
+        if let Some(message_id) = content["message_id"].as_str() {
+            let new = state
+                .seen_message_ids
+                .lock()
+                .map(|mut seen| seen.insert((port, message_id.to_owned())))
+                .unwrap_or(false);
+            if !new {
+                continue;
+            }
+        }
+        let Some(messages) = content["messages"].as_object() else {
+            continue;
+        };
+        for (user, devices) in messages {
+            let index = state.users.get(user).copied();
+            let at_right_server = user
+                .split_once(':')
+                .is_some_and(|(_, server)| server == destination);
+            let Some(devices) = devices.as_object() else {
+                continue;
+            };
+            for message in devices.values() {
+                if at_right_server && index.is_some() {
+                    shared.record_sink(index, message);
+                } else {
+                    shared.record_misdelivered();
+                }
+            }
+        }
+    }
+}
