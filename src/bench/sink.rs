@@ -288,3 +288,69 @@ fn record(txn: &Value, port: u16, state: &SinkState) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering;
+
+    use serde_json::json;
+
+    use super::*;
+
+    fn state(shared: Arc<Shared>) -> SinkState {
+        let state = SinkState {
+            users: [
+                ("@bench00000:localhost:7000".to_owned(), 0),
+                ("@bench00000:localhost:7001".to_owned(), 1),
+            ]
+            .into_iter()
+            .collect(),
+            shared: OnceLock::new(),
+            seen_txns: Mutex::new(HashSet::new()),
+            seen_message_ids: Mutex::new(HashSet::new()),
+            transactions: Default::default(),
+        };
+        let _ = state.shared.set(shared);
+        state
+    }
+
+    fn edu(message_id: &str, user: &str, seq: u64, r: u64) -> Value {
+        json!({
+            "edu_type": "m.direct_to_device",
+            "content": {
+                "message_id": message_id,
+                "sender": "@s:a",
+                "type": "m.x",
+                "messages": { user: { "BENCH": { "run": "run1", "seq": seq, "r": r, "t": 0 } } },
+            },
+        })
+    }
+
+    #[test]
+    fn messages_are_counted_once_at_the_right_destination() {
+        let shared = Shared::new("run1", 3);
+        let state = state(shared.clone());
+        let txn = json!({
+            "origin": "a", "origin_server_ts": 1, "pdus": [],
+            "edus": [
+                edu("m1", "@bench00000:localhost:7000", 0, 0),
+                { "edu_type": "m.typing", "content": {} },
+            ],
+        });
+        record(&txn, 7000, &state);
+        // The same message_id again (a new transaction re-sending it) is
+        // dropped like a receiver drops it.
+        record(&txn, 7000, &state);
+        // A message for a user of another destination is a misdelivery.
+        let wrong = json!({ "edus": [edu("m2", "@bench00000:localhost:7001", 1, 1)] });
+        record(&wrong, 7000, &state);
+        let p = shared.progress();
+        assert_eq!(p.delivered.load(Ordering::Relaxed), 1);
+        assert_eq!(p.duplicates.load(Ordering::Relaxed), 0);
+        assert_eq!(p.misdelivered.load(Ordering::Relaxed), 1);
+        // Another message id carrying an already counted seq is a duplicate.
+        let again = json!({ "edus": [edu("m3", "@bench00000:localhost:7000", 0, 0)] });
+        record(&again, 7000, &state);
+        assert_eq!(p.duplicates.load(Ordering::Relaxed), 1);
+    }
+}

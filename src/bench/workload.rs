@@ -158,6 +158,23 @@ enum Recorded {
 }
 
 impl Shared {
+    /// A recorder for a run sending `total` bulk messages.
+    pub fn new(run_id: &str, total: usize) -> Arc<Shared> {
+        Arc::new(Shared {
+            run_id: run_id.to_owned(),
+            tally: Tally::new(total),
+            probe_tally: Mutex::new(BTreeMap::new()),
+            progress: Arc::new(Progress::new()),
+            epoch: OnceLock::new(),
+            sink_samples: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// The run's counters.
+    pub fn progress(&self) -> &Progress {
+        &self.progress
+    }
+
     /// Microseconds since the epoch (0 before it is set).
     pub fn now_us(&self) -> u64 {
         self.epoch
@@ -296,15 +313,8 @@ pub async fn run(
     }
     let total = usize::try_from(workload.messages)
         .map_err(|_| WorkloadError::Setup("too many messages for this machine".into()))?;
-    let progress = Arc::new(Progress::new());
-    let shared = Arc::new(Shared {
-        run_id: run_id.to_owned(),
-        tally: Tally::new(total),
-        probe_tally: Mutex::new(BTreeMap::new()),
-        progress: progress.clone(),
-        epoch: OnceLock::new(),
-        sink_samples: Mutex::new(Vec::new()),
-    });
+    let shared = Shared::new(run_id, total);
+    let progress = shared.progress.clone();
     let stop_receivers = CancellationToken::new();
 
     // Receivers: initial sync, then long-poll until stopped. A sink receives
