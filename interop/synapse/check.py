@@ -468,7 +468,21 @@ def direction_checks(r: Runner, tag: str, snd: Account, rcv: list[Account]) -> N
         quiet_sync(d1)
         expect_once(d1, mk, snd, content)
 
+    def large() -> None:
+        # Two ~40 KB messages in one request: over Synapse's 64 KiB soft EDU
+        # limit together, so a Synapse sender splits them into two EDUs.
+        mk = marker()
+        contents = {a.device_id: {"marker": mk, "pad": secrets.token_hex(20_000)} for a in rcv}
+        snd.send_to_device(TEST_TYPE, f"t{mk}", {d1.user_id: contents})
+        for a in rcv:
+            a.wait_for(lambda evs: bool([e for e in evs if (e.get("content") or {}).get("marker") == mk]),
+                       DELIVERY_TIMEOUT)
+        quiet_sync(d1, d2)
+        for a in rcv:
+            expect_once(a, mk, snd, contents[a.device_id])
+
     r.check(f"{tag}_explicit_device", explicit)
+    r.check(f"{tag}_large_split", large)
     r.check(f"{tag}_wildcard_all_devices", wildcard)
     r.check(f"{tag}_order_5", order)
     r.check(f"{tag}_txn_retransmit_once", txn_retransmit)
@@ -650,6 +664,16 @@ def main() -> int:
         if not r.check("setup_users", make_users):
             return finish(r)
         alice, bob = users["alice"], users["bob"]
+
+        def no_rooms() -> None:
+            for acct in alice + bob:
+                if acct.node.kind != "synapse":
+                    continue
+                body = expect_200("GET", f"{acct.node.client_url}/_matrix/client/v3/joined_rooms", token=acct.token)
+                if body != {"joined_rooms": []}:
+                    raise CheckError(f"{acct.user_id} is in rooms: {body!r}")
+
+        r.check("no_shared_room", no_rooms)
         # No room is created anywhere: to-device federation must not need one.
         direction_checks(r, "a_to_b", alice[0], bob)
         direction_checks(r, "b_to_a", bob[0], alice)
