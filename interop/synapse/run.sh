@@ -74,11 +74,11 @@ start_node() {
     echo "$pid" >"$dir/run.pid"
     local client fed deadline=$((SECONDS + READY_TIMEOUT))
     client="http://127.0.0.1:$(node_client_port "$name")/_matrix/client/versions"
-    fed="https://localhost:$(node_fed_port "$name")/_matrix/federation/v1/version"
+    fed="https://localhost:$(node_fed_port "$name")/_matrix/key/v2/server"
     while true; do
         if ! alive "$pid"; then
             log "$name (pid $pid) exited during startup; last log lines:"
-            tail -n 30 "$dir/stdout.log" "$dir/homeserver.log" 2>/dev/null >&2 || true
+            tail -n 30 "$dir/stdout.log" "$dir/homeserver.log" >&2 2>/dev/null || true
             return 1
         fi
         if curl -fsS --max-time 2 -o /dev/null "$client" 2>/dev/null &&
@@ -88,7 +88,7 @@ start_node() {
         fi
         if ((SECONDS >= deadline)); then
             log "$name (pid $pid) not ready after ${READY_TIMEOUT}s"
-            tail -n 30 "$dir/stdout.log" "$dir/homeserver.log" 2>/dev/null >&2 || true
+            tail -n 30 "$dir/stdout.log" "$dir/homeserver.log" >&2 2>/dev/null || true
             return 1
         fi
         sleep 0.3
