@@ -620,7 +620,41 @@ def inbound_checks(r: Runner, cap: CapturePeer, node: Node, rcv: Account) -> Non
         if status != 401:
             raise CheckError(f"unsigned /send answered {status} {body!r}, expected 401")
 
+    def unknown_edu_type() -> None:
+        mk = marker()
+        status, body = cap.send_transaction(
+            node.server_name, f"cap{mk}",
+            [{"edu_type": "org.courier.interop.unknown", "content": {"x": 1}}, edu(mk, f"m{mk}")])
+        if status != 200 or body != {"pdus": {}}:
+            raise CheckError(f"/send answered {status} {body!r}")
+        delivered_once(mk)
+
+    def nonlocal_recipient() -> None:
+        # One EDU naming a user of another server next to a local recipient.
+        # Synapse 1.163 fails the whole /send with 500 M_UNKNOWN "Error handing
+        # EDU of type m.direct_to_device" (its handler raises 400 "Not a user
+        # here" internally) and delivers nothing, so a Synapse sender would
+        # retry such a transaction for ever. Courier [ours] skips the foreign
+        # user, delivers the rest and answers 200.
+        mk = marker()
+        bad = edu(mk, f"m{mk}")
+        bad["content"]["messages"][f"@other:{cap.server_name}"] = {"X": {"marker": mk}}
+        status, body = cap.send_transaction(node.server_name, f"cap{mk}", [bad])
+        r.info(f"{tag}_nonlocal_recipient", f"/send answered {status} {json.dumps(body)}")
+        if node.kind == "synapse":
+            if status != 500:
+                raise CheckError(f"Synapse answered {status} {body!r}, expected 500")
+            quiet_sync(rcv)
+            if rcv.matching(mk):
+                raise CheckError("Synapse delivered part of a rejected transaction")
+        else:
+            if status != 200:
+                raise CheckError(f"/send answered {status} {body!r}, expected 200")
+            delivered_once(mk)
+
     r.check(f"{tag}_send", basic)
+    r.check(f"{tag}_unknown_edu_type_ignored", unknown_edu_type)
+    r.check(f"{tag}_nonlocal_recipient", nonlocal_recipient)
     r.check(f"{tag}_txn_dedupe", same_txn_twice)
     r.check(f"{tag}_message_id_dedupe", same_message_id_new_txn)
     r.check(f"{tag}_spoofed_sender_dropped", spoofed_sender)
