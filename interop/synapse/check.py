@@ -251,6 +251,8 @@ class CapturePeer:
         self.client_ctx = ssl.create_default_context(cafile=ca)
         server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         server_ctx.load_cert_chain(cert, key)
+        self.sni: list[str | None] = []  # server names asked for in TLS ClientHellos
+        server_ctx.sni_callback = lambda _sock, name, _ctx: self.sni.append(name)
         self.signing_key = signedjson.key.generate_signing_key("cap")
         self.key_id = "ed25519:cap"
         self.received: list[dict] = []  # {"origin", "txn_id", "body", "sig_ok"}
@@ -289,7 +291,9 @@ class CapturePeer:
                 with peer.cond:
                     peer.received.append({"origin": origin, "txn_id": urllib.parse.unquote(m.group(1)),
                                           "body": body, "sig_ok": sig_ok,
-                                          "authorization": self.headers.get_all("Authorization")})
+                                          "authorization": self.headers.get_all("Authorization"),
+                                          "headers": {k: self.headers.get(k) for k in
+                                                      ("Host", "Content-Type", "User-Agent")}})
                     peer.cond.notify_all()
                 self.reply(200, {"pdus": {}})
 
@@ -531,9 +535,11 @@ def capture_checks(r: Runner, work: str, cap: CapturePeer, node: Node, snd: Acco
         snd.send_to_device(TEST_TYPE, f"t{mk}", {target: {"CAPDEV": {"marker": mk}, "*": {"marker": mk, "all": True}}})
         txn, edu = cap.wait_for_edu(lambda e: mk in json.dumps(e), DELIVERY_TIMEOUT)
         with open(os.path.join(work, f"{tag}.json"), "w") as f:
-            json.dump({"txn_id": txn["txn_id"], "authorization": txn["authorization"], "body": txn["body"]}, f, indent=2)
+            json.dump({"txn_id": txn["txn_id"], "authorization": txn["authorization"],
+                       "headers": txn["headers"], "body": txn["body"]}, f, indent=2)
         r.info(tag, "txn_id=" + json.dumps(txn["txn_id"]))
         r.info(tag, "Authorization: " + " | ".join(txn["authorization"]))
+        r.info(tag, "headers: " + json.dumps(txn["headers"]) + "; TLS SNI seen: " + json.dumps(sorted(set(map(str, cap.sni)))))
         r.info(tag, "transaction keys: " + json.dumps(sorted(txn["body"])))
         r.info(tag, "edu: " + json.dumps(edu, sort_keys=True))
         if txn["origin"] != node.server_name or not txn["sig_ok"]:
