@@ -595,7 +595,7 @@ def inbound_checks(r: Runner, cap: CapturePeer, node: Node, rcv: Account) -> Non
         mk = marker()
         for _ in range(2):
             status, body = cap.send_transaction(node.server_name, f"cap{mk}", [edu(mk, f"m{mk}")])
-            if status != 200:
+            if status != 200 or body != {"pdus": {}}:
                 raise CheckError(f"/send answered {status} {body!r}")
         delivered_once(mk)
 
@@ -603,7 +603,7 @@ def inbound_checks(r: Runner, cap: CapturePeer, node: Node, rcv: Account) -> Non
         mk = marker()
         for i in range(2):
             status, body = cap.send_transaction(node.server_name, f"cap{mk}-{i}", [edu(mk, f"m{mk}")])
-            if status != 200:
+            if status != 200 or body != {"pdus": {}}:
                 raise CheckError(f"/send answered {status} {body!r}")
         delivered_once(mk)
 
@@ -612,7 +612,7 @@ def inbound_checks(r: Runner, cap: CapturePeer, node: Node, rcv: Account) -> Non
         spoof = f"@mallory:{node.server_name}"  # not a user of the capture peer
         status, body = cap.send_transaction(node.server_name, f"cap{mk_bad}",
                                             [edu(mk_bad, f"m{mk_bad}", spoof), edu(mk_good, f"m{mk_good}")])
-        if status != 200:
+        if status != 200 or body != {"pdus": {}}:
             raise CheckError(f"/send answered {status} {body!r}")
         delivered_once(mk_good)  # the good EDU after it arrives, the spoofed one never does
         if rcv.matching(mk_bad):
@@ -654,7 +654,7 @@ def inbound_checks(r: Runner, cap: CapturePeer, node: Node, rcv: Account) -> Non
             if rcv.matching(mk):
                 raise CheckError("Synapse delivered part of a rejected transaction")
         else:
-            if status != 200:
+            if status != 200 or body != {"pdus": {}}:
                 raise CheckError(f"/send answered {status} {body!r}, expected 200")
             delivered_once(mk)
 
