@@ -22,7 +22,7 @@ run. The checker also runs its own minimal federation peer ("capture") on a
 free loopback port: it publishes a signed key, records what A (and B) send it,
 and sends hand-built signed transactions to B.
 
-Uses the standard library plus signedjson / unpaddedbase64, which Synapse's
+Uses the standard library plus signedjson, which Synapse's
 venv provides. Every HTTP call and every poll loop is bounded in time; all
 traffic goes to 127.0.0.1 (the server name `localhost` resolves there).
 """
@@ -51,7 +51,6 @@ from typing import Any, Callable
 
 import signedjson.key
 import signedjson.sign
-import unpaddedbase64
 
 HTTP_TIMEOUT = 15.0  # seconds, for every request that is not a long-poll
 DELIVERY_TIMEOUT = 60.0  # seconds to wait for a to-device message over federation

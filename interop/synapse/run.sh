@@ -184,6 +184,7 @@ else
         --b-client "http://127.0.0.1:$SYNAPSE_B_CLIENT_PORT" --b-secret "$SYNAPSE_B_SECRET")
 fi
 
+# shellcheck disable=SC2317  # invoked by the trap
 cleanup() {
     stop_node a || true
     stop_node b || true
