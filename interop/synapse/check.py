@@ -225,12 +225,10 @@ class CourierNode(Node):
         accounts = []
         for dev in device_ids:
             token = secrets.token_urlsafe(24)
-            expect_200(
-                "PUT",
-                f"{self.rpc_url}/_courier/v1/devices/{q(user_id)}/{q(dev)}",
-                body={"access_token": token},
-                token=self.rpc_secret,
-            )
+            url = f"{self.rpc_url}/_courier/v1/devices/{q(user_id)}/{q(dev)}"
+            status, body = http_json("PUT", url, body={"access_token": token}, token=self.rpc_secret)
+            if status not in (200, 201, 204):
+                raise CheckError(f"PUT {url} -> {status} {body}")
             accounts.append(Account(self, user_id, dev, token))
         return accounts
 
