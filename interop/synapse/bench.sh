@@ -16,8 +16,9 @@
 # Usage: interop/synapse/bench.sh            (all workloads, both pairs)
 # Environment (all optional):
 #   BENCH_WORK        work dir (default interop/synapse/work/bench-<time>)
-#   COURIER_BIN       courier binary (default: cargo build --release, then
-#                     target/release/courier)
+#   BENCH_COURIER_BIN courier binary (default: cargo build --release, then
+#                     target/release/courier). Not a COURIER_* name: Courier
+#                     reads every COURIER_* variable as a config override.
 #   BENCH_PAIRS       "synapse courier" (default) or one of them
 #   BENCH_RECEIVERS   receiving users per pair (default 100; K=100 needs 100)
 #   N_K1 N_K100       messages of the K=1,C=32 and K=100,C=8 workloads
@@ -46,12 +47,12 @@ command -v curl >/dev/null || { log "curl is required"; exit 2; }
 command -v setsid >/dev/null || { log "setsid (util-linux) is required"; exit 2; }
 
 "$here/setup.sh"
-if [[ -z "${COURIER_BIN:-}" ]]; then
+if [[ -z "${BENCH_COURIER_BIN:-}" ]]; then
     log "building courier (release)"
     (cd "$root" && cargo build --release --quiet)
-    COURIER_BIN="$root/target/release/courier"
+    BENCH_COURIER_BIN="$root/target/release/courier"
 fi
-COURIER_BIN="$(realpath "$COURIER_BIN")"
+BENCH_COURIER_BIN="$(realpath "$BENCH_COURIER_BIN")"
 
 work="${BENCH_WORK:-$here/work/bench-$(date -u +%Y%m%dT%H%M%S)}"
 mkdir -p "$work"
@@ -181,7 +182,7 @@ EOF
 courier_node() { # name fed client rpc secret
     local dir="$work/courier-$1"
     mkdir -p "$dir"
-    "$COURIER_BIN" keygen --out "$dir/signing.key" >/dev/null
+    "$BENCH_COURIER_BIN" keygen --out "$dir/signing.key" >/dev/null
     cat >"$dir/courier.toml" <<EOF
 server_name = "localhost:$2"
 signing_key_path = "$dir/signing.key"
@@ -206,7 +207,7 @@ secret = "$5"
 sqlite = "$dir/courier.db"
 EOF
     RUST_LOG="${RUST_LOG:-warn}" start "$dir" "http://127.0.0.1:$3" "$2" \
-        "$COURIER_BIN" serve --config "$dir/courier.toml"
+        "$BENCH_COURIER_BIN" serve --config "$dir/courier.toml"
 }
 
 # courier_users RPC_URL SECRET SERVER PREFIX COUNT OUT: register devices over
@@ -246,7 +247,7 @@ run_workloads() {
         [[ -n "$name" ]] || continue
         log "$kind: $name ($args)"
         # shellcheck disable=SC2086  # args is a list of flags
-        if ! "$COURIER_BIN" bench "${common[@]}" --label "$kind $name" $args \
+        if ! "$BENCH_COURIER_BIN" bench "${common[@]}" --label "$kind $name" $args \
             >"$work/$kind-$name.json" 2>"$work/$kind-$name.log"; then
             log "$kind $name: FAILED (see $work/$kind-$name.log / .json)"
             status=1

@@ -118,7 +118,7 @@ pub struct BenchArgs {
     #[arg(long, requires_all = ["sender_token", "receiver_tokens_file"])]
     pub sender_url: Option<String>,
     /// External mode: the sending device's access token.
-    #[arg(long, env = "COURIER_BENCH_SENDER_TOKEN", hide_env_values = true)]
+    #[arg(long, env = "BENCH_SENDER_TOKEN", hide_env_values = true)]
     pub sender_token: Option<String>,
     /// External mode: base URL of the receiving server's client API
     /// (default: the sender's, for a local workload).
