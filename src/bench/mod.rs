@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Deserialize;
 
-pub use report::{BenchReport, Usage};
+pub use report::{BenchReport, LoadAverage, Measured, Usage};
 use stats::{ProcSample, sample_process, sample_threads, thread_cpu_by_group};
 use workload::{Delivery, Endpoints, Progress, Recipient, Workload};
 
@@ -397,7 +397,7 @@ async fn drive_in_process(
     let process_before = sample_process("self")?;
     let threads_before = sample_threads()?;
     let started = Instant::now();
-    let outcome = run_workload(args, http, &endpoints, delivery).await?;
+    let (outcome, load) = run_workload(args, http, &endpoints, delivery).await?;
     let wall = started.elapsed();
     let process_after = sample_process("self")?;
     if let Some(sink) = &sink {
@@ -435,9 +435,12 @@ async fn drive_in_process(
         mode,
         &endpoints,
         workload_of(args),
-        outcome,
-        usage,
-        wall,
+        Measured {
+            outcome,
+            usage,
+            wall,
+            load,
+        },
     ))
 }
 
@@ -539,7 +542,7 @@ async fn run_external(
     }
     let self_before = sample_process("self")?;
     let started = Instant::now();
-    let outcome = run_workload(args, http, &endpoints, Delivery::Sync).await?;
+    let (outcome, load) = run_workload(args, http, &endpoints, Delivery::Sync).await?;
     let wall = started.elapsed();
     let mut usage = Vec::new();
     for (role, pid, sample) in before {
@@ -563,9 +566,12 @@ async fn run_external(
         mode,
         &endpoints,
         workload_of(args),
-        outcome,
-        usage,
-        wall,
+        Measured {
+            outcome,
+            usage,
+            wall,
+            load,
+        },
     ))
 }
 
@@ -576,8 +582,9 @@ async fn run_workload(
     http: &JsonClient,
     endpoints: &Endpoints,
     delivery: Delivery,
-) -> Result<workload::Outcome, BenchError> {
+) -> Result<(workload::Outcome, LoadAverage), BenchError> {
     let workload = workload_of(args);
+    let load_before = stats::load_average();
     let bar = if std::io::stderr().is_terminal() {
         ProgressBar::with_draw_target(Some(args.messages), ProgressDrawTarget::stderr())
     } else {
@@ -601,7 +608,11 @@ async fn run_workload(
     };
     let outcome = workload::run(http, endpoints, &workload, &run_id(), delivery, &tick).await;
     bar.finish_and_clear();
-    Ok(outcome?)
+    let load = LoadAverage {
+        before: load_before,
+        after: stats::load_average(),
+    };
+    Ok((outcome?, load))
 }
 
 #[cfg(test)]

@@ -19,6 +19,23 @@ pub struct Usage {
     pub note: Option<String>,
 }
 
+/// The machine's 1-minute load average (`/proc/loadavg`) around the run:
+/// other load on shared cores skews every figure.
+#[derive(Debug, Clone, Copy)]
+pub struct LoadAverage {
+    pub before: Option<f64>,
+    pub after: Option<f64>,
+}
+
+/// What one run measured, before summarizing.
+pub struct Measured {
+    pub outcome: Outcome,
+    pub usage: Vec<Usage>,
+    /// Wall time of the workload (setup excluded).
+    pub wall: Duration,
+    pub load: LoadAverage,
+}
+
 pub struct BenchReport {
     pub label: String,
     pub mode: String,
@@ -29,6 +46,7 @@ pub struct BenchReport {
     pub probe_latency: Option<LatencySummary>,
     pub usage: Vec<Usage>,
     pub wall: Duration,
+    pub load: LoadAverage,
 }
 
 fn per_second(count: u64, span: Duration) -> f64 {
@@ -63,10 +81,14 @@ impl BenchReport {
         mode: String,
         endpoints: &Endpoints,
         workload: Workload,
-        mut outcome: Outcome,
-        usage: Vec<Usage>,
-        wall: Duration,
+        measured: Measured,
     ) -> BenchReport {
+        let Measured {
+            mut outcome,
+            usage,
+            wall,
+            load,
+        } = measured;
         let latency = summarize(&mut outcome.latencies_us);
         let probe_latency = summarize(&mut outcome.probe_latencies_us);
         BenchReport {
@@ -87,6 +109,7 @@ impl BenchReport {
             probe_latency,
             usage,
             wall,
+            load,
         }
     }
 
@@ -175,6 +198,7 @@ impl BenchReport {
                 "note": u.note,
             })).collect::<Vec<_>>(),
             "wall_s": self.wall.as_secs_f64(),
+            "load_average_1m": { "before": self.load.before, "after": self.load.after },
             "first_error": o.first_error,
         })
     }
@@ -270,6 +294,13 @@ impl BenchReport {
         if let Some(error) = &o.first_error {
             println!("  first error {error}");
         }
+        let load = |l: Option<f64>| l.map(|l| format!("{l:.2}")).unwrap_or_else(|| "?".into());
+        println!(
+            "  machine     1-min load average {} before, {} after ({} CPUs)",
+            load(self.load.before),
+            load(self.load.after),
+            std::thread::available_parallelism().map_or(0, |n| n.get())
+        );
         if o.drain_timed_out {
             println!("  drain       timed out waiting for deliveries");
         }

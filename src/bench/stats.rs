@@ -209,6 +209,15 @@ pub fn parse_stat(stat: &str) -> Option<(String, u64)> {
     Some((comm, utime + stime))
 }
 
+/// The 1-minute load average from `/proc/loadavg`.
+pub fn load_average() -> Option<f64> {
+    parse_load_average(&std::fs::read_to_string("/proc/loadavg").ok()?)
+}
+
+fn parse_load_average(text: &str) -> Option<f64> {
+    text.split_whitespace().next()?.parse().ok()
+}
+
 /// A `kB` field of `/proc/<pid>/status`.
 pub fn status_kib(status: &str, field: &str) -> Option<u64> {
     status.lines().find_map(|line| {
@@ -256,6 +265,16 @@ mod tests {
         assert_eq!(parse_stat(line), Some(("tokio (w) x".to_owned(), 290)));
         assert_eq!(parse_stat("garbage"), None);
         assert_eq!(ticks_to_duration(290), Duration::from_millis(2900));
+    }
+
+    #[test]
+    fn load_average_is_the_first_field() {
+        assert_eq!(
+            parse_load_average("10.96 11.02 8.49 3/812 4242\n"),
+            Some(10.96)
+        );
+        assert_eq!(parse_load_average(""), None);
+        assert!(load_average().is_some());
     }
 
     #[test]
