@@ -169,3 +169,36 @@ proptest! {
         prop_assert!(verify_json(&tampered, "example.org", "ed25519:k1", &ours_key.verifying_key()).is_err());
     }
 }
+
+/// The deliberate difference (see `signing.rs`): with the small-order
+/// identity point as public key, the signature `R = identity, S = 0` passes
+/// ed25519-dalek's non-strict `verify` for every message, which ruma uses.
+/// Our strict check rejects it, as libsodium (Synapse) does.
+#[test]
+fn weak_key_signature_is_rejected_unlike_ruma() {
+    let mut identity = [0u8; 32];
+    identity[0] = 1;
+    let mut forged = [0u8; 64];
+    forged[0] = 1;
+    let weak_key = courier::signing::encode_base64(&identity);
+    let forged_sig = courier::signing::encode_base64(&forged);
+    let value = json!({
+        "anything": "at all",
+        "signatures": {"weak.example": {"ed25519:w": forged_sig}},
+    });
+
+    let verify_key = courier::signing::decode_verify_key(&weak_key).expect("a valid point");
+    assert_eq!(
+        verify_json(&value, "weak.example", "ed25519:w", &verify_key),
+        Err(courier::signing::SigningError::BadSignature)
+    );
+
+    let mut set = BTreeMap::new();
+    set.insert("ed25519:w".to_owned(), Base64::new(identity.to_vec()));
+    let mut keys = PublicKeyMap::new();
+    keys.insert("weak.example".to_owned(), set);
+    assert!(
+        ruma_signatures::verify_json(&keys, &to_ruma_object(&value)).is_ok(),
+        "ruma's non-strict verification accepts the weak-key forgery"
+    );
+}
