@@ -19,12 +19,7 @@ pub struct MatrixError {
 
 impl MatrixError {
     pub fn new(status: StatusCode, errcode: &'static str, message: impl Into<String>) -> Self {
-        MatrixError {
-            status,
-            errcode,
-            message: message.into(),
-            retry_after_secs: None,
-        }
+        MatrixError { status, errcode, message: message.into(), retry_after_secs: None }
     }
 
     pub fn not_json(message: impl Into<String>) -> Self {
@@ -56,46 +51,26 @@ impl MatrixError {
     }
 
     pub fn missing_token() -> Self {
-        Self::new(
-            StatusCode::UNAUTHORIZED,
-            "M_MISSING_TOKEN",
-            "Missing access token",
-        )
+        Self::new(StatusCode::UNAUTHORIZED, "M_MISSING_TOKEN", "Missing access token")
     }
 
     pub fn unknown_token() -> Self {
-        Self::new(
-            StatusCode::UNAUTHORIZED,
-            "M_UNKNOWN_TOKEN",
-            "Unrecognised access token",
-        )
+        Self::new(StatusCode::UNAUTHORIZED, "M_UNKNOWN_TOKEN", "Unrecognised access token")
     }
 
     pub fn limit_exceeded(retry_after_secs: u64) -> Self {
         MatrixError {
             retry_after_secs: Some(retry_after_secs),
-            ..Self::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "M_LIMIT_EXCEEDED",
-                "Too many requests",
-            )
+            ..Self::new(StatusCode::TOO_MANY_REQUESTS, "M_LIMIT_EXCEEDED", "Too many requests")
         }
     }
 
     pub fn not_found() -> Self {
-        Self::new(
-            StatusCode::NOT_FOUND,
-            "M_UNRECOGNIZED",
-            "Unrecognized request",
-        )
+        Self::new(StatusCode::NOT_FOUND, "M_UNRECOGNIZED", "Unrecognized request")
     }
 
     pub fn method_not_allowed() -> Self {
-        Self::new(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "M_UNRECOGNIZED",
-            "Method not allowed",
-        )
+        Self::new(StatusCode::METHOD_NOT_ALLOWED, "M_UNRECOGNIZED", "Method not allowed")
     }
 
     pub fn not_found_resource(message: impl Into<String>) -> Self {
@@ -106,23 +81,13 @@ impl MatrixError {
     /// sees only a generic message.
     pub fn internal(context: &str, cause: &dyn std::fmt::Display) -> Self {
         tracing::error!(context, error = %cause, "internal error");
-        Self::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "M_UNKNOWN",
-            "Internal server error",
-        )
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "M_UNKNOWN", "Internal server error")
     }
 }
 
 impl std::fmt::Display for MatrixError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{} {}: {}",
-            self.status.as_u16(),
-            self.errcode,
-            self.message
-        )
+        write!(f, "{} {}: {}", self.status.as_u16(), self.errcode, self.message)
     }
 }
 

@@ -82,9 +82,7 @@ fn classify_host(hostname: &str) -> Option<Host<'_>> {
     }
     let dns_ok = !hostname.is_empty()
         && hostname.len() <= 255
-        && hostname
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.');
+        && hostname.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.');
     dns_ok.then_some(Host::Dns(hostname))
 }
 
@@ -142,10 +140,7 @@ impl UserId {
             return Err(bad());
         }
         ServerName::parse(&raw[colon + 1..]).map_err(|_| bad())?;
-        Ok(UserId {
-            raw: raw.to_owned(),
-            colon,
-        })
+        Ok(UserId { raw: raw.to_owned(), colon })
     }
 
     pub fn as_str(&self) -> &str {
@@ -185,17 +180,7 @@ mod tests {
         ] {
             assert!(ServerName::parse(ok).is_ok(), "{ok} should parse");
         }
-        for bad in [
-            "",
-            "a:0",
-            "a:65536",
-            "a:",
-            "a b",
-            "[::1",
-            "[zz::1]",
-            "a:1:2",
-            "ex_ample.org",
-        ] {
+        for bad in ["", "a:0", "a:65536", "a:", "a b", "[::1", "[zz::1]", "a:1:2", "ex_ample.org"] {
             assert!(ServerName::parse(bad).is_err(), "{bad} should not parse");
         }
     }

@@ -9,10 +9,7 @@ use serde_json::Value;
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
     #[error("cannot read key file {path}: {source}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
+    Io { path: String, source: std::io::Error },
     #[error("key file {path} is malformed: {reason}")]
     Malformed { path: String, reason: String },
 }

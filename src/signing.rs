@@ -33,11 +33,7 @@ pub fn decode_base64(text: &str) -> Result<Vec<u8>, SigningError> {
 }
 
 /// Signs `value` in place as `entity` (merging into existing `signatures`).
-pub fn sign_json(
-    value: &mut Value,
-    entity: &str,
-    key: &ServerSigningKey,
-) -> Result<(), SigningError> {
+pub fn sign_json(value: &mut Value, entity: &str, key: &ServerSigningKey) -> Result<(), SigningError> {
     let _ = (value, entity, key);
     todo!("crypto helper")
 }

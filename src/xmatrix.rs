@@ -52,10 +52,7 @@ pub struct RequestToSign<'a> {
 }
 
 /// Signs a request; returns the header to send.
-pub fn sign_request(
-    key: &ServerSigningKey,
-    request: &RequestToSign<'_>,
-) -> Result<XMatrix, XMatrixError> {
+pub fn sign_request(key: &ServerSigningKey, request: &RequestToSign<'_>) -> Result<XMatrix, XMatrixError> {
     let _ = (key, request);
     todo!("crypto helper")
 }
