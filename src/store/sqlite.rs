@@ -7,7 +7,8 @@
 //! `spawn_blocking`. No rusqlite call ever runs on a tokio worker thread.
 //! The database is in WAL mode with `synchronous=FULL`, so a write future
 //! resolves only after its commit is durable. The SQL of each operation is in
-//! `sqlite/ops.rs`; the schema is in `migrations/sqlite/*.sql`.
+//! `sqlite/devices.rs`, `sqlite/inbox.rs`,
+//! `sqlite/outbox.rs` and `sqlite/maintenance.rs`; the schema is in `migrations/sqlite/*.sql`.
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -24,7 +25,10 @@ use crate::store::{
     StoreFuture, StoredServerKey, TimestampMs,
 };
 
-mod ops;
+mod devices;
+mod inbox;
+mod maintenance;
+mod outbox;
 mod schema;
 mod writer;
 
@@ -254,30 +258,32 @@ impl Store for SqliteStore {
     ) -> StoreFuture<'a, ()> {
         let (user_id, device_id) = (user_id.to_owned(), device_id.to_owned());
         let token = access_token.map(str::to_owned);
-        Box::pin(self.write(move |c| ops::upsert_device(c, &user_id, &device_id, token.as_deref())))
+        Box::pin(
+            self.write(move |c| devices::upsert_device(c, &user_id, &device_id, token.as_deref())),
+        )
     }
 
     fn delete_device<'a>(&'a self, user_id: &'a str, device_id: &'a str) -> StoreFuture<'a, bool> {
         let (user_id, device_id) = (user_id.to_owned(), device_id.to_owned());
-        Box::pin(self.write(move |c| ops::delete_device(c, &user_id, &device_id)))
+        Box::pin(self.write(move |c| devices::delete_device(c, &user_id, &device_id)))
     }
 
     fn list_devices<'a>(&'a self, user_id: &'a str) -> StoreFuture<'a, Vec<String>> {
         let user_id = user_id.to_owned();
-        Box::pin(self.read(move |c| ops::list_devices(c, &user_id)))
+        Box::pin(self.read(move |c| devices::list_devices(c, &user_id)))
     }
 
     fn lookup_token<'a>(&'a self, access_token: &'a str) -> StoreFuture<'a, Option<DeviceKey>> {
         let token = access_token.to_owned();
-        Box::pin(self.read(move |c| ops::lookup_token(c, &token)))
+        Box::pin(self.read(move |c| devices::lookup_token(c, &token)))
     }
 
     fn enqueue_send(&self, batch: SendBatch) -> StoreFuture<'_, SendOutcome> {
-        Box::pin(self.write(move |c| ops::enqueue_send(c, &batch)))
+        Box::pin(self.write(move |c| inbox::enqueue_send(c, &batch)))
     }
 
     fn apply_inbound_txn(&self, txn: InboundTxn) -> StoreFuture<'_, InboundOutcome> {
-        Box::pin(self.write(move |c| ops::apply_inbound_txn(c, &txn)))
+        Box::pin(self.write(move |c| inbox::apply_inbound_txn(c, &txn)))
     }
 
     fn inbound_txn_response<'a>(
@@ -286,7 +292,7 @@ impl Store for SqliteStore {
         txn_id: &'a str,
     ) -> StoreFuture<'a, Option<String>> {
         let (origin, txn_id) = (origin.to_owned(), txn_id.to_owned());
-        Box::pin(self.read(move |c| ops::inbound_txn_response(c, &origin, &txn_id)))
+        Box::pin(self.read(move |c| inbox::inbound_txn_response(c, &origin, &txn_id)))
     }
 
     fn fetch_inbox<'a>(
@@ -303,10 +309,10 @@ impl Store for SqliteStore {
             let (u, d) = (user_id.clone(), device_id.clone());
             let first = self
                 .read(move |c| {
-                    if ops::inbox_has_acked(c, &u, &d, since)? {
+                    if inbox::inbox_has_acked(c, &u, &d, since)? {
                         Ok(InboxRead::NeedsDelete)
                     } else {
-                        Ok(InboxRead::Page(ops::inbox_page(c, &u, &d, since, limit)?))
+                        Ok(InboxRead::Page(inbox::inbox_page(c, &u, &d, since, limit)?))
                     }
                 })
                 .await?;
@@ -314,8 +320,8 @@ impl Store for SqliteStore {
                 InboxRead::Page(page) => Ok(page),
                 InboxRead::NeedsDelete => {
                     self.write(move |c| {
-                        ops::delete_acked(c, &user_id, &device_id, since)?;
-                        ops::inbox_page(c, &user_id, &device_id, since, limit)
+                        inbox::delete_acked(c, &user_id, &device_id, since)?;
+                        inbox::inbox_page(c, &user_id, &device_id, since, limit)
                     })
                     .await
                 }
@@ -325,7 +331,7 @@ impl Store for SqliteStore {
 
     fn in_flight<'a>(&'a self, destination: &'a str) -> StoreFuture<'a, Option<InFlightTxn>> {
         let destination = destination.to_owned();
-        Box::pin(self.read(move |c| ops::in_flight(c, &destination)))
+        Box::pin(self.read(move |c| outbox::in_flight(c, &destination)))
     }
 
     fn peek_outbox<'a>(
@@ -335,11 +341,11 @@ impl Store for SqliteStore {
         max_bytes: u64,
     ) -> StoreFuture<'a, Vec<OutboxEdu>> {
         let destination = destination.to_owned();
-        Box::pin(self.read(move |c| ops::peek_outbox(c, &destination, max_edus, max_bytes)))
+        Box::pin(self.read(move |c| outbox::peek_outbox(c, &destination, max_edus, max_bytes)))
     }
 
     fn begin_txn(&self, txn: InFlightTxn) -> StoreFuture<'_, ()> {
-        Box::pin(self.write(move |c| ops::begin_txn(c, &txn)))
+        Box::pin(self.write(move |c| outbox::begin_txn(c, &txn)))
     }
 
     fn ack_txn<'a>(
@@ -349,12 +355,12 @@ impl Store for SqliteStore {
         now_ms: TimestampMs,
     ) -> StoreFuture<'a, ()> {
         let (destination, txn_id) = (destination.to_owned(), txn_id.to_owned());
-        Box::pin(self.write(move |c| ops::ack_txn(c, &destination, &txn_id, now_ms)))
+        Box::pin(self.write(move |c| outbox::ack_txn(c, &destination, &txn_id, now_ms)))
     }
 
     fn refuse_txn<'a>(&'a self, destination: &'a str, txn_id: &'a str) -> StoreFuture<'a, ()> {
         let (destination, txn_id) = (destination.to_owned(), txn_id.to_owned());
-        Box::pin(self.write(move |c| ops::refuse_txn(c, &destination, &txn_id)))
+        Box::pin(self.write(move |c| outbox::refuse_txn(c, &destination, &txn_id)))
     }
 
     fn quarantine_edu<'a>(
@@ -365,7 +371,7 @@ impl Store for SqliteStore {
         now_ms: TimestampMs,
     ) -> StoreFuture<'a, ()> {
         let (destination, reason) = (destination.to_owned(), reason.to_owned());
-        Box::pin(self.write(move |c| ops::quarantine_edu(c, &destination, seq, &reason, now_ms)))
+        Box::pin(self.write(move |c| outbox::quarantine_edu(c, &destination, seq, &reason, now_ms)))
     }
 
     fn list_quarantined<'a>(
@@ -373,7 +379,7 @@ impl Store for SqliteStore {
         destination: Option<&'a str>,
     ) -> StoreFuture<'a, Vec<QuarantinedEdu>> {
         let destination = destination.map(str::to_owned);
-        Box::pin(self.read(move |c| ops::list_quarantined(c, destination.as_deref())))
+        Box::pin(self.read(move |c| outbox::list_quarantined(c, destination.as_deref())))
     }
 
     fn release_quarantined<'a>(
@@ -383,12 +389,12 @@ impl Store for SqliteStore {
         requeue: bool,
     ) -> StoreFuture<'a, bool> {
         let destination = destination.to_owned();
-        Box::pin(self.write(move |c| ops::release_quarantined(c, &destination, seq, requeue)))
+        Box::pin(self.write(move |c| outbox::release_quarantined(c, &destination, seq, requeue)))
     }
 
     fn retry_state<'a>(&'a self, destination: &'a str) -> StoreFuture<'a, RetryState> {
         let destination = destination.to_owned();
-        Box::pin(self.read(move |c| ops::retry_state(c, &destination)))
+        Box::pin(self.read(move |c| outbox::retry_state(c, &destination)))
     }
 
     fn set_retry_state<'a>(
@@ -397,24 +403,24 @@ impl Store for SqliteStore {
         state: &'a RetryState,
     ) -> StoreFuture<'a, ()> {
         let (destination, state) = (destination.to_owned(), state.clone());
-        Box::pin(self.write(move |c| ops::set_retry_state(c, &destination, &state)))
+        Box::pin(self.write(move |c| outbox::set_retry_state(c, &destination, &state)))
     }
 
     fn destinations_with_pending(&self) -> StoreFuture<'_, Vec<String>> {
-        Box::pin(self.read(ops::destinations_with_pending))
+        Box::pin(self.read(outbox::destinations_with_pending))
     }
 
     fn destination_statuses(&self) -> StoreFuture<'_, Vec<DestinationStatus>> {
-        Box::pin(self.read(ops::destination_statuses))
+        Box::pin(self.read(outbox::destination_statuses))
     }
 
     fn server_keys<'a>(&'a self, server_name: &'a str) -> StoreFuture<'a, Vec<StoredServerKey>> {
         let server_name = server_name.to_owned();
-        Box::pin(self.read(move |c| ops::server_keys(c, &server_name)))
+        Box::pin(self.read(move |c| maintenance::server_keys(c, &server_name)))
     }
 
     fn put_server_keys(&self, keys: Vec<StoredServerKey>) -> StoreFuture<'_, ()> {
-        Box::pin(self.write(move |c| ops::put_server_keys(c, &keys)))
+        Box::pin(self.write(move |c| maintenance::put_server_keys(c, &keys)))
     }
 
     fn prune(
@@ -423,6 +429,6 @@ impl Store for SqliteStore {
         retention: Retention,
         batch: u32,
     ) -> StoreFuture<'_, PruneReport> {
-        Box::pin(self.write(move |c| ops::prune(c, now_ms, retention, batch)))
+        Box::pin(self.write(move |c| maintenance::prune(c, now_ms, retention, batch)))
     }
 }

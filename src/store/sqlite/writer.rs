@@ -4,7 +4,7 @@
 //! of them in ONE `BEGIN IMMEDIATE` transaction, each inside its own
 //! SAVEPOINT (a failing job rolls back alone and gets its own error), commits
 //! once (one fsync), and only then answers every caller. Nothing here knows
-//! what a job does; the SQL lives in `ops.rs`.
+//! what a job does; the SQL lives in the sibling modules.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
