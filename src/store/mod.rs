@@ -404,4 +404,11 @@ pub trait Store: Send + Sync + 'static {
         retention: Retention,
         batch: u32,
     ) -> StoreFuture<'_, PruneReport>;
+
+    /// Finishes queued writes and stops the backend's background work (for a
+    /// clean shutdown). Later writes may fail with `StoreError::Closed`.
+    /// Backends without background work keep the default, which does nothing.
+    fn close(&self) -> StoreFuture<'_, ()> {
+        Box::pin(async { Ok(()) })
+    }
 }

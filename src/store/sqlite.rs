@@ -431,4 +431,8 @@ impl Store for SqliteStore {
     ) -> StoreFuture<'_, PruneReport> {
         Box::pin(self.write(move |c| maintenance::prune(c, now_ms, retention, batch)))
     }
+
+    fn close(&self) -> StoreFuture<'_, ()> {
+        Box::pin(SqliteStore::close(self))
+    }
 }

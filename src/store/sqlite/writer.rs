@@ -6,6 +6,7 @@
 //! once (one fsync), and only then answers every caller. Nothing here knows
 //! what a job does; the SQL lives in the sibling modules.
 
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
@@ -176,7 +177,13 @@ impl Writer {
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
         for job in batch.iter_mut() {
             tx.prepare_cached("SAVEPOINT job")?.execute([])?;
-            if job.run(&tx) {
+            // A panicking job must not take the writer thread (and with it
+            // every later write) down: it fails alone, like an error.
+            let ran = std::panic::catch_unwind(AssertUnwindSafe(|| job.run(&tx)));
+            if ran.unwrap_or_else(|_| {
+                tracing::error!("sqlite write job panicked; rolled back alone");
+                false
+            }) {
                 tx.prepare_cached("RELEASE job")?.execute([])?;
             } else {
                 // A failed statement normally leaves the transaction open;
