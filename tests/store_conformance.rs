@@ -236,3 +236,38 @@ async fn a_failing_write_rolls_back_alone() {
         .expect("fetch");
     assert_eq!(page.messages.len(), 49);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_fetches_stay_off_the_writer() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = SqliteStore::open(&dir.path().join("courier.db"))
+        .await
+        .expect("open");
+    store
+        .upsert_device("@a:x", "A", None)
+        .await
+        .expect("device");
+    store
+        .enqueue_send(send("t1", "@a:x", "A", 1))
+        .await
+        .expect("send");
+    let page = store.fetch_inbox("@a:x", "A", 0, 10).await.expect("fetch");
+    let before = store.write_count();
+    // Re-reading without acknowledging anything needs no write.
+    store.fetch_inbox("@a:x", "A", 0, 10).await.expect("fetch");
+    assert_eq!(store.write_count(), before);
+    // The acknowledgement is one write...
+    store
+        .fetch_inbox("@a:x", "A", page.next_batch, 10)
+        .await
+        .expect("ack");
+    assert_eq!(store.write_count(), before + 1);
+    // ...and the idle long-poll after it none.
+    for _ in 0..5 {
+        store
+            .fetch_inbox("@a:x", "A", page.next_batch, 10)
+            .await
+            .expect("idle");
+    }
+    assert_eq!(store.write_count(), before + 1);
+}
