@@ -7,8 +7,12 @@
 //! `spawn_blocking`. No rusqlite call ever runs on a tokio worker thread.
 //! The database is in WAL mode with `synchronous=FULL`, so a write future
 //! resolves only after its commit is durable. The SQL of each operation is in
-//! `sqlite/devices.rs`, `sqlite/inbox.rs`,
-//! `sqlite/outbox.rs` and `sqlite/maintenance.rs`; the schema is in `migrations/sqlite/*.sql`.
+//! `sqlite/devices.rs`, `sqlite/inbox.rs`, `sqlite/outbox.rs` and
+//! `sqlite/maintenance.rs`; the schema is in `migrations/sqlite/*.sql`.
+//!
+//! Not here: deciding what to write (`todevice`), waking long-polls or
+//! destination tasks (callers do that with the returned outcomes), and any
+//! periodic pruning schedule (the caller runs `prune`).
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
