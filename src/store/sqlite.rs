@@ -16,7 +16,7 @@
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
 
@@ -74,6 +74,8 @@ struct Inner {
     stats: Arc<WriterStats>,
     readers: Mutex<Vec<Connection>>,
     reader_permits: Arc<Semaphore>,
+    /// Where the next prune pass continues its orphan-row scan (stream id).
+    orphan_cursor: AtomicI64,
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -150,6 +152,7 @@ impl SqliteStore {
                 stats,
                 readers: Mutex::new(readers),
                 reader_permits: Arc::new(Semaphore::new(count)),
+                orphan_cursor: AtomicI64::new(0),
             }),
         })
     }
@@ -433,7 +436,12 @@ impl Store for SqliteStore {
         retention: Retention,
         batch: u32,
     ) -> StoreFuture<'_, PruneReport> {
-        Box::pin(self.write(move |c| maintenance::prune(c, now_ms, retention, batch)))
+        let inner = self.inner.clone();
+        Box::pin(
+            self.write(move |c| {
+                maintenance::prune(c, now_ms, retention, batch, &inner.orphan_cursor)
+            }),
+        )
     }
 
     fn close(&self) -> StoreFuture<'_, ()> {
