@@ -14,6 +14,7 @@ pub mod keys;
 pub mod metrics;
 pub mod notify;
 pub mod rpc;
+pub mod rpc_client;
 pub mod server;
 pub mod signing;
 pub mod state;
