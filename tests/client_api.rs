@@ -287,7 +287,9 @@ async fn bad_input_gets_its_errcode_and_changes_nothing() {
     let good = json!({ "messages": { bob.clone(): { "B": { "k": 1 } } } }).to_string();
     let big =
         json!({ "messages": { bob.clone(): { "B": { "k": "x".repeat(70_000) } } } }).to_string();
-    let cases: Vec<(&str, String, Option<&str>, String, u16, &str)> = vec![
+    // (name, url, bearer token, body, status, errcode)
+    type Case<'a> = (&'a str, String, Option<&'a str>, String, u16, &'a str);
+    let cases: Vec<Case> = vec![
         (
             "no token",
             url("a"),
