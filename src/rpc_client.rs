@@ -1,133 +1,34 @@
 //! A small HTTP client for Courier's internal RPC (docs/rpc.md), used by the
 //! `courier send` and `courier status` commands and by tests. Plain HTTP
-//! over hyper-util's pooled client; JSON in, JSON out; a non-2xx answer
+//! through `plain_http::JsonClient`; JSON in, JSON out; a non-2xx answer
 //! becomes `RpcClientError::Matrix` with the errcode the relay sent. It does
 //! not speak TLS: the RPC listener is meant for loopback or a private
 //! network.
 
 use std::time::Duration;
 
-use axum::body::Bytes;
-use http::{Method, Request, StatusCode, header};
-use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
-use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use serde_json::{Value, json};
 
+use crate::plain_http::{HttpError, JsonClient, encode_segment as segment};
 use crate::rpc::{DestinationRow, DestinationsResponse};
 
-/// Characters left as they are in a path segment: unreserved, `@` and `:`
-/// (so user IDs stay readable). Everything else is percent-encoded.
-const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
-    .remove(b'-')
-    .remove(b'.')
-    .remove(b'_')
-    .remove(b'~')
-    .remove(b'@')
-    .remove(b':');
-
-/// How long one RPC call may take unless the caller says otherwise.
-const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long one RPC call may take.
+const TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum RpcClientError {
-    #[error("invalid URL {0:?}")]
+    #[error("invalid RPC URL {0:?} (want http://host:port)")]
     BadUrl(String),
-    #[error("request failed: {0}")]
-    Http(#[from] hyper_util::client::legacy::Error),
-    #[error("reading the response failed: {0}")]
-    Body(#[from] hyper::Error),
-    #[error("the request timed out")]
-    Timeout,
+    #[error(transparent)]
+    Http(#[from] HttpError),
     #[error("the relay answered {status}: {errcode}: {error}")]
     Matrix {
-        status: StatusCode,
+        status: u16,
         errcode: String,
         error: String,
     },
     #[error("unexpected response ({status}): {detail}")]
-    BadResponse { status: StatusCode, detail: String },
-}
-
-/// A status and raw body, for callers that check errors themselves.
-#[derive(Debug, Clone)]
-pub struct RawResponse {
-    pub status: StatusCode,
-    pub content_type: Option<String>,
-    pub body: Bytes,
-}
-
-impl RawResponse {
-    /// The body as JSON (`Value::Null` if it is not JSON).
-    pub fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap_or(Value::Null)
-    }
-}
-
-/// A pooled plain-HTTP client that speaks JSON with an optional bearer token.
-#[derive(Clone)]
-pub struct HttpJsonClient {
-    http: Client<HttpConnector, Full<Bytes>>,
-}
-
-impl Default for HttpJsonClient {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl HttpJsonClient {
-    pub fn new() -> Self {
-        HttpJsonClient {
-            http: Client::builder(TokioExecutor::new()).build_http(),
-        }
-    }
-
-    /// Sends one request and returns whatever came back, within `timeout`.
-    pub async fn call(
-        &self,
-        method: Method,
-        url: &str,
-        bearer: Option<&str>,
-        body: Option<Vec<u8>>,
-        timeout: Duration,
-    ) -> Result<RawResponse, RpcClientError> {
-        let mut request = Request::builder().method(method).uri(url);
-        if let Some(token) = bearer {
-            request = request.header(header::AUTHORIZATION, format!("Bearer {token}"));
-        }
-        if body.is_some() {
-            request = request.header(header::CONTENT_TYPE, "application/json");
-        }
-        let request = request
-            .body(Full::new(Bytes::from(body.unwrap_or_default())))
-            .map_err(|_| RpcClientError::BadUrl(url.to_owned()))?;
-        let exchange = async {
-            let response = self.http.request(request).await?;
-            let status = response.status();
-            let content_type = response
-                .headers()
-                .get(header::CONTENT_TYPE)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned);
-            let body = response.into_body().collect().await?.to_bytes();
-            Ok::<_, RpcClientError>(RawResponse {
-                status,
-                content_type,
-                body,
-            })
-        };
-        tokio::time::timeout(timeout, exchange)
-            .await
-            .map_err(|_| RpcClientError::Timeout)?
-    }
-}
-
-/// Percent-encodes one path segment.
-pub fn segment(raw: &str) -> String {
-    utf8_percent_encode(raw, SEGMENT).to_string()
+    BadResponse { status: u16, detail: String },
 }
 
 /// A client for one relay's RPC listener.
@@ -135,14 +36,14 @@ pub fn segment(raw: &str) -> String {
 pub struct RpcClient {
     base: String,
     secret: String,
-    http: HttpJsonClient,
+    http: JsonClient,
 }
 
 impl RpcClient {
     /// `base_url` like `http://127.0.0.1:8009` (no path).
     pub fn new(base_url: &str, secret: &str) -> Result<Self, RpcClientError> {
         let base = base_url.trim_end_matches('/').to_owned();
-        let uri: http::Uri = base
+        let uri: hyper::Uri = base
             .parse()
             .map_err(|_| RpcClientError::BadUrl(base_url.to_owned()))?;
         if uri.scheme_str() != Some("http") || uri.authority().is_none() {
@@ -151,46 +52,45 @@ impl RpcClient {
         Ok(RpcClient {
             base,
             secret: secret.to_owned(),
-            http: HttpJsonClient::new(),
+            http: JsonClient::new(TIMEOUT),
         })
     }
 
     /// One authenticated call; a non-2xx answer becomes an error.
     pub async fn request(
         &self,
-        method: Method,
+        method: &str,
         path_and_query: &str,
         body: Option<&Value>,
-        timeout: Duration,
     ) -> Result<Value, RpcClientError> {
         let url = format!("{}{}", self.base, path_and_query);
-        let body = body.map(|b| b.to_string().into_bytes());
         let response = self
             .http
-            .call(method, &url, Some(&self.secret), body, timeout)
+            .request(method, &url, Some(&self.secret), body)
             .await?;
-        let value: Option<Value> = serde_json::from_slice(&response.body).ok();
-        if response.status.is_success() {
-            return value.ok_or_else(|| RpcClientError::BadResponse {
-                status: response.status,
-                detail: "the body is not JSON".to_owned(),
-            });
-        }
-        match value {
-            Some(Value::Object(error)) if error.get("errcode").is_some() => {
-                Err(RpcClientError::Matrix {
+        if (200..300).contains(&response.status) {
+            return match response.body {
+                Value::Null => Err(RpcClientError::BadResponse {
                     status: response.status,
-                    errcode: error["errcode"].as_str().unwrap_or_default().to_owned(),
-                    error: error
-                        .get("error")
-                        .and_then(Value::as_str)
-                        .unwrap_or_default()
-                        .to_owned(),
-                })
-            }
-            _ => Err(RpcClientError::BadResponse {
+                    detail: "the body is not JSON".to_owned(),
+                }),
+                body => Ok(body),
+            };
+        }
+        match response.body.get("errcode").and_then(Value::as_str) {
+            Some(errcode) => Err(RpcClientError::Matrix {
                 status: response.status,
-                detail: String::from_utf8_lossy(&response.body).into_owned(),
+                errcode: errcode.to_owned(),
+                error: response
+                    .body
+                    .get("error")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_owned(),
+            }),
+            None => Err(RpcClientError::BadResponse {
+                status: response.status,
+                detail: response.body.to_string(),
             }),
         }
     }
@@ -209,14 +109,9 @@ impl RpcClient {
             "txn_id": txn_id,
             "messages": messages,
         });
-        self.request(
-            Method::POST,
-            "/_courier/v1/send_to_device",
-            Some(&body),
-            DEFAULT_TIMEOUT,
-        )
-        .await
-        .map(drop)
+        self.request("POST", "/_courier/v1/send_to_device", Some(&body))
+            .await
+            .map(drop)
     }
 
     /// `PUT /_courier/v1/devices/{userId}/{deviceId}`.
@@ -235,9 +130,7 @@ impl RpcClient {
             Some(token) => json!({ "access_token": token }),
             None => json!({}),
         };
-        self.request(Method::PUT, &path, Some(&body), DEFAULT_TIMEOUT)
-            .await
-            .map(drop)
+        self.request("PUT", &path, Some(&body)).await.map(drop)
     }
 
     /// `DELETE /_courier/v1/devices/{userId}/{deviceId}`.
@@ -251,21 +144,17 @@ impl RpcClient {
             segment(user_id),
             segment(device_id)
         );
-        self.request(Method::DELETE, &path, None, DEFAULT_TIMEOUT)
-            .await
-            .map(drop)
+        self.request("DELETE", &path, None).await.map(drop)
     }
 
     /// `GET /_courier/v1/devices/{userId}`.
     pub async fn list_devices(&self, user_id: &str) -> Result<Vec<String>, RpcClientError> {
         let path = format!("/_courier/v1/devices/{}", segment(user_id));
-        let value = self
-            .request(Method::GET, &path, None, DEFAULT_TIMEOUT)
-            .await?;
+        let value = self.request("GET", &path, None).await?;
         serde_json::from_value::<DevicesBody>(value)
             .map(|body| body.devices)
             .map_err(|error| RpcClientError::BadResponse {
-                status: StatusCode::OK,
+                status: 200,
                 detail: error.to_string(),
             })
     }
@@ -273,17 +162,12 @@ impl RpcClient {
     /// `GET /_courier/v1/destinations`.
     pub async fn destinations(&self) -> Result<Vec<DestinationRow>, RpcClientError> {
         let value = self
-            .request(
-                Method::GET,
-                "/_courier/v1/destinations",
-                None,
-                DEFAULT_TIMEOUT,
-            )
+            .request("GET", "/_courier/v1/destinations", None)
             .await?;
         serde_json::from_value::<DestinationsResponse>(value)
             .map(|body| body.destinations)
             .map_err(|error| RpcClientError::BadResponse {
-                status: StatusCode::OK,
+                status: 200,
                 detail: error.to_string(),
             })
     }
@@ -291,7 +175,7 @@ impl RpcClient {
     /// `POST /_courier/v1/destinations/{destination}/wake`.
     pub async fn wake_destination(&self, destination: &str) -> Result<(), RpcClientError> {
         let path = format!("/_courier/v1/destinations/{}/wake", segment(destination));
-        self.request(Method::POST, &path, Some(&json!({})), DEFAULT_TIMEOUT)
+        self.request("POST", &path, Some(&json!({})))
             .await
             .map(drop)
     }
@@ -377,16 +261,6 @@ struct DevicesBody {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn segments_keep_user_ids_readable_and_escape_the_rest() {
-        assert_eq!(segment("@alice:example.org"), "@alice:example.org");
-        assert_eq!(segment("A/B C?#%"), "A%2FB%20C%3F%23%25");
-        assert_eq!(
-            segment("[::1]:8448"),
-            "%5B%3A%3A1%5D%3A8448".replace("%3A", ":")
-        );
-    }
 
     #[test]
     fn recipients_split_at_the_last_slash() {

@@ -120,7 +120,7 @@ async fn devices_register_list_and_delete_with_their_inbox_and_token() {
         .register_device("@bob:elsewhere.example", "X", None)
         .await;
     assert!(
-        matches!(&remote, Err(RpcClientError::Matrix { status, .. }) if status.as_u16() == 400),
+        matches!(&remote, Err(RpcClientError::Matrix { status, .. }) if *status == 400),
         "{remote:?}"
     );
     let bad_token = relay
@@ -160,7 +160,7 @@ async fn devices_register_list_and_delete_with_their_inbox_and_token() {
     let again = client.delete_device(&alice, "D1").await;
     assert!(
         matches!(&again, Err(RpcClientError::Matrix { status, errcode, .. })
-            if status.as_u16() == 404 && errcode == "M_NOT_FOUND"),
+            if *status == 404 && errcode == "M_NOT_FOUND"),
         "{again:?}"
     );
     let r = relay.http.get(&whoami_url, Some("tok_d1")).await;
@@ -392,7 +392,7 @@ async fn destinations_are_listed_and_woken_and_metrics_render() {
     client.wake_destination("127.0.0.1:1").await.expect("wake");
     let bad = client.wake_destination("not a server").await;
     assert!(
-        matches!(&bad, Err(RpcClientError::Matrix { status, .. }) if status.as_u16() == 400),
+        matches!(&bad, Err(RpcClientError::Matrix { status, .. }) if *status == 400),
         "{bad:?}"
     );
 
