@@ -166,6 +166,54 @@ mod tests {
         assert_eq!(bearer_token(&headers), None);
     }
 
+    /// A body over the configured limit becomes `413 M_TOO_LARGE`, and bad
+    /// JSON `M_NOT_JSON`, never axum's plain-text rejection.
+    #[tokio::test]
+    async fn body_rejections_become_matrix_errors() {
+        use axum::extract::DefaultBodyLimit;
+        use tower::ServiceExt;
+
+        async fn echo(body: Result<Bytes, BytesRejection>) -> Result<String, MatrixError> {
+            json_object(body, false).map(|object| Value::Object(object).to_string())
+        }
+        let app = axum::Router::new()
+            .route("/", axum::routing::put(echo))
+            .layer(DefaultBodyLimit::max(64));
+        let call = |body: String| {
+            let app = app.clone();
+            async move {
+                let response = app
+                    .oneshot(
+                        axum::http::Request::put("/")
+                            .body(axum::body::Body::from(body))
+                            .expect("request"),
+                    )
+                    .await
+                    .expect("infallible");
+                let status = response.status();
+                let bytes = axum::body::to_bytes(response.into_body(), 1 << 16)
+                    .await
+                    .expect("body");
+                (
+                    status,
+                    serde_json::from_slice::<Value>(&bytes).unwrap_or(Value::Null),
+                )
+            }
+        };
+        let (status, body) = call(r#"{"a":1}"#.to_owned()).await;
+        assert_eq!(
+            (status, body),
+            (StatusCode::OK, serde_json::json!({"a": 1}))
+        );
+        let long = format!("{{\"a\":\"{}\"}}", "x".repeat(100));
+        let (status, body) = call(long).await;
+        assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(body["errcode"], "M_TOO_LARGE");
+        let (status, body) = call("{oops".to_owned()).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_eq!(body["errcode"], "M_NOT_JSON");
+    }
+
     #[test]
     fn events_embed_stored_content() {
         let mut out = String::new();
