@@ -257,10 +257,13 @@ async fn get_inbox_route(
     if limit == 0 || limit > u64::from(MAX_EVENTS_PER_SYNC) {
         return Err(MatrixError::invalid_param("limit must be 1 to 100"));
     }
-    let timeout = Duration::from_millis(
-        extract::int_param("timeout", params.timeout.as_deref())?.unwrap_or(0),
-    )
-    .min(state.config.client.max_sync_timeout);
+    let timeout_ms = extract::int_param("timeout", params.timeout.as_deref())?.unwrap_or(0);
+    // As for /sync: without since, answer at once.
+    let timeout = if params.since.is_none() {
+        Duration::ZERO
+    } else {
+        Duration::from_millis(timeout_ms).min(state.config.client.max_sync_timeout)
+    };
     let device = DeviceKey { user_id, device_id };
     let page = state
         .todevice

@@ -332,10 +332,13 @@ async fn an_inbox_long_poll_wakes_on_a_new_message() {
         .register_device(&bob, "B", None)
         .await
         .expect("register");
+    let initial = inbox(&relay, &bob, "B", "timeout=10000").await;
+    assert_eq!(initial["events"], json!([]), "no since: answered at once");
     let url = format!(
-        "{}/_courier/v1/inbox/{}/B?timeout=10000",
+        "{}/_courier/v1/inbox/{}/B?timeout=10000&since={}",
         relay.rpc_url,
-        encode(&bob)
+        encode(&bob),
+        initial["next_batch"].as_str().expect("token")
     );
     let secret = relay.rpc_secret.clone();
     let http = support::http::HttpClient::new();

@@ -132,8 +132,9 @@ async fn get_sync_route(
     let timeout_ms = extract::int_param("timeout", params.timeout.as_deref())
         .map_err(|e| refused(e, user_id))?
         .unwrap_or(0);
+    // An initial sync (no since) and full_state answer at once (SPEC §1.3).
     let full_state = params.full_state.as_deref() == Some("true");
-    let timeout = if full_state {
+    let timeout = if full_state || params.since.is_none() {
         Duration::ZERO
     } else {
         Duration::from_millis(timeout_ms).min(state.config.client.max_sync_timeout)
