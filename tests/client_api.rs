@@ -370,6 +370,14 @@ async fn bad_input_gets_its_errcode_and_changes_nothing() {
             413,
             "M_TOO_LARGE",
         ),
+        (
+            "content with a float (no canonical JSON)",
+            url("l"),
+            Some(&sender_tok),
+            json!({"messages": { bob.clone(): { "B": { "f": 1.5 } } }}).to_string(),
+            400,
+            "M_BAD_JSON",
+        ),
     ];
     for (name, url, token, body, status, errcode) in &cases {
         let r = relay
