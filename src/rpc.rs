@@ -1,7 +1,7 @@
 //! The homeserver's internal API and `/metrics` on the `[rpc]` listener
-//! (docs/rpc.md documents every route). Every request, `/metrics` included,
-//! must carry `Authorization: Bearer <rpc.secret>`, compared in constant
-//! time by one middleware layer. Handlers parse their input into domain
+//! (docs/rpc.md documents every route). Every route, `/metrics` included,
+//! requires `Authorization: Bearer <rpc.secret>`, compared in constant
+//! time by one middleware layer (an unknown path is a 404 without it). Handlers parse their input into domain
 //! calls on the store, `todevice` and the sender handle; this module holds
 //! no state and no SQL, and never serves clients (no access tokens here).
 
@@ -76,12 +76,13 @@ pub fn router(state: AppState) -> Router {
             post(post_destination_wake_route),
         )
         .route("/metrics", get(get_metrics_route))
-        .fallback(crate::error::unrecognized_route)
-        .method_not_allowed_fallback(crate::error::method_not_allowed_route)
-        .layer(middleware::from_fn_with_state(
+        // Every route needs the secret; an unknown path is a plain 404.
+        .route_layer(middleware::from_fn_with_state(
             state.clone(),
             require_secret,
         ))
+        .fallback(crate::error::unrecognized_route)
+        .method_not_allowed_fallback(crate::error::method_not_allowed_route)
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(state)
 }

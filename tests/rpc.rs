@@ -68,7 +68,16 @@ async fn every_route_requires_the_secret() {
         .get(&format!("{}/metrics", relay.rpc_url), Some("test-rpc"))
         .await;
     assert_eq!(r.status, 401);
-    // With the secret: unknown routes and methods are Matrix errors.
+    // Unknown paths (even without the secret) and wrong methods are Matrix
+    // errors.
+    let r = relay
+        .http
+        .get(&format!("{}/_courier/v1/nope", relay.rpc_url), None)
+        .await;
+    assert_eq!(
+        (r.status, r.json["errcode"].as_str()),
+        (404, Some("M_UNRECOGNIZED"))
+    );
     let r = relay
         .http
         .get(
