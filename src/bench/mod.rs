@@ -110,6 +110,13 @@ pub struct BenchArgs {
     /// measure the catch-up.
     #[arg(long, requires = "destinations")]
     pub catch_up: bool,
+    /// With --destinations: the sink serves one request per connection
+    /// (HTTP/1.1, no keep-alive), so relay A holds no idle connection per
+    /// destination; needed for thousands of destinations in one process
+    /// under a 20,000 file-descriptor limit. Costs A a TLS handshake per
+    /// transaction.
+    #[arg(long, requires = "destinations")]
+    pub sink_no_keepalive: bool,
     /// In-process mode: worker threads of each relay's runtime.
     #[arg(long, default_value_t = 2)]
     pub relay_threads: usize,
@@ -335,6 +342,7 @@ async fn drive_in_process(
                 destinations,
                 &config.federation.tls_cert,
                 &config.federation.tls_key,
+                args.sink_no_keepalive,
             )
             .await?;
             let names = sink.server_names();
@@ -381,7 +389,12 @@ async fn drive_in_process(
             };
             let mode = format!(
                 "in-process relay A → {destinations} sink destinations (localhost:<port>, TLS, \
-                 not verifying), {}{} relay threads, store in {}",
+                 not verifying{}), {}{} relay threads, store in {}",
+                if args.sink_no_keepalive {
+                    ", one request per connection"
+                } else {
+                    ""
+                },
                 if args.catch_up {
                     "destinations down while queueing, then opened and woken; "
                 } else {

@@ -58,17 +58,24 @@ pub struct Sink {
     ports: Vec<u16>,
     state: Arc<SinkState>,
     tls: TlsAcceptor,
+    /// Serve one request per connection (HTTP/1.1 only, no keep-alive).
+    one_request_per_connection: bool,
     shutdown: CancellationToken,
     tasks: TaskTracker,
 }
 
 impl Sink {
     /// Picks `count` free loopback ports (bound and released at once) and
-    /// loads the TLS certificate; listens on nothing yet.
+    /// loads the TLS certificate; listens on nothing yet. With
+    /// `one_request_per_connection` the sink offers only HTTP/1.1 and closes
+    /// each connection after its response, so the sender keeps no idle
+    /// connection per destination (thousands of destinations in one process
+    /// otherwise exhaust its file descriptors).
     pub async fn reserve(
         count: usize,
         tls_cert: &std::path::Path,
         tls_key: &std::path::Path,
+        one_request_per_connection: bool,
     ) -> Result<Sink, SinkError> {
         let mut held = Vec::with_capacity(count);
         for _ in 0..count {
@@ -82,6 +89,12 @@ impl Sink {
             .map(|l| l.local_addr().map(|a| a.port()).unwrap_or(0))
             .collect();
         drop(held);
+        let mut tls = crate::tls::server_config(tls_cert, tls_key)?;
+        if one_request_per_connection {
+            let mut config = (*tls).clone();
+            config.alpn_protocols = vec![b"http/1.1".to_vec()];
+            tls = Arc::new(config);
+        }
         Ok(Sink {
             ports,
             state: Arc::new(SinkState {
@@ -91,7 +104,8 @@ impl Sink {
                 seen_message_ids: Mutex::new(HashSet::new()),
                 transactions: Default::default(),
             }),
-            tls: TlsAcceptor::from(crate::tls::server_config(tls_cert, tls_key)?),
+            tls: TlsAcceptor::from(tls),
+            one_request_per_connection,
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
         })
@@ -141,6 +155,7 @@ impl Sink {
                 self.state.clone(),
                 self.shutdown.clone(),
                 self.tasks.clone(),
+                self.one_request_per_connection,
             ));
         }
         Ok(())
@@ -161,6 +176,7 @@ async fn accept_loop(
     state: Arc<SinkState>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
+    one_request_per_connection: bool,
 ) {
     loop {
         let tcp = tokio::select! {
@@ -187,11 +203,22 @@ async fn accept_loop(
                 let state = state.clone();
                 async move { Ok::<_, Infallible>(handle(request, port, &state).await) }
             });
-            let builder = auto::Builder::new(TokioExecutor::new());
-            let connection = builder.serve_connection(TokioIo::new(stream), service);
-            tokio::select! {
-                _ = connection => {}
-                _ = shutdown.cancelled() => {}
+            let io = TokioIo::new(stream);
+            if one_request_per_connection {
+                let connection = hyper::server::conn::http1::Builder::new()
+                    .keep_alive(false)
+                    .serve_connection(io, service);
+                tokio::select! {
+                    _ = connection => {}
+                    _ = shutdown.cancelled() => {}
+                }
+            } else {
+                let builder = auto::Builder::new(TokioExecutor::new());
+                let connection = builder.serve_connection(io, service);
+                tokio::select! {
+                    _ = connection => {}
+                    _ = shutdown.cancelled() => {}
+                }
             }
         });
     }
