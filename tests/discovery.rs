@@ -1,0 +1,548 @@
+//! Server discovery (SPEC §6) and the outbound connection rules, against
+//! real servers on loopback: the fake remote over TLS for `.well-known` and
+//! requests, an in-process hickory DNS server for SRV, and injected answers
+//! for names that must never be contacted (the denylist refuses them before
+//! any socket is opened).
+
+#[path = "support/fake_remote.rs"]
+mod fake_remote;
+
+use std::net::{IpAddr, SocketAddr};
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use courier::federation::client::{ClientError, FederationClient};
+use courier::federation::discovery::Endpoint;
+use courier::identifiers::ServerName;
+use fake_remote::{FakeRemote, MapResolver, TestCa, TestConfig, WellKnown, test_signing_key};
+use rustls_pki_types::ServerName as TlsName;
+
+struct Setup {
+    _dir: tempfile::TempDir,
+    ca: TestCa,
+    config: TestConfig,
+}
+
+fn setup() -> Setup {
+    courier::tls::install_crypto_provider();
+    let _ = tracing_subscriber::fmt()
+        .with_test_writer()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_env("TEST_LOG"))
+        .try_init();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = TestCa::new();
+    let ca_path = ca.write_pem(dir.path());
+    let config = TestConfig::new(Some(ca_path), dir.path().join("unused.db"));
+    Setup {
+        _dir: dir,
+        ca,
+        config,
+    }
+}
+
+fn client(config: &TestConfig, resolver: MapResolver) -> (FederationClient, Arc<MapResolver>) {
+    let resolver = Arc::new(resolver);
+    let client = FederationClient::with_resolver(
+        Arc::new(config.build()),
+        Arc::new(test_signing_key()),
+        resolver.clone(),
+    )
+    .expect("client");
+    (client, resolver)
+}
+
+fn name(s: &str) -> ServerName {
+    ServerName::parse(s).expect("valid server name")
+}
+
+fn dns(s: &str) -> TlsName<'static> {
+    TlsName::try_from(s.to_owned()).expect("dns name")
+}
+
+fn ip_name(s: &str) -> TlsName<'static> {
+    TlsName::IpAddress(IpAddr::from_str(s).expect("ip").into())
+}
+
+fn addrs(list: &[&str]) -> Vec<SocketAddr> {
+    list.iter()
+        .map(|s| s.parse().expect("socket addr"))
+        .collect()
+}
+
+fn well_known(body: &str) -> WellKnown {
+    WellKnown {
+        status: 200,
+        body: body.to_owned(),
+        headers: vec![],
+    }
+}
+
+#[tokio::test]
+async fn ip_literals_connect_directly_without_sni() {
+    let s = setup();
+    let (client, resolver) = client(&s.config, MapResolver::default());
+    let table = [
+        ("1.2.3.4", "1.2.3.4:8448", "1.2.3.4", "1.2.3.4"),
+        ("1.2.3.4:99", "1.2.3.4:99", "1.2.3.4", "1.2.3.4:99"),
+        (
+            "[2001:db8::1]",
+            "[2001:db8::1]:8448",
+            "2001:db8::1",
+            "[2001:db8::1]",
+        ),
+        (
+            "[2001:db8::1]:443",
+            "[2001:db8::1]:443",
+            "2001:db8::1",
+            "[2001:db8::1]:443",
+        ),
+    ];
+    for (server, addr, tls_ip, host) in table {
+        let endpoint = client.resolve(&name(server)).await.expect(server);
+        assert_eq!(
+            endpoint,
+            Endpoint {
+                addrs: addrs(&[addr]),
+                tls_name: ip_name(tls_ip),
+                host_header: host.to_owned(),
+            },
+            "{server}"
+        );
+    }
+    assert!(resolver.lookups().is_empty(), "IP literals need no DNS");
+}
+
+#[tokio::test]
+async fn explicit_port_uses_address_records_and_the_hostname() {
+    let s = setup();
+    let (client, resolver) = client(
+        &s.config,
+        MapResolver::default().ip("host.test", &["192.0.2.10", "2001:db8::10"]),
+    );
+    let endpoint = client
+        .resolve(&name("host.test:1234"))
+        .await
+        .expect("resolves");
+    assert_eq!(
+        endpoint,
+        Endpoint {
+            addrs: addrs(&["192.0.2.10:1234", "[2001:db8::10]:1234"]),
+            tls_name: dns("host.test"),
+            host_header: "host.test:1234".to_owned(),
+        }
+    );
+    // No .well-known and no SRV for an explicit port.
+    assert_eq!(resolver.lookups(), vec!["IP host.test".to_owned()]);
+}
+
+#[tokio::test]
+async fn well_known_delegation_table() {
+    let mut s = setup();
+    let fake = FakeRemote::start(
+        &s.ca,
+        &[
+            "withport.test",
+            "noport.test",
+            "legacy.test",
+            "plain.test",
+            "toip.test",
+        ],
+    )
+    .await;
+    s.config.well_known_port = fake.port();
+    fake.set_well_known(
+        "withport.test",
+        well_known(r#"{"m.server":"delegated.test:4321"}"#),
+    );
+    fake.set_well_known("noport.test", well_known(r#"{"m.server":"deleg2.test"}"#));
+    fake.set_well_known("legacy.test", well_known(r#"{"m.server":"deleg3.test"}"#));
+    fake.set_well_known("plain.test", well_known(r#"{"m.server":"deleg4.test"}"#));
+    fake.set_well_known(
+        "toip.test",
+        well_known(r#"{"m.server":"[2001:db8::7]:99"}"#),
+    );
+    let resolver = MapResolver::default()
+        .wildcard("test", &["127.0.0.1"])
+        .ip("delegated.test", &["192.0.2.1"])
+        .srv("_matrix-fed._tcp.deleg2.test", "target2.example", 7000)
+        .ip("target2.example", &["192.0.2.2"])
+        .srv("_matrix._tcp.deleg3.test", "target3.example", 7001)
+        .ip("target3.example", &["192.0.2.3"])
+        .ip("deleg4.test", &["192.0.2.4"])
+        // These must be ignored: no recursion into the original's SRV.
+        .srv("_matrix-fed._tcp.withport.test", "wrong.example", 1)
+        .srv("_matrix-fed._tcp.noport.test", "wrong.example", 1);
+    let (client, _) = client(&s.config, resolver);
+
+    let table = [
+        // 3.2: delegated hostname with port.
+        (
+            "withport.test",
+            &["192.0.2.1:4321"][..],
+            dns("delegated.test"),
+            "delegated.test:4321",
+        ),
+        // 3.3: delegated hostname, SRV _matrix-fed._tcp.
+        (
+            "noport.test",
+            &["192.0.2.2:7000"][..],
+            dns("deleg2.test"),
+            "deleg2.test",
+        ),
+        // 3.4: delegated hostname, deprecated SRV _matrix._tcp.
+        (
+            "legacy.test",
+            &["192.0.2.3:7001"][..],
+            dns("deleg3.test"),
+            "deleg3.test",
+        ),
+        // 3.5: delegated hostname, no SRV: 8448.
+        (
+            "plain.test",
+            &["192.0.2.4:8448"][..],
+            dns("deleg4.test"),
+            "deleg4.test",
+        ),
+        // 3.1: delegated to an IP literal.
+        (
+            "toip.test",
+            &["[2001:db8::7]:99"][..],
+            ip_name("2001:db8::7"),
+            "[2001:db8::7]:99",
+        ),
+    ];
+    for (server, want_addrs, tls_name, host) in table {
+        let endpoint = client.resolve(&name(server)).await.expect(server);
+        assert_eq!(
+            endpoint,
+            Endpoint {
+                addrs: addrs(want_addrs),
+                tls_name,
+                host_header: host.to_owned(),
+            },
+            "{server}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn well_known_failures_fall_through_to_srv_then_8448_and_are_cached() {
+    let mut s = setup();
+    let names = [
+        "nowk.test",
+        "badjson.test",
+        "badname.test",
+        "loop.test",
+        "loop2.test",
+    ];
+    let fake = FakeRemote::start(&s.ca, &names).await;
+    s.config.well_known_port = fake.port();
+    // 404 (no answer scripted), invalid JSON, a bad m.server, a redirect loop.
+    fake.set_well_known("badjson.test", well_known("{not json"));
+    fake.set_well_known("badname.test", well_known(r#"{"m.server":"bad name!"}"#));
+    let port = fake.port();
+    fake.set_well_known(
+        "loop.test",
+        WellKnown {
+            status: 302,
+            body: String::new(),
+            headers: vec![(
+                "location".to_owned(),
+                format!("https://loop2.test:{port}/.well-known/matrix/server"),
+            )],
+        },
+    );
+    fake.set_well_known(
+        "loop2.test",
+        WellKnown {
+            status: 301,
+            body: String::new(),
+            headers: vec![(
+                "location".to_owned(),
+                "/.well-known/matrix/server?again".to_owned(),
+            )],
+        },
+    );
+    let resolver = MapResolver::default()
+        .wildcard("test", &["127.0.0.1"])
+        .srv("_matrix-fed._tcp.nowk.test", "t1.example", 8001)
+        .ip("t1.example", &["192.0.2.11"])
+        .srv("_matrix._tcp.badjson.test", "t2.example", 8002)
+        .ip("t2.example", &["192.0.2.12"])
+        .ip("badname.test", &["192.0.2.13"])
+        .ip("loop.test", &["127.0.0.1"]);
+    let (client, _) = client(&s.config, resolver);
+
+    // Step 4: SRV _matrix-fed._tcp on the original hostname.
+    let endpoint = client.resolve(&name("nowk.test")).await.expect("nowk");
+    assert_eq!(endpoint.addrs, addrs(&["192.0.2.11:8001"]));
+    assert_eq!(endpoint.tls_name, dns("nowk.test"));
+    assert_eq!(endpoint.host_header, "nowk.test");
+    // Step 5: deprecated SRV.
+    let endpoint = client
+        .resolve(&name("badjson.test"))
+        .await
+        .expect("badjson");
+    assert_eq!(endpoint.addrs, addrs(&["192.0.2.12:8002"]));
+    assert_eq!(endpoint.host_header, "badjson.test");
+    // Step 6: no SRV: the hostname's addresses on 8448, Host without port.
+    let endpoint = client
+        .resolve(&name("badname.test"))
+        .await
+        .expect("badname");
+    assert_eq!(endpoint.addrs, addrs(&["192.0.2.13:8448"]));
+    assert_eq!(endpoint.tls_name, dns("badname.test"));
+    assert_eq!(endpoint.host_header, "badname.test");
+    // A redirect loop is a failure, not a hang.
+    let endpoint = client.resolve(&name("loop.test")).await.expect("loop");
+    assert_eq!(endpoint.addrs, addrs(&["127.0.0.1:8448"]));
+    assert!(
+        fake.well_known_fetches("loop2.test") >= 1,
+        "the redirect was followed"
+    );
+
+    // Failures are cached: resolving again fetches nothing.
+    let before = fake.well_known_fetches("badjson.test");
+    assert_eq!(before, 1);
+    client
+        .resolve(&name("badjson.test"))
+        .await
+        .expect("badjson again");
+    assert_eq!(fake.well_known_fetches("badjson.test"), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn well_known_answers_are_cached_per_their_headers() {
+    let mut s = setup();
+    let _ticker = fake_remote::spawn_ticker();
+    s.config.request_timeout_ms = 60_000;
+    s.config.connect_timeout_ms = 60_000;
+    let fake = FakeRemote::start(&s.ca, &["short.test", "default.test"]).await;
+    s.config.well_known_port = fake.port();
+    fake.set_well_known(
+        "short.test",
+        WellKnown {
+            status: 200,
+            body: r#"{"m.server":"a.test:1"}"#.to_owned(),
+            headers: vec![("cache-control".to_owned(), "max-age=600".to_owned())],
+        },
+    );
+    fake.set_well_known("default.test", well_known(r#"{"m.server":"b.test:1"}"#));
+    let (client, _) = client(
+        &s.config,
+        MapResolver::default().wildcard("test", &["127.0.0.1"]),
+    );
+    for server in ["short.test", "default.test"] {
+        client.resolve(&name(server)).await.expect("first");
+    }
+    // (Virtual time also moves a little while sockets are set up, hence the
+    // margins.)
+    tokio::time::advance(Duration::from_secs(450)).await;
+    for server in ["short.test", "default.test"] {
+        client.resolve(&name(server)).await.expect("cached");
+    }
+    assert_eq!(fake.well_known_fetches("short.test"), 1);
+    tokio::time::advance(Duration::from_secs(300)).await;
+    client
+        .resolve(&name("short.test"))
+        .await
+        .expect("refetched");
+    assert_eq!(
+        fake.well_known_fetches("short.test"),
+        2,
+        "max-age=600 expired"
+    );
+    // Without headers: 24 hours.
+    tokio::time::advance(Duration::from_secs(22 * 3600)).await;
+    client.resolve(&name("default.test")).await.expect("cached");
+    assert_eq!(fake.well_known_fetches("default.test"), 1);
+    tokio::time::advance(Duration::from_secs(2 * 3600)).await;
+    client
+        .resolve(&name("default.test"))
+        .await
+        .expect("refetched");
+    assert_eq!(fake.well_known_fetches("default.test"), 2);
+}
+
+#[tokio::test]
+async fn a_hard_dns_failure_is_a_discovery_error() {
+    let s = setup();
+    let (client, _) = client(
+        &s.config,
+        MapResolver::default().fail("_matrix-fed._tcp.broken.test"),
+    );
+    // The .well-known fetch fails too (broken.test has no address), then
+    // the SRV lookup SERVFAILs: that is an error, not "no SRV".
+    let error = client
+        .resolve(&name("broken.test"))
+        .await
+        .expect_err("fails");
+    assert!(matches!(error, ClientError::Discovery { .. }), "{error:?}");
+}
+
+#[tokio::test]
+async fn the_denylist_refuses_private_and_metadata_addresses_before_connecting() {
+    let mut s = setup();
+    // No exceptions: loopback is denied too.
+    s.config.ip_allow = vec![];
+    let (client, _) = client(
+        &s.config,
+        MapResolver::default()
+            .ip("private.test", &["10.0.0.1"])
+            .ip("metadata.test", &["169.254.169.254"])
+            .ip("mixed.test", &["10.0.0.1", "fe80::1"])
+            .srv("_matrix-fed._tcp.srv-private.test", "inside.example", 8448)
+            .ip("inside.example", &["192.168.1.1"]),
+    );
+    for server in [
+        "private.test:8448",
+        "metadata.test:80",
+        "mixed.test:8448",
+        "srv-private.test",
+        "10.0.0.1",
+        "169.254.169.254:80",
+        "127.0.0.1:8448",
+        "[::1]:8448",
+    ] {
+        let started = std::time::Instant::now();
+        let error = client
+            .get_json(&name(server), "/_matrix/federation/v1/version", false)
+            .await
+            .expect_err(server);
+        assert!(
+            matches!(&error, ClientError::Denied { destination } if destination == server),
+            "{server}: {error:?}"
+        );
+        // Refused at once: no connect attempt to a blackholed address.
+        assert!(started.elapsed() < Duration::from_secs(1), "{server}");
+    }
+}
+
+#[tokio::test]
+async fn requests_reach_the_peer_with_the_discovered_tls_name_and_host() {
+    let mut s = setup();
+    let fake = FakeRemote::start(&s.ca, &["delegated.test", "origin-name.test", "127.0.0.1"]).await;
+    s.config.well_known_port = fake.port();
+    let port = fake.port();
+    fake.set_well_known(
+        "origin-name.test",
+        well_known(&format!(r#"{{"m.server":"delegated.test:{port}"}}"#)),
+    );
+    let (client, _) = client(
+        &s.config,
+        MapResolver::default()
+            .ip("origin-name.test", &["127.0.0.1"])
+            .ip("delegated.test", &["127.0.0.1"]),
+    );
+    // Delegation: TLS name delegated.test (the cert has no origin-name.test).
+    let answer = client
+        .get_json(
+            &name("origin-name.test"),
+            "/_matrix/federation/v1/version",
+            false,
+        )
+        .await
+        .expect("reaches the delegate");
+    assert_eq!(answer["server"]["name"], "fake");
+    // IP literal with port: no SNI, certificate valid for the IP.
+    client
+        .get_json(
+            &name(&format!("127.0.0.1:{port}")),
+            "/_matrix/federation/v1/version?x=%40y",
+            false,
+        )
+        .await
+        .expect("reaches the IP literal");
+    let requests = fake.other_requests();
+    assert_eq!(requests.len(), 2);
+    assert_eq!(
+        requests[0].host.as_deref(),
+        Some(format!("delegated.test:{port}").as_str())
+    );
+    assert_eq!(
+        requests[1].host.as_deref(),
+        Some(format!("127.0.0.1:{port}").as_str())
+    );
+    assert_eq!(requests[1].path, "/_matrix/federation/v1/version?x=%40y");
+    assert!(
+        requests.iter().all(|r| r.authorization.is_none()),
+        "unsigned"
+    );
+}
+
+#[tokio::test]
+async fn certificates_are_always_verified_and_tls_refusal_is_a_connect_error() {
+    let mut s = setup();
+    // The certificate is for another name.
+    let fake = FakeRemote::start(&s.ca, &["someone-else.test"]).await;
+    s.config.well_known_port = fake.port();
+    let port = fake.port();
+    let (client, _) = client(
+        &s.config,
+        MapResolver::default().ip("victim.test", &["127.0.0.1"]),
+    );
+    let error = client
+        .get_json(
+            &name(&format!("victim.test:{port}")),
+            "/_matrix/federation/v1/version",
+            false,
+        )
+        .await
+        .expect_err("wrong certificate name");
+    assert!(matches!(error, ClientError::Connect { .. }), "{error:?}");
+
+    // An untrusted CA.
+    let other_ca = TestCa::new();
+    let untrusted = FakeRemote::start(&other_ca, &["victim.test"]).await;
+    let error = client
+        .get_json(
+            &name(&format!("victim.test:{}", untrusted.port())),
+            "/_matrix/federation/v1/version",
+            false,
+        )
+        .await
+        .expect_err("untrusted CA");
+    assert!(matches!(error, ClientError::Connect { .. }), "{error:?}");
+
+    // TLS refused outright.
+    let good = FakeRemote::start(&s.ca, &["victim.test"]).await;
+    good.refuse_tls(true);
+    let error = client
+        .get_json(
+            &name(&format!("victim.test:{}", good.port())),
+            "/_matrix/federation/v1/version",
+            false,
+        )
+        .await
+        .expect_err("tls refused");
+    assert!(matches!(error, ClientError::Connect { .. }), "{error:?}");
+    good.refuse_tls(false);
+    client
+        .get_json(
+            &name(&format!("victim.test:{}", good.port())),
+            "/_matrix/federation/v1/version",
+            false,
+        )
+        .await
+        .expect("works once TLS is served");
+}
+
+#[tokio::test]
+async fn ipv6_literal_end_to_end() {
+    let s = setup();
+    let Ok(listener) = tokio::net::TcpListener::bind("[::1]:0").await else {
+        panic!("this test needs IPv6 loopback");
+    };
+    let fake = FakeRemote::start_on(listener, &s.ca, &["::1"]).await;
+    let (client, _) = client(&s.config, MapResolver::default());
+    let server = format!("[::1]:{}", fake.port());
+    client
+        .get_json(&name(&server), "/_matrix/federation/v1/version", false)
+        .await
+        .expect("reaches [::1]");
+    assert_eq!(
+        fake.other_requests()[0].host.as_deref(),
+        Some(server.as_str())
+    );
+}
