@@ -546,3 +546,173 @@ async fn ipv6_literal_end_to_end() {
         Some(server.as_str())
     );
 }
+
+/// An authoritative DNS server for `srv.test.` on 127.0.0.1 (UDP and TCP,
+/// same port), run by hickory-server in this process.
+mod dns_server {
+    use std::net::{Ipv4Addr, SocketAddr};
+    use std::str::FromStr;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use hickory_server::Server;
+    use hickory_server::proto::rr::rdata::{A, SOA, SRV};
+    use hickory_server::proto::rr::{LowerName, Name, RData, Record};
+    use hickory_server::store::in_memory::InMemoryZoneHandler;
+    use hickory_server::zone_handler::{AxfrPolicy, Catalog, ZoneType};
+
+    pub enum Entry {
+        Srv(&'static str, u16, &'static str),
+        A(&'static str, Ipv4Addr),
+    }
+
+    pub async fn start(entries: &[Entry]) -> (SocketAddr, Server<Catalog>) {
+        let origin = Name::from_str("srv.test.").expect("origin");
+        let mut zone: InMemoryZoneHandler =
+            InMemoryZoneHandler::empty(origin.clone(), ZoneType::Primary, AxfrPolicy::Deny);
+        let soa = SOA::new(
+            Name::from_str("ns.srv.test.").expect("ns"),
+            Name::from_str("admin.srv.test.").expect("admin"),
+            1,
+            3600,
+            600,
+            86400,
+            60,
+        );
+        zone.upsert_mut(Record::from_rdata(origin.clone(), 60, RData::SOA(soa)), 1);
+        for entry in entries {
+            let record = match entry {
+                Entry::Srv(name, port, target) => Record::from_rdata(
+                    Name::from_str(name).expect("srv name"),
+                    60,
+                    RData::SRV(SRV::new(
+                        10,
+                        5,
+                        *port,
+                        Name::from_str(target).expect("target"),
+                    )),
+                ),
+                Entry::A(name, ip) => {
+                    Record::from_rdata(Name::from_str(name).expect("a name"), 60, RData::A(A(*ip)))
+                }
+            };
+            assert!(zone.upsert_mut(record, 1), "record inserted");
+        }
+        let mut catalog = Catalog::new();
+        catalog.upsert(LowerName::new(&origin), vec![Arc::new(zone)]);
+        let mut server = Server::new(catalog);
+        let udp = tokio::net::UdpSocket::bind("127.0.0.1:0")
+            .await
+            .expect("udp");
+        let addr = udp.local_addr().expect("addr");
+        let tcp = tokio::net::TcpListener::bind(addr)
+            .await
+            .expect("tcp on the same port");
+        server.register_socket(udp);
+        server.register_listener(tcp, Duration::from_secs(5), 4096);
+        (addr, server)
+    }
+}
+
+#[tokio::test]
+async fn srv_records_from_a_real_dns_server() {
+    use dns_server::Entry;
+    let mut s = setup();
+    let fake = FakeRemote::start(
+        &s.ca,
+        &["fed.srv.test", "legacy.srv.test", "plain.srv.test"],
+    )
+    .await;
+    let port = fake.port();
+    let (dns_addr, _server) = dns_server::start(&[
+        Entry::Srv("_matrix-fed._tcp.fed.srv.test.", port, "target.srv.test."),
+        Entry::Srv("_matrix._tcp.legacy.srv.test.", port, "target.srv.test."),
+        // A _matrix._tcp record that must lose to _matrix-fed._tcp.
+        Entry::Srv("_matrix._tcp.fed.srv.test.", 1, "wrong.srv.test."),
+        Entry::A("target.srv.test.", std::net::Ipv4Addr::LOCALHOST),
+        Entry::A("wrong.srv.test.", std::net::Ipv4Addr::new(192, 0, 2, 99)),
+        Entry::A("plain.srv.test.", std::net::Ipv4Addr::new(192, 0, 2, 50)),
+        Entry::A("fed.srv.test.", std::net::Ipv4Addr::new(192, 0, 2, 51)),
+        Entry::A("legacy.srv.test.", std::net::Ipv4Addr::new(192, 0, 2, 52)),
+        Entry::A("private.srv.test.", std::net::Ipv4Addr::new(10, 0, 0, 1)),
+        Entry::A(
+            "metadata.srv.test.",
+            std::net::Ipv4Addr::new(169, 254, 169, 254),
+        ),
+    ])
+    .await;
+    s.config.nameservers = vec![dns_addr];
+    // .well-known is looked for on a port nothing listens on.
+    s.config.well_known_port = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("probe");
+        probe.local_addr().expect("addr").port()
+    };
+    // The real resolver, pointed at the test DNS server by config.
+    let client = FederationClient::new(Arc::new(s.config.build()), Arc::new(test_signing_key()))
+        .expect("client");
+
+    let endpoint = client.resolve(&name("fed.srv.test")).await.expect("fed");
+    assert_eq!(
+        endpoint,
+        Endpoint {
+            addrs: vec![SocketAddr::from(([127, 0, 0, 1], port))],
+            tls_name: dns("fed.srv.test"),
+            host_header: "fed.srv.test".to_owned(),
+        }
+    );
+    let endpoint = client
+        .resolve(&name("legacy.srv.test"))
+        .await
+        .expect("legacy");
+    assert_eq!(
+        endpoint.addrs,
+        vec![SocketAddr::from(([127, 0, 0, 1], port))]
+    );
+    assert_eq!(endpoint.host_header, "legacy.srv.test");
+    let endpoint = client
+        .resolve(&name("plain.srv.test"))
+        .await
+        .expect("plain");
+    assert_eq!(endpoint.addrs, addrs(&["192.0.2.50:8448"]));
+    assert_eq!(endpoint.tls_name, dns("plain.srv.test"));
+    let error = client
+        .resolve(&name("missing.srv.test"))
+        .await
+        .expect_err("nxdomain");
+    assert!(matches!(error, ClientError::Discovery { .. }), "{error:?}");
+
+    // A whole request over the SRV answer: TLS name and Host are the server
+    // name, the connection goes to the SRV target's port.
+    client
+        .get_json(
+            &name("fed.srv.test"),
+            "/_matrix/federation/v1/version",
+            false,
+        )
+        .await
+        .expect("request over SRV");
+    assert_eq!(
+        fake.other_requests()[0].host.as_deref(),
+        Some("fed.srv.test")
+    );
+
+    // The denylist applies to what real DNS returns.
+    let mut strict = s.config.clone();
+    strict.ip_allow = vec![];
+    let strict = FederationClient::new(Arc::new(strict.build()), Arc::new(test_signing_key()))
+        .expect("client");
+    for server in [
+        "private.srv.test:8448",
+        "metadata.srv.test:80",
+        "fed.srv.test",
+    ] {
+        let error = strict
+            .get_json(&name(server), "/_matrix/federation/v1/version", false)
+            .await
+            .expect_err(server);
+        assert!(
+            matches!(error, ClientError::Denied { .. }),
+            "{server}: {error:?}"
+        );
+    }
+}
