@@ -23,6 +23,17 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Start the two development relays (config/dev/) on loopback, exchange
+    /// messages between them over real TLS federation, and report.
+    Demo {
+        #[arg(long, default_value = "config/dev/relay-a.toml")]
+        config_a: PathBuf,
+        #[arg(long, default_value = "config/dev/relay-b.toml")]
+        config_b: PathBuf,
+        /// Messages in the batch scenario.
+        #[arg(long, default_value_t = 3000)]
+        batch: usize,
+    },
     /// Run a relay.
     Serve {
         /// The TOML configuration file.
@@ -42,6 +53,12 @@ pub enum Command {
     CheckConfig {
         #[arg(long, env = "COURIER_CONFIG")]
         config: PathBuf,
+    },
+    /// Write a development CA and a localhost certificate signed by it
+    /// (dev-ca.crt/.key, localhost.crt/.key). For development and tests only.
+    DevCerts {
+        #[arg(long, default_value = "certs")]
+        out: PathBuf,
     },
 }
 
@@ -85,6 +102,28 @@ pub fn init_tracing(json: bool) {
 
 pub async fn run(cli: Cli) -> Result<(), Failure> {
     match cli.command {
+        Command::Demo {
+            config_a,
+            config_b,
+            batch,
+        } => {
+            let options = crate::demo::DemoOptions {
+                config_a,
+                config_b,
+                batch,
+            };
+            let results = crate::demo::run_demo(options)
+                .await
+                .map_err(runtime_failure)?;
+            if crate::demo::print_table(&results) {
+                println!("demo: every message delivered exactly once");
+                Ok(())
+            } else {
+                Err(runtime_failure(anyhow::anyhow!(
+                    "demo: some messages were not delivered exactly once"
+                )))
+            }
+        }
         Command::Serve { config } => {
             let config = Config::load(&config).map_err(usage_failure)?;
             let listeners = crate::server::Listeners::bind(&config)
@@ -118,6 +157,14 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
             }
             std::fs::write(&out, key.to_file_contents()).map_err(runtime_failure)?;
             println!("wrote {} ({})", out.display(), key.key_id());
+            Ok(())
+        }
+        Command::DevCerts { out } => {
+            crate::devcerts::write_dev_certs(&out).map_err(runtime_failure)?;
+            println!(
+                "wrote a development CA and localhost certificate to {}",
+                out.display()
+            );
             Ok(())
         }
         Command::CheckConfig { config } => {
