@@ -34,8 +34,7 @@ pub fn nominal_delay(policy: &RetryConfig, failures: u32) -> Duration {
     let max = policy.max.as_secs_f64();
     // The quick-phase ceiling, so that even a maximal jitter sample stays
     // within QUICK_RETURN.
-    let quick_cap =
-        ((QUICK_RETURN - SEND_MARGIN).as_secs_f64() / (1.0 + policy.jitter)).min(max);
+    let quick_cap = ((QUICK_RETURN - SEND_MARGIN).as_secs_f64() / (1.0 + policy.jitter)).min(max);
     // The least time the outage can have lasted, given every sample shortest.
     let shrink = 1.0 - policy.jitter;
     let mut delay = policy.initial.as_secs_f64().min(max);

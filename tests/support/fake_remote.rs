@@ -90,6 +90,8 @@ pub struct Script {
     pub refuse_containing: Vec<String>,
     /// Answer 429 with this Retry-After (seconds) to the next `/send`.
     pub rate_limit_next: Option<u64>,
+    /// Hold every answer this long (tokio time) before sending it.
+    pub respond_after: Option<Duration>,
 }
 
 /// One `/send` the fake received.
@@ -350,7 +352,7 @@ async fn send_route(
     let host = host_of(&headers, &uri);
     let hostname = hostname_of(&host);
     let body = String::from_utf8_lossy(&body).into_owned();
-    let decision = {
+    let (decision, respond_after) = {
         let mut inner = shared.inner.lock().expect("lock");
         let open = inner.in_progress.entry(hostname.clone()).or_insert(0);
         let overlapped = *open > 0;
@@ -383,6 +385,7 @@ async fn send_route(
         } else {
             Some((200, None))
         };
+        let respond_after = script.respond_after;
         if inner.scripts.contains_key(&hostname) {
             inner.scripts.insert(hostname.clone(), script);
         } else {
@@ -398,26 +401,23 @@ async fn send_route(
             status: decision.map_or(0, |(s, _)| s),
             overlapped,
         });
-        decision
+        (decision, respond_after)
     };
     shared.changed.notify_waiters();
+    // Until dropped, this /send counts as in progress for its hostname (also
+    // when the client gives up and the connection is dropped).
+    let guard = InProgress {
+        shared: shared.clone(),
+        hostname,
+    };
     let Some((status, retry_after)) = decision else {
-        // Hang until the client gives up; the guard keeps the overlap count
-        // honest when the connection is dropped.
-        let _guard = InProgress {
-            shared: shared.clone(),
-            hostname,
-        };
         std::future::pending::<()>().await;
         unreachable!("pending never resolves");
     };
-    {
-        let mut inner = shared.inner.lock().expect("lock");
-        if let Some(open) = inner.in_progress.get_mut(&hostname) {
-            *open -= 1;
-        }
+    if let Some(delay) = respond_after {
+        tokio::time::sleep(delay).await;
     }
-    shared.changed.notify_waiters();
+    drop(guard);
     let status = StatusCode::from_u16(status).expect("valid status");
     let mut response = match status.as_u16() {
         200 => (status, r#"{"pdus":{}}"#).into_response(),
@@ -637,6 +637,22 @@ pub fn spawn_ticker() -> tokio::task::JoinHandle<()> {
     tokio::spawn(async {
         loop {
             tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    })
+}
+
+/// Like `spawn_ticker`, but in `step`s with a 100 µs pause of the runtime
+/// thread after each, so virtual time runs at most `step / 100 µs` times
+/// faster than real time. That bounds how much virtual time passes while
+/// the store's writer thread fsyncs or a TLS handshake completes (the
+/// runtime is idle then, and auto-advance would otherwise leap to the next
+/// timer), which keeps virtual-time measurements honest to within a few
+/// steps.
+pub fn spawn_throttled_ticker(step: Duration) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(step).await;
+            std::thread::sleep(Duration::from_micros(100));
         }
     })
 }
