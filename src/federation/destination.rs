@@ -288,10 +288,11 @@ impl DestinationTask {
                 for seq in &txn.seqs {
                     self.split.solo_refusals.remove(seq);
                 }
-                if let Some(&last) = txn.seqs.last() {
-                    if self.split.limit.is_some() && last >= self.split.refused_upto {
-                        self.split.limit = None;
-                    }
+                if let Some(&last) = txn.seqs.last()
+                    && self.split.limit.is_some()
+                    && last >= self.split.refused_upto
+                {
+                    self.split.limit = None;
                 }
                 return Ok(Step::Continue);
             }

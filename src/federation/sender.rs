@@ -127,12 +127,12 @@ impl Sender {
                 },
                 Some(d) = startup_rx.recv() => (d, Signal::Wake),
                 Some((d, id)) = retire_rx.recv() => {
-                    if running.get(&d).is_some_and(|r| r.id == id) {
-                        if let Some(r) = running.remove(&d) {
-                            // Dropping the signal sender lets the task end
-                            // once it has served what is already queued.
-                            retiring.insert(d, r.join);
-                        }
+                    if running.get(&d).is_some_and(|r| r.id == id)
+                        && let Some(r) = running.remove(&d)
+                    {
+                        // Dropping the signal sender lets the task end once
+                        // it has served what is already queued.
+                        retiring.insert(d, r.join);
                     }
                     retiring.retain(|_, join| !join.is_finished());
                     metrics::gauge!("courier_federation_destination_tasks").set(running.len() as f64);
@@ -143,10 +143,10 @@ impl Sender {
                     continue;
                 }
             };
-            if let Some(task) = running.get(&destination) {
-                if task.signals.send(signal).is_ok() {
-                    continue;
-                }
+            if let Some(task) = running.get(&destination)
+                && task.signals.send(signal).is_ok()
+            {
+                continue;
             }
             // No task (or it ended): spawn one after its predecessor.
             let predecessor = running

@@ -57,10 +57,10 @@ fn cache_control_period(headers: &HeaderMap) -> Option<Duration> {
             if directive == "no-store" || directive == "no-cache" {
                 return Some(Duration::ZERO);
             }
-            if let Some(seconds) = directive.strip_prefix("max-age=") {
-                if let Ok(n) = seconds.trim_matches('"').parse::<u64>() {
-                    max_age = Some(Duration::from_secs(n));
-                }
+            if let Some(seconds) = directive.strip_prefix("max-age=")
+                && let Ok(n) = seconds.trim_matches('"').parse::<u64>()
+            {
+                max_age = Some(Duration::from_secs(n));
             }
         }
     }

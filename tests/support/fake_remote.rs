@@ -453,10 +453,10 @@ struct InProgress {
 
 impl Drop for InProgress {
     fn drop(&mut self) {
-        if let Ok(mut inner) = self.shared.inner.lock() {
-            if let Some(open) = inner.in_progress.get_mut(&self.hostname) {
-                *open = open.saturating_sub(1);
-            }
+        if let Ok(mut inner) = self.shared.inner.lock()
+            && let Some(open) = inner.in_progress.get_mut(&self.hostname)
+        {
+            *open = open.saturating_sub(1);
         }
         self.shared.changed.notify_waiters();
     }
