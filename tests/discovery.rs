@@ -716,3 +716,35 @@ async fn srv_records_from_a_real_dns_server() {
         );
     }
 }
+
+#[tokio::test]
+async fn localhost_names_are_loopback_without_dns_and_still_denylisted() {
+    let mut s = setup();
+    let fake = FakeRemote::start(&s.ca, &["localhost"]).await;
+    let (client, resolver) = client(&s.config, MapResolver::default());
+    let server = format!("localhost:{}", fake.port());
+    let endpoint = client.resolve(&name(&server)).await.expect("localhost");
+    assert_eq!(
+        endpoint.addrs,
+        vec![
+            SocketAddr::from(([127, 0, 0, 1], fake.port())),
+            SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, fake.port())),
+        ]
+    );
+    assert_eq!(endpoint.tls_name, dns("localhost"));
+    assert!(resolver.lookups().is_empty(), "no DNS for localhost");
+    client
+        .get_json(&name(&server), "/_matrix/federation/v1/version", false)
+        .await
+        .expect("reaches localhost with ip_allow");
+    let request = &fake.other_requests()[0];
+    assert_eq!(request.host.as_deref(), Some(server.as_str()));
+
+    s.config.ip_allow = vec![];
+    let (strict, _) = client(&s.config, MapResolver::default());
+    let error = strict
+        .get_json(&name(&server), "/_matrix/federation/v1/version", false)
+        .await
+        .expect_err("loopback is denied by default");
+    assert!(matches!(error, ClientError::Denied { .. }), "{error:?}");
+}

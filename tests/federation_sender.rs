@@ -636,3 +636,33 @@ async fn retry_after_is_honoured() {
     );
     h.stop().await;
 }
+
+/// Idle destination tasks end (no unbounded growth), and a destination
+/// woken after its task ended gets a new one that delivers.
+#[tokio::test(start_paused = true)]
+async fn idle_tasks_retire_and_come_back_on_the_next_wake() {
+    let _ticker = fake_remote::spawn_throttled_ticker(Duration::from_millis(10));
+    let mut h = Harness::new(|_| {}).await;
+    h.enqueue(0, 0..2, &[]).await;
+    assert!(
+        h.fake
+            .wait_for(Duration::from_secs(60), |r| delivered(r, "d0.fed.test")
+                .len()
+                == 2)
+            .await
+    );
+    // Well past the idle exit: the task has retired.
+    tokio::time::sleep(courier::federation::destination::IDLE_EXIT * 3).await;
+    h.enqueue(0, 2..4, &[]).await;
+    assert!(
+        h.fake
+            .wait_for(Duration::from_secs(60), |r| delivered(r, "d0.fed.test")
+                .len()
+                == 4)
+            .await,
+        "a new task picks the destination up"
+    );
+    assert_eq!(delivered(&h.fake.received(), "d0.fed.test"), ids(0..4));
+    assert_eq!(h.fake.overlaps(), 0);
+    h.stop().await;
+}

@@ -41,6 +41,8 @@ const MAX_RESPONSE_BYTES: usize = 4 * 1024 * 1024;
 const ERROR_BODY_KEPT: usize = 1024;
 /// Endpoints remembered for the connector before the map is reset.
 const ENDPOINTS_KEPT: usize = 20_000;
+/// Sent with every request.
+const USER_AGENT: &str = concat!("Courier/", env!("CARGO_PKG_VERSION"));
 /// How long an idle pooled connection is kept.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
@@ -237,7 +239,8 @@ impl FederationClient {
         let mut builder = Request::builder()
             .method(method.clone())
             .uri(&uri)
-            .header(http::header::HOST, &authority);
+            .header(http::header::HOST, &authority)
+            .header(http::header::USER_AGENT, USER_AGENT);
         if signed {
             let content =
                 match body {

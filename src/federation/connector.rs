@@ -30,7 +30,7 @@ use tokio_rustls::client::TlsStream;
 
 use crate::federation::client::{ClientError, EndpointMap};
 use crate::federation::denylist::Denylist;
-use crate::federation::dns::DnsResolver;
+use crate::federation::dns::{DnsResolver, lookup_host};
 
 /// A TLS connection to a peer, telling the pool whether h2 was negotiated.
 pub struct TlsConn(TlsStream<TcpStream>);
@@ -208,12 +208,12 @@ impl tower::Service<Uri> for DirectConnector {
             let (ips, tls_name) = match bare.parse::<IpAddr>() {
                 Ok(ip) => (vec![ip], TlsName::IpAddress(ip.into())),
                 Err(_) => {
-                    let ips = this.resolver.lookup_ip(&host).await.map_err(|e| {
-                        ClientError::Discovery {
+                    let ips = lookup_host(this.resolver.as_ref(), &host)
+                        .await
+                        .map_err(|e| ClientError::Discovery {
                             destination: host.clone(),
                             reason: e.to_string(),
-                        }
-                    })?;
+                        })?;
                     let name =
                         TlsName::try_from(host.clone()).map_err(|e| ClientError::Discovery {
                             destination: host.clone(),

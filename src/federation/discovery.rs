@@ -24,7 +24,7 @@ use tokio::time::Instant;
 
 use crate::federation::client::ClientError;
 use crate::federation::connector::DirectConnector;
-use crate::federation::dns::{DnsError, DnsResolver, order_srv};
+use crate::federation::dns::{DnsError, DnsResolver, lookup_host, order_srv};
 use crate::federation::well_known;
 use crate::identifiers::{Host, ServerName};
 
@@ -176,10 +176,7 @@ impl Discovery {
     }
 
     async fn lookup_ips(&self, host: &str) -> Result<Vec<IpAddr>, DnsError> {
-        match host.parse::<IpAddr>() {
-            Ok(ip) => Ok(vec![ip]),
-            Err(_) => self.resolver.lookup_ip(host).await,
-        }
+        lookup_host(self.resolver.as_ref(), host).await
     }
 
     async fn addresses(

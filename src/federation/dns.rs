@@ -146,6 +146,23 @@ impl DnsResolver for HickoryResolver {
     }
 }
 
+/// The addresses of `host`: an IP literal as itself, `localhost` names as
+/// loopback without asking DNS (RFC 6761; the denylist still refuses them
+/// unless `ip_allow` opens loopback), anything else through `resolver`.
+pub async fn lookup_host(resolver: &dyn DnsResolver, host: &str) -> Result<Vec<IpAddr>, DnsError> {
+    if let Ok(ip) = host.parse::<IpAddr>() {
+        return Ok(vec![ip]);
+    }
+    let lower = host.trim_end_matches('.').to_ascii_lowercase();
+    if lower == "localhost" || lower.ends_with(".localhost") {
+        return Ok(vec![
+            IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+            IpAddr::V6(std::net::Ipv6Addr::LOCALHOST),
+        ]);
+    }
+    resolver.lookup_ip(host).await
+}
+
 /// Orders SRV records as RFC 2782 asks: by priority, then within one
 /// priority a weighted random order (`unit` draws one sample in [0, 1) per
 /// pick). Records whose target is `.` ("no service") are dropped.
