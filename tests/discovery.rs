@@ -721,9 +721,9 @@ async fn srv_records_from_a_real_dns_server() {
 async fn localhost_names_are_loopback_without_dns_and_still_denylisted() {
     let mut s = setup();
     let fake = FakeRemote::start(&s.ca, &["localhost"]).await;
-    let (client, resolver) = client(&s.config, MapResolver::default());
+    let (local, resolver) = client(&s.config, MapResolver::default());
     let server = format!("localhost:{}", fake.port());
-    let endpoint = client.resolve(&name(&server)).await.expect("localhost");
+    let endpoint = local.resolve(&name(&server)).await.expect("localhost");
     assert_eq!(
         endpoint.addrs,
         vec![
@@ -733,7 +733,7 @@ async fn localhost_names_are_loopback_without_dns_and_still_denylisted() {
     );
     assert_eq!(endpoint.tls_name, dns("localhost"));
     assert!(resolver.lookups().is_empty(), "no DNS for localhost");
-    client
+    local
         .get_json(&name(&server), "/_matrix/federation/v1/version", false)
         .await
         .expect("reaches localhost with ip_allow");
