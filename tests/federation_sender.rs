@@ -510,14 +510,14 @@ async fn defaults_reach_a_peer_within_30s_after_a_5_minute_outage() {
 /// After a long outage the wait is bounded by the cap.
 #[tokio::test(start_paused = true)]
 async fn after_a_long_outage_the_wait_never_exceeds_the_cap() {
-    let _ticker = fake_remote::spawn_throttled_ticker(Duration::from_millis(100));
+    let _ticker = fake_remote::spawn_throttled_ticker(Duration::from_millis(20));
     let mut h = Harness::new(|c| {
         c.retry_initial_ms = 2_000;
         c.retry_max_ms = 600_000;
         c.retry_jitter = 0.2;
     })
     .await;
-    let back = Instant::now() + Duration::from_secs(2 * 3600);
+    let back = Instant::now() + Duration::from_secs(3600);
     h.fake.script(
         &Harness::hostname(0),
         Script {
@@ -528,7 +528,7 @@ async fn after_a_long_outage_the_wait_never_exceeds_the_cap() {
     h.enqueue(0, 0..1, &[]).await;
     assert!(
         h.fake
-            .wait_for(Duration::from_secs(4 * 3600), |r| r
+            .wait_for(Duration::from_secs(2 * 3600), |r| r
                 .iter()
                 .any(|x| x.status == 200))
             .await
@@ -539,15 +539,15 @@ async fn after_a_long_outage_the_wait_never_exceeds_the_cap() {
         .map(|p| (p[1].at - p[0].at).as_secs())
         .collect();
     // An attempt's real socket waits still cost a little virtual time (in
-    // 100 ms ticker steps), hence the margin; the exact schedule is
-    // unit-tested in federation::backoff.
-    let bound = 600 + 10;
+    // 20 ms ticker steps, more on a loaded machine), hence the margin; the
+    // exact schedule is unit-tested in federation::backoff.
+    let bound = 600 + 20;
     assert!(
         gaps.iter().all(|&g| g <= bound),
         "gap over the cap: {gaps:?}"
     );
     assert!(
-        gaps.iter().filter(|&&g| g >= 480).count() >= 5,
+        gaps.iter().filter(|&&g| g >= 480).count() >= 3,
         "the schedule reaches the cap: {gaps:?}"
     );
     let ok = sends.iter().find(|r| r.status == 200).expect("delivered");
