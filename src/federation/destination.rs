@@ -91,6 +91,9 @@ pub struct DestinationTask {
     retire: mpsc::UnboundedSender<(String, u64)>,
     id: u64,
     split: Split,
+    /// The last attempt succeeded and the outbox was empty: a `PeerIsUp`
+    /// while idle has nothing to reset or send, and costs no store access.
+    clean: bool,
 }
 
 impl DestinationTask {
@@ -109,6 +112,7 @@ impl DestinationTask {
             retire,
             id,
             split: Split::default(),
+            clean: false,
         }
     }
 
@@ -134,6 +138,7 @@ impl DestinationTask {
                         };
                         match signal {
                             None => return,
+                            Some(Signal::PeerIsUp) if self.clean => State::Idle,
                             Some(Signal::PeerIsUp) => {
                                 self.reset_backoff().await;
                                 State::Sending
@@ -176,9 +181,10 @@ impl DestinationTask {
     }
 
     /// Sending, unless the persisted schedule says to wait.
-    async fn initial_state(&self) -> State {
+    async fn initial_state(&mut self) -> State {
         match self.shared.store.retry_state(&self.destination).await {
             Ok(retry) => {
+                self.clean = retry.failures == 0 && retry.retry_after_ms == 0;
                 let wait_ms = retry.retry_after_ms - crate::now_ms();
                 if wait_ms > 0 {
                     State::BackingOff {
@@ -197,8 +203,8 @@ impl DestinationTask {
         }
     }
 
-    async fn reset_backoff(&self) {
-        let store = &self.shared.store;
+    async fn reset_backoff(&mut self) {
+        let store = self.shared.store.clone();
         match store.retry_state(&self.destination).await {
             Ok(retry) if retry.failures > 0 || retry.retry_after_ms > 0 => {
                 let reset = RetryState {
@@ -206,12 +212,13 @@ impl DestinationTask {
                     retry_after_ms: 0,
                     ..retry
                 };
-                if let Err(error) = store.set_retry_state(&self.destination, &reset).await {
-                    tracing::warn!(%error, "resetting the retry state failed");
+                match store.set_retry_state(&self.destination, &reset).await {
+                    Ok(()) => self.clean = true,
+                    Err(error) => tracing::warn!(%error, "resetting the retry state failed"),
                 }
                 tracing::info!("peer is up: backoff reset");
             }
-            Ok(_) => {}
+            Ok(_) => self.clean = true,
             Err(error) => tracing::warn!(%error, "reading the retry state failed"),
         }
     }
@@ -280,6 +287,8 @@ impl DestinationTask {
                 store
                     .ack_txn(&self.destination, &txn.txn_id, crate::now_ms())
                     .await?;
+                // ack_txn also reset the persisted retry state.
+                self.clean = true;
                 tracing::debug!("delivered");
                 metrics::counter!("courier_federation_transactions_total", "outcome" => "ok")
                     .increment(1);
@@ -334,6 +343,7 @@ impl DestinationTask {
             last_success_ms: previous.last_success_ms,
             last_error: Some(reason.clone()),
         };
+        self.clean = false;
         store.set_retry_state(&self.destination, &state).await?;
         metrics::counter!("courier_federation_retries_total").increment(1);
         tracing::info!(failures, ?delay, %reason, "send failed; backing off");
