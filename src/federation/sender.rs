@@ -4,7 +4,9 @@
 //! `federation.startup_stagger`); it forwards signals to running tasks and
 //! retires tasks that went idle, so the number of tasks stays bounded by the
 //! destinations with recent work. A replacement task waits for its
-//! predecessor to end, so two tasks never send to one destination.
+//! predecessor to end, so two tasks never send to one destination. Every
+//! minute it also wakes every destination with pending rows, so a lost
+//! wake-up costs a delay, never a message.
 //!
 //! The sending itself (transactions, backoff, splitting) is in
 //! `destination`; this module only manages task lifecycles and metrics.
@@ -28,6 +30,9 @@ use crate::store::Store;
 pub const MAX_CONCURRENT_SENDS: usize = 256;
 /// How often pending-work gauges are refreshed from the store.
 const GAUGE_INTERVAL: Duration = Duration::from_secs(30);
+/// How often every destination with pending rows is woken, so that a lost
+/// wake-up (or rows written by another process) costs at most this long.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(60);
 /// How long shutdown waits for destination tasks to stop.
 const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -116,6 +121,10 @@ impl Sender {
         let mut next_id: u64 = 0;
         let mut gauges = tokio::time::interval(GAUGE_INTERVAL);
         gauges.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut sweep =
+            tokio::time::interval_at(tokio::time::Instant::now() + SWEEP_INTERVAL, SWEEP_INTERVAL);
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let (sweep_tx, mut sweep_rx) = mpsc::unbounded_channel::<String>();
 
         loop {
             let (destination, signal) = tokio::select! {
@@ -126,6 +135,7 @@ impl Sender {
                     None => break,
                 },
                 Some(d) = startup_rx.recv() => (d, Signal::Wake),
+                Some(d) = sweep_rx.recv() => (d, Signal::Wake),
                 Some((d, id)) = retire_rx.recv() => {
                     if running.get(&d).is_some_and(|r| r.id == id)
                         && let Some(r) = running.remove(&d)
@@ -139,7 +149,21 @@ impl Sender {
                     continue;
                 }
                 _ = gauges.tick() => {
-                    refresh_gauges(&shared).await;
+                    // Off the dispatcher's path: the scan may take a while.
+                    tokio::spawn(refresh_gauges(shared.clone()));
+                    continue;
+                }
+                _ = sweep.tick() => {
+                    // Listed off the dispatcher's path; the names come back
+                    // through `sweep_rx` as wake-ups.
+                    let store = shared.store.clone();
+                    let tx = sweep_tx.clone();
+                    tokio::spawn(async move {
+                        match store.destinations_with_pending().await {
+                            Ok(list) => list.into_iter().for_each(|d| { let _ = tx.send(d); }),
+                            Err(error) => tracing::warn!(%error, "sweep: listing pending destinations failed"),
+                        }
+                    });
                     continue;
                 }
             };
@@ -237,7 +261,7 @@ async fn wake_pending(
 }
 
 /// Pending EDUs and oldest age per destination, from the store.
-async fn refresh_gauges(shared: &Shared) {
+async fn refresh_gauges(shared: Arc<Shared>) {
     match shared.store.destination_statuses().await {
         Ok(statuses) => {
             let now = crate::now_ms();
