@@ -469,6 +469,32 @@ async fn requests_reach_the_peer_with_the_discovered_tls_name_and_host() {
         requests.iter().all(|r| r.authorization.is_none()),
         "unsigned"
     );
+
+    // Signed: X-Matrix over GET without content, destination = server name
+    // (not the delegated host), uri = path and query as sent.
+    let path = "/_matrix/key/v2/query/x%40y?minimum_valid_until_ts=5";
+    client
+        .get_json(&name("origin-name.test"), path, true)
+        .await
+        .expect_err("the fake answers 404 here");
+    let requests = fake.other_requests();
+    let signed = requests.last().expect("the signed request arrived");
+    assert_eq!(signed.path, path);
+    let header = courier::xmatrix::XMatrix::parse(signed.authorization.as_deref().expect("signed"))
+        .expect("valid X-Matrix");
+    assert_eq!(header.destination.as_deref(), Some("origin-name.test"));
+    courier::xmatrix::verify_request(
+        &header,
+        &courier::xmatrix::RequestToSign {
+            method: "GET",
+            uri: path,
+            origin: "origin.test",
+            destination: "origin-name.test",
+            content: None,
+        },
+        &test_signing_key().verifying_key(),
+    )
+    .expect("the signature verifies");
 }
 
 #[tokio::test]

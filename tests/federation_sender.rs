@@ -234,6 +234,22 @@ async fn order_is_kept_one_transaction_in_flight_at_most_100_edus() {
             assert_eq!(send.content_type.as_deref(), Some("application/json"));
             let auth = send.authorization.as_deref().unwrap_or_default();
             assert!(auth.starts_with("X-Matrix "), "{auth}");
+            // The signature covers exactly this request and body.
+            let header = courier::xmatrix::XMatrix::parse(auth).expect("valid X-Matrix");
+            let uri = format!("/_matrix/federation/v1/send/{}", send.txn_id);
+            let dest = h.dest(n);
+            courier::xmatrix::verify_request(
+                &header,
+                &courier::xmatrix::RequestToSign {
+                    method: "PUT",
+                    uri: &uri,
+                    origin: "origin.test",
+                    destination: &dest,
+                    content: Some(&body),
+                },
+                &fake_remote::test_signing_key().verifying_key(),
+            )
+            .expect("the X-Matrix signature verifies");
             assert!(auth.contains("origin=\"origin.test\""), "{auth}");
             assert!(
                 auth.contains(&format!("destination=\"{}\"", h.dest(n))),
