@@ -4,79 +4,23 @@
 //! for names that must never be contacted (the denylist refuses them before
 //! any socket is opened).
 
+#[path = "support/dns_server.rs"]
+mod dns_server;
 #[path = "support/fake_remote.rs"]
 mod fake_remote;
+#[path = "support/outbound_env.rs"]
+mod outbound_env;
 
-use std::net::{IpAddr, SocketAddr};
-use std::str::FromStr;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use courier::federation::client::{ClientError, FederationClient};
 use courier::federation::discovery::Endpoint;
-use courier::identifiers::ServerName;
-use fake_remote::{FakeRemote, MapResolver, TestCa, TestConfig, WellKnown, test_signing_key};
-use rustls_pki_types::ServerName as TlsName;
-
-struct Setup {
-    _dir: tempfile::TempDir,
-    ca: TestCa,
-    config: TestConfig,
-}
-
-fn setup() -> Setup {
-    courier::tls::install_crypto_provider();
-    let _ = tracing_subscriber::fmt()
-        .with_test_writer()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_env("TEST_LOG"))
-        .try_init();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let ca = TestCa::new();
-    let ca_path = ca.write_pem(dir.path());
-    let config = TestConfig::new(Some(ca_path), dir.path().join("unused.db"));
-    Setup {
-        _dir: dir,
-        ca,
-        config,
-    }
-}
-
-fn client(config: &TestConfig, resolver: MapResolver) -> (FederationClient, Arc<MapResolver>) {
-    let resolver = Arc::new(resolver);
-    let client = FederationClient::with_resolver(
-        Arc::new(config.build()),
-        Arc::new(test_signing_key()),
-        resolver.clone(),
-    )
-    .expect("client");
-    (client, resolver)
-}
-
-fn name(s: &str) -> ServerName {
-    ServerName::parse(s).expect("valid server name")
-}
-
-fn dns(s: &str) -> TlsName<'static> {
-    TlsName::try_from(s.to_owned()).expect("dns name")
-}
-
-fn ip_name(s: &str) -> TlsName<'static> {
-    TlsName::IpAddress(IpAddr::from_str(s).expect("ip").into())
-}
-
-fn addrs(list: &[&str]) -> Vec<SocketAddr> {
-    list.iter()
-        .map(|s| s.parse().expect("socket addr"))
-        .collect()
-}
-
-fn well_known(body: &str) -> WellKnown {
-    WellKnown {
-        status: 200,
-        body: body.to_owned(),
-        headers: vec![],
-    }
-}
+use fake_remote::{FakeRemote, WellKnown};
+use outbound_env::{
+    MapResolver, addrs, client, dns, ip_name, name, setup, test_signing_key, well_known,
+};
 
 #[tokio::test]
 async fn ip_literals_connect_directly_without_sni() {
@@ -315,7 +259,7 @@ async fn well_known_failures_fall_through_to_srv_then_8448_and_are_cached() {
 #[tokio::test(start_paused = true)]
 async fn well_known_answers_are_cached_per_their_headers() {
     let mut s = setup();
-    let _ticker = fake_remote::spawn_ticker();
+    let _ticker = outbound_env::spawn_ticker();
     s.config.request_timeout_ms = 60_000;
     s.config.connect_timeout_ms = 60_000;
     let fake = FakeRemote::start(&s.ca, &["short.test", "default.test"]).await;
@@ -420,227 +364,6 @@ async fn the_denylist_refuses_private_and_metadata_addresses_before_connecting()
 }
 
 #[tokio::test]
-async fn requests_reach_the_peer_with_the_discovered_tls_name_and_host() {
-    let mut s = setup();
-    let fake = FakeRemote::start(&s.ca, &["delegated.test", "origin-name.test", "127.0.0.1"]).await;
-    s.config.well_known_port = fake.port();
-    let port = fake.port();
-    fake.set_well_known(
-        "origin-name.test",
-        well_known(&format!(r#"{{"m.server":"delegated.test:{port}"}}"#)),
-    );
-    let (client, _) = client(
-        &s.config,
-        MapResolver::default()
-            .ip("origin-name.test", &["127.0.0.1"])
-            .ip("delegated.test", &["127.0.0.1"]),
-    );
-    // Delegation: TLS name delegated.test (the cert has no origin-name.test).
-    let answer = client
-        .get_json(
-            &name("origin-name.test"),
-            "/_matrix/federation/v1/version",
-            false,
-        )
-        .await
-        .expect("reaches the delegate");
-    assert_eq!(answer["server"]["name"], "fake");
-    // IP literal with port: no SNI, certificate valid for the IP.
-    client
-        .get_json(
-            &name(&format!("127.0.0.1:{port}")),
-            "/_matrix/federation/v1/version?x=%40y",
-            false,
-        )
-        .await
-        .expect("reaches the IP literal");
-    let requests = fake.other_requests();
-    assert_eq!(requests.len(), 2);
-    assert_eq!(
-        requests[0].host.as_deref(),
-        Some(format!("delegated.test:{port}").as_str())
-    );
-    assert_eq!(
-        requests[1].host.as_deref(),
-        Some(format!("127.0.0.1:{port}").as_str())
-    );
-    assert_eq!(requests[1].path, "/_matrix/federation/v1/version?x=%40y");
-    assert!(
-        requests.iter().all(|r| r.authorization.is_none()),
-        "unsigned"
-    );
-
-    // Signed: X-Matrix over GET without content, destination = server name
-    // (not the delegated host), uri = path and query as sent.
-    let path = "/_matrix/key/v2/query/x%40y?minimum_valid_until_ts=5";
-    client
-        .get_json(&name("origin-name.test"), path, true)
-        .await
-        .expect_err("the fake answers 404 here");
-    let requests = fake.other_requests();
-    let signed = requests.last().expect("the signed request arrived");
-    assert_eq!(signed.path, path);
-    let header = courier::xmatrix::XMatrix::parse(signed.authorization.as_deref().expect("signed"))
-        .expect("valid X-Matrix");
-    assert_eq!(header.destination.as_deref(), Some("origin-name.test"));
-    courier::xmatrix::verify_request(
-        &header,
-        &courier::xmatrix::RequestToSign {
-            method: "GET",
-            uri: path,
-            origin: "origin.test",
-            destination: "origin-name.test",
-            content: None,
-        },
-        &test_signing_key().verifying_key(),
-    )
-    .expect("the signature verifies");
-}
-
-#[tokio::test]
-async fn certificates_are_always_verified_and_tls_refusal_is_a_connect_error() {
-    let mut s = setup();
-    // The certificate is for another name.
-    let fake = FakeRemote::start(&s.ca, &["someone-else.test"]).await;
-    s.config.well_known_port = fake.port();
-    let port = fake.port();
-    let (client, _) = client(
-        &s.config,
-        MapResolver::default().ip("victim.test", &["127.0.0.1"]),
-    );
-    let error = client
-        .get_json(
-            &name(&format!("victim.test:{port}")),
-            "/_matrix/federation/v1/version",
-            false,
-        )
-        .await
-        .expect_err("wrong certificate name");
-    assert!(matches!(error, ClientError::Connect { .. }), "{error:?}");
-
-    // An untrusted CA.
-    let other_ca = TestCa::new();
-    let untrusted = FakeRemote::start(&other_ca, &["victim.test"]).await;
-    let error = client
-        .get_json(
-            &name(&format!("victim.test:{}", untrusted.port())),
-            "/_matrix/federation/v1/version",
-            false,
-        )
-        .await
-        .expect_err("untrusted CA");
-    assert!(matches!(error, ClientError::Connect { .. }), "{error:?}");
-
-    // TLS refused outright.
-    let good = FakeRemote::start(&s.ca, &["victim.test"]).await;
-    good.refuse_tls(true);
-    let error = client
-        .get_json(
-            &name(&format!("victim.test:{}", good.port())),
-            "/_matrix/federation/v1/version",
-            false,
-        )
-        .await
-        .expect_err("tls refused");
-    assert!(matches!(error, ClientError::Connect { .. }), "{error:?}");
-    good.refuse_tls(false);
-    client
-        .get_json(
-            &name(&format!("victim.test:{}", good.port())),
-            "/_matrix/federation/v1/version",
-            false,
-        )
-        .await
-        .expect("works once TLS is served");
-}
-
-#[tokio::test]
-async fn ipv6_literal_end_to_end() {
-    let s = setup();
-    let Ok(listener) = tokio::net::TcpListener::bind("[::1]:0").await else {
-        panic!("this test needs IPv6 loopback");
-    };
-    let fake = FakeRemote::start_on(listener, &s.ca, &["::1"]).await;
-    let (client, _) = client(&s.config, MapResolver::default());
-    let server = format!("[::1]:{}", fake.port());
-    client
-        .get_json(&name(&server), "/_matrix/federation/v1/version", false)
-        .await
-        .expect("reaches [::1]");
-    assert_eq!(
-        fake.other_requests()[0].host.as_deref(),
-        Some(server.as_str())
-    );
-}
-
-/// An authoritative DNS server for `srv.test.` on 127.0.0.1 (UDP and TCP,
-/// same port), run by hickory-server in this process.
-mod dns_server {
-    use std::net::{Ipv4Addr, SocketAddr};
-    use std::str::FromStr;
-    use std::sync::Arc;
-    use std::time::Duration;
-
-    use hickory_server::Server;
-    use hickory_server::proto::rr::rdata::{A, SOA, SRV};
-    use hickory_server::proto::rr::{LowerName, Name, RData, Record};
-    use hickory_server::store::in_memory::InMemoryZoneHandler;
-    use hickory_server::zone_handler::{AxfrPolicy, Catalog, ZoneType};
-
-    pub enum Entry {
-        Srv(&'static str, u16, &'static str),
-        A(&'static str, Ipv4Addr),
-    }
-
-    pub async fn start(entries: &[Entry]) -> (SocketAddr, Server<Catalog>) {
-        let origin = Name::from_str("srv.test.").expect("origin");
-        let mut zone: InMemoryZoneHandler =
-            InMemoryZoneHandler::empty(origin.clone(), ZoneType::Primary, AxfrPolicy::Deny);
-        let soa = SOA::new(
-            Name::from_str("ns.srv.test.").expect("ns"),
-            Name::from_str("admin.srv.test.").expect("admin"),
-            1,
-            3600,
-            600,
-            86400,
-            60,
-        );
-        zone.upsert_mut(Record::from_rdata(origin.clone(), 60, RData::SOA(soa)), 1);
-        for entry in entries {
-            let record = match entry {
-                Entry::Srv(name, port, target) => Record::from_rdata(
-                    Name::from_str(name).expect("srv name"),
-                    60,
-                    RData::SRV(SRV::new(
-                        10,
-                        5,
-                        *port,
-                        Name::from_str(target).expect("target"),
-                    )),
-                ),
-                Entry::A(name, ip) => {
-                    Record::from_rdata(Name::from_str(name).expect("a name"), 60, RData::A(A(*ip)))
-                }
-            };
-            assert!(zone.upsert_mut(record, 1), "record inserted");
-        }
-        let mut catalog = Catalog::new();
-        catalog.upsert(LowerName::new(&origin), vec![Arc::new(zone)]);
-        let mut server = Server::new(catalog);
-        let udp = tokio::net::UdpSocket::bind("127.0.0.1:0")
-            .await
-            .expect("udp");
-        let addr = udp.local_addr().expect("addr");
-        let tcp = tokio::net::TcpListener::bind(addr)
-            .await
-            .expect("tcp on the same port");
-        server.register_socket(udp);
-        server.register_listener(tcp, Duration::from_secs(5), 4096);
-        (addr, server)
-    }
-}
-
-#[tokio::test]
 async fn srv_records_from_a_real_dns_server() {
     use dns_server::Entry;
     let mut s = setup();
@@ -741,36 +464,4 @@ async fn srv_records_from_a_real_dns_server() {
             "{server}: {error:?}"
         );
     }
-}
-
-#[tokio::test]
-async fn localhost_names_are_loopback_without_dns_and_still_denylisted() {
-    let mut s = setup();
-    let fake = FakeRemote::start(&s.ca, &["localhost"]).await;
-    let (local, resolver) = client(&s.config, MapResolver::default());
-    let server = format!("localhost:{}", fake.port());
-    let endpoint = local.resolve(&name(&server)).await.expect("localhost");
-    assert_eq!(
-        endpoint.addrs,
-        vec![
-            SocketAddr::from(([127, 0, 0, 1], fake.port())),
-            SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, fake.port())),
-        ]
-    );
-    assert_eq!(endpoint.tls_name, dns("localhost"));
-    assert!(resolver.lookups().is_empty(), "no DNS for localhost");
-    local
-        .get_json(&name(&server), "/_matrix/federation/v1/version", false)
-        .await
-        .expect("reaches localhost with ip_allow");
-    let request = &fake.other_requests()[0];
-    assert_eq!(request.host.as_deref(), Some(server.as_str()));
-
-    s.config.ip_allow = vec![];
-    let (strict, _) = client(&s.config, MapResolver::default());
-    let error = strict
-        .get_json(&name(&server), "/_matrix/federation/v1/version", false)
-        .await
-        .expect_err("loopback is denied by default");
-    assert!(matches!(error, ClientError::Denied { .. }), "{error:?}");
 }
