@@ -53,14 +53,26 @@ pub struct HickoryResolver {
 
 impl HickoryResolver {
     /// Uses `nameservers` (UDP and TCP on the given ports) when non-empty,
-    /// else the system configuration (`/etc/resolv.conf`).
+    /// else the system configuration (`/etc/resolv.conf`). Without a usable
+    /// system configuration it starts anyway with no nameserver (logged):
+    /// IP-literal and `localhost` destinations still work, every other
+    /// lookup fails and those destinations back off.
     pub fn new(nameservers: &[SocketAddr]) -> Result<Self, DnsError> {
         let failed = |reason: String| DnsError::Failed {
             name: "<resolver configuration>".to_owned(),
             reason,
         };
         let builder = if nameservers.is_empty() {
-            TokioResolver::builder_tokio().map_err(|e| failed(e.to_string()))?
+            match TokioResolver::builder_tokio() {
+                Ok(builder) => builder,
+                Err(error) => {
+                    tracing::error!(%error, "no usable system DNS configuration; set federation.nameservers");
+                    TokioResolver::builder_with_config(
+                        ResolverConfig::from_name_servers(vec![]),
+                        TokioRuntimeProvider::default(),
+                    )
+                }
+            }
         } else {
             let servers = nameservers
                 .iter()
@@ -228,5 +240,30 @@ mod tests {
         let ordered = order_srv(records, || 0.0);
         let names: Vec<&str> = ordered.iter().map(|r| r.target.as_str()).collect();
         assert_eq!(names, vec!["a", "b", "c"]);
+    }
+}
+
+#[cfg(test)]
+mod resolver_tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_no_nameserver_fallback_builds_and_fails_lookups_cleanly() {
+        let resolver = TokioResolver::builder_with_config(
+            ResolverConfig::from_name_servers(vec![]),
+            TokioRuntimeProvider::default(),
+        )
+        .build();
+        let resolver = HickoryResolver {
+            resolver: resolver.expect("builds"),
+        };
+        let error = resolver
+            .lookup_ip("example.org")
+            .await
+            .expect_err("no servers");
+        assert!(
+            matches!(error, DnsError::Failed { .. } | DnsError::NotFound(_)),
+            "{error:?}"
+        );
     }
 }
