@@ -197,3 +197,48 @@ async fn localhost_names_are_loopback_without_dns_and_still_denylisted() {
         .expect_err("loopback is denied by default");
     assert!(matches!(error, ClientError::Denied { .. }), "{error:?}");
 }
+
+/// No SSRF through `.well-known`: a delegation to a metadata or private
+/// address is refused before connecting, even though the `.well-known`
+/// host itself (loopback here, opened by `ip_allow`) was allowed.
+#[tokio::test]
+async fn well_known_cannot_delegate_into_denied_ranges() {
+    let mut s = setup();
+    s.config.ip_allow = vec!["127.0.0.0/8".to_owned()];
+    let fake = FakeRemote::start(&s.ca, &["evil.test", "evil2.test"]).await;
+    s.config.well_known_port = fake.port();
+    fake.set_well_known(
+        "evil.test",
+        well_known(r#"{"m.server":"169.254.169.254:80"}"#),
+    );
+    fake.set_well_known(
+        "evil2.test",
+        well_known(r#"{"m.server":"inside.example:8448"}"#),
+    );
+    let (client, _) = client(
+        &s.config,
+        MapResolver::default()
+            .ip("evil.test", &["127.0.0.1"])
+            .ip("evil2.test", &["127.0.0.1"])
+            .ip("inside.example", &["10.1.2.3", "fd00::5"]),
+    );
+    for server in ["evil.test", "evil2.test"] {
+        let error = client
+            .get_json(&name(server), "/_matrix/federation/v1/version", false)
+            .await
+            .expect_err(server);
+        assert!(
+            matches!(&error, ClientError::Denied { destination } if destination == server),
+            "{server}: {error:?}"
+        );
+    }
+    assert_eq!(
+        fake.well_known_fetches("evil.test"),
+        1,
+        "the delegation was read"
+    );
+    assert!(
+        fake.other_requests().is_empty(),
+        "nothing but .well-known reached"
+    );
+}
