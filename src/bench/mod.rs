@@ -298,7 +298,9 @@ fn workload_of(args: &BenchArgs) -> Workload {
         concurrency: args.concurrency,
         payload_bytes: args.payload,
         duration: Duration::from_secs(args.duration),
-        probe_interval: (args.probe_ms > 0).then(|| Duration::from_millis(args.probe_ms)),
+        // A sink run has no probe device.
+        probe_interval: (args.probe_ms > 0 && args.destinations.is_none())
+            .then(|| Duration::from_millis(args.probe_ms)),
         drain_timeout: Duration::from_secs(args.drain_timeout),
         event_type: args.event_type.clone(),
     }
@@ -330,6 +332,7 @@ async fn drive_in_process(
 ) -> Result<BenchReport, BenchError> {
     let sender_user = format!("@bench-sender:{}", pair.a.server_name);
     let sender_token = register_device(http, &pair.a, &sender_user, "SENDER").await?;
+    let queued_rss = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let (endpoints, delivery, mode, sink) = match args.destinations {
         None => {
             let (endpoints, mode) = pair_endpoints(args, http, pair, sender_token).await?;
@@ -367,7 +370,13 @@ async fn drive_in_process(
                 let sink = sink.clone();
                 let http = http.clone();
                 let relay = pair.a.clone();
+                let queued_rss = queued_rss.clone();
                 Some(Box::pin(async move {
+                    // Everything is queued and the sink holds nothing yet:
+                    // the process is the relays plus a small generator.
+                    if let Ok(sample) = sample_process("self") {
+                        queued_rss.store(sample.rss_kib, Ordering::Relaxed);
+                    }
                     if let Err(error) = sink.open().await {
                         tracing::error!(%error, "opening the sink failed");
                     }
@@ -418,6 +427,7 @@ async fn drive_in_process(
         sink.close().await;
     }
     let threads_after = sample_threads()?;
+    let queued_rss_kib = queued_rss.load(Ordering::Relaxed);
 
     let mut usage = vec![Usage {
         what: "whole process (both relays + load generator)".into(),
@@ -425,6 +435,18 @@ async fn drive_in_process(
         peak_rss_kib: Some(process_after.peak_rss_kib),
         note: Some("both relays share this process: peak RSS covers A, B and the generator".into()),
     }];
+    if queued_rss_kib > 0 {
+        usage.push(Usage {
+            what: "process RSS with every message queued".into(),
+            cpu: Duration::ZERO,
+            peak_rss_kib: Some(queued_rss_kib),
+            note: Some(
+                "VmRSS just before the destinations came back: both relays and the \
+                 generator, no sink state yet"
+                    .into(),
+            ),
+        });
+    }
     let groups = thread_cpu_by_group(&threads_before, &threads_after, THREAD_GROUPS);
     let mut listed = Duration::ZERO;
     for (group, cpu) in &groups {

@@ -245,11 +245,16 @@ impl BenchReport {
         }
         if let Some(l) = &self.latency {
             println!(
-                "  latency     p50 {:.1} ms  p90 {:.1} ms  p99 {:.1} ms  max {:.1} ms  (send start → /sync returns it)",
+                "  latency     p50 {:.1} ms  p90 {:.1} ms  p99 {:.1} ms  max {:.1} ms  (send start → {})",
                 ms(l.p50),
                 ms(l.p90),
                 ms(l.p99),
-                ms(l.max)
+                ms(l.max),
+                if self.mode.contains("sink") {
+                    "the sink receives it"
+                } else {
+                    "/sync returns it"
+                }
             );
         }
         match &self.probe_latency {
