@@ -31,6 +31,11 @@ use tokio_util::task::TaskTracker;
 
 use super::workload::Shared;
 
+/// The sink's ports are taken from here up to `EPHEMERAL_START`.
+const FIRST_PORT: u16 = 12_000;
+/// Linux's default `ip_local_port_range` starts here.
+const EPHEMERAL_START: u16 = 32_768;
+
 /// How long a TLS handshake may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -77,12 +82,28 @@ impl Sink {
         tls_key: &std::path::Path,
         one_request_per_connection: bool,
     ) -> Result<Sink, SinkError> {
+        // Ports below the kernel's ephemeral range: while the sink is closed
+        // (catch-up), the relay's own outgoing connections take ephemeral
+        // ports, and one landing on a reserved port would keep the sink
+        // from listening there (or even connect to itself).
         let mut held = Vec::with_capacity(count);
-        for _ in 0..count {
-            let listener = TcpListener::bind("127.0.0.1:0")
-                .await
-                .map_err(|source| SinkError::Bind { port: 0, source })?;
-            held.push(listener);
+        for port in FIRST_PORT..EPHEMERAL_START {
+            if held.len() == count {
+                break;
+            }
+            if let Ok(listener) = TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], port))).await
+            {
+                held.push(listener);
+            }
+        }
+        if held.len() < count {
+            return Err(SinkError::Bind {
+                port: EPHEMERAL_START,
+                source: std::io::Error::other(format!(
+                    "only {} free ports below {EPHEMERAL_START}",
+                    held.len()
+                )),
+            });
         }
         let ports = held
             .iter()
@@ -142,12 +163,18 @@ impl Sink {
             .load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Starts listening on every port.
+    /// Starts listening on every port; fails with the first port that
+    /// could not be bound, after trying all of them.
     pub async fn open(&self) -> Result<(), SinkError> {
+        let mut first_error = None;
         for &port in &self.ports {
-            let listener = TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], port)))
-                .await
-                .map_err(|source| SinkError::Bind { port, source })?;
+            let listener = match TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], port))).await {
+                Ok(listener) => listener,
+                Err(source) => {
+                    first_error.get_or_insert(SinkError::Bind { port, source });
+                    continue;
+                }
+            };
             self.tasks.spawn(accept_loop(
                 listener,
                 port,
@@ -158,7 +185,10 @@ impl Sink {
                 self.one_request_per_connection,
             ));
         }
-        Ok(())
+        match first_error {
+            Some(error) => Err(error),
+            None => Ok(()),
+        }
     }
 
     /// Stops every listener and connection.
