@@ -43,6 +43,12 @@ pub enum Command {
         #[arg(long, env = "COURIER_CONFIG")]
         config: PathBuf,
     },
+    /// Write a development CA and a localhost certificate signed by it
+    /// (dev-ca.crt/.key, localhost.crt/.key). For development and tests only.
+    DevCerts {
+        #[arg(long, default_value = "certs")]
+        out: PathBuf,
+    },
 }
 
 /// A failed command: the error and the process exit code it maps to.
@@ -118,6 +124,14 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
             }
             std::fs::write(&out, key.to_file_contents()).map_err(runtime_failure)?;
             println!("wrote {} ({})", out.display(), key.key_id());
+            Ok(())
+        }
+        Command::DevCerts { out } => {
+            crate::devcerts::write_dev_certs(&out).map_err(runtime_failure)?;
+            println!(
+                "wrote a development CA and localhost certificate to {}",
+                out.display()
+            );
             Ok(())
         }
         Command::CheckConfig { config } => {

@@ -587,3 +587,19 @@ postgres = "b"
         ));
     }
 }
+
+#[cfg(test)]
+mod example_tests {
+    use super::*;
+
+    /// The documented example and the dev configs must stay valid.
+    #[test]
+    fn shipped_configs_are_valid() {
+        for path in ["config/courier.example.toml", "config/dev/relay-a.toml", "config/dev/relay-b.toml"] {
+            let full = Path::new(env!("CARGO_MANIFEST_DIR")).join(path);
+            let text = std::fs::read_to_string(&full).expect("shipped config exists");
+            let parsed = Config::from_toml_str(&text, path, std::iter::empty());
+            assert!(parsed.is_ok(), "{path}: {:?}", parsed.err());
+        }
+    }
+}

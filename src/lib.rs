@@ -7,6 +7,7 @@ pub mod canonical_json;
 pub mod cli;
 pub mod client_api;
 pub mod config;
+pub mod devcerts;
 pub mod error;
 pub mod federation;
 pub mod identifiers;
