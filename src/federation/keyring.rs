@@ -206,7 +206,9 @@ impl KeyRing {
         let outcome = self.fetch(&server).await;
         let now = Instant::now();
         match outcome {
-            Ok(keys) => {
+            Ok(mut keys) => {
+                let now_ms = crate::now_ms();
+                keys.retain(|key| key.valid_until_ts > now_ms);
                 self.remember(server_name, &keys);
                 if let Err(error) = self.store.put_server_keys(keys).await {
                     tracing::warn!(origin = server_name, %error, "storing fetched server keys failed");
