@@ -1,7 +1,28 @@
 //! Canonical JSON (SPEC §3.2): the one encoder used for everything Courier
-//! signs or verifies. (Contract only; the crypto work fills it in.)
+//! signs or verifies.
+//!
+//! It writes a `serde_json::Value` straight into one `Vec<u8>`: object keys
+//! sorted by code point at every level (sorted here, never trusted to the map
+//! type, because serde_json's `preserve_order` feature would silently turn
+//! its map into insertion order), no whitespace, the exact escaping of the
+//! grammar, and integers only in ±(2^53−1). An `f64` that is integral and in
+//! range is written as an integer (`-0` → `0`, `1e10` → `10000000000`); any
+//! other number is an error, never a lossy rewrite.
+//!
+//! It does not parse JSON (serde_json does) and does not know about
+//! signatures; `signing.rs` uses [`write_canonical_excluding`] to skip the
+//! top-level `signatures` and `unsigned` keys without cloning the value.
+//!
+//! Architecture Invariant: the encoder allocates only the output buffer, plus
+//! one key list for an object whose map iterates out of order (which never
+//! happens with serde_json's default sorted map).
 
-use serde_json::Value;
+use serde_json::{Map, Number, Value};
+
+/// The largest integer canonical JSON allows, 2^53 − 1.
+pub const MAX_SAFE_INTEGER: i64 = (1 << 53) - 1;
+/// The smallest integer canonical JSON allows, −(2^53 − 1).
+pub const MIN_SAFE_INTEGER: i64 = -MAX_SAFE_INTEGER;
 
 /// Why a value has no canonical encoding.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -12,12 +33,220 @@ pub enum CanonicalJsonError {
 
 /// Encodes `value` as canonical JSON bytes.
 pub fn to_canonical_bytes(value: &Value) -> Result<Vec<u8>, CanonicalJsonError> {
-    let _ = value;
-    todo!("crypto helper")
+    let mut out = Vec::with_capacity(256);
+    write_canonical(value, &mut out)?;
+    Ok(out)
 }
 
 /// Encodes `value` as a canonical JSON string.
 pub fn to_canonical_string(value: &Value) -> Result<String, CanonicalJsonError> {
-    let _ = value;
-    todo!("crypto helper")
+    let bytes = to_canonical_bytes(value)?;
+    Ok(String::from_utf8(bytes).expect("the encoder writes only UTF-8 from &str and ASCII"))
+}
+
+/// Appends the canonical encoding of `value` to `out`. On error `out` holds a
+/// partial encoding; callers discard it.
+pub fn write_canonical(value: &Value, out: &mut Vec<u8>) -> Result<(), CanonicalJsonError> {
+    match value {
+        Value::Null => out.extend_from_slice(b"null"),
+        Value::Bool(true) => out.extend_from_slice(b"true"),
+        Value::Bool(false) => out.extend_from_slice(b"false"),
+        Value::Number(number) => write_number(number, out)?,
+        Value::String(text) => write_string(text, out),
+        Value::Array(items) => {
+            out.push(b'[');
+            for (index, item) in items.iter().enumerate() {
+                if index > 0 {
+                    out.push(b',');
+                }
+                write_canonical(item, out)?;
+            }
+            out.push(b']');
+        }
+        Value::Object(map) => write_object(map, &[], out)?,
+    }
+    Ok(())
+}
+
+/// Appends the canonical encoding of the object `map` without the top-level
+/// keys in `excluded` (nested keys of the same name stay). Signing uses this
+/// with `["signatures", "unsigned"]`.
+pub fn write_canonical_excluding(
+    map: &Map<String, Value>,
+    excluded: &[&str],
+    out: &mut Vec<u8>,
+) -> Result<(), CanonicalJsonError> {
+    write_object(map, excluded, out)
+}
+
+/// Appends `text` as a canonical JSON string literal (quotes included).
+pub fn write_string(text: &str, out: &mut Vec<u8>) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    out.reserve(text.len() + 2);
+    out.push(b'"');
+    let bytes = text.as_bytes();
+    let mut run_start = 0;
+    for (index, &byte) in bytes.iter().enumerate() {
+        // Every byte of a multi-byte UTF-8 sequence is >= 0x80, so a byte scan
+        // never splits a character.
+        let escape: &[u8] = match byte {
+            b'"' => b"\\\"",
+            b'\\' => b"\\\\",
+            0x08 => b"\\b",
+            0x09 => b"\\t",
+            0x0a => b"\\n",
+            0x0c => b"\\f",
+            0x0d => b"\\r",
+            0x00..=0x1f => &[
+                b'\\',
+                b'u',
+                b'0',
+                b'0',
+                HEX[usize::from(byte >> 4)],
+                HEX[usize::from(byte & 0xf)],
+            ],
+            _ => continue,
+        };
+        out.extend_from_slice(&bytes[run_start..index]);
+        out.extend_from_slice(escape);
+        run_start = index + 1;
+    }
+    out.extend_from_slice(&bytes[run_start..]);
+    out.push(b'"');
+}
+
+/// Checks that `number` is allowed in canonical JSON and returns it as an
+/// integer.
+pub fn canonical_integer(number: &Number) -> Result<i64, CanonicalJsonError> {
+    let bad = || CanonicalJsonError::BadNumber(number.to_string());
+    if let Some(int) = number.as_i64() {
+        return if (MIN_SAFE_INTEGER..=MAX_SAFE_INTEGER).contains(&int) {
+            Ok(int)
+        } else {
+            Err(bad())
+        };
+    }
+    if number.is_u64() {
+        // Every u64 that is not an i64 is above 2^63.
+        return Err(bad());
+    }
+    let float = number.as_f64().ok_or_else(bad)?;
+    // The range check also rules out NaN and the infinities.
+    let in_range = float >= MIN_SAFE_INTEGER as f64 && float <= MAX_SAFE_INTEGER as f64;
+    if in_range && float.fract() == 0.0 {
+        // Exact: integral and within ±2^53, so the cast loses nothing; -0.0 → 0.
+        Ok(float as i64)
+    } else {
+        Err(bad())
+    }
+}
+
+fn write_number(number: &Number, out: &mut Vec<u8>) -> Result<(), CanonicalJsonError> {
+    write_integer(canonical_integer(number)?, out);
+    Ok(())
+}
+
+fn write_integer(value: i64, out: &mut Vec<u8>) {
+    // |value| < 2^53 < 10^16, so 17 bytes hold the digits and a sign.
+    let mut buffer = [0u8; 20];
+    let mut position = buffer.len();
+    let mut magnitude = value.unsigned_abs();
+    loop {
+        position -= 1;
+        buffer[position] = b'0' + (magnitude % 10) as u8;
+        magnitude /= 10;
+        if magnitude == 0 {
+            break;
+        }
+    }
+    if value < 0 {
+        position -= 1;
+        buffer[position] = b'-';
+    }
+    out.extend_from_slice(&buffer[position..]);
+}
+
+fn write_object(
+    map: &Map<String, Value>,
+    excluded: &[&str],
+    out: &mut Vec<u8>,
+) -> Result<(), CanonicalJsonError> {
+    let keep = |key: &str| !excluded.contains(&key);
+    // serde_json's default map iterates in byte order already; check that in
+    // one pass and sort only when it does not (e.g. `preserve_order`).
+    let mut previous: Option<&str> = None;
+    let already_sorted = map.keys().all(|key| {
+        let ordered = previous.is_none_or(|prev| prev < key.as_str());
+        previous = Some(key);
+        ordered
+    });
+    out.push(b'{');
+    let mut first = true;
+    let mut write_entry = |key: &str, value: &Value, out: &mut Vec<u8>| {
+        if !first {
+            out.push(b',');
+        }
+        first = false;
+        write_string(key, out);
+        out.push(b':');
+        write_canonical(value, out)
+    };
+    if already_sorted {
+        for (key, value) in map.iter().filter(|(key, _)| keep(key)) {
+            write_entry(key, value, out)?;
+        }
+    } else {
+        let mut entries: Vec<(&String, &Value)> = map.iter().filter(|(key, _)| keep(key)).collect();
+        // `str` ordering is byte order, which for UTF-8 is code point order.
+        entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        for (key, value) in entries {
+            write_entry(key, value, out)?;
+        }
+    }
+    out.push(b'}');
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn integers_at_the_edges() {
+        let out = to_canonical_string(&json!([0, -1, MAX_SAFE_INTEGER, MIN_SAFE_INTEGER]));
+        assert_eq!(
+            out.as_deref(),
+            Ok("[0,-1,9007199254740991,-9007199254740991]")
+        );
+        assert!(to_canonical_bytes(&json!(MAX_SAFE_INTEGER + 1)).is_err());
+        assert!(to_canonical_bytes(&json!(MIN_SAFE_INTEGER - 1)).is_err());
+        assert!(to_canonical_bytes(&json!(u64::MAX)).is_err());
+        assert!(to_canonical_bytes(&json!(i64::MIN)).is_err());
+    }
+
+    #[test]
+    fn floats() {
+        assert_eq!(to_canonical_string(&json!(-0.0)).as_deref(), Ok("0"));
+        assert_eq!(to_canonical_string(&json!(2.0)).as_deref(), Ok("2"));
+        assert_eq!(
+            to_canonical_string(&json!(-1e10)).as_deref(),
+            Ok("-10000000000")
+        );
+        assert!(to_canonical_bytes(&json!(1.5)).is_err());
+        assert!(to_canonical_bytes(&json!(9007199254740992.0)).is_err());
+        assert!(to_canonical_bytes(&json!(1e300)).is_err());
+    }
+
+    #[test]
+    fn excluding_only_top_level() {
+        let value = json!({"a": {"signatures": 1, "unsigned": 2}, "signatures": {}, "unsigned": 3});
+        let mut out = Vec::new();
+        let map = value.as_object().expect("literal object");
+        assert_eq!(
+            write_canonical_excluding(map, &["signatures", "unsigned"], &mut out),
+            Ok(())
+        );
+        assert_eq!(out, br#"{"a":{"signatures":1,"unsigned":2}}"#);
+    }
 }

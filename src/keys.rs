@@ -1,10 +1,27 @@
-//! Our server signing key (Synapse's key file format) and the key document
-//! served at `GET /_matrix/key/v2/server`. (Contract only; the crypto work
-//! fills it in.)
+//! Server signing keys: our own key (Synapse's key file format), the key
+//! document we serve at `GET /_matrix/key/v2/server` (SPEC §5.1, §5.5), and
+//! validation of a key document fetched from another server (SPEC §5.2,
+//! §5.3).
+//!
+//! It does not fetch, cache or store keys (the inbound federation layer and
+//! the store do), and it does not decide when to rotate.
+//!
+//! Architecture Invariant: keys from `old_verify_keys` never come out of
+//! [`validate_server_key_response`]; they only verify old events, never
+//! requests (SPEC §4.3 step 6).
 
+use std::fmt;
 use std::path::Path;
 
-use serde_json::Value;
+use ed25519_dalek::Signer as _;
+use serde_json::{Map, Value, json};
+
+use crate::canonical_json::MAX_SAFE_INTEGER;
+use crate::signing::{decode_base64, decode_verify_key, encode_base64, sign_json, verify_json};
+use crate::store::StoredServerKey;
+
+/// The longest a fetched key is trusted without a re-fetch (SPEC §5.3).
+pub const MAX_KEY_VALIDITY_MS: i64 = 7 * 24 * 60 * 60 * 1000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
@@ -15,12 +32,28 @@ pub enum KeyError {
     },
     #[error("key file {path} is malformed: {reason}")]
     Malformed { path: String, reason: String },
+    /// A key version outside `[A-Za-z0-9_]+`.
+    #[error("key version {version:?} must be non-empty and use only [A-Za-z0-9_]")]
+    BadVersion { version: String },
+    /// A fetched `/_matrix/key/v2/server` response that must not be used.
+    #[error("key response from {server_name} rejected: {reason}")]
+    BadKeyResponse { server_name: String, reason: String },
 }
 
 /// An ed25519 signing key with its key id `ed25519:<version>`.
 pub struct ServerSigningKey {
     key_id: String,
     key: ed25519_dalek::SigningKey,
+}
+
+impl fmt::Debug for ServerSigningKey {
+    /// Prints the key id and public key, never the seed.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServerSigningKey")
+            .field("key_id", &self.key_id)
+            .field("public_key", &self.public_key_base64())
+            .finish()
+    }
 }
 
 /// A retired key still listed under `old_verify_keys`.
@@ -32,57 +65,260 @@ pub struct OldVerifyKey {
     pub expired_ts: i64,
 }
 
+/// Whether `version` is a valid key version: `[A-Za-z0-9_]+`.
+pub fn is_valid_key_version(version: &str) -> bool {
+    !version.is_empty()
+        && version
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
 impl ServerSigningKey {
     /// Loads a Synapse-format key file (`ed25519 <version> <seed>`).
     pub fn load(path: &Path) -> Result<Self, KeyError> {
-        let _ = path;
-        todo!("crypto helper")
+        let shown = path.display().to_string();
+        let contents = std::fs::read_to_string(path).map_err(|source| KeyError::Io {
+            path: shown.clone(),
+            source,
+        })?;
+        Self::parse(&contents, &shown)
     }
+
     /// Parses key file contents (first valid line).
+    ///
+    /// Blank lines are skipped; the first other line must be
+    /// `ed25519 <version> <base64 seed>` and is the key. Later lines (Synapse
+    /// allows several keys) are ignored. A malformed first key line is an
+    /// error, not skipped, so a typo never silently changes the key.
     pub fn parse(contents: &str, path_for_errors: &str) -> Result<Self, KeyError> {
-        let _ = (contents, path_for_errors);
-        todo!("crypto helper")
+        let malformed = |reason: String| KeyError::Malformed {
+            path: path_for_errors.to_owned(),
+            reason,
+        };
+        let line = contents
+            .lines()
+            .map(str::trim)
+            .find(|line| !line.is_empty())
+            .ok_or_else(|| malformed("the file is empty".to_owned()))?;
+        let fields: Vec<&str> = line.split_ascii_whitespace().collect();
+        let [algorithm, version, seed] = fields[..] else {
+            return Err(malformed(format!(
+                "expected `ed25519 <version> <base64 seed>`, found {} fields",
+                fields.len()
+            )));
+        };
+        if algorithm != "ed25519" {
+            return Err(malformed(format!(
+                "unsupported algorithm {algorithm:?}, expected \"ed25519\""
+            )));
+        }
+        if !is_valid_key_version(version) {
+            return Err(malformed(format!(
+                "key version {version:?} must use only [A-Za-z0-9_]"
+            )));
+        }
+        let seed =
+            decode_base64(seed).map_err(|_| malformed("the seed is not base64".to_owned()))?;
+        let seed: [u8; 32] = seed
+            .as_slice()
+            .try_into()
+            .map_err(|_| malformed(format!("the seed is {} bytes, expected 32", seed.len())))?;
+        Ok(Self::from_seed(version, seed))
     }
+
     /// A fresh random key with the given version.
+    ///
+    /// The version is not checked here (the contract has no error path);
+    /// use [`ServerSigningKey::try_generate`] for untrusted versions.
     pub fn generate(version: &str) -> Self {
-        let _ = version;
-        todo!("crypto helper")
+        let mut seed = [0u8; 32];
+        rand::fill(&mut seed);
+        Self::from_seed(version, seed)
     }
+
+    /// Like [`ServerSigningKey::generate`], but rejects a version outside
+    /// `[A-Za-z0-9_]+`, which could not be written to and read back from a key
+    /// file.
+    pub fn try_generate(version: &str) -> Result<Self, KeyError> {
+        if !is_valid_key_version(version) {
+            return Err(KeyError::BadVersion {
+                version: version.to_owned(),
+            });
+        }
+        Ok(Self::generate(version))
+    }
+
     pub fn from_seed(version: &str, seed: [u8; 32]) -> Self {
         ServerSigningKey {
             key_id: format!("ed25519:{version}"),
             key: ed25519_dalek::SigningKey::from_bytes(&seed),
         }
     }
+
     /// `ed25519 <version> <unpadded base64 seed>\n`.
     pub fn to_file_contents(&self) -> String {
-        todo!("crypto helper")
+        format!(
+            "ed25519 {} {}\n",
+            self.version(),
+            encode_base64(self.key.as_bytes())
+        )
     }
+
     /// `ed25519:<version>`.
     pub fn key_id(&self) -> &str {
         &self.key_id
     }
+
+    /// The part of the key id after `ed25519:`.
+    pub fn version(&self) -> &str {
+        self.key_id
+            .strip_prefix("ed25519:")
+            .expect("key ids are built as ed25519:<version>")
+    }
+
     pub fn verifying_key(&self) -> ed25519_dalek::VerifyingKey {
         self.key.verifying_key()
     }
+
     /// Unpadded base64 of the public key.
     pub fn public_key_base64(&self) -> String {
-        todo!("crypto helper")
+        encode_base64(self.key.verifying_key().as_bytes())
     }
+
     /// Signs raw bytes; returns unpadded base64.
     pub fn sign_bytes(&self, bytes: &[u8]) -> String {
-        let _ = bytes;
-        todo!("crypto helper")
+        encode_base64(&self.key.sign(bytes).to_bytes())
     }
 }
 
 /// The signed `GET /_matrix/key/v2/server` response.
+///
+/// `old_verify_keys` is always present (`{}` when empty), matching SPEC
+/// §10.4(a). Timestamps beyond 2^53−1 (hundreds of thousands of years away)
+/// are clamped to it so the document is always canonical.
 pub fn server_key_document(
     server_name: &str,
     key: &ServerSigningKey,
     old_keys: &[OldVerifyKey],
     valid_until_ts: i64,
 ) -> Value {
-    let _ = (server_name, key, old_keys, valid_until_ts);
-    todo!("crypto helper")
+    let clamp = |ts: i64| ts.clamp(0, MAX_SAFE_INTEGER);
+    let mut old_verify_keys = Map::new();
+    for old in old_keys {
+        old_verify_keys.insert(
+            old.key_id.clone(),
+            json!({"key": old.public_key, "expired_ts": clamp(old.expired_ts)}),
+        );
+    }
+    let mut document = json!({
+        "server_name": server_name,
+        "verify_keys": { key.key_id(): { "key": key.public_key_base64() } },
+        "old_verify_keys": old_verify_keys,
+        "valid_until_ts": clamp(valid_until_ts),
+    });
+    sign_json(&mut document, server_name, key)
+        .expect("a document of strings and clamped integers is a canonical JSON object");
+    document
+}
+
+/// Validates a `GET /_matrix/key/v2/server` response fetched directly from
+/// `server_name` (SPEC §5.2) and returns its current keys with their
+/// effective expiry `min(valid_until_ts, now + 7 days)` (SPEC §5.3).
+///
+/// The response must name `server_name`, carry at least one signature by
+/// `server_name` with a key from its own `verify_keys`, and every such
+/// signature must verify. Keys of unknown algorithms are skipped; an
+/// `ed25519:` key that does not decode rejects the response. Keys from
+/// `old_verify_keys` are never returned. A response whose expiry has already
+/// passed still validates; callers compare `valid_until_ts` with now.
+pub fn validate_server_key_response(
+    server_name: &str,
+    response: &Value,
+    now_ms: i64,
+) -> Result<Vec<StoredServerKey>, KeyError> {
+    let reject = |reason: String| KeyError::BadKeyResponse {
+        server_name: server_name.to_owned(),
+        reason,
+    };
+    let object = response
+        .as_object()
+        .ok_or_else(|| reject("the response is not a JSON object".to_owned()))?;
+    match object.get("server_name").and_then(Value::as_str) {
+        Some(name) if name == server_name => {}
+        Some(name) => return Err(reject(format!("it names server {name:?}"))),
+        None => return Err(reject("server_name is missing".to_owned())),
+    }
+    let valid_until_ts = object
+        .get("valid_until_ts")
+        .and_then(Value::as_i64)
+        .ok_or_else(|| reject("valid_until_ts is missing or not an integer".to_owned()))?;
+    let verify_keys = object
+        .get("verify_keys")
+        .and_then(Value::as_object)
+        .ok_or_else(|| reject("verify_keys is missing or not an object".to_owned()))?;
+
+    let mut keys = Vec::new();
+    let mut decoded = Vec::new();
+    for (key_id, entry) in verify_keys {
+        if !key_id.starts_with("ed25519:") {
+            continue;
+        }
+        let text = entry
+            .get("key")
+            .and_then(Value::as_str)
+            .ok_or_else(|| reject(format!("verify key {key_id:?} has no key string")))?;
+        let verify_key = decode_verify_key(text)
+            .map_err(|_| reject(format!("verify key {key_id:?} is not an ed25519 key")))?;
+        decoded.push((key_id.as_str(), verify_key));
+        keys.push(StoredServerKey {
+            server_name: server_name.to_owned(),
+            key_id: key_id.clone(),
+            public_key: encode_base64(verify_key.as_bytes()),
+            valid_until_ts: valid_until_ts.min(now_ms.saturating_add(MAX_KEY_VALIDITY_MS)),
+        });
+    }
+
+    let signatures = object
+        .get("signatures")
+        .and_then(|signatures| signatures.get(server_name))
+        .and_then(Value::as_object)
+        .ok_or_else(|| reject("it is not signed by the server".to_owned()))?;
+    let mut verified = 0usize;
+    for key_id in signatures.keys() {
+        let Some((_, verify_key)) = decoded.iter().find(|(id, _)| *id == key_id.as_str()) else {
+            continue;
+        };
+        verify_json(response, server_name, key_id, verify_key)
+            .map_err(|error| reject(format!("signature with {key_id:?} fails: {error}")))?;
+        verified += 1;
+    }
+    if verified == 0 {
+        return Err(reject(
+            "no signature by a key from its own verify_keys".to_owned(),
+        ));
+    }
+    Ok(keys)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_round_trip() {
+        let key = ServerSigningKey::from_seed("a_1", [7; 32]);
+        let parsed = ServerSigningKey::parse(&key.to_file_contents(), "mem");
+        let parsed = parsed.expect("our own output parses");
+        assert_eq!(parsed.key_id(), "ed25519:a_1");
+        assert_eq!(parsed.public_key_base64(), key.public_key_base64());
+    }
+
+    #[test]
+    fn try_generate_checks_version() {
+        assert!(ServerSigningKey::try_generate("a b").is_err());
+        assert!(ServerSigningKey::try_generate("").is_err());
+        let key = ServerSigningKey::try_generate("auto").expect("valid version");
+        assert_eq!(key.key_id(), "ed25519:auto");
+        assert!(!format!("{key:?}").contains(&encode_base64(key.key.as_bytes())));
+    }
 }
