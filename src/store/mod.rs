@@ -250,6 +250,20 @@ impl Retention {
     };
 }
 
+/// The stored form of an access token: lowercase hex of its SHA-256. Stores
+/// keep only this, never the token itself; every backend uses this function
+/// so that a token registered through one is found through another.
+pub fn hash_token(access_token: &str) -> String {
+    use sha2::{Digest, Sha256};
+    use std::fmt::Write;
+    let digest = Sha256::digest(access_token.as_bytes());
+    let mut hex = String::with_capacity(64);
+    for byte in digest.iter() {
+        write!(hex, "{byte:02x}").expect("writing to a String cannot fail");
+    }
+    hex
+}
+
 /// The durable store. Each method is one atomic transaction.
 pub trait Store: Send + Sync + 'static {
     // --- devices and tokens ---------------------------------------------
@@ -390,6 +404,13 @@ pub trait Store: Send + Sync + 'static {
         retention: Retention,
         batch: u32,
     ) -> StoreFuture<'_, PruneReport>;
+
+    /// Finishes queued writes and stops the backend's background work (for a
+    /// clean shutdown). Later writes may fail with `StoreError::Closed`.
+    /// Backends without background work keep the default, which does nothing.
+    fn close(&self) -> StoreFuture<'_, ()> {
+        Box::pin(async { Ok(()) })
+    }
 }
 
 /// Opens the backend named in the configuration.

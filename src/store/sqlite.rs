@@ -1,141 +1,438 @@
-//! SQLite backend of `Store`. (Placeholder; the store work replaces this
-//! file with the real backend.)
+//! SQLite backend of `Store`: the embedded default (DESIGN §2, §3).
+//!
+//! Shape: one dedicated OS thread owns the only write connection and runs
+//! **group commit** (`sqlite/writer.rs`): concurrent writes share one
+//! `BEGIN IMMEDIATE` transaction and one fsync, each isolated in its own
+//! savepoint. Reads go to a small pool of read connections through
+//! `spawn_blocking`. No rusqlite call ever runs on a tokio worker thread.
+//! The database is in WAL mode with `synchronous=FULL`, so a write future
+//! resolves only after its commit is durable. The SQL of each operation is in
+//! `sqlite/devices.rs`, `sqlite/inbox.rs`,
+//! `sqlite/outbox.rs` and `sqlite/maintenance.rs`; the schema is in `migrations/sqlite/*.sql`.
 
-use super::StoreError;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::Duration;
 
+use rusqlite::Connection;
+use tokio::sync::{Semaphore, oneshot};
+
+use crate::store::{
+    DestinationStatus, DeviceKey, InFlightTxn, InboundOutcome, InboundTxn, InboxPage, OutboxEdu,
+    PruneReport, QuarantinedEdu, Retention, RetryState, SendBatch, SendOutcome, Store, StoreError,
+    StoreFuture, StoredServerKey, TimestampMs,
+};
+
+mod devices;
+mod inbox;
+mod maintenance;
+mod outbox;
+mod schema;
+mod writer;
+
+use writer::{ClosureJob, Message, Writer, WriterStats};
+
+/// Tuning of a `SqliteStore`. `SqliteOptions::default()` suits production.
+#[derive(Debug, Clone)]
+pub struct SqliteOptions {
+    /// Read connections in the pool (concurrent reads).
+    pub readers: usize,
+    /// The most write requests one group transaction takes.
+    pub max_batch: usize,
+    /// How long a connection waits for a lock held by another process.
+    pub busy_timeout: Duration,
+}
+
+impl Default for SqliteOptions {
+    fn default() -> Self {
+        SqliteOptions {
+            readers: 4,
+            max_batch: 512,
+            busy_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The SQLite store. Cheap to clone: clones share the writer thread and the
+/// reader pool. The writer stops when the last clone is dropped (after
+/// finishing queued writes) or on `close`.
+#[derive(Clone)]
 pub struct SqliteStore {
-    _private: (),
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    path: PathBuf,
+    busy_timeout: Duration,
+    writer: mpsc::Sender<Message>,
+    stats: Arc<WriterStats>,
+    readers: Mutex<Vec<Connection>>,
+    reader_permits: Arc<Semaphore>,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore")
+            .field("path", &self.inner.path)
+            .finish_non_exhaustive()
+    }
 }
 
 impl SqliteStore {
-    pub async fn open(path: &std::path::Path) -> Result<SqliteStore, StoreError> {
-        let _ = path;
-        todo!("store work")
+    /// Opens (creating the file and its parent directory if missing) and
+    /// migrates the database at `path`, with default options.
+    pub async fn open(path: &Path) -> Result<SqliteStore, StoreError> {
+        Self::open_with(path, SqliteOptions::default()).await
+    }
+
+    /// Opens the database at `path` with explicit options.
+    pub async fn open_with(path: &Path, options: SqliteOptions) -> Result<SqliteStore, StoreError> {
+        let path = path.to_path_buf();
+        let stats = Arc::new(WriterStats::default());
+        let (tx, rx) = mpsc::channel::<Message>();
+        let (ready_tx, ready_rx) = oneshot::channel::<Result<(), StoreError>>();
+        let thread_path = path.clone();
+        let thread_stats = stats.clone();
+        let busy_timeout = options.busy_timeout;
+        let max_batch = options.max_batch.max(1);
+        std::thread::Builder::new()
+            .name("courier-sqlite-writer".to_owned())
+            .spawn(move || {
+                let setup = (|| {
+                    if let Some(parent) = thread_path.parent()
+                        && !parent.as_os_str().is_empty()
+                    {
+                        std::fs::create_dir_all(parent)?;
+                    }
+                    let mut conn = schema::open_writer(&thread_path, busy_timeout)?;
+                    schema::migrate(&mut conn, crate::now_ms())?;
+                    Ok::<_, StoreError>(conn)
+                })();
+                match setup {
+                    Ok(conn) => {
+                        let _ = ready_tx.send(Ok(()));
+                        Writer {
+                            conn,
+                            rx,
+                            stats: thread_stats,
+                            max_batch,
+                        }
+                        .run();
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                    }
+                }
+            })?;
+        ready_rx.await.map_err(|_| StoreError::Closed)??;
+
+        let reader_path = path.clone();
+        let count = options.readers.max(1);
+        let readers = tokio::task::spawn_blocking(move || {
+            (0..count)
+                .map(|_| schema::open_reader(&reader_path, busy_timeout))
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .await
+        .map_err(join_error)??;
+        tracing::info!(path = %path.display(), readers = count, "sqlite store open");
+        Ok(SqliteStore {
+            inner: Arc::new(Inner {
+                path,
+                busy_timeout,
+                writer: tx,
+                stats,
+                readers: Mutex::new(readers),
+                reader_permits: Arc::new(Semaphore::new(count)),
+            }),
+        })
+    }
+
+    /// Group transactions committed so far (each is one WAL fsync).
+    pub fn commit_count(&self) -> u64 {
+        self.inner.stats.commits.load(Ordering::Relaxed)
+    }
+
+    /// Write requests answered so far.
+    pub fn write_count(&self) -> u64 {
+        self.inner.stats.jobs.load(Ordering::Relaxed)
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// Finishes the queued writes, checkpoints the WAL and stops the writer
+    /// thread. Later writes (from any clone) fail with `StoreError::Closed`.
+    pub async fn close(&self) -> Result<(), StoreError> {
+        let (done_tx, done_rx) = oneshot::channel();
+        if self.inner.writer.send(Message::Shutdown(done_tx)).is_err() {
+            return Ok(());
+        }
+        // An error here means the thread is already gone: closed either way.
+        let _ = done_rx.await;
+        Ok(())
+    }
+
+    /// Runs `op` on the writer thread inside the next group transaction and
+    /// resolves after that transaction committed.
+    fn write<T, F>(&self, op: F) -> impl Future<Output = Result<T, StoreError>> + Send + 'static
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        let inner = self.inner.clone();
+        async move {
+            let (reply_tx, reply_rx) = oneshot::channel();
+            inner
+                .writer
+                .send(Message::Job(Box::new(ClosureJob::new(op, reply_tx))))
+                .map_err(|_| StoreError::Closed)?;
+            reply_rx.await.map_err(|_| StoreError::Closed)?
+        }
+    }
+
+    /// Runs `op` on a pooled read connection on the blocking pool.
+    fn read<T, F>(&self, op: F) -> impl Future<Output = Result<T, StoreError>> + Send + 'static
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        let inner = self.inner.clone();
+        async move {
+            let permit = inner
+                .reader_permits
+                .clone()
+                .acquire_owned()
+                .await
+                .map_err(|_| StoreError::Closed)?;
+            tokio::task::spawn_blocking(move || {
+                let _permit = permit;
+                let pooled = lock(&inner.readers).pop();
+                // A connection is missing only if an earlier read panicked
+                // while holding it; replace it.
+                let conn = match pooled {
+                    Some(conn) => conn,
+                    None => schema::open_reader(&inner.path, inner.busy_timeout)?,
+                };
+                let result = op(&conn);
+                lock(&inner.readers).push(conn);
+                result
+            })
+            .await
+            .map_err(join_error)?
+        }
     }
 }
 
-impl super::Store for SqliteStore {
+fn lock(readers: &Mutex<Vec<Connection>>) -> std::sync::MutexGuard<'_, Vec<Connection>> {
+    // A panic while holding the lock cannot leave the Vec inconsistent.
+    readers
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn join_error(e: tokio::task::JoinError) -> StoreError {
+    StoreError::Io(std::io::Error::other(format!(
+        "sqlite read task failed: {e}"
+    )))
+}
+
+/// What the reader decided for a `fetch_inbox`.
+enum InboxRead {
+    /// Nothing to acknowledge: the page read from the pool.
+    Page(InboxPage),
+    /// Rows at or below `since` exist: the writer must delete them.
+    NeedsDelete,
+}
+
+impl Store for SqliteStore {
     fn upsert_device<'a>(
         &'a self,
-        _: &'a str,
-        _: &'a str,
-        _: Option<&'a str>,
-    ) -> super::StoreFuture<'a, ()> {
-        todo!()
+        user_id: &'a str,
+        device_id: &'a str,
+        access_token: Option<&'a str>,
+    ) -> StoreFuture<'a, ()> {
+        let (user_id, device_id) = (user_id.to_owned(), device_id.to_owned());
+        let token = access_token.map(str::to_owned);
+        Box::pin(
+            self.write(move |c| devices::upsert_device(c, &user_id, &device_id, token.as_deref())),
+        )
     }
-    fn delete_device<'a>(&'a self, _: &'a str, _: &'a str) -> super::StoreFuture<'a, bool> {
-        todo!()
+
+    fn delete_device<'a>(&'a self, user_id: &'a str, device_id: &'a str) -> StoreFuture<'a, bool> {
+        let (user_id, device_id) = (user_id.to_owned(), device_id.to_owned());
+        Box::pin(self.write(move |c| devices::delete_device(c, &user_id, &device_id)))
     }
-    fn list_devices<'a>(&'a self, _: &'a str) -> super::StoreFuture<'a, Vec<String>> {
-        todo!()
+
+    fn list_devices<'a>(&'a self, user_id: &'a str) -> StoreFuture<'a, Vec<String>> {
+        let user_id = user_id.to_owned();
+        Box::pin(self.read(move |c| devices::list_devices(c, &user_id)))
     }
-    fn lookup_token<'a>(&'a self, _: &'a str) -> super::StoreFuture<'a, Option<super::DeviceKey>> {
-        todo!()
+
+    fn lookup_token<'a>(&'a self, access_token: &'a str) -> StoreFuture<'a, Option<DeviceKey>> {
+        let token = access_token.to_owned();
+        Box::pin(self.read(move |c| devices::lookup_token(c, &token)))
     }
-    fn enqueue_send(&self, _: super::SendBatch) -> super::StoreFuture<'_, super::SendOutcome> {
-        todo!()
+
+    fn enqueue_send(&self, batch: SendBatch) -> StoreFuture<'_, SendOutcome> {
+        Box::pin(self.write(move |c| inbox::enqueue_send(c, &batch)))
     }
-    fn apply_inbound_txn(
-        &self,
-        _: super::InboundTxn,
-    ) -> super::StoreFuture<'_, super::InboundOutcome> {
-        todo!()
+
+    fn apply_inbound_txn(&self, txn: InboundTxn) -> StoreFuture<'_, InboundOutcome> {
+        Box::pin(self.write(move |c| inbox::apply_inbound_txn(c, &txn)))
     }
+
     fn inbound_txn_response<'a>(
         &'a self,
-        _: &'a str,
-        _: &'a str,
-    ) -> super::StoreFuture<'a, Option<String>> {
-        todo!()
+        origin: &'a str,
+        txn_id: &'a str,
+    ) -> StoreFuture<'a, Option<String>> {
+        let (origin, txn_id) = (origin.to_owned(), txn_id.to_owned());
+        Box::pin(self.read(move |c| inbox::inbound_txn_response(c, &origin, &txn_id)))
     }
+
     fn fetch_inbox<'a>(
         &'a self,
-        _: &'a str,
-        _: &'a str,
-        _: i64,
-        _: u32,
-    ) -> super::StoreFuture<'a, super::InboxPage> {
-        todo!()
+        user_id: &'a str,
+        device_id: &'a str,
+        since: i64,
+        limit: u32,
+    ) -> StoreFuture<'a, InboxPage> {
+        let (user_id, device_id) = (user_id.to_owned(), device_id.to_owned());
+        Box::pin(async move {
+            // Idle long-polls re-fetch with an already-applied `since`: keep
+            // them on the reader pool, away from the writer.
+            let (u, d) = (user_id.clone(), device_id.clone());
+            let first = self
+                .read(move |c| {
+                    if inbox::inbox_has_acked(c, &u, &d, since)? {
+                        Ok(InboxRead::NeedsDelete)
+                    } else {
+                        Ok(InboxRead::Page(inbox::inbox_page(c, &u, &d, since, limit)?))
+                    }
+                })
+                .await?;
+            match first {
+                InboxRead::Page(page) => Ok(page),
+                InboxRead::NeedsDelete => {
+                    self.write(move |c| {
+                        inbox::delete_acked(c, &user_id, &device_id, since)?;
+                        inbox::inbox_page(c, &user_id, &device_id, since, limit)
+                    })
+                    .await
+                }
+            }
+        })
     }
-    fn in_flight<'a>(&'a self, _: &'a str) -> super::StoreFuture<'a, Option<super::InFlightTxn>> {
-        todo!()
+
+    fn in_flight<'a>(&'a self, destination: &'a str) -> StoreFuture<'a, Option<InFlightTxn>> {
+        let destination = destination.to_owned();
+        Box::pin(self.read(move |c| outbox::in_flight(c, &destination)))
     }
+
     fn peek_outbox<'a>(
         &'a self,
-        _: &'a str,
-        _: u32,
-        _: u64,
-    ) -> super::StoreFuture<'a, Vec<super::OutboxEdu>> {
-        todo!()
+        destination: &'a str,
+        max_edus: u32,
+        max_bytes: u64,
+    ) -> StoreFuture<'a, Vec<OutboxEdu>> {
+        let destination = destination.to_owned();
+        Box::pin(self.read(move |c| outbox::peek_outbox(c, &destination, max_edus, max_bytes)))
     }
-    fn begin_txn(&self, _: super::InFlightTxn) -> super::StoreFuture<'_, ()> {
-        todo!()
+
+    fn begin_txn(&self, txn: InFlightTxn) -> StoreFuture<'_, ()> {
+        Box::pin(self.write(move |c| outbox::begin_txn(c, &txn)))
     }
+
     fn ack_txn<'a>(
         &'a self,
-        _: &'a str,
-        _: &'a str,
-        _: super::TimestampMs,
-    ) -> super::StoreFuture<'a, ()> {
-        todo!()
+        destination: &'a str,
+        txn_id: &'a str,
+        now_ms: TimestampMs,
+    ) -> StoreFuture<'a, ()> {
+        let (destination, txn_id) = (destination.to_owned(), txn_id.to_owned());
+        Box::pin(self.write(move |c| outbox::ack_txn(c, &destination, &txn_id, now_ms)))
     }
-    fn refuse_txn<'a>(&'a self, _: &'a str, _: &'a str) -> super::StoreFuture<'a, ()> {
-        todo!()
+
+    fn refuse_txn<'a>(&'a self, destination: &'a str, txn_id: &'a str) -> StoreFuture<'a, ()> {
+        let (destination, txn_id) = (destination.to_owned(), txn_id.to_owned());
+        Box::pin(self.write(move |c| outbox::refuse_txn(c, &destination, &txn_id)))
     }
+
     fn quarantine_edu<'a>(
         &'a self,
-        _: &'a str,
-        _: i64,
-        _: &'a str,
-        _: super::TimestampMs,
-    ) -> super::StoreFuture<'a, ()> {
-        todo!()
+        destination: &'a str,
+        seq: i64,
+        reason: &'a str,
+        now_ms: TimestampMs,
+    ) -> StoreFuture<'a, ()> {
+        let (destination, reason) = (destination.to_owned(), reason.to_owned());
+        Box::pin(self.write(move |c| outbox::quarantine_edu(c, &destination, seq, &reason, now_ms)))
     }
+
     fn list_quarantined<'a>(
         &'a self,
-        _: Option<&'a str>,
-    ) -> super::StoreFuture<'a, Vec<super::QuarantinedEdu>> {
-        todo!()
+        destination: Option<&'a str>,
+    ) -> StoreFuture<'a, Vec<QuarantinedEdu>> {
+        let destination = destination.map(str::to_owned);
+        Box::pin(self.read(move |c| outbox::list_quarantined(c, destination.as_deref())))
     }
+
     fn release_quarantined<'a>(
         &'a self,
-        _: &'a str,
-        _: i64,
-        _: bool,
-    ) -> super::StoreFuture<'a, bool> {
-        todo!()
+        destination: &'a str,
+        seq: i64,
+        requeue: bool,
+    ) -> StoreFuture<'a, bool> {
+        let destination = destination.to_owned();
+        Box::pin(self.write(move |c| outbox::release_quarantined(c, &destination, seq, requeue)))
     }
-    fn retry_state<'a>(&'a self, _: &'a str) -> super::StoreFuture<'a, super::RetryState> {
-        todo!()
+
+    fn retry_state<'a>(&'a self, destination: &'a str) -> StoreFuture<'a, RetryState> {
+        let destination = destination.to_owned();
+        Box::pin(self.read(move |c| outbox::retry_state(c, &destination)))
     }
+
     fn set_retry_state<'a>(
         &'a self,
-        _: &'a str,
-        _: &'a super::RetryState,
-    ) -> super::StoreFuture<'a, ()> {
-        todo!()
+        destination: &'a str,
+        state: &'a RetryState,
+    ) -> StoreFuture<'a, ()> {
+        let (destination, state) = (destination.to_owned(), state.clone());
+        Box::pin(self.write(move |c| outbox::set_retry_state(c, &destination, &state)))
     }
-    fn destinations_with_pending(&self) -> super::StoreFuture<'_, Vec<String>> {
-        todo!()
+
+    fn destinations_with_pending(&self) -> StoreFuture<'_, Vec<String>> {
+        Box::pin(self.read(outbox::destinations_with_pending))
     }
-    fn destination_statuses(&self) -> super::StoreFuture<'_, Vec<super::DestinationStatus>> {
-        todo!()
+
+    fn destination_statuses(&self) -> StoreFuture<'_, Vec<DestinationStatus>> {
+        Box::pin(self.read(outbox::destination_statuses))
     }
-    fn server_keys<'a>(
-        &'a self,
-        _: &'a str,
-    ) -> super::StoreFuture<'a, Vec<super::StoredServerKey>> {
-        todo!()
+
+    fn server_keys<'a>(&'a self, server_name: &'a str) -> StoreFuture<'a, Vec<StoredServerKey>> {
+        let server_name = server_name.to_owned();
+        Box::pin(self.read(move |c| maintenance::server_keys(c, &server_name)))
     }
-    fn put_server_keys(&self, _: Vec<super::StoredServerKey>) -> super::StoreFuture<'_, ()> {
-        todo!()
+
+    fn put_server_keys(&self, keys: Vec<StoredServerKey>) -> StoreFuture<'_, ()> {
+        Box::pin(self.write(move |c| maintenance::put_server_keys(c, &keys)))
     }
+
     fn prune(
         &self,
-        _: super::TimestampMs,
-        _: super::Retention,
-        _: u32,
-    ) -> super::StoreFuture<'_, super::PruneReport> {
-        todo!()
+        now_ms: TimestampMs,
+        retention: Retention,
+        batch: u32,
+    ) -> StoreFuture<'_, PruneReport> {
+        Box::pin(self.write(move |c| maintenance::prune(c, now_ms, retention, batch)))
+    }
+
+    fn close(&self) -> StoreFuture<'_, ()> {
+        Box::pin(SqliteStore::close(self))
     }
 }

@@ -1,0 +1,267 @@
+//! SQL of the inbox side of the SQLite backend: client sends and inbound
+//! federation transactions (with their dedupe records), `*` expansion, and
+//! reading and acknowledging a device inbox. Every function here runs inside
+//! a transaction its caller owns (the group transaction on the writer, or a
+//! single statement on a reader).
+
+use std::collections::{HashMap, HashSet};
+
+use rusqlite::{CachedStatement, Connection, OptionalExtension};
+
+use crate::store::{
+    DeviceKey, DeviceTarget, InboundOutcome, InboundTxn, InboxMessage, InboxPage, NewInboxMessage,
+    SendBatch, SendOutcome, StoreError,
+};
+
+/// Expands targets and inserts local messages in the order given, collecting
+/// the woken devices. Lives for one operation: its device cache is only valid
+/// inside the transaction it was filled in.
+struct InboxWriter<'c> {
+    insert: CachedStatement<'c>,
+    list: CachedStatement<'c>,
+    /// Registered devices per user (sorted), loaded on first use.
+    devices: HashMap<String, Vec<String>>,
+    woken: Woken,
+}
+
+/// Devices that got a row, in first-seen order, without repeats.
+#[derive(Default)]
+struct Woken {
+    list: Vec<DeviceKey>,
+    seen: HashMap<String, HashSet<String>>,
+}
+
+impl Woken {
+    fn add(&mut self, user_id: &str, device_id: &str) {
+        let fresh = match self.seen.get_mut(user_id) {
+            Some(devices) => !devices.contains(device_id) && devices.insert(device_id.to_owned()),
+            None => {
+                self.seen
+                    .insert(user_id.to_owned(), HashSet::from([device_id.to_owned()]));
+                true
+            }
+        };
+        if fresh {
+            self.list.push(DeviceKey {
+                user_id: user_id.to_owned(),
+                device_id: device_id.to_owned(),
+            });
+        }
+    }
+}
+
+impl<'c> InboxWriter<'c> {
+    fn new(conn: &'c Connection) -> Result<Self, StoreError> {
+        Ok(InboxWriter {
+            insert: conn.prepare_cached(
+                "INSERT INTO device_inbox (user_id, device_id, sender, event_type, content_json)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?,
+            list: conn.prepare_cached(
+                "SELECT device_id FROM devices WHERE user_id = ?1 ORDER BY device_id",
+            )?,
+            devices: HashMap::new(),
+            woken: Woken::default(),
+        })
+    }
+
+    fn write(&mut self, msg: &NewInboxMessage) -> Result<(), StoreError> {
+        if !self.devices.contains_key(msg.user_id.as_str()) {
+            let registered = self
+                .list
+                .query_map([&msg.user_id], |row| row.get::<_, String>(0))?
+                .collect::<Result<Vec<_>, _>>()?;
+            self.devices.insert(msg.user_id.clone(), registered);
+        }
+        let registered: &[String] = self
+            .devices
+            .get(msg.user_id.as_str())
+            .map_or(&[], Vec::as_slice);
+        match &msg.device {
+            DeviceTarget::One(device_id) => {
+                // Unregistered devices are dropped silently.
+                if registered.binary_search(device_id).is_ok() {
+                    insert_row(&mut self.insert, &mut self.woken, msg, device_id)?;
+                }
+            }
+            DeviceTarget::All => {
+                for device_id in registered {
+                    insert_row(&mut self.insert, &mut self.woken, msg, device_id)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn insert_row(
+    insert: &mut CachedStatement<'_>,
+    woken: &mut Woken,
+    msg: &NewInboxMessage,
+    device_id: &str,
+) -> Result<(), StoreError> {
+    insert.execute((
+        &msg.user_id,
+        device_id,
+        &msg.sender,
+        &msg.event_type,
+        &msg.content_json,
+    ))?;
+    woken.add(&msg.user_id, device_id);
+    Ok(())
+}
+
+pub fn enqueue_send(conn: &Connection, batch: &SendBatch) -> Result<SendOutcome, StoreError> {
+    let t = &batch.txn;
+    let recorded = conn
+        .prepare_cached(
+            "INSERT OR IGNORE INTO client_txns (user_id, device_id, event_type, txn_id, received_ts)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+        )?
+        .execute((&t.user_id, &t.device_id, &t.event_type, &t.txn_id, batch.now_ms))?;
+    if recorded == 0 {
+        return Ok(SendOutcome::Duplicate);
+    }
+    let mut inbox = InboxWriter::new(conn)?;
+    for msg in &batch.local {
+        inbox.write(msg)?;
+    }
+    let mut destinations: Vec<String> = Vec::new();
+    {
+        let mut stmt = conn.prepare_cached(
+            "INSERT INTO outbox (destination, edu_json, message_count, queued_ts)
+             VALUES (?1, ?2, ?3, ?4)",
+        )?;
+        for edu in &batch.remote {
+            stmt.execute((
+                &edu.destination,
+                &edu.edu_json,
+                edu.message_count,
+                batch.now_ms,
+            ))?;
+            if !destinations.contains(&edu.destination) {
+                destinations.push(edu.destination.clone());
+            }
+        }
+    }
+    Ok(SendOutcome::Accepted {
+        woken_devices: inbox.woken.list,
+        destinations,
+    })
+}
+
+pub fn apply_inbound_txn(
+    conn: &Connection,
+    txn: &InboundTxn,
+) -> Result<InboundOutcome, StoreError> {
+    let recorded = conn
+        .prepare_cached(
+            "INSERT OR IGNORE INTO inbound_txns (origin, txn_id, response_json, received_ts)
+             VALUES (?1, ?2, ?3, ?4)",
+        )?
+        .execute((&txn.origin, &txn.txn_id, &txn.response_json, txn.now_ms))?;
+    if recorded == 0 {
+        let response_json =
+            inbound_txn_response(conn, &txn.origin, &txn.txn_id)?.ok_or_else(|| {
+                StoreError::Corrupt("inbound txn vanished inside a transaction".into())
+            })?;
+        return Ok(InboundOutcome::Duplicate { response_json });
+    }
+    let mut inbox = InboxWriter::new(conn)?;
+    let mut duplicate_message_ids = 0u32;
+    for edu in &txn.edus {
+        let fresh = conn
+            .prepare_cached(
+                "INSERT OR IGNORE INTO inbound_message_ids (origin, message_id, received_ts)
+                 VALUES (?1, ?2, ?3)",
+            )?
+            .execute((&txn.origin, &edu.message_id, txn.now_ms))?;
+        if fresh == 0 {
+            duplicate_message_ids += 1;
+            continue;
+        }
+        for msg in &edu.messages {
+            inbox.write(msg)?;
+        }
+    }
+    Ok(InboundOutcome::Accepted {
+        woken_devices: inbox.woken.list,
+        duplicate_message_ids,
+    })
+}
+
+pub fn inbound_txn_response(
+    conn: &Connection,
+    origin: &str,
+    txn_id: &str,
+) -> Result<Option<String>, StoreError> {
+    Ok(conn
+        .prepare_cached("SELECT response_json FROM inbound_txns WHERE origin = ?1 AND txn_id = ?2")?
+        .query_row((origin, txn_id), |row| row.get(0))
+        .optional()?)
+}
+
+// --- inbox reads ---------------------------------------------------------------
+
+/// Whether the device has rows at or below `since` (an acknowledgement to apply).
+pub fn inbox_has_acked(
+    conn: &Connection,
+    user_id: &str,
+    device_id: &str,
+    since: i64,
+) -> Result<bool, StoreError> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT 1 FROM device_inbox
+             WHERE user_id = ?1 AND device_id = ?2 AND stream_id <= ?3 LIMIT 1",
+        )?
+        .exists((user_id, device_id, since))?)
+}
+
+pub fn delete_acked(
+    conn: &Connection,
+    user_id: &str,
+    device_id: &str,
+    since: i64,
+) -> Result<usize, StoreError> {
+    Ok(conn
+        .prepare_cached(
+            "DELETE FROM device_inbox WHERE user_id = ?1 AND device_id = ?2 AND stream_id <= ?3",
+        )?
+        .execute((user_id, device_id, since))?)
+}
+
+pub fn inbox_page(
+    conn: &Connection,
+    user_id: &str,
+    device_id: &str,
+    since: i64,
+    limit: u32,
+) -> Result<InboxPage, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT stream_id, sender, event_type, content_json FROM device_inbox
+         WHERE user_id = ?1 AND device_id = ?2 AND stream_id > ?3
+         ORDER BY stream_id LIMIT ?4",
+    )?;
+    let mut rows = stmt.query((user_id, device_id, since, i64::from(limit) + 1))?;
+    let mut messages = Vec::new();
+    let mut more = false;
+    while let Some(row) = rows.next()? {
+        if messages.len() == limit as usize {
+            more = true;
+            break;
+        }
+        messages.push(InboxMessage {
+            stream_id: row.get(0)?,
+            sender: row.get(1)?,
+            event_type: row.get(2)?,
+            content_json: row.get(3)?,
+        });
+    }
+    let next_batch = messages.last().map_or(since, |m| m.stream_id);
+    Ok(InboxPage {
+        messages,
+        next_batch,
+        more,
+    })
+}

@@ -1,0 +1,293 @@
+//! SQL of the outbox side of the SQLite backend: queued EDUs per
+//! destination, the one in-flight transaction record, quarantine, and the
+//! persisted retry state and status of destinations. Write functions run on
+//! the writer thread inside the group transaction; reads on a pooled reader.
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+use crate::store::{
+    DestinationStatus, InFlightTxn, OutboxEdu, QuarantinedEdu, RetryState, StoreError, TimestampMs,
+};
+
+pub fn in_flight(conn: &Connection, destination: &str) -> Result<Option<InFlightTxn>, StoreError> {
+    let row = conn
+        .prepare_cached("SELECT txn_id, seqs_json, body FROM outbox_txn WHERE destination = ?1")?
+        .query_row([destination], |row| {
+            Ok((
+                row.get::<_, String>(0)?,
+                row.get::<_, String>(1)?,
+                row.get::<_, String>(2)?,
+            ))
+        })
+        .optional()?;
+    match row {
+        None => Ok(None),
+        Some((txn_id, seqs_json, body)) => Ok(Some(InFlightTxn {
+            destination: destination.to_owned(),
+            txn_id,
+            seqs: parse_seqs(&seqs_json)?,
+            body,
+        })),
+    }
+}
+
+fn parse_seqs(seqs_json: &str) -> Result<Vec<i64>, StoreError> {
+    serde_json::from_str(seqs_json)
+        .map_err(|e| StoreError::Corrupt(format!("outbox_txn.seqs_json: {e}")))
+}
+
+pub fn peek_outbox(
+    conn: &Connection,
+    destination: &str,
+    max_edus: u32,
+    max_bytes: u64,
+) -> Result<Vec<OutboxEdu>, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT seq, edu_json, message_count, queued_ts, refusals FROM outbox
+         WHERE destination = ?1 ORDER BY seq LIMIT ?2",
+    )?;
+    let mut rows = stmt.query((destination, i64::from(max_edus)))?;
+    let mut out = Vec::new();
+    let mut bytes = 0u64;
+    while let Some(row) = rows.next()? {
+        let edu_json: String = row.get(1)?;
+        let len = edu_json.len() as u64;
+        if !out.is_empty() && bytes + len > max_bytes {
+            break;
+        }
+        bytes += len;
+        out.push(OutboxEdu {
+            seq: row.get(0)?,
+            edu_json,
+            message_count: row.get(2)?,
+            queued_ts: row.get(3)?,
+            refusals: row.get(4)?,
+        });
+    }
+    Ok(out)
+}
+
+pub fn begin_txn(conn: &Connection, txn: &InFlightTxn) -> Result<(), StoreError> {
+    let seqs_json = serde_json::to_string(&txn.seqs)
+        .map_err(|e| StoreError::Corrupt(format!("seqs not serializable: {e}")))?;
+    // The primary key on destination makes a second in-flight txn fail.
+    conn.prepare_cached(
+        "INSERT INTO outbox_txn (destination, txn_id, seqs_json, body) VALUES (?1, ?2, ?3, ?4)",
+    )?
+    .execute((&txn.destination, &txn.txn_id, seqs_json, &txn.body))?;
+    Ok(())
+}
+
+/// The seqs of the recorded txn if it is `txn_id`; removes the record.
+fn take_in_flight(
+    conn: &Connection,
+    destination: &str,
+    txn_id: &str,
+) -> Result<Option<Vec<i64>>, StoreError> {
+    let seqs_json: Option<String> = conn
+        .prepare_cached("SELECT seqs_json FROM outbox_txn WHERE destination = ?1 AND txn_id = ?2")?
+        .query_row((destination, txn_id), |row| row.get(0))
+        .optional()?;
+    let Some(seqs_json) = seqs_json else {
+        return Ok(None);
+    };
+    conn.prepare_cached("DELETE FROM outbox_txn WHERE destination = ?1")?
+        .execute([destination])?;
+    Ok(Some(parse_seqs(&seqs_json)?))
+}
+
+pub fn ack_txn(
+    conn: &Connection,
+    destination: &str,
+    txn_id: &str,
+    now_ms: TimestampMs,
+) -> Result<(), StoreError> {
+    // A second ack of the same txn finds no record and changes nothing.
+    let Some(seqs) = take_in_flight(conn, destination, txn_id)? else {
+        return Ok(());
+    };
+    let mut delete =
+        conn.prepare_cached("DELETE FROM outbox WHERE destination = ?1 AND seq = ?2")?;
+    for seq in seqs {
+        delete.execute((destination, seq))?;
+    }
+    set_retry_state(
+        conn,
+        destination,
+        &RetryState {
+            failures: 0,
+            retry_after_ms: 0,
+            last_success_ms: Some(now_ms),
+            last_error: None,
+        },
+    )
+}
+
+pub fn refuse_txn(conn: &Connection, destination: &str, txn_id: &str) -> Result<(), StoreError> {
+    let Some(seqs) = take_in_flight(conn, destination, txn_id)? else {
+        return Ok(());
+    };
+    let mut bump = conn.prepare_cached(
+        "UPDATE outbox SET refusals = refusals + 1 WHERE destination = ?1 AND seq = ?2",
+    )?;
+    for seq in seqs {
+        bump.execute((destination, seq))?;
+    }
+    Ok(())
+}
+
+pub fn quarantine_edu(
+    conn: &Connection,
+    destination: &str,
+    seq: i64,
+    reason: &str,
+    now_ms: TimestampMs,
+) -> Result<(), StoreError> {
+    let moved = conn
+        .prepare_cached(
+            "INSERT OR REPLACE INTO quarantine
+                 (destination, seq, edu_json, message_count, queued_ts, reason, quarantined_ts)
+             SELECT destination, seq, edu_json, message_count, queued_ts, ?3, ?4
+             FROM outbox WHERE destination = ?1 AND seq = ?2",
+        )?
+        .execute((destination, seq, reason, now_ms))?;
+    if moved > 0 {
+        conn.prepare_cached("DELETE FROM outbox WHERE destination = ?1 AND seq = ?2")?
+            .execute((destination, seq))?;
+    }
+    Ok(())
+}
+
+pub fn list_quarantined(
+    conn: &Connection,
+    destination: Option<&str>,
+) -> Result<Vec<QuarantinedEdu>, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT destination, seq, edu_json, reason, quarantined_ts FROM quarantine
+         WHERE ?1 IS NULL OR destination = ?1 ORDER BY destination, seq",
+    )?;
+    let rows = stmt.query_map([destination], |row| {
+        Ok(QuarantinedEdu {
+            destination: row.get(0)?,
+            seq: row.get(1)?,
+            edu_json: row.get(2)?,
+            reason: row.get(3)?,
+            quarantined_ts: row.get(4)?,
+        })
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+pub fn release_quarantined(
+    conn: &Connection,
+    destination: &str,
+    seq: i64,
+    requeue: bool,
+) -> Result<bool, StoreError> {
+    if requeue {
+        // A fresh seq puts it at the end of the queue; refusals start over.
+        conn.prepare_cached(
+            "INSERT INTO outbox (destination, edu_json, message_count, queued_ts, refusals)
+             SELECT destination, edu_json, message_count, queued_ts, 0
+             FROM quarantine WHERE destination = ?1 AND seq = ?2",
+        )?
+        .execute((destination, seq))?;
+    }
+    let n = conn
+        .prepare_cached("DELETE FROM quarantine WHERE destination = ?1 AND seq = ?2")?
+        .execute((destination, seq))?;
+    Ok(n > 0)
+}
+
+// --- destinations ---------------------------------------------------------------
+
+pub fn retry_state(conn: &Connection, destination: &str) -> Result<RetryState, StoreError> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT failures, retry_after_ts, last_success_ts, last_error
+             FROM destinations WHERE destination = ?1",
+        )?
+        .query_row([destination], |row| {
+            Ok(RetryState {
+                failures: row.get(0)?,
+                retry_after_ms: row.get(1)?,
+                last_success_ms: row.get(2)?,
+                last_error: row.get(3)?,
+            })
+        })
+        .optional()?
+        .unwrap_or_default())
+}
+
+pub fn set_retry_state(
+    conn: &Connection,
+    destination: &str,
+    state: &RetryState,
+) -> Result<(), StoreError> {
+    conn.prepare_cached(
+        "INSERT INTO destinations (destination, failures, retry_after_ts, last_success_ts, last_error)
+         VALUES (?1, ?2, ?3, ?4, ?5)
+         ON CONFLICT (destination) DO UPDATE SET
+             failures = excluded.failures,
+             retry_after_ts = excluded.retry_after_ts,
+             last_success_ts = excluded.last_success_ts,
+             last_error = excluded.last_error",
+    )?
+    .execute(params![
+        destination,
+        state.failures,
+        state.retry_after_ms,
+        state.last_success_ms,
+        state.last_error
+    ])?;
+    Ok(())
+}
+
+pub fn destinations_with_pending(conn: &Connection) -> Result<Vec<String>, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT destination FROM outbox UNION SELECT destination FROM outbox_txn ORDER BY 1",
+    )?;
+    let rows = stmt.query_map([], |row| row.get(0))?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+pub fn destination_statuses(conn: &Connection) -> Result<Vec<DestinationStatus>, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "WITH names (destination) AS (
+             SELECT destination FROM outbox
+             UNION SELECT destination FROM quarantine
+             UNION SELECT destination FROM destinations
+             UNION SELECT destination FROM outbox_txn
+         ),
+         queued AS (
+             SELECT destination, count(*) AS edus, sum(message_count) AS messages,
+                    min(queued_ts) AS oldest
+             FROM outbox GROUP BY destination
+         ),
+         held AS (SELECT destination, count(*) AS n FROM quarantine GROUP BY destination)
+         SELECT n.destination, coalesce(q.edus, 0), coalesce(q.messages, 0), q.oldest,
+                coalesce(d.failures, 0), coalesce(d.retry_after_ts, 0), d.last_success_ts,
+                d.last_error, coalesce(h.n, 0)
+         FROM names n
+         LEFT JOIN queued q ON q.destination = n.destination
+         LEFT JOIN held h ON h.destination = n.destination
+         LEFT JOIN destinations d ON d.destination = n.destination
+         ORDER BY n.destination",
+    )?;
+    let rows = stmt.query_map([], |row| {
+        Ok(DestinationStatus {
+            destination: row.get(0)?,
+            pending_edus: row.get::<_, i64>(1)? as u64,
+            pending_messages: row.get::<_, i64>(2)? as u64,
+            oldest_queued_ts: row.get(3)?,
+            retry: RetryState {
+                failures: row.get(4)?,
+                retry_after_ms: row.get(5)?,
+                last_success_ms: row.get(6)?,
+                last_error: row.get(7)?,
+            },
+            quarantined: row.get::<_, i64>(8)? as u64,
+        })
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
