@@ -638,6 +638,20 @@ async fn transaction_limits_and_pdus() {
     assert_eq!(reply.json["errcode"], "M_BAD_JSON");
     f.assert_nothing_stored("edus-101", "101 EDUs").await;
 
+    // Over the body limit: 413 with a Matrix error body, nothing stored.
+    let big = txn_body(
+        vec![to_device_edu(
+            &alice(),
+            "big",
+            json!({ bob(&f.relay): { "BOBPHONE": {"pad": "x".repeat(70_000)} } }),
+        )],
+        vec![],
+    );
+    let reply = f.send_txn("too-big", &big).await;
+    assert_eq!(reply.status, 413, "{}", reply.text);
+    assert_eq!(reply.json["errcode"], "M_TOO_LARGE");
+    f.assert_nothing_stored("too-big", "oversized").await;
+
     let reply = f
         .send_txn(
             "pdus-10",
@@ -673,20 +687,6 @@ async fn transaction_limits_and_pdus() {
         .await;
     assert_eq!(reply.status, 400, "{}", reply.text);
     assert_eq!(reply.json["errcode"], "M_BAD_JSON");
-
-    // Over the body limit: 413 with a Matrix error body, nothing stored.
-    let big = txn_body(
-        vec![to_device_edu(
-            &alice(),
-            "big",
-            json!({ bob(&f.relay): { "BOBPHONE": {"pad": "x".repeat(70_000)} } }),
-        )],
-        vec![],
-    );
-    let reply = f.send_txn("too-big", &big).await;
-    assert_eq!(reply.status, 413, "{}", reply.text);
-    assert_eq!(reply.json["errcode"], "M_TOO_LARGE");
-    f.assert_nothing_stored("too-big", "oversized").await;
 
     // The trailing-slash form of the route.
     let target = "/_matrix/federation/v1/send/slash/";
