@@ -55,7 +55,9 @@ impl FedClient {
         let mut roots = rustls::RootCertStore::empty();
         let ca = support::relay::repo_root().join("certs/dev-ca.crt");
         for cert in CertificateDer::pem_file_iter(&ca).expect("dev CA readable") {
-            roots.add(cert.expect("dev CA parses")).expect("dev CA added");
+            roots
+                .add(cert.expect("dev CA parses"))
+                .expect("dev CA added");
         }
         let config = rustls::ClientConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
@@ -164,7 +166,9 @@ impl Fixture {
     }
 
     async fn with(mut options: TestRelayOptions) -> Fixture {
-        options.federation_extra.push_str("key_fetch_timeout_ms = 3000\n");
+        options
+            .federation_extra
+            .push_str("key_fetch_timeout_ms = 3000\n");
         let relay = TestRelay::spawn_with(options).await;
         let store = SqliteStore::open(&relay.db_path())
             .await
@@ -269,6 +273,9 @@ fn alice() -> String {
     format!("@alice:{FAKE_ORIGIN}")
 }
 
+/// (case, target sent, `Authorization` values, body sent, expected status).
+type Case = (&'static str, String, Vec<String>, Vec<u8>, u16);
+
 // ---- the tests ---------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -360,12 +367,11 @@ async fn forged_or_damaged_requests_are_refused_and_store_nothing() {
     let target = "/_matrix/federation/v1/send/t1";
     let good = sign(&f.key, FAKE_ORIGIN, &us, "PUT", target, Some(&body));
 
-    // (case, target sent, headers, body sent, expected status)
     let mut tampered = body.clone();
     tampered["edus"][0]["content"]["messages"][bob(&f.relay)]["BOBPHONE"]["secret"] = json!(false);
     let other_key = ServerSigningKey::from_seed("fake1", [7; 32]);
     let unknown_key = ServerSigningKey::from_seed("nope", [42; 32]);
-    let cases: Vec<(&str, String, Vec<String>, Vec<u8>, u16)> = vec![
+    let cases: Vec<Case> = vec![
         (
             "tampered body",
             target.to_owned(),
@@ -470,7 +476,14 @@ async fn forged_or_damaged_requests_are_refused_and_store_nothing() {
         (
             "signature by a different key under the trusted key id",
             target.to_owned(),
-            vec![sign(&other_key, FAKE_ORIGIN, &us, "PUT", target, Some(&body))],
+            vec![sign(
+                &other_key,
+                FAKE_ORIGIN,
+                &us,
+                "PUT",
+                target,
+                Some(&body),
+            )],
             bytes.clone(),
             401,
         ),
@@ -491,7 +504,13 @@ async fn forged_or_damaged_requests_are_refused_and_store_nothing() {
             bytes.clone(),
             401,
         ),
-        ("missing header", target.to_owned(), vec![], bytes.clone(), 401),
+        (
+            "missing header",
+            target.to_owned(),
+            vec![],
+            bytes.clone(),
+            401,
+        ),
         (
             "another scheme",
             target.to_owned(),
@@ -565,7 +584,12 @@ async fn forged_or_damaged_requests_are_refused_and_store_nothing() {
     let auth = sign(&f.key, FAKE_ORIGIN, &us, "PUT", encoded, Some(&body2));
     let reply = f
         .fed
-        .send("PUT", encoded, &[auth], Some(body2.to_string().into_bytes()))
+        .send(
+            "PUT",
+            encoded,
+            &[auth],
+            Some(body2.to_string().into_bytes()),
+        )
         .await;
     assert_eq!(reply.status, 200, "{}", reply.text);
 }
@@ -611,7 +635,9 @@ async fn a_spoofed_sender_is_dropped_and_its_neighbours_delivered() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transaction_limits_and_pdus() {
     let mut options = TestRelayOptions::default();
-    options.federation_extra.push_str("max_request_bytes = 65536\n");
+    options
+        .federation_extra
+        .push_str("max_request_bytes = 65536\n");
     let f = Fixture::with(options).await;
 
     let pdus = |n: usize| -> Vec<Value> {
@@ -866,12 +892,7 @@ async fn keyring_fetches_once_caches_in_memory_and_store_and_coalesces() {
     let key = ServerSigningKey::from_seed("a", [1; 32]);
     fetcher.publish(
         "remote.example",
-        server_key_document(
-            "remote.example",
-            &key,
-            &[],
-            courier::now_ms() + 86_400_000,
-        ),
+        server_key_document("remote.example", &key, &[], courier::now_ms() + 86_400_000),
     );
     let ring = Arc::new(KeyRing::with_fetcher(
         store.clone(),
@@ -906,8 +927,16 @@ async fn keyring_fetches_once_caches_in_memory_and_store_and_coalesces() {
 
     // Right after a fetch, an unknown key id does not fetch again (the
     // refetch interval is tested with paused time below).
-    assert!(ring.verify_key("remote.example", "ed25519:b").await.is_err());
-    assert!(ring.verify_key("remote.example", "ed25519:c").await.is_err());
+    assert!(
+        ring.verify_key("remote.example", "ed25519:b")
+            .await
+            .is_err()
+    );
+    assert!(
+        ring.verify_key("remote.example", "ed25519:c")
+            .await
+            .is_err()
+    );
     assert_eq!(fetcher.fetches(), 1, "refetch is rate-limited per server");
     // The known key still works meanwhile.
     assert!(ring.verify_key("remote.example", "ed25519:a").await.is_ok());
@@ -927,7 +956,8 @@ async fn keyring_rejects_bad_documents_and_caches_failures() {
     );
     // Signed by a key that is not the one it publishes.
     let mut forged = server_key_document("forged.example", &key, &[], later);
-    forged["signatures"] = server_key_document("forged.example", &impostor, &[], later)["signatures"].clone();
+    forged["signatures"] =
+        server_key_document("forged.example", &impostor, &[], later)["signatures"].clone();
     fetcher.publish("forged.example", forged);
     // Expired.
     fetcher.publish(
@@ -953,7 +983,11 @@ async fn keyring_rejects_bad_documents_and_caches_failures() {
         }
         assert_eq!(fetcher.fetches(), before + 1, "{server}: failure cached");
         assert!(
-            store.server_keys(server).await.expect("readable").is_empty(),
+            store
+                .server_keys(server)
+                .await
+                .expect("readable")
+                .is_empty(),
             "{server}: nothing was stored"
         );
     }
@@ -967,8 +1001,16 @@ async fn keyring_rejects_bad_documents_and_caches_failures() {
         "rotated.example",
         server_key_document("rotated.example", &key, &[old], later),
     );
-    assert!(ring.verify_key("rotated.example", "ed25519:old").await.is_err());
-    assert!(ring.verify_key("rotated.example", "ed25519:a").await.is_ok());
+    assert!(
+        ring.verify_key("rotated.example", "ed25519:old")
+            .await
+            .is_err()
+    );
+    assert!(
+        ring.verify_key("rotated.example", "ed25519:a")
+            .await
+            .is_ok()
+    );
 }
 
 /// Paused time: the store runs on its own threads and no timer is pending
@@ -986,7 +1028,11 @@ async fn keyring_refetches_unknown_keys_and_failed_servers_only_after_a_while() 
         server_key_document("rotating.example", &old_key, &[], later),
     );
     let ring = KeyRing::with_fetcher(store.clone(), fetcher.clone(), Duration::from_secs(5));
-    assert!(ring.verify_key("rotating.example", "ed25519:a").await.is_ok());
+    assert!(
+        ring.verify_key("rotating.example", "ed25519:a")
+            .await
+            .is_ok()
+    );
     assert_eq!(fetcher.fetches(), 1);
 
     // The server rotates to key b.
@@ -994,7 +1040,11 @@ async fn keyring_refetches_unknown_keys_and_failed_servers_only_after_a_while() 
         "rotating.example",
         server_key_document("rotating.example", &new_key, &[], later),
     );
-    assert!(ring.verify_key("rotating.example", "ed25519:b").await.is_err());
+    assert!(
+        ring.verify_key("rotating.example", "ed25519:b")
+            .await
+            .is_err()
+    );
     assert_eq!(fetcher.fetches(), 1, "too soon to refetch");
     tokio::time::advance(REFETCH_INTERVAL + Duration::from_secs(1)).await;
     assert_eq!(
@@ -1005,7 +1055,11 @@ async fn keyring_refetches_unknown_keys_and_failed_servers_only_after_a_while() 
     );
     assert_eq!(fetcher.fetches(), 2);
     // Key a stays usable until its own expiry.
-    assert!(ring.verify_key("rotating.example", "ed25519:a").await.is_ok());
+    assert!(
+        ring.verify_key("rotating.example", "ed25519:a")
+            .await
+            .is_ok()
+    );
     assert_eq!(fetcher.fetches(), 2);
 
     // An unreachable server: one fetch per FAILURE_TTL.

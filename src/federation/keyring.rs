@@ -178,7 +178,10 @@ impl KeyRing {
                 if let Some(key) = entry.usable(key_id, crate::now_ms()) {
                     return Ok(key);
                 }
-                if entry.quiet_until.is_some_and(|until| Instant::now() < until) {
+                if entry
+                    .quiet_until
+                    .is_some_and(|until| Instant::now() < until)
+                {
                     let reason = entry
                         .last_failure
                         .clone()
@@ -223,7 +226,11 @@ impl KeyRing {
                 match key {
                     Some(key) => Ok(key),
                     None => {
-                        tracing::info!(origin = server_name, key_id, "the server does not publish this key");
+                        tracing::info!(
+                            origin = server_name,
+                            key_id,
+                            "the server does not publish this key"
+                        );
                         Err(unavailable(
                             "the server does not publish this key".to_owned(),
                         ))

@@ -129,7 +129,11 @@ pub fn check_headers<'a>(
         if let Some(destination) = &header.destination
             && destination != our_server_name.as_str()
         {
-            tracing::info!(origin, destination, "X-Matrix request for another destination");
+            tracing::info!(
+                origin,
+                destination,
+                "X-Matrix request for another destination"
+            );
             return Err(refuse(
                 "destination",
                 MatrixError::unauthorized("The request is for another destination"),

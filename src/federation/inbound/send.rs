@@ -123,8 +123,7 @@ pub async fn put_transaction_route(
         })?;
     match outcome {
         InboundOutcome::Duplicate { response_json } => {
-            metrics::counter!("courier_federation_dedupe_hits_total", "kind" => "txn")
-                .increment(1);
+            metrics::counter!("courier_federation_dedupe_hits_total", "kind" => "txn").increment(1);
             count_transaction("duplicate");
             Ok(json_response(response_json))
         }

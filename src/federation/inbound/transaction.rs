@@ -209,8 +209,7 @@ fn parse_direct_to_device(
         .and_then(Value::as_object)
         .ok_or_else(|| invalid("content is missing or not an object"))?;
     let sender = string_field(content, "sender").ok_or_else(|| invalid("sender is missing"))?;
-    let sender_id =
-        UserId::parse(sender).map_err(|_| invalid("sender is not a user ID"))?;
+    let sender_id = UserId::parse(sender).map_err(|_| invalid("sender is not a user ID"))?;
     if sender_id.server_name() != origin.as_str()
         || sender_id.server_name() == our_server_name.as_str()
     {
