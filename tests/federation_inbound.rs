@@ -833,9 +833,12 @@ async fn two_relays_deliver_a_message_once_over_real_tls() {
 
 // ---- the key ring over a real store ----------------------------------------
 
-/// Serves key documents from memory and counts fetches.
+/// Serves key documents (and notary answers) from memory and counts
+/// fetches.
 struct MemoryFetcher {
     documents: std::sync::Mutex<std::collections::HashMap<String, Value>>,
+    /// (notary, server) → the notary's answer.
+    notary_answers: std::sync::Mutex<std::collections::HashMap<(String, String), Value>>,
     fetches: AtomicUsize,
     delay: Duration,
 }
@@ -844,6 +847,7 @@ impl MemoryFetcher {
     fn new(delay: Duration) -> Arc<MemoryFetcher> {
         Arc::new(MemoryFetcher {
             documents: Default::default(),
+            notary_answers: Default::default(),
             fetches: AtomicUsize::new(0),
             delay,
         })
@@ -854,6 +858,13 @@ impl MemoryFetcher {
             .lock()
             .expect("not poisoned")
             .insert(server_name.to_owned(), document);
+    }
+
+    fn publish_notary_answer(&self, notary: &str, server_name: &str, answer: Value) {
+        self.notary_answers
+            .lock()
+            .expect("not poisoned")
+            .insert((notary.to_owned(), server_name.to_owned()), answer);
     }
 
     fn fetches(&self) -> usize {
@@ -872,6 +883,21 @@ impl KeyFetcher for MemoryFetcher {
                 .get(server_name.as_str())
                 .cloned()
                 .ok_or_else(|| "unreachable".to_owned())
+        })
+    }
+
+    fn query_notary<'a>(
+        &'a self,
+        notary: &'a ServerName,
+        server_name: &'a ServerName,
+    ) -> FetchFuture<'a> {
+        Box::pin(async move {
+            self.notary_answers
+                .lock()
+                .expect("not poisoned")
+                .get(&(notary.to_string(), server_name.to_string()))
+                .cloned()
+                .ok_or_else(|| "notary unreachable".to_owned())
         })
     }
 }
@@ -1073,6 +1099,102 @@ async fn keyring_refetches_unknown_keys_and_failed_servers_only_after_a_while() 
     );
     assert!(ring.verify_key("down.example", "ed25519:a").await.is_ok());
     assert_eq!(fetcher.fetches(), 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keyring_falls_back_to_notaries_and_checks_both_signatures() {
+    let (_dir, store) = temp_store().await;
+    let fetcher = MemoryFetcher::new(Duration::ZERO);
+    let later = courier::now_ms() + 86_400_000;
+    let notary_key = ServerSigningKey::from_seed("n", [9; 32]);
+    let impostor = ServerSigningKey::from_seed("n", [10; 32]);
+    // The notary answers for itself directly.
+    fetcher.publish(
+        "notary.example",
+        server_key_document("notary.example", &notary_key, &[], later),
+    );
+    let origin_doc = |name: &str, seed: u8| {
+        server_key_document(
+            name,
+            &ServerSigningKey::from_seed("a", [seed; 32]),
+            &[],
+            later,
+        )
+    };
+    let notarised = |name: &str, seed: u8, by: &ServerSigningKey| {
+        let mut document = origin_doc(name, seed);
+        courier::signing::sign_json(&mut document, "notary.example", by).expect("signed");
+        json!({ "server_keys": [document] })
+    };
+    // good.example is unreachable directly; the notary vouches for it.
+    fetcher.publish_notary_answer(
+        "notary.example",
+        "good.example",
+        notarised("good.example", 11, &notary_key),
+    );
+    // The notary's signature is made with a key that is not the notary's.
+    fetcher.publish_notary_answer(
+        "notary.example",
+        "badnotary.example",
+        notarised("badnotary.example", 12, &impostor),
+    );
+    // No notary signature at all.
+    fetcher.publish_notary_answer(
+        "notary.example",
+        "unsigned.example",
+        json!({ "server_keys": [origin_doc("unsigned.example", 13)] }),
+    );
+    // The origin's self-signature is broken (signed by another key).
+    let mut broken = origin_doc("broken.example", 14);
+    broken["signatures"] = origin_doc("broken.example", 15)["signatures"].clone();
+    courier::signing::sign_json(&mut broken, "notary.example", &notary_key).expect("signed");
+    fetcher.publish_notary_answer(
+        "notary.example",
+        "broken.example",
+        json!({ "server_keys": [broken] }),
+    );
+
+    let ring = KeyRing::with_fetcher(store.clone(), fetcher.clone(), Duration::from_secs(5))
+        .with_notaries(vec![
+            ServerName::parse("down-notary.example").expect("valid"),
+            ServerName::parse("notary.example").expect("valid"),
+        ]);
+    assert_eq!(
+        ring.verify_key("good.example", "ed25519:a")
+            .await
+            .expect("vouched for by the notary"),
+        ServerSigningKey::from_seed("a", [11; 32]).verifying_key()
+    );
+    assert_eq!(
+        store
+            .server_keys("good.example")
+            .await
+            .expect("readable")
+            .len(),
+        1
+    );
+    for server in ["badnotary.example", "unsigned.example", "broken.example"] {
+        assert!(
+            ring.verify_key(server, "ed25519:a").await.is_err(),
+            "{server} must not be trusted"
+        );
+        assert!(
+            store
+                .server_keys(server)
+                .await
+                .expect("readable")
+                .is_empty(),
+            "{server}"
+        );
+    }
+    // Without notaries the same lookup fails.
+    let direct_only = KeyRing::with_fetcher(store.clone(), fetcher.clone(), Duration::from_secs(5));
+    assert!(
+        direct_only
+            .verify_key("other.example", "ed25519:a")
+            .await
+            .is_err()
+    );
 }
 
 #[tokio::test]

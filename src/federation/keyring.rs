@@ -13,6 +13,13 @@
 //! does not know HTTP: fetching goes through the [`KeyFetcher`] trait, which
 //! the outbound [`FederationClient`] implements.
 //!
+//! Notaries (`federation.notary_servers`, optional): only when the origin
+//! itself cannot be reached, each notary is asked in turn
+//! (`GET /_matrix/key/v2/query/{serverName}`). Its answer is used only if the
+//! origin's self-signature verifies (as for a direct fetch) **and** the
+//! notary's own signature verifies with a notary key fetched directly from
+//! the notary (SPEC §5.4). Direct fetches are always preferred (MSC4029).
+//!
 //! Architecture Invariant: only keys from a response that names the server
 //! and is self-signed by it are ever cached; `old_verify_keys` never are.
 
@@ -60,6 +67,15 @@ pub type FetchFuture<'a> = Pin<Box<dyn Future<Output = Result<Value, String>> + 
 /// may serve documents from memory.
 pub trait KeyFetcher: Send + Sync + 'static {
     fn fetch_server_keys<'a>(&'a self, server_name: &'a ServerName) -> FetchFuture<'a>;
+
+    /// Asks `notary` for `server_name`'s keys
+    /// (`GET /_matrix/key/v2/query/{serverName}`, unsigned); the answer is
+    /// `{"server_keys": [...]}` (SPEC §5.4).
+    fn query_notary<'a>(
+        &'a self,
+        notary: &'a ServerName,
+        server_name: &'a ServerName,
+    ) -> FetchFuture<'a>;
 }
 
 impl KeyFetcher for FederationClient {
@@ -70,7 +86,33 @@ impl KeyFetcher for FederationClient {
                 .map_err(|error| error.to_string())
         })
     }
+
+    fn query_notary<'a>(
+        &'a self,
+        notary: &'a ServerName,
+        server_name: &'a ServerName,
+    ) -> FetchFuture<'a> {
+        Box::pin(async move {
+            let path = format!(
+                "{NOTARY_QUERY_PATH}/{}",
+                percent_encoding::utf8_percent_encode(server_name.as_str(), PATH_SEGMENT)
+            );
+            self.get_json(notary, &path, false)
+                .await
+                .map_err(|error| error.to_string())
+        })
+    }
 }
+
+/// The notary query path (SPEC §5.4); the server name follows as a segment.
+pub const NOTARY_QUERY_PATH: &str = "/_matrix/key/v2/query";
+
+/// Everything but RFC 3986 unreserved characters is encoded in a segment.
+const PATH_SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
 
 /// One usable key in memory.
 #[derive(Clone)]
@@ -116,12 +158,21 @@ pub struct KeyRing {
     store: Arc<dyn Store>,
     fetcher: Arc<dyn KeyFetcher>,
     fetch_timeout: Duration,
+    /// Asked, in order, when a server cannot be reached for its own keys.
+    notaries: Vec<ServerName>,
     servers: Mutex<HashMap<String, ServerEntry>>,
 }
 
 impl KeyRing {
     pub fn new(config: Arc<Config>, store: Arc<dyn Store>, client: Arc<FederationClient>) -> Self {
         Self::with_fetcher(store, client, config.federation.key_fetch_timeout)
+            .with_notaries(config.federation.notary_servers.clone())
+    }
+
+    /// Falls back to these notary servers when a server cannot be reached.
+    pub fn with_notaries(mut self, notaries: Vec<ServerName>) -> Self {
+        self.notaries = notaries;
+        self
     }
 
     /// A key ring that fetches through `fetcher`.
@@ -134,6 +185,7 @@ impl KeyRing {
             store,
             fetcher,
             fetch_timeout,
+            notaries: Vec::new(),
             servers: Mutex::new(HashMap::new()),
         }
     }
@@ -205,8 +257,15 @@ impl KeyRing {
             }
         }
 
-        // 4. The origin itself.
-        let outcome = self.fetch(&server).await;
+        // 4. The origin itself, then the notaries (if configured).
+        let outcome = match self.fetch(&server).await {
+            Ok(keys) => Ok(keys),
+            Err(direct) if self.notaries.is_empty() => Err(direct),
+            Err(direct) => self
+                .fetch_from_notaries(&server)
+                .await
+                .map_err(|notaries| format!("{direct}; {notaries}")),
+        };
         let now = Instant::now();
         match outcome {
             Ok(mut keys) => {
@@ -264,6 +323,120 @@ impl KeyRing {
             };
         crate::keys::validate_server_key_response(server.as_str(), &document, crate::now_ms())
             .map_err(|error| error.to_string())
+    }
+
+    /// Asks each notary in turn for `server`'s keys. A notary's answer counts
+    /// only if every document in it is self-signed by `server` (checked as
+    /// for a direct fetch) and signed by the notary with a key of the notary
+    /// fetched directly from it (SPEC §5.4).
+    async fn fetch_from_notaries(
+        &self,
+        server: &ServerName,
+    ) -> Result<Vec<StoredServerKey>, String> {
+        let mut reasons = Vec::new();
+        for notary in &self.notaries {
+            if notary == server {
+                continue;
+            }
+            match self.fetch_from_notary(notary, server).await {
+                Ok(keys) => {
+                    tracing::info!(origin = %server, %notary, "got server keys from a notary");
+                    return Ok(keys);
+                }
+                Err(reason) => {
+                    tracing::info!(origin = %server, %notary, %reason, "notary key query failed");
+                    reasons.push(format!("notary {notary}: {reason}"));
+                }
+            }
+        }
+        Err(reasons.join("; "))
+    }
+
+    async fn fetch_from_notary(
+        &self,
+        notary: &ServerName,
+        server: &ServerName,
+    ) -> Result<Vec<StoredServerKey>, String> {
+        metrics::counter!("courier_key_notary_queries_total").increment(1);
+        let answer = match tokio::time::timeout(
+            self.fetch_timeout,
+            self.fetcher.query_notary(notary, server),
+        )
+        .await
+        {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(reason)) => return Err(reason),
+            Err(_) => return Err("timed out".to_owned()),
+        };
+        let documents = answer
+            .get("server_keys")
+            .and_then(Value::as_array)
+            .ok_or_else(|| "the answer has no server_keys array".to_owned())?;
+        let now_ms = crate::now_ms();
+        let mut keys = Vec::new();
+        for document in documents {
+            // The notary may return other servers' documents too.
+            if document.get("server_name").and_then(Value::as_str) != Some(server.as_str()) {
+                continue;
+            }
+            let found =
+                crate::keys::validate_server_key_response(server.as_str(), document, now_ms)
+                    .map_err(|error| error.to_string())?;
+            self.check_notary_signature(notary, document).await?;
+            keys.extend(found);
+        }
+        if keys.is_empty() {
+            return Err("the notary knows no keys for the server".to_owned());
+        }
+        Ok(keys)
+    }
+
+    /// At least one of the notary's signatures on `document` must verify
+    /// with a key of the notary's; the notary's keys come only from the
+    /// notary itself (memory, store, or a direct fetch), never from another
+    /// notary. This takes no single-flight lock, so a notary that is also an
+    /// origin being looked up cannot deadlock with it.
+    async fn check_notary_signature(
+        &self,
+        notary: &ServerName,
+        document: &Value,
+    ) -> Result<(), String> {
+        let key_ids: Vec<String> = document
+            .get("signatures")
+            .and_then(|signatures| signatures.get(notary.as_str()))
+            .and_then(Value::as_object)
+            .map(|by_key| by_key.keys().cloned().collect())
+            .unwrap_or_default();
+        if key_ids.is_empty() {
+            return Err("the document is not signed by the notary".to_owned());
+        }
+        let mut fetched = false;
+        for key_id in &key_ids {
+            let mut key = self.usable(notary.as_str(), key_id);
+            if key.is_none() && !fetched {
+                fetched = true;
+                if let Ok(stored) = self.store.server_keys(notary.as_str()).await {
+                    self.remember(notary.as_str(), &stored);
+                }
+                key = self.usable(notary.as_str(), key_id);
+                if key.is_none()
+                    && let Ok(mut notary_keys) = self.fetch(notary).await
+                {
+                    let now_ms = crate::now_ms();
+                    notary_keys.retain(|k| k.valid_until_ts > now_ms);
+                    self.remember(notary.as_str(), &notary_keys);
+                    if let Err(error) = self.store.put_server_keys(notary_keys).await {
+                        tracing::warn!(%notary, %error, "storing a notary's keys failed");
+                    }
+                    key = self.usable(notary.as_str(), key_id);
+                }
+            }
+            if let Some(key) = key {
+                return crate::signing::verify_json(document, notary.as_str(), key_id, &key)
+                    .map_err(|error| format!("the notary's signature {key_id} fails: {error}"));
+            }
+        }
+        Err("no key of the notary to check its signature".to_owned())
     }
 
     /// Puts the still-valid keys among `keys` into memory.
