@@ -77,28 +77,38 @@ fn refuse(reason: &'static str, error: MatrixError) -> MatrixError {
     error
 }
 
-/// Steps 1–4: the headers alone, before the body is read.
+fn malformed() -> MatrixError {
+    refuse(
+        "malformed",
+        MatrixError::new(
+            StatusCode::BAD_REQUEST,
+            "M_UNAUTHORIZED",
+            "Malformed X-Matrix authorization header",
+        ),
+    )
+}
+
+/// Steps 1–4: the headers alone, before the body is read. Returns the
+/// claimed (not yet verified) origin and every X-Matrix header (at least
+/// one, all naming that origin).
 pub fn check_headers<'a>(
     authorization: impl IntoIterator<Item = &'a [u8]>,
     our_server_name: &ServerName,
     origin_allow: &[String],
     origin_deny: &[String],
-) -> Result<Vec<XMatrix>, MatrixError> {
+) -> Result<(ServerName, Vec<XMatrix>), MatrixError> {
     let mut values = Vec::new();
     for raw in authorization {
         match std::str::from_utf8(raw) {
             Ok(value) => values.push(value),
             // A non-UTF-8 value cannot be a valid X-Matrix header; if it
             // claims the scheme, it is malformed, otherwise not ours.
-            Err(_) if raw.len() >= 8 && raw[..8].eq_ignore_ascii_case(b"X-Matrix") => {
-                return Err(refuse(
-                    "malformed",
-                    MatrixError::new(
-                        StatusCode::BAD_REQUEST,
-                        "M_UNAUTHORIZED",
-                        "Malformed X-Matrix authorization header",
-                    ),
-                ));
+            Err(_)
+                if raw
+                    .get(..8)
+                    .is_some_and(|s| s.eq_ignore_ascii_case(b"X-Matrix")) =>
+            {
+                return Err(malformed());
             }
             Err(_) => {}
         }
@@ -114,17 +124,16 @@ pub fn check_headers<'a>(
         }
         Err(error) => {
             tracing::info!(%error, "malformed X-Matrix authorization header");
-            return Err(refuse(
-                "malformed",
-                MatrixError::new(
-                    StatusCode::BAD_REQUEST,
-                    "M_UNAUTHORIZED",
-                    "Malformed X-Matrix authorization header",
-                ),
-            ));
+            return Err(malformed());
         }
     };
-    let origin = headers[0].origin.as_str();
+    // The parser guarantees at least one header and a valid server name;
+    // both are re-checked here rather than trusted.
+    let origin_name = headers
+        .first()
+        .and_then(|first| ServerName::parse(&first.origin).ok())
+        .ok_or_else(malformed)?;
+    let origin = origin_name.as_str();
     for header in &headers {
         if let Some(destination) = &header.destination
             && destination != our_server_name.as_str()
@@ -148,7 +157,7 @@ pub fn check_headers<'a>(
             MatrixError::forbidden("This server does not accept requests from your server"),
         ));
     }
-    Ok(headers)
+    Ok((origin_name, headers))
 }
 
 /// Step 5: the body as JSON, present only when the request has one.
@@ -168,7 +177,7 @@ impl FromRequest<AppState> for SignedRequest {
     async fn from_request(request: Request, state: &AppState) -> Result<Self, Self::Rejection> {
         let config = &state.config;
         let our_name = &config.server_name;
-        let headers = check_headers(
+        let (origin, headers) = check_headers(
             request
                 .headers()
                 .get_all(header::AUTHORIZATION)
@@ -178,17 +187,6 @@ impl FromRequest<AppState> for SignedRequest {
             &config.federation.origin_allow,
             &config.federation.origin_deny,
         )?;
-        let origin_text = headers[0].origin.clone();
-        let origin = ServerName::parse(&origin_text).map_err(|_| {
-            refuse(
-                "malformed",
-                MatrixError::new(
-                    StatusCode::BAD_REQUEST,
-                    "M_UNAUTHORIZED",
-                    "The X-Matrix origin is not a server name",
-                ),
-            )
-        })?;
 
         let method = request.method().clone();
         // The raw request target as received: `OriginalUri` survives router
@@ -266,5 +264,60 @@ impl FromRequest<AppState> for SignedRequest {
             origin: Origin(origin),
             body,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn us() -> ServerName {
+        ServerName::parse("us.example").expect("valid")
+    }
+
+    fn check(values: &[&[u8]], allow: &[&str], deny: &[&str]) -> Result<String, MatrixError> {
+        let allow: Vec<String> = allow.iter().map(|s| s.to_string()).collect();
+        let deny: Vec<String> = deny.iter().map(|s| s.to_string()).collect();
+        check_headers(values.iter().copied(), &us(), &allow, &deny)
+            .map(|(origin, headers)| format!("{origin} {}", headers.len()))
+    }
+
+    const GOOD: &[u8] =
+        b"X-Matrix origin=\"o.example\",destination=\"us.example\",key=\"ed25519:1\",sig=\"abc\"";
+
+    #[test]
+    fn header_checks_in_order() {
+        assert_eq!(check(&[GOOD], &[], &[]).expect("ok"), "o.example 1");
+        assert_eq!(
+            check(&[b"Bearer x", GOOD, GOOD], &[], &[]).expect("ok"),
+            "o.example 2"
+        );
+        let status = |r: Result<String, MatrixError>| r.expect_err("refused").status.as_u16();
+        assert_eq!(status(check(&[], &[], &[])), 401);
+        assert_eq!(status(check(&[b"Bearer x"], &[], &[])), 401);
+        assert_eq!(status(check(&[b"X-Matrix nonsense"], &[], &[])), 400);
+        assert_eq!(status(check(&[b"X-Matrix origin=\xff\xfe"], &[], &[])), 400);
+        let other_origin: &[u8] = b"X-Matrix origin=\"p.example\",key=\"ed25519:1\",sig=\"abc\"";
+        assert_eq!(status(check(&[GOOD, other_origin], &[], &[])), 400);
+        let elsewhere: &[u8] =
+            b"X-Matrix origin=\"o.example\",destination=\"x.example\",key=\"ed25519:1\",sig=\"a\"";
+        assert_eq!(status(check(&[elsewhere], &[], &[])), 401);
+        assert_eq!(status(check(&[GOOD], &[], &["o.example"])), 403);
+        assert_eq!(status(check(&[GOOD], &["p.example"], &[])), 403);
+        assert!(check(&[GOOD], &["o.example"], &[]).is_ok());
+    }
+
+    #[test]
+    fn bodies_are_present_only_when_sent() {
+        assert_eq!(parse_body(&Method::GET, b"").expect("ok"), None);
+        assert!(parse_body(&Method::GET, b"{}").expect("ok").is_some());
+        assert_eq!(
+            parse_body(&Method::PUT, b"").expect_err("no body").errcode,
+            "M_NOT_JSON"
+        );
+        assert_eq!(
+            parse_body(&Method::POST, b"{").expect_err("bad").errcode,
+            "M_NOT_JSON"
+        );
     }
 }

@@ -6,7 +6,10 @@
 //! What fails the whole transaction (400): a body that is not JSON
 //! (`M_NOT_JSON`), not an object, without a `pdus` array, with a non-array
 //! `edus`, with a body `origin` other than the authenticated one, or over the
-//! limits (more than 50 PDUs or 100 EDUs) (`M_BAD_JSON`). Everything inside a
+//! limits (more than 50 PDUs or 100 EDUs) (`M_BAD_JSON`). `origin_server_ts`
+//! is not checked: it is the sender's clock and nothing here depends on it,
+//! and refusing a transaction for it would make the sender retry it for
+//! ever. Everything inside a
 //! well-formed transaction is judged per item: a bad EDU is skipped and
 //! logged, never failing its neighbours (SPEC §2.4 rule 4).
 //!
