@@ -23,6 +23,17 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Start the two development relays (config/dev/) on loopback, exchange
+    /// messages between them over real TLS federation, and report.
+    Demo {
+        #[arg(long, default_value = "config/dev/relay-a.toml")]
+        config_a: PathBuf,
+        #[arg(long, default_value = "config/dev/relay-b.toml")]
+        config_b: PathBuf,
+        /// Messages in the batch scenario.
+        #[arg(long, default_value_t = 3000)]
+        batch: usize,
+    },
     /// Run a relay.
     Serve {
         /// The TOML configuration file.
@@ -91,6 +102,28 @@ pub fn init_tracing(json: bool) {
 
 pub async fn run(cli: Cli) -> Result<(), Failure> {
     match cli.command {
+        Command::Demo {
+            config_a,
+            config_b,
+            batch,
+        } => {
+            let options = crate::demo::DemoOptions {
+                config_a,
+                config_b,
+                batch,
+            };
+            let results = crate::demo::run_demo(options)
+                .await
+                .map_err(runtime_failure)?;
+            if crate::demo::print_table(&results) {
+                println!("demo: every message delivered exactly once");
+                Ok(())
+            } else {
+                Err(runtime_failure(anyhow::anyhow!(
+                    "demo: some messages were not delivered exactly once"
+                )))
+            }
+        }
         Command::Serve { config } => {
             let config = Config::load(&config).map_err(usage_failure)?;
             let listeners = crate::server::Listeners::bind(&config)

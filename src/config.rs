@@ -279,8 +279,7 @@ fn apply_env_overrides(
 }
 
 fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
-    let mut problems = Vec::new();
-    let mut need = |what: &str| problems.push(format!("{what} is required"));
+    let mut problems: Vec<String> = Vec::new();
 
     let server_name = match raw.server_name.as_deref() {
         Some(s) => ServerName::parse(s).map_err(|e| e.to_string()),
@@ -288,25 +287,24 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
     };
     let signing_key_path = raw.signing_key_path.clone();
     if signing_key_path.is_none() {
-        need("signing_key_path");
+        problems.push("signing_key_path is required".to_owned());
     }
     let fed = raw.federation;
     let client = raw.client;
     let rpc = raw.rpc;
     let store = raw.store;
     if fed.is_none() {
-        need("[federation]");
+        problems.push("[federation] is required".to_owned());
     }
     if client.is_none() {
-        need("[client]");
+        problems.push("[client] is required".to_owned());
     }
     if rpc.is_none() {
-        need("[rpc]");
+        problems.push("[rpc] is required".to_owned());
     }
     if store.is_none() {
-        need("[store]");
+        problems.push("[store] is required".to_owned());
     }
-    let mut problems = problems;
     let server_name = server_name.map_err(|e| problems.push(e)).ok();
 
     let bind = |section: &str, value: Option<&String>, problems: &mut Vec<String>| match value
@@ -595,7 +593,11 @@ mod example_tests {
     /// The documented example and the dev configs must stay valid.
     #[test]
     fn shipped_configs_are_valid() {
-        for path in ["config/courier.example.toml", "config/dev/relay-a.toml", "config/dev/relay-b.toml"] {
+        for path in [
+            "config/courier.example.toml",
+            "config/dev/relay-a.toml",
+            "config/dev/relay-b.toml",
+        ] {
             let full = Path::new(env!("CARGO_MANIFEST_DIR")).join(path);
             let text = std::fs::read_to_string(&full).expect("shipped config exists");
             let parsed = Config::from_toml_str(&text, path, std::iter::empty());

@@ -135,10 +135,10 @@ impl IntoResponse for MatrixError {
             body["retry_after_ms"] = json!(secs.saturating_mul(1000));
         }
         let mut response = (self.status, axum::Json(body)).into_response();
-        if let Some(secs) = self.retry_after_secs {
-            if let Ok(value) = HeaderValue::from_str(&secs.to_string()) {
-                response.headers_mut().insert(header::RETRY_AFTER, value);
-            }
+        if let Some(secs) = self.retry_after_secs
+            && let Ok(value) = HeaderValue::from_str(&secs.to_string())
+        {
+            response.headers_mut().insert(header::RETRY_AFTER, value);
         }
         response
     }

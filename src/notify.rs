@@ -81,12 +81,11 @@ impl Drop for DeviceWaiter<'_> {
             .unwrap_or_else(|p| p.into_inner());
         // The map holds one reference and this waiter one; anything more
         // means another waiter still uses the entry.
-        if Arc::strong_count(&self.notify) <= 3 {
-            if let Some(existing) = waiters.get(&self.device) {
-                if Arc::ptr_eq(existing, &self.notify) && Arc::strong_count(existing) <= 3 {
-                    waiters.remove(&self.device);
-                }
-            }
+        let last_waiter = waiters.get(&self.device).is_some_and(|existing| {
+            Arc::ptr_eq(existing, &self.notify) && Arc::strong_count(existing) <= 3
+        });
+        if last_waiter {
+            waiters.remove(&self.device);
         }
     }
 }

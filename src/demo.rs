@@ -1,0 +1,489 @@
+//! `courier demo`: the first thing a newcomer runs. It starts the two
+//! development relays of `config/dev/` in this process (real listeners on
+//! loopback, real TLS federation between them, fresh stores and keys in a
+//! temporary directory), registers demo devices over the RPC, sends
+//! to-device messages both ways through the client API (one device, `*`,
+//! local, and a batch of a few thousand), waits for every one to arrive
+//! through `/sync`, and prints what was sent, delivered, and how long it took.
+//! It fails, with the reason, if any message is missing, duplicated or
+//! altered.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, StoreConfig};
+use crate::keys::ServerSigningKey;
+use crate::plain_http::{JsonClient, encode_segment};
+use crate::server::{Listeners, run};
+
+/// How long the demo waits for any one scenario to be delivered.
+const DELIVERY_DEADLINE: Duration = Duration::from_secs(60);
+
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error("preparing the demo: {0}")]
+    Setup(String),
+    #[error(transparent)]
+    Server(#[from] crate::server::ServerError),
+    #[error(transparent)]
+    Http(#[from] crate::plain_http::HttpError),
+    #[error("{0}")]
+    Failed(String),
+}
+
+pub struct DemoOptions {
+    pub config_a: PathBuf,
+    pub config_b: PathBuf,
+    /// Messages in the batch scenario.
+    pub batch: usize,
+}
+
+/// One relay as the demo sees it.
+struct DemoRelay {
+    name: &'static str,
+    server_name: String,
+    client_url: String,
+    rpc_url: String,
+    rpc_secret: String,
+}
+
+/// One row of the final table.
+pub struct ScenarioResult {
+    pub name: String,
+    pub sent: usize,
+    pub delivered: usize,
+    pub duplicates: usize,
+    pub elapsed: Duration,
+}
+
+impl ScenarioResult {
+    fn ok(&self) -> bool {
+        self.sent == self.delivered && self.duplicates == 0
+    }
+}
+
+/// A device that receives in a scenario, and what it must receive.
+struct Receiver<'a> {
+    relay: &'a DemoRelay,
+    token: String,
+    /// Expected message ids.
+    expect: Vec<String>,
+}
+
+pub async fn run_demo(options: DemoOptions) -> Result<Vec<ScenarioResult>, DemoError> {
+    crate::tls::install_crypto_provider();
+    let data = tempfile::Builder::new()
+        .prefix("courier-demo-")
+        .tempdir()
+        .map_err(|e| DemoError::Setup(format!("temporary directory: {e}")))?;
+    let config_a = prepare_config(&options.config_a, &data.path().join("relay-a"))?;
+    let config_b = prepare_config(&options.config_b, &data.path().join("relay-b"))?;
+    let relay_a = describe("A", &config_a);
+    let relay_b = describe("B", &config_b);
+
+    let shutdown = CancellationToken::new();
+    let mut handles = Vec::new();
+    for config in [config_a, config_b] {
+        let listeners = Listeners::bind(&config).await.map_err(|e| {
+            DemoError::Setup(format!(
+                "{e} (is another demo or relay running on the dev ports?)"
+            ))
+        })?;
+        let token = shutdown.clone();
+        handles.push(tokio::spawn(run(config, listeners, token)));
+    }
+    let outcome = drive(&relay_a, &relay_b, options.batch).await;
+    shutdown.cancel();
+    for handle in handles {
+        match handle.await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => return Err(error.into()),
+            Err(error) => return Err(DemoError::Setup(format!("relay task failed: {error}"))),
+        }
+    }
+    outcome
+}
+
+/// Loads a dev config and points its store and key into `dir`, creating a
+/// fresh key, so every demo run starts clean.
+fn prepare_config(path: &Path, dir: &Path) -> Result<Config, DemoError> {
+    let mut config = Config::load(path)?;
+    std::fs::create_dir_all(dir)
+        .map_err(|e| DemoError::Setup(format!("{}: {e}", dir.display())))?;
+    let key_path = dir.join("signing.key");
+    std::fs::write(
+        &key_path,
+        ServerSigningKey::generate("demo").to_file_contents(),
+    )
+    .map_err(|e| DemoError::Setup(format!("{}: {e}", key_path.display())))?;
+    config.signing_key_path = key_path;
+    config.store = StoreConfig::Sqlite(dir.join("courier.db"));
+    Ok(config)
+}
+
+fn describe(name: &'static str, config: &Config) -> DemoRelay {
+    DemoRelay {
+        name,
+        server_name: config.server_name.to_string(),
+        client_url: format!("http://{}", config.client.bind),
+        rpc_url: format!("http://{}", config.rpc.bind),
+        rpc_secret: config.rpc.secret.clone(),
+    }
+}
+
+async fn drive(
+    a: &DemoRelay,
+    b: &DemoRelay,
+    batch: usize,
+) -> Result<Vec<ScenarioResult>, DemoError> {
+    let http = JsonClient::new(Duration::from_secs(90));
+    for relay in [a, b] {
+        wait_ready(&http, relay).await?;
+    }
+    let alice = format!("@alice:{}", a.server_name);
+    let bob = format!("@bob:{}", b.server_name);
+    for device in ["ALICE1", "ALICE2"] {
+        register(&http, a, &alice, device).await?;
+    }
+    for device in ["BOB1", "BOB2"] {
+        register(&http, b, &bob, device).await?;
+    }
+    let batch_users: Vec<String> = (0..50)
+        .map(|i| format!("@load{i:02}:{}", b.server_name))
+        .collect();
+    for user in &batch_users {
+        register(&http, b, user, "LOAD").await?;
+    }
+
+    let mut results = Vec::new();
+    let alice1 = token(&alice, "ALICE1");
+    let bob1 = token(&bob, "BOB1");
+
+    // A → B, one device.
+    let id = "a-to-b-one".to_owned();
+    let sends = vec![json!({ bob.clone(): { "BOB1": { "id": id } } })];
+    let receivers = vec![Receiver {
+        relay: b,
+        token: token(&bob, "BOB1"),
+        expect: vec![id],
+    }];
+    results.push(scenario(&http, "A → B, one device", a, &alice1, sends, receivers).await?);
+
+    // A → B, every device (`*`).
+    let id = "a-to-b-star".to_owned();
+    let sends = vec![json!({ bob.clone(): { "*": { "id": id } } })];
+    let receivers = ["BOB1", "BOB2"]
+        .iter()
+        .map(|d| Receiver {
+            relay: b,
+            token: token(&bob, d),
+            expect: vec![id.clone()],
+        })
+        .collect();
+    results.push(scenario(&http, "A → B, * (2 devices)", a, &alice1, sends, receivers).await?);
+
+    // B → A, one device and `*`.
+    let id = "b-to-a-one".to_owned();
+    let sends = vec![json!({ alice.clone(): { "ALICE1": { "id": id } } })];
+    let receivers = vec![Receiver {
+        relay: a,
+        token: token(&alice, "ALICE1"),
+        expect: vec![id],
+    }];
+    results.push(scenario(&http, "B → A, one device", b, &bob1, sends, receivers).await?);
+    let id = "b-to-a-star".to_owned();
+    let sends = vec![json!({ alice.clone(): { "*": { "id": id } } })];
+    let receivers = ["ALICE1", "ALICE2"]
+        .iter()
+        .map(|d| Receiver {
+            relay: a,
+            token: token(&alice, d),
+            expect: vec![id.clone()],
+        })
+        .collect();
+    results.push(scenario(&http, "B → A, * (2 devices)", b, &bob1, sends, receivers).await?);
+
+    // Local: A → A.
+    let id = "a-to-a-local".to_owned();
+    let sends = vec![json!({ alice.clone(): { "ALICE2": { "id": id } } })];
+    let receivers = vec![Receiver {
+        relay: a,
+        token: token(&alice, "ALICE2"),
+        expect: vec![id],
+    }];
+    results.push(scenario(&http, "A → A, local device", a, &alice1, sends, receivers).await?);
+
+    // A → B, a batch over 50 users, 50 recipients per request.
+    let calls = batch.div_ceil(batch_users.len()).max(1);
+    let mut expected: HashMap<&str, Vec<String>> = HashMap::new();
+    let mut sends = Vec::with_capacity(calls);
+    let mut n = 0usize;
+    for call in 0..calls {
+        let mut messages = serde_json::Map::new();
+        for user in &batch_users {
+            if n == batch {
+                break;
+            }
+            let id = format!("batch-{call}-{n}");
+            messages.insert(
+                user.clone(),
+                json!({ "LOAD": { "id": id, "padding": "x".repeat(64) } }),
+            );
+            expected.entry(user.as_str()).or_default().push(id);
+            n += 1;
+        }
+        sends.push(Value::Object(messages));
+    }
+    let receivers = batch_users
+        .iter()
+        .map(|u| Receiver {
+            relay: b,
+            token: token(u, "LOAD"),
+            expect: expected.remove(u.as_str()).unwrap_or_default(),
+        })
+        .collect();
+    let name = format!("A → B, batch ({calls} requests × ≤50)");
+    results.push(scenario(&http, &name, a, &alice1, sends, receivers).await?);
+    Ok(results)
+}
+
+fn token(user: &str, device: &str) -> String {
+    format!(
+        "demo_{}_{}",
+        user.trim_start_matches('@').replace([':', '.'], "_"),
+        device
+    )
+}
+
+async fn wait_ready(http: &JsonClient, relay: &DemoRelay) -> Result<(), DemoError> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let url = format!("{}/_matrix/client/versions", relay.client_url);
+        if let Ok(r) = http.request("GET", &url, None, None).await
+            && r.status == 200
+        {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(DemoError::Failed(format!(
+                "relay {} did not become ready",
+                relay.name
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn register(
+    http: &JsonClient,
+    relay: &DemoRelay,
+    user: &str,
+    device: &str,
+) -> Result<(), DemoError> {
+    let url = format!(
+        "{}/_courier/v1/devices/{}/{}",
+        relay.rpc_url,
+        encode_segment(user),
+        encode_segment(device)
+    );
+    let body = json!({ "access_token": token(user, device) });
+    let r = http
+        .request("PUT", &url, Some(&relay.rpc_secret), Some(&body))
+        .await?;
+    if r.status != 200 {
+        return Err(DemoError::Failed(format!(
+            "registering {user}/{device} on relay {}: {} {}",
+            relay.name, r.status, r.body
+        )));
+    }
+    Ok(())
+}
+
+/// Sends `sends` (each a `messages` object) from `from`, then syncs every
+/// receiver until it has its expected messages or the deadline passes.
+async fn scenario(
+    http: &JsonClient,
+    name: &str,
+    from: &DemoRelay,
+    sender_token: &str,
+    sends: Vec<Value>,
+    receivers: Vec<Receiver<'_>>,
+) -> Result<ScenarioResult, DemoError> {
+    let sent: usize = receivers.iter().map(|r| r.expect.len()).sum();
+    let started = Instant::now();
+    let txn_prefix = format!("{}-{}", crate::now_ms(), name.len());
+    let mut in_flight = Vec::new();
+    for (i, messages) in sends.into_iter().enumerate() {
+        let url = format!(
+            "{}/_matrix/client/v3/sendToDevice/{}/{}-{i}",
+            from.client_url,
+            encode_segment("org.example.courier.demo"),
+            txn_prefix
+        );
+        let http = http.clone();
+        let token = sender_token.to_owned();
+        in_flight.push(tokio::spawn(async move {
+            http.request(
+                "PUT",
+                &url,
+                Some(&token),
+                Some(&json!({ "messages": messages })),
+            )
+            .await
+        }));
+        // Keep at most 8 requests in flight.
+        if in_flight.len() >= 8 {
+            check_send(in_flight.remove(0).await, name)?;
+        }
+    }
+    for handle in in_flight {
+        check_send(handle.await, name)?;
+    }
+
+    let mut tasks = Vec::new();
+    for receiver in receivers {
+        let http = http.clone();
+        let url = receiver.relay.client_url.clone();
+        tasks.push(tokio::spawn(async move {
+            receive(&http, &url, &receiver.token, &receiver.expect).await
+        }));
+    }
+    let mut delivered = 0;
+    let mut duplicates = 0;
+    let mut last = started.elapsed();
+    for task in tasks {
+        let outcome = task
+            .await
+            .map_err(|e| DemoError::Failed(format!("{name}: receiver task failed: {e}")))??;
+        delivered += outcome.delivered;
+        duplicates += outcome.duplicates;
+        if let Some(at) = outcome.completed_at {
+            last = last.max(at.duration_since(started));
+        }
+    }
+    Ok(ScenarioResult {
+        name: name.to_owned(),
+        sent,
+        delivered,
+        duplicates,
+        elapsed: last,
+    })
+}
+
+fn check_send(
+    joined: Result<
+        Result<crate::plain_http::JsonResponse, crate::plain_http::HttpError>,
+        tokio::task::JoinError,
+    >,
+    name: &str,
+) -> Result<(), DemoError> {
+    let response =
+        joined.map_err(|e| DemoError::Failed(format!("{name}: send task failed: {e}")))??;
+    if response.status != 200 {
+        return Err(DemoError::Failed(format!(
+            "{name}: send answered {} {}",
+            response.status, response.body
+        )));
+    }
+    Ok(())
+}
+
+struct Received {
+    delivered: usize,
+    duplicates: usize,
+    completed_at: Option<Instant>,
+}
+
+/// Syncs one device until every expected id arrived (or the deadline), then
+/// acknowledges and checks that nothing more is pending.
+async fn receive(
+    http: &JsonClient,
+    client_url: &str,
+    token: &str,
+    expect: &[String],
+) -> Result<Received, DemoError> {
+    let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+    let mut since: Option<String> = None;
+    let deadline = Instant::now() + DELIVERY_DEADLINE;
+    let mut completed_at = None;
+    loop {
+        let done = expect.iter().all(|id| seen.contains_key(id));
+        if done && completed_at.is_none() {
+            completed_at = Some(Instant::now());
+        }
+        // After completion, one more sync with timeout 0 acknowledges the last
+        // batch and shows whether anything unexpected is still queued.
+        let timeout = if done { 0 } else { 5_000 };
+        if !done && Instant::now() > deadline {
+            break;
+        }
+        let mut url = format!("{client_url}/_matrix/client/v3/sync?timeout={timeout}");
+        if let Some(since) = &since {
+            url.push_str(&format!("&since={}", encode_segment(since)));
+        }
+        let r = http.request("GET", &url, Some(token), None).await?;
+        if r.status != 200 {
+            return Err(DemoError::Failed(format!(
+                "sync answered {} {}",
+                r.status, r.body
+            )));
+        }
+        let events = r.body["to_device"]["events"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        for event in &events {
+            let id = event["content"]["id"]
+                .as_str()
+                .unwrap_or("<no id>")
+                .to_owned();
+            *seen.entry(id).or_default() += 1;
+        }
+        since = r.body["next_batch"].as_str().map(str::to_owned);
+        if done && events.is_empty() {
+            break;
+        }
+    }
+    let delivered = expect.iter().filter(|id| seen.contains_key(*id)).count();
+    let duplicates = seen.values().map(|n| n.saturating_sub(1)).sum::<usize>()
+        + seen.keys().filter(|id| !expect.contains(id)).count();
+    Ok(Received {
+        delivered,
+        duplicates,
+        completed_at,
+    })
+}
+
+/// Prints the results table; returns whether every scenario succeeded.
+pub fn print_table(results: &[ScenarioResult]) -> bool {
+    let width = results
+        .iter()
+        .map(|r| r.name.chars().count())
+        .max()
+        .unwrap_or(10)
+        .max(8);
+    println!(
+        "{:<width$}  {:>6}  {:>9}  {:>10}  {:>9}  result",
+        "scenario", "sent", "delivered", "duplicates", "time"
+    );
+    let mut all_ok = true;
+    for r in results {
+        all_ok &= r.ok();
+        println!(
+            "{:<width$}  {:>6}  {:>9}  {:>10}  {:>6} ms  {}",
+            r.name,
+            r.sent,
+            r.delivered,
+            r.duplicates,
+            r.elapsed.as_millis(),
+            if r.ok() { "ok" } else { "FAILED" }
+        );
+    }
+    all_ok
+}
