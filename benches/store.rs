@@ -76,6 +76,38 @@ struct Totals {
     sends: u64,
     commits: u64,
     elapsed: Duration,
+    writer_cpu_ticks: u64,
+}
+
+/// CPU time (user + system, in clock ticks of 10 ms) used so far by the
+/// store's writer thread, read from /proc: unlike wall time it barely
+/// depends on what else the machine is doing.
+fn writer_cpu_ticks() -> u64 {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return 0;
+    };
+    let mut ticks = 0;
+    for task in tasks.flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        // The kernel keeps 15 bytes of the thread name.
+        if !comm.starts_with("courier-sqlite-") {
+            continue;
+        }
+        let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest.split_whitespace().collect())
+            .unwrap_or_default();
+        // After the command name: state is field 3, utime 14, stime 15.
+        let field = |i: usize| {
+            fields
+                .get(i)
+                .and_then(|f| f.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        ticks += field(11) + field(12);
+    }
+    ticks
 }
 
 fn bench_group(c: &mut Criterion, name: &str, recipients: usize, writer_counts: &[usize]) {
@@ -109,6 +141,7 @@ fn bench_group(c: &mut Criterion, name: &str, recipients: usize, writer_counts: 
             sends: 0,
             commits: 0,
             elapsed: Duration::ZERO,
+            writer_cpu_ticks: 0,
         };
         group.bench_with_input(
             BenchmarkId::new("writers", writers),
@@ -116,7 +149,9 @@ fn bench_group(c: &mut Criterion, name: &str, recipients: usize, writer_counts: 
             |b, &writers| {
                 b.iter_custom(|iters| {
                     let commits = store.commit_count();
+                    let cpu = writer_cpu_ticks();
                     let elapsed = runtime.block_on(run(&store, writers, iters, recipients));
+                    totals.writer_cpu_ticks += writer_cpu_ticks() - cpu;
                     totals.sends += iters;
                     totals.commits += store.commit_count() - commits;
                     totals.elapsed += elapsed;
@@ -130,11 +165,13 @@ fn bench_group(c: &mut Criterion, name: &str, recipients: usize, writer_counts: 
     for (writers, t) in report {
         let secs = t.elapsed.as_secs_f64();
         eprintln!(
-            "{name} writers={writers}: {:.0} rows/s, {:.0} sends/s, {:.0} commits/s, {:.1} sends/commit",
+            "{name} writers={writers}: {:.0} rows/s, {:.0} sends/s, {:.0} commits/s, \
+             {:.1} sends/commit, writer CPU {:.1} us/row",
             (t.sends * recipients as u64) as f64 / secs,
             t.sends as f64 / secs,
             t.commits as f64 / secs,
             t.sends as f64 / t.commits.max(1) as f64,
+            t.writer_cpu_ticks as f64 * 10_000.0 / (t.sends * recipients as u64).max(1) as f64,
         );
     }
     runtime.block_on(store.close()).expect("close");

@@ -7,12 +7,16 @@
 //! `spawn_blocking`. No rusqlite call ever runs on a tokio worker thread.
 //! The database is in WAL mode with `synchronous=FULL`, so a write future
 //! resolves only after its commit is durable. The SQL of each operation is in
-//! `sqlite/devices.rs`, `sqlite/inbox.rs`,
-//! `sqlite/outbox.rs` and `sqlite/maintenance.rs`; the schema is in `migrations/sqlite/*.sql`.
+//! `sqlite/devices.rs`, `sqlite/inbox.rs`, `sqlite/outbox.rs` and
+//! `sqlite/maintenance.rs`; the schema is in `migrations/sqlite/*.sql`.
+//!
+//! Not here: deciding what to write (`todevice`), waking long-polls or
+//! destination tasks (callers do that with the returned outcomes), and any
+//! periodic pruning schedule (the caller runs `prune`).
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
 
@@ -70,6 +74,8 @@ struct Inner {
     stats: Arc<WriterStats>,
     readers: Mutex<Vec<Connection>>,
     reader_permits: Arc<Semaphore>,
+    /// Where the next prune pass continues its orphan-row scan (stream id).
+    orphan_cursor: AtomicI64,
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -146,6 +152,7 @@ impl SqliteStore {
                 stats,
                 readers: Mutex::new(readers),
                 reader_permits: Arc::new(Semaphore::new(count)),
+                orphan_cursor: AtomicI64::new(0),
             }),
         })
     }
@@ -429,7 +436,12 @@ impl Store for SqliteStore {
         retention: Retention,
         batch: u32,
     ) -> StoreFuture<'_, PruneReport> {
-        Box::pin(self.write(move |c| maintenance::prune(c, now_ms, retention, batch)))
+        let inner = self.inner.clone();
+        Box::pin(
+            self.write(move |c| {
+                maintenance::prune(c, now_ms, retention, batch, &inner.orphan_cursor)
+            }),
+        )
     }
 
     fn close(&self) -> StoreFuture<'_, ()> {

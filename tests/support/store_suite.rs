@@ -43,6 +43,7 @@ macro_rules! store_conformance_tests {
             repeated_since_redelivers_same_rows,
             star_expands_at_write_time,
             unknown_devices_are_dropped,
+            mixed_targets_keep_order_in_large_sends,
             client_txn_dedupe_writes_nothing,
             outbox_rows_and_destinations_in_order,
             inbound_txn_dedupe_replays_response,
@@ -430,6 +431,45 @@ pub async fn unknown_devices_are_dropped(store: Arc<dyn Store>) {
     // Registering the device later does not deliver the dropped message.
     devices(s, ALICE, &["GHOST"]).await;
     assert_eq!(inbox_ns(s, ALICE, "GHOST").await, Vec::<u64>::new());
+}
+
+pub async fn mixed_targets_keep_order_in_large_sends(store: Arc<dyn Store>) {
+    let s = &*store;
+    let ids = ["A", "B", "C"];
+    devices(s, ALICE, &ids).await;
+    devices(s, BOB, &["X"]).await;
+    // 211 messages mixing `*`, known, unknown devices and two users, so
+    // that any internal batching of rows is crossed at odd places.
+    let mut local = Vec::new();
+    let mut expected: BTreeMap<(&str, &str), Vec<u64>> = BTreeMap::new();
+    for n in 0..211u64 {
+        let (user, target) = match n % 7 {
+            0 | 3 => (ALICE, DeviceTarget::All),
+            1 => (ALICE, one(ids[(n % 3) as usize])),
+            2 => (ALICE, one("GHOST")),
+            4 => (BOB, DeviceTarget::All),
+            5 => (BOB, one("X")),
+            _ => (ALICE, one("C")),
+        };
+        let targets: Vec<&str> = match (&target, user) {
+            (DeviceTarget::All, u) if u == ALICE => ids.to_vec(),
+            (DeviceTarget::All, _) => vec!["X"],
+            (DeviceTarget::One(d), u) if u == ALICE && ids.contains(&d.as_str()) => {
+                vec![ids[ids.iter().position(|i| i == d).expect("known")]]
+            }
+            (DeviceTarget::One(d), _) if d == "X" => vec!["X"],
+            _ => vec![],
+        };
+        for t in targets {
+            expected.entry((user, t)).or_default().push(n);
+        }
+        local.push(msg(user, target, n));
+    }
+    let (woken, _) = accepted(s, batch("big", local, vec![])).await;
+    assert_eq!(woken.len(), 4);
+    for ((user, device), ns) in expected {
+        assert_eq!(inbox_ns(s, user, device).await, ns, "{user} {device}");
+    }
 }
 
 pub async fn client_txn_dedupe_writes_nothing(store: Arc<dyn Store>) {

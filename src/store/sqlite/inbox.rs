@@ -5,6 +5,8 @@
 //! single statement on a reader).
 
 use std::collections::{HashMap, HashSet};
+use std::rc::Rc;
+use std::sync::LazyLock;
 
 use rusqlite::{CachedStatement, Connection, OptionalExtension};
 
@@ -13,14 +15,40 @@ use crate::store::{
     SendBatch, SendOutcome, StoreError,
 };
 
+/// Rows per multi-row INSERT: fewer statement executions per row on the
+/// hot path (5 parameters each, far below SQLite's parameter limit).
+const CHUNK: usize = 32;
+
+const INSERT_ONE: &str = "INSERT INTO device_inbox
+    (user_id, device_id, sender, event_type, content_json) VALUES (?, ?, ?, ?, ?)";
+
+/// `INSERT ... VALUES (...), (...)` with `CHUNK` rows; rows get increasing
+/// stream ids in the order of the VALUES list.
+static INSERT_CHUNK: LazyLock<String> = LazyLock::new(|| {
+    let mut sql = String::from(
+        "INSERT INTO device_inbox (user_id, device_id, sender, event_type, content_json) VALUES ",
+    );
+    for i in 0..CHUNK {
+        if i > 0 {
+            sql.push_str(", ");
+        }
+        sql.push_str("(?, ?, ?, ?, ?)");
+    }
+    sql
+});
+
 /// Expands targets and inserts local messages in the order given, collecting
 /// the woken devices. Lives for one operation: its device cache is only valid
-/// inside the transaction it was filled in.
-struct InboxWriter<'c> {
-    insert: CachedStatement<'c>,
+/// inside the transaction it was filled in. Rows are buffered and written in
+/// chunks; `finish` writes the rest and must be called before the result is
+/// used.
+struct InboxWriter<'c, 'm> {
+    conn: &'c Connection,
     list: CachedStatement<'c>,
     /// Registered devices per user (sorted), loaded on first use.
-    devices: HashMap<String, Vec<String>>,
+    devices: HashMap<&'m str, Vec<Rc<str>>>,
+    /// Rows not yet inserted, in order.
+    pending: Vec<(&'m NewInboxMessage, Rc<str>)>,
     woken: Woken,
 }
 
@@ -34,7 +62,8 @@ struct Woken {
 impl Woken {
     fn add(&mut self, user_id: &str, device_id: &str) {
         let fresh = match self.seen.get_mut(user_id) {
-            Some(devices) => !devices.contains(device_id) && devices.insert(device_id.to_owned()),
+            Some(devices) if devices.contains(device_id) => false,
+            Some(devices) => devices.insert(device_id.to_owned()),
             None => {
                 self.seen
                     .insert(user_id.to_owned(), HashSet::from([device_id.to_owned()]));
@@ -50,65 +79,95 @@ impl Woken {
     }
 }
 
-impl<'c> InboxWriter<'c> {
+impl<'c, 'm> InboxWriter<'c, 'm> {
     fn new(conn: &'c Connection) -> Result<Self, StoreError> {
         Ok(InboxWriter {
-            insert: conn.prepare_cached(
-                "INSERT INTO device_inbox (user_id, device_id, sender, event_type, content_json)
-                 VALUES (?1, ?2, ?3, ?4, ?5)",
-            )?,
+            conn,
             list: conn.prepare_cached(
                 "SELECT device_id FROM devices WHERE user_id = ?1 ORDER BY device_id",
             )?,
             devices: HashMap::new(),
+            pending: Vec::with_capacity(CHUNK),
             woken: Woken::default(),
         })
     }
 
-    fn write(&mut self, msg: &NewInboxMessage) -> Result<(), StoreError> {
+    fn write(&mut self, msg: &'m NewInboxMessage) -> Result<(), StoreError> {
         if !self.devices.contains_key(msg.user_id.as_str()) {
             let registered = self
                 .list
-                .query_map([&msg.user_id], |row| row.get::<_, String>(0))?
+                .query_map([&msg.user_id], |row| {
+                    row.get_ref(0)?
+                        .as_str()
+                        .map(Rc::<str>::from)
+                        .map_err(Into::into)
+                })?
                 .collect::<Result<Vec<_>, _>>()?;
-            self.devices.insert(msg.user_id.clone(), registered);
+            self.devices.insert(msg.user_id.as_str(), registered);
         }
-        let registered: &[String] = self
+        let registered: &[Rc<str>] = self
             .devices
             .get(msg.user_id.as_str())
             .map_or(&[], Vec::as_slice);
         match &msg.device {
             DeviceTarget::One(device_id) => {
                 // Unregistered devices are dropped silently.
-                if registered.binary_search(device_id).is_ok() {
-                    insert_row(&mut self.insert, &mut self.woken, msg, device_id)?;
+                if let Ok(i) = registered.binary_search_by(|d| (**d).cmp(device_id.as_str())) {
+                    self.woken.add(&msg.user_id, device_id);
+                    self.pending.push((msg, registered[i].clone()));
                 }
             }
             DeviceTarget::All => {
                 for device_id in registered {
-                    insert_row(&mut self.insert, &mut self.woken, msg, device_id)?;
+                    self.woken.add(&msg.user_id, device_id);
+                    self.pending.push((msg, device_id.clone()));
                 }
             }
         }
+        if self.pending.len() >= CHUNK {
+            self.flush()?;
+        }
         Ok(())
     }
-}
 
-fn insert_row(
-    insert: &mut CachedStatement<'_>,
-    woken: &mut Woken,
-    msg: &NewInboxMessage,
-    device_id: &str,
-) -> Result<(), StoreError> {
-    insert.execute((
-        &msg.user_id,
-        device_id,
-        &msg.sender,
-        &msg.event_type,
-        &msg.content_json,
-    ))?;
-    woken.add(&msg.user_id, device_id);
-    Ok(())
+    /// Inserts the buffered rows, full chunks first, the rest one by one.
+    fn flush(&mut self) -> Result<(), StoreError> {
+        let mut rows = self.pending.as_slice();
+        while rows.len() >= CHUNK {
+            let mut stmt = self.conn.prepare_cached(&INSERT_CHUNK)?;
+            let mut index = 1;
+            for (msg, device_id) in &rows[..CHUNK] {
+                stmt.raw_bind_parameter(index, &msg.user_id)?;
+                stmt.raw_bind_parameter(index + 1, &**device_id)?;
+                stmt.raw_bind_parameter(index + 2, &msg.sender)?;
+                stmt.raw_bind_parameter(index + 3, &msg.event_type)?;
+                stmt.raw_bind_parameter(index + 4, &msg.content_json)?;
+                index += 5;
+            }
+            stmt.raw_execute()?;
+            rows = &rows[CHUNK..];
+        }
+        if !rows.is_empty() {
+            let mut stmt = self.conn.prepare_cached(INSERT_ONE)?;
+            for (msg, device_id) in rows {
+                stmt.execute((
+                    &msg.user_id,
+                    &**device_id,
+                    &msg.sender,
+                    &msg.event_type,
+                    &msg.content_json,
+                ))?;
+            }
+        }
+        self.pending.clear();
+        Ok(())
+    }
+
+    /// Writes what is still buffered; returns the woken devices.
+    fn finish(mut self) -> Result<Vec<DeviceKey>, StoreError> {
+        self.flush()?;
+        Ok(self.woken.list)
+    }
 }
 
 pub fn enqueue_send(conn: &Connection, batch: &SendBatch) -> Result<SendOutcome, StoreError> {
@@ -126,6 +185,7 @@ pub fn enqueue_send(conn: &Connection, batch: &SendBatch) -> Result<SendOutcome,
     for msg in &batch.local {
         inbox.write(msg)?;
     }
+    let woken_devices = inbox.finish()?;
     let mut destinations: Vec<String> = Vec::new();
     {
         let mut stmt = conn.prepare_cached(
@@ -145,7 +205,7 @@ pub fn enqueue_send(conn: &Connection, batch: &SendBatch) -> Result<SendOutcome,
         }
     }
     Ok(SendOutcome::Accepted {
-        woken_devices: inbox.woken.list,
+        woken_devices,
         destinations,
     })
 }
@@ -185,7 +245,7 @@ pub fn apply_inbound_txn(
         }
     }
     Ok(InboundOutcome::Accepted {
-        woken_devices: inbox.woken.list,
+        woken_devices: inbox.finish()?,
         duplicate_message_ids,
     })
 }

@@ -2,6 +2,8 @@
 //! (expired dedupe records, expired keys, orphan inbox rows), always in
 //! bounded batches so that one pass never holds the writer for long.
 
+use std::sync::atomic::{AtomicI64, Ordering};
+
 use rusqlite::Connection;
 
 use crate::store::{PruneReport, Retention, StoreError, StoredServerKey, TimestampMs};
@@ -51,6 +53,7 @@ pub fn prune(
     now_ms: TimestampMs,
     retention: Retention,
     batch: u32,
+    orphan_cursor: &AtomicI64,
 ) -> Result<PruneReport, StoreError> {
     let limit = i64::from(batch);
     let expire = |sql: &str, cutoff: i64| -> Result<u64, StoreError> {
@@ -77,15 +80,48 @@ pub fn prune(
                  (SELECT server_name, key_id FROM server_keys WHERE valid_until_ts < ?1 LIMIT ?2)",
             now_ms,
         )?,
-        orphan_inbox_rows: conn
-            .prepare_cached(
-                "DELETE FROM device_inbox WHERE stream_id IN
-                     (SELECT i.stream_id FROM device_inbox i
-                      WHERE NOT EXISTS (SELECT 1 FROM devices d
-                                        WHERE d.user_id = i.user_id
-                                          AND d.device_id = i.device_id)
-                      LIMIT ?1)",
-            )?
-            .execute([limit])? as u64,
+        orphan_inbox_rows: prune_orphans(conn, orphan_cursor, limit)?,
     })
+}
+
+/// Inbox rows examined per pruning pass when looking for orphans.
+const ORPHAN_SCAN_ROWS: i64 = 10_000;
+
+/// Deletes up to `limit` inbox rows whose device no longer exists, looking
+/// at most at `ORPHAN_SCAN_ROWS` rows after `cursor` (a stream id kept by the
+/// caller between passes), so that a large inbox never stalls the writer.
+/// The cursor moves past the window only when the window was cleaned
+/// completely, and wraps to 0 at the end of the inbox.
+fn prune_orphans(conn: &Connection, cursor: &AtomicI64, limit: i64) -> Result<u64, StoreError> {
+    let from = cursor.load(Ordering::Relaxed);
+    let (scanned, window_end): (i64, Option<i64>) = conn
+        .prepare_cached(
+            "SELECT count(*), max(stream_id) FROM
+                 (SELECT stream_id FROM device_inbox WHERE stream_id > ?1
+                  ORDER BY stream_id LIMIT ?2)",
+        )?
+        .query_row((from, ORPHAN_SCAN_ROWS), |row| {
+            Ok((row.get(0)?, row.get(1)?))
+        })?;
+    let deleted = conn
+        .prepare_cached(
+            "DELETE FROM device_inbox WHERE stream_id IN
+                 (SELECT i.stream_id FROM device_inbox i
+                  WHERE i.stream_id > ?1 AND i.stream_id <= ?2
+                    AND NOT EXISTS (SELECT 1 FROM devices d
+                                    WHERE d.user_id = i.user_id
+                                      AND d.device_id = i.device_id)
+                  LIMIT ?3)",
+        )?
+        .execute((from, window_end.unwrap_or(from), limit))? as u64;
+    let next = match window_end {
+        // The batch limit stopped us: the window may hold more; stay.
+        Some(_) if deleted as i64 >= limit => from,
+        // A full window: continue after it next time.
+        Some(end) if scanned == ORPHAN_SCAN_ROWS => end,
+        // The end of the inbox: start over next time.
+        _ => 0,
+    };
+    cursor.store(next, Ordering::Relaxed);
+    Ok(deleted)
 }

@@ -154,6 +154,8 @@ impl Writer {
     fn run_group(&mut self, batch: &mut Vec<Box<dyn WriteJob>>) {
         let outcome = self.run_in_transaction(batch);
         let n = batch.len() as u64;
+        // Counted before answering, so a caller sees its own write counted.
+        self.stats.jobs.fetch_add(n, Ordering::Relaxed);
         match outcome {
             Ok(()) => {
                 self.stats.commits.fetch_add(1, Ordering::Relaxed);
@@ -168,7 +170,6 @@ impl Writer {
                 }
             }
         }
-        self.stats.jobs.fetch_add(n, Ordering::Relaxed);
     }
 
     fn run_in_transaction(&mut self, batch: &mut [Box<dyn WriteJob>]) -> Result<(), StoreError> {
