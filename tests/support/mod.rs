@@ -7,5 +7,6 @@
 
 pub mod http;
 pub mod relay;
+pub mod tls_client;
 
 pub use relay::{TestRelay, TestRelayOptions};

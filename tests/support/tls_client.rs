@@ -1,0 +1,54 @@
+//! A one-shot HTTPS GET for tests: TLS to a relay's federation listener on
+//! loopback, verifying the certificate against the repository's development
+//! CA with the given server name (SNI), over HTTP/1.1.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http_body_util::{BodyExt, Empty};
+use hyper::body::Bytes;
+use hyper_util::rt::TokioIo;
+use rustls_pki_types::ServerName;
+use serde_json::Value;
+
+/// GETs `path` from `addr` over TLS, expecting a certificate valid for
+/// `tls_name`; returns status and JSON body.
+pub async fn https_get_json(
+    addr: std::net::SocketAddr,
+    tls_name: &str,
+    host: &str,
+    path: &str,
+) -> (u16, Value) {
+    courier::tls::install_crypto_provider();
+    let ca = super::relay::repo_root().join("certs/dev-ca.crt");
+    let mut config = (*courier::tls::client_config(&[ca]).expect("client TLS config")).clone();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let exchange = async {
+        let tcp = tokio::net::TcpStream::connect(addr)
+            .await
+            .expect("tcp connect");
+        let name = ServerName::try_from(tls_name.to_owned()).expect("server name");
+        let tls = connector.connect(name, tcp).await.expect("tls handshake");
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+            .await
+            .expect("http handshake");
+        tokio::spawn(conn);
+        let request = hyper::Request::get(path)
+            .header("Host", host)
+            .body(Empty::<Bytes>::new())
+            .expect("request");
+        let response = sender.send_request(request).await.expect("response");
+        let status = response.status().as_u16();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .expect("body")
+            .to_bytes();
+        (status, serde_json::from_slice(&body).unwrap_or(Value::Null))
+    };
+    tokio::time::timeout(Duration::from_secs(30), exchange)
+        .await
+        .expect("https request within 30 s")
+}
