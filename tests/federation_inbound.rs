@@ -329,6 +329,31 @@ async fn a_signed_transaction_is_delivered_once_and_replays_change_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_retried_after_a_restart_is_still_a_duplicate() {
+    let mut f = Fixture::new().await;
+    let body = txn_body(
+        vec![to_device_edu(
+            &alice(),
+            "before-restart",
+            json!({ bob(&f.relay): { "BOBPHONE": {"n": 1} } }),
+        )],
+        vec![],
+    );
+    let first = f.send_txn("restart-txn", &body).await;
+    assert_eq!(first.status, 200, "{}", first.text);
+    f.relay.stop().await;
+    f.relay.restart().await;
+    // A new process: its key ring reads the key from the store again, and
+    // the dedupe records survived.
+    let replay = f.send_txn("restart-txn", &body).await;
+    assert_eq!(replay.status, 200, "{}", replay.text);
+    assert_eq!(replay.text, first.text);
+    let again = f.send_txn("restart-txn-2", &body).await;
+    assert_eq!(again.status, 200, "{}", again.text);
+    assert_eq!(f.inbox("BOBPHONE").await.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_copies_of_a_transaction_are_applied_once() {
     let f = Fixture::new().await;
     let body = txn_body(

@@ -28,6 +28,9 @@
 //! (429 `M_LIMIT_EXCEEDED` with Retry-After) and the sender is told the peer
 //! is up (its backoff resets). Every refusal is logged with the origin when
 //! one is known and counted in `courier_federation_auth_failures_total`.
+//! The rate limiter lives in the [`InboundState`] extension that
+//! `inbound::routes` attaches; a route outside that router gets no rate
+//! limit.
 
 use std::sync::Arc;
 
