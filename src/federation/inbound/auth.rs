@@ -226,10 +226,15 @@ impl FromRequest<AppState> for SignedRequest {
             destination: our_name.as_str(),
             content: body.as_ref(),
         };
-        let signed_bytes = signed.canonical_bytes().map_err(|error| {
-            tracing::info!(origin = %origin, %error, "federation request body is not canonical JSON");
-            MatrixError::bad_json("The request body has no canonical JSON form")
-        })?;
+        // The spec form first; Python-compatible forms only for bodies with
+        // floats, which Synapse accepts from clients and signs that way.
+        let candidates = signed.verification_candidates();
+        if candidates.is_empty() {
+            tracing::info!(origin = %origin, "federation request body has no canonical JSON form");
+            return Err(MatrixError::bad_json(
+                "The request body has no canonical JSON form",
+            ));
+        }
 
         for header in &headers {
             let key = state
@@ -243,7 +248,12 @@ impl FromRequest<AppState> for SignedRequest {
                         MatrixError::unauthorized("Unable to obtain the origin's signing key"),
                     )
                 })?;
-            crate::signing::verify_bytes(&signed_bytes, &header.sig, &key).map_err(|error| {
+            let verified = candidates
+                .iter()
+                .map(|bytes| crate::signing::verify_bytes(bytes, &header.sig, &key))
+                .find(Result::is_ok)
+                .unwrap_or_else(|| crate::signing::verify_bytes(&candidates[0], &header.sig, &key));
+            verified.map_err(|error| {
                 tracing::info!(origin = %origin, key_id = %header.key, %error, uri = %target, "federation request signature does not verify");
                 refuse(
                     "signature",
