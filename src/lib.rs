@@ -6,6 +6,7 @@
 pub mod canonical_json;
 pub mod cli;
 pub mod client_api;
+pub mod cluster;
 pub mod config;
 pub mod demo;
 pub mod devcerts;
