@@ -11,8 +11,9 @@
 //! dropped), and `Drop` does the same for a cluster owned by one test.
 //!
 //! Without PostgreSQL binaries the tests are skipped with a line on stderr,
-//! unless `COURIER_REQUIRE_POSTGRES=1` (set by CI), which makes that a
-//! failure.
+//! unless `CI_REQUIRE_POSTGRES=1` (set by CI), which makes that a
+//! failure. (Not a `COURIER_*` name: `courier serve` reads every
+//! `COURIER_*` variable as a config override.)
 
 #![allow(dead_code)]
 
@@ -23,7 +24,7 @@ use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 /// Set to `1` to make missing PostgreSQL binaries a test failure.
-pub const REQUIRE_ENV: &str = "COURIER_REQUIRE_POSTGRES";
+pub const REQUIRE_ENV: &str = "CI_REQUIRE_POSTGRES";
 
 /// A running throwaway cluster.
 pub struct PgCluster {

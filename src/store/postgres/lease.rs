@@ -61,6 +61,9 @@ pub async fn claim_destinations(
         .collect();
     tx.commit().await?;
     claimed.sort();
+    if !claimed.is_empty() {
+        tracing::info!(%worker, ?claimed, "claimed destination leases");
+    }
     Ok(claimed)
 }
 
@@ -73,18 +76,34 @@ pub async fn acquire_lease(
 ) -> Result<bool, Fail> {
     let stmt = c
         .prepare_cached(
-            "INSERT INTO destination_leases AS l (destination, owner, expires_at)
+            "WITH previous AS (
+                 SELECT owner, expires_at FROM destination_leases WHERE destination = $2
+             )
+             INSERT INTO destination_leases AS l (destination, owner, expires_at)
              VALUES ($2::text, $1::text, $3::bigint + $4::bigint)
              ON CONFLICT (destination) DO UPDATE SET owner = $1, expires_at = $3 + $4
              WHERE l.owner = $1 OR l.expires_at <= $3
-             RETURNING 1",
+             RETURNING (SELECT owner FROM previous), (SELECT expires_at FROM previous)",
         )
         .await?;
-    Ok(
-        c.query_opt(&stmt, &[&worker, &destination, &now_ms, &lease_ms])
-            .await?
-            .is_some(),
-    )
+    let Some(row) = c
+        .query_opt(&stmt, &[&worker, &destination, &now_ms, &lease_ms])
+        .await?
+    else {
+        return Ok(false);
+    };
+    let previous: Option<String> = row.get(0);
+    let previous_expiry: Option<i64> = row.get(1);
+    if previous.as_deref() != Some(worker) {
+        tracing::info!(
+            %worker,
+            %destination,
+            previous_owner = previous.as_deref().unwrap_or(""),
+            lapsed_ms_ago = previous_expiry.map_or(0, |e| (now_ms - e).max(0)),
+            "took destination lease"
+        );
+    }
+    Ok(true)
 }
 
 pub async fn renew_leases(
