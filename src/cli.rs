@@ -60,6 +60,39 @@ pub enum Command {
         #[arg(long, default_value = "certs")]
         out: PathBuf,
     },
+    /// Enqueue a to-device message through a relay's internal RPC.
+    Send {
+        /// The relay's RPC base URL, e.g. http://127.0.0.1:8009.
+        #[arg(long, env = "COURIER_RPC_URL")]
+        rpc: String,
+        /// The RPC shared secret (`rpc.secret` in the relay's config).
+        #[arg(long, env = "COURIER_RPC_SECRET", hide_env_values = true)]
+        secret: String,
+        /// The sending user, a user of the relay's server.
+        #[arg(long)]
+        sender: String,
+        /// The event type, e.g. m.room.encrypted.
+        #[arg(long = "type")]
+        event_type: String,
+        /// A recipient as @user:server/DEVICE (DEVICE may be *); repeatable.
+        #[arg(long, required = true)]
+        to: Vec<String>,
+        /// The message content, a JSON object (the same for every recipient).
+        #[arg(long)]
+        content: String,
+        /// The transaction id (default: a fresh random one).
+        #[arg(long)]
+        txn_id: Option<String>,
+    },
+    /// Print a relay's destinations: queue depth, age, backoff, last error.
+    Status {
+        /// The relay's RPC base URL, e.g. http://127.0.0.1:8009.
+        #[arg(long, env = "COURIER_RPC_URL")]
+        rpc: String,
+        /// The RPC shared secret.
+        #[arg(long, env = "COURIER_RPC_SECRET", hide_env_values = true)]
+        secret: String,
+    },
 }
 
 /// A failed command: the error and the process exit code it maps to.
@@ -171,6 +204,34 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
             let config = Config::load(&config).map_err(usage_failure)?;
             ServerSigningKey::load(&config.signing_key_path).map_err(usage_failure)?;
             println!("configuration is valid for {}", config.server_name);
+            Ok(())
+        }
+        Command::Send {
+            rpc,
+            secret,
+            sender,
+            event_type,
+            to,
+            content,
+            txn_id,
+        } => {
+            let messages = crate::rpc_client::messages_for(&to, &content).map_err(usage_failure)?;
+            let client = crate::rpc_client::RpcClient::new(&rpc, &secret).map_err(usage_failure)?;
+            let txn_id = txn_id.unwrap_or_else(crate::todevice::new_message_id);
+            client
+                .send_to_device(&sender, &event_type, &txn_id, &messages)
+                .await
+                .map_err(runtime_failure)?;
+            println!("queued (txn_id {txn_id})");
+            Ok(())
+        }
+        Command::Status { rpc, secret } => {
+            let client = crate::rpc_client::RpcClient::new(&rpc, &secret).map_err(usage_failure)?;
+            let rows = client.destinations().await.map_err(runtime_failure)?;
+            print!(
+                "{}",
+                crate::rpc_client::status_table(&rows, crate::now_ms())
+            );
             Ok(())
         }
     }

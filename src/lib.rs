@@ -18,6 +18,7 @@ pub mod metrics;
 pub mod notify;
 pub mod plain_http;
 pub mod rpc;
+pub mod rpc_client;
 pub mod server;
 pub mod signing;
 pub mod state;

@@ -1,12 +1,327 @@
-//! The homeserver's internal API and `/metrics` on the `[rpc]` listener.
-//! (Contract only; the to-device work fills it in.)
+//! The homeserver's internal API and `/metrics` on the `[rpc]` listener
+//! (docs/rpc.md documents every route). Every route, `/metrics` included,
+//! requires `Authorization: Bearer <rpc.secret>`, compared in constant
+//! time by one middleware layer (an unknown path is a 404 without it). Handlers parse their input into domain
+//! calls on the store, `todevice` and the sender handle; this module holds
+//! no state and no SQL, and never serves clients (no access tokens here).
+
+use std::time::Duration;
 
 use axum::Router;
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::http::header;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use subtle::ConstantTimeEq;
 
+use crate::client_api::extract::{self, bearer_token};
+use crate::client_api::parse_since_param;
+use crate::error::MatrixError;
+use crate::identifiers::{ServerName, UserId};
 use crate::state::AppState;
+use crate::store::DeviceKey;
+use crate::todevice::{MAX_EVENTS_PER_SYNC, MAX_IDENTIFIER_BYTES, SendRequest, format_since};
+
+/// One row of `GET /_courier/v1/destinations` (the wire type; `courier
+/// status` reads it back).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DestinationRow {
+    pub destination: String,
+    /// Queued, not quarantined EDUs.
+    pub pending_edus: u64,
+    /// Device messages inside those EDUs.
+    pub pending_messages: u64,
+    /// Age of the oldest queued EDU, if any.
+    pub oldest_pending_age_ms: Option<i64>,
+    /// Consecutive failures since the last success.
+    pub failures: u32,
+    /// Unix ms before which the destination is not retried (0: no wait).
+    pub next_retry_ms: i64,
+    pub last_success_ms: Option<i64>,
+    pub last_error: Option<String>,
+    /// EDUs set aside after repeated refusals.
+    pub quarantined: u64,
+}
+
+/// The body of `GET /_courier/v1/destinations`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DestinationsResponse {
+    pub destinations: Vec<DestinationRow>,
+}
 
 pub fn router(state: AppState) -> Router {
+    let body_limit = state.config.client.max_request_bytes;
     Router::new()
+        .route(
+            "/_courier/v1/devices/{user_id}/{device_id}",
+            put(put_device_route).delete(delete_device_route),
+        )
+        .route("/_courier/v1/devices/{user_id}", get(get_devices_route))
+        .route(
+            "/_courier/v1/send_to_device",
+            post(post_send_to_device_route),
+        )
+        .route(
+            "/_courier/v1/inbox/{user_id}/{device_id}",
+            get(get_inbox_route),
+        )
+        .route("/_courier/v1/destinations", get(get_destinations_route))
+        .route(
+            "/_courier/v1/destinations/{destination}/wake",
+            post(post_destination_wake_route),
+        )
+        .route("/metrics", get(get_metrics_route))
+        // Every route needs the secret; an unknown path is a plain 404.
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            require_secret,
+        ))
         .fallback(crate::error::unrecognized_route)
+        .method_not_allowed_fallback(crate::error::method_not_allowed_route)
+        .layer(DefaultBodyLimit::max(body_limit))
         .with_state(state)
+}
+
+/// Refuses any request without the shared secret.
+async fn require_secret(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let Some(token) = bearer_token(request.headers()) else {
+        metrics::counter!("courier_rpc_rejections_total", "errcode" => "M_MISSING_TOKEN")
+            .increment(1);
+        return MatrixError::missing_token().into_response();
+    };
+    let matches: bool = token
+        .as_bytes()
+        .ct_eq(state.config.rpc.secret.as_bytes())
+        .into();
+    if !matches {
+        tracing::warn!(path = %request.uri().path(), "rpc request with a wrong secret");
+        metrics::counter!("courier_rpc_rejections_total", "errcode" => "M_UNAUTHORIZED")
+            .increment(1);
+        return MatrixError::unauthorized("Wrong RPC secret").into_response();
+    }
+    next.run(request).await
+}
+
+/// A user ID that parses and belongs to this server.
+fn local_user(state: &AppState, raw: &str) -> Result<UserId, MatrixError> {
+    let user = UserId::parse(raw)
+        .map_err(|_| MatrixError::invalid_param(format!("{raw:?} is not a user ID")))?;
+    if user.server_name() != state.config.server_name.as_str() {
+        return Err(MatrixError::invalid_param(format!(
+            "{raw} is not a user of {}",
+            state.config.server_name
+        )));
+    }
+    Ok(user)
+}
+
+fn check_device_id(device_id: &str) -> Result<(), MatrixError> {
+    if device_id.is_empty() || device_id == "*" || device_id.len() > MAX_IDENTIFIER_BYTES {
+        return Err(MatrixError::invalid_param(
+            "device ID must be 1 to 255 bytes and not *",
+        ));
+    }
+    Ok(())
+}
+
+async fn put_device_route(
+    State(state): State<AppState>,
+    path: Result<Path<(String, String)>, PathRejection>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, MatrixError> {
+    let (user_id, device_id) = extract::path(path)?;
+    let user = local_user(&state, &user_id)?;
+    check_device_id(&device_id)?;
+    let body = extract::json_object(body, true)?;
+    let token = match body.get("access_token") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(token)) if !token.is_empty() && !token.contains(char::is_whitespace) => {
+            Some(token.as_str())
+        }
+        Some(_) => {
+            return Err(MatrixError::bad_json(
+                "access_token must be a non-empty string without spaces",
+            ));
+        }
+    };
+    state
+        .store
+        .upsert_device(user.as_str(), &device_id, token)
+        .await
+        .map_err(|error| MatrixError::internal("device registration", &error))?;
+    tracing::info!(user_id = %user, device_id, with_token = token.is_some(), "device registered");
+    Ok(extract::empty_object())
+}
+
+async fn delete_device_route(
+    State(state): State<AppState>,
+    path: Result<Path<(String, String)>, PathRejection>,
+) -> Result<Response, MatrixError> {
+    let (user_id, device_id) = extract::path(path)?;
+    let existed = state
+        .store
+        .delete_device(&user_id, &device_id)
+        .await
+        .map_err(|error| MatrixError::internal("device deletion", &error))?;
+    if !existed {
+        return Err(MatrixError::not_found_resource("No such device"));
+    }
+    tracing::info!(user_id, device_id, "device deleted");
+    Ok(extract::empty_object())
+}
+
+async fn get_devices_route(
+    State(state): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Response, MatrixError> {
+    let user_id = extract::path(path)?;
+    let devices = state
+        .store
+        .list_devices(&user_id)
+        .await
+        .map_err(|error| MatrixError::internal("device listing", &error))?;
+    Ok(extract::json_text(
+        json!({ "devices": devices }).to_string(),
+    ))
+}
+
+/// A required string field of an RPC body.
+fn string_field(
+    body: &mut serde_json::Map<String, Value>,
+    name: &str,
+) -> Result<String, MatrixError> {
+    match body.remove(name) {
+        None => Err(MatrixError::missing_param(format!(
+            "Missing required field: {name}"
+        ))),
+        Some(Value::String(value)) => Ok(value),
+        Some(_) => Err(MatrixError::bad_json(format!("{name} must be a string"))),
+    }
+}
+
+async fn post_send_to_device_route(
+    State(state): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, MatrixError> {
+    let mut body = extract::json_object(body, false)?;
+    let sender = string_field(&mut body, "sender")?;
+    let event_type = string_field(&mut body, "type")?;
+    let txn_id = string_field(&mut body, "txn_id")?;
+    let messages = match body.remove("messages") {
+        None => {
+            return Err(MatrixError::missing_param(
+                "Missing required field: messages",
+            ));
+        }
+        Some(Value::Object(messages)) => messages,
+        Some(_) => return Err(MatrixError::bad_json("messages must be an object")),
+    };
+    let sender = local_user(&state, &sender)?;
+    let request = SendRequest {
+        sender,
+        sender_device: String::new(),
+        event_type,
+        txn_id,
+        messages,
+    };
+    state.todevice.send(request).await.map_err(|error| {
+        let error = MatrixError::from(error);
+        tracing::info!(errcode = error.errcode, error = %error.message, "rpc send refused");
+        error
+    })?;
+    Ok(extract::empty_object())
+}
+
+#[derive(Debug, Deserialize)]
+struct InboxParams {
+    since: Option<String>,
+    limit: Option<String>,
+    timeout: Option<String>,
+}
+
+async fn get_inbox_route(
+    State(state): State<AppState>,
+    path: Result<Path<(String, String)>, PathRejection>,
+    query: Result<Query<InboxParams>, QueryRejection>,
+) -> Result<Response, MatrixError> {
+    metrics::counter!("courier_sync_requests_total", "api" => "rpc").increment(1);
+    let (user_id, device_id) = extract::path(path)?;
+    let params = extract::query(query)?;
+    let since = parse_since_param(params.since.as_deref())?;
+    let limit = extract::int_param("limit", params.limit.as_deref())?
+        .unwrap_or(u64::from(MAX_EVENTS_PER_SYNC));
+    if limit == 0 || limit > u64::from(MAX_EVENTS_PER_SYNC) {
+        return Err(MatrixError::invalid_param("limit must be 1 to 100"));
+    }
+    let timeout_ms = extract::int_param("timeout", params.timeout.as_deref())?.unwrap_or(0);
+    // As for /sync: without since, answer at once.
+    let timeout = if params.since.is_none() {
+        Duration::ZERO
+    } else {
+        Duration::from_millis(timeout_ms).min(state.config.client.max_sync_timeout)
+    };
+    let device = DeviceKey { user_id, device_id };
+    let page = state
+        .todevice
+        .wait_for_inbox(&device, since, limit as u32, timeout)
+        .await
+        .map_err(|error| MatrixError::internal("rpc inbox read", &error))?;
+    let mut out = String::with_capacity(64 + page.messages.len() * 256);
+    out.push_str("{\"events\":");
+    extract::write_events(&mut out, &page.messages);
+    out.push_str(",\"next_batch\":");
+    extract::push_json_string(&mut out, &format_since(page.next_batch));
+    out.push('}');
+    Ok(extract::json_text(out))
+}
+
+async fn get_destinations_route(State(state): State<AppState>) -> Result<Response, MatrixError> {
+    let statuses = state
+        .store
+        .destination_statuses()
+        .await
+        .map_err(|error| MatrixError::internal("destination listing", &error))?;
+    let now = crate::now_ms();
+    let destinations = statuses
+        .into_iter()
+        .map(|status| DestinationRow {
+            oldest_pending_age_ms: status.oldest_queued_ts.map(|ts| (now - ts).max(0)),
+            destination: status.destination,
+            pending_edus: status.pending_edus,
+            pending_messages: status.pending_messages,
+            failures: status.retry.failures,
+            next_retry_ms: status.retry.retry_after_ms,
+            last_success_ms: status.retry.last_success_ms,
+            last_error: status.retry.last_error,
+            quarantined: status.quarantined,
+        })
+        .collect();
+    let body = serde_json::to_string(&DestinationsResponse { destinations })
+        .map_err(|error| MatrixError::internal("destination listing", &error))?;
+    Ok(extract::json_text(body))
+}
+
+async fn post_destination_wake_route(
+    State(state): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Response, MatrixError> {
+    let destination = extract::path(path)?;
+    let destination = ServerName::parse(&destination)
+        .map_err(|_| MatrixError::invalid_param(format!("{destination:?} is not a server name")))?;
+    state.sender.peer_is_up(destination.as_str());
+    tracing::info!(destination = %destination, "destination woken by operator");
+    Ok(extract::empty_object())
+}
+
+async fn get_metrics_route(State(state): State<AppState>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(),
+    )
+        .into_response()
 }

@@ -162,6 +162,8 @@ pub async fn run(
 
     shutdown.cancelled().await;
     tracing::info!("shutting down");
+    // Open long-polls answer at once so connections can drain.
+    state.todevice.stop_long_polls();
     if tokio::time::timeout(DRAIN_TIMEOUT + Duration::from_secs(2), tasks.wait())
         .await
         .is_err()

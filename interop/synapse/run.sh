@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # interop/synapse/run.sh: send-to-device interop over real TLS federation on
 # loopback. Server A is always Synapse; its peer B is a second Synapse (the
-# default) or a Courier relay started by $COURIER_CMD. Sets up the pinned
+# default) or a Courier relay started by $INTEROP_COURIER_CMD. Sets up the pinned
 # Synapse venv, makes (or takes) certificates, starts both servers (each by
 # PID, in its own process group, logs under the work dir), waits until they
 # answer, runs check.py and always stops both. Exits with the checker's status.
@@ -16,11 +16,11 @@
 #   READY_TIMEOUT           seconds to wait for a server to answer (default 90)
 #   SYNAPSE_A_FED_PORT, SYNAPSE_A_CLIENT_PORT, SYNAPSE_B_FED_PORT,
 #   SYNAPSE_B_CLIENT_PORT   ports (default: free ports chosen at run time)
-#   COURIER_CMD             if set, B is Courier, started as `bash -c "$COURIER_CMD"`
+#   INTEROP_COURIER_CMD             if set, B is Courier, started as `bash -c "$INTEROP_COURIER_CMD"`
 #                           in $INTEROP_WORK/b with these exported to it:
-#   COURIER_FED_PORT, COURIER_CLIENT_PORT, COURIER_RPC_PORT (default: free),
-#   COURIER_RPC_SECRET (default: random), COURIER_SERVER_NAME
-#                           (localhost:$COURIER_FED_PORT), SYNAPSE_SERVER_NAME,
+#   INTEROP_COURIER_FED_PORT, INTEROP_COURIER_CLIENT_PORT, INTEROP_COURIER_RPC_PORT (default: free),
+#   INTEROP_COURIER_RPC_SECRET (default: random), INTEROP_COURIER_SERVER_NAME
+#                           (localhost:$INTEROP_COURIER_FED_PORT), SYNAPSE_SERVER_NAME,
 #                           INTEROP_DATA_DIR ($INTEROP_WORK/b, kept across the
 #                           restart in the downtime check), and the three
 #                           INTEROP_* certificate paths.
@@ -44,19 +44,19 @@ alive() {
     [[ "$state" != Z && "$state" != X ]]
 }
 
-node_kind() { if [[ "$1" == b && -n "${COURIER_CMD:-}" ]]; then echo courier; else echo synapse; fi; }
+node_kind() { if [[ "$1" == b && -n "${INTEROP_COURIER_CMD:-}" ]]; then echo courier; else echo synapse; fi; }
 
 node_client_port() {
     case "$1" in
         a) echo "$SYNAPSE_A_CLIENT_PORT" ;;
-        b) if [[ "$(node_kind b)" == courier ]]; then echo "$COURIER_CLIENT_PORT"; else echo "$SYNAPSE_B_CLIENT_PORT"; fi ;;
+        b) if [[ "$(node_kind b)" == courier ]]; then echo "$INTEROP_COURIER_CLIENT_PORT"; else echo "$SYNAPSE_B_CLIENT_PORT"; fi ;;
     esac
 }
 
 node_fed_port() {
     case "$1" in
         a) echo "$SYNAPSE_A_FED_PORT" ;;
-        b) if [[ "$(node_kind b)" == courier ]]; then echo "$COURIER_FED_PORT"; else echo "$SYNAPSE_B_FED_PORT"; fi ;;
+        b) if [[ "$(node_kind b)" == courier ]]; then echo "$INTEROP_COURIER_FED_PORT"; else echo "$SYNAPSE_B_FED_PORT"; fi ;;
     esac
 }
 
@@ -65,7 +65,7 @@ node_fed_port() {
 start_node() {
     local name="$1" dir="$INTEROP_WORK/$1" pid
     if [[ "$(node_kind "$name")" == courier ]]; then
-        (cd "$dir" && exec setsid bash -c "$COURIER_CMD") >>"$dir/stdout.log" 2>&1 </dev/null &
+        (cd "$dir" && exec setsid bash -c "$INTEROP_COURIER_CMD") >>"$dir/stdout.log" 2>&1 </dev/null &
     else
         (cd "$dir" && exec setsid "$py" -m synapse.app.homeserver -c homeserver.yaml) \
             >>"$dir/stdout.log" 2>&1 </dev/null &
@@ -166,18 +166,18 @@ gen() { # name fed client secret
         --shared-secret "$4" --retry-profile "${SYNAPSE_RETRY_PROFILE:-fast}"
 }
 gen a "$SYNAPSE_A_FED_PORT" "$SYNAPSE_A_CLIENT_PORT" "$SYNAPSE_A_SECRET"
-if [[ -n "${COURIER_CMD:-}" ]]; then
-    export COURIER_CMD
-    export COURIER_FED_PORT="${COURIER_FED_PORT:-${free[4]}}"
-    export COURIER_CLIENT_PORT="${COURIER_CLIENT_PORT:-${free[5]}}"
-    export COURIER_RPC_PORT="${COURIER_RPC_PORT:-${free[6]}}"
-    export COURIER_RPC_SECRET="${COURIER_RPC_SECRET:-$(openssl rand -hex 16)}"
-    export COURIER_SERVER_NAME="localhost:$COURIER_FED_PORT"
+if [[ -n "${INTEROP_COURIER_CMD:-}" ]]; then
+    export INTEROP_COURIER_CMD
+    export INTEROP_COURIER_FED_PORT="${INTEROP_COURIER_FED_PORT:-${free[4]}}"
+    export INTEROP_COURIER_CLIENT_PORT="${INTEROP_COURIER_CLIENT_PORT:-${free[5]}}"
+    export INTEROP_COURIER_RPC_PORT="${INTEROP_COURIER_RPC_PORT:-${free[6]}}"
+    export INTEROP_COURIER_RPC_SECRET="${INTEROP_COURIER_RPC_SECRET:-$(openssl rand -hex 16)}"
+    export INTEROP_COURIER_SERVER_NAME="localhost:$INTEROP_COURIER_FED_PORT"
     export INTEROP_DATA_DIR="$INTEROP_WORK/b"
     mkdir -p "$INTEROP_DATA_DIR"
-    b_args=(--b-kind courier --b-server "$COURIER_SERVER_NAME"
-        --b-client "http://127.0.0.1:$COURIER_CLIENT_PORT"
-        --b-rpc "http://127.0.0.1:$COURIER_RPC_PORT" --b-rpc-secret "$COURIER_RPC_SECRET")
+    b_args=(--b-kind courier --b-server "$INTEROP_COURIER_SERVER_NAME"
+        --b-client "http://127.0.0.1:$INTEROP_COURIER_CLIENT_PORT"
+        --b-rpc "http://127.0.0.1:$INTEROP_COURIER_RPC_PORT" --b-rpc-secret "$INTEROP_COURIER_RPC_SECRET")
 else
     gen b "$SYNAPSE_B_FED_PORT" "$SYNAPSE_B_CLIENT_PORT" "$SYNAPSE_B_SECRET"
     b_args=(--b-kind synapse --b-server "localhost:$SYNAPSE_B_FED_PORT"

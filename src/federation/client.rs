@@ -1,19 +1,54 @@
-//! The outbound federation HTTPS client: server discovery, TLS with the
-//! SNI discovery chooses, connection pooling, timeouts, the private-range
-//! denylist, and X-Matrix signing of every request. (Contract only; the
-//! outbound federation work fills it in.)
+//! The outbound federation HTTPS client: every request to another server
+//! goes through here. It resolves the destination (discovery), connects
+//! through the denylist-checking TLS connector, pools connections, applies
+//! the request timeout, signs every request with X-Matrix (`destination` =
+//! the server name, never a delegated host) and maps the answer to JSON or
+//! to a `ClientError` whose variant tells the sender what happened.
+//!
+//! Pooling: the URI authority of each request is the `Host` value discovery
+//! chose, so HTTP/1.1 `Host` and HTTP/2 `:authority` agree with the TLS
+//! name; the connector looks the endpoint up by that authority. Destinations
+//! delegating to the same host therefore share connections, which is
+//! exactly as safe as connecting twice.
+//!
+//! It does not retry: retry policy belongs to the sender.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::error::Error as _;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
+use http::{HeaderValue, Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Bytes;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use serde_json::Value;
+use tokio_rustls::TlsConnector;
 
 use crate::config::Config;
+use crate::federation::connector::{Dialer, DirectConnector, FederationConnector};
+use crate::federation::denylist::Denylist;
+use crate::federation::discovery::{Discovery, Endpoint};
+use crate::federation::dns::{DnsResolver, HickoryResolver};
 use crate::identifiers::ServerName;
 use crate::keys::ServerSigningKey;
+use crate::xmatrix::{RequestToSign, sign_request};
+
+/// Largest response body read from a peer.
+const MAX_RESPONSE_BYTES: usize = 4 * 1024 * 1024;
+/// How much of an error body is kept in `ClientError::Status`.
+const ERROR_BODY_KEPT: usize = 1024;
+/// Endpoints remembered for the connector before the map is reset.
+const ENDPOINTS_KEPT: usize = 20_000;
+/// Sent with every request.
+const USER_AGENT: &str = concat!("Courier/", env!("CARGO_PKG_VERSION"));
+/// How long an idle pooled connection is kept.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// Why a federation request failed. The sender decides retry versus refusal
 /// from the variant.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum ClientError {
     #[error("discovery failed for {destination}: {reason}")]
     Discovery { destination: String, reason: String },
@@ -36,17 +71,115 @@ pub enum ClientError {
     Request(String),
 }
 
+impl ClientError {
+    /// The same error, naming `destination` (the server name) as the peer.
+    fn for_destination(self, destination: &str) -> ClientError {
+        let d = destination.to_owned();
+        match self {
+            ClientError::Discovery { reason, .. } => ClientError::Discovery {
+                destination: d,
+                reason,
+            },
+            ClientError::Denied { .. } => ClientError::Denied { destination: d },
+            ClientError::Connect { reason, .. } => ClientError::Connect {
+                destination: d,
+                reason,
+            },
+            ClientError::Timeout { .. } => ClientError::Timeout { destination: d },
+            ClientError::Status {
+                status,
+                body,
+                retry_after_ms,
+                ..
+            } => ClientError::Status {
+                destination: d,
+                status,
+                body,
+                retry_after_ms,
+            },
+            ClientError::BadResponse { reason, .. } => ClientError::BadResponse {
+                destination: d,
+                reason,
+            },
+            ClientError::Request(reason) => ClientError::Request(reason),
+        }
+    }
+}
+
+/// Endpoints by the URI authority the connector will be asked for.
+pub(crate) type EndpointMap = Arc<Mutex<HashMap<String, Endpoint>>>;
+
 pub struct FederationClient {
-    _private: (),
+    origin: ServerName,
+    signing_key: Arc<ServerSigningKey>,
+    http: Client<FederationConnector, Full<Bytes>>,
+    discovery: Arc<Discovery>,
+    endpoints: EndpointMap,
+    request_timeout: Duration,
 }
 
 impl FederationClient {
+    /// A client resolving through hickory: `federation.nameservers` if set,
+    /// else the system resolver.
     pub fn new(
         config: Arc<Config>,
         signing_key: Arc<ServerSigningKey>,
     ) -> Result<Self, ClientError> {
-        let _ = (config, signing_key);
-        Ok(FederationClient { _private: () })
+        let resolver = HickoryResolver::new(&config.federation.nameservers)
+            .map_err(|e| ClientError::Request(e.to_string()))?;
+        Self::with_resolver(config, signing_key, Arc::new(resolver))
+    }
+
+    /// A client resolving names through `resolver` (tests inject answers).
+    pub fn with_resolver(
+        config: Arc<Config>,
+        signing_key: Arc<ServerSigningKey>,
+        resolver: Arc<dyn DnsResolver>,
+    ) -> Result<Self, ClientError> {
+        let federation = &config.federation;
+        let tls = crate::tls::client_config(&federation.extra_ca)
+            .map_err(|e| ClientError::Request(format!("outbound TLS: {e}")))?;
+        let dialer = Arc::new(Dialer {
+            denylist: Denylist::new(&federation.ip_allow),
+            tls: TlsConnector::from(tls),
+            connect_timeout: federation.connect_timeout,
+        });
+        let well_known_client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+            .pool_max_idle_per_host(1)
+            .build(DirectConnector {
+                resolver: resolver.clone(),
+                dialer: dialer.clone(),
+            });
+        let discovery = Arc::new(Discovery::new(
+            resolver,
+            well_known_client,
+            federation.well_known_port,
+            federation.request_timeout,
+        ));
+        let endpoints: EndpointMap = Arc::new(Mutex::new(HashMap::new()));
+        let http = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+            .pool_max_idle_per_host(federation.pool_idle_per_host)
+            .build(FederationConnector {
+                endpoints: endpoints.clone(),
+                dialer,
+            });
+        Ok(FederationClient {
+            origin: config.server_name.clone(),
+            signing_key,
+            http,
+            discovery,
+            endpoints,
+            request_timeout: federation.request_timeout,
+        })
+    }
+
+    /// Where `destination` is reached (SPEC §6), for diagnostics and tests.
+    pub async fn resolve(&self, destination: &ServerName) -> Result<Endpoint, ClientError> {
+        self.discovery.resolve(destination).await
     }
 
     /// `GET https://<destination><path_and_query>`, X-Matrix signed when
@@ -57,10 +190,187 @@ impl FederationClient {
         path_and_query: &str,
         signed: bool,
     ) -> Result<Value, ClientError> {
-        let _ = (path_and_query, signed);
-        Err(ClientError::Discovery {
-            destination: destination.to_string(),
-            reason: "outbound federation is not built yet".to_owned(),
-        })
+        self.request(Method::GET, destination, path_and_query, None, signed)
+            .await
     }
+
+    /// `PUT /_matrix/federation/v1/send/{txn_id}` with `body` sent byte for
+    /// byte (the signature covers its parsed form). `txn_id` must already be
+    /// URL-safe (`[A-Za-z0-9._~-]`).
+    pub async fn send_transaction(
+        &self,
+        destination: &ServerName,
+        txn_id: &str,
+        body: &[u8],
+    ) -> Result<Value, ClientError> {
+        if txn_id.is_empty()
+            || !txn_id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._~-".contains(&b))
+        {
+            return Err(ClientError::Request(format!(
+                "txn id {txn_id:?} is not URL-safe"
+            )));
+        }
+        let path = format!("/_matrix/federation/v1/send/{txn_id}");
+        self.request(Method::PUT, destination, &path, Some(body), true)
+            .await
+    }
+
+    async fn request(
+        &self,
+        method: Method,
+        destination: &ServerName,
+        path_and_query: &str,
+        body: Option<&[u8]>,
+        signed: bool,
+    ) -> Result<Value, ClientError> {
+        let dest = destination.as_str();
+        let endpoint = self.discovery.resolve(destination).await?;
+        let authority = endpoint.host_header.clone();
+        {
+            let mut endpoints = self.endpoints.lock().expect("never poisoned");
+            if endpoints.len() >= ENDPOINTS_KEPT && !endpoints.contains_key(&authority) {
+                endpoints.clear();
+            }
+            endpoints.insert(authority.clone(), endpoint);
+        }
+        let uri = format!("https://{authority}{path_and_query}");
+        let mut builder = Request::builder()
+            .method(method.clone())
+            .uri(&uri)
+            .header(http::header::HOST, &authority)
+            .header(http::header::USER_AGENT, USER_AGENT);
+        if signed {
+            let content =
+                match body {
+                    Some(bytes) => Some(serde_json::from_slice::<Value>(bytes).map_err(|e| {
+                        ClientError::Request(format!("request body is not JSON: {e}"))
+                    })?),
+                    None => None,
+                };
+            let header = sign_request(
+                &self.signing_key,
+                &RequestToSign {
+                    method: method.as_str(),
+                    uri: path_and_query,
+                    origin: self.origin.as_str(),
+                    destination: dest,
+                    content: content.as_ref(),
+                },
+            )
+            .map_err(|e| ClientError::Request(format!("signing: {e}")))?;
+            builder = builder.header(http::header::AUTHORIZATION, header.to_header_value());
+        }
+        let request = match body {
+            Some(bytes) => builder
+                .header(
+                    http::header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                )
+                .body(Full::new(Bytes::copy_from_slice(bytes))),
+            None => builder.body(Full::new(Bytes::new())),
+        }
+        .map_err(|e| ClientError::Request(e.to_string()))?;
+
+        let exchange = async {
+            let response = self
+                .http
+                .request(request)
+                .await
+                .map_err(|e| map_hyper_error(dest, &e))?;
+            let status = response.status();
+            let retry_after_header = response
+                .headers()
+                .get(http::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .map(|seconds| seconds.saturating_mul(1000));
+            let bytes = Limited::new(response.into_body(), MAX_RESPONSE_BYTES)
+                .collect()
+                .await
+                .map_err(|e| ClientError::BadResponse {
+                    destination: dest.to_owned(),
+                    reason: format!("reading the body: {e}"),
+                })?
+                .to_bytes();
+            Ok::<_, ClientError>((status, retry_after_header, bytes))
+        };
+        let (status, retry_after_header, bytes) =
+            match tokio::time::timeout(self.request_timeout, exchange).await {
+                Ok(result) => result?,
+                Err(_) => {
+                    return Err(ClientError::Timeout {
+                        destination: dest.to_owned(),
+                    });
+                }
+            };
+        if !status.is_success() {
+            return Err(status_error(dest, status, retry_after_header, &bytes));
+        }
+        let value: Value =
+            serde_json::from_slice(&bytes).map_err(|e| ClientError::BadResponse {
+                destination: dest.to_owned(),
+                reason: format!("body is not JSON: {e}"),
+            })?;
+        if !value.is_object() {
+            return Err(ClientError::BadResponse {
+                destination: dest.to_owned(),
+                reason: "body is not a JSON object".to_owned(),
+            });
+        }
+        Ok(value)
+    }
+}
+
+fn status_error(
+    destination: &str,
+    status: StatusCode,
+    retry_after_header: Option<u64>,
+    bytes: &[u8],
+) -> ClientError {
+    let retry_after_body = serde_json::from_slice::<Value>(bytes)
+        .ok()
+        .and_then(|v| v.get("retry_after_ms").and_then(Value::as_u64));
+    let mut body = String::from_utf8_lossy(bytes).into_owned();
+    if body.len() > ERROR_BODY_KEPT {
+        let mut cut = ERROR_BODY_KEPT;
+        while !body.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        body.truncate(cut);
+    }
+    ClientError::Status {
+        destination: destination.to_owned(),
+        status: status.as_u16(),
+        body,
+        retry_after_ms: retry_after_header.or(retry_after_body),
+    }
+}
+
+/// Recovers our own connector error from hyper's wrapper, else describes it.
+fn map_hyper_error(destination: &str, error: &hyper_util::client::legacy::Error) -> ClientError {
+    let mut source = error.source();
+    while let Some(cause) = source {
+        if let Some(ours) = cause.downcast_ref::<ClientError>() {
+            return ours.clone().for_destination(destination);
+        }
+        source = cause.source();
+    }
+    ClientError::Connect {
+        destination: destination.to_owned(),
+        reason: describe_hyper_error(error),
+    }
+}
+
+/// An error and its causes on one line.
+pub(crate) fn describe_hyper_error(error: &hyper_util::client::legacy::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }

@@ -1,0 +1,163 @@
+//! The to-device part of the client-server API on the `[client]` listener
+//! (SPEC §1): `PUT /sendToDevice/{eventType}/{txnId}`, the to-device subset
+//! of `GET /sync` (long-poll, at most 100 events, acknowledged by the next
+//! `since`), `GET /versions` and `GET /account/whoami`. Authentication
+//! happens once, in the `AuthedDevice` extractor; the domain work is in
+//! `todevice`. This module does not register devices or tokens (the RPC
+//! does) and does not serve rooms, presence or anything else of `/sync`.
+
+pub mod extract;
+
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use axum::response::Response;
+use axum::routing::{get, put};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::error::MatrixError;
+use crate::identifiers::UserId;
+use crate::state::AppState;
+use crate::todevice::{MAX_EVENTS_PER_SYNC, SendRequest, format_since, parse_since};
+use extract::AuthedDevice;
+
+/// The spec versions we claim. The to-device endpoints we serve have had
+/// this shape since v1.1.
+const SUPPORTED_VERSIONS: &[&str] = &[
+    "v1.1", "v1.2", "v1.3", "v1.4", "v1.5", "v1.6", "v1.7", "v1.8", "v1.9", "v1.10", "v1.11",
+    "v1.12",
+];
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/_matrix/client/versions", get(get_versions_route))
+        .route(
+            "/_matrix/client/v3/sendToDevice/{event_type}/{txn_id}",
+            put(put_send_to_device_route),
+        )
+        .route(
+            "/_matrix/client/r0/sendToDevice/{event_type}/{txn_id}",
+            put(put_send_to_device_route),
+        )
+        .route("/_matrix/client/v3/sync", get(get_sync_route))
+        .route("/_matrix/client/r0/sync", get(get_sync_route))
+        .route("/_matrix/client/v3/account/whoami", get(get_whoami_route))
+        .route("/_matrix/client/r0/account/whoami", get(get_whoami_route))
+        .fallback(crate::error::unrecognized_route)
+        .method_not_allowed_fallback(crate::error::method_not_allowed_route)
+        .with_state(state)
+}
+
+/// Counts and logs a refused client request, then passes the error on.
+fn refused(error: MatrixError, user_id: &str) -> MatrixError {
+    tracing::info!(user_id, errcode = error.errcode, error = %error.message, "client request refused");
+    metrics::counter!("courier_client_rejections_total", "errcode" => error.errcode).increment(1);
+    error
+}
+
+async fn get_versions_route() -> Response {
+    extract::json_text(
+        json!({ "versions": SUPPORTED_VERSIONS, "unstable_features": {} }).to_string(),
+    )
+}
+
+async fn get_whoami_route(AuthedDevice(device): AuthedDevice) -> Response {
+    extract::json_text(
+        json!({ "user_id": device.user_id, "device_id": device.device_id }).to_string(),
+    )
+}
+
+async fn put_send_to_device_route(
+    State(state): State<AppState>,
+    AuthedDevice(device): AuthedDevice,
+    path: Result<Path<(String, String)>, PathRejection>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, MatrixError> {
+    let user_id = device.user_id.as_str();
+    let (event_type, txn_id) = extract::path(path).map_err(|e| refused(e, user_id))?;
+    let mut body = extract::json_object(body, false).map_err(|e| refused(e, user_id))?;
+    let messages = match body.remove("messages") {
+        None => {
+            return Err(refused(
+                MatrixError::missing_param("Missing required field: messages"),
+                user_id,
+            ));
+        }
+        Some(Value::Object(messages)) => messages,
+        Some(_) => {
+            return Err(refused(
+                MatrixError::bad_json("messages must be an object"),
+                user_id,
+            ));
+        }
+    };
+    let sender = UserId::parse(user_id)
+        .map_err(|error| MatrixError::internal("registered user ID no longer parses", &error))?;
+    let request = SendRequest {
+        sender,
+        sender_device: device.device_id.clone(),
+        event_type,
+        txn_id,
+        messages,
+    };
+    state
+        .todevice
+        .send(request)
+        .await
+        .map_err(|error| refused(error.into(), user_id))?;
+    Ok(extract::empty_object())
+}
+
+/// The query parameters `/sync` reads; every other one is ignored.
+#[derive(Debug, Deserialize)]
+struct SyncParams {
+    since: Option<String>,
+    timeout: Option<String>,
+    full_state: Option<String>,
+}
+
+async fn get_sync_route(
+    State(state): State<AppState>,
+    AuthedDevice(device): AuthedDevice,
+    query: Result<Query<SyncParams>, QueryRejection>,
+) -> Result<Response, MatrixError> {
+    metrics::counter!("courier_sync_requests_total", "api" => "client").increment(1);
+    let user_id = device.user_id.as_str();
+    let params = extract::query(query).map_err(|e| refused(e, user_id))?;
+    let since = parse_since_param(params.since.as_deref()).map_err(|e| refused(e, user_id))?;
+    let timeout_ms = extract::int_param("timeout", params.timeout.as_deref())
+        .map_err(|e| refused(e, user_id))?
+        .unwrap_or(0);
+    // An initial sync (no since) and full_state answer at once (SPEC §1.3).
+    let full_state = params.full_state.as_deref() == Some("true");
+    let timeout = if full_state || params.since.is_none() {
+        Duration::ZERO
+    } else {
+        Duration::from_millis(timeout_ms).min(state.config.client.max_sync_timeout)
+    };
+    let page = state
+        .todevice
+        .wait_for_inbox(&device, since, MAX_EVENTS_PER_SYNC, timeout)
+        .await
+        .map_err(|error| MatrixError::internal("sync inbox read", &error))?;
+    let mut out = String::with_capacity(64 + page.messages.len() * 256);
+    out.push_str("{\"next_batch\":");
+    extract::push_json_string(&mut out, &format_since(page.next_batch));
+    out.push_str(",\"to_device\":{\"events\":");
+    extract::write_events(&mut out, &page.messages);
+    out.push_str("}}");
+    Ok(extract::json_text(out))
+}
+
+/// A `since` token: absent → position 0; malformed → `M_INVALID_PARAM`.
+pub fn parse_since_param(raw: Option<&str>) -> Result<i64, MatrixError> {
+    match raw {
+        None | Some("") => Ok(0),
+        Some(token) => parse_since(token)
+            .ok_or_else(|| MatrixError::invalid_param("since is not a token this server issued")),
+    }
+}

@@ -1,0 +1,394 @@
+//! One destination's task: it owns that destination's state as one enum
+//! (`Idle`, `Sending`, `BackingOff`) and is the only code that sends to it,
+//! so at most one transaction is ever in flight per destination. The stored
+//! outbox is the truth: a recorded in-flight transaction is resent with the
+//! same txnId and bytes; otherwise the oldest rows are packed into a new one,
+//! recorded before it is sent, and deleted only on the peer's 200. Failures
+//! back off on the persisted schedule; a refused batch is split in halves
+//! down to single EDUs, and an EDU refused alone `quarantine_after` times is
+//! quarantined so the rows behind it still go.
+//!
+//! It does not decide when a destination task exists (sender) and does not
+//! know HTTP (client).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{Semaphore, mpsc};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::config::Config;
+use crate::federation::backoff;
+use crate::federation::client::FederationClient;
+use crate::federation::transaction::{MAX_EDU_BYTES, MAX_EDUS, SendError, TxnIds, build_body};
+use crate::identifiers::ServerName;
+use crate::store::{InFlightTxn, RetryState, Store, StoreError};
+
+/// An idle task ends after this long without work.
+pub const IDLE_EXIT: Duration = Duration::from_secs(60);
+/// Wait after a store error before trying again.
+const STORE_RETRY: Duration = Duration::from_secs(1);
+
+/// What the dispatcher tells a destination task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signal {
+    /// New outbox rows.
+    Wake,
+    /// The peer is reachable: reset the backoff and send now.
+    PeerIsUp,
+}
+
+/// What every destination task shares.
+pub struct Shared {
+    pub config: Arc<Config>,
+    pub store: Arc<dyn Store>,
+    pub client: Arc<FederationClient>,
+    pub txn_ids: TxnIds,
+    /// Bounds concurrent sends over all destinations.
+    pub send_permits: Semaphore,
+}
+
+/// The destination's state, owned by its task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Nothing known to send; waiting for a signal.
+    Idle,
+    /// Sending until the outbox is empty or a send fails.
+    Sending,
+    /// Waiting out the backoff (or a peer's Retry-After).
+    BackingOff { until: Instant },
+}
+
+/// How one send attempt ended.
+enum Step {
+    /// The outbox is empty.
+    Drained,
+    /// A transaction was delivered (or split); look for more at once.
+    Continue,
+    /// Wait this long before trying again.
+    Wait(Duration),
+}
+
+/// Narrowing a refused batch down to the EDU the peer will not take.
+#[derive(Debug, Default)]
+struct Split {
+    /// The batch size in force while narrowing (None: the full limit).
+    limit: Option<u32>,
+    /// Last seq of the refused batch: once delivered past it, narrowing ends.
+    refused_upto: i64,
+    /// Solo refusals per seq in this run.
+    solo_refusals: HashMap<i64, u32>,
+}
+
+pub struct DestinationTask {
+    destination: String,
+    server_name: Option<ServerName>,
+    shared: Arc<Shared>,
+    signals: mpsc::UnboundedReceiver<Signal>,
+    retire: mpsc::UnboundedSender<(String, u64)>,
+    id: u64,
+    split: Split,
+    /// The last attempt succeeded and the outbox was empty: a `PeerIsUp`
+    /// while idle has nothing to reset or send, and costs no store access.
+    clean: bool,
+}
+
+impl DestinationTask {
+    pub fn new(
+        destination: String,
+        shared: Arc<Shared>,
+        signals: mpsc::UnboundedReceiver<Signal>,
+        retire: mpsc::UnboundedSender<(String, u64)>,
+        id: u64,
+    ) -> Self {
+        DestinationTask {
+            server_name: ServerName::parse(&destination).ok(),
+            destination,
+            shared,
+            signals,
+            retire,
+            id,
+            split: Split::default(),
+            clean: false,
+        }
+    }
+
+    /// Runs until shutdown, or until idle and retired by the dispatcher.
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        let span = tracing::info_span!("destination", destination = %self.destination);
+        async move {
+            let mut state = self.initial_state().await;
+            let mut retiring = false;
+            loop {
+                state = match state {
+                    State::Idle => {
+                        let signal = tokio::select! {
+                            _ = shutdown.cancelled() => return,
+                            signal = self.signals.recv() => signal,
+                            _ = tokio::time::sleep(IDLE_EXIT), if !retiring => {
+                                // Ask to be retired; keep serving signals
+                                // already queued until the channel closes.
+                                retiring = true;
+                                let _ = self.retire.send((self.destination.clone(), self.id));
+                                continue;
+                            }
+                        };
+                        match signal {
+                            None => return,
+                            Some(Signal::PeerIsUp) if self.clean => State::Idle,
+                            Some(Signal::PeerIsUp) => {
+                                self.reset_backoff().await;
+                                State::Sending
+                            }
+                            Some(Signal::Wake) => State::Sending,
+                        }
+                    }
+                    State::BackingOff { until } => {
+                        tokio::select! {
+                            _ = shutdown.cancelled() => return,
+                            _ = tokio::time::sleep_until(until) => State::Sending,
+                            signal = self.signals.recv() => match signal {
+                                None => return,
+                                Some(Signal::PeerIsUp) => {
+                                    self.reset_backoff().await;
+                                    State::Sending
+                                }
+                                Some(Signal::Wake) => state,
+                            },
+                        }
+                    }
+                    State::Sending => {
+                        let step = tokio::select! {
+                            _ = shutdown.cancelled() => return,
+                            step = self.send_step() => step,
+                        };
+                        match step {
+                            Step::Drained => State::Idle,
+                            Step::Continue => State::Sending,
+                            Step::Wait(delay) => State::BackingOff {
+                                until: Instant::now() + delay,
+                            },
+                        }
+                    }
+                };
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Sending, unless the persisted schedule says to wait.
+    async fn initial_state(&mut self) -> State {
+        match self.shared.store.retry_state(&self.destination).await {
+            Ok(retry) => {
+                self.clean = retry.failures == 0 && retry.retry_after_ms == 0;
+                let wait_ms = retry.retry_after_ms - crate::now_ms();
+                if wait_ms > 0 {
+                    State::BackingOff {
+                        until: Instant::now() + Duration::from_millis(wait_ms as u64),
+                    }
+                } else {
+                    State::Sending
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, "reading the retry state failed");
+                State::BackingOff {
+                    until: Instant::now() + STORE_RETRY,
+                }
+            }
+        }
+    }
+
+    async fn reset_backoff(&mut self) {
+        let store = self.shared.store.clone();
+        match store.retry_state(&self.destination).await {
+            Ok(retry) if retry.failures > 0 || retry.retry_after_ms > 0 => {
+                let reset = RetryState {
+                    failures: 0,
+                    retry_after_ms: 0,
+                    ..retry
+                };
+                match store.set_retry_state(&self.destination, &reset).await {
+                    Ok(()) => self.clean = true,
+                    Err(error) => tracing::warn!(%error, "resetting the retry state failed"),
+                }
+                tracing::info!("peer is up: backoff reset");
+            }
+            Ok(_) => self.clean = true,
+            Err(error) => tracing::warn!(%error, "reading the retry state failed"),
+        }
+    }
+
+    async fn send_step(&mut self) -> Step {
+        match self.try_send_step().await {
+            Ok(step) => step,
+            Err(error) => {
+                tracing::warn!(%error, "store error while sending");
+                Step::Wait(STORE_RETRY)
+            }
+        }
+    }
+
+    async fn try_send_step(&mut self) -> Result<Step, StoreError> {
+        let shared = self.shared.clone();
+        let store = &shared.store;
+        let Some(server_name) = self.server_name.clone() else {
+            tracing::error!("destination is not a valid server name; its rows stay queued");
+            return Ok(Step::Wait(shared.config.federation.retry.max));
+        };
+        let _permit = shared
+            .send_permits
+            .acquire()
+            .await
+            .expect("the semaphore is never closed");
+        let txn = match store.in_flight(&self.destination).await? {
+            Some(txn) => txn,
+            None => {
+                let limit = self.split.limit.unwrap_or(MAX_EDUS);
+                let edus = store
+                    .peek_outbox(&self.destination, limit, MAX_EDU_BYTES)
+                    .await?;
+                if edus.is_empty() {
+                    self.split = Split::default();
+                    return Ok(Step::Drained);
+                }
+                let body = build_body(shared.config.server_name.as_str(), crate::now_ms(), &edus);
+                let txn = InFlightTxn {
+                    destination: self.destination.clone(),
+                    txn_id: shared.txn_ids.next(),
+                    seqs: edus.iter().map(|e| e.seq).collect(),
+                    body,
+                };
+                store.begin_txn(txn.clone()).await?;
+                txn
+            }
+        };
+        let span = tracing::info_span!("txn", txn_id = %txn.txn_id, edus = txn.seqs.len());
+        self.deliver(&server_name, txn).instrument(span).await
+    }
+
+    async fn deliver(
+        &mut self,
+        server_name: &ServerName,
+        txn: InFlightTxn,
+    ) -> Result<Step, StoreError> {
+        let shared = self.shared.clone();
+        let store = &shared.store;
+        let result = shared
+            .client
+            .send_transaction(server_name, &txn.txn_id, txn.body.as_bytes())
+            .await;
+        let error = match result {
+            Ok(_) => {
+                store
+                    .ack_txn(&self.destination, &txn.txn_id, crate::now_ms())
+                    .await?;
+                // ack_txn also reset the persisted retry state.
+                self.clean = true;
+                tracing::debug!("delivered");
+                metrics::counter!("courier_federation_transactions_total", "outcome" => "ok")
+                    .increment(1);
+                metrics::counter!("courier_federation_edus_sent_total")
+                    .increment(txn.seqs.len() as u64);
+                for seq in &txn.seqs {
+                    self.split.solo_refusals.remove(seq);
+                }
+                if let Some(&last) = txn.seqs.last()
+                    && self.split.limit.is_some()
+                    && last >= self.split.refused_upto
+                {
+                    self.split.limit = None;
+                }
+                return Ok(Step::Continue);
+            }
+            Err(error) => SendError::from_client(&error),
+        };
+        metrics::counter!("courier_federation_transactions_total", "outcome" => error.outcome())
+            .increment(1);
+        match error {
+            SendError::Retry { reason } => self.back_off(reason, None).await,
+            SendError::RetryAfter { after, reason } => self.back_off(reason, Some(after)).await,
+            SendError::Refused { status, reason } => self.refused(&txn, status, reason).await,
+        }
+    }
+
+    /// Persists the failure and the time of the next attempt.
+    async fn back_off(
+        &mut self,
+        reason: String,
+        after: Option<Duration>,
+    ) -> Result<Step, StoreError> {
+        let store = &self.shared.store;
+        let policy = self.shared.config.federation.retry;
+        let previous = store.retry_state(&self.destination).await?;
+        let (failures, delay) = match after {
+            // A peer's Retry-After is honoured (up to the cap) and is not a
+            // failure of the peer.
+            Some(after) => (previous.failures, after.min(policy.max)),
+            None => {
+                let failures = previous.failures.saturating_add(1);
+                (
+                    failures,
+                    backoff::delay(&policy, failures, backoff::jitter_sample()),
+                )
+            }
+        };
+        let state = RetryState {
+            failures,
+            retry_after_ms: crate::now_ms() + delay.as_millis() as i64,
+            last_success_ms: previous.last_success_ms,
+            last_error: Some(reason.clone()),
+        };
+        self.clean = false;
+        store.set_retry_state(&self.destination, &state).await?;
+        metrics::counter!("courier_federation_retries_total").increment(1);
+        tracing::info!(failures, ?delay, %reason, "send failed; backing off");
+        Ok(Step::Wait(delay))
+    }
+
+    /// The peer refused the payload: split, or count a solo refusal.
+    async fn refused(
+        &mut self,
+        txn: &InFlightTxn,
+        status: u16,
+        reason: String,
+    ) -> Result<Step, StoreError> {
+        let store = &self.shared.store;
+        store.refuse_txn(&self.destination, &txn.txn_id).await?;
+        let count = txn.seqs.len() as u32;
+        if count > 1 {
+            let half = (count / 2).max(1);
+            tracing::warn!(status, %reason, edus = count, next = half, "batch refused; splitting");
+            self.split.limit = Some(half);
+            self.split.refused_upto = self
+                .split
+                .refused_upto
+                .max(txn.seqs.last().copied().unwrap_or(0));
+            return Ok(Step::Continue);
+        }
+        let seq = txn.seqs[0];
+        self.split.limit = Some(1);
+        self.split.refused_upto = self.split.refused_upto.max(seq);
+        let refusals = self.split.solo_refusals.entry(seq).or_insert(0);
+        *refusals += 1;
+        let refusals = *refusals;
+        if refusals >= self.shared.config.federation.quarantine_after {
+            let why = format!("refused {refusals} times alone, last with {status}: {reason}");
+            store
+                .quarantine_edu(&self.destination, seq, &why, crate::now_ms())
+                .await?;
+            self.split.solo_refusals.remove(&seq);
+            self.split.limit = None;
+            metrics::counter!("courier_federation_quarantined_edus_total").increment(1);
+            tracing::warn!(seq, refusals, %reason, "EDU quarantined");
+            return Ok(Step::Continue);
+        }
+        tracing::warn!(seq, refusals, status, %reason, "single EDU refused");
+        self.back_off(format!("{status} refused: {reason}"), None)
+            .await
+    }
+}

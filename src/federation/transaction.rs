@@ -1,0 +1,225 @@
+//! Federation transactions as the sender builds and judges them: the
+//! transaction id scheme, the request body assembled from stored EDU JSON
+//! (verbatim, by concatenation, never re-serialized), the limits, and the
+//! `SendError` enum whose variants are the sender's decisions.
+//!
+//! Nothing here does I/O; the destination task does.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use crate::federation::client::ClientError;
+use crate::store::{OutboxEdu, TimestampMs};
+
+/// EDUs per transaction (spec limit).
+pub const MAX_EDUS: u32 = 100;
+/// Total stored EDU bytes per transaction: well under the 12.5 MiB body
+/// limit receivers apply (SPEC §9.4), leaving room for the envelope.
+pub const MAX_EDU_BYTES: u64 = 12 * 1024 * 1024;
+
+/// Issues transaction ids `<startup_ms>-<counter>`: unique across restarts
+/// as long as the clock moves forward between starts, and URL-safe.
+#[derive(Debug)]
+pub struct TxnIds {
+    startup_ms: TimestampMs,
+    counter: AtomicU64,
+}
+
+impl TxnIds {
+    pub fn new(startup_ms: TimestampMs) -> Self {
+        TxnIds {
+            startup_ms,
+            counter: AtomicU64::new(0),
+        }
+    }
+
+    pub fn next(&self) -> String {
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        format!("{}-{n}", self.startup_ms)
+    }
+}
+
+/// The transaction body: `{"origin","origin_server_ts","pdus":[],"edus":[…]}`
+/// with each stored `edu_json` copied in verbatim.
+pub fn build_body(origin: &str, origin_server_ts: TimestampMs, edus: &[OutboxEdu]) -> String {
+    let origin_json =
+        serde_json::to_string(origin).expect("serializing a string to JSON cannot fail");
+    let capacity =
+        96 + origin_json.len() + edus.iter().map(|e| e.edu_json.len() + 1).sum::<usize>();
+    let mut body = String::with_capacity(capacity);
+    body.push_str("{\"origin\":");
+    body.push_str(&origin_json);
+    body.push_str(",\"origin_server_ts\":");
+    body.push_str(&origin_server_ts.to_string());
+    body.push_str(",\"pdus\":[],\"edus\":[");
+    for (i, edu) in edus.iter().enumerate() {
+        if i > 0 {
+            body.push(',');
+        }
+        body.push_str(&edu.edu_json);
+    }
+    body.push_str("]}");
+    body
+}
+
+/// What a failed send means for the destination task.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum SendError {
+    /// The peer or the path to it failed: back off by the schedule, then
+    /// resend the same transaction.
+    #[error("retryable: {reason}")]
+    Retry { reason: String },
+    /// The peer asked us to wait this long (429): then resend the same
+    /// transaction. Not counted as a failure of the peer.
+    #[error("rate limited for {after:?}: {reason}")]
+    RetryAfter { after: Duration, reason: String },
+    /// The peer refused this payload (400/413): split the batch; a single
+    /// EDU refused often enough is quarantined.
+    #[error("refused with {status}: {reason}")]
+    Refused { status: u16, reason: String },
+}
+
+impl SendError {
+    /// The decision for a client error.
+    pub fn from_client(error: &ClientError) -> SendError {
+        match error {
+            ClientError::Status {
+                status: status @ (400 | 413),
+                body,
+                ..
+            } => SendError::Refused {
+                status: *status,
+                reason: short(body),
+            },
+            ClientError::Status {
+                status: 429,
+                retry_after_ms,
+                body,
+                ..
+            } => match retry_after_ms {
+                Some(ms) => SendError::RetryAfter {
+                    after: Duration::from_millis(*ms),
+                    reason: format!("429 {}", short(body)),
+                },
+                None => SendError::Retry {
+                    reason: format!("429 {}", short(body)),
+                },
+            },
+            ClientError::Status { status, body, .. } => SendError::Retry {
+                reason: format!("{status} {}", short(body)),
+            },
+            other => SendError::Retry {
+                reason: other.to_string(),
+            },
+        }
+    }
+
+    /// A label for metrics.
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            SendError::Retry { .. } => "retry",
+            SendError::RetryAfter { .. } => "rate_limited",
+            SendError::Refused { .. } => "refused",
+        }
+    }
+}
+
+fn short(text: &str) -> String {
+    let mut s: String = text.chars().take(200).collect();
+    if s.len() < text.len() {
+        s.push('…');
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn edu(seq: i64, json: &str) -> OutboxEdu {
+        OutboxEdu {
+            seq,
+            edu_json: json.to_owned(),
+            message_count: 1,
+            queued_ts: 0,
+            refusals: 0,
+        }
+    }
+
+    #[test]
+    fn body_is_the_stored_json_verbatim() {
+        let a = r#"{"edu_type":"m.direct_to_device","content":{"b":1,"a":"é"}}"#;
+        let b = r#"{"content":{},"edu_type":"m.direct_to_device"}"#;
+        let body = build_body("origin.example:8448", 1700, &[edu(1, a), edu(2, b)]);
+        assert_eq!(
+            body,
+            format!(
+                r#"{{"origin":"origin.example:8448","origin_server_ts":1700,"pdus":[],"edus":[{a},{b}]}}"#
+            )
+        );
+        let parsed: serde_json::Value = serde_json::from_str(&body).expect("valid JSON");
+        assert_eq!(parsed["edus"].as_array().map(Vec::len), Some(2));
+        assert_eq!(
+            build_body("o", 1, &[]),
+            r#"{"origin":"o","origin_server_ts":1,"pdus":[],"edus":[]}"#
+        );
+    }
+
+    #[test]
+    fn txn_ids_are_distinct_and_url_safe() {
+        let ids = TxnIds::new(1_700_000_000_000);
+        let a = ids.next();
+        let b = ids.next();
+        assert_ne!(a, b);
+        assert_eq!(a, "1700000000000-0");
+        assert!(
+            b.bytes()
+                .all(|c| c.is_ascii_alphanumeric() || b"._~-".contains(&c))
+        );
+    }
+
+    #[test]
+    fn client_errors_map_to_decisions() {
+        let status = |status: u16, retry_after_ms: Option<u64>| ClientError::Status {
+            destination: "d".into(),
+            status,
+            body: "{}".into(),
+            retry_after_ms,
+        };
+        assert!(matches!(
+            SendError::from_client(&status(400, None)),
+            SendError::Refused { status: 400, .. }
+        ));
+        assert!(matches!(
+            SendError::from_client(&status(413, None)),
+            SendError::Refused { status: 413, .. }
+        ));
+        assert_eq!(
+            SendError::from_client(&status(429, Some(1500))),
+            SendError::RetryAfter {
+                after: Duration::from_millis(1500),
+                reason: "429 {}".into()
+            }
+        );
+        assert!(matches!(
+            SendError::from_client(&status(500, None)),
+            SendError::Retry { .. }
+        ));
+        assert!(matches!(
+            SendError::from_client(&status(401, None)),
+            SendError::Retry { .. }
+        ));
+        assert!(matches!(
+            SendError::from_client(&ClientError::Timeout {
+                destination: "d".into()
+            }),
+            SendError::Retry { .. }
+        ));
+        assert!(matches!(
+            SendError::from_client(&ClientError::Denied {
+                destination: "d".into()
+            }),
+            SendError::Retry { .. }
+        ));
+    }
+}

@@ -1,0 +1,433 @@
+//! The to-device domain core: validates a send, splits recipients into local
+//! inbox rows and remote outbox EDUs, writes them in one store transaction,
+//! and wakes long-polls and destinations. It also owns the inbox long-poll
+//! (`wait_for_inbox`) and the opaque `since` token format that `/sync` and
+//! the RPC inbox share. It knows nothing of HTTP: the client API and the RPC
+//! parse their requests into a `SendRequest` and map `SendError` to a
+//! Matrix error through `From<SendError> for MatrixError`.
+//!
+//! Remote messages are packed here, at acceptance time, into
+//! `m.direct_to_device` EDUs of at most `MAX_EDU_BYTES` of canonical JSON,
+//! each with its own fresh `message_id`: the outbox stores finished EDUs, so
+//! a retried federation transaction resends the very same bytes. Every device
+//! message content is encoded once (canonical JSON) and the EDU text is
+//! assembled from those pieces, never re-serialized.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::RngExt;
+use rand::distr::Alphabetic;
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+use crate::canonical_json::{CanonicalJsonError, to_canonical_bytes};
+use crate::error::MatrixError;
+use crate::federation::sender::SenderHandle;
+use crate::identifiers::{ServerName, UserId};
+use crate::notify::Notifier;
+mod pack;
+
+use pack::{RemoteDevice, RemoteUser, json_string, pack_edus};
+
+use crate::store::{
+    ClientTxnKey, DeviceKey, DeviceTarget, InboxPage, NewInboxMessage, SendBatch, SendOutcome,
+    Store, StoreError,
+};
+
+/// Largest canonical JSON encoding of one device's message content.
+pub const MAX_CONTENT_BYTES: usize = 65536;
+/// Largest canonical JSON encoding of one packed EDU (Synapse's soft maximum).
+pub const MAX_EDU_BYTES: usize = 65536;
+/// Longest event type and transaction id, in bytes.
+pub const MAX_IDENTIFIER_BYTES: usize = 255;
+/// The most events one `/sync` (or RPC inbox) response carries.
+pub const MAX_EVENTS_PER_SYNC: u32 = 100;
+/// Length of a minted `message_id`.
+const MESSAGE_ID_LEN: usize = 16;
+/// The prefix of our opaque `since` / `next_batch` tokens.
+const SINCE_PREFIX: &str = "td_";
+
+/// One send, already authenticated and parsed from its wire form.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SendRequest {
+    /// The sending user (local to this server).
+    pub sender: UserId,
+    /// The sending device; the RPC uses `""`. Part of the idempotency key.
+    pub sender_device: String,
+    pub event_type: String,
+    pub txn_id: String,
+    /// user ID → (device ID or `*` → content object), as received.
+    pub messages: serde_json::Map<String, Value>,
+}
+
+/// What an accepted send did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SendResult {
+    /// The (sender, device, type, txn) key was seen before: nothing queued.
+    Duplicate,
+    Accepted {
+        /// Local messages written (before `*` expansion).
+        local_messages: usize,
+        /// Remote device messages packed into EDUs.
+        remote_messages: usize,
+        /// Packed EDUs queued, over all destinations.
+        edus: usize,
+        /// Destinations that got at least one EDU.
+        destinations: usize,
+    },
+}
+
+/// Why a send was refused. Each variant is the caller's fault except
+/// `Store`.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    #[error("event type must be 1 to 255 bytes")]
+    BadEventType,
+    #[error("transaction id must be 1 to 255 bytes")]
+    BadTxnId,
+    #[error("sender {0} is not a user of this server")]
+    ForeignSender(String),
+    #[error("{0}")]
+    BadShape(String),
+    #[error("content for {user_id} / {device_id} has no canonical JSON form: {source}")]
+    NotCanonical {
+        user_id: String,
+        device_id: String,
+        source: CanonicalJsonError,
+    },
+    #[error("content for {user_id} / {device_id} is {bytes} bytes, over the limit of {limit}")]
+    TooLarge {
+        user_id: String,
+        device_id: String,
+        bytes: usize,
+        limit: usize,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl From<SendError> for MatrixError {
+    fn from(error: SendError) -> Self {
+        match error {
+            SendError::BadEventType | SendError::BadTxnId | SendError::ForeignSender(_) => {
+                MatrixError::invalid_param(error.to_string())
+            }
+            SendError::BadShape(_) | SendError::NotCanonical { .. } => {
+                MatrixError::bad_json(error.to_string())
+            }
+            SendError::TooLarge { .. } => MatrixError::too_large(error.to_string()),
+            SendError::Store(cause) => MatrixError::internal("to-device send", &cause),
+        }
+    }
+}
+
+/// The to-device core. One per relay, shared through `AppState`.
+pub struct ToDevice {
+    pub server_name: ServerName,
+    pub store: Arc<dyn Store>,
+    pub notifier: Arc<Notifier>,
+    pub sender: SenderHandle,
+    /// Cancelled by `stop_long_polls` at shutdown: every waiting long-poll
+    /// then answers at once instead of holding the drain.
+    long_polls: CancellationToken,
+}
+
+impl ToDevice {
+    pub fn new(
+        server_name: ServerName,
+        store: Arc<dyn Store>,
+        notifier: Arc<Notifier>,
+        sender: SenderHandle,
+    ) -> Self {
+        ToDevice {
+            server_name,
+            store,
+            notifier,
+            sender,
+            long_polls: CancellationToken::new(),
+        }
+    }
+
+    /// Makes every current and future long-poll return at once (shutdown).
+    pub fn stop_long_polls(&self) {
+        self.long_polls.cancel();
+    }
+
+    /// Validates, packs and durably queues one send, then wakes the affected
+    /// long-polls and destinations. Returns only after the store committed.
+    pub async fn send(&self, request: SendRequest) -> Result<SendResult, SendError> {
+        let SendRequest {
+            sender,
+            sender_device,
+            event_type,
+            txn_id,
+            messages,
+        } = request;
+        if event_type.is_empty() || event_type.len() > MAX_IDENTIFIER_BYTES {
+            return Err(SendError::BadEventType);
+        }
+        if txn_id.is_empty() || txn_id.len() > MAX_IDENTIFIER_BYTES {
+            return Err(SendError::BadTxnId);
+        }
+        if sender.server_name() != self.server_name.as_str() {
+            return Err(SendError::ForeignSender(sender.to_string()));
+        }
+
+        let split = split_recipients(
+            self.server_name.as_str(),
+            sender.as_str(),
+            &event_type,
+            messages,
+        )?;
+        let mut remote = Vec::new();
+        let mut remote_messages = 0usize;
+        if !split.remote.is_empty() {
+            let sender_json = json_string(sender.as_str());
+            let type_json = json_string(&event_type);
+            for (destination, users) in &split.remote {
+                remote_messages += users.iter().map(|u| u.devices.len()).sum::<usize>();
+                remote.extend(pack_edus(destination, &sender_json, &type_json, users)?);
+            }
+        }
+        let local_messages = split.local.len();
+        let edus = remote.len();
+
+        let batch = SendBatch {
+            txn: ClientTxnKey {
+                user_id: sender.as_str().to_owned(),
+                device_id: sender_device,
+                event_type,
+                txn_id,
+            },
+            local: split.local,
+            remote,
+            now_ms: crate::now_ms(),
+        };
+        match self.store.enqueue_send(batch).await? {
+            SendOutcome::Duplicate => {
+                metrics::counter!("courier_todevice_sends_total", "outcome" => "duplicate")
+                    .increment(1);
+                tracing::debug!(sender = %sender, "duplicate to-device transaction");
+                Ok(SendResult::Duplicate)
+            }
+            SendOutcome::Accepted {
+                woken_devices,
+                destinations,
+            } => {
+                self.notifier.wake(&woken_devices);
+                for destination in &destinations {
+                    self.sender.wake(destination);
+                }
+                metrics::counter!("courier_todevice_sends_total", "outcome" => "accepted")
+                    .increment(1);
+                metrics::counter!("courier_todevice_messages_total", "recipient" => "local")
+                    .increment(local_messages as u64);
+                metrics::counter!("courier_todevice_messages_total", "recipient" => "remote")
+                    .increment(remote_messages as u64);
+                tracing::debug!(
+                    sender = %sender,
+                    local_messages,
+                    remote_messages,
+                    edus,
+                    destinations = destinations.len(),
+                    "to-device send accepted"
+                );
+                Ok(SendResult::Accepted {
+                    local_messages,
+                    remote_messages,
+                    edus,
+                    destinations: destinations.len(),
+                })
+            }
+        }
+    }
+
+    /// Acknowledges everything up to `since`, then returns the next page of
+    /// the device's inbox. With nothing pending it waits up to `timeout` for
+    /// a new message (or shutdown) and reads again. The waiter is registered
+    /// before the first read, so a message stored in between is not missed.
+    pub async fn wait_for_inbox(
+        &self,
+        device: &DeviceKey,
+        since: i64,
+        limit: u32,
+        timeout: Duration,
+    ) -> Result<InboxPage, StoreError> {
+        let limit = limit.clamp(1, MAX_EVENTS_PER_SYNC);
+        let mut waiter = (!timeout.is_zero()).then(|| self.notifier.subscribe(device.clone()));
+        let page = self
+            .store
+            .fetch_inbox(&device.user_id, &device.device_id, since, limit)
+            .await?;
+        let Some(waiter) = waiter.as_mut() else {
+            return Ok(page);
+        };
+        if !page.messages.is_empty() || self.long_polls.is_cancelled() {
+            return Ok(page);
+        }
+        let woken = tokio::select! {
+            result = tokio::time::timeout(timeout, waiter.wait()) => result.is_ok(),
+            _ = self.long_polls.cancelled() => return Ok(page),
+        };
+        if woken {
+            metrics::counter!("courier_longpoll_wakeups_total").increment(1);
+        }
+        // Read again even after a timeout: it costs one query and makes a
+        // lost wake-up harmless.
+        self.store
+            .fetch_inbox(&device.user_id, &device.device_id, since, limit)
+            .await
+    }
+}
+
+/// Formats a stream position as an opaque `since` / `next_batch` token.
+pub fn format_since(stream_id: i64) -> String {
+    format!("{SINCE_PREFIX}{stream_id}")
+}
+
+/// Parses a token made by `format_since`. `None` for anything else.
+pub fn parse_since(token: &str) -> Option<i64> {
+    let digits = token.strip_prefix(SINCE_PREFIX)?;
+    if digits.is_empty() || digits.len() > 18 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+/// A fresh `message_id`: 16 random ASCII letters.
+pub fn new_message_id() -> String {
+    rand::rng()
+        .sample_iter(Alphabetic)
+        .take(MESSAGE_ID_LEN)
+        .map(char::from)
+        .collect()
+}
+
+/// The recipients of one send, split by where they live.
+#[derive(Debug, Default)]
+struct Split {
+    local: Vec<NewInboxMessage>,
+    /// destination → its users, in user ID order.
+    remote: BTreeMap<String, Vec<RemoteUser>>,
+}
+
+/// Checks the shape of `messages`, encodes each content once and sorts the
+/// recipients into local inbox messages and remote users per destination.
+fn split_recipients(
+    our_server: &str,
+    sender: &str,
+    event_type: &str,
+    messages: serde_json::Map<String, Value>,
+) -> Result<Split, SendError> {
+    let mut split = Split::default();
+    for (user_id, devices) in messages {
+        let Value::Object(devices) = devices else {
+            return Err(SendError::BadShape(format!(
+                "messages[{user_id:?}] must be an object of device IDs"
+            )));
+        };
+        for (device_id, content) in &devices {
+            if !content.is_object() {
+                return Err(SendError::BadShape(format!(
+                    "messages[{user_id:?}][{device_id:?}] must be an object"
+                )));
+            }
+        }
+        let user = match UserId::parse(&user_id) {
+            Ok(user) => user,
+            Err(error) => {
+                tracing::warn!(sender, recipient = %user_id, %error, "skipping unparsable recipient");
+                continue;
+            }
+        };
+        let local = user.server_name() == our_server;
+        let mut remote_devices = Vec::new();
+        for (device_id, content) in devices {
+            if device_id.is_empty() {
+                continue;
+            }
+            let encoded =
+                to_canonical_bytes(&content).map_err(|source| SendError::NotCanonical {
+                    user_id: user_id.clone(),
+                    device_id: device_id.clone(),
+                    source,
+                })?;
+            if encoded.len() > MAX_CONTENT_BYTES {
+                return Err(SendError::TooLarge {
+                    user_id,
+                    device_id,
+                    bytes: encoded.len(),
+                    limit: MAX_CONTENT_BYTES,
+                });
+            }
+            if local {
+                let device = if device_id == "*" {
+                    DeviceTarget::All
+                } else {
+                    DeviceTarget::One(device_id)
+                };
+                split.local.push(NewInboxMessage {
+                    user_id: user_id.clone(),
+                    device,
+                    sender: sender.to_owned(),
+                    event_type: event_type.to_owned(),
+                    content_json: String::from_utf8(encoded)
+                        .expect("the canonical JSON encoder writes UTF-8"),
+                });
+            } else {
+                remote_devices.push(RemoteDevice {
+                    key_json: json_string(&device_id),
+                    device_id,
+                    content: encoded,
+                });
+            }
+        }
+        if !remote_devices.is_empty() {
+            split
+                .remote
+                .entry(user.server_name().to_owned())
+                .or_default()
+                .push(RemoteUser {
+                    key_json: json_string(&user_id),
+                    user_id,
+                    devices: remote_devices,
+                });
+        }
+    }
+    Ok(split)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn since_tokens_round_trip_and_reject_garbage() {
+        for n in [0i64, 1, 42, 9_007_199_254_740_991] {
+            assert_eq!(parse_since(&format_since(n)), Some(n));
+        }
+        for bad in [
+            "",
+            "td_",
+            "td_-1",
+            "td_1x",
+            "s72595_4483",
+            "TD_1",
+            "td_ 1",
+            "td_1234567890123456789",
+        ] {
+            assert_eq!(parse_since(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn message_ids_are_sixteen_letters_and_differ() {
+        let a = new_message_id();
+        let b = new_message_id();
+        assert_eq!(a.len(), 16);
+        assert!(a.bytes().all(|c| c.is_ascii_alphabetic()));
+        assert_ne!(a, b);
+    }
+}

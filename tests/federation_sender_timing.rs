@@ -1,0 +1,226 @@
+//! The sender's timing on paused tokio time, with the real default
+//! schedule: a peer back from a 5-minute outage is reached within 30 s;
+//! after long outages the wait never exceeds the cap; `PeerIsUp` sends at
+//! once; `Retry-After` is honoured; idle tasks retire and come back. A
+//! throttled ticker keeps virtual time from leaping over real socket waits.
+
+#[path = "support/fake_remote.rs"]
+mod fake_remote;
+#[path = "support/inhibiting_store.rs"]
+mod inhibiting;
+#[path = "support/outbound_env.rs"]
+mod outbound_env;
+#[path = "support/sender_env.rs"]
+mod sender_env;
+
+use std::time::Duration;
+
+use fake_remote::Script;
+use sender_env::{Harness, delivered, ids};
+use tokio::time::Instant;
+
+/// The real default schedule on paused time: a 5-minute outage, then the
+/// peer is reached within 30 s of its return.
+#[tokio::test(start_paused = true)]
+async fn defaults_reach_a_peer_within_30s_after_a_5_minute_outage() {
+    let _ticker = outbound_env::spawn_throttled_ticker(Duration::from_millis(10));
+    let mut h = Harness::new(|c| {
+        c.retry_initial_ms = 2_000;
+        c.retry_max_ms = 600_000;
+        c.retry_multiplier = 2.0;
+        c.retry_jitter = 0.2;
+    })
+    .await;
+    let start = Instant::now();
+    let back = start + Duration::from_secs(300);
+    h.fake.script(
+        &Harness::hostname(0),
+        Script {
+            down_until: Some(back),
+            ..Script::default()
+        },
+    );
+    h.enqueue(0, 0..1, &[]).await;
+    assert!(
+        h.fake
+            .wait_for(Duration::from_secs(3600), |r| r
+                .iter()
+                .any(|x| x.status == 200))
+            .await
+    );
+    let sends = h.fake.received_for(&Harness::hostname(0));
+    let ok = sends.iter().find(|r| r.status == 200).expect("delivered");
+    let late = ok.at.saturating_duration_since(back);
+    assert!(
+        late <= Duration::from_secs(30),
+        "reached {late:?} after its return"
+    );
+    assert!(
+        sends.len() >= 10,
+        "tried throughout the outage: {}",
+        sends.len()
+    );
+    // No gap during the outage was longer than the 30 s promise either.
+    for pair in sends.windows(2) {
+        assert!(pair[1].at - pair[0].at <= Duration::from_secs(31));
+    }
+    h.stop().await;
+}
+
+/// After a long outage the wait is bounded by the cap.
+#[tokio::test(start_paused = true)]
+async fn after_a_long_outage_the_wait_never_exceeds_the_cap() {
+    let _ticker = outbound_env::spawn_throttled_ticker(Duration::from_millis(20));
+    let mut h = Harness::new(|c| {
+        c.retry_initial_ms = 2_000;
+        c.retry_max_ms = 600_000;
+        c.retry_jitter = 0.2;
+    })
+    .await;
+    let back = Instant::now() + Duration::from_secs(3600);
+    h.fake.script(
+        &Harness::hostname(0),
+        Script {
+            down_until: Some(back),
+            ..Script::default()
+        },
+    );
+    h.enqueue(0, 0..1, &[]).await;
+    assert!(
+        h.fake
+            .wait_for(Duration::from_secs(2 * 3600), |r| r
+                .iter()
+                .any(|x| x.status == 200))
+            .await
+    );
+    let sends = h.fake.received_for(&Harness::hostname(0));
+    let gaps: Vec<u64> = sends
+        .windows(2)
+        .map(|p| (p[1].at - p[0].at).as_secs())
+        .collect();
+    // An attempt's real socket waits still cost a little virtual time (in
+    // 20 ms ticker steps, more on a loaded machine), hence the margin; the
+    // exact schedule is unit-tested in federation::backoff.
+    let bound = 600 + 20;
+    assert!(
+        gaps.iter().all(|&g| g <= bound),
+        "gap over the cap: {gaps:?}"
+    );
+    assert!(
+        gaps.iter().filter(|&&g| g >= 480).count() >= 3,
+        "the schedule reaches the cap: {gaps:?}"
+    );
+    let ok = sends.iter().find(|r| r.status == 200).expect("delivered");
+    assert!(ok.at.saturating_duration_since(back) <= Duration::from_secs(bound));
+    h.stop().await;
+}
+
+/// `PeerIsUp` (an authenticated inbound request, or the wake RPC) resets the
+/// backoff and sends at once.
+#[tokio::test(start_paused = true)]
+async fn peer_is_up_resets_the_backoff_and_sends_at_once() {
+    let _ticker = outbound_env::spawn_throttled_ticker(Duration::from_millis(10));
+    let mut h = Harness::new(|c| {
+        c.retry_initial_ms = 2_000;
+        c.retry_max_ms = 600_000;
+    })
+    .await;
+    h.fake.script(
+        &Harness::hostname(0),
+        Script {
+            fail_next: u32::MAX,
+            ..Script::default()
+        },
+    );
+    h.enqueue(0, 0..2, &[]).await;
+    // Ten minutes down: the schedule has grown well past a minute.
+    tokio::time::sleep(Duration::from_secs(600)).await;
+    let retry = h.store.retry_state(&h.dest(0)).await.expect("retry state");
+    let scheduled_in = retry.retry_after_ms - courier::now_ms();
+    assert!(retry.failures > 5, "{retry:?}");
+    h.fake.script(&Harness::hostname(0), Script::default());
+    let asked = Instant::now();
+    h.handle.peer_is_up(&h.dest(0));
+    assert!(
+        h.fake
+            .wait_for(Duration::from_secs(3600), |r| r
+                .iter()
+                .any(|x| x.status == 200))
+            .await
+    );
+    let sends = h.fake.received_for(&Harness::hostname(0));
+    let ok = sends.iter().find(|r| r.status == 200).expect("delivered");
+    let took = ok.at - asked;
+    assert!(
+        took < Duration::from_secs(3),
+        "sent {took:?} after PeerIsUp; the schedule said {scheduled_in} ms (wall)"
+    );
+    h.wait_store_drained(Duration::from_secs(60)).await;
+    let retry = h.store.retry_state(&h.dest(0)).await.expect("retry state");
+    assert_eq!((retry.failures, retry.retry_after_ms), (0, 0));
+    h.stop().await;
+}
+
+/// 429 with Retry-After: the same transaction again, not before the time.
+#[tokio::test(start_paused = true)]
+async fn retry_after_is_honoured() {
+    let _ticker = outbound_env::spawn_throttled_ticker(Duration::from_millis(10));
+    let mut h = Harness::new(|c| c.retry_max_ms = 600_000).await;
+    h.fake.script(
+        &Harness::hostname(0),
+        Script {
+            rate_limit_next: Some(7),
+            ..Script::default()
+        },
+    );
+    h.enqueue(0, 0..1, &[]).await;
+    assert!(
+        h.fake
+            .wait_for(Duration::from_secs(600), |r| r
+                .iter()
+                .any(|x| x.status == 200))
+            .await
+    );
+    let sends = h.fake.received_for(&Harness::hostname(0));
+    assert_eq!(
+        sends.iter().map(|r| r.status).collect::<Vec<_>>(),
+        vec![429, 200]
+    );
+    assert_eq!(sends[0].txn_id, sends[1].txn_id);
+    let gap = sends[1].at - sends[0].at;
+    assert!(
+        gap >= Duration::from_secs(7) && gap < Duration::from_secs(15),
+        "{gap:?}"
+    );
+    h.stop().await;
+}
+
+/// Idle destination tasks end (no unbounded growth), and a destination
+/// woken after its task ended gets a new one that delivers.
+#[tokio::test(start_paused = true)]
+async fn idle_tasks_retire_and_come_back_on_the_next_wake() {
+    let _ticker = outbound_env::spawn_throttled_ticker(Duration::from_millis(10));
+    let mut h = Harness::new(|_| {}).await;
+    h.enqueue(0, 0..2, &[]).await;
+    assert!(
+        h.fake
+            .wait_for(Duration::from_secs(60), |r| delivered(r, "d0.fed.test")
+                .len()
+                == 2)
+            .await
+    );
+    // Well past the idle exit: the task has retired.
+    tokio::time::sleep(courier::federation::destination::IDLE_EXIT * 3).await;
+    h.enqueue(0, 2..4, &[]).await;
+    assert!(
+        h.fake
+            .wait_for(Duration::from_secs(60), |r| delivered(r, "d0.fed.test")
+                .len()
+                == 4)
+            .await,
+        "a new task picks the destination up"
+    );
+    assert_eq!(delivered(&h.fake.received(), "d0.fed.test"), ids(0..4));
+    assert_eq!(h.fake.overlaps(), 0);
+    h.stop().await;
+}

@@ -1,0 +1,533 @@
+//! A scriptable fake remote homeserver for outbound federation tests: axum
+//! over tokio-rustls on 127.0.0.1 with a certificate from a per-test CA
+//! (rcgen). One fake serves many server names; behaviour is scripted per
+//! hostname (the `Host` header without port): fail the next N `/send`s with
+//! 500, be down until a given (tokio) instant, hang, refuse transactions
+//! whose body contains a marker with 400, or refuse TLS altogether. It
+//! records every `/send` with its txnId, body, arrival time, `Authorization`
+//! header and whether another `/send` for the same host was in progress
+//! (the overlap counter), and serves scripted `/.well-known/matrix/server`
+//! answers.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path as UrlPath, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, put};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::service::TowerToHyperService;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+
+/// A per-test certificate authority.
+pub struct TestCa {
+    cert: rcgen::Certificate,
+    key: rcgen::KeyPair,
+    params: rcgen::CertificateParams,
+}
+
+impl TestCa {
+    pub fn new() -> TestCa {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA params");
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "Courier test CA");
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+        ];
+        let key = rcgen::KeyPair::generate().expect("CA key");
+        let cert = params.self_signed(&key).expect("CA cert");
+        TestCa { cert, key, params }
+    }
+
+    /// Writes the CA certificate as PEM into `dir`; the path for `extra_ca`.
+    pub fn write_pem(&self, dir: &Path) -> PathBuf {
+        let path = dir.join("test-ca.crt");
+        std::fs::write(&path, self.cert.pem()).expect("write CA pem");
+        path
+    }
+
+    /// A leaf certificate for `names` (DNS names, wildcards or IP strings).
+    pub fn issue(&self, names: &[&str]) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+        let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+        let mut params = rcgen::CertificateParams::new(names).expect("leaf params");
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "fake remote");
+        let key = rcgen::KeyPair::generate().expect("leaf key");
+        let issuer = rcgen::Issuer::from_params(&self.params, &self.key);
+        let cert = params.signed_by(&key, &issuer).expect("leaf cert");
+        let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+        (vec![cert.der().clone()], key_der)
+    }
+}
+
+/// How the fake treats `/send` for one hostname.
+#[derive(Debug, Clone, Default)]
+pub struct Script {
+    /// Answer 500 to this many more `/send`s.
+    pub fail_next: u32,
+    /// Answer 500 until this instant.
+    pub down_until: Option<Instant>,
+    /// Never answer.
+    pub hang: bool,
+    /// Answer 400 to a transaction whose body contains any of these.
+    pub refuse_containing: Vec<String>,
+    /// Answer 429 with this Retry-After (seconds) to the next `/send`.
+    pub rate_limit_next: Option<u64>,
+    /// Hold every answer this long (tokio time) before sending it.
+    pub respond_after: Option<Duration>,
+}
+
+/// One `/send` the fake received.
+#[derive(Debug, Clone)]
+pub struct Received {
+    /// The `Host` header as sent.
+    pub host: String,
+    pub txn_id: String,
+    pub body: String,
+    pub at: Instant,
+    pub authorization: Option<String>,
+    pub content_type: Option<String>,
+    /// The status the fake answered (0 while hanging).
+    pub status: u16,
+    /// Another `/send` for the same hostname was in progress on arrival.
+    pub overlapped: bool,
+}
+
+impl Received {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).expect("a /send body is JSON")
+    }
+    /// The `content` of every EDU, in order.
+    pub fn edu_contents(&self) -> Vec<serde_json::Value> {
+        self.json()["edus"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|edu| edu["content"].clone())
+            .collect()
+    }
+}
+
+/// A request other than `/send` or `.well-known`.
+#[derive(Debug, Clone)]
+pub struct OtherRequest {
+    pub method: String,
+    /// Path and query as received.
+    pub path: String,
+    pub host: Option<String>,
+    pub authorization: Option<String>,
+}
+
+/// A scripted `.well-known` answer.
+#[derive(Debug, Clone)]
+pub struct WellKnown {
+    pub status: u16,
+    pub body: String,
+    pub headers: Vec<(String, String)>,
+}
+
+#[derive(Default)]
+struct Inner {
+    default_script: Script,
+    scripts: HashMap<String, Script>,
+    received: Vec<Received>,
+    in_progress: HashMap<String, u32>,
+    overlaps: u32,
+    well_known: HashMap<String, WellKnown>,
+    well_known_fetches: HashMap<String, u32>,
+    other_requests: Vec<OtherRequest>,
+    refuse_tls: bool,
+}
+
+#[derive(Clone)]
+struct Shared {
+    inner: Arc<Mutex<Inner>>,
+    changed: Arc<Notify>,
+}
+
+/// A running fake remote.
+pub struct FakeRemote {
+    pub addr: SocketAddr,
+    shared: Shared,
+    stop: CancellationToken,
+}
+
+impl Drop for FakeRemote {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// The hostname part of a Host header.
+pub fn hostname_of(host: &str) -> String {
+    if host.starts_with('[') {
+        return host
+            .split(']')
+            .next()
+            .map(|h| format!("{h}]"))
+            .unwrap_or_default();
+    }
+    host.split(':').next().unwrap_or_default().to_owned()
+}
+
+impl FakeRemote {
+    /// Starts on 127.0.0.1:0 with a certificate from `ca` for `names`.
+    pub async fn start(ca: &TestCa, names: &[&str]) -> FakeRemote {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        Self::start_on(listener, ca, names).await
+    }
+
+    pub async fn start_on(listener: TcpListener, ca: &TestCa, names: &[&str]) -> FakeRemote {
+        let addr = listener.local_addr().expect("local addr");
+        let (certs, key) = ca.issue(names);
+        let mut tls = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("protocols")
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .expect("server cert");
+        tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let acceptor = TlsAcceptor::from(Arc::new(tls));
+        let shared = Shared {
+            inner: Arc::new(Mutex::new(Inner::default())),
+            changed: Arc::new(Notify::new()),
+        };
+        let app = Router::new()
+            .route("/_matrix/federation/v1/send/{txn_id}", put(send_route))
+            .route("/.well-known/matrix/server", get(well_known_route))
+            .fallback(other_route)
+            .with_state(shared.clone());
+        let stop = CancellationToken::new();
+        let token = stop.clone();
+        let accept_shared = shared.clone();
+        tokio::spawn(async move {
+            loop {
+                let (tcp, _) = tokio::select! {
+                    _ = token.cancelled() => return,
+                    accepted = listener.accept() => match accepted {
+                        Ok(pair) => pair,
+                        Err(_) => continue,
+                    },
+                };
+                if accept_shared.inner.lock().expect("lock").refuse_tls {
+                    drop(tcp);
+                    continue;
+                }
+                let acceptor = acceptor.clone();
+                let app = app.clone();
+                let token = token.clone();
+                tokio::spawn(async move {
+                    let Ok(stream) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let service = TowerToHyperService::new(app);
+                    let builder = auto::Builder::new(TokioExecutor::new());
+                    let conn = builder.serve_connection(TokioIo::new(stream), service);
+                    tokio::select! {
+                        _ = token.cancelled() => {}
+                        _ = conn => {}
+                    }
+                });
+            }
+        });
+        FakeRemote { addr, shared, stop }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    /// Scripts `/send` for `hostname` (the Host header without port).
+    pub fn script(&self, hostname: &str, script: Script) {
+        let mut inner = self.shared.inner.lock().expect("lock");
+        inner.scripts.insert(hostname.to_owned(), script);
+    }
+
+    /// Scripts `/send` for every hostname without its own script.
+    pub fn script_default(&self, script: Script) {
+        self.shared.inner.lock().expect("lock").default_script = script;
+    }
+
+    pub fn set_well_known(&self, hostname: &str, answer: WellKnown) {
+        let mut inner = self.shared.inner.lock().expect("lock");
+        inner.well_known.insert(hostname.to_owned(), answer);
+    }
+
+    pub fn well_known_fetches(&self, hostname: &str) -> u32 {
+        let inner = self.shared.inner.lock().expect("lock");
+        inner.well_known_fetches.get(hostname).copied().unwrap_or(0)
+    }
+
+    /// Drops TLS connections right after accepting them.
+    pub fn refuse_tls(&self, refuse: bool) {
+        self.shared.inner.lock().expect("lock").refuse_tls = refuse;
+    }
+
+    pub fn received(&self) -> Vec<Received> {
+        self.shared.inner.lock().expect("lock").received.clone()
+    }
+
+    /// `/send`s for one hostname, in arrival order.
+    pub fn received_for(&self, hostname: &str) -> Vec<Received> {
+        self.received()
+            .into_iter()
+            .filter(|r| hostname_of(&r.host) == hostname)
+            .collect()
+    }
+
+    /// Requests other than `/send` and `.well-known`.
+    pub fn other_requests(&self) -> Vec<OtherRequest> {
+        self.shared
+            .inner
+            .lock()
+            .expect("lock")
+            .other_requests
+            .clone()
+    }
+
+    /// How many `/send`s arrived while another for the same host was open.
+    pub fn overlaps(&self) -> u32 {
+        self.shared.inner.lock().expect("lock").overlaps
+    }
+
+    /// Waits (bounded by `limit`, in tokio time) until `done` holds over the
+    /// received `/send`s; returns whether it did.
+    pub async fn wait_for(
+        &self,
+        limit: Duration,
+        mut done: impl FnMut(&[Received]) -> bool,
+    ) -> bool {
+        let deadline = Instant::now() + limit;
+        loop {
+            let notified = self.shared.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if done(&self.shared.inner.lock().expect("lock").received) {
+                return true;
+            }
+            tokio::select! {
+                _ = notified => {}
+                _ = tokio::time::sleep_until(deadline) => {
+                    return done(&self.shared.inner.lock().expect("lock").received);
+                }
+            }
+        }
+    }
+}
+
+/// The Host header, or the authority of an HTTP/2 request.
+fn host_of(headers: &HeaderMap, uri: &axum::http::Uri) -> String {
+    header(headers, "host")
+        .or_else(|| uri.authority().map(|a| a.as_str().to_owned()))
+        .unwrap_or_default()
+}
+
+async fn send_route(
+    State(shared): State<Shared>,
+    UrlPath(txn_id): UrlPath<String>,
+    uri: axum::http::Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let host = host_of(&headers, &uri);
+    let hostname = hostname_of(&host);
+    let body = String::from_utf8_lossy(&body).into_owned();
+    let (decision, respond_after) = {
+        let mut inner = shared.inner.lock().expect("lock");
+        let open = inner.in_progress.entry(hostname.clone()).or_insert(0);
+        let overlapped = *open > 0;
+        *open += 1;
+        if overlapped {
+            inner.overlaps += 1;
+        }
+        let mut script = match inner.scripts.get(&hostname) {
+            Some(s) => s.clone(),
+            None => inner.default_script.clone(),
+        };
+        let decision = if script.hang {
+            None
+        } else if let Some(seconds) = script.rate_limit_next.take() {
+            Some((429, Some(seconds)))
+        } else if script.fail_next > 0 {
+            script.fail_next -= 1;
+            Some((500, None))
+        } else if script
+            .down_until
+            .is_some_and(|until| Instant::now() < until)
+        {
+            Some((500, None))
+        } else if script
+            .refuse_containing
+            .iter()
+            .any(|marker| body.contains(marker.as_str()))
+        {
+            Some((400, None))
+        } else {
+            Some((200, None))
+        };
+        let respond_after = script.respond_after;
+        if inner.scripts.contains_key(&hostname) {
+            inner.scripts.insert(hostname.clone(), script);
+        } else {
+            inner.default_script = script;
+        }
+        inner.received.push(Received {
+            host: host.clone(),
+            txn_id: txn_id.clone(),
+            body: body.clone(),
+            at: Instant::now(),
+            authorization: header(&headers, "authorization"),
+            content_type: header(&headers, "content-type"),
+            status: decision.map_or(0, |(s, _)| s),
+            overlapped,
+        });
+        (decision, respond_after)
+    };
+    shared.changed.notify_waiters();
+    // Until dropped, this /send counts as in progress for its hostname (also
+    // when the client gives up and the connection is dropped).
+    let guard = InProgress {
+        shared: shared.clone(),
+        hostname,
+    };
+    let Some((status, retry_after)) = decision else {
+        std::future::pending::<()>().await;
+        unreachable!("pending never resolves");
+    };
+    if let Some(delay) = respond_after {
+        tokio::time::sleep(delay).await;
+    }
+    drop(guard);
+    let status = StatusCode::from_u16(status).expect("valid status");
+    let mut response = match status.as_u16() {
+        200 => (status, r#"{"pdus":{}}"#).into_response(),
+        400 => (
+            status,
+            r#"{"errcode":"M_BAD_JSON","error":"refused by script"}"#,
+        )
+            .into_response(),
+        429 => (
+            status,
+            r#"{"errcode":"M_LIMIT_EXCEEDED","error":"slow down"}"#,
+        )
+            .into_response(),
+        _ => (
+            status,
+            r#"{"errcode":"M_UNKNOWN","error":"scripted failure"}"#,
+        )
+            .into_response(),
+    };
+    if let Some(seconds) = retry_after {
+        response.headers_mut().insert(
+            "retry-after",
+            HeaderValue::from_str(&seconds.to_string()).expect("digits"),
+        );
+    }
+    response
+}
+
+struct InProgress {
+    shared: Shared,
+    hostname: String,
+}
+
+impl Drop for InProgress {
+    fn drop(&mut self) {
+        if let Ok(mut inner) = self.shared.inner.lock()
+            && let Some(open) = inner.in_progress.get_mut(&self.hostname)
+        {
+            *open = open.saturating_sub(1);
+        }
+        self.shared.changed.notify_waiters();
+    }
+}
+
+fn header(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+}
+
+async fn well_known_route(
+    State(shared): State<Shared>,
+    uri: axum::http::Uri,
+    headers: HeaderMap,
+) -> Response {
+    let host = host_of(&headers, &uri);
+    let hostname = hostname_of(&host);
+    let answer = {
+        let mut inner = shared.inner.lock().expect("lock");
+        *inner
+            .well_known_fetches
+            .entry(hostname.clone())
+            .or_insert(0) += 1;
+        inner.well_known.get(&hostname).cloned()
+    };
+    shared.changed.notify_waiters();
+    let Some(answer) = answer else {
+        return (StatusCode::NOT_FOUND, "{}").into_response();
+    };
+    let mut response = (
+        StatusCode::from_u16(answer.status).expect("valid status"),
+        answer.body,
+    )
+        .into_response();
+    for (name, value) in answer.headers {
+        response.headers_mut().append(
+            axum::http::HeaderName::from_bytes(name.as_bytes()).expect("header name"),
+            HeaderValue::from_str(&value).expect("header value"),
+        );
+    }
+    response
+}
+
+async fn other_route(State(shared): State<Shared>, request: axum::extract::Request) -> Response {
+    let method = request.method().to_string();
+    let path = request
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_default();
+    let headers = request.headers().clone();
+    shared
+        .inner
+        .lock()
+        .expect("lock")
+        .other_requests
+        .push(OtherRequest {
+            method,
+            path: path.clone(),
+            host: Some(host_of(&headers, request.uri())),
+            authorization: header(&headers, "authorization"),
+        });
+    shared.changed.notify_waiters();
+    if path.starts_with("/_matrix/federation/v1/version") {
+        return (
+            StatusCode::OK,
+            r#"{"server":{"name":"fake","version":"0"}}"#,
+        )
+            .into_response();
+    }
+    (StatusCode::NOT_FOUND, r#"{"errcode":"M_UNRECOGNIZED"}"#).into_response()
+}
