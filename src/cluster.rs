@@ -62,7 +62,9 @@ pub async fn run_leases(
                         .increment(claimed.len() as u64);
                 }
             }
-            Err(error) => tracing::warn!(worker = %worker.name, %error, "claiming destinations failed"),
+            Err(error) => {
+                tracing::warn!(worker = %worker.name, %error, "claiming destinations failed")
+            }
         }
     }
 }

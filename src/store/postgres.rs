@@ -71,12 +71,13 @@ pub struct PostgresStore {
 struct Inner {
     pool: Pool,
     pg_config: tokio_postgres::Config,
-    options: PostgresOptions,
     /// Where the next prune pass continues its orphan-row scan (stream id).
     orphan_cursor: AtomicI64,
     /// Names this store instance in published wake-ups, so that its own
     /// subscription skips them (the local process already woke itself).
     instance: String,
+    /// Feeds the publisher task (None when publishing is off).
+    publisher: Option<tokio::sync::mpsc::UnboundedSender<Wakeup>>,
 }
 
 impl std::fmt::Debug for PostgresStore {
@@ -165,12 +166,16 @@ impl PostgresStore {
             .max_size(options.pool_size.max(1))
             .build()
             .map_err(|e| StoreError::Postgres(format!("building the pool: {e}")))?;
+        let instance = instance_id();
+        let publisher = options
+            .publish_wakeups
+            .then(|| wakeup::spawn_publisher(pool.clone(), instance.clone()));
         let inner = Arc::new(Inner {
             pool,
             pg_config,
-            options,
             orphan_cursor: AtomicI64::new(0),
-            instance: instance_id(),
+            instance,
+            publisher,
         });
         let store = PostgresStore { inner };
         let mut client = store.client().await?;
@@ -210,21 +215,15 @@ impl PostgresStore {
         }
     }
 
-    /// Publishes wake-ups for other workers after a committed write.
-    async fn publish(&self, wakeups: &[Wakeup]) {
-        if !self.inner.options.publish_wakeups || wakeups.is_empty() {
-            return;
-        }
-        let result = async {
-            let mut client = self.client().await?;
-            wakeup::publish(&mut client, &self.inner.instance, wakeups)
-                .await
-                .map_err(|e| pg_error(&e))
-        }
-        .await;
-        if let Err(error) = result {
-            // Best effort: the other workers' timers cover a lost wake-up.
-            tracing::warn!(%error, "publishing wake-ups failed");
+    /// Hands wake-ups for other workers to the publisher task, after a
+    /// committed write. Never waits: the publisher batches them into one
+    /// NOTIFY transaction, off the request path.
+    fn publish(&self, wakeups: Vec<Wakeup>) {
+        if let Some(publisher) = &self.inner.publisher {
+            for wakeup in wakeups {
+                // Fails only once the publisher is gone (shutting down).
+                let _ = publisher.send(wakeup);
+            }
         }
     }
 
@@ -297,7 +296,7 @@ impl Store for PostgresStore {
                     wakeups.push(Wakeup::Devices(woken_devices.clone()));
                 }
                 wakeups.extend(destinations.iter().cloned().map(Wakeup::Destination));
-                self.publish(&wakeups).await;
+                self.publish(wakeups);
             }
             Ok(outcome)
         })
@@ -306,15 +305,20 @@ impl Store for PostgresStore {
     fn apply_inbound_txn(&self, txn: InboundTxn) -> StoreFuture<'_, InboundOutcome> {
         Box::pin(async move {
             let txn = &txn;
-            let outcome = on_client!(self, |c| inbox::apply_inbound_txn(&mut c, txn).await).await?;
-            // Only an authenticated origin reaches the store: it is up.
-            let mut wakeups = vec![Wakeup::PeerUp(txn.origin.clone())];
+            let (outcome, origin_backing_off) =
+                on_client!(self, |c| inbox::apply_inbound_txn(&mut c, txn).await).await?;
+            let mut wakeups = Vec::new();
+            // Only an authenticated origin reaches the store: it is up. Tell
+            // the worker that owns it, if its sender is backing off.
+            if origin_backing_off {
+                wakeups.push(Wakeup::PeerUp(txn.origin.clone()));
+            }
             if let InboundOutcome::Accepted { woken_devices, .. } = &outcome
                 && !woken_devices.is_empty()
             {
                 wakeups.push(Wakeup::Devices(woken_devices.clone()));
             }
-            self.publish(&wakeups).await;
+            self.publish(wakeups);
             Ok(outcome)
         })
     }
@@ -437,8 +441,7 @@ impl Store for PostgresStore {
             .await)
             .await?;
             if released && requeue {
-                self.publish(&[Wakeup::Destination(destination.to_owned())])
-                    .await;
+                self.publish(vec![Wakeup::Destination(destination.to_owned())]);
             }
             Ok(released)
         })
@@ -570,7 +573,7 @@ impl Store for PostgresStore {
 
     fn publish_peer_up<'a>(&'a self, origin: &'a str) -> StoreFuture<'a, ()> {
         Box::pin(async move {
-            self.publish(&[Wakeup::PeerUp(origin.to_owned())]).await;
+            self.publish(vec![Wakeup::PeerUp(origin.to_owned())]);
             Ok(())
         })
     }

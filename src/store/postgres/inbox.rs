@@ -219,8 +219,20 @@ pub async fn enqueue_send(c: &mut Object, batch: &SendBatch) -> Result<SendOutco
     })
 }
 
-pub async fn apply_inbound_txn(c: &mut Object, txn: &InboundTxn) -> Result<InboundOutcome, Fail> {
+/// Applies the transaction; also says whether the origin, as a destination,
+/// is backing off (so that its owner should hear it is up).
+pub async fn apply_inbound_txn(
+    c: &mut Object,
+    txn: &InboundTxn,
+) -> Result<(InboundOutcome, bool), Fail> {
     let tx = c.transaction().await?;
+    let backoff = tx
+        .prepare_cached(
+            "SELECT 1 FROM destinations
+             WHERE destination = $1 AND (failures > 0 OR retry_after_ts > 0)",
+        )
+        .await?;
+    let backing_off = tx.query_opt(&backoff, &[&txn.origin]).await?.is_some();
     let record = tx
         .prepare_cached(
             "INSERT INTO inbound_txns (origin, txn_id, response_json, received_ts)
@@ -244,7 +256,7 @@ pub async fn apply_inbound_txn(c: &mut Object, txn: &InboundTxn) -> Result<Inbou
             .await?
             .get(0);
         tx.rollback().await?;
-        return Ok(InboundOutcome::Duplicate { response_json });
+        return Ok((InboundOutcome::Duplicate { response_json }, backing_off));
     }
     // Record every message id at once; the ids inserted are the fresh ones.
     // A message id repeated inside the transaction is fresh only the first time.
@@ -275,10 +287,11 @@ pub async fn apply_inbound_txn(c: &mut Object, txn: &InboundTxn) -> Result<Inbou
     }
     let woken_devices = write_inbox(&tx, &messages).await?;
     tx.commit().await?;
-    Ok(InboundOutcome::Accepted {
+    let outcome = InboundOutcome::Accepted {
         woken_devices,
         duplicate_message_ids,
-    })
+    };
+    Ok((outcome, backing_off))
 }
 
 pub async fn inbound_txn_response(

@@ -118,6 +118,45 @@ pub async fn publish(
     tx.commit().await
 }
 
+/// The most wake-ups one NOTIFY transaction carries.
+const MAX_BATCH: usize = 1024;
+
+/// Starts the publisher task: it takes wake-ups from the returned channel
+/// and publishes whatever has queued up in one transaction, so concurrent
+/// writes share one NOTIFY commit. It ends when the channel's senders are
+/// dropped (with the store).
+pub fn spawn_publisher(
+    pool: deadpool_postgres::Pool,
+    instance: String,
+) -> mpsc::UnboundedSender<Wakeup> {
+    let (tx, mut rx) = mpsc::unbounded_channel::<Wakeup>();
+    tokio::spawn(async move {
+        let mut batch = Vec::new();
+        while let Some(first) = rx.recv().await {
+            batch.clear();
+            batch.push(first);
+            while batch.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(w) => batch.push(w),
+                    Err(_) => break,
+                }
+            }
+            batch.dedup();
+            let result = match pool.get().await {
+                Ok(mut client) => publish(&mut client, &instance, &batch)
+                    .await
+                    .map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            if let Err(error) = result {
+                // Best effort: the other workers' timers cover a lost one.
+                tracing::warn!(%error, lost = batch.len(), "publishing wake-ups failed");
+            }
+        }
+    });
+    tx
+}
+
 /// Starts a listener task; it ends when the receiver is dropped.
 pub fn subscribe(
     config: tokio_postgres::Config,
