@@ -101,7 +101,7 @@ run_setup() {
   done
   register "${rpcs[0]}" "@sender:bench.localhost" SENDER "tok-$label-sender"
   : >"$WORK/$label.tokens"
-  for i in $(seq 0 15); do
+  for i in $(seq 0 $(( K > 16 ? K - 1 : 15 ))); do
     register "${rpcs[0]}" "@bench$i:bench.localhost" BENCH "tok-$label-$i"
     echo "tok-$label-$i" >>"$WORK/$label.tokens"
   done
