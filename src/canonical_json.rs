@@ -24,6 +24,28 @@ pub const MAX_SAFE_INTEGER: i64 = (1 << 53) - 1;
 /// The smallest integer canonical JSON allows, −(2^53 − 1).
 pub const MIN_SAFE_INTEGER: i64 = -MAX_SAFE_INTEGER;
 
+/// How numbers outside canonical JSON's integers are written.
+///
+/// The spec allows only integers in ±(2^53−1). Synapse, the reference peer,
+/// accepts floats in client content and signs federation requests over the
+/// encoding of Python's `canonicaljson`, which writes a parsed float as
+/// Python's `repr` (`2.5`, `10000000000.0`, `1e+16`, `1e-05`) and integers of
+/// any size verbatim. `Spec` is what Courier produces for everything it
+/// signs when the spec form exists; the other two exist so that requests
+/// carrying floats interoperate (see `xmatrix::RequestToSign`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NumberStyle {
+    /// SPEC §3.2: integral in-range floats as integers; anything else fails.
+    Spec,
+    /// Integral in-range floats as integers, other floats as Python's
+    /// `repr`, integers verbatim (what Python writes for `-0`, `1e2`, `2.5`
+    /// typed as `0`, `100`... only where the spec form exists).
+    SpecThenPython,
+    /// Every float as Python's `repr`, integers verbatim: Python's
+    /// `canonicaljson` over the same parsed value.
+    Python,
+}
+
 /// Why a value has no canonical encoding.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CanonicalJsonError {
@@ -47,11 +69,41 @@ pub fn to_canonical_string(value: &Value) -> Result<String, CanonicalJsonError> 
 /// Appends the canonical encoding of `value` to `out`. On error `out` holds a
 /// partial encoding; callers discard it.
 pub fn write_canonical(value: &Value, out: &mut Vec<u8>) -> Result<(), CanonicalJsonError> {
+    write_canonical_with(value, NumberStyle::Spec, out)
+}
+
+/// Encodes `value` with the given number style.
+pub fn to_canonical_bytes_with(
+    value: &Value,
+    style: NumberStyle,
+) -> Result<Vec<u8>, CanonicalJsonError> {
+    let mut out = Vec::with_capacity(256);
+    write_canonical_with(value, style, &mut out)?;
+    Ok(out)
+}
+
+/// Whether `value` holds a number that the spec form writes differently
+/// from Python's `canonicaljson` (any float, or an integer out of range).
+pub fn has_non_spec_numbers(value: &Value) -> bool {
+    match value {
+        Value::Number(number) => number.is_f64() || canonical_integer(number).is_err(),
+        Value::Array(items) => items.iter().any(has_non_spec_numbers),
+        Value::Object(map) => map.values().any(has_non_spec_numbers),
+        _ => false,
+    }
+}
+
+/// Appends the encoding of `value` with the given number style.
+pub fn write_canonical_with(
+    value: &Value,
+    style: NumberStyle,
+    out: &mut Vec<u8>,
+) -> Result<(), CanonicalJsonError> {
     match value {
         Value::Null => out.extend_from_slice(b"null"),
         Value::Bool(true) => out.extend_from_slice(b"true"),
         Value::Bool(false) => out.extend_from_slice(b"false"),
-        Value::Number(number) => write_number(number, out)?,
+        Value::Number(number) => write_number(number, style, out)?,
         Value::String(text) => write_string(text, out),
         Value::Array(items) => {
             out.push(b'[');
@@ -59,11 +111,11 @@ pub fn write_canonical(value: &Value, out: &mut Vec<u8>) -> Result<(), Canonical
                 if index > 0 {
                     out.push(b',');
                 }
-                write_canonical(item, out)?;
+                write_canonical_with(item, style, out)?;
             }
             out.push(b']');
         }
-        Value::Object(map) => write_object(map, &[], out)?,
+        Value::Object(map) => write_object(map, &[], style, out)?,
     }
     Ok(())
 }
@@ -76,7 +128,7 @@ pub fn write_canonical_excluding(
     excluded: &[&str],
     out: &mut Vec<u8>,
 ) -> Result<(), CanonicalJsonError> {
-    write_object(map, excluded, out)
+    write_object(map, excluded, NumberStyle::Spec, out)
 }
 
 /// Appends `text` as a canonical JSON string literal (quotes included).
@@ -141,8 +193,79 @@ pub fn canonical_integer(number: &Number) -> Result<i64, CanonicalJsonError> {
     }
 }
 
-fn write_number(number: &Number, out: &mut Vec<u8>) -> Result<(), CanonicalJsonError> {
-    write_integer(canonical_integer(number)?, out);
+fn write_number(
+    number: &Number,
+    style: NumberStyle,
+    out: &mut Vec<u8>,
+) -> Result<(), CanonicalJsonError> {
+    match (style, canonical_integer(number)) {
+        (NumberStyle::Spec, result) => write_integer(result?, out),
+        (NumberStyle::SpecThenPython, Ok(int)) => write_integer(int, out),
+        (NumberStyle::Python, Ok(int)) if !number.is_f64() => write_integer(int, out),
+        _ => match number.as_f64() {
+            Some(float) if number.is_f64() => write_python_float(float, number, out)?,
+            // An integer outside ±(2^53−1): Python writes it verbatim.
+            _ => out.extend_from_slice(number.to_string().as_bytes()),
+        },
+    }
+    Ok(())
+}
+
+/// Writes `float` as Python's `repr`: the shortest round-trip digits, fixed
+/// notation with at least one fractional digit for exponents −4..=15,
+/// otherwise `d.ddde±XX` with at least two exponent digits.
+fn write_python_float(
+    float: f64,
+    number: &Number,
+    out: &mut Vec<u8>,
+) -> Result<(), CanonicalJsonError> {
+    if !float.is_finite() {
+        return Err(CanonicalJsonError::BadNumber(number.to_string()));
+    }
+    // Rust's `{:e}` writes the shortest round-trip digits: `-1.5e-7`, `1e16`.
+    let scientific = format!("{float:e}");
+    let (mantissa, exponent) = scientific
+        .split_once('e')
+        .ok_or_else(|| CanonicalJsonError::BadNumber(number.to_string()))?;
+    let exponent: i32 = exponent
+        .parse()
+        .map_err(|_| CanonicalJsonError::BadNumber(number.to_string()))?;
+    let negative = mantissa.starts_with('-');
+    let digits: Vec<u8> = mantissa.bytes().filter(u8::is_ascii_digit).collect();
+    if negative {
+        out.push(b'-');
+    }
+    if (-4..16).contains(&exponent) {
+        if exponent >= 0 {
+            let int_len = exponent as usize + 1;
+            if digits.len() <= int_len {
+                out.extend_from_slice(&digits);
+                out.extend(std::iter::repeat_n(b'0', int_len - digits.len()));
+                out.extend_from_slice(b".0");
+            } else {
+                out.extend_from_slice(&digits[..int_len]);
+                out.push(b'.');
+                out.extend_from_slice(&digits[int_len..]);
+            }
+        } else {
+            out.extend_from_slice(b"0.");
+            out.extend(std::iter::repeat_n(b'0', (-exponent - 1) as usize));
+            out.extend_from_slice(&digits);
+        }
+    } else {
+        out.push(digits[0]);
+        if digits.len() > 1 {
+            out.push(b'.');
+            out.extend_from_slice(&digits[1..]);
+        }
+        out.push(b'e');
+        out.push(if exponent < 0 { b'-' } else { b'+' });
+        let magnitude = exponent.unsigned_abs();
+        if magnitude < 10 {
+            out.push(b'0');
+        }
+        out.extend_from_slice(magnitude.to_string().as_bytes());
+    }
     Ok(())
 }
 
@@ -169,6 +292,7 @@ fn write_integer(value: i64, out: &mut Vec<u8>) {
 fn write_object(
     map: &Map<String, Value>,
     excluded: &[&str],
+    style: NumberStyle,
     out: &mut Vec<u8>,
 ) -> Result<(), CanonicalJsonError> {
     let keep = |key: &str| !excluded.contains(&key);
@@ -189,7 +313,7 @@ fn write_object(
         first = false;
         write_string(key, out);
         out.push(b':');
-        write_canonical(value, out)
+        write_canonical_with(value, style, out)
     };
     if already_sorted {
         for (key, value) in map.iter().filter(|(key, _)| keep(key)) {
@@ -223,6 +347,35 @@ mod tests {
         assert!(to_canonical_bytes(&json!(MIN_SAFE_INTEGER - 1)).is_err());
         assert!(to_canonical_bytes(&json!(u64::MAX)).is_err());
         assert!(to_canonical_bytes(&json!(i64::MIN)).is_err());
+    }
+
+    /// The bytes Python's canonicaljson wrote for the same values (captured
+    /// from the interop venv: `encode_canonical_json(json.loads(...))`).
+    #[test]
+    fn python_style_matches_python_canonicaljson() {
+        let value: Value = serde_json::from_str(
+            r#"{"a":[2.5,1e16,1e-5,10.0,1e10,-0.0,1e15,0.0001,123456789.125,1.5e300,-1.5e-7,7]}"#,
+        )
+        .expect("valid JSON");
+        let python = to_canonical_bytes_with(&value, NumberStyle::Python).expect("encodable");
+        assert_eq!(
+            String::from_utf8(python).expect("utf-8"),
+            r#"{"a":[2.5,1e+16,1e-05,10.0,10000000000.0,-0.0,1000000000000000.0,0.0001,123456789.125,1.5e+300,-1.5e-07,7]}"#
+        );
+        let mixed =
+            to_canonical_bytes_with(&value, NumberStyle::SpecThenPython).expect("encodable");
+        assert_eq!(
+            String::from_utf8(mixed).expect("utf-8"),
+            r#"{"a":[2.5,1e+16,1e-05,10,10000000000,0,1000000000000000,0.0001,123456789.125,1.5e+300,-1.5e-07,7]}"#
+        );
+        assert!(has_non_spec_numbers(&value));
+        assert!(!has_non_spec_numbers(
+            &serde_json::json!({"a": [1, -2, {"b": 3}]})
+        ));
+        assert!(has_non_spec_numbers(&serde_json::json!({"a": u64::MAX})));
+        let big = to_canonical_bytes_with(&serde_json::json!([u64::MAX]), NumberStyle::Python)
+            .expect("ok");
+        assert_eq!(big, b"[18446744073709551615]");
     }
 
     #[test]

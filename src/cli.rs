@@ -95,6 +95,17 @@ pub enum Command {
     },
 }
 
+impl Cli {
+    /// The log level when none is configured: the serving commands log
+    /// their work; the interactive tools print tables and log only warnings.
+    pub fn default_log_level(&self) -> &'static str {
+        match self.command {
+            Command::Serve { .. } => "info",
+            _ => "warn",
+        }
+    }
+}
+
 /// A failed command: the error and the process exit code it maps to.
 pub struct Failure {
     pub error: anyhow::Error,
@@ -116,13 +127,14 @@ fn usage_failure(error: impl Into<anyhow::Error>) -> Failure {
 }
 
 /// Logs to stderr; `RUST_LOG` (or `COURIER_LOG`) sets the filter.
-pub fn init_tracing(json: bool) {
+/// `default_level` applies when neither variable is set.
+pub fn init_tracing(json: bool, default_level: &str) {
     use tracing_subscriber::EnvFilter;
     let filter = std::env::var("COURIER_LOG")
         .ok()
         .and_then(|f| EnvFilter::try_new(f).ok())
         .or_else(|| EnvFilter::try_from_default_env().ok())
-        .unwrap_or_else(|| EnvFilter::new("info"));
+        .unwrap_or_else(|| EnvFilter::new(default_level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

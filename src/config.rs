@@ -256,10 +256,12 @@ fn apply_env_overrides(
         let Some(path) = name.strip_prefix("COURIER_") else {
             continue;
         };
-        if path.is_empty() || path == "CONFIG" || path == "LOG" {
+        let keys: Vec<String> = path.split("__").map(|k| k.to_ascii_lowercase()).collect();
+        if !addresses_a_config_key(&keys) {
+            // Other COURIER_* variables belong to tools (COURIER_CONFIG,
+            // COURIER_LOG, COURIER_BIN, COURIER_RPC_URL, ...).
             continue;
         }
-        let keys: Vec<String> = path.split("__").map(|k| k.to_ascii_lowercase()).collect();
         let parsed = format!("v = {value}")
             .parse::<toml::Table>()
             .ok()
@@ -280,6 +282,22 @@ fn apply_env_overrides(
         cursor.insert(last.clone(), parsed);
     }
     Ok(())
+}
+
+/// Top-level keys that take a plain value.
+const TOP_LEVEL_KEYS: &[&str] = &["server_name", "signing_key_path", "key_validity_hours"];
+/// The sections of the file.
+const SECTIONS: &[&str] = &["federation", "client", "rpc", "store", "worker"];
+
+/// Whether an override path names a config key: a known top-level key, or
+/// anything inside a known section (a typo there is still reported, loudly,
+/// as an unknown key of that section).
+fn addresses_a_config_key(keys: &[String]) -> bool {
+    match keys {
+        [key] => TOP_LEVEL_KEYS.contains(&key.as_str()),
+        [section, _, ..] => SECTIONS.contains(&section.as_str()),
+        [] => false,
+    }
 }
 
 fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
@@ -536,6 +554,9 @@ sqlite = "data/courier.db"
                 ("COURIER_RPC__SECRET", "another-secret"),
                 ("COURIER_FEDERATION__RETRY_MAX_MS", "5000"),
                 ("UNRELATED", "x"),
+                ("COURIER_BIN", "/usr/bin/courier"),
+                ("COURIER_RPC_URL", "http://127.0.0.1:1"),
+                ("COURIER_CONFIG", "elsewhere.toml"),
             ],
         )
         .expect("valid config");
@@ -575,6 +596,12 @@ postgres = "b"
         ] {
             assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
         }
+    }
+
+    #[test]
+    fn a_typo_inside_a_section_is_still_reported() {
+        let r = parse(GOOD, &[("COURIER_FEDERATION__BIDN", "127.0.0.1:1")]);
+        assert!(matches!(r, Err(ConfigError::Parse { .. })), "{r:?}");
     }
 
     #[test]

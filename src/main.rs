@@ -8,7 +8,7 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let cli = courier::cli::Cli::parse();
-    courier::cli::init_tracing(cli.log_json);
+    courier::cli::init_tracing(cli.log_json, cli.default_log_level());
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -11,7 +11,9 @@
 use ed25519_dalek::VerifyingKey;
 use serde_json::Value;
 
-use crate::canonical_json::{CanonicalJsonError, write_canonical, write_string};
+use crate::canonical_json::{
+    CanonicalJsonError, NumberStyle, has_non_spec_numbers, write_canonical_with, write_string,
+};
 use crate::identifiers::ServerName;
 use crate::keys::ServerSigningKey;
 use crate::signing::verify_bytes;
@@ -300,12 +302,51 @@ impl RequestToSign<'_> {
     /// written directly (the keys are already in sorted order), so the body
     /// is never cloned.
     pub fn canonical_bytes(&self) -> Result<Vec<u8>, CanonicalJsonError> {
+        self.canonical_bytes_with(NumberStyle::Spec)
+    }
+
+    /// The bytes Courier signs: the spec form, or, when the content holds
+    /// floats or out-of-range integers (which Synapse accepts from clients),
+    /// the form Synapse's Python `canonicaljson` produces, so that Synapse
+    /// can verify it.
+    pub fn signing_bytes(&self) -> Result<Vec<u8>, CanonicalJsonError> {
+        match self.content {
+            Some(content) if has_non_spec_numbers(content) => {
+                self.canonical_bytes_with(NumberStyle::Python)
+            }
+            _ => self.canonical_bytes(),
+        }
+    }
+
+    /// Every encoding a peer may have signed, most likely first: the spec
+    /// form and, only when the content holds non-spec numbers, the two
+    /// Python-compatible forms (the lexical form of a number is lost in
+    /// parsing, so `-0` and `10.0` can only be told apart by trying).
+    pub fn verification_candidates(&self) -> Vec<Vec<u8>> {
+        let mut candidates = Vec::with_capacity(3);
+        if let Ok(bytes) = self.canonical_bytes() {
+            candidates.push(bytes);
+        }
+        if self.content.is_some_and(has_non_spec_numbers) {
+            for style in [NumberStyle::Python, NumberStyle::SpecThenPython] {
+                if let Ok(bytes) = self.canonical_bytes_with(style)
+                    && !candidates.contains(&bytes)
+                {
+                    candidates.push(bytes);
+                }
+            }
+        }
+        candidates
+    }
+
+    /// `canonical_bytes` with a given number style.
+    pub fn canonical_bytes_with(&self, style: NumberStyle) -> Result<Vec<u8>, CanonicalJsonError> {
         let mut out =
             Vec::with_capacity(128 + self.uri.len() + self.origin.len() + self.destination.len());
         out.push(b'{');
         if let Some(content) = self.content {
             out.extend_from_slice(b"\"content\":");
-            write_canonical(content, &mut out)?;
+            write_canonical_with(content, style, &mut out)?;
             out.push(b',');
         }
         out.extend_from_slice(b"\"destination\":");
@@ -327,7 +368,7 @@ pub fn sign_request(
     request: &RequestToSign<'_>,
 ) -> Result<XMatrix, XMatrixError> {
     let bytes = request
-        .canonical_bytes()
+        .signing_bytes()
         .map_err(crate::signing::SigningError::from)?;
     Ok(XMatrix {
         origin: request.origin.to_owned(),
@@ -352,9 +393,17 @@ pub fn verify_request(
             "header origin differs from the request origin".to_owned(),
         ));
     }
-    let bytes = request
-        .canonical_bytes()
-        .map_err(crate::signing::SigningError::from)?;
-    verify_bytes(&bytes, &header.sig, verify_key)?;
-    Ok(())
+    let candidates = request.verification_candidates();
+    let mut outcome: Result<(), XMatrixError> = Err(XMatrixError::Signing(
+        crate::signing::SigningError::Canonical(CanonicalJsonError::BadNumber(
+            "the request content has no canonical form".to_owned(),
+        )),
+    ));
+    for bytes in &candidates {
+        outcome = verify_bytes(bytes, &header.sig, verify_key).map_err(XMatrixError::from);
+        if outcome.is_ok() {
+            break;
+        }
+    }
+    outcome
 }

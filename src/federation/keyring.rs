@@ -1,14 +1,53 @@
 //! Remote server keys for verifying X-Matrix: a memory cache over the store's
-//! cache over fetching `GET /_matrix/key/v2/server` from the origin.
-//! (Contract only; the inbound federation work fills it in.)
+//! cache (`server_keys`) over fetching `GET /_matrix/key/v2/server` from the
+//! origin itself (SPEC §4.3 step 6, §5.2, §5.3).
+//!
+//! It owns when keys are fetched and how long they are trusted: a key is used
+//! only until its effective expiry (`min(valid_until_ts, fetched + 7 days)`,
+//! computed by `keys::validate_server_key_response`); an unknown or expired
+//! key id triggers at most one fetch per server per `REFETCH_INTERVAL`; a
+//! failed fetch is remembered for `FAILURE_TTL` so that a flood of bad
+//! requests does not become a flood of outbound fetches; concurrent lookups
+//! for the same server share one fetch (single flight, through a per-server
+//! async lock). It does not verify requests (the inbound extractor does) and
+//! does not know HTTP: fetching goes through the [`KeyFetcher`] trait, which
+//! the outbound [`FederationClient`] implements.
+//!
+//! Notaries (`federation.notary_servers`, optional): only when the origin
+//! itself cannot be reached, each notary is asked in turn
+//! (`GET /_matrix/key/v2/query/{serverName}`). Its answer is used only if the
+//! origin's self-signature verifies (as for a direct fetch) **and** the
+//! notary's own signature verifies with a notary key fetched directly from
+//! the notary (SPEC §5.4). Direct fetches are always preferred (MSC4029).
+//!
+//! Architecture Invariant: only keys from a response that names the server
+//! and is self-signed by it are ever cached; `old_verify_keys` never are.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use ed25519_dalek::VerifyingKey;
+use serde_json::Value;
+use tokio::time::Instant;
 
 use crate::config::Config;
 use crate::federation::client::FederationClient;
-use crate::store::Store;
+use crate::identifiers::ServerName;
+use crate::store::{Store, StoredServerKey};
+
+/// After a fetch, the same server is not fetched again for an unknown or
+/// expired key id before this much time has passed.
+pub const REFETCH_INTERVAL: Duration = Duration::from_secs(60);
+/// After a failed fetch, lookups for that server fail at once for this long.
+pub const FAILURE_TTL: Duration = Duration::from_secs(30);
+/// The most servers kept in memory; past it, entries without a usable key
+/// are evicted (their keys, if any, stay in the store).
+const MAX_SERVERS: usize = 10_000;
+/// The path of a server's own key document (SPEC §5.1).
+pub const SERVER_KEY_PATH: &str = "/_matrix/key/v2/server";
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeyRingError {
@@ -20,14 +59,135 @@ pub enum KeyRingError {
     },
 }
 
+/// The future a [`KeyFetcher`] returns.
+pub type FetchFuture<'a> = Pin<Box<dyn Future<Output = Result<Value, String>> + Send + 'a>>;
+
+/// Fetches a server's own key document (`GET /_matrix/key/v2/server`,
+/// unsigned). The federation client is the production implementation; tests
+/// may serve documents from memory.
+pub trait KeyFetcher: Send + Sync + 'static {
+    fn fetch_server_keys<'a>(&'a self, server_name: &'a ServerName) -> FetchFuture<'a>;
+
+    /// Asks `notary` for `server_name`'s keys
+    /// (`GET /_matrix/key/v2/query/{serverName}`, unsigned); the answer is
+    /// `{"server_keys": [...]}` (SPEC §5.4).
+    fn query_notary<'a>(
+        &'a self,
+        notary: &'a ServerName,
+        server_name: &'a ServerName,
+    ) -> FetchFuture<'a>;
+}
+
+impl KeyFetcher for FederationClient {
+    fn fetch_server_keys<'a>(&'a self, server_name: &'a ServerName) -> FetchFuture<'a> {
+        Box::pin(async move {
+            self.get_json(server_name, SERVER_KEY_PATH, false)
+                .await
+                .map_err(|error| error.to_string())
+        })
+    }
+
+    fn query_notary<'a>(
+        &'a self,
+        notary: &'a ServerName,
+        server_name: &'a ServerName,
+    ) -> FetchFuture<'a> {
+        Box::pin(async move {
+            let path = format!(
+                "{NOTARY_QUERY_PATH}/{}",
+                percent_encoding::utf8_percent_encode(server_name.as_str(), PATH_SEGMENT)
+            );
+            self.get_json(notary, &path, false)
+                .await
+                .map_err(|error| error.to_string())
+        })
+    }
+}
+
+/// The notary query path (SPEC §5.4); the server name follows as a segment.
+pub const NOTARY_QUERY_PATH: &str = "/_matrix/key/v2/query";
+
+/// Everything but RFC 3986 unreserved characters is encoded in a segment.
+const PATH_SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+/// One usable key in memory.
+#[derive(Clone)]
+struct CachedKey {
+    key: VerifyingKey,
+    valid_until_ts: i64,
+}
+
+/// What memory knows about one server.
+struct ServerEntry {
+    keys: HashMap<String, CachedKey>,
+    /// Serialises store reads and fetches for this server (single flight).
+    fetch_lock: Arc<tokio::sync::Mutex<()>>,
+    /// Before this instant, a miss neither reads the store nor fetches.
+    quiet_until: Option<Instant>,
+    /// Why the last attempt did not produce the key, for the error text.
+    last_failure: Option<String>,
+}
+
+impl ServerEntry {
+    fn new() -> Self {
+        ServerEntry {
+            keys: HashMap::new(),
+            fetch_lock: Arc::new(tokio::sync::Mutex::new(())),
+            quiet_until: None,
+            last_failure: None,
+        }
+    }
+
+    fn usable(&self, key_id: &str, now_ms: i64) -> Option<VerifyingKey> {
+        self.keys
+            .get(key_id)
+            .filter(|cached| cached.valid_until_ts > now_ms)
+            .map(|cached| cached.key)
+    }
+
+    fn has_any_usable_key(&self, now_ms: i64) -> bool {
+        self.keys.values().any(|k| k.valid_until_ts > now_ms)
+    }
+}
+
 pub struct KeyRing {
-    _private: (),
+    store: Arc<dyn Store>,
+    fetcher: Arc<dyn KeyFetcher>,
+    fetch_timeout: Duration,
+    /// Asked, in order, when a server cannot be reached for its own keys.
+    notaries: Vec<ServerName>,
+    servers: Mutex<HashMap<String, ServerEntry>>,
 }
 
 impl KeyRing {
     pub fn new(config: Arc<Config>, store: Arc<dyn Store>, client: Arc<FederationClient>) -> Self {
-        let _ = (config, store, client);
-        KeyRing { _private: () }
+        Self::with_fetcher(store, client, config.federation.key_fetch_timeout)
+            .with_notaries(config.federation.notary_servers.clone())
+    }
+
+    /// Falls back to these notary servers when a server cannot be reached.
+    pub fn with_notaries(mut self, notaries: Vec<ServerName>) -> Self {
+        self.notaries = notaries;
+        self
+    }
+
+    /// A key ring that fetches through `fetcher`.
+    pub fn with_fetcher(
+        store: Arc<dyn Store>,
+        fetcher: Arc<dyn KeyFetcher>,
+        fetch_timeout: Duration,
+    ) -> Self {
+        KeyRing {
+            store,
+            fetcher,
+            fetch_timeout,
+            notaries: Vec::new(),
+            servers: Mutex::new(HashMap::new()),
+        }
     }
 
     /// The current verify key `key_id` of `server_name`, valid now.
@@ -36,10 +196,294 @@ impl KeyRing {
         server_name: &str,
         key_id: &str,
     ) -> Result<VerifyingKey, KeyRingError> {
-        Err(KeyRingError::Unavailable {
+        let unavailable = |reason: String| KeyRingError::Unavailable {
             server_name: server_name.to_owned(),
             key_id: key_id.to_owned(),
-            reason: "remote key fetching is not built yet".to_owned(),
-        })
+            reason,
+        };
+        let server = ServerName::parse(server_name).map_err(|e| unavailable(e.to_string()))?;
+
+        // 1. Memory, without waiting for anyone.
+        let fetch_lock = {
+            let mut servers = self.lock_servers();
+            if let Some(entry) = servers.get(server_name)
+                && let Some(key) = entry.usable(key_id, crate::now_ms())
+            {
+                return Ok(key);
+            }
+            if !servers.contains_key(server_name) && servers.len() >= MAX_SERVERS {
+                evict(&mut servers, crate::now_ms());
+            }
+            servers
+                .entry(server_name.to_owned())
+                .or_insert_with(ServerEntry::new)
+                .fetch_lock
+                .clone()
+        };
+
+        // 2. One store read or fetch per server at a time; whoever waited
+        // re-checks memory first, so concurrent misses share one fetch.
+        let _flight = fetch_lock.lock().await;
+        {
+            let servers = self.lock_servers();
+            if let Some(entry) = servers.get(server_name) {
+                if let Some(key) = entry.usable(key_id, crate::now_ms()) {
+                    return Ok(key);
+                }
+                if entry
+                    .quiet_until
+                    .is_some_and(|until| Instant::now() < until)
+                {
+                    let reason = entry
+                        .last_failure
+                        .clone()
+                        .unwrap_or_else(|| "key unknown; refetch is rate-limited".to_owned());
+                    return Err(unavailable(reason));
+                }
+            }
+        }
+
+        // 3. The store (filled by an earlier fetch, by another worker, or by
+        // an operator).
+        match self.store.server_keys(server_name).await {
+            Ok(stored) => {
+                self.remember(server_name, &stored);
+                if let Some(key) = self.usable(server_name, key_id) {
+                    return Ok(key);
+                }
+            }
+            Err(error) => {
+                tracing::warn!(origin = server_name, %error, "reading cached server keys failed");
+            }
+        }
+
+        // 4. The origin itself, then the notaries (if configured).
+        let outcome = match self.fetch(&server).await {
+            Ok(keys) => Ok(keys),
+            Err(direct) if self.notaries.is_empty() => Err(direct),
+            Err(direct) => self
+                .fetch_from_notaries(&server)
+                .await
+                .map_err(|notaries| format!("{direct}; {notaries}")),
+        };
+        let now = Instant::now();
+        match outcome {
+            Ok(mut keys) => {
+                let now_ms = crate::now_ms();
+                keys.retain(|key| key.valid_until_ts > now_ms);
+                self.remember(server_name, &keys);
+                if let Err(error) = self.store.put_server_keys(keys).await {
+                    tracing::warn!(origin = server_name, %error, "storing fetched server keys failed");
+                }
+                let key = self.usable(server_name, key_id);
+                let mut servers = self.lock_servers();
+                let entry = servers
+                    .entry(server_name.to_owned())
+                    .or_insert_with(ServerEntry::new);
+                entry.quiet_until = Some(now + REFETCH_INTERVAL);
+                entry.last_failure = None;
+                match key {
+                    Some(key) => Ok(key),
+                    None => {
+                        tracing::info!(
+                            origin = server_name,
+                            key_id,
+                            "the server does not publish this key"
+                        );
+                        Err(unavailable(
+                            "the server does not publish this key".to_owned(),
+                        ))
+                    }
+                }
+            }
+            Err(reason) => {
+                tracing::info!(origin = server_name, %reason, "fetching server keys failed");
+                metrics::counter!("courier_key_fetch_failures_total").increment(1);
+                let mut servers = self.lock_servers();
+                let entry = servers
+                    .entry(server_name.to_owned())
+                    .or_insert_with(ServerEntry::new);
+                entry.quiet_until = Some(now + FAILURE_TTL);
+                entry.last_failure = Some(format!("fetching keys failed: {reason}"));
+                Err(unavailable(format!("fetching keys failed: {reason}")))
+            }
+        }
+    }
+
+    /// Fetches and validates the server's own key document.
+    async fn fetch(&self, server: &ServerName) -> Result<Vec<StoredServerKey>, String> {
+        metrics::counter!("courier_key_fetches_total").increment(1);
+        let document =
+            match tokio::time::timeout(self.fetch_timeout, self.fetcher.fetch_server_keys(server))
+                .await
+            {
+                Ok(Ok(document)) => document,
+                Ok(Err(reason)) => return Err(reason),
+                Err(_) => return Err("timed out".to_owned()),
+            };
+        crate::keys::validate_server_key_response(server.as_str(), &document, crate::now_ms())
+            .map_err(|error| error.to_string())
+    }
+
+    /// Asks each notary in turn for `server`'s keys. A notary's answer counts
+    /// only if every document in it is self-signed by `server` (checked as
+    /// for a direct fetch) and signed by the notary with a key of the notary
+    /// fetched directly from it (SPEC §5.4).
+    async fn fetch_from_notaries(
+        &self,
+        server: &ServerName,
+    ) -> Result<Vec<StoredServerKey>, String> {
+        let mut reasons = Vec::new();
+        for notary in &self.notaries {
+            if notary == server {
+                continue;
+            }
+            match self.fetch_from_notary(notary, server).await {
+                Ok(keys) => {
+                    tracing::info!(origin = %server, %notary, "got server keys from a notary");
+                    return Ok(keys);
+                }
+                Err(reason) => {
+                    tracing::info!(origin = %server, %notary, %reason, "notary key query failed");
+                    reasons.push(format!("notary {notary}: {reason}"));
+                }
+            }
+        }
+        Err(reasons.join("; "))
+    }
+
+    async fn fetch_from_notary(
+        &self,
+        notary: &ServerName,
+        server: &ServerName,
+    ) -> Result<Vec<StoredServerKey>, String> {
+        metrics::counter!("courier_key_notary_queries_total").increment(1);
+        let answer = match tokio::time::timeout(
+            self.fetch_timeout,
+            self.fetcher.query_notary(notary, server),
+        )
+        .await
+        {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(reason)) => return Err(reason),
+            Err(_) => return Err("timed out".to_owned()),
+        };
+        let documents = answer
+            .get("server_keys")
+            .and_then(Value::as_array)
+            .ok_or_else(|| "the answer has no server_keys array".to_owned())?;
+        let now_ms = crate::now_ms();
+        let mut keys = Vec::new();
+        for document in documents {
+            // The notary may return other servers' documents too.
+            if document.get("server_name").and_then(Value::as_str) != Some(server.as_str()) {
+                continue;
+            }
+            let found =
+                crate::keys::validate_server_key_response(server.as_str(), document, now_ms)
+                    .map_err(|error| error.to_string())?;
+            self.check_notary_signature(notary, document).await?;
+            keys.extend(found);
+        }
+        if keys.is_empty() {
+            return Err("the notary knows no keys for the server".to_owned());
+        }
+        Ok(keys)
+    }
+
+    /// At least one of the notary's signatures on `document` must verify
+    /// with a key of the notary's; the notary's keys come only from the
+    /// notary itself (memory, store, or a direct fetch), never from another
+    /// notary. This takes no single-flight lock, so a notary that is also an
+    /// origin being looked up cannot deadlock with it.
+    async fn check_notary_signature(
+        &self,
+        notary: &ServerName,
+        document: &Value,
+    ) -> Result<(), String> {
+        let key_ids: Vec<String> = document
+            .get("signatures")
+            .and_then(|signatures| signatures.get(notary.as_str()))
+            .and_then(Value::as_object)
+            .map(|by_key| by_key.keys().cloned().collect())
+            .unwrap_or_default();
+        if key_ids.is_empty() {
+            return Err("the document is not signed by the notary".to_owned());
+        }
+        let mut fetched = false;
+        for key_id in &key_ids {
+            let mut key = self.usable(notary.as_str(), key_id);
+            if key.is_none() && !fetched {
+                fetched = true;
+                if let Ok(stored) = self.store.server_keys(notary.as_str()).await {
+                    self.remember(notary.as_str(), &stored);
+                }
+                key = self.usable(notary.as_str(), key_id);
+                if key.is_none()
+                    && let Ok(mut notary_keys) = self.fetch(notary).await
+                {
+                    let now_ms = crate::now_ms();
+                    notary_keys.retain(|k| k.valid_until_ts > now_ms);
+                    self.remember(notary.as_str(), &notary_keys);
+                    if let Err(error) = self.store.put_server_keys(notary_keys).await {
+                        tracing::warn!(%notary, %error, "storing a notary's keys failed");
+                    }
+                    key = self.usable(notary.as_str(), key_id);
+                }
+            }
+            if let Some(key) = key {
+                return crate::signing::verify_json(document, notary.as_str(), key_id, &key)
+                    .map_err(|error| format!("the notary's signature {key_id} fails: {error}"));
+            }
+        }
+        Err("no key of the notary to check its signature".to_owned())
+    }
+
+    /// Puts the still-valid keys among `keys` into memory.
+    fn remember(&self, server_name: &str, keys: &[StoredServerKey]) {
+        let now_ms = crate::now_ms();
+        let mut servers = self.lock_servers();
+        let entry = servers
+            .entry(server_name.to_owned())
+            .or_insert_with(ServerEntry::new);
+        for stored in keys {
+            if stored.server_name != server_name || stored.valid_until_ts <= now_ms {
+                continue;
+            }
+            match crate::signing::decode_verify_key(&stored.public_key) {
+                Ok(key) => {
+                    entry.keys.insert(
+                        stored.key_id.clone(),
+                        CachedKey {
+                            key,
+                            valid_until_ts: stored.valid_until_ts,
+                        },
+                    );
+                }
+                Err(error) => {
+                    tracing::warn!(origin = server_name, key_id = %stored.key_id, %error, "ignoring an undecodable cached key");
+                }
+            }
+        }
+    }
+
+    fn usable(&self, server_name: &str, key_id: &str) -> Option<VerifyingKey> {
+        self.lock_servers()
+            .get(server_name)
+            .and_then(|entry| entry.usable(key_id, crate::now_ms()))
+    }
+
+    fn lock_servers(&self) -> std::sync::MutexGuard<'_, HashMap<String, ServerEntry>> {
+        self.servers.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Makes room in a full server map: drops entries without a usable key that
+/// nobody is fetching for; if that frees nothing, drops every idle entry.
+fn evict(servers: &mut HashMap<String, ServerEntry>, now_ms: i64) {
+    let idle = |entry: &ServerEntry| Arc::strong_count(&entry.fetch_lock) == 1;
+    servers.retain(|_, entry| !idle(entry) || entry.has_any_usable_key(now_ms));
+    if servers.len() >= MAX_SERVERS {
+        servers.retain(|_, entry| !idle(entry));
     }
 }

@@ -22,7 +22,7 @@ use rand::distr::Alphabetic;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
-use crate::canonical_json::{CanonicalJsonError, to_canonical_bytes};
+use crate::canonical_json::{CanonicalJsonError, NumberStyle, to_canonical_bytes_with};
 use crate::error::MatrixError;
 use crate::federation::sender::SenderHandle;
 use crate::identifiers::{ServerName, UserId};
@@ -348,11 +348,16 @@ fn split_recipients(
             if device_id.is_empty() {
                 continue;
             }
+            // Python style: floats, which Synapse accepts from clients, keep
+            // the form Synapse's canonical JSON gives them; without floats
+            // this is exactly the spec form.
             let encoded =
-                to_canonical_bytes(&content).map_err(|source| SendError::NotCanonical {
-                    user_id: user_id.clone(),
-                    device_id: device_id.clone(),
-                    source,
+                to_canonical_bytes_with(&content, NumberStyle::Python).map_err(|source| {
+                    SendError::NotCanonical {
+                        user_id: user_id.clone(),
+                        device_id: device_id.clone(),
+                        source,
+                    }
                 })?;
             if encoded.len() > MAX_CONTENT_BYTES {
                 return Err(SendError::TooLarge {

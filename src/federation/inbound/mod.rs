@@ -1,0 +1,141 @@
+//! Inbound federation: the X-Matrix auth extractor ([`auth`]), the `/send`
+//! body parser ([`transaction`]), the per-origin rate limit ([`rate_limit`])
+//! and `PUT /_matrix/federation/v1/send/{txnId}` ([`send`]).
+//!
+//! It owns what a remote server may make us store: nothing reaches the store
+//! from here unless the request's X-Matrix signature verified, the body
+//! passed the transaction limits, and the EDU's sender belongs to the
+//! authenticated origin. It does not fetch keys itself (the key ring does)
+//! and does not process room events.
+//!
+//! The in-memory state of this module (rate-limit buckets, in-progress
+//! transaction locks) lives in an [`InboundState`] created by [`routes`] and
+//! attached to its routes as an extension, so two relays in one process never
+//! share it.
+
+pub mod auth;
+pub mod rate_limit;
+pub mod send;
+pub mod transaction;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use axum::routing::put;
+use axum::{Extension, Router};
+use tokio::sync::OwnedMutexGuard;
+
+use crate::state::AppState;
+
+pub use auth::{Origin, SignedRequest};
+pub use transaction::{ParsedTxn, parse_transaction, parse_transaction_value};
+
+/// In-memory state of the inbound federation routes.
+#[derive(Default)]
+pub struct InboundState {
+    pub rate_limiter: rate_limit::OriginRateLimiter,
+    pub txn_locks: TxnLocks,
+}
+
+/// The inbound federation routes.
+pub fn routes() -> Router<AppState> {
+    let inbound = Arc::new(InboundState::default());
+    Router::new()
+        .route(
+            "/_matrix/federation/v1/send/{txn_id}",
+            put(send::put_transaction_route).fallback(crate::error::method_not_allowed_route),
+        )
+        .route(
+            "/_matrix/federation/v1/send/{txn_id}/",
+            put(send::put_transaction_route).fallback(crate::error::method_not_allowed_route),
+        )
+        .layer(Extension(inbound))
+}
+
+type TxnKey = (String, String);
+
+/// One async lock per (origin, txnId) being processed, so that a concurrent
+/// duplicate waits for the first copy and then sees its stored response.
+/// Entries exist only while someone holds or waits for them.
+#[derive(Default)]
+pub struct TxnLocks {
+    locks: Arc<Mutex<HashMap<TxnKey, Arc<tokio::sync::Mutex<()>>>>>,
+}
+
+/// Held while one copy of a transaction is processed.
+pub struct TxnGuard {
+    key: TxnKey,
+    locks: Arc<Mutex<HashMap<TxnKey, Arc<tokio::sync::Mutex<()>>>>>,
+    guard: Option<OwnedMutexGuard<()>>,
+}
+
+impl TxnLocks {
+    pub async fn lock(&self, origin: &str, txn_id: &str) -> TxnGuard {
+        let key = (origin.to_owned(), txn_id.to_owned());
+        let mutex = {
+            let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+            locks.entry(key.clone()).or_default().clone()
+        };
+        let guard = mutex.lock_owned().await;
+        TxnGuard {
+            key,
+            locks: self.locks.clone(),
+            guard: Some(guard),
+        }
+    }
+
+    /// How many (origin, txnId) pairs are in progress.
+    pub fn in_progress(&self) -> usize {
+        self.locks.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+}
+
+impl Drop for TxnGuard {
+    fn drop(&mut self) {
+        let Some(guard) = self.guard.take() else {
+            return;
+        };
+        let mutex = OwnedMutexGuard::mutex(&guard).clone();
+        drop(guard);
+        let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+        // The map and `mutex` hold one reference each; more means a waiter
+        // that will take the lock next and remove the entry after itself.
+        if Arc::strong_count(&mutex) <= 2
+            && locks
+                .get(&self.key)
+                .is_some_and(|entry| Arc::ptr_eq(entry, &mutex))
+        {
+            locks.remove(&self.key);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_duplicate_waits_and_entries_are_removed() {
+        let locks = Arc::new(TxnLocks::default());
+        let first = locks.lock("o", "t1").await;
+        assert_eq!(locks.in_progress(), 1);
+        // Another transaction id is independent.
+        let other = locks.lock("o", "t2").await;
+        drop(other);
+        let waiter = {
+            let locks = locks.clone();
+            tokio::spawn(async move {
+                let _second = locks.lock("o", "t1").await;
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert!(!waiter.is_finished(), "the duplicate must wait");
+        drop(first);
+        tokio::time::timeout(Duration::from_secs(1), waiter)
+            .await
+            .expect("the duplicate proceeds")
+            .expect("no panic");
+        assert_eq!(locks.in_progress(), 0);
+    }
+}

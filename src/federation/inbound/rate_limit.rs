@@ -1,0 +1,150 @@
+//! Per-origin rate limiting of authenticated inbound federation requests: a
+//! token bucket per origin server holding up to 2 × rate tokens, refilled at
+//! `rate` tokens per second. It is keyed by the *authenticated* origin only,
+//! so nobody can spend another server's budget by forging its name.
+//!
+//! The map is bounded: when it is full, buckets that have refilled completely
+//! (indistinguishable from a fresh bucket) are dropped, and if that is not
+//! enough the least recently used half goes. It does not decide what a
+//! refusal looks like on the wire (the extractor returns 429).
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+/// Most origins tracked at once.
+const MAX_ORIGINS: usize = 10_000;
+
+struct Bucket {
+    tokens: f64,
+    last: Instant,
+}
+
+/// Token buckets keyed by origin.
+pub struct OriginRateLimiter {
+    buckets: Mutex<HashMap<String, Bucket>>,
+    max_origins: usize,
+}
+
+impl Default for OriginRateLimiter {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl OriginRateLimiter {
+    pub fn new() -> Self {
+        Self::with_capacity(MAX_ORIGINS)
+    }
+
+    /// A limiter tracking at most `max_origins` origins.
+    pub fn with_capacity(max_origins: usize) -> Self {
+        OriginRateLimiter {
+            buckets: Mutex::new(HashMap::new()),
+            max_origins: max_origins.max(1),
+        }
+    }
+
+    /// Takes one token for `origin` at `rate_per_sec` (burst 2 × rate).
+    /// `Err(wait)` says how long until a token is available. A rate of 0
+    /// disables limiting.
+    pub fn check(&self, origin: &str, rate_per_sec: u32) -> Result<(), Duration> {
+        if rate_per_sec == 0 {
+            return Ok(());
+        }
+        let rate = f64::from(rate_per_sec);
+        let capacity = 2.0 * rate;
+        let now = Instant::now();
+        let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        if !buckets.contains_key(origin) && buckets.len() >= self.max_origins {
+            evict(&mut buckets, now, rate, capacity, self.max_origins);
+        }
+        let bucket = buckets.entry(origin.to_owned()).or_insert(Bucket {
+            tokens: capacity,
+            last: now,
+        });
+        let elapsed = now.saturating_duration_since(bucket.last).as_secs_f64();
+        bucket.tokens = (bucket.tokens + elapsed * rate).min(capacity);
+        bucket.last = now;
+        if bucket.tokens >= 1.0 {
+            bucket.tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64((1.0 - bucket.tokens) / rate))
+        }
+    }
+
+    /// How many origins are tracked (for tests and metrics).
+    pub fn tracked(&self) -> usize {
+        self.buckets.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+}
+
+fn evict(
+    buckets: &mut HashMap<String, Bucket>,
+    now: Instant,
+    rate: f64,
+    capacity: f64,
+    max_origins: usize,
+) {
+    buckets.retain(|_, bucket| {
+        let elapsed = now.saturating_duration_since(bucket.last).as_secs_f64();
+        bucket.tokens + elapsed * rate < capacity
+    });
+    if buckets.len() >= max_origins {
+        let mut by_age: Vec<(Instant, String)> = buckets
+            .iter()
+            .map(|(origin, bucket)| (bucket.last, origin.clone()))
+            .collect();
+        by_age.sort();
+        for (_, origin) in by_age.into_iter().take(max_origins.div_ceil(2)) {
+            buckets.remove(&origin);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn burst_of_twice_the_rate_then_refill() {
+        let limiter = OriginRateLimiter::new();
+        for _ in 0..10 {
+            assert!(limiter.check("a.example", 5).is_ok());
+        }
+        let wait = limiter.check("a.example", 5).expect_err("bucket is empty");
+        assert!(wait > Duration::ZERO && wait <= Duration::from_millis(200));
+        // Another origin has its own bucket.
+        assert!(limiter.check("b.example", 5).is_ok());
+        tokio::time::advance(Duration::from_millis(200)).await;
+        assert!(limiter.check("a.example", 5).is_ok());
+        assert!(limiter.check("a.example", 5).is_err());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn rate_zero_disables_limiting() {
+        let limiter = OriginRateLimiter::new();
+        for _ in 0..1000 {
+            assert!(limiter.check("a.example", 0).is_ok());
+        }
+        assert_eq!(limiter.tracked(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_map_stays_bounded() {
+        let limiter = OriginRateLimiter::with_capacity(100);
+        for i in 0..1000 {
+            // Every origin spends a token, so no bucket is "full" and the
+            // least recently used half is evicted when the map fills.
+            let _ = limiter.check(&format!("s{i}.example"), 1);
+            tokio::time::advance(Duration::from_millis(1)).await;
+        }
+        assert!(limiter.tracked() <= 100);
+        // A recently limited origin is still remembered.
+        assert!(limiter.check("s999.example", 1).is_ok());
+        assert!(limiter.check("s999.example", 1).is_err());
+    }
+}
