@@ -480,3 +480,69 @@ async fn wakeups_cross_store_instances() {
         .expect("listener alive");
     assert_eq!(first, Wakeup::PeerUp("from-listener.test".to_owned()));
 }
+
+/// Waits for the next wake-up other than the liveness probes.
+async fn next_wakeup(rx: &mut tokio::sync::mpsc::UnboundedReceiver<Wakeup>) -> Wakeup {
+    tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .expect("wake-up in time")
+        .expect("listener alive")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inbound_txn_from_a_backing_off_origin_publishes_peer_up() {
+    let Some(conninfo) = database().await else {
+        return;
+    };
+    let writer = PostgresStore::open(&conninfo).await.expect("open writer");
+    let listener = PostgresStore::open(&conninfo).await.expect("open listener");
+    let mut rx = listener.subscribe_wakeups().expect("postgres has wake-ups");
+    // Wait until the subscription is live (a probe published after it arrives).
+    'ready: for n in 0..100 {
+        writer
+            .publish_peer_up(&format!("probe{n}.test"))
+            .await
+            .expect("probe");
+        let deadline = tokio::time::sleep(Duration::from_millis(200));
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                w = rx.recv() => if matches!(w, Some(Wakeup::PeerUp(_))) { break 'ready },
+                _ = &mut deadline => break,
+            }
+        }
+    }
+    while rx.try_recv().is_ok() {}
+    let inbound = |origin: &str, txn: &str| courier::store::InboundTxn {
+        origin: origin.to_owned(),
+        txn_id: txn.to_owned(),
+        response_json: "{}".to_owned(),
+        edus: vec![],
+        now_ms: 0,
+    };
+    writer
+        .set_retry_state(
+            "failing.test",
+            &courier::store::RetryState {
+                failures: 3,
+                retry_after_ms: 1_000,
+                last_success_ms: None,
+                last_error: Some("down".to_owned()),
+            },
+        )
+        .await
+        .expect("retry state");
+    // A healthy origin first, then the failing one: only the latter is news.
+    writer
+        .apply_inbound_txn(inbound("healthy.test", "t1"))
+        .await
+        .expect("apply");
+    writer
+        .apply_inbound_txn(inbound("failing.test", "t2"))
+        .await
+        .expect("apply");
+    assert_eq!(
+        next_wakeup(&mut rx).await,
+        Wakeup::PeerUp("failing.test".to_owned())
+    );
+}
