@@ -48,9 +48,17 @@ pub fn shared() -> Option<&'static PgCluster> {
         .as_ref()
 }
 
+/// Set to a directory to use only the PostgreSQL binaries there (and to
+/// check the skip path: point it at an empty directory).
+pub const BINDIR_ENV: &str = "PG_TEST_BINDIR";
+
 /// The directory holding `initdb` and `pg_ctl`, if PostgreSQL is installed.
 pub fn find_bindir() -> Option<PathBuf> {
     let has_tools = |dir: &Path| dir.join("initdb").is_file() && dir.join("pg_ctl").is_file();
+    if let Some(dir) = std::env::var_os(BINDIR_ENV) {
+        let dir = PathBuf::from(dir);
+        return has_tools(&dir).then_some(dir);
+    }
     if let Some(path) = std::env::var_os("PATH") {
         for dir in std::env::split_paths(&path) {
             if has_tools(&dir) {
@@ -81,7 +89,16 @@ fn missing(what: &str) {
     if std::env::var(REQUIRE_ENV).is_ok_and(|v| v == "1") {
         panic!("{REQUIRE_ENV}=1 but {what}");
     }
-    eprintln!("SKIPPED: PostgreSQL tests ({what}; set {REQUIRE_ENV}=1 to make this an error)");
+    // Straight to the process's stderr (the test harness captures
+    // `eprintln!`), once per test binary.
+    static SAID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if !SAID.swap(true, Ordering::Relaxed) {
+        use std::io::Write;
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED: PostgreSQL tests ({what}; set {REQUIRE_ENV}=1 to make this an error)"
+        );
+    }
 }
 
 fn running_as_root() -> bool {
