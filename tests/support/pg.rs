@@ -127,9 +127,12 @@ impl PgCluster {
 
     fn start_with(label: &str, stop_on_drop: bool) -> Option<PgCluster> {
         let Some(bindir) = find_bindir() else {
-            missing(
-                "initdb/pg_ctl were not found on PATH, in pg_config --bindir or /usr/lib/postgresql",
-            );
+            match std::env::var(BINDIR_ENV) {
+                Ok(dir) => missing(&format!("{BINDIR_ENV}={dir} holds no initdb/pg_ctl")),
+                Err(_) => missing(
+                    "initdb/pg_ctl were not found on PATH, in pg_config --bindir or /usr/lib/postgresql",
+                ),
+            }
             return None;
         };
         let as_root = running_as_root();
