@@ -7,6 +7,7 @@ pub mod bench;
 pub mod canonical_json;
 pub mod cli;
 pub mod client_api;
+pub mod cluster;
 pub mod config;
 pub mod demo;
 pub mod dev_pair;

@@ -123,6 +123,19 @@ pub async fn run(
     );
     tasks.spawn(sender.run(shutdown.child_token()));
     tasks.spawn(prune_periodically(store.clone(), shutdown.child_token()));
+    // Several workers on one database: leases and cross-worker wake-ups.
+    tasks.spawn(crate::cluster::run_leases(
+        store.clone(),
+        config.worker.clone(),
+        state.sender.clone(),
+        shutdown.child_token(),
+    ));
+    tasks.spawn(crate::cluster::forward_wakeups(
+        store.clone(),
+        state.notifier.clone(),
+        state.sender.clone(),
+        shutdown.child_token(),
+    ));
 
     let federation_app = crate::federation::router(state.clone())
         .layer(DefaultBodyLimit::max(config.federation.max_request_bytes));
@@ -157,6 +170,7 @@ pub async fn run(
     {
         tracing::warn!("some tasks did not stop in time");
     }
+    crate::cluster::release(&*store, &config.worker).await;
     Ok(())
 }
 

@@ -245,6 +245,17 @@ impl DestinationTask {
             .acquire()
             .await
             .expect("the semaphore is never closed");
+        // Several workers on one database: send only under this worker's
+        // lease on the destination (always held with a single-process store).
+        let worker = &shared.config.worker;
+        let lease_ms = i64::try_from(worker.lease_duration.as_millis()).unwrap_or(i64::MAX);
+        if !store
+            .acquire_lease(&worker.name, &self.destination, crate::now_ms(), lease_ms)
+            .await?
+        {
+            tracing::debug!(worker = %worker.name, "destination leased by another worker");
+            return Ok(Step::Drained);
+        }
         let txn = match store.in_flight(&self.destination).await? {
             Some(txn) => txn,
             None => {

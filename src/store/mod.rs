@@ -10,6 +10,7 @@
 use std::future::Future;
 use std::pin::Pin;
 
+pub mod postgres;
 pub mod sqlite;
 
 /// The future every store operation returns: boxed so that `Store` is usable
@@ -264,6 +265,19 @@ pub fn hash_token(access_token: &str) -> String {
     hex
 }
 
+/// A wake-up published by another worker sharing the database (DESIGN §4),
+/// delivered by `Store::subscribe_wakeups`. Like local wake-ups it carries no
+/// data: the receiver re-reads the store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Wakeup {
+    /// New inbox rows for these devices.
+    Devices(Vec<DeviceKey>),
+    /// New outbox rows for this destination.
+    Destination(String),
+    /// An authenticated request arrived from this server: reset its backoff.
+    PeerUp(String),
+}
+
 /// The durable store. Each method is one atomic transaction.
 pub trait Store: Send + Sync + 'static {
     // --- devices and tokens ---------------------------------------------
@@ -411,6 +425,84 @@ pub trait Store: Send + Sync + 'static {
     fn close(&self) -> StoreFuture<'_, ()> {
         Box::pin(async { Ok(()) })
     }
+
+    // --- several workers on one database (DESIGN §4) ------------------------
+    //
+    // The defaults describe a store that only one process uses (SQLite): that
+    // process owns every destination, and there is nobody to wake.
+
+    /// Claims up to `limit` destinations with pending work whose lease is
+    /// free or expired, for `lease_ms` from `now_ms`. Returns only the
+    /// destinations newly claimed by this call (leases the worker already
+    /// held are not listed; `renew_leases` extends those).
+    fn claim_destinations<'a>(
+        &'a self,
+        worker: &'a str,
+        now_ms: TimestampMs,
+        lease_ms: i64,
+        limit: u32,
+    ) -> StoreFuture<'a, Vec<String>> {
+        let _ = (worker, now_ms, lease_ms, limit);
+        Box::pin(async { Ok(Vec::new()) })
+    }
+
+    /// Claims (or extends) the lease of one destination if it is free,
+    /// expired or already held by `worker`. Returns whether `worker` holds it
+    /// now, until `now_ms + lease_ms`. Senders call this before every send.
+    fn acquire_lease<'a>(
+        &'a self,
+        worker: &'a str,
+        destination: &'a str,
+        now_ms: TimestampMs,
+        lease_ms: i64,
+    ) -> StoreFuture<'a, bool> {
+        let _ = (worker, destination, now_ms, lease_ms);
+        Box::pin(async { Ok(true) })
+    }
+
+    /// Extends every unexpired lease `worker` holds to `now_ms + lease_ms`.
+    /// Returns how many it still holds.
+    fn renew_leases<'a>(
+        &'a self,
+        worker: &'a str,
+        now_ms: TimestampMs,
+        lease_ms: i64,
+    ) -> StoreFuture<'a, u64> {
+        let _ = (worker, now_ms, lease_ms);
+        Box::pin(async { Ok(0) })
+    }
+
+    /// Gives up every lease `worker` holds (on shutdown), so that another
+    /// worker can take its destinations at once.
+    fn release_leases<'a>(&'a self, worker: &'a str) -> StoreFuture<'a, ()> {
+        let _ = worker;
+        Box::pin(async { Ok(()) })
+    }
+
+    /// Whether `worker` holds an unexpired lease on `destination`.
+    fn holds_lease<'a>(
+        &'a self,
+        worker: &'a str,
+        destination: &'a str,
+        now_ms: TimestampMs,
+    ) -> StoreFuture<'a, bool> {
+        let _ = (worker, destination, now_ms);
+        Box::pin(async { Ok(true) })
+    }
+
+    /// Wake-ups published by other processes sharing this store, or `None`
+    /// when no other process can share it. Each call starts a new
+    /// subscription.
+    fn subscribe_wakeups(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<Wakeup>> {
+        None
+    }
+
+    /// Tells the other workers that `origin` made an authenticated request.
+    /// Best effort: a lost wake-up only delays a retry until its backoff ends.
+    fn publish_peer_up<'a>(&'a self, origin: &'a str) -> StoreFuture<'a, ()> {
+        let _ = origin;
+        Box::pin(async { Ok(()) })
+    }
 }
 
 /// Opens the backend named in the configuration.
@@ -421,8 +513,8 @@ pub async fn open(
         crate::config::StoreConfig::Sqlite(path) => {
             Ok(std::sync::Arc::new(sqlite::SqliteStore::open(path).await?))
         }
-        crate::config::StoreConfig::Postgres(_) => Err(StoreError::Postgres(
-            "the PostgreSQL backend is not available in this build yet".to_owned(),
+        crate::config::StoreConfig::Postgres(conninfo) => Ok(std::sync::Arc::new(
+            postgres::PostgresStore::open(conninfo).await?,
         )),
     }
 }

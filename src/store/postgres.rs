@@ -1,0 +1,580 @@
+//! PostgreSQL backend of `Store`, for several Courier workers sharing one
+//! database (DESIGN §3, §4).
+//!
+//! Shape: a deadpool pool of tokio-postgres connections; every trait method
+//! is one database transaction (READ COMMITTED with explicit row locks; a
+//! deadlock or serialization failure is retried a few times). PostgreSQL
+//! commits with fsync and groups concurrent commits itself, so a write future
+//! resolves only after its commit is durable. Inbox writers lock the target
+//! device rows before taking stream ids, so one device's rows become visible
+//! in stream id order and a `since` can never skip a row committed late. The
+//! SQL is in `postgres/inbox.rs` (devices, sends, inbound transactions, inbox
+//! reads), `postgres/outbox.rs` (outbox, retry state, keys, pruning) and
+//! `postgres/lease.rs` (destination leases); cross-worker wake-ups over
+//! LISTEN/NOTIFY are in `postgres/wakeup.rs`; the schema is in
+//! `migrations/postgres/*.sql`, applied by `postgres/schema.rs`.
+//!
+//! Not here: deciding what to write (`todevice`), waking local long-polls or
+//! destination tasks (callers do that with the returned outcomes; the wake-up
+//! subscription only carries other workers' wake-ups), TLS to the database
+//! (connect over a unix socket or loopback), and any periodic schedule (the
+//! caller runs `prune`, and `cluster` renews leases).
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::AtomicI64;
+
+use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod};
+use tokio_postgres::NoTls;
+use tokio_postgres::error::SqlState;
+
+use crate::store::{
+    DestinationStatus, DeviceKey, InFlightTxn, InboundOutcome, InboundTxn, InboxPage, OutboxEdu,
+    PruneReport, QuarantinedEdu, Retention, RetryState, SendBatch, SendOutcome, Store, StoreError,
+    StoreFuture, StoredServerKey, TimestampMs, Wakeup,
+};
+
+mod inbox;
+mod lease;
+mod outbox;
+mod schema;
+mod wakeup;
+
+/// How often an operation is retried after a deadlock or serialization
+/// failure before the error is returned.
+const MAX_ATTEMPTS: u32 = 5;
+
+/// Tuning of a `PostgresStore`. `PostgresOptions::default()` suits production.
+#[derive(Debug, Clone)]
+pub struct PostgresOptions {
+    /// The most connections the pool opens.
+    pub pool_size: usize,
+    /// Publish wake-ups for other workers after writes (LISTEN/NOTIFY).
+    pub publish_wakeups: bool,
+}
+
+impl Default for PostgresOptions {
+    fn default() -> Self {
+        PostgresOptions {
+            pool_size: 16,
+            publish_wakeups: true,
+        }
+    }
+}
+
+/// The PostgreSQL store. Cheap to clone: clones share the pool.
+#[derive(Clone)]
+pub struct PostgresStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pool: Pool,
+    pg_config: tokio_postgres::Config,
+    /// Where the next prune pass continues its orphan-row scan (stream id).
+    orphan_cursor: AtomicI64,
+    /// Names this store instance in published wake-ups, so that its own
+    /// subscription skips them (the local process already woke itself).
+    instance: String,
+    /// Feeds the publisher task (None when publishing is off).
+    publisher: Option<tokio::sync::mpsc::UnboundedSender<Wakeup>>,
+}
+
+impl std::fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresStore")
+            .field("instance", &self.inner.instance)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why one attempt of an operation failed: a database error (maybe worth a
+/// retry) or a store-level one.
+#[derive(Debug)]
+enum Fail {
+    Db(tokio_postgres::Error),
+    Store(StoreError),
+}
+
+impl From<tokio_postgres::Error> for Fail {
+    fn from(e: tokio_postgres::Error) -> Self {
+        Fail::Db(e)
+    }
+}
+
+impl From<StoreError> for Fail {
+    fn from(e: StoreError) -> Self {
+        Fail::Store(e)
+    }
+}
+
+impl Fail {
+    fn retryable(&self) -> bool {
+        matches!(self, Fail::Db(e) if e.code() == Some(&SqlState::T_R_DEADLOCK_DETECTED)
+            || e.code() == Some(&SqlState::T_R_SERIALIZATION_FAILURE))
+    }
+
+    fn into_store(self) -> StoreError {
+        match self {
+            Fail::Db(e) => pg_error(&e),
+            Fail::Store(e) => e,
+        }
+    }
+}
+
+/// A `StoreError` with the server's message (tokio-postgres' own Display
+/// says only "db error").
+fn pg_error(e: &tokio_postgres::Error) -> StoreError {
+    match e.as_db_error() {
+        Some(db) => StoreError::Postgres(format!(
+            "{} ({}){}",
+            db.message(),
+            db.code().code(),
+            db.detail().map(|d| format!(": {d}")).unwrap_or_default()
+        )),
+        None => StoreError::Postgres(e.to_string()),
+    }
+}
+
+impl PostgresStore {
+    /// Connects with a libpq-style connection string (`host=/run/pg
+    /// user=courier dbname=courier`, or a `postgresql://` URL) and applies
+    /// pending migrations, with default options.
+    pub async fn open(conninfo: &str) -> Result<PostgresStore, StoreError> {
+        Self::open_with(conninfo, PostgresOptions::default()).await
+    }
+
+    /// Connects and migrates with explicit options.
+    pub async fn open_with(
+        conninfo: &str,
+        options: PostgresOptions,
+    ) -> Result<PostgresStore, StoreError> {
+        let mut pg_config: tokio_postgres::Config = conninfo
+            .parse()
+            .map_err(|e: tokio_postgres::Error| pg_error(&e))?;
+        if pg_config.get_application_name().is_none() {
+            pg_config.application_name("courier");
+        }
+        let manager = Manager::from_config(
+            pg_config.clone(),
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(options.pool_size.max(1))
+            .build()
+            .map_err(|e| StoreError::Postgres(format!("building the pool: {e}")))?;
+        let instance = instance_id();
+        let publisher = options
+            .publish_wakeups
+            .then(|| wakeup::spawn_publisher(pool.clone(), instance.clone()));
+        let inner = Arc::new(Inner {
+            pool,
+            pg_config,
+            orphan_cursor: AtomicI64::new(0),
+            instance,
+            publisher,
+        });
+        let store = PostgresStore { inner };
+        let mut client = store.client().await?;
+        schema::migrate(&mut client, crate::now_ms()).await?;
+        tracing::info!(instance = %store.inner.instance, "postgres store open");
+        Ok(store)
+    }
+
+    async fn client(&self) -> Result<Object, StoreError> {
+        self.inner
+            .pool
+            .get()
+            .await
+            .map_err(|e| StoreError::Postgres(format!("no database connection: {e}")))
+    }
+
+    /// Runs one operation on a pooled connection, retrying it from the
+    /// start after a deadlock or serialization failure.
+    async fn run<T, F, Fut>(&self, mut op: F) -> Result<T, StoreError>
+    where
+        F: FnMut(Object) -> Fut,
+        Fut: Future<Output = (Object, Result<T, Fail>)>,
+    {
+        let mut client = self.client().await?;
+        let mut attempt = 1;
+        loop {
+            let (back, result) = op(client).await;
+            client = back;
+            match result {
+                Ok(value) => return Ok(value),
+                Err(fail) if fail.retryable() && attempt < MAX_ATTEMPTS => {
+                    tracing::debug!(attempt, error = ?fail, "postgres transaction retried");
+                    attempt += 1;
+                }
+                Err(fail) => return Err(fail.into_store()),
+            }
+        }
+    }
+
+    /// Hands wake-ups for other workers to the publisher task, after a
+    /// committed write. Never waits: the publisher batches them into one
+    /// NOTIFY transaction, off the request path.
+    fn publish(&self, wakeups: Vec<Wakeup>) {
+        if let Some(publisher) = &self.inner.publisher {
+            for wakeup in wakeups {
+                // Fails only once the publisher is gone (shutting down).
+                let _ = publisher.send(wakeup);
+            }
+        }
+    }
+
+    /// The pool's connection settings (for a dedicated LISTEN connection).
+    pub fn pg_config(&self) -> &tokio_postgres::Config {
+        &self.inner.pg_config
+    }
+}
+
+/// A random name for this store instance (hex of 8 random bytes).
+fn instance_id() -> String {
+    let bytes: [u8; 8] = rand::random();
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Unwraps a `run` closure's result pair.
+macro_rules! on_client {
+    ($self:expr, |$c:ident| $body:expr) => {
+        $self.run(move |$c: Object| async move {
+            #[allow(unused_mut)]
+            let mut $c = $c;
+            let result = $body;
+            ($c, result)
+        })
+    };
+}
+
+impl Store for PostgresStore {
+    fn upsert_device<'a>(
+        &'a self,
+        user_id: &'a str,
+        device_id: &'a str,
+        access_token: Option<&'a str>,
+    ) -> StoreFuture<'a, ()> {
+        Box::pin(on_client!(self, |c| inbox::upsert_device(
+            &mut c,
+            user_id,
+            device_id,
+            access_token
+        )
+        .await))
+    }
+
+    fn delete_device<'a>(&'a self, user_id: &'a str, device_id: &'a str) -> StoreFuture<'a, bool> {
+        Box::pin(on_client!(self, |c| inbox::delete_device(
+            &mut c, user_id, device_id
+        )
+        .await))
+    }
+
+    fn list_devices<'a>(&'a self, user_id: &'a str) -> StoreFuture<'a, Vec<String>> {
+        Box::pin(on_client!(self, |c| inbox::list_devices(&c, user_id).await))
+    }
+
+    fn lookup_token<'a>(&'a self, access_token: &'a str) -> StoreFuture<'a, Option<DeviceKey>> {
+        Box::pin(on_client!(self, |c| inbox::lookup_token(&c, access_token).await))
+    }
+
+    fn enqueue_send(&self, batch: SendBatch) -> StoreFuture<'_, SendOutcome> {
+        Box::pin(async move {
+            let batch = &batch;
+            let outcome = on_client!(self, |c| inbox::enqueue_send(&mut c, batch).await).await?;
+            if let SendOutcome::Accepted {
+                woken_devices,
+                destinations,
+            } = &outcome
+            {
+                let mut wakeups = Vec::new();
+                if !woken_devices.is_empty() {
+                    wakeups.push(Wakeup::Devices(woken_devices.clone()));
+                }
+                wakeups.extend(destinations.iter().cloned().map(Wakeup::Destination));
+                self.publish(wakeups);
+            }
+            Ok(outcome)
+        })
+    }
+
+    fn apply_inbound_txn(&self, txn: InboundTxn) -> StoreFuture<'_, InboundOutcome> {
+        Box::pin(async move {
+            let txn = &txn;
+            let (outcome, origin_backing_off) =
+                on_client!(self, |c| inbox::apply_inbound_txn(&mut c, txn).await).await?;
+            let mut wakeups = Vec::new();
+            // Only an authenticated origin reaches the store: it is up. Tell
+            // the worker that owns it, if its sender is backing off.
+            if origin_backing_off {
+                wakeups.push(Wakeup::PeerUp(txn.origin.clone()));
+            }
+            if let InboundOutcome::Accepted { woken_devices, .. } = &outcome
+                && !woken_devices.is_empty()
+            {
+                wakeups.push(Wakeup::Devices(woken_devices.clone()));
+            }
+            self.publish(wakeups);
+            Ok(outcome)
+        })
+    }
+
+    fn inbound_txn_response<'a>(
+        &'a self,
+        origin: &'a str,
+        txn_id: &'a str,
+    ) -> StoreFuture<'a, Option<String>> {
+        Box::pin(on_client!(self, |c| inbox::inbound_txn_response(
+            &c, origin, txn_id
+        )
+        .await))
+    }
+
+    fn fetch_inbox<'a>(
+        &'a self,
+        user_id: &'a str,
+        device_id: &'a str,
+        since: i64,
+        limit: u32,
+    ) -> StoreFuture<'a, InboxPage> {
+        Box::pin(on_client!(self, |c| inbox::fetch_inbox(
+            &c, user_id, device_id, since, limit
+        )
+        .await))
+    }
+
+    fn in_flight<'a>(&'a self, destination: &'a str) -> StoreFuture<'a, Option<InFlightTxn>> {
+        Box::pin(on_client!(self, |c| outbox::in_flight(&c, destination).await))
+    }
+
+    fn peek_outbox<'a>(
+        &'a self,
+        destination: &'a str,
+        max_edus: u32,
+        max_bytes: u64,
+    ) -> StoreFuture<'a, Vec<OutboxEdu>> {
+        Box::pin(on_client!(self, |c| outbox::peek_outbox(
+            &c,
+            destination,
+            max_edus,
+            max_bytes
+        )
+        .await))
+    }
+
+    fn begin_txn(&self, txn: InFlightTxn) -> StoreFuture<'_, ()> {
+        Box::pin(async move {
+            let txn = &txn;
+            on_client!(self, |c| outbox::begin_txn(&c, txn).await).await
+        })
+    }
+
+    fn ack_txn<'a>(
+        &'a self,
+        destination: &'a str,
+        txn_id: &'a str,
+        now_ms: TimestampMs,
+    ) -> StoreFuture<'a, ()> {
+        Box::pin(on_client!(self, |c| outbox::ack_txn(
+            &mut c,
+            destination,
+            txn_id,
+            now_ms
+        )
+        .await))
+    }
+
+    fn refuse_txn<'a>(&'a self, destination: &'a str, txn_id: &'a str) -> StoreFuture<'a, ()> {
+        Box::pin(on_client!(self, |c| outbox::refuse_txn(
+            &mut c,
+            destination,
+            txn_id
+        )
+        .await))
+    }
+
+    fn quarantine_edu<'a>(
+        &'a self,
+        destination: &'a str,
+        seq: i64,
+        reason: &'a str,
+        now_ms: TimestampMs,
+    ) -> StoreFuture<'a, ()> {
+        Box::pin(on_client!(self, |c| outbox::quarantine_edu(
+            &c,
+            destination,
+            seq,
+            reason,
+            now_ms
+        )
+        .await))
+    }
+
+    fn list_quarantined<'a>(
+        &'a self,
+        destination: Option<&'a str>,
+    ) -> StoreFuture<'a, Vec<QuarantinedEdu>> {
+        Box::pin(on_client!(self, |c| outbox::list_quarantined(
+            &c,
+            destination
+        )
+        .await))
+    }
+
+    fn release_quarantined<'a>(
+        &'a self,
+        destination: &'a str,
+        seq: i64,
+        requeue: bool,
+    ) -> StoreFuture<'a, bool> {
+        Box::pin(async move {
+            let released = on_client!(self, |c| outbox::release_quarantined(
+                &mut c,
+                destination,
+                seq,
+                requeue
+            )
+            .await)
+            .await?;
+            if released && requeue {
+                self.publish(vec![Wakeup::Destination(destination.to_owned())]);
+            }
+            Ok(released)
+        })
+    }
+
+    fn retry_state<'a>(&'a self, destination: &'a str) -> StoreFuture<'a, RetryState> {
+        Box::pin(on_client!(self, |c| outbox::retry_state(&c, destination).await))
+    }
+
+    fn set_retry_state<'a>(
+        &'a self,
+        destination: &'a str,
+        state: &'a RetryState,
+    ) -> StoreFuture<'a, ()> {
+        Box::pin(on_client!(self, |c| outbox::set_retry_state(
+            &c,
+            destination,
+            state
+        )
+        .await))
+    }
+
+    fn destinations_with_pending(&self) -> StoreFuture<'_, Vec<String>> {
+        Box::pin(on_client!(self, |c| outbox::destinations_with_pending(&c).await))
+    }
+
+    fn destination_statuses(&self) -> StoreFuture<'_, Vec<DestinationStatus>> {
+        Box::pin(on_client!(self, |c| outbox::destination_statuses(&c).await))
+    }
+
+    fn server_keys<'a>(&'a self, server_name: &'a str) -> StoreFuture<'a, Vec<StoredServerKey>> {
+        Box::pin(on_client!(self, |c| outbox::server_keys(&c, server_name).await))
+    }
+
+    fn put_server_keys(&self, keys: Vec<StoredServerKey>) -> StoreFuture<'_, ()> {
+        Box::pin(async move {
+            let keys = &keys;
+            on_client!(self, |c| outbox::put_server_keys(&mut c, keys).await).await
+        })
+    }
+
+    fn prune(
+        &self,
+        now_ms: TimestampMs,
+        retention: Retention,
+        batch: u32,
+    ) -> StoreFuture<'_, PruneReport> {
+        let cursor = &self.inner.orphan_cursor;
+        Box::pin(on_client!(self, |c| outbox::prune(
+            &c, now_ms, retention, batch, cursor
+        )
+        .await))
+    }
+
+    fn close(&self) -> StoreFuture<'_, ()> {
+        Box::pin(async move {
+            self.inner.pool.close();
+            Ok(())
+        })
+    }
+
+    fn claim_destinations<'a>(
+        &'a self,
+        worker: &'a str,
+        now_ms: TimestampMs,
+        lease_ms: i64,
+        limit: u32,
+    ) -> StoreFuture<'a, Vec<String>> {
+        Box::pin(on_client!(self, |c| lease::claim_destinations(
+            &mut c, worker, now_ms, lease_ms, limit
+        )
+        .await))
+    }
+
+    fn acquire_lease<'a>(
+        &'a self,
+        worker: &'a str,
+        destination: &'a str,
+        now_ms: TimestampMs,
+        lease_ms: i64,
+    ) -> StoreFuture<'a, bool> {
+        Box::pin(on_client!(self, |c| lease::acquire_lease(
+            &c,
+            worker,
+            destination,
+            now_ms,
+            lease_ms
+        )
+        .await))
+    }
+
+    fn renew_leases<'a>(
+        &'a self,
+        worker: &'a str,
+        now_ms: TimestampMs,
+        lease_ms: i64,
+    ) -> StoreFuture<'a, u64> {
+        Box::pin(on_client!(self, |c| lease::renew_leases(
+            &mut c, worker, now_ms, lease_ms
+        )
+        .await))
+    }
+
+    fn release_leases<'a>(&'a self, worker: &'a str) -> StoreFuture<'a, ()> {
+        Box::pin(on_client!(self, |c| lease::release_leases(&c, worker).await))
+    }
+
+    fn holds_lease<'a>(
+        &'a self,
+        worker: &'a str,
+        destination: &'a str,
+        now_ms: TimestampMs,
+    ) -> StoreFuture<'a, bool> {
+        Box::pin(on_client!(self, |c| lease::holds_lease(
+            &c,
+            worker,
+            destination,
+            now_ms
+        )
+        .await))
+    }
+
+    fn subscribe_wakeups(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<Wakeup>> {
+        Some(wakeup::subscribe(
+            self.inner.pg_config.clone(),
+            self.inner.instance.clone(),
+        ))
+    }
+
+    fn publish_peer_up<'a>(&'a self, origin: &'a str) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            self.publish(vec![Wakeup::PeerUp(origin.to_owned())]);
+            Ok(())
+        })
+    }
+}

@@ -1,0 +1,353 @@
+//! SQL of the device and inbox side of the PostgreSQL backend: devices and
+//! tokens, client sends and inbound federation transactions (with their
+//! dedupe records), `*` expansion, and reading and acknowledging a device
+//! inbox. Each write function runs one transaction on the connection given.
+//!
+//! Ordering: a writer locks every device row of the users it writes to
+//! (`FOR NO KEY UPDATE`, in key order, so writers never deadlock on each
+//! other) before it takes stream ids, and holds the locks until commit. Two
+//! writers to one device therefore take ids and commit in the same order,
+//! so a reader that saw stream id N will never later find a row below N.
+
+use std::collections::{HashMap, HashSet};
+
+use deadpool_postgres::{Object, Transaction};
+
+use super::Fail;
+use crate::store::{
+    DeviceKey, DeviceTarget, InboundOutcome, InboundTxn, InboxMessage, InboxPage, NewInboxMessage,
+    SendBatch, SendOutcome, hash_token,
+};
+
+pub async fn upsert_device(
+    c: &mut Object,
+    user_id: &str,
+    device_id: &str,
+    token: Option<&str>,
+) -> Result<(), Fail> {
+    let tx = c.transaction().await?;
+    let insert = tx
+        .prepare_cached(
+            "INSERT INTO devices (user_id, device_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+        )
+        .await?;
+    tx.execute(&insert, &[&user_id, &device_id]).await?;
+    if let Some(token) = token {
+        let upsert = tx
+            .prepare_cached(
+                "INSERT INTO access_tokens (token_hash, user_id, device_id) VALUES ($1, $2, $3)
+                 ON CONFLICT (token_hash) DO UPDATE SET user_id = excluded.user_id,
+                                                        device_id = excluded.device_id",
+            )
+            .await?;
+        tx.execute(&upsert, &[&hash_token(token), &user_id, &device_id])
+            .await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+pub async fn delete_device(c: &mut Object, user_id: &str, device_id: &str) -> Result<bool, Fail> {
+    let tx = c.transaction().await?;
+    // The device row first: this waits for writers holding its lock, so the
+    // inbox delete below (a new snapshot) sees their rows, and writers that
+    // come later no longer find the device.
+    let delete = tx
+        .prepare_cached("DELETE FROM devices WHERE user_id = $1 AND device_id = $2")
+        .await?;
+    let n = tx.execute(&delete, &[&user_id, &device_id]).await?;
+    let tokens = tx
+        .prepare_cached("DELETE FROM access_tokens WHERE user_id = $1 AND device_id = $2")
+        .await?;
+    tx.execute(&tokens, &[&user_id, &device_id]).await?;
+    let inbox = tx
+        .prepare_cached("DELETE FROM device_inbox WHERE user_id = $1 AND device_id = $2")
+        .await?;
+    tx.execute(&inbox, &[&user_id, &device_id]).await?;
+    tx.commit().await?;
+    Ok(n > 0)
+}
+
+pub async fn list_devices(c: &Object, user_id: &str) -> Result<Vec<String>, Fail> {
+    let stmt = c
+        .prepare_cached("SELECT device_id FROM devices WHERE user_id = $1 ORDER BY device_id")
+        .await?;
+    Ok(c.query(&stmt, &[&user_id])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
+}
+
+pub async fn lookup_token(c: &Object, token: &str) -> Result<Option<DeviceKey>, Fail> {
+    let stmt = c
+        .prepare_cached("SELECT user_id, device_id FROM access_tokens WHERE token_hash = $1")
+        .await?;
+    Ok(c.query_opt(&stmt, &[&hash_token(token)])
+        .await?
+        .map(|r| DeviceKey {
+            user_id: r.get(0),
+            device_id: r.get(1),
+        }))
+}
+
+/// Locks the device rows of every user named in `messages`, expands the
+/// targets (dropping unknown devices) and inserts the rows in the order
+/// given with one multi-row INSERT. Returns the devices that got a row, in
+/// first-seen order.
+async fn write_inbox(
+    tx: &Transaction<'_>,
+    messages: &[&NewInboxMessage],
+) -> Result<Vec<DeviceKey>, Fail> {
+    if messages.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut users: Vec<&str> = messages.iter().map(|m| m.user_id.as_str()).collect();
+    users.sort_unstable();
+    users.dedup();
+    let lock = tx
+        .prepare_cached(
+            "SELECT user_id, device_id FROM devices WHERE user_id = ANY($1)
+             ORDER BY user_id, device_id FOR NO KEY UPDATE",
+        )
+        .await?;
+    let mut registered: HashMap<String, Vec<String>> = HashMap::new();
+    for row in tx.query(&lock, &[&users]).await? {
+        registered.entry(row.get(0)).or_default().push(row.get(1));
+    }
+    let mut cols: [Vec<&str>; 5] = Default::default();
+    let mut woken: Vec<DeviceKey> = Vec::new();
+    let mut seen: HashSet<(&str, &str)> = HashSet::new();
+    for msg in messages {
+        let devices = registered
+            .get(msg.user_id.as_str())
+            .map_or(&[][..], Vec::as_slice);
+        let targets: &[String] = match &msg.device {
+            DeviceTarget::One(device_id) => {
+                match devices.binary_search_by(|d| d.as_str().cmp(device_id.as_str())) {
+                    Ok(i) => std::slice::from_ref(&devices[i]),
+                    Err(_) => &[],
+                }
+            }
+            DeviceTarget::All => devices,
+        };
+        for device_id in targets {
+            if seen.insert((msg.user_id.as_str(), device_id.as_str())) {
+                woken.push(DeviceKey {
+                    user_id: msg.user_id.clone(),
+                    device_id: device_id.clone(),
+                });
+            }
+            cols[0].push(&msg.user_id);
+            cols[1].push(device_id);
+            cols[2].push(&msg.sender);
+            cols[3].push(&msg.event_type);
+            cols[4].push(&msg.content_json);
+        }
+    }
+    if !cols[0].is_empty() {
+        let insert = tx
+            .prepare_cached(
+                "INSERT INTO device_inbox (user_id, device_id, sender, event_type, content_json)
+                 SELECT u, d, s, t, c
+                 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[])
+                      WITH ORDINALITY AS r (u, d, s, t, c, o)
+                 ORDER BY o",
+            )
+            .await?;
+        tx.execute(&insert, &[&cols[0], &cols[1], &cols[2], &cols[3], &cols[4]])
+            .await?;
+    }
+    Ok(woken)
+}
+
+pub async fn enqueue_send(c: &mut Object, batch: &SendBatch) -> Result<SendOutcome, Fail> {
+    let tx = c.transaction().await?;
+    let t = &batch.txn;
+    let record = tx
+        .prepare_cached(
+            "INSERT INTO client_txns (user_id, device_id, event_type, txn_id, received_ts)
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+        )
+        .await?;
+    let recorded = tx
+        .execute(
+            &record,
+            &[
+                &t.user_id,
+                &t.device_id,
+                &t.event_type,
+                &t.txn_id,
+                &batch.now_ms,
+            ],
+        )
+        .await?;
+    if recorded == 0 {
+        tx.rollback().await?;
+        return Ok(SendOutcome::Duplicate);
+    }
+    let local: Vec<&NewInboxMessage> = batch.local.iter().collect();
+    let woken_devices = write_inbox(&tx, &local).await?;
+    let mut destinations: Vec<String> = Vec::new();
+    if !batch.remote.is_empty() {
+        let mut dests: Vec<&str> = Vec::with_capacity(batch.remote.len());
+        let mut edus: Vec<&str> = Vec::with_capacity(batch.remote.len());
+        let mut counts: Vec<i32> = Vec::with_capacity(batch.remote.len());
+        for edu in &batch.remote {
+            dests.push(&edu.destination);
+            edus.push(&edu.edu_json);
+            counts.push(i32::try_from(edu.message_count).unwrap_or(i32::MAX));
+            if !destinations.contains(&edu.destination) {
+                destinations.push(edu.destination.clone());
+            }
+        }
+        let insert = tx
+            .prepare_cached(
+                "INSERT INTO outbox (destination, edu_json, message_count, queued_ts)
+                 SELECT d, e, n, $4
+                 FROM unnest($1::text[], $2::text[], $3::int4[]) WITH ORDINALITY AS r (d, e, n, o)
+                 ORDER BY o",
+            )
+            .await?;
+        tx.execute(&insert, &[&dests, &edus, &counts, &batch.now_ms])
+            .await?;
+    }
+    tx.commit().await?;
+    Ok(SendOutcome::Accepted {
+        woken_devices,
+        destinations,
+    })
+}
+
+/// Applies the transaction; also says whether the origin, as a destination,
+/// is backing off (so that its owner should hear it is up).
+pub async fn apply_inbound_txn(
+    c: &mut Object,
+    txn: &InboundTxn,
+) -> Result<(InboundOutcome, bool), Fail> {
+    let tx = c.transaction().await?;
+    let backoff = tx
+        .prepare_cached(
+            "SELECT 1 FROM destinations
+             WHERE destination = $1 AND (failures > 0 OR retry_after_ts > 0)",
+        )
+        .await?;
+    let backing_off = tx.query_opt(&backoff, &[&txn.origin]).await?.is_some();
+    let record = tx
+        .prepare_cached(
+            "INSERT INTO inbound_txns (origin, txn_id, response_json, received_ts)
+             VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+        )
+        .await?;
+    let recorded = tx
+        .execute(
+            &record,
+            &[&txn.origin, &txn.txn_id, &txn.response_json, &txn.now_ms],
+        )
+        .await?;
+    if recorded == 0 {
+        let stmt = tx
+            .prepare_cached(
+                "SELECT response_json FROM inbound_txns WHERE origin = $1 AND txn_id = $2",
+            )
+            .await?;
+        let response_json: String = tx
+            .query_one(&stmt, &[&txn.origin, &txn.txn_id])
+            .await?
+            .get(0);
+        tx.rollback().await?;
+        return Ok((InboundOutcome::Duplicate { response_json }, backing_off));
+    }
+    // Record every message id at once; the ids inserted are the fresh ones.
+    // A message id repeated inside the transaction is fresh only the first time.
+    let ids: Vec<&str> = txn.edus.iter().map(|e| e.message_id.as_str()).collect();
+    let mut fresh: HashSet<String> = HashSet::new();
+    if !ids.is_empty() {
+        let stmt = tx
+            .prepare_cached(
+                "INSERT INTO inbound_message_ids (origin, message_id, received_ts)
+                 SELECT $1, m, $3 FROM unnest($2::text[]) WITH ORDINALITY AS r (m, o)
+                 ORDER BY o
+                 ON CONFLICT DO NOTHING
+                 RETURNING message_id",
+            )
+            .await?;
+        for row in tx.query(&stmt, &[&txn.origin, &ids, &txn.now_ms]).await? {
+            fresh.insert(row.get(0));
+        }
+    }
+    let mut duplicate_message_ids = 0u32;
+    let mut messages: Vec<&NewInboxMessage> = Vec::new();
+    for edu in &txn.edus {
+        if fresh.remove(&edu.message_id) {
+            messages.extend(edu.messages.iter());
+        } else {
+            duplicate_message_ids += 1;
+        }
+    }
+    let woken_devices = write_inbox(&tx, &messages).await?;
+    tx.commit().await?;
+    let outcome = InboundOutcome::Accepted {
+        woken_devices,
+        duplicate_message_ids,
+    };
+    Ok((outcome, backing_off))
+}
+
+pub async fn inbound_txn_response(
+    c: &Object,
+    origin: &str,
+    txn_id: &str,
+) -> Result<Option<String>, Fail> {
+    let stmt = c
+        .prepare_cached("SELECT response_json FROM inbound_txns WHERE origin = $1 AND txn_id = $2")
+        .await?;
+    Ok(c.query_opt(&stmt, &[&origin, &txn_id])
+        .await?
+        .map(|r| r.get(0)))
+}
+
+/// Deletes the rows at or below `since` and reads the next page, in one
+/// statement (so one snapshot and one round trip).
+pub async fn fetch_inbox(
+    c: &Object,
+    user_id: &str,
+    device_id: &str,
+    since: i64,
+    limit: u32,
+) -> Result<InboxPage, Fail> {
+    let stmt = c
+        .prepare_cached(
+            "WITH acked AS (
+                 DELETE FROM device_inbox
+                 WHERE user_id = $1 AND device_id = $2 AND stream_id <= $3
+             )
+             SELECT stream_id, sender, event_type, content_json FROM device_inbox
+             WHERE user_id = $1 AND device_id = $2 AND stream_id > $3
+             ORDER BY stream_id LIMIT $4",
+        )
+        .await?;
+    let rows = c
+        .query(
+            &stmt,
+            &[&user_id, &device_id, &since, &(i64::from(limit) + 1)],
+        )
+        .await?;
+    let more = rows.len() > limit as usize;
+    let messages: Vec<InboxMessage> = rows
+        .iter()
+        .take(limit as usize)
+        .map(|r| InboxMessage {
+            stream_id: r.get(0),
+            sender: r.get(1),
+            event_type: r.get(2),
+            content_json: r.get(3),
+        })
+        .collect();
+    let next_batch = messages.last().map_or(since, |m| m.stream_id);
+    Ok(InboxPage {
+        messages,
+        next_batch,
+        more,
+    })
+}

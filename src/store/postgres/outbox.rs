@@ -1,0 +1,490 @@
+//! SQL of the outbox side of the PostgreSQL backend: queued EDUs per
+//! destination, the one in-flight transaction record, quarantine, the
+//! persisted retry state and status of destinations, the remote server key
+//! cache, and pruning in bounded batches. Each write function is one
+//! transaction (or one statement) on the connection given.
+
+use std::sync::atomic::{AtomicI64, Ordering};
+
+use deadpool_postgres::Object;
+
+use super::Fail;
+use crate::store::{
+    DestinationStatus, InFlightTxn, OutboxEdu, PruneReport, QuarantinedEdu, Retention, RetryState,
+    StoredServerKey, TimestampMs,
+};
+
+/// Destinations with queued EDUs, found by skipping through the
+/// `(destination, seq)` index one destination at a time (a loose index
+/// scan), plus destinations with an in-flight record.
+pub const PENDING_DESTINATIONS: &str = "
+    WITH RECURSIVE queued (destination) AS (
+        (SELECT destination FROM outbox ORDER BY destination LIMIT 1)
+        UNION ALL
+        SELECT (SELECT o.destination FROM outbox o WHERE o.destination > q.destination
+                ORDER BY o.destination LIMIT 1)
+        FROM queued q WHERE q.destination IS NOT NULL
+    )
+    SELECT destination FROM queued WHERE destination IS NOT NULL
+    UNION SELECT destination FROM outbox_txn";
+
+fn to_u32(n: i32) -> u32 {
+    u32::try_from(n).unwrap_or(0)
+}
+
+fn to_i32(n: u32) -> i32 {
+    i32::try_from(n).unwrap_or(i32::MAX)
+}
+
+pub async fn in_flight(c: &Object, destination: &str) -> Result<Option<InFlightTxn>, Fail> {
+    let stmt = c
+        .prepare_cached("SELECT txn_id, seqs, body FROM outbox_txn WHERE destination = $1")
+        .await?;
+    Ok(c.query_opt(&stmt, &[&destination])
+        .await?
+        .map(|r| InFlightTxn {
+            destination: destination.to_owned(),
+            txn_id: r.get(0),
+            seqs: r.get(1),
+            body: r.get(2),
+        }))
+}
+
+pub async fn peek_outbox(
+    c: &Object,
+    destination: &str,
+    max_edus: u32,
+    max_bytes: u64,
+) -> Result<Vec<OutboxEdu>, Fail> {
+    let stmt = c
+        .prepare_cached(
+            "SELECT seq, edu_json, message_count, queued_ts, refusals FROM outbox
+             WHERE destination = $1 ORDER BY seq LIMIT $2",
+        )
+        .await?;
+    let rows = c
+        .query(&stmt, &[&destination, &i64::from(max_edus)])
+        .await?;
+    let mut out = Vec::new();
+    let mut bytes = 0u64;
+    for row in rows {
+        let edu_json: String = row.get(1);
+        let len = edu_json.len() as u64;
+        if !out.is_empty() && bytes.saturating_add(len) > max_bytes {
+            break;
+        }
+        bytes = bytes.saturating_add(len);
+        out.push(OutboxEdu {
+            seq: row.get(0),
+            edu_json,
+            message_count: to_u32(row.get(2)),
+            queued_ts: row.get(3),
+            refusals: to_u32(row.get(4)),
+        });
+    }
+    Ok(out)
+}
+
+pub async fn begin_txn(c: &Object, txn: &InFlightTxn) -> Result<(), Fail> {
+    // The primary key on destination makes a second in-flight txn fail.
+    let stmt = c
+        .prepare_cached(
+            "INSERT INTO outbox_txn (destination, txn_id, seqs, body) VALUES ($1, $2, $3, $4)",
+        )
+        .await?;
+    c.execute(
+        &stmt,
+        &[&txn.destination, &txn.txn_id, &txn.seqs, &txn.body],
+    )
+    .await?;
+    Ok(())
+}
+
+pub async fn ack_txn(
+    c: &mut Object,
+    destination: &str,
+    txn_id: &str,
+    now_ms: TimestampMs,
+) -> Result<(), Fail> {
+    let tx = c.transaction().await?;
+    let take = tx
+        .prepare_cached(
+            "DELETE FROM outbox_txn WHERE destination = $1 AND txn_id = $2 RETURNING seqs",
+        )
+        .await?;
+    // A second ack of the same txn finds no record and changes nothing.
+    let Some(row) = tx.query_opt(&take, &[&destination, &txn_id]).await? else {
+        tx.rollback().await?;
+        return Ok(());
+    };
+    let seqs: Vec<i64> = row.get(0);
+    let delete = tx
+        .prepare_cached("DELETE FROM outbox WHERE destination = $1 AND seq = ANY($2)")
+        .await?;
+    tx.execute(&delete, &[&destination, &seqs]).await?;
+    // Success resets the retry state.
+    let upsert = tx.prepare_cached(UPSERT_RETRY_STATE).await?;
+    let (failures, retry_after, error) = (0i32, 0i64, None::<String>);
+    tx.execute(
+        &upsert,
+        &[&destination, &failures, &retry_after, &Some(now_ms), &error],
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+pub async fn refuse_txn(c: &mut Object, destination: &str, txn_id: &str) -> Result<(), Fail> {
+    let tx = c.transaction().await?;
+    let take = tx
+        .prepare_cached(
+            "DELETE FROM outbox_txn WHERE destination = $1 AND txn_id = $2 RETURNING seqs",
+        )
+        .await?;
+    let Some(row) = tx.query_opt(&take, &[&destination, &txn_id]).await? else {
+        tx.rollback().await?;
+        return Ok(());
+    };
+    let seqs: Vec<i64> = row.get(0);
+    let bump = tx
+        .prepare_cached(
+            "UPDATE outbox SET refusals = refusals + 1 WHERE destination = $1 AND seq = ANY($2)",
+        )
+        .await?;
+    tx.execute(&bump, &[&destination, &seqs]).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+pub async fn quarantine_edu(
+    c: &Object,
+    destination: &str,
+    seq: i64,
+    reason: &str,
+    now_ms: TimestampMs,
+) -> Result<(), Fail> {
+    // One statement: the move is atomic without an explicit transaction.
+    let stmt = c
+        .prepare_cached(
+            "WITH moved AS (
+                 DELETE FROM outbox WHERE destination = $1 AND seq = $2
+                 RETURNING destination, seq, edu_json, message_count, queued_ts
+             )
+             INSERT INTO quarantine
+                 (destination, seq, edu_json, message_count, queued_ts, reason, quarantined_ts)
+             SELECT destination, seq, edu_json, message_count, queued_ts, $3, $4 FROM moved
+             ON CONFLICT (destination, seq) DO UPDATE SET
+                 edu_json = excluded.edu_json, message_count = excluded.message_count,
+                 queued_ts = excluded.queued_ts, reason = excluded.reason,
+                 quarantined_ts = excluded.quarantined_ts",
+        )
+        .await?;
+    c.execute(&stmt, &[&destination, &seq, &reason, &now_ms])
+        .await?;
+    Ok(())
+}
+
+pub async fn list_quarantined(
+    c: &Object,
+    destination: Option<&str>,
+) -> Result<Vec<QuarantinedEdu>, Fail> {
+    let stmt = c
+        .prepare_cached(
+            "SELECT destination, seq, edu_json, reason, quarantined_ts FROM quarantine
+             WHERE $1::text IS NULL OR destination = $1 ORDER BY destination, seq",
+        )
+        .await?;
+    Ok(c.query(&stmt, &[&destination])
+        .await?
+        .iter()
+        .map(|r| QuarantinedEdu {
+            destination: r.get(0),
+            seq: r.get(1),
+            edu_json: r.get(2),
+            reason: r.get(3),
+            quarantined_ts: r.get(4),
+        })
+        .collect())
+}
+
+pub async fn release_quarantined(
+    c: &mut Object,
+    destination: &str,
+    seq: i64,
+    requeue: bool,
+) -> Result<bool, Fail> {
+    let tx = c.transaction().await?;
+    let take = tx
+        .prepare_cached(
+            "DELETE FROM quarantine WHERE destination = $1 AND seq = $2
+             RETURNING edu_json, message_count, queued_ts",
+        )
+        .await?;
+    let Some(row) = tx.query_opt(&take, &[&destination, &seq]).await? else {
+        tx.rollback().await?;
+        return Ok(false);
+    };
+    if requeue {
+        // A fresh seq puts it at the end of the queue; refusals start over.
+        let edu_json: String = row.get(0);
+        let count: i32 = row.get(1);
+        let queued_ts: i64 = row.get(2);
+        let insert = tx
+            .prepare_cached(
+                "INSERT INTO outbox (destination, edu_json, message_count, queued_ts, refusals)
+                 VALUES ($1, $2, $3, $4, 0)",
+            )
+            .await?;
+        tx.execute(&insert, &[&destination, &edu_json, &count, &queued_ts])
+            .await?;
+    }
+    tx.commit().await?;
+    Ok(true)
+}
+
+// --- destinations -----------------------------------------------------------------
+
+pub async fn retry_state(c: &Object, destination: &str) -> Result<RetryState, Fail> {
+    let stmt = c
+        .prepare_cached(
+            "SELECT failures, retry_after_ts, last_success_ts, last_error
+             FROM destinations WHERE destination = $1",
+        )
+        .await?;
+    Ok(c.query_opt(&stmt, &[&destination])
+        .await?
+        .map(|r| RetryState {
+            failures: to_u32(r.get(0)),
+            retry_after_ms: r.get(1),
+            last_success_ms: r.get(2),
+            last_error: r.get(3),
+        })
+        .unwrap_or_default())
+}
+
+const UPSERT_RETRY_STATE: &str =
+    "INSERT INTO destinations (destination, failures, retry_after_ts, last_success_ts, last_error)
+     VALUES ($1, $2, $3, $4, $5)
+     ON CONFLICT (destination) DO UPDATE SET
+         failures = excluded.failures,
+         retry_after_ts = excluded.retry_after_ts,
+         last_success_ts = excluded.last_success_ts,
+         last_error = excluded.last_error";
+
+pub async fn set_retry_state(
+    c: &Object,
+    destination: &str,
+    state: &RetryState,
+) -> Result<(), Fail> {
+    let stmt = c.prepare_cached(UPSERT_RETRY_STATE).await?;
+    c.execute(
+        &stmt,
+        &[
+            &destination,
+            &to_i32(state.failures),
+            &state.retry_after_ms,
+            &state.last_success_ms,
+            &state.last_error,
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+pub async fn destinations_with_pending(c: &Object) -> Result<Vec<String>, Fail> {
+    let stmt = c
+        .prepare_cached(&format!("{PENDING_DESTINATIONS} ORDER BY 1"))
+        .await?;
+    Ok(c.query(&stmt, &[])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
+}
+
+pub async fn destination_statuses(c: &Object) -> Result<Vec<DestinationStatus>, Fail> {
+    let stmt = c
+        .prepare_cached(
+            "WITH names (destination) AS (
+                 SELECT destination FROM outbox
+                 UNION SELECT destination FROM quarantine
+                 UNION SELECT destination FROM destinations
+                 UNION SELECT destination FROM outbox_txn
+             ),
+             queued AS (
+                 SELECT destination, count(*) AS edus, sum(message_count) AS messages,
+                        min(queued_ts) AS oldest
+                 FROM outbox GROUP BY destination
+             ),
+             held AS (SELECT destination, count(*) AS n FROM quarantine GROUP BY destination)
+             SELECT n.destination, coalesce(q.edus, 0)::bigint, coalesce(q.messages, 0)::bigint,
+                    q.oldest, coalesce(d.failures, 0), coalesce(d.retry_after_ts, 0),
+                    d.last_success_ts, d.last_error, coalesce(h.n, 0)::bigint
+             FROM names n
+             LEFT JOIN queued q ON q.destination = n.destination
+             LEFT JOIN held h ON h.destination = n.destination
+             LEFT JOIN destinations d ON d.destination = n.destination
+             ORDER BY n.destination",
+        )
+        .await?;
+    Ok(c.query(&stmt, &[])
+        .await?
+        .iter()
+        .map(|r| DestinationStatus {
+            destination: r.get(0),
+            pending_edus: r.get::<_, i64>(1).max(0) as u64,
+            pending_messages: r.get::<_, i64>(2).max(0) as u64,
+            oldest_queued_ts: r.get(3),
+            retry: RetryState {
+                failures: to_u32(r.get(4)),
+                retry_after_ms: r.get(5),
+                last_success_ms: r.get(6),
+                last_error: r.get(7),
+            },
+            quarantined: r.get::<_, i64>(8).max(0) as u64,
+        })
+        .collect())
+}
+
+// --- remote server keys -----------------------------------------------------------
+
+pub async fn server_keys(c: &Object, server_name: &str) -> Result<Vec<StoredServerKey>, Fail> {
+    let stmt = c
+        .prepare_cached(
+            "SELECT server_name, key_id, public_key, valid_until_ts FROM server_keys
+             WHERE server_name = $1 ORDER BY key_id",
+        )
+        .await?;
+    Ok(c.query(&stmt, &[&server_name])
+        .await?
+        .iter()
+        .map(|r| StoredServerKey {
+            server_name: r.get(0),
+            key_id: r.get(1),
+            public_key: r.get(2),
+            valid_until_ts: r.get(3),
+        })
+        .collect())
+}
+
+pub async fn put_server_keys(c: &mut Object, keys: &[StoredServerKey]) -> Result<(), Fail> {
+    let tx = c.transaction().await?;
+    let stmt = tx
+        .prepare_cached(
+            "INSERT INTO server_keys (server_name, key_id, public_key, valid_until_ts)
+             VALUES ($1, $2, $3, $4)
+             ON CONFLICT (server_name, key_id) DO UPDATE SET
+                 public_key = excluded.public_key,
+                 valid_until_ts = excluded.valid_until_ts",
+        )
+        .await?;
+    for key in keys {
+        tx.execute(
+            &stmt,
+            &[
+                &key.server_name,
+                &key.key_id,
+                &key.public_key,
+                &key.valid_until_ts,
+            ],
+        )
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+// --- housekeeping -------------------------------------------------------------------
+
+pub async fn prune(
+    c: &Object,
+    now_ms: TimestampMs,
+    retention: Retention,
+    batch: u32,
+    orphan_cursor: &AtomicI64,
+) -> Result<PruneReport, Fail> {
+    let limit = i64::from(batch);
+    async fn expire(c: &Object, sql: &str, cutoff: i64, limit: i64) -> Result<u64, Fail> {
+        let stmt = c.prepare_cached(sql).await?;
+        Ok(c.execute(&stmt, &[&cutoff, &limit]).await?)
+    }
+    Ok(PruneReport {
+        client_txns: expire(
+            c,
+            "DELETE FROM client_txns WHERE (user_id, device_id, event_type, txn_id) IN
+                 (SELECT user_id, device_id, event_type, txn_id FROM client_txns
+                  WHERE received_ts <= $1 LIMIT $2)",
+            now_ms.saturating_sub(retention.client_txn_ms),
+            limit,
+        )
+        .await?,
+        inbound_txns: expire(
+            c,
+            "DELETE FROM inbound_txns WHERE (origin, txn_id) IN
+                 (SELECT origin, txn_id FROM inbound_txns WHERE received_ts <= $1 LIMIT $2)",
+            now_ms.saturating_sub(retention.inbound_txn_ms),
+            limit,
+        )
+        .await?,
+        inbound_message_ids: expire(
+            c,
+            "DELETE FROM inbound_message_ids WHERE (origin, message_id) IN
+                 (SELECT origin, message_id FROM inbound_message_ids
+                  WHERE received_ts <= $1 LIMIT $2)",
+            now_ms.saturating_sub(retention.inbound_message_id_ms),
+            limit,
+        )
+        .await?,
+        expired_server_keys: expire(
+            c,
+            "DELETE FROM server_keys WHERE (server_name, key_id) IN
+                 (SELECT server_name, key_id FROM server_keys WHERE valid_until_ts < $1 LIMIT $2)",
+            now_ms,
+            limit,
+        )
+        .await?,
+        orphan_inbox_rows: prune_orphans(c, orphan_cursor, limit).await?,
+    })
+}
+
+/// Inbox rows examined per pruning pass when looking for orphans.
+const ORPHAN_SCAN_ROWS: i64 = 10_000;
+
+/// Deletes up to `limit` inbox rows whose device no longer exists, looking
+/// at most at `ORPHAN_SCAN_ROWS` rows after `cursor` (a stream id kept by the
+/// store between passes). The cursor moves past the window only when the
+/// window was cleaned completely, and wraps to 0 at the end of the inbox.
+async fn prune_orphans(c: &Object, cursor: &AtomicI64, limit: i64) -> Result<u64, Fail> {
+    let from = cursor.load(Ordering::Relaxed);
+    let window = c
+        .prepare_cached(
+            "SELECT count(*), max(stream_id) FROM
+                 (SELECT stream_id FROM device_inbox WHERE stream_id > $1
+                  ORDER BY stream_id LIMIT $2) w",
+        )
+        .await?;
+    let row = c.query_one(&window, &[&from, &ORPHAN_SCAN_ROWS]).await?;
+    let scanned: i64 = row.get(0);
+    let window_end: Option<i64> = row.get(1);
+    let delete = c
+        .prepare_cached(
+            "DELETE FROM device_inbox WHERE stream_id IN
+                 (SELECT i.stream_id FROM device_inbox i
+                  WHERE i.stream_id > $1 AND i.stream_id <= $2
+                    AND NOT EXISTS (SELECT 1 FROM devices d
+                                    WHERE d.user_id = i.user_id
+                                      AND d.device_id = i.device_id)
+                  LIMIT $3)",
+        )
+        .await?;
+    let deleted = c
+        .execute(&delete, &[&from, &window_end.unwrap_or(from), &limit])
+        .await?;
+    let next = match window_end {
+        Some(_) if deleted as i64 >= limit => from,
+        Some(end) if scanned == ORPHAN_SCAN_ROWS => end,
+        _ => 0,
+    };
+    cursor.store(next, Ordering::Relaxed);
+    Ok(deleted)
+}

@@ -1,0 +1,548 @@
+//! Runs the backend-generic store conformance suite
+//! (`tests/support/store_suite.rs`) against `PostgresStore` on a throwaway
+//! cluster (`tests/support/pg.rs`), plus the checks that need the database
+//! itself: schema version and hashed tokens, stream ids never reused after
+//! reopening, orphan inbox rows, concurrent opens migrating once, leases,
+//! and LISTEN/NOTIFY wake-ups between two store instances.
+
+#[macro_use]
+#[path = "support/store_suite.rs"]
+mod store_suite;
+#[path = "support/pg.rs"]
+mod pg;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use courier::store::postgres::PostgresStore;
+use courier::store::{
+    ClientTxnKey, DeviceKey, DeviceTarget, NewInboxMessage, NewOutboxEdu, Retention, SendBatch,
+    Store, Wakeup,
+};
+
+async fn make_postgres() -> Option<store_suite::Harness> {
+    let cluster = pg::shared()?;
+    let conninfo = cluster.fresh_database().await;
+    let store = PostgresStore::open(&conninfo)
+        .await
+        .expect("open postgres store");
+    Some(store_suite::Harness {
+        store: Arc::new(store),
+        _guard: Box::new(()),
+    })
+}
+
+store_conformance_tests!(optional make_postgres);
+
+/// A fresh database's connection string, or `None` when skipped.
+async fn database() -> Option<String> {
+    Some(pg::shared()?.fresh_database().await)
+}
+
+async fn raw(conninfo: &str) -> tokio_postgres::Client {
+    let (client, connection) = tokio_postgres::connect(conninfo, tokio_postgres::NoTls)
+        .await
+        .expect("raw connect");
+    tokio::spawn(connection);
+    client
+}
+
+fn send(txn_id: &str, user: &str, device: &str, n: u32) -> SendBatch {
+    SendBatch {
+        txn: ClientTxnKey {
+            user_id: user.to_owned(),
+            device_id: "D".to_owned(),
+            event_type: "m.test".to_owned(),
+            txn_id: txn_id.to_owned(),
+        },
+        local: vec![NewInboxMessage {
+            user_id: user.to_owned(),
+            device: DeviceTarget::One(device.to_owned()),
+            sender: user.to_owned(),
+            event_type: "m.test".to_owned(),
+            content_json: format!("{{\"n\":{n}}}"),
+        }],
+        remote: vec![],
+        now_ms: 0,
+    }
+}
+
+fn remote_send(txn_id: &str, destination: &str) -> SendBatch {
+    SendBatch {
+        remote: vec![NewOutboxEdu {
+            destination: destination.to_owned(),
+            edu_json: "{\"edu_type\":\"m.direct_to_device\",\"content\":{}}".to_owned(),
+            message_count: 1,
+        }],
+        local: vec![],
+        ..send(txn_id, "@a:x", "A", 0)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reopen_keeps_data_and_stream_ids_never_repeat() {
+    let Some(conninfo) = database().await else {
+        return;
+    };
+    let store = PostgresStore::open(&conninfo).await.expect("open");
+    store
+        .upsert_device("@a:x", "A", Some("tok"))
+        .await
+        .expect("device");
+    store
+        .enqueue_send(send("t1", "@a:x", "A", 1))
+        .await
+        .expect("send");
+    let page = store.fetch_inbox("@a:x", "A", 0, 10).await.expect("fetch");
+    let acked = page.next_batch;
+    // Acknowledge the highest row: its id must not be handed out again.
+    store
+        .fetch_inbox("@a:x", "A", acked, 10)
+        .await
+        .expect("ack");
+    store.close().await.expect("close");
+    assert!(
+        store
+            .enqueue_send(send("t2", "@a:x", "A", 2))
+            .await
+            .is_err(),
+        "a closed store refuses writes"
+    );
+    drop(store);
+
+    let store = PostgresStore::open(&conninfo).await.expect("reopen");
+    assert_eq!(
+        store
+            .lookup_token("tok")
+            .await
+            .expect("token")
+            .map(|d| d.device_id),
+        Some("A".to_owned())
+    );
+    store
+        .enqueue_send(send("t2", "@a:x", "A", 2))
+        .await
+        .expect("send");
+    let page = store
+        .fetch_inbox("@a:x", "A", acked, 10)
+        .await
+        .expect("fetch");
+    assert_eq!(page.messages.len(), 1);
+    assert!(page.messages[0].stream_id > acked);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schema_version_is_recorded_and_tokens_are_hashed() {
+    let Some(conninfo) = database().await else {
+        return;
+    };
+    let store = PostgresStore::open(&conninfo).await.expect("open");
+    store
+        .upsert_device("@a:x", "A", Some("secret-token"))
+        .await
+        .expect("device");
+    let client = raw(&conninfo).await;
+    let version: i32 = client
+        .query_one("SELECT max(version) FROM schema_version", &[])
+        .await
+        .expect("version")
+        .get(0);
+    assert_eq!(version, 1);
+    let rows = client
+        .query("SELECT token_hash FROM access_tokens", &[])
+        .await
+        .expect("hashes");
+    assert_eq!(rows.len(), 1);
+    let hash: String = rows[0].get(0);
+    assert_eq!(hash, courier::store::hash_token("secret-token"));
+    assert_eq!(hash.len(), 64);
+    assert!(!hash.contains("secret"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_opens_migrate_once() {
+    let Some(conninfo) = database().await else {
+        return;
+    };
+    let mut handles = Vec::new();
+    for _ in 0..4 {
+        let conninfo = conninfo.clone();
+        handles.push(tokio::spawn(async move {
+            PostgresStore::open(&conninfo).await.map(|_| ())
+        }));
+    }
+    for h in handles {
+        h.await.expect("task").expect("open while others open");
+    }
+    let client = raw(&conninfo).await;
+    let applied: i64 = client
+        .query_one("SELECT count(*) FROM schema_version", &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(applied, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prune_removes_orphan_inbox_rows_in_batches() {
+    let Some(conninfo) = database().await else {
+        return;
+    };
+    let store = PostgresStore::open(&conninfo).await.expect("open");
+    store
+        .upsert_device("@a:x", "A", None)
+        .await
+        .expect("device");
+    store
+        .enqueue_send(send("t1", "@a:x", "A", 1))
+        .await
+        .expect("send");
+    // Rows left behind by an older version or a manual device removal.
+    let client = raw(&conninfo).await;
+    client
+        .batch_execute(
+            "INSERT INTO device_inbox (user_id, device_id, sender, event_type, content_json)
+             SELECT '@gone:x', 'G', '@s:x', 'm.test', '{}' FROM generate_series(1, 3)",
+        )
+        .await
+        .expect("insert orphans");
+    let first = store.prune(0, Retention::DEFAULT, 2).await.expect("prune");
+    assert_eq!(first.orphan_inbox_rows, 2);
+    let second = store.prune(0, Retention::DEFAULT, 2).await.expect("prune");
+    assert_eq!(second.orphan_inbox_rows, 1);
+    let page = store.fetch_inbox("@a:x", "A", 0, 10).await.expect("fetch");
+    assert_eq!(page.messages.len(), 1);
+}
+
+/// Two stores (two workers) writing to one device at once: every row lands
+/// once, and a reader paging with `since` while they write never skips a
+/// row that commits late (stream ids become visible in order per device).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writers_never_hide_rows_behind_since() {
+    let Some(conninfo) = database().await else {
+        return;
+    };
+    let a = Arc::new(PostgresStore::open(&conninfo).await.expect("open a"));
+    let b = Arc::new(PostgresStore::open(&conninfo).await.expect("open b"));
+    a.upsert_device("@a:x", "A", None).await.expect("device");
+    const PER_TASK: u32 = 50;
+    let mut writers = Vec::new();
+    for task in 0..8u32 {
+        let store = if task % 2 == 0 { a.clone() } else { b.clone() };
+        writers.push(tokio::spawn(async move {
+            for i in 0..PER_TASK {
+                let n = task * 1000 + i;
+                store
+                    .enqueue_send(send(&format!("w{n}"), "@a:x", "A", n))
+                    .await
+                    .expect("send");
+            }
+        }));
+    }
+    let total = 8 * PER_TASK as usize;
+    let mut seen = std::collections::BTreeSet::new();
+    let mut since = 0;
+    let reader = b.clone();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while seen.len() < total {
+        assert!(tokio::time::Instant::now() < deadline, "reader stalled");
+        let page = reader
+            .fetch_inbox("@a:x", "A", since, 7)
+            .await
+            .expect("fetch");
+        for m in &page.messages {
+            assert!(m.stream_id > since);
+            assert!(seen.insert(m.content_json.clone()), "row delivered twice");
+        }
+        since = page.next_batch;
+        if page.messages.is_empty() {
+            tokio::task::yield_now().await;
+        }
+    }
+    for w in writers {
+        w.await.expect("writer");
+    }
+    assert_eq!(seen.len(), total);
+    assert!(
+        reader
+            .fetch_inbox("@a:x", "A", since, 100)
+            .await
+            .expect("fetch")
+            .messages
+            .is_empty()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_give_each_destination_one_owner() {
+    let Some(conninfo) = database().await else {
+        return;
+    };
+    let store = PostgresStore::open(&conninfo).await.expect("open");
+    const LEASE: i64 = 10_000;
+    let t0 = 1_000_000;
+    for (i, d) in ["a.test", "b.test", "c.test", "d.test"].iter().enumerate() {
+        store
+            .enqueue_send(remote_send(&format!("r{i}"), d))
+            .await
+            .expect("send");
+    }
+    // Two workers claim at the same moment, two destinations each at most.
+    let (w1, w2) = tokio::join!(
+        store.claim_destinations("w1", t0, LEASE, 2),
+        store.claim_destinations("w2", t0, LEASE, 2)
+    );
+    let (w1, w2) = (w1.expect("claim w1"), w2.expect("claim w2"));
+    let mut all: Vec<String> = w1.iter().chain(w2.iter()).cloned().collect();
+    all.sort();
+    assert_eq!(all, ["a.test", "b.test", "c.test", "d.test"]);
+    for d in &w1 {
+        assert!(store.holds_lease("w1", d, t0 + 1).await.expect("holds"));
+        assert!(!store.holds_lease("w2", d, t0 + 1).await.expect("holds"));
+        assert!(
+            !store
+                .acquire_lease("w2", d, t0 + 1, LEASE)
+                .await
+                .expect("acquire")
+        );
+    }
+    // Nothing is left to claim; a held lease is not listed again.
+    assert!(
+        store
+            .claim_destinations("w3", t0 + 1, LEASE, 10)
+            .await
+            .expect("claim")
+            .is_empty()
+    );
+    assert!(
+        store
+            .claim_destinations("w1", t0 + 1, LEASE, 10)
+            .await
+            .expect("claim")
+            .is_empty()
+    );
+    // w1 renews; w2 dies. After w2's lease lapses, w3 takes its
+    // destinations and w1 keeps its own.
+    assert_eq!(
+        store
+            .renew_leases("w1", t0 + LEASE / 2, LEASE)
+            .await
+            .expect("renew"),
+        w1.len() as u64
+    );
+    let after = t0 + LEASE + 1;
+    let taken = store
+        .claim_destinations("w3", after, LEASE, 10)
+        .await
+        .expect("claim after lapse");
+    assert_eq!(taken, w2);
+    for d in &w1 {
+        assert!(store.holds_lease("w1", d, after).await.expect("holds"));
+    }
+    // The dead worker cannot send any more; its renewals find nothing.
+    for d in &w2 {
+        assert!(!store.holds_lease("w2", d, after).await.expect("holds"));
+    }
+    assert_eq!(
+        store.renew_leases("w2", after, LEASE).await.expect("renew"),
+        0
+    );
+    // Releasing hands destinations over at once.
+    store.release_leases("w1").await.expect("release");
+    let taken = store
+        .claim_destinations("w3", after + 1, LEASE, 10)
+        .await
+        .expect("claim released");
+    assert_eq!(taken, w1);
+    // A destination with nothing pending can still be acquired by the
+    // worker that is about to send to it, and then by nobody else.
+    assert!(
+        store
+            .acquire_lease("w1", "new.test", after, LEASE)
+            .await
+            .expect("acquire new")
+    );
+    assert!(
+        !store
+            .acquire_lease("w2", "new.test", after + 1, LEASE)
+            .await
+            .expect("acquire held")
+    );
+    assert!(
+        store
+            .acquire_lease("w2", "new.test", after + LEASE, LEASE)
+            .await
+            .expect("acquire lapsed")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_claims_never_share_a_destination() {
+    let Some(conninfo) = database().await else {
+        return;
+    };
+    let store = Arc::new(PostgresStore::open(&conninfo).await.expect("open"));
+    for i in 0..60 {
+        store
+            .enqueue_send(remote_send(&format!("r{i}"), &format!("d{i:02}.test")))
+            .await
+            .expect("send");
+    }
+    let mut handles = Vec::new();
+    for w in 0..6 {
+        let store = store.clone();
+        handles.push(tokio::spawn(async move {
+            let mut mine = Vec::new();
+            for _ in 0..5 {
+                mine.extend(
+                    store
+                        .claim_destinations(&format!("w{w}"), 5_000, 60_000, 4)
+                        .await
+                        .expect("claim"),
+                );
+            }
+            mine
+        }));
+    }
+    let mut all = Vec::new();
+    for h in handles {
+        all.extend(h.await.expect("claimer"));
+    }
+    let count = all.len();
+    all.sort();
+    all.dedup();
+    assert_eq!(count, all.len(), "a destination was claimed twice");
+    assert_eq!(count, 60);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wakeups_cross_store_instances() {
+    let Some(conninfo) = database().await else {
+        return;
+    };
+    let writer = PostgresStore::open(&conninfo).await.expect("open writer");
+    let listener = PostgresStore::open(&conninfo).await.expect("open listener");
+    let mut theirs = listener.subscribe_wakeups().expect("postgres has wake-ups");
+    let mut own = writer.subscribe_wakeups().expect("postgres has wake-ups");
+    writer
+        .upsert_device("@a:x", "A", None)
+        .await
+        .expect("device");
+    // The subscription is live once a probe published after it arrives.
+    let probe = |n: u32| format!("probe{n}.test");
+    let mut n = 0;
+    'ready: loop {
+        n += 1;
+        writer.publish_peer_up(&probe(n)).await.expect("probe");
+        let deadline = tokio::time::sleep(Duration::from_millis(200));
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                w = theirs.recv() => if matches!(w, Some(Wakeup::PeerUp(_))) { break 'ready },
+                _ = &mut deadline => break,
+            }
+        }
+        assert!(n < 100, "listener never started");
+    }
+    let mut batch = send("t1", "@a:x", "A", 1);
+    batch.remote = remote_send("x", "remote.test").remote;
+    writer.enqueue_send(batch).await.expect("send");
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        let w = tokio::time::timeout(Duration::from_secs(10), theirs.recv())
+            .await
+            .expect("wake-up in time")
+            .expect("listener alive");
+        if !matches!(w, Wakeup::PeerUp(_)) {
+            got.push(w);
+        }
+    }
+    assert_eq!(
+        got,
+        vec![
+            Wakeup::Devices(vec![DeviceKey {
+                user_id: "@a:x".to_owned(),
+                device_id: "A".to_owned()
+            }]),
+            Wakeup::Destination("remote.test".to_owned()),
+        ]
+    );
+    // The writer's own subscription skips its own wake-ups: the first
+    // thing it gets is the listener's later peer-up (one queue, in commit
+    // order), not the writer's earlier ones.
+    listener
+        .publish_peer_up("from-listener.test")
+        .await
+        .expect("publish");
+    let first = tokio::time::timeout(Duration::from_secs(10), own.recv())
+        .await
+        .expect("wake-up in time")
+        .expect("listener alive");
+    assert_eq!(first, Wakeup::PeerUp("from-listener.test".to_owned()));
+}
+
+/// Waits for the next wake-up other than the liveness probes.
+async fn next_wakeup(rx: &mut tokio::sync::mpsc::UnboundedReceiver<Wakeup>) -> Wakeup {
+    tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .expect("wake-up in time")
+        .expect("listener alive")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inbound_txn_from_a_backing_off_origin_publishes_peer_up() {
+    let Some(conninfo) = database().await else {
+        return;
+    };
+    let writer = PostgresStore::open(&conninfo).await.expect("open writer");
+    let listener = PostgresStore::open(&conninfo).await.expect("open listener");
+    let mut rx = listener.subscribe_wakeups().expect("postgres has wake-ups");
+    // Wait until the subscription is live (a probe published after it arrives).
+    'ready: for n in 0..100 {
+        writer
+            .publish_peer_up(&format!("probe{n}.test"))
+            .await
+            .expect("probe");
+        let deadline = tokio::time::sleep(Duration::from_millis(200));
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                w = rx.recv() => if matches!(w, Some(Wakeup::PeerUp(_))) { break 'ready },
+                _ = &mut deadline => break,
+            }
+        }
+    }
+    while rx.try_recv().is_ok() {}
+    let inbound = |origin: &str, txn: &str| courier::store::InboundTxn {
+        origin: origin.to_owned(),
+        txn_id: txn.to_owned(),
+        response_json: "{}".to_owned(),
+        edus: vec![],
+        now_ms: 0,
+    };
+    writer
+        .set_retry_state(
+            "failing.test",
+            &courier::store::RetryState {
+                failures: 3,
+                retry_after_ms: 1_000,
+                last_success_ms: None,
+                last_error: Some("down".to_owned()),
+            },
+        )
+        .await
+        .expect("retry state");
+    // A healthy origin first, then the failing one: only the latter is news.
+    writer
+        .apply_inbound_txn(inbound("healthy.test", "t1"))
+        .await
+        .expect("apply");
+    writer
+        .apply_inbound_txn(inbound("failing.test", "t2"))
+        .await
+        .expect("apply");
+    assert_eq!(
+        next_wakeup(&mut rx).await,
+        Wakeup::PeerUp("failing.test".to_owned())
+    );
+}

@@ -1,0 +1,603 @@
+//! Several Courier workers on one PostgreSQL database (DESIGN §4), as real
+//! `courier serve` child processes sharing one throwaway cluster
+//! (`tests/support/pg.rs`), one server name and one signing key:
+//!
+//! - three workers, two remote servers (scriptable fake remotes over
+//!   loopback TLS that record every `/send` and count overlapping ones):
+//!   every message sent through the workers' RPC is delivered exactly once
+//!   while workers are SIGKILLed and restarted during the run, and no two
+//!   transactions for one destination are ever in flight at once;
+//! - a `/sync` long-poll on worker 2 wakes for a message accepted on
+//!   worker 1 (LISTEN/NOTIFY), long before its timeout.
+
+#[path = "support/fake_remote.rs"]
+mod fake_remote;
+#[allow(dead_code)]
+#[path = "support/http.rs"]
+mod http;
+#[path = "support/pg.rs"]
+mod pg;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use fake_remote::{FakeRemote, Received, Script, TestCa};
+use http::HttpClient;
+use serde_json::{Value, json};
+
+const RPC_SECRET: &str = "workers-test-secret";
+
+/// A free port below the kernel's ephemeral range, so that no outgoing
+/// connection takes it while a killed worker is down and its restart can
+/// bind it again.
+fn free_port() -> u16 {
+    for _ in 0..1000 {
+        let port: u16 = rand::random_range(12_000..30_000);
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port below the ephemeral range");
+}
+
+/// One request on a fresh connection (no pool that could hold a connection
+/// to a killed worker); `None` when the worker did not answer.
+async fn try_request(
+    method: &str,
+    url: &str,
+    bearer: Option<&str>,
+    body: Option<&Value>,
+) -> Option<(u16, String)> {
+    use http_body_util::{BodyExt, Full};
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .pool_max_idle_per_host(0)
+        .build_http::<Full<hyper::body::Bytes>>();
+    let mut builder = hyper::Request::builder().method(method).uri(url);
+    if let Some(token) = bearer {
+        builder = builder.header("Authorization", format!("Bearer {token}"));
+    }
+    let bytes = body.map(|b| b.to_string().into_bytes()).unwrap_or_default();
+    if body.is_some() {
+        builder = builder.header("Content-Type", "application/json");
+    }
+    let request = builder
+        .body(Full::new(hyper::body::Bytes::from(bytes)))
+        .expect("a well-formed request");
+    let exchange = async {
+        let response = client.request(request).await.ok()?;
+        let status = response.status().as_u16();
+        let body = response.into_body().collect().await.ok()?.to_bytes();
+        Some((status, String::from_utf8_lossy(&body).into_owned()))
+    };
+    tokio::time::timeout(Duration::from_secs(20), exchange)
+        .await
+        .ok()
+        .flatten()
+}
+
+fn encode(segment: &str) -> String {
+    percent_encoding::utf8_percent_encode(segment, percent_encoding::NON_ALPHANUMERIC).to_string()
+}
+
+/// One `courier serve` process (or its config, while it is down).
+struct Worker {
+    name: String,
+    config: PathBuf,
+    log: PathBuf,
+    client_url: String,
+    rpc_url: String,
+    child: Option<Child>,
+}
+
+impl Worker {
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("worker log");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_courier"));
+        cmd.args(["serve", "--config"]).arg(&self.config);
+        // Every COURIER_* variable is a config override: keep the test's
+        // environment out of the worker's config.
+        for (name, _) in std::env::vars() {
+            if name.starts_with("COURIER_") {
+                cmd.env_remove(name);
+            }
+        }
+        let child = cmd
+            .env("COURIER_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn courier serve");
+        self.child = Some(child);
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().expect("SIGKILL worker");
+            let _ = child.wait();
+        }
+    }
+
+    async fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let url = format!("{}/_matrix/client/versions", self.client_url);
+        loop {
+            if matches!(try_request("GET", &url, None, None).await, Some((200, _))) {
+                return;
+            }
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().expect("poll worker"))
+            {
+                panic!(
+                    "worker {} exited with {status} while starting:\n{}",
+                    self.name,
+                    std::fs::read_to_string(&self.log).unwrap_or_default()
+                );
+            }
+            assert!(Instant::now() < deadline, "worker {} not ready", self.name);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// Workers sharing one database, server name and signing key.
+struct Workers {
+    dir: tempfile::TempDir,
+    server_name: String,
+    workers: Vec<Worker>,
+    http: HttpClient,
+}
+
+impl Workers {
+    async fn start(
+        count: usize,
+        conninfo: &str,
+        extra_ca: Option<&Path>,
+        lease_ms: u64,
+    ) -> Workers {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let key = courier::keys::ServerSigningKey::generate("w");
+        let key_path = dir.path().join("signing.key");
+        std::fs::write(&key_path, key.to_file_contents()).expect("key written");
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+        let first_fed = free_port();
+        let server_name = format!("localhost:{first_fed}");
+        let mut extra = vec![root.join("certs/dev-ca.crt").display().to_string()];
+        extra.extend(extra_ca.map(|p| p.display().to_string()));
+        let extra_ca = extra
+            .iter()
+            .map(|p| format!("{p:?}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mut workers = Vec::new();
+        for i in 0..count {
+            let name = format!("worker{}", i + 1);
+            let fed = if i == 0 { first_fed } else { free_port() };
+            let (client, rpc) = (free_port(), free_port());
+            let text = format!(
+                r#"
+server_name = "{server_name}"
+signing_key_path = "{key}"
+[federation]
+bind = "127.0.0.1:{fed}"
+tls_cert = "{root}/certs/localhost.crt"
+tls_key = "{root}/certs/localhost.key"
+extra_ca = [{extra_ca}]
+ip_allow = ["127.0.0.0/8", "::1/128"]
+retry_initial_ms = 200
+retry_max_ms = 1000
+startup_stagger_ms = 0
+[client]
+bind = "127.0.0.1:{client}"
+[rpc]
+bind = "127.0.0.1:{rpc}"
+secret = "{RPC_SECRET}"
+[store]
+postgres = "{conninfo}"
+[worker]
+name = "{name}"
+lease_ms = {lease_ms}
+"#,
+                key = key_path.display(),
+                root = root.display(),
+            );
+            let config = dir.path().join(format!("{name}.toml"));
+            std::fs::write(&config, text).expect("config written");
+            workers.push(Worker {
+                log: dir.path().join(format!("{name}.log")),
+                name,
+                config,
+                client_url: format!("http://127.0.0.1:{client}"),
+                rpc_url: format!("http://127.0.0.1:{rpc}"),
+                child: None,
+            });
+        }
+        let mut all = Workers {
+            dir,
+            server_name,
+            workers,
+            http: HttpClient::new(),
+        };
+        for w in &mut all.workers {
+            w.spawn();
+        }
+        for w in &mut all.workers {
+            w.wait_ready().await;
+        }
+        all
+    }
+
+    async fn restart(&mut self, i: usize) {
+        self.workers[i].spawn();
+        self.workers[i].wait_ready().await;
+    }
+
+    fn user(&self, local: &str) -> String {
+        format!("@{local}:{}", self.server_name)
+    }
+
+    async fn register(&self, i: usize, user: &str, device: &str, token: &str) {
+        let url = format!(
+            "{}/_courier/v1/devices/{}/{}",
+            self.workers[i].rpc_url,
+            encode(user),
+            encode(device)
+        );
+        let r = self
+            .http
+            .put_json(&url, Some(RPC_SECRET), &json!({ "access_token": token }))
+            .await;
+        assert_eq!(r.status, 200, "register: {}", r.text);
+    }
+
+    /// `POST /_courier/v1/send_to_device` on worker `i`; the HTTP status,
+    /// or `None` when the worker did not answer.
+    async fn rpc_send(
+        &self,
+        i: usize,
+        sender: &str,
+        txn_id: &str,
+        messages: &Value,
+    ) -> Option<u16> {
+        let url = format!("{}/_courier/v1/send_to_device", self.workers[i].rpc_url);
+        let body = json!({
+            "sender": sender,
+            "type": "m.test",
+            "txn_id": txn_id,
+            "messages": messages,
+        });
+        try_request("POST", &url, Some(RPC_SECRET), Some(&body))
+            .await
+            .map(|(status, _)| status)
+    }
+
+    async fn sync(
+        &self,
+        i: usize,
+        token: &str,
+        since: Option<&str>,
+        timeout_ms: u64,
+    ) -> http::Response {
+        let mut url = format!(
+            "{}/_matrix/client/v3/sync?timeout={timeout_ms}",
+            self.workers[i].client_url
+        );
+        if let Some(since) = since {
+            url.push_str(&format!("&since={}", encode(since)));
+        }
+        self.http.get(&url, Some(token)).await
+    }
+
+    async fn metric(&self, i: usize, name: &str) -> f64 {
+        let url = format!("{}/metrics", self.workers[i].rpc_url);
+        let r = self.http.get(&url, Some(RPC_SECRET)).await;
+        r.text
+            .lines()
+            .filter(|l| l.starts_with(name))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
+    fn logs(&self) -> String {
+        self.workers
+            .iter()
+            .map(|w| {
+                format!(
+                    "--- {} ---\n{}",
+                    w.name,
+                    std::fs::read_to_string(&w.log).unwrap_or_default()
+                )
+            })
+            .collect()
+    }
+}
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        for w in &mut self.workers {
+            w.kill();
+        }
+        let _ = self.dir.path();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_poll_on_one_worker_wakes_for_a_send_on_another() {
+    let Some(cluster) = pg::shared() else {
+        return;
+    };
+    courier::tls::install_crypto_provider();
+    let conninfo = cluster.fresh_database().await;
+    let workers = Workers::start(2, &conninfo, None, 3_000).await;
+    let alice = workers.user("alice");
+    let sender = workers.user("sender");
+    workers.register(0, &alice, "PHONE", "tok-alice").await;
+    workers.register(0, &sender, "S", "tok-sender").await;
+    // Worker 2 knows the device and token through the shared database.
+    let initial = workers.sync(1, "tok-alice", None, 0).await;
+    assert_eq!(initial.status, 200, "initial sync: {}", initial.text);
+    let mut since = initial.json["next_batch"]
+        .as_str()
+        .expect("next_batch")
+        .to_owned();
+    let before = workers.metric(1, "courier_longpoll_wakeups_total").await;
+    const TIMEOUT_MS: u64 = 30_000;
+    for attempt in 0..3u32 {
+        let poll = {
+            let since = since.clone();
+            let workers = &workers;
+            async move { workers.sync(1, "tok-alice", Some(&since), TIMEOUT_MS).await }
+        };
+        let started = Instant::now();
+        let send = async {
+            // Give the long-poll a head start so that it is waiting (not
+            // reading) when the message commits; the wake-up counter below
+            // says whether it was.
+            tokio::time::sleep(Duration::from_millis(300 * (attempt as u64 + 1))).await;
+            let messages = json!({ alice.clone(): { "PHONE": { "n": attempt } } });
+            let status = workers
+                .rpc_send(0, &sender, &format!("t{attempt}"), &messages)
+                .await;
+            assert_eq!(status, Some(200), "send on worker 1");
+        };
+        let (r, ()) = tokio::join!(poll, send);
+        let elapsed = started.elapsed();
+        assert_eq!(r.status, 200, "long-poll: {}", r.text);
+        let events = r.json["to_device"]["events"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        assert_eq!(events.len(), 1, "{}", r.text);
+        assert_eq!(events[0]["content"]["n"], json!(attempt));
+        assert_eq!(events[0]["sender"], json!(sender));
+        // Woken, not timed out: without the cross-worker wake-up worker 2
+        // would answer only after the 30 s timeout.
+        assert!(
+            elapsed < Duration::from_millis(TIMEOUT_MS / 3),
+            "took {elapsed:?}:\n{}",
+            workers.logs()
+        );
+        since = r.json["next_batch"]
+            .as_str()
+            .expect("next_batch")
+            .to_owned();
+        let after = workers.metric(1, "courier_longpoll_wakeups_total").await;
+        if after > before {
+            return;
+        }
+    }
+    panic!(
+        "the long-poll on worker 2 was never woken while waiting:\n{}",
+        workers.logs()
+    );
+}
+
+/// The `n`s of the messages in one `/send` body, per EDU.
+fn message_ns(body: &Value) -> Vec<u64> {
+    let mut out = Vec::new();
+    for edu in body["edus"].as_array().cloned().unwrap_or_default() {
+        if let Some(messages) = edu["content"]["messages"].as_object() {
+            for devices in messages.values() {
+                for content in devices.as_object().into_iter().flat_map(|d| d.values()) {
+                    if let Some(n) = content["n"].as_u64() {
+                        out.push(n);
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Unique transactions (a retry keeps its txnId and body) and the `n`s
+/// they carried, with how often each `n` was delivered.
+fn delivered(received: &[Received]) -> BTreeMap<u64, usize> {
+    let mut bodies: BTreeMap<String, String> = BTreeMap::new();
+    for r in received.iter().filter(|r| r.status == 200) {
+        match bodies.get(&r.txn_id) {
+            Some(body) => assert_eq!(body, &r.body, "txn {} resent with other bytes", r.txn_id),
+            None => {
+                bodies.insert(r.txn_id.clone(), r.body.clone());
+            }
+        }
+    }
+    let mut counts: BTreeMap<u64, usize> = BTreeMap::new();
+    for body in bodies.values() {
+        let v: Value = serde_json::from_str(body).expect("json body");
+        for n in message_ns(&v) {
+            *counts.entry(n).or_default() += 1;
+        }
+    }
+    counts
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_workers_deliver_exactly_once_while_being_killed() {
+    let Some(cluster) = pg::shared() else {
+        return;
+    };
+    courier::tls::install_crypto_provider();
+    let conninfo = cluster.fresh_database().await;
+    let ca = TestCa::new();
+    let ca_dir = tempfile::tempdir().expect("temp dir");
+    let ca_pem = ca.write_pem(ca_dir.path());
+    let remotes = [
+        FakeRemote::start(&ca, &["localhost"]).await,
+        FakeRemote::start(&ca, &["localhost"]).await,
+    ];
+    for remote in &remotes {
+        // Hold every answer a little, so that a second sender for the same
+        // destination would be caught overlapping.
+        remote.script_default(Script {
+            respond_after: Some(Duration::from_millis(60)),
+            ..Script::default()
+        });
+    }
+    let destinations: Vec<String> = remotes
+        .iter()
+        .map(|r| format!("localhost:{}", r.port()))
+        .collect();
+    const LEASE_MS: u64 = 1_500;
+    let mut workers = Workers::start(3, &conninfo, Some(&ca_pem), LEASE_MS).await;
+    let sender = workers.user("sender");
+
+    const ROUNDS: usize = 6;
+    const PER_ROUND: usize = 40;
+    let started = Instant::now();
+    let mut expected: [BTreeSet<u64>; 2] = Default::default();
+    let mut kills = 0;
+    let (db, connection) = tokio_postgres::connect(&conninfo, tokio_postgres::NoTls)
+        .await
+        .expect("connect to the workers' database");
+    tokio::spawn(connection);
+    for round in 0..ROUNDS {
+        let mut victim = round % 3;
+        for k in 0..PER_ROUND {
+            let n = (round * PER_ROUND + k) as u64;
+            if k == PER_ROUND / 2 {
+                // SIGKILL, in the middle of the traffic, the worker that
+                // holds a destination's lease (it is likely mid-send), so
+                // that another worker must take the destination over.
+                let owner: Option<String> = db
+                    .query_opt(
+                        "SELECT owner FROM destination_leases WHERE destination = $1",
+                        &[&destinations[round % 2]],
+                    )
+                    .await
+                    .expect("lease owner")
+                    .map(|row| row.get(0));
+                if let Some(i) = workers
+                    .workers
+                    .iter()
+                    .position(|w| Some(&w.name) == owner.as_ref())
+                {
+                    victim = i;
+                }
+                workers.workers[victim].kill();
+                kills += 1;
+            }
+            let d = (n % 2) as usize;
+            let user = format!("@user{}:{}", n % 5, destinations[d]);
+            let messages = json!({ user: { "DEV": { "n": n } } });
+            let txn_id = format!("m{n}");
+            // Any live worker; retry the same txn elsewhere until accepted.
+            let mut accepted = false;
+            for attempt in 0..12 {
+                let i = (n as usize + attempt) % 3;
+                if workers.workers[i].child.is_none() {
+                    continue;
+                }
+                if workers.rpc_send(i, &sender, &txn_id, &messages).await == Some(200) {
+                    accepted = true;
+                    break;
+                }
+            }
+            assert!(accepted, "message {n} not accepted:\n{}", workers.logs());
+            expected[d].insert(n);
+        }
+        // With the victim still down, everything queued must drain: the
+        // destinations it held are taken over once its leases lapse.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let queued: i64 = db
+                .query_one(
+                    "SELECT (SELECT count(*) FROM outbox) + (SELECT count(*) FROM outbox_txn)",
+                    &[],
+                )
+                .await
+                .expect("queue depth")
+                .get(0);
+            if queued == 0 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "round {round}: {queued} rows stuck with {} down:\n{}",
+                workers.workers[victim].name,
+                workers.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        workers.restart(victim).await;
+    }
+
+    // Everything accepted must reach its destination, exactly once.
+    for (d, remote) in remotes.iter().enumerate() {
+        let want = expected[d].clone();
+        let done = remote
+            .wait_for(Duration::from_secs(90), |received| {
+                delivered(received).keys().copied().collect::<BTreeSet<_>>() == want
+            })
+            .await;
+        assert!(
+            done,
+            "destination {d}: {} of {} delivered:\n{}",
+            delivered(&remote.received()).len(),
+            want.len(),
+            workers.logs()
+        );
+    }
+    for (d, remote) in remotes.iter().enumerate() {
+        let counts = delivered(&remote.received());
+        let twice: Vec<_> = counts.iter().filter(|(_, c)| **c > 1).collect();
+        assert!(
+            twice.is_empty(),
+            "destination {d}: delivered twice: {twice:?}"
+        );
+        assert_eq!(counts.keys().copied().collect::<BTreeSet<_>>(), expected[d]);
+        assert_eq!(
+            remote.overlaps(),
+            0,
+            "destination {d}: two transactions in flight at once"
+        );
+    }
+    // The destinations really moved between workers ("took destination
+    // lease" / "claimed destination leases" in their logs).
+    let logs = workers.logs();
+    let claimers: BTreeSet<&str> = workers
+        .workers
+        .iter()
+        .filter(|w| {
+            std::fs::read_to_string(&w.log)
+                .unwrap_or_default()
+                .contains("destination lease")
+        })
+        .map(|w| w.name.as_str())
+        .collect();
+    assert!(claimers.len() >= 2, "claimers {claimers:?}:\n{logs}");
+    eprintln!(
+        "{} messages to 2 destinations through 3 workers, {kills} SIGKILLs, \
+         {} /send requests, claimed by {claimers:?}, in {:?}",
+        ROUNDS * PER_ROUND,
+        remotes.iter().map(|r| r.received().len()).sum::<usize>(),
+        started.elapsed()
+    );
+}
