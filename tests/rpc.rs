@@ -514,3 +514,124 @@ async fn the_send_and_status_commands_call_the_rpc() {
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("M_UNAUTHORIZED"));
 }
+
+/// Quarantined EDUs are listed, requeued and dropped through the RPC.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quarantined_edus_are_listed_retried_and_dropped() {
+    use courier::store::{ClientTxnKey, NewOutboxEdu, SendBatch, Store};
+    let relay = TestRelay::spawn().await;
+    // A destination nothing answers on (loopback is allowed in tests).
+    let destination = "127.0.0.1:9";
+    let store = courier::store::sqlite::SqliteStore::open(&relay.db_path())
+        .await
+        .expect("the relay's store opens a second time");
+    let edu = |n: u32| NewOutboxEdu {
+        destination: destination.to_owned(),
+        edu_json: format!(r#"{{"content":{{"n":{n}}},"edu_type":"m.direct_to_device"}}"#),
+        message_count: 1,
+    };
+    let batch = SendBatch {
+        txn: ClientTxnKey {
+            user_id: format!("@q:{}", relay.server_name),
+            device_id: String::new(),
+            event_type: "t".to_owned(),
+            txn_id: "quarantine-test".to_owned(),
+        },
+        local: Vec::new(),
+        remote: vec![edu(1), edu(2)],
+        now_ms: courier::now_ms(),
+    };
+    store.enqueue_send(batch).await.expect("queued");
+    let queued = store
+        .peek_outbox(destination, 10, 1 << 20)
+        .await
+        .expect("peek");
+    assert_eq!(queued.len(), 2);
+    for row in &queued {
+        store
+            .quarantine_edu(destination, row.seq, "refused 3 times", courier::now_ms())
+            .await
+            .expect("quarantined");
+    }
+
+    let url = |path: &str| format!("{}/_courier/v1/quarantine{path}", relay.rpc_url);
+    let secret = Some(relay.rpc_secret.as_str());
+    let listed = relay
+        .http
+        .get(&url(&format!("?destination={destination}")), secret)
+        .await;
+    assert_eq!(listed.status, 200, "{}", listed.text);
+    let rows = listed.json["quarantined"]
+        .as_array()
+        .expect("a list")
+        .clone();
+    assert_eq!(rows.len(), 2);
+    assert_eq!(rows[0]["reason"], "refused 3 times");
+    assert_eq!(rows[0]["edu"]["edu_type"], "m.direct_to_device");
+    let first = rows[0]["seq"].as_i64().expect("seq");
+    let second = rows[1]["seq"].as_i64().expect("seq");
+
+    // Without the secret: refused, nothing changes.
+    let r = relay
+        .http
+        .request(
+            "DELETE",
+            &url(&format!("/{destination}/{first}")),
+            None,
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 401);
+
+    let r = relay
+        .http
+        .request(
+            "DELETE",
+            &url(&format!("/{destination}/{first}")),
+            secret,
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let r = relay
+        .http
+        .request(
+            "DELETE",
+            &url(&format!("/{destination}/{first}")),
+            secret,
+            None,
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.json["errcode"].as_str()),
+        (404, Some("M_NOT_FOUND"))
+    );
+
+    let r = relay
+        .http
+        .post_json(
+            &url(&format!("/{destination}/{second}/retry")),
+            secret,
+            &json!({}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let listed = relay.http.get(&url(""), secret).await;
+    assert_eq!(listed.json["quarantined"].as_array().map(Vec::len), Some(0));
+    // The retried EDU is queued again (or in flight) for its destination.
+    let requeued = store
+        .peek_outbox(destination, 10, 1 << 20)
+        .await
+        .expect("peek");
+    let in_flight = store.in_flight(destination).await.expect("in flight");
+    assert!(
+        requeued.iter().any(|e| e.edu_json.contains("\"n\":2"))
+            || in_flight.is_some_and(|t| t.body.contains("\"n\":2")),
+        "the retried EDU is pending again"
+    );
+    let r = relay
+        .http
+        .post_json(&url("/not%20a%20name/1/retry"), secret, &json!({}))
+        .await;
+    assert_eq!(r.status, 404);
+}
