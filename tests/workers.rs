@@ -7,6 +7,10 @@
 //!   every message sent through the workers' RPC is delivered exactly once
 //!   while workers are SIGKILLed and restarted during the run, and no two
 //!   transactions for one destination are ever in flight at once;
+//! - the same with two real Courier relays as the remote servers: every
+//!   message reaches its device through `/sync` exactly once, and the
+//!   receiving relays never saw two transactions from the workers' server
+//!   in progress at once (their `overlapping_transactions` counter);
 //! - a `/sync` long-poll on worker 2 wakes for a message accepted on
 //!   worker 1 (LISTEN/NOTIFY), long before its timeout.
 
@@ -17,6 +21,9 @@ mod fake_remote;
 mod http;
 #[path = "support/pg.rs"]
 mod pg;
+#[allow(dead_code)]
+#[path = "support/relay.rs"]
+mod relay;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -600,4 +607,114 @@ async fn three_workers_deliver_exactly_once_while_being_killed() {
         remotes.iter().map(|r| r.received().len()).sum::<usize>(),
         started.elapsed()
     );
+}
+
+/// The value of a Prometheus counter in `text`, 0 when it was never set.
+fn counter_value(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|line| line.starts_with(name))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_workers_deliver_to_two_real_relays_exactly_once() {
+    let Some(cluster) = pg::shared() else {
+        return;
+    };
+    courier::tls::install_crypto_provider();
+    let conninfo = cluster.fresh_database().await;
+    let relays = [
+        relay::TestRelay::spawn().await,
+        relay::TestRelay::spawn().await,
+    ];
+    const USERS: usize = 4;
+    let token = |r: &relay::TestRelay, u: usize| format!("tok-{u}-{}", r.federation_addr.port());
+    for r in &relays {
+        for u in 0..USERS {
+            r.register_device(&format!("@user{u}:{}", r.server_name), "DEV", &token(r, u))
+                .await;
+        }
+    }
+    let mut workers = Workers::start(3, &conninfo, None, 1_500).await;
+    let sender = workers.user("sender");
+
+    const ROUNDS: usize = 3;
+    const PER_ROUND: usize = 30;
+    // expected[relay][user] = the `n`s that device must receive.
+    let mut expected = vec![vec![BTreeSet::new(); USERS]; relays.len()];
+    for round in 0..ROUNDS {
+        let victim = round % 3;
+        for k in 0..PER_ROUND {
+            if k == PER_ROUND / 2 {
+                workers.workers[victim].kill();
+            }
+            let n = (round * PER_ROUND + k) as u64;
+            let (d, u) = ((n % 2) as usize, (n as usize / 2) % USERS);
+            let user = format!("@user{u}:{}", relays[d].server_name);
+            let messages = json!({ user: { "DEV": { "n": n } } });
+            let txn_id = format!("r{n}");
+            let mut accepted = false;
+            for attempt in 0..12 {
+                let i = (n as usize + attempt) % 3;
+                if workers.workers[i].child.is_none() {
+                    continue;
+                }
+                if workers.rpc_send(i, &sender, &txn_id, &messages).await == Some(200) {
+                    accepted = true;
+                    break;
+                }
+            }
+            assert!(accepted, "message {n} not accepted:\n{}", workers.logs());
+            expected[d][u].insert(n);
+        }
+        workers.restart(victim).await;
+    }
+
+    for (d, r) in relays.iter().enumerate() {
+        for (u, want) in expected[d].iter().enumerate() {
+            let (events, since) = r
+                .sync_until(&token(r, u), None, want.len(), Duration::from_secs(120))
+                .await;
+            let mut counts: BTreeMap<u64, usize> = BTreeMap::new();
+            for event in &events {
+                *counts
+                    .entry(event["content"]["n"].as_u64().expect("n"))
+                    .or_default() += 1;
+            }
+            let twice: Vec<_> = counts.iter().filter(|(_, c)| **c > 1).collect();
+            assert!(
+                twice.is_empty(),
+                "relay {d} user {u}: delivered twice: {twice:?}"
+            );
+            assert_eq!(
+                &counts.keys().copied().collect::<BTreeSet<_>>(),
+                want,
+                "relay {d} user {u}: delivered set\n{}",
+                workers.logs()
+            );
+            let after = r.sync(&token(r, u), since.as_deref(), 0).await;
+            assert!(
+                after.json["to_device"]["events"]
+                    .as_array()
+                    .is_none_or(|e| e.is_empty()),
+                "nothing more after the acknowledgement"
+            );
+        }
+    }
+    for r in &relays {
+        let metrics = r
+            .http
+            .get(&format!("{}/metrics", r.rpc_url), Some(&r.rpc_secret))
+            .await;
+        assert_eq!(metrics.status, 200);
+        assert_eq!(
+            counter_value(
+                &metrics.text,
+                "courier_federation_overlapping_transactions_total"
+            ),
+            0.0,
+            "a receiving relay saw two transactions from the workers in flight at once"
+        );
+    }
 }

@@ -35,6 +35,51 @@ pub use transaction::{ParsedTxn, parse_transaction, parse_transaction_value};
 pub struct InboundState {
     pub rate_limiter: rate_limit::OriginRateLimiter,
     pub txn_locks: TxnLocks,
+    /// Transactions being processed per origin, to notice a peer that
+    /// breaks the one-transaction-in-flight rule (SPEC §2.2).
+    pub in_progress: OriginsInProgress,
+}
+
+/// Counts the `/send` requests being processed per origin.
+#[derive(Default)]
+pub struct OriginsInProgress {
+    counts: Mutex<HashMap<String, u32>>,
+}
+
+/// Held while one `/send` is processed; decrements on drop.
+pub struct InProgressGuard<'a> {
+    owner: &'a OriginsInProgress,
+    origin: String,
+}
+
+impl OriginsInProgress {
+    /// Registers a `/send` from `origin`; returns the guard and whether
+    /// another one from the same origin was already in progress.
+    pub fn enter(&self, origin: &str) -> (InProgressGuard<'_>, bool) {
+        let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        let count = counts.entry(origin.to_owned()).or_default();
+        *count += 1;
+        let overlapping = *count > 1;
+        (
+            InProgressGuard {
+                owner: self,
+                origin: origin.to_owned(),
+            },
+            overlapping,
+        )
+    }
+}
+
+impl Drop for InProgressGuard<'_> {
+    fn drop(&mut self) {
+        let mut counts = self.owner.counts.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(count) = counts.get_mut(&self.origin) {
+            *count -= 1;
+            if *count == 0 {
+                counts.remove(&self.origin);
+            }
+        }
+    }
 }
 
 /// The inbound federation routes.
@@ -137,5 +182,25 @@ mod tests {
             .expect("the duplicate proceeds")
             .expect("no panic");
         assert_eq!(locks.in_progress(), 0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::OriginsInProgress;
+
+    #[test]
+    fn a_second_transaction_from_one_origin_is_an_overlap() {
+        let counts = OriginsInProgress::default();
+        let (first, overlapping) = counts.enter("a.example");
+        assert!(!overlapping);
+        let (_other_origin, overlapping) = counts.enter("b.example");
+        assert!(!overlapping, "other origins are independent");
+        let (second, overlapping) = counts.enter("a.example");
+        assert!(overlapping);
+        drop(second);
+        drop(first);
+        let (_again, overlapping) = counts.enter("a.example");
+        assert!(!overlapping, "finished transactions no longer count");
     }
 }

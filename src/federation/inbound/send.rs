@@ -89,6 +89,14 @@ pub async fn put_transaction_route(
         })?;
     drop(body);
 
+    // A second transaction from one origin while another is in progress
+    // means that origin has more than one in flight: processed all the
+    // same (dedupe keeps it safe), but counted and logged.
+    let (_origin_busy, overlapping) = inbound.in_progress.enter(origin.as_str());
+    if overlapping {
+        tracing::warn!(origin = %origin, txn_id, "origin has overlapping transactions in flight");
+        metrics::counter!("courier_federation_overlapping_transactions_total").increment(1);
+    }
     let _in_progress = inbound.txn_locks.lock(origin.as_str(), &txn_id).await;
     let stored = state
         .store
