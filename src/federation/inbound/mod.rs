@@ -186,7 +186,7 @@ mod tests {
 }
 
 #[cfg(test)]
-mod tests {
+mod overlap_tests {
     use super::OriginsInProgress;
 
     #[test]
