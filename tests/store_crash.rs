@@ -8,84 +8,25 @@
 //! The child is this same test binary, re-executed with `COURIER_CRASH_CHILD`
 //! set to the database path and a filter selecting this test.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, BufReader, Write};
+#[allow(dead_code)]
+#[path = "support/crash.rs"]
+mod crash;
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use crash::ROUNDS;
+
+use courier::store::Store;
 use courier::store::sqlite::SqliteStore;
-use courier::store::{
-    ClientTxnKey, DeviceTarget, NewInboxMessage, NewOutboxEdu, SendBatch, SendOutcome, Store,
-};
 
 const CHILD_ENV: &str = "COURIER_CRASH_CHILD";
 const TEST_NAME: &str = "kill9_loses_no_acknowledged_write";
-const USER: &str = "@crash:local.test";
-const DEVICES: [&str; 3] = ["D0", "D1", "D2"];
-const DESTINATION: &str = "remote.test";
-/// Inbox rows per device per batch: one addressed to the device, one `*`.
-const ROWS_PER_DEVICE: usize = 2;
-const EDUS_PER_BATCH: usize = 2;
-const ROUNDS: usize = 24;
-const WRITER_TASKS: usize = 8;
-
-fn batch(txn_id: &str) -> SendBatch {
-    let content = |part: usize| format!("{{\"txn\":\"{txn_id}\",\"part\":{part}}}");
-    let mut local: Vec<NewInboxMessage> = DEVICES
-        .iter()
-        .enumerate()
-        .map(|(part, device)| NewInboxMessage {
-            user_id: USER.to_owned(),
-            device: DeviceTarget::One((*device).to_owned()),
-            sender: USER.to_owned(),
-            event_type: "m.crash".to_owned(),
-            content_json: content(part),
-        })
-        .collect();
-    local.push(NewInboxMessage {
-        user_id: USER.to_owned(),
-        device: DeviceTarget::All,
-        sender: USER.to_owned(),
-        event_type: "m.crash".to_owned(),
-        content_json: content(99),
-    });
-    let remote = (0..EDUS_PER_BATCH)
-        .map(|part| NewOutboxEdu {
-            destination: DESTINATION.to_owned(),
-            edu_json: format!(
-                "{{\"edu_type\":\"m.direct_to_device\",\"content\":{}}}",
-                content(part)
-            ),
-            message_count: 1,
-        })
-        .collect();
-    SendBatch {
-        txn: ClientTxnKey {
-            user_id: USER.to_owned(),
-            device_id: "CRASHER".to_owned(),
-            event_type: "m.crash".to_owned(),
-            txn_id: txn_id.to_owned(),
-        },
-        local,
-        remote,
-        now_ms: courier::now_ms(),
-    }
-}
-
-fn txn_of(json: &str) -> String {
-    let v: serde_json::Value = serde_json::from_str(json).expect("stored JSON");
-    let txn = v
-        .get("content")
-        .and_then(|c| c.get("txn"))
-        .or_else(|| v.get("txn"))
-        .and_then(|t| t.as_str())
-        .expect("row names its txn");
-    txn.to_owned()
-}
-
 /// The child: writes batches from several tasks until killed.
 fn child_main(db: &Path) {
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -94,43 +35,8 @@ fn child_main(db: &Path) {
         .build()
         .expect("child runtime");
     runtime.block_on(async {
-        let store = Arc::new(SqliteStore::open(db).await.expect("child open"));
-        for device in DEVICES {
-            store
-                .upsert_device(USER, device, None)
-                .await
-                .expect("child device");
-        }
-        let pid = std::process::id();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let mut tasks = Vec::new();
-        for task in 0..WRITER_TASKS {
-            let store = store.clone();
-            tasks.push(tokio::spawn(async move {
-                let mut n = 0u64;
-                while Instant::now() < deadline {
-                    let txn_id = format!("{pid}-{task}-{n}");
-                    n += 1;
-                    match store.enqueue_send(batch(&txn_id)).await {
-                        Ok(SendOutcome::Accepted { .. }) => {
-                            let mut out = std::io::stdout().lock();
-                            if writeln!(out, "ack {txn_id}")
-                                .and_then(|()| out.flush())
-                                .is_err()
-                            {
-                                // The parent is gone.
-                                std::process::exit(0);
-                            }
-                        }
-                        Ok(SendOutcome::Duplicate) => panic!("fresh txn {txn_id} was a duplicate"),
-                        Err(e) => panic!("child write failed: {e}"),
-                    }
-                }
-            }));
-        }
-        for t in tasks {
-            t.await.expect("child task");
-        }
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(db).await.expect("child open"));
+        crash::write_until_killed(store, Duration::from_secs(30), false).await;
     });
 }
 
@@ -215,68 +121,6 @@ fn kill9_loses_no_acknowledged_write() {
 
 async fn verify(db: &Path, acked: &BTreeSet<String>, round_acks: &[String]) {
     let store = SqliteStore::open(db).await.expect("reopen after kill");
-    // Rows per txn per device, and outbox rows per txn.
-    let mut inbox: BTreeMap<String, BTreeMap<&str, usize>> = BTreeMap::new();
-    for device in DEVICES {
-        let page = store
-            .fetch_inbox(USER, device, 0, u32::MAX - 1)
-            .await
-            .expect("fetch");
-        assert!(!page.more);
-        assert!(
-            page.messages
-                .windows(2)
-                .all(|w| w[0].stream_id < w[1].stream_id)
-        );
-        for m in &page.messages {
-            *inbox
-                .entry(txn_of(&m.content_json))
-                .or_default()
-                .entry(device)
-                .or_default() += 1;
-        }
-    }
-    let mut outbox: BTreeMap<String, usize> = BTreeMap::new();
-    for edu in store
-        .peek_outbox(DESTINATION, u32::MAX, u64::MAX)
-        .await
-        .expect("peek")
-    {
-        *outbox.entry(txn_of(&edu.edu_json)).or_default() += 1;
-    }
-    // All or nothing: every batch that is visible at all is complete.
-    for (txn, per_device) in &inbox {
-        for device in DEVICES {
-            assert_eq!(
-                per_device.get(device).copied().unwrap_or(0),
-                ROWS_PER_DEVICE,
-                "txn {txn} device {device}: half-written batch"
-            );
-        }
-        assert_eq!(
-            outbox.get(txn).copied(),
-            Some(EDUS_PER_BATCH),
-            "txn {txn}: inbox rows without their outbox rows"
-        );
-    }
-    for txn in outbox.keys() {
-        assert!(
-            inbox.contains_key(txn),
-            "txn {txn}: outbox rows without inbox rows"
-        );
-    }
-    // Nothing acknowledged is lost (and by the counts above, none doubled).
-    for txn in acked {
-        assert!(inbox.contains_key(txn), "acknowledged txn {txn} lost");
-    }
-    // Retrying acknowledged batches is a duplicate and writes nothing.
-    let sample: Vec<&String> = round_acks.iter().rev().take(16).collect();
-    for txn in &sample {
-        assert_eq!(
-            store.enqueue_send(batch(txn)).await.expect("retry"),
-            SendOutcome::Duplicate,
-            "retried acknowledged txn {txn}"
-        );
-    }
+    crash::verify(&store, acked, round_acks).await;
     store.close().await.expect("close");
 }
