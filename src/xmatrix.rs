@@ -318,27 +318,6 @@ impl RequestToSign<'_> {
         }
     }
 
-    /// Every encoding a peer may have signed, most likely first: the spec
-    /// form and, only when the content holds non-spec numbers, the two
-    /// Python-compatible forms (the lexical form of a number is lost in
-    /// parsing, so `-0` and `10.0` can only be told apart by trying).
-    pub fn verification_candidates(&self) -> Vec<Vec<u8>> {
-        let mut candidates = Vec::with_capacity(3);
-        if let Ok(bytes) = self.canonical_bytes() {
-            candidates.push(bytes);
-        }
-        if self.content.is_some_and(has_non_spec_numbers) {
-            for style in [NumberStyle::Python, NumberStyle::SpecThenPython] {
-                if let Ok(bytes) = self.canonical_bytes_with(style)
-                    && !candidates.contains(&bytes)
-                {
-                    candidates.push(bytes);
-                }
-            }
-        }
-        candidates
-    }
-
     /// `canonical_bytes` with a given number style.
     pub fn canonical_bytes_with(&self, style: NumberStyle) -> Result<Vec<u8>, CanonicalJsonError> {
         let mut out =
@@ -393,17 +372,27 @@ pub fn verify_request(
             "header origin differs from the request origin".to_owned(),
         ));
     }
-    let candidates = request.verification_candidates();
-    let mut outcome: Result<(), XMatrixError> = Err(XMatrixError::Signing(
-        crate::signing::SigningError::Canonical(CanonicalJsonError::BadNumber(
-            "the request content has no canonical form".to_owned(),
-        )),
-    ));
-    for bytes in &candidates {
-        outcome = verify_bytes(bytes, &header.sig, verify_key).map_err(XMatrixError::from);
-        if outcome.is_ok() {
-            break;
+    let spec = request.canonical_bytes();
+    let first_error = match &spec {
+        Ok(bytes) => match verify_bytes(bytes, &header.sig, verify_key) {
+            Ok(()) => return Ok(()),
+            Err(error) => error,
+        },
+        Err(error) => crate::signing::SigningError::from(error.clone()),
+    };
+    // Only content with floats or out-of-range integers has other forms a
+    // peer may have signed: Synapse signs over Python canonicaljson's. The
+    // lexical form of a number is lost in parsing (`-0` versus `-0.0`,
+    // `10` versus `10.0`), so both Python-compatible forms are tried.
+    if request.content.is_some_and(has_non_spec_numbers) {
+        for style in [NumberStyle::Python, NumberStyle::SpecThenPython] {
+            let bytes = request
+                .canonical_bytes_with(style)
+                .map_err(crate::signing::SigningError::from)?;
+            if verify_bytes(&bytes, &header.sig, verify_key).is_ok() {
+                return Ok(());
+            }
         }
     }
-    outcome
+    Err(first_error.into())
 }

@@ -868,3 +868,43 @@ proptest! {
         );
     }
 }
+
+/// What Synapse sends for client content holding floats: a request signed
+/// over Python canonicaljson's bytes (captured from the interop venv's
+/// `encode_canonical_json`). Courier must verify it, and a changed number
+/// must still fail.
+#[test]
+fn requests_signed_over_python_float_forms_verify() {
+    use courier::keys::ServerSigningKey;
+    use courier::xmatrix::{RequestToSign, verify_request};
+
+    let key = ServerSigningKey::from_seed("1", [7u8; 32]);
+    let wire = r#"{"a":[2.5,1e16,1e-5,10.0,1e10,-0.0,1e15,0.0001,123456789.125,1.5e300],"n":7}"#;
+    let python = r#"{"a":[2.5,1e+16,1e-05,10.0,10000000000.0,-0.0,1000000000000000.0,0.0001,123456789.125,1.5e+300],"n":7}"#;
+    let signed_bytes = format!(
+        r#"{{"content":{python},"destination":"us.example","method":"PUT","origin":"them.example","uri":"/_matrix/federation/v1/send/1"}}"#
+    );
+    let header = courier::xmatrix::XMatrix {
+        origin: "them.example".to_owned(),
+        destination: Some("us.example".to_owned()),
+        key: key.key_id().to_owned(),
+        sig: key.sign_bytes(signed_bytes.as_bytes()),
+    };
+    let content: serde_json::Value = serde_json::from_str(wire).expect("valid JSON");
+    let request = |content| RequestToSign {
+        method: "PUT",
+        uri: "/_matrix/federation/v1/send/1",
+        origin: "them.example",
+        destination: "us.example",
+        content: Some(content),
+    };
+    verify_request(&header, &request(&content), &key.verifying_key())
+        .expect("Python-form signature verifies");
+
+    let mut changed = content.clone();
+    changed["a"][0] = serde_json::json!(2.75);
+    assert!(verify_request(&header, &request(&changed), &key.verifying_key()).is_err());
+    // Our own signature over the same content is made in that same form.
+    let ours = courier::xmatrix::sign_request(&key, &request(&content)).expect("signed");
+    assert_eq!(ours.sig, header.sig);
+}

@@ -208,3 +208,27 @@ async fn futures_join_all<F: std::future::Future<Output = ()>>(futures: Vec<F>) 
     })
     .await;
 }
+
+/// Floats in content (accepted as Synapse accepts them) cross federation
+/// unchanged: the sender signs them in the form Synapse verifies, the
+/// receiver verifies that form.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn floats_cross_federation_unchanged() {
+    let a = TestRelay::spawn().await;
+    let b = TestRelay::spawn().await;
+    let alice = device(&a, "alice").await;
+    let bob = device(&b, "bob").await;
+    let content = json!({ "id": "f1", "f": 2.5, "big": 1e16, "small": 1e-5, "whole": 10.0 });
+    let r = a
+        .send_to_device(
+            &alice,
+            "org.example.scenario",
+            "f1",
+            json!({ user(&b, "bob"): { "D": content.clone() } }),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let (events, _) = b.sync_until(&bob, None, 1, WITHIN).await;
+    assert_eq!(events.len(), 1, "delivered once");
+    assert_eq!(events[0]["content"], content);
+}

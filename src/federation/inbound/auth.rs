@@ -226,16 +226,6 @@ impl FromRequest<AppState> for SignedRequest {
             destination: our_name.as_str(),
             content: body.as_ref(),
         };
-        // The spec form first; Python-compatible forms only for bodies with
-        // floats, which Synapse accepts from clients and signs that way.
-        let candidates = signed.verification_candidates();
-        if candidates.is_empty() {
-            tracing::info!(origin = %origin, "federation request body has no canonical JSON form");
-            return Err(MatrixError::bad_json(
-                "The request body has no canonical JSON form",
-            ));
-        }
-
         for header in &headers {
             let key = state
                 .keyring
@@ -248,11 +238,18 @@ impl FromRequest<AppState> for SignedRequest {
                         MatrixError::unauthorized("Unable to obtain the origin's signing key"),
                     )
                 })?;
-            let verified = candidates
-                .iter()
-                .map(|bytes| crate::signing::verify_bytes(bytes, &header.sig, &key))
-                .find(Result::is_ok)
-                .unwrap_or_else(|| crate::signing::verify_bytes(&candidates[0], &header.sig, &key));
+            // The spec form first; Python-compatible forms only for bodies
+            // with floats, which Synapse accepts from clients and signs so.
+            let verified = crate::xmatrix::verify_request(header, &signed, &key);
+            if let Err(crate::xmatrix::XMatrixError::Signing(
+                crate::signing::SigningError::Canonical(error),
+            )) = &verified
+            {
+                tracing::info!(origin = %origin, %error, "federation request body has no canonical JSON form");
+                return Err(MatrixError::bad_json(
+                    "The request body has no canonical JSON form",
+                ));
+            }
             verified.map_err(|error| {
                 tracing::info!(origin = %origin, key_id = %header.key, %error, uri = %target, "federation request signature does not verify");
                 refuse(
