@@ -41,6 +41,7 @@ pub struct JsonResponse {
 #[derive(Debug, Clone)]
 pub struct RawResponse {
     pub status: u16,
+    pub headers: hyper::HeaderMap,
     pub body: Bytes,
 }
 
@@ -126,14 +127,17 @@ impl JsonClient {
                 .request(request)
                 .await
                 .map_err(|e| transport(e.to_string()))?;
-            let status = response.status().as_u16();
-            let body = response
-                .into_body()
+            let (parts, body) = response.into_parts();
+            let body = body
                 .collect()
                 .await
                 .map_err(|e| transport(e.to_string()))?
                 .to_bytes();
-            Ok(RawResponse { status, body })
+            Ok(RawResponse {
+                status: parts.status.as_u16(),
+                headers: parts.headers,
+                body,
+            })
         };
         tokio::time::timeout(self.timeout, exchange)
             .await

@@ -1,13 +1,12 @@
-//! A tiny JSON-over-HTTP client for tests (plain HTTP to the client and RPC
-//! listeners on loopback), built on hyper-util's pooled client.
+//! The tests' view of Courier's own plain-HTTP client
+//! (`courier::plain_http::JsonClient`): every request bounded to 60 s and
+//! expected to get an answer, and the answer kept whole (status, headers,
+//! text, and the body parsed as JSON when it is JSON).
 
 use std::time::Duration;
 
-use http_body_util::{BodyExt, Full};
+use courier::plain_http::JsonClient;
 use hyper::body::Bytes;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use serde_json::Value;
 
 /// A response: status, the body parsed as JSON (`Value::Null` if it is not
@@ -21,7 +20,7 @@ pub struct Response {
 }
 
 pub struct HttpClient {
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: JsonClient,
 }
 
 impl Default for HttpClient {
@@ -33,13 +32,13 @@ impl Default for HttpClient {
 impl HttpClient {
     pub fn new() -> HttpClient {
         HttpClient {
-            client: Client::builder(TokioExecutor::new()).build_http(),
+            client: JsonClient::new(Duration::from_secs(60)),
         }
     }
 
-    /// Sends a request; `bearer` sets `Authorization: Bearer`. Every request
-    /// is bounded to 60 s so a broken server fails the test instead of
-    /// hanging it.
+    /// Sends a request; `bearer` sets `Authorization: Bearer`; a body is sent
+    /// as `application/json` whatever its bytes (bad-input tests send
+    /// non-JSON on purpose).
     pub async fn request(
         &self,
         method: &str,
@@ -47,35 +46,16 @@ impl HttpClient {
         bearer: Option<&str>,
         body: Option<Vec<u8>>,
     ) -> Response {
-        let mut builder = hyper::Request::builder().method(method).uri(url);
-        if let Some(token) = bearer {
-            builder = builder.header("Authorization", format!("Bearer {token}"));
-        }
-        if body.is_some() {
-            builder = builder.header("Content-Type", "application/json");
-        }
-        let request = builder
-            .body(Full::new(Bytes::from(body.unwrap_or_default())))
-            .expect("a well-formed test request");
-        let response = tokio::time::timeout(Duration::from_secs(60), self.client.request(request))
+        let raw = self
+            .client
+            .request_raw(method, url, bearer, body.map(Bytes::from))
             .await
-            .expect("request finished within 60 s")
-            .expect("request sent");
-        let status = response.status().as_u16();
-        let headers = response.headers().clone();
-        let bytes = response
-            .into_body()
-            .collect()
-            .await
-            .expect("body read")
-            .to_bytes();
-        let text = String::from_utf8_lossy(&bytes).into_owned();
-        let json = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+            .unwrap_or_else(|error| panic!("{method} {url}: {error}"));
         Response {
-            status,
-            json,
-            text,
-            headers,
+            status: raw.status,
+            json: serde_json::from_slice(&raw.body).unwrap_or(Value::Null),
+            text: String::from_utf8_lossy(&raw.body).into_owned(),
+            headers: raw.headers,
         }
     }
 
