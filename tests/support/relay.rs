@@ -146,29 +146,16 @@ sqlite = "{dir}/courier.db"
     }
 
     async fn wait_ready(&self) {
+        let probe = courier::plain_http::JsonClient::new(Duration::from_secs(2));
+        let url = format!("{}/_matrix/client/versions", self.client_url);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        loop {
-            let url = format!("{}/_matrix/client/versions", self.client_url);
-            let probe = tokio::time::timeout(Duration::from_secs(2), self.http_probe(&url)).await;
-            if matches!(probe, Ok(true)) {
-                return;
-            }
+        // Any HTTP answer means the listener is serving.
+        while probe.request("GET", &url, None, None).await.is_err() {
             assert!(
                 tokio::time::Instant::now() < deadline,
                 "relay did not become ready"
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    async fn http_probe(&self, url: &str) -> bool {
-        // Any HTTP answer means the listener is serving.
-        let client =
-            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-                .build_http::<http_body_util::Empty<hyper::body::Bytes>>();
-        match url.parse() {
-            Ok(uri) => client.get(uri).await.is_ok(),
-            Err(_) => false,
         }
     }
 
