@@ -49,39 +49,18 @@ fn free_port() -> u16 {
     panic!("no free port below the ephemeral range");
 }
 
-/// One request on a fresh connection (no pool that could hold a connection
-/// to a killed worker); `None` when the worker did not answer.
+/// One request on a fresh client, so no pooled connection to a killed
+/// worker is reused; `None` when the worker did not answer within 20 s.
 async fn try_request(
     method: &str,
     url: &str,
     bearer: Option<&str>,
     body: Option<&Value>,
 ) -> Option<(u16, String)> {
-    use http_body_util::{BodyExt, Full};
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .pool_max_idle_per_host(0)
-        .build_http::<Full<hyper::body::Bytes>>();
-    let mut builder = hyper::Request::builder().method(method).uri(url);
-    if let Some(token) = bearer {
-        builder = builder.header("Authorization", format!("Bearer {token}"));
-    }
-    let bytes = body.map(|b| b.to_string().into_bytes()).unwrap_or_default();
-    if body.is_some() {
-        builder = builder.header("Content-Type", "application/json");
-    }
-    let request = builder
-        .body(Full::new(hyper::body::Bytes::from(bytes)))
-        .expect("a well-formed request");
-    let exchange = async {
-        let response = client.request(request).await.ok()?;
-        let status = response.status().as_u16();
-        let body = response.into_body().collect().await.ok()?.to_bytes();
-        Some((status, String::from_utf8_lossy(&body).into_owned()))
-    };
-    tokio::time::timeout(Duration::from_secs(20), exchange)
-        .await
-        .ok()
-        .flatten()
+    let client = courier::plain_http::JsonClient::new(Duration::from_secs(20));
+    let bytes = body.map(|b| hyper::body::Bytes::from(b.to_string()));
+    let raw = client.request_raw(method, url, bearer, bytes).await.ok()?;
+    Some((raw.status, String::from_utf8_lossy(&raw.body).into_owned()))
 }
 
 fn encode(segment: &str) -> String {
