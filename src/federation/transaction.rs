@@ -17,25 +17,34 @@ pub const MAX_EDUS: u32 = 100;
 /// limit receivers apply (SPEC §9.4), leaving room for the envelope.
 pub const MAX_EDU_BYTES: u64 = 12 * 1024 * 1024;
 
-/// Issues transaction ids `<startup_ms>-<counter>`: unique across restarts
-/// as long as the clock moves forward between starts, and URL-safe.
+/// Issues transaction ids `<startup_ms>-<nonce>-<counter>`, URL-safe.
+///
+/// The receiver dedupes on (origin, txnId) for a day, so an id reused for
+/// different EDUs would make it drop them as a retransmission. The start
+/// time alone is not enough: several workers share one origin and can
+/// start in the same millisecond (or a worker restarts within one), so a
+/// random 64-bit nonce per process tells them apart.
 #[derive(Debug)]
 pub struct TxnIds {
-    startup_ms: TimestampMs,
+    prefix: String,
     counter: AtomicU64,
 }
 
 impl TxnIds {
     pub fn new(startup_ms: TimestampMs) -> Self {
+        Self::with_nonce(startup_ms, rand::random())
+    }
+
+    fn with_nonce(startup_ms: TimestampMs, nonce: u64) -> Self {
         TxnIds {
-            startup_ms,
+            prefix: format!("{startup_ms}-{nonce:016x}-"),
             counter: AtomicU64::new(0),
         }
     }
 
     pub fn next(&self) -> String {
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
-        format!("{}-{n}", self.startup_ms)
+        format!("{}{n}", self.prefix)
     }
 }
 
@@ -167,15 +176,25 @@ mod tests {
 
     #[test]
     fn txn_ids_are_distinct_and_url_safe() {
-        let ids = TxnIds::new(1_700_000_000_000);
+        let ids = TxnIds::with_nonce(1_700_000_000_000, 0xab);
         let a = ids.next();
         let b = ids.next();
         assert_ne!(a, b);
-        assert_eq!(a, "1700000000000-0");
+        assert_eq!(a, "1700000000000-00000000000000ab-0");
         assert!(
             b.bytes()
                 .all(|c| c.is_ascii_alphanumeric() || b"._~-".contains(&c))
         );
+    }
+
+    #[test]
+    fn processes_started_in_the_same_millisecond_mint_different_ids() {
+        // Two workers of one origin, or a worker restarted within a
+        // millisecond: their first ids must differ or the receiver would
+        // drop the second transaction as a retransmission.
+        let first = TxnIds::new(1_700_000_000_000);
+        let second = TxnIds::new(1_700_000_000_000);
+        assert_ne!(first.next(), second.next());
     }
 
     #[test]
