@@ -428,7 +428,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             max_request_bytes: f.max_request_bytes.unwrap_or(DEFAULT_MAX_REQUEST_BYTES),
             origin_allow: f.origin_allow,
             origin_deny: f.origin_deny,
-            inbound_rate_per_origin: f.inbound_rate_per_origin.unwrap_or(50),
+            inbound_rate_per_origin: f.inbound_rate_per_origin.unwrap_or(200),
             notary_servers,
             retry,
             quarantine_after,

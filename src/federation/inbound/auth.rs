@@ -25,8 +25,9 @@
 //!    query, never percent-decoded) → any failure is 401.
 //!
 //! After that the origin is authenticated: the per-origin rate limit applies
-//! (429 `M_LIMIT_EXCEEDED` with Retry-After) and the sender is told the peer
-//! is up (its backoff resets). Every refusal is logged with the origin when
+//! (a request slightly over it is held up to half a second, one further over
+//! gets 429 `M_LIMIT_EXCEEDED` with Retry-After) and the sender is told the
+//! peer is up (its backoff resets). Every refusal is logged with the origin when
 //! one is known and counted in `courier_federation_auth_failures_total`.
 //! The rate limiter lives in the [`InboundState`] extension that
 //! `inbound::routes` attaches; a route outside that router gets no rate
@@ -45,6 +46,7 @@ use crate::state::AppState;
 use crate::xmatrix::{RequestToSign, XMatrix, XMatrixError, parse_authorization_headers};
 
 use super::InboundState;
+use super::rate_limit::{Admission, MAX_SHAPING_DELAY};
 
 /// A server whose X-Matrix signature on the current request verified.
 /// Only the extractor constructs it.
@@ -259,15 +261,24 @@ impl FromRequest<AppState> for SignedRequest {
             })?;
         }
 
-        if let Some(inbound) = &inbound
-            && let Err(wait) = inbound
-                .rate_limiter
-                .check(origin.as_str(), config.federation.inbound_rate_per_origin)
-        {
-            tracing::info!(origin = %origin, "rate limiting a federation origin");
-            metrics::counter!("courier_federation_rate_limited_total").increment(1);
-            let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-            return Err(MatrixError::limit_exceeded(secs.max(1)));
+        if let Some(inbound) = &inbound {
+            match inbound.rate_limiter.admit(
+                origin.as_str(),
+                config.federation.inbound_rate_per_origin,
+                MAX_SHAPING_DELAY,
+            ) {
+                Admission::Now => {}
+                Admission::After(delay) => {
+                    metrics::counter!("courier_federation_rate_delayed_total").increment(1);
+                    tokio::time::sleep(delay).await;
+                }
+                Admission::Refused(wait) => {
+                    tracing::info!(origin = %origin, "rate limiting a federation origin");
+                    metrics::counter!("courier_federation_rate_limited_total").increment(1);
+                    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+                    return Err(MatrixError::limit_exceeded(secs.max(1)));
+                }
+            }
         }
         state.sender.peer_is_up(origin.as_str());
         Ok(SignedRequest {

@@ -3,6 +3,13 @@
 //! `rate` tokens per second. It is keyed by the *authenticated* origin only,
 //! so nobody can spend another server's budget by forging its name.
 //!
+//! A request that finds the bucket empty is not refused at once: when a
+//! token will be there within [`MAX_SHAPING_DELAY`], the token is reserved
+//! (the bucket goes into debt) and the caller waits that long, so a busy but
+//! honest peer is slowed to the rate instead of being bounced for a whole
+//! `Retry-After` second. Only a request that would wait longer is refused.
+//! The debt bounds how many requests can be waiting: rate × the delay.
+//!
 //! The map is bounded: when it is full, buckets that have refilled completely
 //! (indistinguishable from a fresh bucket) are dropped, and if that is not
 //! enough the least recently used half goes. It does not decide what a
@@ -16,6 +23,21 @@ use tokio::time::Instant;
 
 /// Most origins tracked at once.
 const MAX_ORIGINS: usize = 10_000;
+
+/// The longest a request over the rate is held before it is let through;
+/// one that would have to wait longer is refused.
+pub const MAX_SHAPING_DELAY: Duration = Duration::from_millis(500);
+
+/// What the limiter decided for one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// Go ahead now.
+    Now,
+    /// A token is reserved: go ahead after this delay.
+    After(Duration),
+    /// Refused: a token is this far away.
+    Refused(Duration),
+}
 
 struct Bucket {
     tokens: f64,
@@ -47,12 +69,23 @@ impl OriginRateLimiter {
         }
     }
 
-    /// Takes one token for `origin` at `rate_per_sec` (burst 2 × rate).
-    /// `Err(wait)` says how long until a token is available. A rate of 0
-    /// disables limiting.
+    /// Takes one token for `origin` at `rate_per_sec` (burst 2 × rate),
+    /// never waiting. `Err(wait)` says how long until a token is available.
+    /// A rate of 0 disables limiting.
     pub fn check(&self, origin: &str, rate_per_sec: u32) -> Result<(), Duration> {
+        match self.admit(origin, rate_per_sec, Duration::ZERO) {
+            Admission::Now | Admission::After(_) => Ok(()),
+            Admission::Refused(wait) => Err(wait),
+        }
+    }
+
+    /// Takes one token for `origin` at `rate_per_sec` (burst 2 × rate). When
+    /// the bucket is empty but a token will be there within `max_delay`, the
+    /// token is reserved and the answer says how long to wait first. A rate
+    /// of 0 disables limiting.
+    pub fn admit(&self, origin: &str, rate_per_sec: u32, max_delay: Duration) -> Admission {
         if rate_per_sec == 0 {
-            return Ok(());
+            return Admission::Now;
         }
         let rate = f64::from(rate_per_sec);
         let capacity = 2.0 * rate;
@@ -70,9 +103,14 @@ impl OriginRateLimiter {
         bucket.last = now;
         if bucket.tokens >= 1.0 {
             bucket.tokens -= 1.0;
-            Ok(())
+            return Admission::Now;
+        }
+        let wait = Duration::from_secs_f64((1.0 - bucket.tokens) / rate);
+        if wait <= max_delay {
+            bucket.tokens -= 1.0;
+            Admission::After(wait)
         } else {
-            Err(Duration::from_secs_f64((1.0 - bucket.tokens) / rate))
+            Admission::Refused(wait)
         }
     }
 
@@ -122,6 +160,38 @@ mod tests {
         tokio::time::advance(Duration::from_millis(200)).await;
         assert!(limiter.check("a.example", 5).is_ok());
         assert!(limiter.check("a.example", 5).is_err());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_just_over_the_rate_waits_instead_of_being_refused() {
+        let limiter = OriginRateLimiter::new();
+        let max = Duration::from_millis(500);
+        // Rate 10/s: the burst of 20 goes at once.
+        for _ in 0..20 {
+            assert_eq!(limiter.admit("a.example", 10, max), Admission::Now);
+        }
+        // Then tokens are reserved 100 ms apart, while they are within the
+        // longest delay: 5 of them (100 … 500 ms).
+        let mut waits = Vec::new();
+        while let Admission::After(wait) = limiter.admit("a.example", 10, max) {
+            waits.push(wait.as_millis());
+        }
+        assert_eq!(waits.len(), 5, "{waits:?}");
+        for (i, wait) in waits.iter().enumerate() {
+            let expected = 100 * (i as u128 + 1);
+            assert!(wait.abs_diff(expected) <= 1, "{waits:?}");
+        }
+        // The next would wait 600 ms: refused, and the refusal reserves
+        // nothing.
+        match limiter.admit("a.example", 10, max) {
+            Admission::Refused(wait) => assert!(wait > max, "{wait:?}"),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        tokio::time::advance(Duration::from_millis(100)).await;
+        assert!(matches!(
+            limiter.admit("a.example", 10, max),
+            Admission::After(wait) if wait <= max
+        ));
     }
 
     #[tokio::test(start_paused = true)]
