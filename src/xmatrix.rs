@@ -341,6 +341,50 @@ impl RequestToSign<'_> {
     }
 }
 
+/// The signed request object for a body that is already canonical JSON,
+/// assembled by concatenation: `{"content":<body>,"destination":…,
+/// "method":…,"origin":…,"uri":…}`. Equal to
+/// [`RequestToSign::signing_bytes`] of the parsed body exactly when `body`
+/// is that body's canonical form; the caller guarantees it.
+pub fn signing_bytes_for_canonical_body(
+    method: &str,
+    uri: &str,
+    origin: &str,
+    destination: &str,
+    body: &[u8],
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(
+        96 + body.len() + uri.len() + origin.len() + destination.len() + method.len(),
+    );
+    out.extend_from_slice(b"{\"content\":");
+    out.extend_from_slice(body);
+    out.extend_from_slice(b",\"destination\":");
+    write_string(destination, &mut out);
+    out.extend_from_slice(b",\"method\":");
+    write_string(method, &mut out);
+    out.extend_from_slice(b",\"origin\":");
+    write_string(origin, &mut out);
+    out.extend_from_slice(b",\"uri\":");
+    write_string(uri, &mut out);
+    out.push(b'}');
+    out
+}
+
+/// Signs the bytes of a request object; returns the header to send.
+pub fn sign_signed_bytes(
+    key: &ServerSigningKey,
+    origin: &str,
+    destination: &str,
+    bytes: &[u8],
+) -> XMatrix {
+    XMatrix {
+        origin: origin.to_owned(),
+        destination: Some(destination.to_owned()),
+        key: key.key_id().to_owned(),
+        sig: key.sign_bytes(bytes),
+    }
+}
+
 /// Signs a request; returns the header to send.
 pub fn sign_request(
     key: &ServerSigningKey,
@@ -349,12 +393,12 @@ pub fn sign_request(
     let bytes = request
         .signing_bytes()
         .map_err(crate::signing::SigningError::from)?;
-    Ok(XMatrix {
-        origin: request.origin.to_owned(),
-        destination: Some(request.destination.to_owned()),
-        key: key.key_id().to_owned(),
-        sig: key.sign_bytes(&bytes),
-    })
+    Ok(sign_signed_bytes(
+        key,
+        request.origin,
+        request.destination,
+        &bytes,
+    ))
 }
 
 /// Verifies `header.sig` over `request` with `verify_key`.

@@ -33,7 +33,9 @@ use crate::federation::discovery::{Discovery, Endpoint};
 use crate::federation::dns::{DnsResolver, HickoryResolver};
 use crate::identifiers::ServerName;
 use crate::keys::ServerSigningKey;
-use crate::xmatrix::{RequestToSign, sign_request};
+use crate::xmatrix::{
+    RequestToSign, sign_request, sign_signed_bytes, signing_bytes_for_canonical_body,
+};
 
 /// Largest response body read from a peer.
 const MAX_RESPONSE_BYTES: usize = 4 * 1024 * 1024;
@@ -45,6 +47,16 @@ const ENDPOINTS_KEPT: usize = 20_000;
 const USER_AGENT: &str = concat!("Courier/", env!("CARGO_PKG_VERSION"));
 /// How long an idle pooled connection is kept.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// How a request is signed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sign {
+    Unsigned,
+    /// Over the parsed body's canonical form (or no body).
+    ParsedBody,
+    /// The body bytes are already canonical JSON: signed as they are.
+    CanonicalBody,
+}
 
 /// Why a federation request failed. The sender decides retry versus refusal
 /// from the variant.
@@ -190,7 +202,12 @@ impl FederationClient {
         path_and_query: &str,
         signed: bool,
     ) -> Result<Value, ClientError> {
-        self.request(Method::GET, destination, path_and_query, None, signed)
+        let sign = if signed {
+            Sign::ParsedBody
+        } else {
+            Sign::Unsigned
+        };
+        self.request(Method::GET, destination, path_and_query, None, sign)
             .await
     }
 
@@ -213,7 +230,14 @@ impl FederationClient {
             )));
         }
         let path = format!("/_matrix/federation/v1/send/{txn_id}");
-        self.request(Method::PUT, destination, &path, Some(body), true)
+        // A body in `build_body`'s canonical layout is signed as it is; an
+        // older stored body is parsed and canonicalized first.
+        let sign = if crate::federation::transaction::is_canonical_layout(body) {
+            Sign::CanonicalBody
+        } else {
+            Sign::ParsedBody
+        };
+        self.request(Method::PUT, destination, &path, Some(body), sign)
             .await
     }
 
@@ -223,7 +247,7 @@ impl FederationClient {
         destination: &ServerName,
         path_and_query: &str,
         body: Option<&[u8]>,
-        signed: bool,
+        sign: Sign,
     ) -> Result<Value, ClientError> {
         let dest = destination.as_str();
         let endpoint = self.discovery.resolve(destination).await?;
@@ -241,25 +265,46 @@ impl FederationClient {
             .uri(&uri)
             .header(http::header::HOST, &authority)
             .header(http::header::USER_AGENT, USER_AGENT);
-        if signed {
-            let content =
-                match body {
+        let header = match (sign, body) {
+            (Sign::Unsigned, _) => None,
+            (Sign::CanonicalBody, Some(bytes)) => {
+                let signed = signing_bytes_for_canonical_body(
+                    method.as_str(),
+                    path_and_query,
+                    self.origin.as_str(),
+                    dest,
+                    bytes,
+                );
+                Some(sign_signed_bytes(
+                    &self.signing_key,
+                    self.origin.as_str(),
+                    dest,
+                    &signed,
+                ))
+            }
+            (Sign::ParsedBody | Sign::CanonicalBody, body) => {
+                let content = match body {
                     Some(bytes) => Some(serde_json::from_slice::<Value>(bytes).map_err(|e| {
                         ClientError::Request(format!("request body is not JSON: {e}"))
                     })?),
                     None => None,
                 };
-            let header = sign_request(
-                &self.signing_key,
-                &RequestToSign {
-                    method: method.as_str(),
-                    uri: path_and_query,
-                    origin: self.origin.as_str(),
-                    destination: dest,
-                    content: content.as_ref(),
-                },
-            )
-            .map_err(|e| ClientError::Request(format!("signing: {e}")))?;
+                Some(
+                    sign_request(
+                        &self.signing_key,
+                        &RequestToSign {
+                            method: method.as_str(),
+                            uri: path_and_query,
+                            origin: self.origin.as_str(),
+                            destination: dest,
+                            content: content.as_ref(),
+                        },
+                    )
+                    .map_err(|e| ClientError::Request(format!("signing: {e}")))?,
+                )
+            }
+        };
+        if let Some(header) = header {
             builder = builder.header(http::header::AUTHORIZATION, header.to_header_value());
         }
         let request = match body {

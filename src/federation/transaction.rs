@@ -48,27 +48,40 @@ impl TxnIds {
     }
 }
 
-/// The transaction body: `{"origin","origin_server_ts","pdus":[],"edus":[…]}`
-/// with each stored `edu_json` copied in verbatim.
+/// The transaction body: `{"edus":[…],"origin","origin_server_ts","pdus":[]}`
+/// with each stored `edu_json` copied in verbatim. The keys are in
+/// canonical order and every stored EDU is canonical JSON (the to-device
+/// packer writes it so), so the whole body is canonical JSON and the
+/// request can be signed over it as it is ([`is_canonical_layout`]).
 pub fn build_body(origin: &str, origin_server_ts: TimestampMs, edus: &[OutboxEdu]) -> String {
     let origin_json =
         serde_json::to_string(origin).expect("serializing a string to JSON cannot fail");
     let capacity =
         96 + origin_json.len() + edus.iter().map(|e| e.edu_json.len() + 1).sum::<usize>();
     let mut body = String::with_capacity(capacity);
-    body.push_str("{\"origin\":");
-    body.push_str(&origin_json);
-    body.push_str(",\"origin_server_ts\":");
-    body.push_str(&origin_server_ts.to_string());
-    body.push_str(",\"pdus\":[],\"edus\":[");
+    body.push_str(CANONICAL_PREFIX);
     for (i, edu) in edus.iter().enumerate() {
         if i > 0 {
             body.push(',');
         }
         body.push_str(&edu.edu_json);
     }
-    body.push_str("]}");
+    body.push_str("],\"origin\":");
+    body.push_str(&origin_json);
+    body.push_str(",\"origin_server_ts\":");
+    body.push_str(&origin_server_ts.to_string());
+    body.push_str(",\"pdus\":[]}");
     body
+}
+
+/// How every body [`build_body`] writes starts.
+const CANONICAL_PREFIX: &str = "{\"edus\":[";
+
+/// Whether a stored transaction body was written by [`build_body`] in its
+/// canonical layout. Bodies recorded by older versions (keys not in
+/// canonical order) are signed over their parsed form instead.
+pub fn is_canonical_layout(body: &[u8]) -> bool {
+    body.starts_with(CANONICAL_PREFIX.as_bytes())
 }
 
 /// What a failed send means for the destination task.
@@ -163,15 +176,74 @@ mod tests {
         assert_eq!(
             body,
             format!(
-                r#"{{"origin":"origin.example:8448","origin_server_ts":1700,"pdus":[],"edus":[{a},{b}]}}"#
+                r#"{{"edus":[{a},{b}],"origin":"origin.example:8448","origin_server_ts":1700,"pdus":[]}}"#
             )
         );
         let parsed: serde_json::Value = serde_json::from_str(&body).expect("valid JSON");
         assert_eq!(parsed["edus"].as_array().map(Vec::len), Some(2));
         assert_eq!(
             build_body("o", 1, &[]),
-            r#"{"origin":"o","origin_server_ts":1,"pdus":[],"edus":[]}"#
+            r#"{"edus":[],"origin":"o","origin_server_ts":1,"pdus":[]}"#
         );
+        assert!(is_canonical_layout(body.as_bytes()));
+        assert!(!is_canonical_layout(
+            br#"{"origin":"o","origin_server_ts":1,"pdus":[],"edus":[]}"#
+        ));
+    }
+
+    /// Signing the stored body as it is must give the bytes a receiver
+    /// rebuilds from the parsed body, for every kind of content the packer
+    /// stores: escapes, non-ASCII, big integers and the Python float forms
+    /// Synapse signs.
+    #[test]
+    fn a_body_of_canonical_edus_signs_like_its_parsed_form() {
+        use crate::canonical_json::{NumberStyle, to_canonical_bytes_with};
+        use crate::xmatrix::{RequestToSign, signing_bytes_for_canonical_body};
+        let contents = [
+            serde_json::json!({"z": 1, "a": "é\n\u{1}\"", "m": [1, {"y": 2, "b": null}]}),
+            serde_json::json!({"big": 9007199254740993_u64, "neg": -5}),
+            serde_json::json!({"f": 1.5, "g": 1e30, "h": -0.0, "i": 10.0}),
+            serde_json::json!({}),
+        ];
+        for content in contents {
+            let value = serde_json::json!({
+                "content": {
+                    "message_id": "m",
+                    "messages": {"@u:d": {"D": content}},
+                    "sender": "@s:o",
+                    "type": "t",
+                },
+                "edu_type": "m.direct_to_device",
+            });
+            let stored = String::from_utf8(
+                to_canonical_bytes_with(&value, NumberStyle::Python).expect("encodable"),
+            )
+            .expect("utf-8");
+            let body = build_body("o.example", 1700, &[edu(1, &stored), edu(2, &stored)]);
+            let parsed: serde_json::Value = serde_json::from_str(&body).expect("valid JSON");
+            let uri = "/_matrix/federation/v1/send/1-0";
+            let expected = RequestToSign {
+                method: "PUT",
+                uri,
+                origin: "o.example",
+                destination: "d.example",
+                content: Some(&parsed),
+            }
+            .signing_bytes()
+            .expect("signable");
+            let direct = signing_bytes_for_canonical_body(
+                "PUT",
+                uri,
+                "o.example",
+                "d.example",
+                body.as_bytes(),
+            );
+            assert_eq!(
+                String::from_utf8_lossy(&direct),
+                String::from_utf8_lossy(&expected),
+                "{stored}"
+            );
+        }
     }
 
     #[test]
