@@ -94,6 +94,12 @@ pub struct DestinationTask {
     /// The last attempt succeeded and the outbox was empty: a `PeerIsUp`
     /// while idle has nothing to reset or send, and costs no store access.
     clean: bool,
+    /// This task settled the last recorded transaction (acked or refused)
+    /// and has not recorded another: the next step need not read the
+    /// in-flight record back. False at start and after any store error, so
+    /// a transaction recorded by an earlier run or another worker is always
+    /// found (and `begin_txn` refuses a second one in any case).
+    settled: bool,
 }
 
 impl DestinationTask {
@@ -113,6 +119,7 @@ impl DestinationTask {
             id,
             split: Split::default(),
             clean: false,
+            settled: false,
         }
     }
 
@@ -227,6 +234,7 @@ impl DestinationTask {
         match self.try_send_step().await {
             Ok(step) => step,
             Err(error) => {
+                self.settled = false;
                 tracing::warn!(%error, "store error while sending");
                 Step::Wait(STORE_RETRY)
             }
@@ -254,9 +262,16 @@ impl DestinationTask {
             .await?
         {
             tracing::debug!(worker = %worker.name, "destination leased by another worker");
+            // The owner may record transactions meanwhile.
+            self.settled = false;
             return Ok(Step::Drained);
         }
-        let txn = match store.in_flight(&self.destination).await? {
+        let recorded = if self.settled {
+            None
+        } else {
+            store.in_flight(&self.destination).await?
+        };
+        let txn = match recorded {
             Some(txn) => txn,
             None => {
                 let limit = self.split.limit.unwrap_or(MAX_EDUS);
@@ -274,6 +289,7 @@ impl DestinationTask {
                     seqs: edus.iter().map(|e| e.seq).collect(),
                     body,
                 };
+                self.settled = false;
                 store.begin_txn(txn.clone()).await?;
                 txn
             }
@@ -300,6 +316,7 @@ impl DestinationTask {
                     .await?;
                 // ack_txn also reset the persisted retry state.
                 self.clean = true;
+                self.settled = true;
                 tracing::debug!("delivered");
                 metrics::counter!("courier_federation_transactions_total", "outcome" => "ok")
                     .increment(1);
@@ -370,6 +387,7 @@ impl DestinationTask {
     ) -> Result<Step, StoreError> {
         let store = &self.shared.store;
         store.refuse_txn(&self.destination, &txn.txn_id).await?;
+        self.settled = true;
         let count = txn.seqs.len() as u32;
         if count > 1 {
             let half = (count / 2).max(1);
