@@ -36,16 +36,16 @@ fn parse_seqs(seqs_json: &str) -> Result<Vec<i64>, StoreError> {
         .map_err(|e| StoreError::Corrupt(format!("outbox_txn.seqs_json: {e}")))
 }
 
+const PEEK_SQL: &str = "SELECT seq, edu_json, message_count, queued_ts, refusals FROM outbox
+     WHERE destination = ?1 ORDER BY seq LIMIT ?2";
+
 pub fn peek_outbox(
     conn: &Connection,
     destination: &str,
     max_edus: u32,
     max_bytes: u64,
 ) -> Result<Vec<OutboxEdu>, StoreError> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT seq, edu_json, message_count, queued_ts, refusals FROM outbox
-         WHERE destination = ?1 ORDER BY seq LIMIT ?2",
-    )?;
+    let mut stmt = conn.prepare_cached(PEEK_SQL)?;
     let mut rows = stmt.query((destination, i64::from(max_edus)))?;
     let mut out = Vec::new();
     let mut bytes = 0u64;
@@ -290,4 +290,41 @@ pub fn destination_statuses(conn: &Connection) -> Result<Vec<DestinationStatus>,
         })
     })?;
     Ok(rows.collect::<Result<_, _>>()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rusqlite::StatementStatus;
+
+    /// With SQLite's STAT4 (on in the bundled build) a cached statement
+    /// whose plan may depend on a bound value is re-compiled whenever the
+    /// value changes, i.e. on every call; the connection setup turns on the
+    /// query planner stability guarantee so the hot reads are compiled once.
+    #[test]
+    fn peeking_reuses_the_compiled_statement() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("courier.db");
+        let mut writer =
+            super::super::schema::open_writer(&path, std::time::Duration::from_secs(1))
+                .expect("open");
+        super::super::schema::migrate(&mut writer, 0).expect("migrate");
+        let reader = super::super::schema::open_reader(&path, std::time::Duration::from_secs(1))
+            .expect("open reader");
+        for i in 0..50 {
+            writer
+                .execute(
+                    "INSERT INTO outbox (destination, edu_json, message_count, queued_ts)
+                     VALUES (?1, '{}', 1, 0)",
+                    [format!("d{}.example", i % 5)],
+                )
+                .expect("insert");
+            let limit = if i % 2 == 0 { 100 } else { 3 };
+            let rows = peek_outbox(&reader, &format!("d{}.example", i % 5), limit, u64::MAX)
+                .expect("peek");
+            assert_eq!(rows.len(), (i / 5 + 1).min(limit as usize));
+        }
+        let stmt = reader.prepare_cached(PEEK_SQL).expect("cached");
+        assert_eq!(stmt.get_status(StatementStatus::RePrepare), 0);
+    }
 }
