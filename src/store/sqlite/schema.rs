@@ -75,6 +75,11 @@ fn common_pragmas(conn: &Connection) -> Result<(), StoreError> {
     // plan per statement is what we want anyway (the schema has no ANALYZE
     // statistics to choose between plans).
     conn.set_db_config(DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)?;
+    // The writer runs every job of a group under its own SAVEPOINT, whose
+    // statement journal is a temporary file by default: written for every
+    // page a job touches. It only serves rolling back a job inside the open
+    // transaction, never recovery, so it can live in memory.
+    conn.pragma_update(None, "temp_store", "MEMORY")?;
     Ok(())
 }
 
