@@ -376,6 +376,140 @@ async fn concurrent_copies_of_a_transaction_are_applied_once() {
     assert_eq!(f.inbox("BOBPHONE").await.len(), 1);
 }
 
+/// A header signed by the test origin over `body`'s bytes exactly as given,
+/// spliced into the request object as `content` (what a sender that sends
+/// canonical JSON signs), for `destination` and `target`.
+fn sign_raw(key: &ServerSigningKey, destination: &str, target: &str, body: &[u8]) -> String {
+    let request = RequestToSign {
+        method: "PUT",
+        uri: target,
+        origin: FAKE_ORIGIN,
+        destination,
+        content: None,
+    };
+    courier::xmatrix::XMatrix {
+        origin: FAKE_ORIGIN.to_owned(),
+        destination: Some(destination.to_owned()),
+        key: key.key_id().to_owned(),
+        sig: key.sign_bytes(&request.raw_content_bytes(Some(body))),
+    }
+    .to_header_value()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raw_and_re_encoded_bodies_verify_and_changed_bytes_do_not() {
+    let f = Fixture::new().await;
+    let us = f.us().to_owned();
+    let bob = bob(&f.relay);
+
+    // A canonical body, signed as Courier's sender signs it.
+    let body = txn_body(
+        vec![to_device_edu(
+            &alice(),
+            "canonical",
+            json!({ &bob: { "BOBPHONE": {"n": 1} } }),
+        )],
+        vec![],
+    );
+    let canonical = courier::canonical_json::to_canonical_bytes(&body).expect("canonical");
+    let target = "/_matrix/federation/v1/send/raw-1";
+    let reply = f
+        .fed
+        .send(
+            "PUT",
+            target,
+            &[sign(&f.key, FAKE_ORIGIN, &us, "PUT", target, Some(&body))],
+            Some(canonical.clone()),
+        )
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.text);
+    assert_eq!(f.inbox("BOBPHONE").await.len(), 1);
+
+    // The same bytes with one byte of a message changed after signing.
+    let text = String::from_utf8(canonical).expect("UTF-8");
+    let tampered = text.replace(r#"{"n":1}"#, r#"{"n":2}"#);
+    assert_ne!(tampered, text);
+    let target = "/_matrix/federation/v1/send/raw-2";
+    let header = sign_raw(&f.key, &us, target, text.as_bytes());
+    let reply = f
+        .fed
+        .send(
+            "PUT",
+            target,
+            &[header.clone()],
+            Some(tampered.into_bytes()),
+        )
+        .await;
+    assert_eq!(reply.status, 401, "{}", reply.text);
+    assert_eq!(reply.json["errcode"], "M_UNAUTHORIZED");
+    // The untouched bytes under the same header verify.
+    let reply = f
+        .fed
+        .send("PUT", target, &[header], Some(text.clone().into_bytes()))
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.text);
+
+    // The same body signed for another uri, and for another destination
+    // (the header still naming us): refused.
+    let target = "/_matrix/federation/v1/send/raw-3";
+    for header in [
+        sign_raw(
+            &f.key,
+            &us,
+            "/_matrix/federation/v1/send/raw-4",
+            text.as_bytes(),
+        ),
+        sign_raw(&f.key, "other.example", target, text.as_bytes()).replace(
+            "destination=\"other.example\"",
+            &format!("destination=\"{us}\""),
+        ),
+    ] {
+        let reply = f
+            .fed
+            .send("PUT", target, &[header], Some(text.clone().into_bytes()))
+            .await;
+        assert_eq!(reply.status, 401, "{}", reply.text);
+    }
+    assert_eq!(
+        f.store
+            .inbound_txn_response(FAKE_ORIGIN, "raw-3")
+            .await
+            .expect("readable"),
+        None
+    );
+
+    // A body that is not canonical (keys out of order, whitespace, an
+    // escaped key) signed over its canonical form: verified through the
+    // re-encoding, and the message stored without the whitespace.
+    let pretty = format!(
+        "{{\n  \"pdus\": [],\n  \"origin\": \"{FAKE_ORIGIN}\",\n  \"edus\": [ {{\n    \
+         \"content\": {{ \"type\": \"m.room.encrypted\", \"sender\": \"{}\",\n      \
+         \"message_id\": \"pretty\",\n      \"mess\\u0061ges\": {{ \"{bob}\": {{ \
+         \"BOBLAPTOP\": {{ \"b\": [ 1, 2 ],\n \"a\": \"x y\" }} }} }} }},\n    \
+         \"edu_type\": \"m.direct_to_device\" }} ]\n}}\n",
+        alice()
+    );
+    let parsed: Value = serde_json::from_str(&pretty).expect("JSON");
+    let target = "/_matrix/federation/v1/send/pretty";
+    let reply = f
+        .fed
+        .send(
+            "PUT",
+            target,
+            &[sign(&f.key, FAKE_ORIGIN, &us, "PUT", target, Some(&parsed))],
+            Some(pretty.into_bytes()),
+        )
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.text);
+    let page = f
+        .store
+        .fetch_inbox(&bob, "BOBLAPTOP", 0, 10)
+        .await
+        .expect("inbox readable");
+    assert_eq!(page.messages.len(), 1);
+    assert_eq!(page.messages[0].content_json, r#"{"b":[1,2],"a":"x y"}"#);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forged_or_damaged_requests_are_refused_and_store_nothing() {
     let f = Fixture::new().await;
