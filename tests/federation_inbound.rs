@@ -436,7 +436,7 @@ async fn raw_and_re_encoded_bodies_verify_and_changed_bytes_do_not() {
         .send(
             "PUT",
             target,
-            &[header.clone()],
+            std::slice::from_ref(&header),
             Some(tampered.into_bytes()),
         )
         .await;
