@@ -120,6 +120,27 @@ fn benches(c: &mut Criterion) {
     group.bench_function("raw_body", |b| {
         b.iter(|| receive(black_box(&canonical), VerifiedBy::RawBody))
     });
+    // The raw path's three steps alone.
+    group.bench_function("step_json_check", |b| {
+        b.iter(|| parse_body(&Method::PUT, black_box(&canonical).clone()).expect("JSON"))
+    });
+    let checked = parse_body(&Method::PUT, canonical.clone())
+        .expect("JSON")
+        .expect("a body");
+    group.bench_function("step_verify_raw", |b| {
+        b.iter(|| {
+            courier::xmatrix::verify_request_raw(
+                &header,
+                &request,
+                Some(black_box(checked.as_bytes())),
+                &verify_key,
+            )
+            .expect("verifies")
+        })
+    });
+    group.bench_function("step_parse_transaction", |b| {
+        b.iter(|| parse_transaction_json(&origin, &us, black_box(&checked)).expect("valid"))
+    });
     // The same JSON with a space after every comma: not the signed bytes.
     let spaced = Bytes::from(
         String::from_utf8(bytes.clone())
