@@ -2,8 +2,11 @@
 //! X-Matrix authentication (every way a request can be forged or damaged is
 //! refused and stores nothing), transaction and message_id dedupe, spoofed
 //! senders, transaction limits, rate limiting, and end-to-end delivery
-//! between two relays. Also the key ring over a real SQLite store, and the
-//! `send_body` fuzz corpus through the parser.
+//! between two relays, bodies verified over their raw bytes or through the
+//! canonical re-encoding. Also the key ring over a real SQLite store, the
+//! `send_body` fuzz corpus through the parser, and the parser against the
+//! `Value`-tree parser it replaced (kept here as a reference) over the corpus
+//! and generated bodies.
 //!
 //! Requests from a fake origin are signed here with a test key that is put
 //! into the receiving relay's `server_keys` table (the key ring's store
