@@ -103,8 +103,13 @@ impl<'de> Visitor<'de> for ValidateVisitor {
 /// Whether `json` contains a JSON whitespace byte anywhere (inside strings
 /// too; only a space can appear there unescaped).
 pub fn has_whitespace(json: &str) -> bool {
-    json.bytes()
-        .any(|b| matches!(b, b' ' | b'\n' | b'\r' | b'\t'))
+    // Whole chunks without an early exit, which the compiler vectorizes;
+    // this runs over every byte of every message.
+    json.as_bytes().chunks(64).any(|chunk| {
+        chunk.iter().fold(false, |seen, &b| {
+            seen | matches!(b, b' ' | b'\n' | b'\r' | b'\t')
+        })
+    })
 }
 
 /// `json` (a valid JSON text) without whitespace outside strings; strings,
