@@ -328,16 +328,43 @@ impl RequestToSign<'_> {
             write_canonical_with(content, style, &mut out)?;
             out.push(b',');
         }
-        out.extend_from_slice(b"\"destination\":");
-        write_string(self.destination, &mut out);
-        out.extend_from_slice(b",\"method\":");
-        write_string(self.method, &mut out);
-        out.extend_from_slice(b",\"origin\":");
-        write_string(self.origin, &mut out);
-        out.extend_from_slice(b",\"uri\":");
-        write_string(self.uri, &mut out);
-        out.push(b'}');
+        self.write_rest(&mut out);
         Ok(out)
+    }
+
+    /// The request object with the body's bytes as received in place of
+    /// `content`'s canonical encoding: `{"content":<raw>,"destination":..,
+    /// "method":..,"origin":..,"uri":..}`, the other fields written exactly
+    /// as [`Self::canonical_bytes_with`] writes them. For a body that is
+    /// canonical JSON these are the canonical bytes; `self.content` is
+    /// ignored. `raw` must be one JSON value (the caller has checked), so
+    /// where the content ends in these bytes is unambiguous.
+    pub fn raw_content_bytes(&self, raw: Option<&[u8]>) -> Vec<u8> {
+        let raw_len = raw.map_or(0, <[u8]>::len);
+        let mut out = Vec::with_capacity(
+            128 + raw_len + self.uri.len() + self.origin.len() + self.destination.len(),
+        );
+        out.push(b'{');
+        if let Some(raw) = raw {
+            out.extend_from_slice(b"\"content\":");
+            out.extend_from_slice(raw);
+            out.push(b',');
+        }
+        self.write_rest(&mut out);
+        out
+    }
+
+    /// `"destination":..,"method":..,"origin":..,"uri":..}`.
+    fn write_rest(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(b"\"destination\":");
+        write_string(self.destination, out);
+        out.extend_from_slice(b",\"method\":");
+        write_string(self.method, out);
+        out.extend_from_slice(b",\"origin\":");
+        write_string(self.origin, out);
+        out.extend_from_slice(b",\"uri\":");
+        write_string(self.uri, out);
+        out.push(b'}');
     }
 }
 
@@ -439,4 +466,24 @@ pub fn verify_request(
         }
     }
     Err(first_error.into())
+}
+
+/// Verifies `header.sig` over the request object built around the body's raw
+/// bytes ([`RequestToSign::raw_content_bytes`]): the fast path for a body
+/// that the origin sent exactly as it signed it (Courier's sender sends
+/// canonical JSON). A failure here says nothing yet; the caller falls back
+/// to [`verify_request`] over the parsed body.
+pub fn verify_request_raw(
+    header: &XMatrix,
+    request: &RequestToSign<'_>,
+    raw: Option<&[u8]>,
+    verify_key: &VerifyingKey,
+) -> Result<(), XMatrixError> {
+    if header.origin != request.origin {
+        return Err(XMatrixError::Malformed(
+            "header origin differs from the request origin".to_owned(),
+        ));
+    }
+    verify_bytes(&request.raw_content_bytes(raw), &header.sig, verify_key)?;
+    Ok(())
 }

@@ -1,8 +1,8 @@
 //! The X-Matrix authentication extractor (SPEC §4.3): turns a federation
 //! request into a [`SignedRequest`], i.e. a verified [`Origin`] plus the
-//! parsed body, or a Matrix error. Handlers that take a `SignedRequest` can
-//! rely on the origin having signed exactly this method, raw request target,
-//! destination (us) and body.
+//! body as received, proven to be JSON ([`JsonBody`]), or a Matrix error.
+//! Handlers that take a `SignedRequest` can rely on the origin having signed
+//! exactly this method, raw request target, destination (us) and body.
 //!
 //! Checks, in order:
 //! 1. the `Authorization` headers with scheme `X-Matrix`; none → 401
@@ -15,14 +15,25 @@
 //! 4. `origin_allow` (when non-empty) and `origin_deny` → 403 `M_FORBIDDEN`;
 //! 5. the body: over the configured limit → 413 `M_TOO_LARGE`; invalid JSON
 //!    → 400 `M_NOT_JSON`; a PUT or POST always has a body (an empty one is
-//!    not JSON), another method only when it sent bytes; a body that has no
-//!    canonical JSON form (floats, integers beyond ±(2^53−1)) cannot have been
-//!    signed → 400 `M_BAD_JSON`;
+//!    not JSON), another method only when it sent bytes. The body is
+//!    checked without building a `Value` tree and kept as bytes;
 //! 6. the origin's key for every header's key id, through the key ring; not
 //!    obtainable → 401;
 //! 7. every header's signature over `{method, uri, origin, destination: us,
 //!    content?}`, with `uri` the raw request target as received (path and
-//!    query, never percent-decoded) → any failure is 401.
+//!    query, never percent-decoded) → any failure is 401. Verified first over
+//!    the body's bytes as received spliced in as `content`
+//!    ([`RequestToSign::raw_content_bytes`]): a sender that sends canonical
+//!    JSON (Courier does) signed exactly those bytes, and no re-encoding is
+//!    needed. Only when that fails is the body parsed and re-encoded as
+//!    canonical JSON (the spec form, then the Python forms Synapse signs for
+//!    floats), as before; a body that then has no canonical JSON form
+//!    (floats, integers beyond ±(2^53−1)) cannot have been signed → 400
+//!    `M_BAD_JSON`. A body with floats that verifies over its raw bytes is
+//!    accepted: only the key holder can have signed those exact bytes, and
+//!    they are what Synapse signs when it sends its Python canonical form.
+//!    Which path verified is counted in
+//!    `courier_federation_auth_verified_total{by="raw"|"canonical"}`.
 //!
 //! After that the origin is authenticated: the per-origin rate limit applies
 //! (a request slightly over it is held up to half a second, one further over
@@ -38,6 +49,7 @@ use std::sync::Arc;
 use axum::body::Bytes;
 use axum::extract::{FromRequest, OriginalUri, Request};
 use axum::http::{Method, StatusCode, header};
+use ed25519_dalek::VerifyingKey;
 use serde_json::Value;
 
 use crate::error::MatrixError;
@@ -46,6 +58,7 @@ use crate::state::AppState;
 use crate::xmatrix::{RequestToSign, XMatrix, XMatrixError, parse_authorization_headers};
 
 use super::InboundState;
+pub use super::json::JsonBody;
 use super::rate_limit::{Admission, MAX_SHAPING_DELAY};
 
 /// A server whose X-Matrix signature on the current request verified.
@@ -69,12 +82,12 @@ impl std::fmt::Display for Origin {
     }
 }
 
-/// An authenticated federation request: who sent it and its parsed body
-/// (`None` when the request had none).
+/// An authenticated federation request: who sent it and its body as
+/// received, proven to be one JSON value (`None` when the request had none).
 #[derive(Debug)]
 pub struct SignedRequest {
     pub origin: Origin,
-    pub body: Option<Value>,
+    pub body: Option<JsonBody>,
 }
 
 fn refuse(reason: &'static str, error: MatrixError) -> MatrixError {
@@ -165,15 +178,79 @@ pub fn check_headers<'a>(
     Ok((origin_name, headers))
 }
 
-/// Step 5: the body as JSON, present only when the request has one.
-pub fn parse_body(method: &Method, bytes: &[u8]) -> Result<Option<Value>, MatrixError> {
+/// Step 5: the body, proven to be JSON, present only when the request has
+/// one.
+pub fn parse_body(method: &Method, bytes: Bytes) -> Result<Option<JsonBody>, MatrixError> {
     let must_have_body = method == Method::PUT || method == Method::POST;
     if bytes.is_empty() && !must_have_body {
         return Ok(None);
     }
-    serde_json::from_slice(bytes)
+    JsonBody::parse(bytes)
         .map(Some)
         .map_err(|_| MatrixError::not_json("The request body is not valid JSON"))
+}
+
+/// Which bytes a request signature verified over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VerifiedBy {
+    /// The body's bytes as received, spliced in as `content`.
+    RawBody,
+    /// The parsed body re-encoded as canonical JSON (spec or Python form).
+    Canonical,
+}
+
+/// Step 7 for one header: its signature over `request` (whose `content` is
+/// ignored) with `body` as content, first over the raw bytes, then over the
+/// canonical re-encoding. `parsed` caches the parsed body between the headers
+/// of one request; it is filled only when the fallback runs.
+pub fn verify_signature(
+    header: &XMatrix,
+    request: &RequestToSign<'_>,
+    body: Option<&JsonBody>,
+    parsed: &mut Option<Value>,
+    key: &VerifyingKey,
+) -> Result<VerifiedBy, MatrixError> {
+    let origin = request.origin;
+    if crate::xmatrix::verify_request_raw(header, request, body.map(JsonBody::as_bytes), key)
+        .is_ok()
+    {
+        metrics::counter!("courier_federation_auth_verified_total", "by" => "raw").increment(1);
+        return Ok(VerifiedBy::RawBody);
+    }
+    let content = match body {
+        None => None,
+        Some(body) => {
+            if parsed.is_none() {
+                *parsed =
+                    Some(body.to_value().map_err(|_| {
+                        MatrixError::not_json("The request body is not valid JSON")
+                    })?);
+            }
+            parsed.as_ref()
+        }
+    };
+    let signed = RequestToSign {
+        content,
+        ..*request
+    };
+    // The spec form first; Python-compatible forms only for bodies with
+    // floats, which Synapse accepts from clients and signs so.
+    let verified = crate::xmatrix::verify_request(header, &signed, key);
+    if let Err(XMatrixError::Signing(crate::signing::SigningError::Canonical(error))) = &verified {
+        tracing::info!(origin, %error, "federation request body has no canonical JSON form");
+        return Err(MatrixError::bad_json(
+            "The request body has no canonical JSON form",
+        ));
+    }
+    verified.map_err(|error| {
+        tracing::info!(origin, key_id = %header.key, %error, uri = request.uri, "federation request signature does not verify");
+        refuse(
+            "signature",
+            MatrixError::unauthorized("Invalid X-Matrix signature"),
+        )
+    })?;
+    metrics::counter!("courier_federation_auth_verified_total", "by" => "canonical").increment(1);
+    Ok(VerifiedBy::Canonical)
 }
 
 impl FromRequest<AppState> for SignedRequest {
@@ -218,16 +295,16 @@ impl FromRequest<AppState> for SignedRequest {
                 return Err(MatrixError::not_json("The request body could not be read"));
             }
         };
-        let body = parse_body(&method, &bytes)?;
-        drop(bytes);
+        let body = parse_body(&method, bytes)?;
 
         let signed = RequestToSign {
             method: method.as_str(),
             uri: &target,
             origin: origin.as_str(),
             destination: our_name.as_str(),
-            content: body.as_ref(),
+            content: None,
         };
+        let mut parsed = None;
         for header in &headers {
             let key = state
                 .keyring
@@ -240,26 +317,9 @@ impl FromRequest<AppState> for SignedRequest {
                         MatrixError::unauthorized("Unable to obtain the origin's signing key"),
                     )
                 })?;
-            // The spec form first; Python-compatible forms only for bodies
-            // with floats, which Synapse accepts from clients and signs so.
-            let verified = crate::xmatrix::verify_request(header, &signed, &key);
-            if let Err(crate::xmatrix::XMatrixError::Signing(
-                crate::signing::SigningError::Canonical(error),
-            )) = &verified
-            {
-                tracing::info!(origin = %origin, %error, "federation request body has no canonical JSON form");
-                return Err(MatrixError::bad_json(
-                    "The request body has no canonical JSON form",
-                ));
-            }
-            verified.map_err(|error| {
-                tracing::info!(origin = %origin, key_id = %header.key, %error, uri = %target, "federation request signature does not verify");
-                refuse(
-                    "signature",
-                    MatrixError::unauthorized("Invalid X-Matrix signature"),
-                )
-            })?;
+            verify_signature(header, &signed, body.as_ref(), &mut parsed, &key)?;
         }
+        drop(parsed);
 
         if let Some(inbound) = &inbound {
             match inbound.rate_limiter.admit(
@@ -330,15 +390,174 @@ mod tests {
 
     #[test]
     fn bodies_are_present_only_when_sent() {
-        assert_eq!(parse_body(&Method::GET, b"").expect("ok"), None);
-        assert!(parse_body(&Method::GET, b"{}").expect("ok").is_some());
+        let parse =
+            |method: Method, body: &'static [u8]| parse_body(&method, Bytes::from_static(body));
+        assert_eq!(parse(Method::GET, b"").expect("ok"), None);
+        assert!(parse(Method::GET, b"{}").expect("ok").is_some());
         assert_eq!(
-            parse_body(&Method::PUT, b"").expect_err("no body").errcode,
+            parse(Method::PUT, b"").expect_err("no body").errcode,
             "M_NOT_JSON"
         );
         assert_eq!(
-            parse_body(&Method::POST, b"{").expect_err("bad").errcode,
+            parse(Method::POST, b"{").expect_err("bad").errcode,
             "M_NOT_JSON"
         );
+        assert_eq!(
+            parse(Method::PUT, b"{\"a\":\"\\ud800\"}")
+                .expect_err("lone surrogate")
+                .errcode,
+            "M_NOT_JSON"
+        );
+    }
+
+    const URI: &str = "/_matrix/federation/v1/send/t1";
+
+    fn request<'a>(uri: &'a str, destination: &'a str) -> RequestToSign<'a> {
+        RequestToSign {
+            method: "PUT",
+            uri,
+            origin: "o.example",
+            destination,
+            content: None,
+        }
+    }
+
+    /// Signs `request` with `content` as the sender's bytes would be: over
+    /// the raw text given, spliced in (what a sender of canonical JSON signs).
+    fn sign_raw(
+        key: &crate::keys::ServerSigningKey,
+        request: &RequestToSign<'_>,
+        raw: &str,
+    ) -> XMatrix {
+        XMatrix {
+            origin: request.origin.to_owned(),
+            destination: Some(request.destination.to_owned()),
+            key: key.key_id().to_owned(),
+            sig: key.sign_bytes(&request.raw_content_bytes(Some(raw.as_bytes()))),
+        }
+    }
+
+    fn verify(header: &XMatrix, uri: &str, raw: &'static str) -> Result<VerifiedBy, MatrixError> {
+        let key = crate::keys::ServerSigningKey::from_seed("1", [9; 32]);
+        let body = parse_body(&Method::PUT, Bytes::from_static(raw.as_bytes()))
+            .expect("JSON")
+            .expect("a body");
+        let mut parsed = None;
+        verify_signature(
+            header,
+            &request(uri, "us.example"),
+            Some(&body),
+            &mut parsed,
+            &key.verifying_key(),
+        )
+    }
+
+    #[test]
+    fn a_canonical_body_verifies_over_its_raw_bytes() {
+        let key = crate::keys::ServerSigningKey::from_seed("1", [9; 32]);
+        let body =
+            r#"{"edus":[{"content":{"a":"é\n"},"edu_type":"x"}],"origin":"o.example","pdus":[]}"#;
+        let value: Value = serde_json::from_str(body).expect("JSON");
+        // Courier's sender signs the canonical form, which is these bytes.
+        let spec = RequestToSign {
+            content: Some(&value),
+            ..request(URI, "us.example")
+        };
+        assert_eq!(
+            spec.canonical_bytes().expect("canonical"),
+            spec.raw_content_bytes(Some(body.as_bytes()))
+        );
+        let header = crate::xmatrix::sign_request(&key, &spec).expect("signs");
+        assert_eq!(
+            verify(&header, URI, body).expect("verifies"),
+            VerifiedBy::RawBody
+        );
+        // Raw bytes with floats that the origin signed as they are.
+        let floats = r#"{"a":1.50,"b":1e2}"#;
+        let header = sign_raw(&key, &request(URI, "us.example"), floats);
+        assert_eq!(
+            verify(&header, URI, floats).expect("verifies"),
+            VerifiedBy::RawBody
+        );
+    }
+
+    #[test]
+    fn a_body_that_is_not_canonical_verifies_through_the_fallback() {
+        let key = crate::keys::ServerSigningKey::from_seed("1", [9; 32]);
+        let body =
+            "{ \"pdus\": [],\n  \"origin\": \"o.example\", \"edus\": [{\"edu_type\": \"x\"}] }";
+        let value: Value = serde_json::from_str(body).expect("JSON");
+        let header = crate::xmatrix::sign_request(
+            &key,
+            &RequestToSign {
+                content: Some(&value),
+                ..request(URI, "us.example")
+            },
+        )
+        .expect("signs");
+        assert_eq!(
+            verify(&header, URI, body).expect("verifies"),
+            VerifiedBy::Canonical
+        );
+        // Synapse signs floats in its Python canonical form; sent pretty.
+        let python = "{ \"a\": 2.5 }";
+        let value: Value = serde_json::from_str(python).expect("JSON");
+        let python_bytes = RequestToSign {
+            content: Some(&value),
+            ..request(URI, "us.example")
+        }
+        .canonical_bytes_with(crate::canonical_json::NumberStyle::Python)
+        .expect("python form");
+        let header = XMatrix {
+            sig: key.sign_bytes(&python_bytes),
+            ..header
+        };
+        assert_eq!(
+            verify(&header, URI, python).expect("verifies"),
+            VerifiedBy::Canonical
+        );
+    }
+
+    #[test]
+    fn tampered_bodies_and_other_requests_are_refused() {
+        let key = crate::keys::ServerSigningKey::from_seed("1", [9; 32]);
+        let body = r#"{"origin":"o.example","pdus":[]}"#;
+        let header = sign_raw(&key, &request(URI, "us.example"), body);
+        assert!(verify(&header, URI, body).is_ok());
+        // Bytes changed after signing without changing the meaning: the
+        // raw path fails, the canonical form is still what was signed.
+        let respaced = r#"{ "pdus":[], "origin":"o.example"}"#;
+        assert_eq!(
+            verify(&header, URI, respaced).expect("same JSON"),
+            VerifiedBy::Canonical
+        );
+        // Bytes changed after signing: neither path verifies.
+        for tampered in [
+            r#"{"origin":"o.example","pdus":[{}]}"#,
+            r#"{"origin":"p.example","pdus":[]}"#,
+            r#"{"origin":"o.example","pdus":[],"x":1}"#,
+        ] {
+            let error = verify(&header, URI, tampered).expect_err("tampered");
+            assert_eq!(error.status.as_u16(), 401, "{tampered}");
+            assert_eq!(error.errcode, "M_UNAUTHORIZED");
+        }
+        // The same body signed for another uri or another destination.
+        for header in [
+            sign_raw(
+                &key,
+                &request("/_matrix/federation/v1/send/t2", "us.example"),
+                body,
+            ),
+            sign_raw(&key, &request(URI, "elsewhere.example"), body),
+        ] {
+            let error = verify(&header, URI, body).expect_err("other request");
+            assert_eq!(error.status.as_u16(), 401);
+        }
+        // A body with no canonical form whose raw signature fails is
+        // refused as before: 400 M_BAD_JSON.
+        let floats = r#"{"a":1.5}"#;
+        let header = sign_raw(&key, &request(URI, "us.example"), r#"{"a":1.25}"#);
+        let error = verify(&header, URI, floats).expect_err("not signed");
+        assert_eq!((error.status.as_u16(), error.errcode), (400, "M_BAD_JSON"));
     }
 }

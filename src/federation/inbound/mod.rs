@@ -1,5 +1,6 @@
-//! Inbound federation: the X-Matrix auth extractor ([`auth`]), the `/send`
-//! body parser ([`transaction`]), the per-origin rate limit ([`rate_limit`])
+//! Inbound federation: the X-Matrix auth extractor ([`auth`]), request
+//! bodies kept as checked JSON bytes ([`json`]), the `/send` body parser
+//! ([`transaction`]), the per-origin rate limit ([`rate_limit`])
 //! and `PUT /_matrix/federation/v1/send/{txnId}` ([`send`]).
 //!
 //! It owns what a remote server may make us store: nothing reaches the store
@@ -14,6 +15,7 @@
 //! share it.
 
 pub mod auth;
+pub mod json;
 pub mod rate_limit;
 pub mod send;
 pub mod transaction;
@@ -28,7 +30,8 @@ use tokio::sync::OwnedMutexGuard;
 use crate::state::AppState;
 
 pub use auth::{Origin, SignedRequest};
-pub use transaction::{ParsedTxn, parse_transaction, parse_transaction_value};
+pub use json::JsonBody;
+pub use transaction::{ParsedTxn, parse_transaction, parse_transaction_json};
 
 /// In-memory state of the inbound federation routes.
 #[derive(Default)]

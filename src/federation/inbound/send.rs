@@ -2,7 +2,7 @@
 //! transaction from an authenticated origin, applied exactly once.
 //!
 //! Flow: authenticate ([`SignedRequest`]), parse and validate the body
-//! ([`parse_transaction_value`]), take the per-(origin, txnId) lock (a
+//! straight from its bytes ([`parse_transaction_json`]), take the per-(origin, txnId) lock (a
 //! concurrent duplicate waits here), replay the stored response if the pair
 //! was already applied, otherwise apply every accepted EDU and the response
 //! in one store transaction ([`Store::apply_inbound_txn`], which also does
@@ -30,7 +30,7 @@ use crate::store::{InboundOutcome, InboundTxn};
 
 use super::InboundState;
 use super::auth::SignedRequest;
-use super::transaction::{ParsedTxn, parse_transaction_value};
+use super::transaction::{ParsedTxn, parse_transaction_json};
 
 fn count_transaction(outcome: &'static str) {
     metrics::counter!("courier_federation_transactions_total", "outcome" => outcome).increment(1);
@@ -82,7 +82,7 @@ pub async fn put_transaction_route(
         count_transaction("rejected");
         return Err(MatrixError::not_json("A transaction needs a body"));
     };
-    let parsed = parse_transaction_value(origin.server_name(), &state.config.server_name, &body)
+    let parsed = parse_transaction_json(origin.server_name(), &state.config.server_name, &body)
         .inspect_err(|error| {
             tracing::info!(origin = %origin, txn_id, %error, "rejecting a federation transaction");
             count_transaction("rejected");

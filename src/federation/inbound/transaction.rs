@@ -28,14 +28,27 @@
 //! one by one with a warning. `*` becomes [`DeviceTarget::All`].
 //! Other EDU types, and EDUs that are not objects or lack `edu_type`, are
 //! ignored.
+//!
+//! The body is read straight from its bytes into borrowed structs, never into
+//! a `serde_json::Value` tree: each device's message is stored as the JSON
+//! text the sender wrote (numbers and escapes untouched, whitespace outside
+//! strings dropped), so a 10,000-message transaction costs no per-message
+//! re-serialization. Objects are read as `Value` reads them: keys unescaped
+//! and sorted, the last of a repeated key kept.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
+use std::marker::PhantomData;
 
-use serde_json::{Map, Value};
+use serde::Deserialize;
+use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde_json::value::RawValue;
 
 use crate::error::MatrixError;
 use crate::identifiers::{ServerName, UserId};
 use crate::store::{DeviceTarget, InboundEdu, NewInboxMessage};
+
+use super::json::{JsonBody, has_whitespace, minify};
 
 /// The most PDUs one transaction may carry (SPEC §9.4).
 pub const MAX_PDUS: usize = 50;
@@ -83,29 +96,42 @@ enum EduRejection {
     Invalid(String),
 }
 
-/// Parses a `/send` body from raw bytes.
+/// Parses a `/send` body from raw bytes: first proven to be JSON exactly as
+/// a `serde_json::Value` would judge it (else 400 `M_NOT_JSON`), then read
+/// by [`parse_transaction_json`].
 pub fn parse_transaction(
     origin: &ServerName,
     our_server_name: &ServerName,
     body: &[u8],
 ) -> Result<ParsedTxn, MatrixError> {
-    let value: Value = serde_json::from_slice(body)
+    let body = JsonBody::parse(body.to_vec())
         .map_err(|_| MatrixError::not_json("The request body is not valid JSON"))?;
-    parse_transaction_value(origin, our_server_name, &value)
+    parse_transaction_json(origin, our_server_name, &body)
 }
 
-/// Parses a `/send` body already decoded as JSON.
-pub fn parse_transaction_value(
+/// Parses a `/send` body already proven to be JSON, straight from its bytes:
+/// serde into borrowed structs, each device's message kept as its raw JSON
+/// text (minified only if it carries whitespace), no `Value` tree. Objects
+/// are read as `Value` would read them: a repeated key keeps its last value,
+/// keys are compared after unescaping, recipients and devices come out
+/// sorted by key.
+pub fn parse_transaction_json(
     origin: &ServerName,
     our_server_name: &ServerName,
-    body: &Value,
+    body: &JsonBody,
 ) -> Result<ParsedTxn, MatrixError> {
-    let object = body
-        .as_object()
-        .ok_or_else(|| MatrixError::bad_json("The transaction must be a JSON object"))?;
-    match object.get("origin") {
-        Some(Value::String(body_origin)) if body_origin == origin.as_str() => {}
-        Some(Value::String(_)) => {
+    // The body is valid JSON and every shape below accepts any JSON value,
+    // so this cannot fail; the error is mapped all the same.
+    let top: Field<TxnFields<'_>> = serde_json::from_slice(body.as_bytes())
+        .map_err(|_| MatrixError::not_json("The request body is not valid JSON"))?;
+    let Field::Is(top) = top else {
+        return Err(MatrixError::bad_json(
+            "The transaction must be a JSON object",
+        ));
+    };
+    match &top.origin {
+        Field::Is(body_origin) if body_origin == origin.as_str() => {}
+        Field::Is(_) => {
             return Err(MatrixError::bad_json(
                 "The transaction's origin is not the authenticated origin",
             ));
@@ -116,18 +142,15 @@ pub fn parse_transaction_value(
             ));
         }
     }
-    let pdus = match object.get("pdus") {
-        Some(Value::Array(pdus)) => pdus,
-        _ => {
-            return Err(MatrixError::bad_json(
-                "The transaction's pdus is missing or not an array",
-            ));
-        }
+    let Field::Is(pdus) = top.pdus else {
+        return Err(MatrixError::bad_json(
+            "The transaction's pdus is missing or not an array",
+        ));
     };
-    let edus: &[Value] = match object.get("edus") {
-        None | Some(Value::Null) => &[],
-        Some(Value::Array(edus)) => edus,
-        Some(_) => {
+    let edus = match top.edus {
+        Field::Absent | Field::Null => Vec::new(),
+        Field::Is(edus) => edus,
+        Field::Mismatch => {
             return Err(MatrixError::bad_json(
                 "The transaction's edus is not an array",
             ));
@@ -150,34 +173,37 @@ pub fn parse_transaction_value(
     };
     let mut pdu_results = BTreeMap::new();
     for pdu in pdus {
-        if let Some(event_id) = pdu.get("event_id").and_then(Value::as_str) {
+        if let Field::Is(PduFields {
+            event_id: Field::Is(event_id),
+        }) = pdu
+        {
             pdu_results.insert(
-                event_id.to_owned(),
+                event_id.into_owned(),
                 serde_json::json!({ "error": PDU_ERROR }),
             );
         }
     }
 
     let mut accepted = Vec::new();
-    for (index, edu) in edus.iter().enumerate() {
-        let Some(edu) = edu.as_object() else {
+    for (index, edu) in edus.into_iter().enumerate() {
+        let Field::Is(edu) = edu else {
             tracing::debug!(%origin, index, "ignoring an EDU that is not an object");
             report.invalid += 1;
             continue;
         };
-        match edu.get("edu_type").and_then(Value::as_str) {
-            Some(DIRECT_TO_DEVICE) => {}
-            Some(_) => {
+        match &edu.edu_type {
+            Field::Is(edu_type) if edu_type == DIRECT_TO_DEVICE => {}
+            Field::Is(_) => {
                 report.other += 1;
                 continue;
             }
-            None => {
+            _ => {
                 tracing::debug!(%origin, index, "ignoring an EDU without an edu_type");
                 report.invalid += 1;
                 continue;
             }
         }
-        match parse_direct_to_device(origin, our_server_name, edu.get("content"), &mut report) {
+        match parse_direct_to_device(origin, our_server_name, edu.content, &mut report) {
             Ok(parsed) => {
                 report.direct_to_device += 1;
                 accepted.push(parsed);
@@ -204,36 +230,45 @@ pub fn parse_transaction_value(
 fn parse_direct_to_device(
     origin: &ServerName,
     our_server_name: &ServerName,
-    content: Option<&Value>,
+    content: Field<ContentFields<'_>>,
     report: &mut EduReport,
 ) -> Result<InboundEdu, EduRejection> {
     let invalid = |reason: &str| EduRejection::Invalid(reason.to_owned());
-    let content = content
-        .and_then(Value::as_object)
-        .ok_or_else(|| invalid("content is missing or not an object"))?;
-    let sender = string_field(content, "sender").ok_or_else(|| invalid("sender is missing"))?;
-    let sender_id = UserId::parse(sender).map_err(|_| invalid("sender is not a user ID"))?;
+    let Field::Is(content) = content else {
+        return Err(invalid("content is missing or not an object"));
+    };
+    let sender = content
+        .sender
+        .into_is()
+        .ok_or_else(|| invalid("sender is missing"))?;
+    let sender_id = UserId::parse(&sender).map_err(|_| invalid("sender is not a user ID"))?;
     if sender_id.server_name() != origin.as_str()
         || sender_id.server_name() == our_server_name.as_str()
     {
-        return Err(EduRejection::Spoofed(sender.to_owned()));
+        return Err(EduRejection::Spoofed(sender.into_owned()));
     }
-    let event_type = string_field(content, "type").ok_or_else(|| invalid("type is missing"))?;
+    let event_type = content
+        .event_type
+        .into_is()
+        .ok_or_else(|| invalid("type is missing"))?;
     if event_type.is_empty() || event_type.len() > MAX_EVENT_TYPE_BYTES {
         return Err(invalid("type is empty or longer than 255 bytes"));
     }
-    let message_id =
-        string_field(content, "message_id").ok_or_else(|| invalid("message_id is missing"))?;
+    let message_id = content
+        .message_id
+        .into_is()
+        .ok_or_else(|| invalid("message_id is missing"))?;
     if message_id.chars().count() > MAX_MESSAGE_ID_CHARS {
         return Err(invalid("message_id is longer than 32 code points"));
     }
     let messages = content
-        .get("messages")
-        .and_then(Value::as_object)
+        .messages
+        .into_is()
         .ok_or_else(|| invalid("messages is missing or not an object"))?;
 
     let mut out = Vec::new();
     for (recipient, by_device) in messages {
+        let recipient = recipient.as_ref();
         let user = match UserId::parse(recipient) {
             Ok(user) if user.server_name() == our_server_name.as_str() => user,
             Ok(_) => {
@@ -247,45 +282,259 @@ fn parse_direct_to_device(
                 continue;
             }
         };
-        let Some(by_device) = by_device.as_object() else {
+        let Field::Is(by_device) = by_device else {
             tracing::warn!(%origin, recipient, "skipping a recipient whose device map is not an object");
             report.skipped_recipients += 1;
             continue;
         };
         for (device_id, message) in by_device {
-            if device_id.is_empty() || !message.is_object() {
-                tracing::warn!(%origin, recipient, device_id, "skipping a malformed device message");
+            // `RawValue` starts at the value's first byte, never whitespace.
+            let message = message.get();
+            if device_id.is_empty() || !message.starts_with('{') {
+                tracing::warn!(%origin, recipient, device_id = device_id.as_ref(), "skipping a malformed device message");
                 report.skipped_recipients += 1;
                 continue;
             }
             let device = if device_id == "*" {
                 DeviceTarget::All
             } else {
-                DeviceTarget::One(device_id.clone())
+                DeviceTarget::One(device_id.into_owned())
+            };
+            // Kept as sent (numbers and escapes untouched); whitespace from
+            // a pretty-printing sender is dropped, not stored.
+            let content_json = if has_whitespace(message) {
+                minify(message)
+            } else {
+                message.to_owned()
             };
             out.push(NewInboxMessage {
                 user_id: user.as_str().to_owned(),
                 device,
-                sender: sender.to_owned(),
-                event_type: event_type.to_owned(),
-                content_json: message.to_string(),
+                sender: sender.as_ref().to_owned(),
+                event_type: event_type.as_ref().to_owned(),
+                content_json,
             });
         }
     }
     Ok(InboundEdu {
-        message_id: message_id.to_owned(),
+        message_id: message_id.into_owned(),
         messages: out,
     })
 }
 
-fn string_field<'a>(object: &'a Map<String, Value>, name: &str) -> Option<&'a str> {
-    object.get(name).and_then(Value::as_str)
+// ---- the shapes read from the body ------------------------------------------
+//
+// Every shape accepts any JSON value (a value of another kind becomes
+// `Field::Mismatch`), so that deserializing a valid body never fails and all
+// judging happens above, in the same order as over a `Value` tree.
+
+/// One JSON value where a `T` is expected.
+#[derive(Debug, Default)]
+enum Field<T> {
+    /// The key is not in the object.
+    #[default]
+    Absent,
+    Null,
+    /// A value of another kind.
+    Mismatch,
+    Is(T),
 }
+
+impl<T> Field<T> {
+    fn into_is(self) -> Option<T> {
+        match self {
+            Field::Is(value) => Some(value),
+            _ => None,
+        }
+    }
+}
+
+/// What a JSON string, array or object becomes; `None` for the kinds that
+/// are not `Self` (their contents are skipped).
+trait Shape<'de>: Sized {
+    fn from_str(_: Cow<'de, str>) -> Option<Self> {
+        None
+    }
+    fn from_seq<A: SeqAccess<'de>>(mut seq: A) -> Result<Option<Self>, A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(None)
+    }
+    fn from_map<A: MapAccess<'de>>(mut map: A) -> Result<Option<Self>, A::Error> {
+        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+        Ok(None)
+    }
+}
+
+impl<'de, T: Shape<'de>> Deserialize<'de> for Field<T> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(FieldVisitor(PhantomData))
+    }
+}
+
+struct FieldVisitor<T>(PhantomData<T>);
+
+fn matched<T>(value: Option<T>) -> Field<T> {
+    value.map_or(Field::Mismatch, Field::Is)
+}
+
+impl<'de, T: Shape<'de>> Visitor<'de> for FieldVisitor<T> {
+    type Value = Field<T>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Field<T>, E> {
+        Ok(Field::Mismatch)
+    }
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Field<T>, E> {
+        Ok(Field::Mismatch)
+    }
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Field<T>, E> {
+        Ok(Field::Mismatch)
+    }
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Field<T>, E> {
+        Ok(Field::Mismatch)
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<Field<T>, E> {
+        Ok(Field::Null)
+    }
+    fn visit_borrowed_str<E: de::Error>(self, value: &'de str) -> Result<Field<T>, E> {
+        Ok(matched(T::from_str(Cow::Borrowed(value))))
+    }
+    fn visit_str<E: de::Error>(self, value: &str) -> Result<Field<T>, E> {
+        Ok(matched(T::from_str(Cow::Owned(value.to_owned()))))
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Field<T>, A::Error> {
+        Ok(matched(T::from_seq(seq)?))
+    }
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Field<T>, A::Error> {
+        Ok(matched(T::from_map(map)?))
+    }
+}
+
+impl<'de> Shape<'de> for Cow<'de, str> {
+    fn from_str(value: Cow<'de, str>) -> Option<Self> {
+        Some(value)
+    }
+}
+
+impl<'de, T: Deserialize<'de>> Shape<'de> for Vec<T> {
+    fn from_seq<A: SeqAccess<'de>>(mut seq: A) -> Result<Option<Self>, A::Error> {
+        let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0));
+        while let Some(item) = seq.next_element()? {
+            out.push(item);
+        }
+        Ok(Some(out))
+    }
+}
+
+/// An object read as `Value` reads it: keys unescaped, sorted, the last of
+/// a repeated key kept.
+impl<'de, V: Deserialize<'de>> Shape<'de> for BTreeMap<Cow<'de, str>, V> {
+    fn from_map<A: MapAccess<'de>>(mut map: A) -> Result<Option<Self>, A::Error> {
+        let mut out = BTreeMap::new();
+        while let Some(Key(key)) = map.next_key()? {
+            out.insert(key, map.next_value()?);
+        }
+        Ok(Some(out))
+    }
+}
+
+/// An object key, borrowed from the body unless it holds escapes.
+struct Key<'de>(Cow<'de, str>);
+
+impl<'de> Deserialize<'de> for Key<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct KeyVisitor;
+        impl<'de> Visitor<'de> for KeyVisitor {
+            type Value = Key<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an object key")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, value: &'de str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Borrowed(value)))
+            }
+            fn visit_str<E: de::Error>(self, value: &str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Owned(value.to_owned())))
+            }
+        }
+        deserializer.deserialize_str(KeyVisitor)
+    }
+}
+
+/// Implements [`Shape::from_map`] for a struct of `Field`s: each named key
+/// assigns its field (so the last of a repeated key wins), other keys are
+/// skipped.
+macro_rules! object_shape {
+    ($name:ident { $($field:ident: $key:literal),* $(,)? }) => {
+        impl<'de> Shape<'de> for $name<'de> {
+            fn from_map<A: MapAccess<'de>>(mut map: A) -> Result<Option<Self>, A::Error> {
+                let mut out = $name::default();
+                while let Some(Key(key)) = map.next_key()? {
+                    match key.as_ref() {
+                        $($key => out.$field = map.next_value()?,)*
+                        _ => {
+                            map.next_value::<IgnoredAny>()?;
+                        }
+                    }
+                }
+                Ok(Some(out))
+            }
+        }
+    };
+}
+
+#[derive(Default)]
+struct TxnFields<'de> {
+    origin: Field<Cow<'de, str>>,
+    pdus: Field<Vec<Field<PduFields<'de>>>>,
+    edus: Field<Vec<Field<EduFields<'de>>>>,
+}
+object_shape!(TxnFields {
+    origin: "origin",
+    pdus: "pdus",
+    edus: "edus"
+});
+
+#[derive(Default)]
+struct PduFields<'de> {
+    event_id: Field<Cow<'de, str>>,
+}
+object_shape!(PduFields {
+    event_id: "event_id"
+});
+
+#[derive(Default)]
+struct EduFields<'de> {
+    edu_type: Field<Cow<'de, str>>,
+    content: Field<ContentFields<'de>>,
+}
+object_shape!(EduFields {
+    edu_type: "edu_type",
+    content: "content"
+});
+
+/// recipient → (device → message).
+type Messages<'de> = BTreeMap<Cow<'de, str>, Field<BTreeMap<Cow<'de, str>, &'de RawValue>>>;
+
+#[derive(Default)]
+struct ContentFields<'de> {
+    sender: Field<Cow<'de, str>>,
+    event_type: Field<Cow<'de, str>>,
+    message_id: Field<Cow<'de, str>>,
+    messages: Field<Messages<'de>>,
+}
+object_shape!(ContentFields {
+    sender: "sender",
+    event_type: "type",
+    message_id: "message_id",
+    messages: "messages",
+});
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use serde_json::{Value, json};
 
     fn names() -> (ServerName, ServerName) {
         (
@@ -401,5 +650,136 @@ mod tests {
             "edus": [to_device("@a:origin.example", &id, json!({}))]}))
         .expect("valid");
         assert_eq!(parsed.edus.len(), 1);
+    }
+
+    fn parse_text(body: &str) -> Result<ParsedTxn, MatrixError> {
+        let (origin, us) = names();
+        parse_transaction(&origin, &us, body.as_bytes())
+    }
+
+    #[test]
+    fn repeated_keys_keep_the_last_value_and_recipients_come_out_sorted() {
+        let parsed = parse_text(
+            r#"{"origin":"other.example","origin":"origin.example","pdus":{},"pdus":[],
+            "edus":[{"edu_type":"m.direct_to_device","content":{
+              "sender":"@a:origin.example","type":"t","message_id":"m1","message_id":"m2",
+              "messages":{
+                "@z:us.example":{"D":{"n":1}},
+                "@b:us.example":{"Y":{"first":true},"X":{"x":1},"Y":{"second":true}},
+                "@z:us.example":{"E":{"n":2}}}}}]}"#,
+        )
+        .expect("valid");
+        assert_eq!(parsed.edus.len(), 1);
+        let edu = &parsed.edus[0];
+        assert_eq!(edu.message_id, "m2");
+        let rows: Vec<(&str, &DeviceTarget, &str)> = edu
+            .messages
+            .iter()
+            .map(|m| (m.user_id.as_str(), &m.device, m.content_json.as_str()))
+            .collect();
+        assert_eq!(
+            rows,
+            vec![
+                (
+                    "@b:us.example",
+                    &DeviceTarget::One("X".into()),
+                    r#"{"x":1}"#
+                ),
+                (
+                    "@b:us.example",
+                    &DeviceTarget::One("Y".into()),
+                    r#"{"second":true}"#
+                ),
+                (
+                    "@z:us.example",
+                    &DeviceTarget::One("E".into()),
+                    r#"{"n":2}"#
+                ),
+            ]
+        );
+        // A repeated key whose last value is of the wrong kind fails as that.
+        let error = parse_text(r#"{"origin":"origin.example","pdus":[],"pdus":{}}"#)
+            .expect_err("pdus is an object in the end");
+        assert_eq!(error.errcode, "M_BAD_JSON");
+    }
+
+    #[test]
+    fn escaped_keys_and_strings_are_unescaped_before_they_are_judged() {
+        let parsed = parse_text(
+            r#"{"orig\u0069n":"origin.example","pdus":[{"event_\u0069d":"$e\u0031"}],
+            "edus":[{"edu_\u0074ype":"m.direct_to_devic\u0065","content":{
+              "sender":"@\u0061:origin.example","type":"m.room.encrypted","message_id":"m",
+              "messages":{"@\u0062:us.example":{"D\u0031":{"k":"\u00e9\n"}},
+                          "@us\u0065r:us.example":{"D1":{"k":1}},
+                          "@user:us.example":{"D2":{"k":2}}}}}]}"#,
+        )
+        .expect("valid");
+        assert_eq!(
+            parsed.response_json,
+            format!(r#"{{"pdus":{{"$e1":{{"error":"{PDU_ERROR}"}}}}}}"#)
+        );
+        let messages = &parsed.edus[0].messages;
+        // `@us\u0065r` and `@user` are one key: the last value is kept.
+        assert_eq!(messages.len(), 2);
+        assert_eq!(messages[0].user_id, "@b:us.example");
+        assert_eq!(messages[0].device, DeviceTarget::One("D1".into()));
+        assert_eq!(messages[0].sender, "@a:origin.example");
+        // The content is the sender's text, escapes and all.
+        assert_eq!(messages[0].content_json, r#"{"k":"\u00e9\n"}"#);
+        let content: Value = serde_json::from_str(&messages[0].content_json).expect("JSON");
+        assert_eq!(content, json!({"k": "é\n"}));
+        assert_eq!(messages[1].user_id, "@user:us.example");
+        assert_eq!(messages[1].device, DeviceTarget::One("D2".into()));
+        assert_eq!(messages[1].content_json, r#"{"k":2}"#);
+    }
+
+    #[test]
+    fn non_object_messages_are_skipped_one_by_one() {
+        let parsed = parse_text(
+            r#"{"origin":"origin.example","pdus":[],"edus":[{"edu_type":"m.direct_to_device",
+            "content":{"sender":"@a:origin.example","type":"t","message_id":"m","messages":{
+              "@b:us.example":{"A":[1],"B":"x","C":null,"D":1.5,"E":true,"F":{"ok":1}},
+              "@c:us.example":null}}}]}"#,
+        )
+        .expect("valid");
+        let messages = &parsed.edus[0].messages;
+        assert_eq!(messages.len(), 1);
+        assert_eq!(messages[0].device, DeviceTarget::One("F".into()));
+        assert_eq!(parsed.report.skipped_recipients, 6);
+    }
+
+    #[test]
+    fn whitespace_is_dropped_from_content_and_numbers_are_kept_as_sent() {
+        let parsed = parse_text(
+            "{ \"origin\" : \"origin.example\" , \"pdus\" : [ ] , \"edus\" : [ {\n\
+             \"edu_type\" : \"m.direct_to_device\" , \"content\" : { \"sender\" : \
+             \"@a:origin.example\" , \"type\" : \"t\" , \"message_id\" : \"m\" , \
+             \"messages\" : { \"@b:us.example\" : { \"D\" :\n {\n\t\"text\" : \"a b\" ,\r\n \
+             \"f\" : 1.50 , \"e\" : 1E2 , \"z\": -0 }\n } } } } ] }\n",
+        )
+        .expect("valid");
+        let messages = &parsed.edus[0].messages;
+        assert_eq!(messages.len(), 1);
+        assert_eq!(
+            messages[0].content_json,
+            r#"{"text":"a b","f":1.50,"e":1E2,"z":-0}"#
+        );
+    }
+
+    #[test]
+    fn invalid_json_anywhere_is_not_json_even_in_skipped_parts() {
+        let (origin, us) = names();
+        for body in [
+            r#"{"origin":"origin.example","pdus":[],"x":"\ud800"}"#,
+            r#"{"origin":"origin.example","pdus":[],"x":1e400}"#,
+            r#"{"origin":"other.example","pdus":[{"a":[1,]}]}"#,
+            r#"{"origin":"origin.example","pdus":[]} x"#,
+        ] {
+            let error = parse_transaction(&origin, &us, body.as_bytes()).expect_err(body);
+            assert_eq!(error.errcode, "M_NOT_JSON", "{body}");
+        }
+        let error = parse_transaction(&origin, &us, b"{\"origin\":\"\xff\",\"pdus\":[]}")
+            .expect_err("bad UTF-8");
+        assert_eq!(error.errcode, "M_NOT_JSON");
     }
 }
