@@ -368,35 +368,6 @@ impl RequestToSign<'_> {
     }
 }
 
-/// The signed request object for a body that is already canonical JSON,
-/// assembled by concatenation: `{"content":<body>,"destination":…,
-/// "method":…,"origin":…,"uri":…}`. Equal to
-/// [`RequestToSign::signing_bytes`] of the parsed body exactly when `body`
-/// is that body's canonical form; the caller guarantees it.
-pub fn signing_bytes_for_canonical_body(
-    method: &str,
-    uri: &str,
-    origin: &str,
-    destination: &str,
-    body: &[u8],
-) -> Vec<u8> {
-    let mut out = Vec::with_capacity(
-        96 + body.len() + uri.len() + origin.len() + destination.len() + method.len(),
-    );
-    out.extend_from_slice(b"{\"content\":");
-    out.extend_from_slice(body);
-    out.extend_from_slice(b",\"destination\":");
-    write_string(destination, &mut out);
-    out.extend_from_slice(b",\"method\":");
-    write_string(method, &mut out);
-    out.extend_from_slice(b",\"origin\":");
-    write_string(origin, &mut out);
-    out.extend_from_slice(b",\"uri\":");
-    write_string(uri, &mut out);
-    out.push(b'}');
-    out
-}
-
 /// Signs the bytes of a request object; returns the header to send.
 pub fn sign_signed_bytes(
     key: &ServerSigningKey,

@@ -33,9 +33,7 @@ use crate::federation::discovery::{Discovery, Endpoint};
 use crate::federation::dns::{DnsResolver, HickoryResolver};
 use crate::identifiers::ServerName;
 use crate::keys::ServerSigningKey;
-use crate::xmatrix::{
-    RequestToSign, sign_request, sign_signed_bytes, signing_bytes_for_canonical_body,
-};
+use crate::xmatrix::{RequestToSign, sign_request, sign_signed_bytes};
 
 /// Largest response body read from a peer.
 const MAX_RESPONSE_BYTES: usize = 4 * 1024 * 1024;
@@ -268,13 +266,14 @@ impl FederationClient {
         let header = match (sign, body) {
             (Sign::Unsigned, _) => None,
             (Sign::CanonicalBody, Some(bytes)) => {
-                let signed = signing_bytes_for_canonical_body(
-                    method.as_str(),
-                    path_and_query,
-                    self.origin.as_str(),
-                    dest,
-                    bytes,
-                );
+                let signed = RequestToSign {
+                    method: method.as_str(),
+                    uri: path_and_query,
+                    origin: self.origin.as_str(),
+                    destination: dest,
+                    content: None,
+                }
+                .raw_content_bytes(Some(bytes));
                 Some(sign_signed_bytes(
                     &self.signing_key,
                     self.origin.as_str(),

@@ -198,7 +198,7 @@ mod tests {
     #[test]
     fn a_body_of_canonical_edus_signs_like_its_parsed_form() {
         use crate::canonical_json::{NumberStyle, to_canonical_bytes_with};
-        use crate::xmatrix::{RequestToSign, signing_bytes_for_canonical_body};
+        use crate::xmatrix::RequestToSign;
         let contents = [
             serde_json::json!({"z": 1, "a": "é\n\u{1}\"", "m": [1, {"y": 2, "b": null}]}),
             serde_json::json!({"big": 9007199254740993_u64, "neg": -5}),
@@ -231,13 +231,14 @@ mod tests {
             }
             .signing_bytes()
             .expect("signable");
-            let direct = signing_bytes_for_canonical_body(
-                "PUT",
+            let direct = RequestToSign {
+                method: "PUT",
                 uri,
-                "o.example",
-                "d.example",
-                body.as_bytes(),
-            );
+                origin: "o.example",
+                destination: "d.example",
+                content: None,
+            }
+            .raw_content_bytes(Some(body.as_bytes()));
             assert_eq!(
                 String::from_utf8_lossy(&direct),
                 String::from_utf8_lossy(&expected),
