@@ -117,6 +117,13 @@ pub struct BenchArgs {
     /// transaction.
     #[arg(long, requires = "destinations")]
     pub sink_no_keepalive: bool,
+    /// With --destinations: every call's K recipients are on one
+    /// destination and consecutive calls rotate over the destinations (K ×
+    /// D receiving users), so each call is one K-message EDU whatever D is.
+    /// Without it consecutive recipients are on different destinations and
+    /// a call fans out to min(K, D) one-message EDUs.
+    #[arg(long, requires = "destinations")]
+    pub group_by_destination: bool,
     /// In-process mode: worker threads of each relay's runtime.
     #[arg(long, default_value_t = 2)]
     pub relay_threads: usize,
@@ -349,16 +356,12 @@ async fn drive_in_process(
             )
             .await?;
             let names = sink.server_names();
-            let count = args.receivers.unwrap_or(args.per_call.max(destinations));
-            // Consecutive recipients are on different destinations.
-            let receivers: Vec<Recipient> = (0..count)
-                .map(|i| Recipient {
-                    user_id: format!("@bench{:05}:{}", i / destinations, names[i % destinations]),
-                    device_id: "BENCH".into(),
-                    access_token: String::new(),
-                    client_url: String::new(),
-                })
-                .collect();
+            let receivers = sink_receivers(
+                &names,
+                args.per_call,
+                args.group_by_destination,
+                args.receivers,
+            );
             sink.set_users(
                 receivers
                     .iter()
@@ -398,11 +401,16 @@ async fn drive_in_process(
             };
             let mode = format!(
                 "in-process relay A → {destinations} sink destinations (localhost:<port>, TLS, \
-                 not verifying{}), {}{} relay threads, store in {}",
+                 not verifying{}), {}{}{} relay threads, store in {}",
                 if args.sink_no_keepalive {
                     ", one request per connection"
                 } else {
                     ""
+                },
+                if args.group_by_destination {
+                    "each call's recipients on one destination; "
+                } else {
+                    "each call fans out over the destinations; "
                 },
                 if args.catch_up {
                     "destinations down while queueing, then opened and woken; "
@@ -650,10 +658,68 @@ async fn run_workload(
     Ok((outcome?, load))
 }
 
+/// The receiving users on the sink's destinations (`names`). Grouped: user
+/// i % K of destination i / K, so a call's K consecutive recipients share a
+/// destination and calls rotate over them. Otherwise consecutive recipients
+/// are on different destinations (`receivers` users, at least max(K, D)).
+fn sink_receivers(
+    names: &[String],
+    per_call: usize,
+    grouped: bool,
+    receivers: Option<usize>,
+) -> Vec<Recipient> {
+    let destinations = names.len().max(1);
+    let per_call = per_call.max(1);
+    let recipient = |user: usize, destination: &str| Recipient {
+        user_id: format!("@bench{user:05}:{destination}"),
+        device_id: "BENCH".into(),
+        access_token: String::new(),
+        client_url: String::new(),
+    };
+    if grouped {
+        (0..per_call * destinations)
+            .map(|i| recipient(i % per_call, &names[i / per_call]))
+            .collect()
+    } else {
+        let count = receivers.unwrap_or(per_call.max(destinations));
+        (0..count)
+            .map(|i| recipient(i / destinations, &names[i % destinations]))
+            .collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use clap::Parser;
+
+    fn destination_of(recipient: &Recipient) -> &str {
+        recipient.user_id.split_once(':').map_or("", |(_, d)| d)
+    }
+
+    #[test]
+    fn sink_receivers_fan_out_or_group_by_destination() {
+        let names: Vec<String> = (0..4).map(|i| format!("localhost:{}", 7000 + i)).collect();
+        // Fan-out: any K consecutive recipients span min(K, D) destinations.
+        let fan = sink_receivers(&names, 3, false, None);
+        assert_eq!(fan.len(), 4);
+        for call in fan.windows(3) {
+            let distinct: std::collections::BTreeSet<_> = call.iter().map(destination_of).collect();
+            assert_eq!(distinct.len(), 3);
+        }
+        // Grouped: K × D users; call c (recipients cK .. cK+K) is all on
+        // destination c mod D, and every destination gets calls in turn.
+        let grouped = sink_receivers(&names, 3, true, None);
+        assert_eq!(grouped.len(), 12);
+        let users: std::collections::BTreeSet<_> =
+            grouped.iter().map(|r| r.user_id.as_str()).collect();
+        assert_eq!(users.len(), 12, "every receiver is a distinct user");
+        for (c, call) in grouped.chunks(3).enumerate() {
+            for recipient in call {
+                assert_eq!(destination_of(recipient), names[c % 4]);
+            }
+        }
+    }
 
     #[derive(Parser)]
     struct Wrapper {
