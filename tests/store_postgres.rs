@@ -29,6 +29,13 @@ async fn make_postgres() -> Option<store_suite::Harness> {
     Some(store_suite::Harness {
         store: Arc::new(store),
         _guard: Box::new(()),
+        reopen: Box::new(move || {
+            let conninfo = conninfo.clone();
+            Box::pin(async move {
+                let store = PostgresStore::open(&conninfo).await.expect("reopen");
+                Arc::new(store) as Arc<dyn courier::store::Store>
+            })
+        }),
     })
 }
 
@@ -77,58 +84,6 @@ fn remote_send(txn_id: &str, destination: &str) -> SendBatch {
         local: vec![],
         ..send(txn_id, "@a:x", "A", 0)
     }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn reopen_keeps_data_and_stream_ids_never_repeat() {
-    let Some(conninfo) = database().await else {
-        return;
-    };
-    let store = PostgresStore::open(&conninfo).await.expect("open");
-    store
-        .upsert_device("@a:x", "A", Some("tok"))
-        .await
-        .expect("device");
-    store
-        .enqueue_send(send("t1", "@a:x", "A", 1))
-        .await
-        .expect("send");
-    let page = store.fetch_inbox("@a:x", "A", 0, 10).await.expect("fetch");
-    let acked = page.next_batch;
-    // Acknowledge the highest row: its id must not be handed out again.
-    store
-        .fetch_inbox("@a:x", "A", acked, 10)
-        .await
-        .expect("ack");
-    store.close().await.expect("close");
-    assert!(
-        store
-            .enqueue_send(send("t2", "@a:x", "A", 2))
-            .await
-            .is_err(),
-        "a closed store refuses writes"
-    );
-    drop(store);
-
-    let store = PostgresStore::open(&conninfo).await.expect("reopen");
-    assert_eq!(
-        store
-            .lookup_token("tok")
-            .await
-            .expect("token")
-            .map(|d| d.device_id),
-        Some("A".to_owned())
-    );
-    store
-        .enqueue_send(send("t2", "@a:x", "A", 2))
-        .await
-        .expect("send");
-    let page = store
-        .fetch_inbox("@a:x", "A", acked, 10)
-        .await
-        .expect("fetch");
-    assert_eq!(page.messages.len(), 1);
-    assert!(page.messages[0].stream_id > acked);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

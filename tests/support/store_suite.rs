@@ -1,6 +1,6 @@
 //! The backend-generic conformance suite of `courier::store::Store`: one
-//! async function per case, each taking a fresh, empty store as
-//! `Arc<dyn Store>`. It knows no backend; a backend's test file supplies a
+//! async function per case, each taking a [`Harness`] with a fresh, empty
+//! store (and a way to open it again). It knows no backend; a backend's test file supplies a
 //! constructor and expands `store_conformance_tests!` to get one `#[tokio::test]`
 //! per case:
 //!
@@ -28,7 +28,16 @@ pub struct Harness {
     pub store: Arc<dyn Store>,
     /// Kept alive (never read) until the case ends.
     pub _guard: Box<dyn Any + Send + Sync>,
+    /// Opens the same backing store again (after `close`).
+    pub reopen: Reopen,
 }
+
+/// Opens a backend's store again on the same file or database.
+pub type Reopen = Box<
+    dyn Fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = Arc<dyn Store>> + Send>>
+        + Send
+        + Sync,
+>;
 
 /// Expands to one `#[tokio::test]` per conformance case, each calling
 /// `$make().await` for a fresh `Harness`.
@@ -66,6 +75,7 @@ macro_rules! store_conformance_tests {
             prune_expires_dedupe_records,
             prune_is_bounded_by_batch,
             concurrent_writers_each_row_once,
+            reopen_keeps_data_and_stream_ids_never_repeat,
         );
     };
     (@cases [] $make:path; $($case:ident),+ $(,)?) => {
@@ -73,7 +83,7 @@ macro_rules! store_conformance_tests {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $case() {
                 let harness = $make().await;
-                store_suite::$case(harness.store.clone()).await;
+                store_suite::$case(&harness).await;
                 drop(harness);
             }
         )+
@@ -83,7 +93,7 @@ macro_rules! store_conformance_tests {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $case() {
                 let Some(harness) = $make().await else { return };
-                store_suite::$case(harness.store.clone()).await;
+                store_suite::$case(&harness).await;
                 drop(harness);
             }
         )+
@@ -189,7 +199,8 @@ async fn queued_ns(store: &dyn Store, destination: &str) -> Vec<u64> {
 
 // --- cases ----------------------------------------------------------------------
 
-pub async fn devices_and_tokens(store: Arc<dyn Store>) {
+pub async fn devices_and_tokens(harness: &Harness) {
+    let store = harness.store.clone();
     let s = &*store;
     assert_eq!(
         s.list_devices(ALICE).await.expect("list"),
@@ -233,7 +244,8 @@ pub async fn devices_and_tokens(store: Arc<dyn Store>) {
     );
 }
 
-pub async fn delete_device_removes_tokens_and_inbox(store: Arc<dyn Store>) {
+pub async fn delete_device_removes_tokens_and_inbox(harness: &Harness) {
+    let store = harness.store.clone();
     let s = &*store;
     s.upsert_device(ALICE, "A", Some("tok"))
         .await
@@ -262,7 +274,8 @@ pub async fn delete_device_removes_tokens_and_inbox(store: Arc<dyn Store>) {
     assert_eq!(inbox_ns(s, ALICE, "B").await, vec![2]);
 }
 
-pub async fn inbox_order_and_next_batch(store: Arc<dyn Store>) {
+pub async fn inbox_order_and_next_batch(harness: &Harness) {
+    let store = harness.store.clone();
     let s = &*store;
     devices(s, ALICE, &["A"]).await;
     let empty = s.fetch_inbox(ALICE, "A", 0, 100).await.expect("fetch");
@@ -320,7 +333,8 @@ pub async fn inbox_order_and_next_batch(store: Arc<dyn Store>) {
     );
 }
 
-pub async fn inbox_limit_pages_150_as_100_then_50(store: Arc<dyn Store>) {
+pub async fn inbox_limit_pages_150_as_100_then_50(harness: &Harness) {
+    let store = harness.store.clone();
     let s = &*store;
     devices(s, ALICE, &["A"]).await;
     let local = (0..150).map(|n| msg(ALICE, one("A"), n)).collect();
@@ -364,7 +378,8 @@ pub async fn inbox_limit_pages_150_as_100_then_50(store: Arc<dyn Store>) {
     assert!(!full.more);
 }
 
-pub async fn repeated_since_redelivers_same_rows(store: Arc<dyn Store>) {
+pub async fn repeated_since_redelivers_same_rows(harness: &Harness) {
+    let store = harness.store.clone();
     let s = &*store;
     devices(s, ALICE, &["A"]).await;
     let local = (0..10).map(|n| msg(ALICE, one("A"), n)).collect();
@@ -389,7 +404,8 @@ pub async fn repeated_since_redelivers_same_rows(store: Arc<dyn Store>) {
     assert_eq!(old.messages[0], c.messages[0]);
 }
 
-pub async fn star_expands_at_write_time(store: Arc<dyn Store>) {
+pub async fn star_expands_at_write_time(harness: &Harness) {
+    let store = harness.store.clone();
     let s = &*store;
     devices(s, ALICE, &["A", "B"]).await;
     devices(s, BOB, &["X"]).await;
@@ -426,7 +442,8 @@ pub async fn star_expands_at_write_time(store: Arc<dyn Store>) {
     assert!(woken.is_empty());
 }
 
-pub async fn unknown_devices_are_dropped(store: Arc<dyn Store>) {
+pub async fn unknown_devices_are_dropped(harness: &Harness) {
+    let store = harness.store.clone();
     let s = &*store;
     devices(s, ALICE, &["A"]).await;
     let (woken, _) = accepted(
@@ -451,7 +468,8 @@ pub async fn unknown_devices_are_dropped(store: Arc<dyn Store>) {
     assert_eq!(inbox_ns(s, ALICE, "GHOST").await, Vec::<u64>::new());
 }
 
-pub async fn mixed_targets_keep_order_in_large_sends(store: Arc<dyn Store>) {
+pub async fn mixed_targets_keep_order_in_large_sends(harness: &Harness) {
+    let store = harness.store.clone();
     let s = &*store;
     let ids = ["A", "B", "C"];
     devices(s, ALICE, &ids).await;
@@ -490,7 +508,8 @@ pub async fn mixed_targets_keep_order_in_large_sends(store: Arc<dyn Store>) {
     }
 }
 
-pub async fn client_txn_dedupe_writes_nothing(store: Arc<dyn Store>) {
+pub async fn client_txn_dedupe_writes_nothing(harness: &Harness) {
+    let store = harness.store.clone();
     let s = &*store;
     devices(s, ALICE, &["A"]).await;
     let b = batch(
@@ -532,7 +551,8 @@ pub async fn client_txn_dedupe_writes_nothing(store: Arc<dyn Store>) {
     assert_eq!(inbox_ns(s, ALICE, "A").await, vec![1, 1, 1, 1, 1]);
 }
 
-pub async fn outbox_rows_and_destinations_in_order(store: Arc<dyn Store>) {
+pub async fn outbox_rows_and_destinations_in_order(harness: &Harness) {
+    let store = harness.store.clone();
     let s = &*store;
     let (woken, dests) = accepted(
         s,
@@ -589,7 +609,8 @@ fn inbound_edu(message_id: &str, messages: Vec<NewInboxMessage>) -> InboundEdu {
     }
 }
 
-pub async fn inbound_txn_dedupe_replays_response(store: Arc<dyn Store>) {
+pub async fn inbound_txn_dedupe_replays_response(harness: &Harness) {
+    let store = harness.store.clone();
     let s = &*store;
     devices(s, ALICE, &["A", "B"]).await;
     let txn = inbound(
@@ -661,7 +682,8 @@ pub async fn inbound_txn_dedupe_replays_response(store: Arc<dyn Store>) {
     assert_eq!(inbox_ns(s, ALICE, "A").await, vec![1, 2, 5]);
 }
 
-pub async fn inbound_message_id_dedupe_inside_new_txn(store: Arc<dyn Store>) {
+pub async fn inbound_message_id_dedupe_inside_new_txn(harness: &Harness) {
+    let store = harness.store.clone();
     let s = &*store;
     devices(s, ALICE, &["A"]).await;
     let first = inbound(
@@ -707,7 +729,8 @@ pub async fn inbound_message_id_dedupe_inside_new_txn(store: Arc<dyn Store>) {
     );
 }
 
-pub async fn peek_outbox_respects_limits(store: Arc<dyn Store>) {
+pub async fn peek_outbox_respects_limits(harness: &Harness) {
+    let store = harness.store.clone();
     let s = &*store;
     assert!(
         s.peek_outbox("d.test", 100, 1 << 20)
@@ -749,7 +772,8 @@ fn in_flight_for(destination: &str, txn_id: &str, seqs: Vec<i64>) -> InFlightTxn
     }
 }
 
-pub async fn begin_ack_txn(store: Arc<dyn Store>) {
+pub async fn begin_ack_txn(harness: &Harness) {
+    let store = harness.store.clone();
     let s = &*store;
     let remote = (0..5).map(|n| edu("d.test", n, 1)).collect();
     accepted(s, batch("t", vec![], remote)).await;
@@ -833,7 +857,8 @@ pub async fn begin_ack_txn(store: Arc<dyn Store>) {
     assert_eq!(queued_ns(s, "e.test").await, vec![9]);
 }
 
-pub async fn refuse_txn_counts_refusals(store: Arc<dyn Store>) {
+pub async fn refuse_txn_counts_refusals(harness: &Harness) {
+    let store = harness.store.clone();
     let s = &*store;
     let remote = (0..4).map(|n| edu("d.test", n, 1)).collect();
     accepted(s, batch("t", vec![], remote)).await;
@@ -859,7 +884,8 @@ pub async fn refuse_txn_counts_refusals(store: Arc<dyn Store>) {
     );
 }
 
-pub async fn quarantine_and_release(store: Arc<dyn Store>) {
+pub async fn quarantine_and_release(harness: &Harness) {
+    let store = harness.store.clone();
     let s = &*store;
     let remote = (0..3).map(|n| edu("d.test", n, 2)).collect();
     accepted(s, batch("t", vec![], remote)).await;
@@ -936,7 +962,8 @@ pub async fn quarantine_and_release(store: Arc<dyn Store>) {
     );
 }
 
-pub async fn retry_state_round_trip(store: Arc<dyn Store>) {
+pub async fn retry_state_round_trip(harness: &Harness) {
+    let store = harness.store.clone();
     let s = &*store;
     assert_eq!(
         s.retry_state("d.test").await.expect("retry"),
@@ -977,7 +1004,8 @@ pub async fn retry_state_round_trip(store: Arc<dyn Store>) {
     );
 }
 
-pub async fn destination_statuses_report_queues(store: Arc<dyn Store>) {
+pub async fn destination_statuses_report_queues(harness: &Harness) {
+    let store = harness.store.clone();
     let s = &*store;
     assert!(s.destination_statuses().await.expect("status").is_empty());
     accepted(
@@ -1022,7 +1050,8 @@ fn server_key(server: &str, key_id: &str, valid_until_ts: i64) -> StoredServerKe
     }
 }
 
-pub async fn server_keys_round_trip(store: Arc<dyn Store>) {
+pub async fn server_keys_round_trip(harness: &Harness) {
+    let store = harness.store.clone();
     let s = &*store;
     assert!(s.server_keys("a.test").await.expect("keys").is_empty());
     s.put_server_keys(vec![
@@ -1059,7 +1088,8 @@ pub async fn server_keys_round_trip(store: Arc<dyn Store>) {
     assert!(s.server_keys("b.test").await.expect("keys").is_empty());
 }
 
-pub async fn prune_expires_dedupe_records(store: Arc<dyn Store>) {
+pub async fn prune_expires_dedupe_records(harness: &Harness) {
+    let store = harness.store.clone();
     let s = &*store;
     devices(s, ALICE, &["A"]).await;
     let r = Retention::DEFAULT;
@@ -1141,7 +1171,8 @@ pub async fn prune_expires_dedupe_records(store: Arc<dyn Store>) {
     assert_eq!(inbox_ns(s, ALICE, "A").await, vec![1, 2, 3, 5]);
 }
 
-pub async fn prune_is_bounded_by_batch(store: Arc<dyn Store>) {
+pub async fn prune_is_bounded_by_batch(harness: &Harness) {
+    let store = harness.store.clone();
     let s = &*store;
     for i in 0..5 {
         accepted(s, batch(&format!("t{i}"), vec![], vec![])).await;
@@ -1162,7 +1193,8 @@ pub async fn prune_is_bounded_by_batch(store: Arc<dyn Store>) {
     assert_eq!(counts, vec![2, 2, 1, 0]);
 }
 
-pub async fn concurrent_writers_each_row_once(store: Arc<dyn Store>) {
+pub async fn concurrent_writers_each_row_once(harness: &Harness) {
+    let store = harness.store.clone();
     const TASKS: u64 = 64;
     const SENDS: u64 = 10;
     devices(&*store, ALICE, &["A", "B"]).await;
@@ -1248,4 +1280,49 @@ pub async fn concurrent_writers_each_row_once(store: Arc<dyn Store>) {
         .await
         .expect("fetch");
     assert_eq!(again.messages.len(), a.messages.len());
+}
+
+pub async fn reopen_keeps_data_and_stream_ids_never_repeat(harness: &Harness) {
+    let store = harness.store.clone();
+    store
+        .upsert_device(ALICE, "A", Some("tok"))
+        .await
+        .expect("device");
+    store
+        .enqueue_send(batch("t1", vec![msg(ALICE, one("A"), 1)], vec![]))
+        .await
+        .expect("send");
+    let page = store.fetch_inbox(ALICE, "A", 0, 10).await.expect("fetch");
+    let acked = page.next_batch;
+    // Acknowledge the highest row: its id must not be handed out again.
+    store.fetch_inbox(ALICE, "A", acked, 10).await.expect("ack");
+    store.close().await.expect("close");
+    assert!(
+        store
+            .enqueue_send(batch("t2", vec![msg(ALICE, one("A"), 2)], vec![]))
+            .await
+            .is_err(),
+        "a closed store refuses writes"
+    );
+    drop(store);
+
+    let store = (harness.reopen)().await;
+    assert_eq!(
+        store
+            .lookup_token("tok")
+            .await
+            .expect("token")
+            .map(|d| d.device_id),
+        Some("A".to_owned())
+    );
+    store
+        .enqueue_send(batch("t2", vec![msg(ALICE, one("A"), 2)], vec![]))
+        .await
+        .expect("send");
+    let page = store
+        .fetch_inbox(ALICE, "A", acked, 10)
+        .await
+        .expect("fetch");
+    assert_eq!(page.messages.len(), 1);
+    assert!(page.messages[0].stream_id > acked);
 }
