@@ -13,11 +13,8 @@
 mod crash;
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use crash::ROUNDS;
@@ -49,7 +46,6 @@ fn kill9_loses_no_acknowledged_write() {
     let started = Instant::now();
     let dir = tempfile::tempdir().expect("temp dir");
     let db = dir.path().join("crash.db");
-    let exe = std::env::current_exe().expect("test binary path");
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -59,50 +55,7 @@ fn kill9_loses_no_acknowledged_write() {
     let mut total_kills_mid_write = 0;
 
     for round in 0..ROUNDS {
-        let mut child = Command::new(&exe)
-            .args(["--exact", TEST_NAME, "--nocapture", "--test-threads=1"])
-            .env(CHILD_ENV, &db)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn child");
-        let stdout = child.stdout.take().expect("child stdout");
-        let (line_tx, line_rx) = mpsc::channel::<String>();
-        let reader = std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if line_tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        // Kill after a random number of acknowledgements (sometimes none:
-        // during open or migration), plus a random extra delay.
-        let target: usize = if round % 6 == 0 {
-            0
-        } else {
-            rand::random_range(1..200)
-        };
-        let mut round_acks: Vec<String> = Vec::new();
-        while round_acks.len() < target {
-            let line = line_rx
-                .recv_timeout(Duration::from_secs(30))
-                .expect("child stopped acknowledging writes");
-            if let Some(txn) = line.strip_prefix("ack ") {
-                round_acks.push(txn.to_owned());
-            }
-        }
-        std::thread::sleep(Duration::from_micros(rand::random_range(0..20_000)));
-        child.kill().expect("SIGKILL child");
-        let status = child.wait().expect("reap child");
-        assert!(!status.success(), "child must die by the signal");
-        reader.join().expect("reader thread");
-        // Every ack printed before the kill counts.
-        for line in line_rx.try_iter() {
-            if let Some(txn) = line.strip_prefix("ack ") {
-                round_acks.push(txn.to_owned());
-            }
-        }
+        let round_acks = crash::kill_round(TEST_NAME, (CHILD_ENV, db.as_os_str()), round, || {});
         if !round_acks.is_empty() {
             total_kills_mid_write += 1;
         }

@@ -18,10 +18,7 @@ mod pg;
 mod crash;
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use crash::ROUNDS;
@@ -55,7 +52,6 @@ fn kill9_loses_no_acknowledged_write_on_postgres() {
         return;
     };
     let started = Instant::now();
-    let exe = std::env::current_exe().expect("test binary path");
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -67,54 +63,21 @@ fn kill9_loses_no_acknowledged_write_on_postgres() {
     let mut server_crashes = 0;
 
     for round in 0..ROUNDS {
-        let mut child = Command::new(&exe)
-            .args(["--exact", TEST_NAME, "--nocapture", "--test-threads=1"])
-            .env(CHILD_ENV, &conninfo)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn child");
-        let stdout = child.stdout.take().expect("child stdout");
-        let (line_tx, line_rx) = mpsc::channel::<String>();
-        let reader = std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if line_tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        // Kill after a random number of acknowledgements (sometimes none:
-        // during connect or migration), plus a random extra delay.
-        let target: usize = if round % 6 == 0 {
-            0
-        } else {
-            rand::random_range(1..200)
-        };
-        let mut round_acks: Vec<String> = Vec::new();
-        while round_acks.len() < target {
-            let line = line_rx
-                .recv_timeout(Duration::from_secs(30))
-                .expect("child stopped acknowledging writes");
-            if let Some(txn) = line.strip_prefix("ack ") {
-                round_acks.push(txn.to_owned());
-            }
-        }
-        std::thread::sleep(Duration::from_micros(rand::random_range(0..20_000)));
         let crash_server = round % 3 == 1;
+        let round_acks = crash::kill_round(
+            TEST_NAME,
+            (CHILD_ENV, std::ffi::OsStr::new(&conninfo)),
+            round,
+            || {
+                if crash_server {
+                    // The server dies first, with the child's commits in
+                    // flight.
+                    cluster.crash_server();
+                }
+            },
+        );
         if crash_server {
-            // The server dies first, with the child's commits in flight.
-            cluster.crash_server();
             server_crashes += 1;
-        }
-        child.kill().expect("SIGKILL child");
-        let status = child.wait().expect("reap child");
-        assert!(!status.success(), "child must die by the signal");
-        reader.join().expect("reader thread");
-        for line in line_rx.try_iter() {
-            if let Some(txn) = line.strip_prefix("ack ") {
-                round_acks.push(txn.to_owned());
-            }
         }
         if crash_server {
             cluster.start_server();

@@ -2,12 +2,16 @@
 //! batches a child process writes until it is killed, the writer loop that
 //! reports each acknowledged batch on stdout, and the check run after every
 //! kill (every acknowledged batch present exactly once, none half written,
-//! a retried acknowledged batch a duplicate). Each backend's test binary
-//! owns only how the store is opened and how the child is killed.
+//! a retried acknowledged batch a duplicate), and one kill round of the
+//! parent. Each backend's test binary owns only how the store is opened and
+//! what else happens around the kill.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Write;
+use std::ffi::OsStr;
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use courier::store::{
@@ -192,4 +196,63 @@ pub async fn verify(store: &dyn Store, acked: &BTreeSet<String>, round_acks: &[S
             "retried acknowledged txn {txn}"
         );
     }
+}
+
+/// One kill round of the parent: re-executes this test binary as the
+/// writing child (`test_name` selected, `env` set so it knows it is the
+/// child), waits for a random number of acknowledged batches (none every
+/// sixth round: the kill then lands during open or migration), lets it run
+/// a random moment longer, calls `before_kill`, kills it with SIGKILL and
+/// returns every batch it acknowledged before dying.
+pub fn kill_round(
+    test_name: &str,
+    env: (&str, &OsStr),
+    round: usize,
+    before_kill: impl FnOnce(),
+) -> Vec<String> {
+    let exe = std::env::current_exe().expect("test binary path");
+    let mut child = Command::new(&exe)
+        .args(["--exact", test_name, "--nocapture", "--test-threads=1"])
+        .env(env.0, env.1)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn child");
+    let stdout = child.stdout.take().expect("child stdout");
+    let (line_tx, line_rx) = mpsc::channel::<String>();
+    let reader = std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if line_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let target: usize = if round.is_multiple_of(6) {
+        0
+    } else {
+        rand::random_range(1..200)
+    };
+    let mut round_acks: Vec<String> = Vec::new();
+    while round_acks.len() < target {
+        let line = line_rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("child stopped acknowledging writes");
+        if let Some(txn) = line.strip_prefix("ack ") {
+            round_acks.push(txn.to_owned());
+        }
+    }
+    std::thread::sleep(Duration::from_micros(rand::random_range(0..20_000)));
+    before_kill();
+    child.kill().expect("SIGKILL child");
+    let status = child.wait().expect("reap child");
+    assert!(!status.success(), "child must die by the signal");
+    reader.join().expect("reader thread");
+    // Every ack printed before the kill counts.
+    for line in line_rx.try_iter() {
+        if let Some(txn) = line.strip_prefix("ack ") {
+            round_acks.push(txn.to_owned());
+        }
+    }
+    round_acks
 }
