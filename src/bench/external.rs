@@ -12,7 +12,9 @@ use serde::Deserialize;
 
 use super::procfs::{ProcSample, sample_process};
 use super::workload::{Delivery, Endpoints, Recipient};
-use super::{BenchArgs, BenchError, BenchReport, Measured, Usage, run_workload, workload_of};
+use super::{
+    BenchArgs, BenchError, BenchReport, Measured, Usage, UsageReading, run_workload, workload_of,
+};
 use crate::plain_http::JsonClient;
 
 #[derive(Deserialize)]
@@ -120,16 +122,20 @@ pub(super) async fn run_external(
         let after = sample_process(&pid.to_string())?;
         usage.push(Usage {
             what: format!("{role} server (pid {pid})"),
-            cpu: after.cpu.saturating_sub(sample.cpu),
-            peak_rss_kib: Some(after.peak_rss_kib),
+            reading: UsageReading::Cpu {
+                cpu: after.cpu.saturating_sub(sample.cpu),
+                peak_rss_kib: Some(after.peak_rss_kib),
+            },
             note: Some("peak RSS over the process lifetime".into()),
         });
     }
     let self_after = sample_process("self")?;
     usage.push(Usage {
         what: "load generator (this process)".into(),
-        cpu: self_after.cpu.saturating_sub(self_before.cpu),
-        peak_rss_kib: Some(self_after.peak_rss_kib),
+        reading: UsageReading::Cpu {
+            cpu: self_after.cpu.saturating_sub(self_before.cpu),
+            peak_rss_kib: Some(self_after.peak_rss_kib),
+        },
         note: None,
     });
     Ok(BenchReport::new(

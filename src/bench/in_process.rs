@@ -16,7 +16,10 @@ use std::time::{Duration, Instant};
 
 use super::procfs::{sample_process, sample_threads, thread_cpu_by_group};
 use super::workload::{self, Delivery, Endpoints, Recipient};
-use super::{BenchArgs, BenchError, BenchReport, Measured, Usage, run_workload, sink, workload_of};
+use super::{
+    BenchArgs, BenchError, BenchReport, Measured, Usage, UsageReading, run_workload, sink,
+    workload_of,
+};
 use crate::dev_pair::{DevPair, DevPairOptions, register_device};
 use crate::plain_http::JsonClient;
 
@@ -234,15 +237,18 @@ async fn drive_in_process(
 
     let mut usage = vec![Usage {
         what: "whole process (both relays + load generator)".into(),
-        cpu: process_after.cpu.saturating_sub(process_before.cpu),
-        peak_rss_kib: Some(process_after.peak_rss_kib),
+        reading: UsageReading::Cpu {
+            cpu: process_after.cpu.saturating_sub(process_before.cpu),
+            peak_rss_kib: Some(process_after.peak_rss_kib),
+        },
         note: Some("both relays share this process: peak RSS covers A, B and the generator".into()),
     }];
     if queued_rss_kib > 0 {
         usage.push(Usage {
             what: "process RSS with every message queued".into(),
-            cpu: Duration::ZERO,
-            peak_rss_kib: Some(queued_rss_kib),
+            reading: UsageReading::RssSample {
+                rss_kib: queued_rss_kib,
+            },
             note: Some(
                 "VmRSS just before the destinations came back: both relays and the \
                  generator, no sink state yet"
@@ -256,16 +262,20 @@ async fn drive_in_process(
         listed += *cpu;
         usage.push(Usage {
             what: (*group).to_owned(),
-            cpu: *cpu,
-            peak_rss_kib: None,
+            reading: UsageReading::Cpu {
+                cpu: *cpu,
+                peak_rss_kib: None,
+            },
             note: None,
         });
     }
     let whole = process_after.cpu.saturating_sub(process_before.cpu);
     usage.push(Usage {
         what: "threads that exited during the run".into(),
-        cpu: whole.saturating_sub(listed),
-        peak_rss_kib: None,
+        reading: UsageReading::Cpu {
+            cpu: whole.saturating_sub(listed),
+            peak_rss_kib: None,
+        },
         note: None,
     });
     Ok(BenchReport::new(

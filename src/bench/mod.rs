@@ -31,7 +31,7 @@ use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-pub use report::{BenchReport, LoadAverage, Measured, Usage};
+pub use report::{BenchReport, LoadAverage, Measured, Usage, UsageReading};
 use workload::{Delivery, Endpoints, Progress, Workload};
 
 use crate::dev_pair::DevPairError;
