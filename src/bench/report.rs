@@ -10,13 +10,37 @@ use super::BenchArgs;
 use super::stats::{LatencySummary, summarize};
 use super::workload::{Endpoints, Outcome, Workload};
 
-/// CPU time and memory of one process or thread group over the run.
+/// Resource use of one process or thread group.
 #[derive(Debug, Clone)]
 pub struct Usage {
     pub what: String,
-    pub cpu: Duration,
-    pub peak_rss_kib: Option<u64>,
+    pub reading: UsageReading,
     pub note: Option<String>,
+}
+
+/// What a `Usage` row measured, which decides how it is printed.
+#[derive(Debug, Clone, Copy)]
+pub enum UsageReading {
+    /// CPU time over the run, with the peak resident set (`VmHWM`, over the
+    /// process lifetime) where it is known.
+    Cpu {
+        cpu: Duration,
+        peak_rss_kib: Option<u64>,
+    },
+    /// The resident set (`VmRSS`) sampled at one instant; no CPU figure.
+    RssSample { rss_kib: u64 },
+}
+
+impl UsageReading {
+    /// CPU time and a memory figure in KiB, as the JSON report has always
+    /// carried them (`cpu_s`, `peak_rss_mib`): a sample is zero CPU and its
+    /// RSS.
+    fn cpu_and_rss_kib(self) -> (Duration, Option<u64>) {
+        match self {
+            UsageReading::Cpu { cpu, peak_rss_kib } => (cpu, peak_rss_kib),
+            UsageReading::RssSample { rss_kib } => (Duration::ZERO, Some(rss_kib)),
+        }
+    }
 }
 
 /// The machine's 1-minute load average (`/proc/loadavg`) around the run:
@@ -72,6 +96,33 @@ fn latency_json(summary: &Option<LatencySummary>) -> Value {
             "max_ms": ms(s.max),
             "mean_ms": ms(s.mean),
         }),
+    }
+}
+
+/// One line of the human summary for a `Usage` row: CPU rows as `cpu`, an
+/// RSS sample as `memory`.
+fn usage_line(u: &Usage) -> String {
+    let note = u
+        .note
+        .as_ref()
+        .map(|n| format!("  ({n})"))
+        .unwrap_or_default();
+    match u.reading {
+        UsageReading::Cpu { cpu, peak_rss_kib } => {
+            let rss = peak_rss_kib
+                .map(|k| format!(", peak RSS {:.1} MiB", k as f64 / 1024.0))
+                .unwrap_or_default();
+            format!(
+                "  cpu         {:<46} {:>7.2} s{rss}{note}",
+                u.what,
+                cpu.as_secs_f64()
+            )
+        }
+        UsageReading::RssSample { rss_kib } => format!(
+            "  memory      {:<46} {:>7.1} MiB{note}",
+            u.what,
+            rss_kib as f64 / 1024.0
+        ),
     }
 }
 
@@ -191,12 +242,15 @@ impl BenchReport {
                 "delivered": o.probes_delivered,
                 "latency": latency_json(&self.probe_latency),
             },
-            "usage": self.usage.iter().map(|u| json!({
-                "what": u.what,
-                "cpu_s": (u.cpu.as_secs_f64() * 100.0).round() / 100.0,
-                "peak_rss_mib": u.peak_rss_kib.map(|k| (k as f64 / 1024.0 * 10.0).round() / 10.0),
-                "note": u.note,
-            })).collect::<Vec<_>>(),
+            "usage": self.usage.iter().map(|u| {
+                let (cpu, rss_kib) = u.reading.cpu_and_rss_kib();
+                json!({
+                    "what": u.what,
+                    "cpu_s": (cpu.as_secs_f64() * 100.0).round() / 100.0,
+                    "peak_rss_mib": rss_kib.map(|k| (k as f64 / 1024.0 * 10.0).round() / 10.0),
+                    "note": u.note,
+                })
+            }).collect::<Vec<_>>(),
             "wall_s": self.wall.as_secs_f64(),
             "load_average_1m": { "before": self.load.before, "after": self.load.after },
             "first_error": o.first_error,
@@ -272,20 +326,7 @@ impl BenchReport {
             None => {}
         }
         for u in &self.usage {
-            let rss = u
-                .peak_rss_kib
-                .map(|k| format!(", peak RSS {:.1} MiB", k as f64 / 1024.0))
-                .unwrap_or_default();
-            let note = u
-                .note
-                .as_ref()
-                .map(|n| format!("  ({n})"))
-                .unwrap_or_default();
-            println!(
-                "  cpu         {:<46} {:>7.2} s{rss}{note}",
-                u.what,
-                u.cpu.as_secs_f64()
-            );
+            println!("{}", usage_line(u));
         }
         println!(
             "  check       undelivered {}  probe undelivered {}  duplicates {}  misdelivered {}  failed sends {}  stale ignored {}",
@@ -317,5 +358,39 @@ impl BenchReport {
                 "FAILED"
             }
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_rss_sample_prints_as_memory_and_keeps_its_json_figures() {
+        let sample = Usage {
+            what: "process RSS with every message queued".into(),
+            reading: UsageReading::RssSample { rss_kib: 118_272 },
+            note: Some("VmRSS".into()),
+        };
+        let line = usage_line(&sample);
+        assert!(line.starts_with("  memory      process RSS"), "{line}");
+        assert!(line.ends_with("  115.5 MiB  (VmRSS)"), "{line}");
+        assert!(!line.contains("cpu") && !line.contains("peak"), "{line}");
+        assert_eq!(
+            sample.reading.cpu_and_rss_kib(),
+            (Duration::ZERO, Some(118_272))
+        );
+
+        let cpu = Usage {
+            what: "whole process".into(),
+            reading: UsageReading::Cpu {
+                cpu: Duration::from_millis(1500),
+                peak_rss_kib: Some(2048),
+            },
+            note: None,
+        };
+        let line = usage_line(&cpu);
+        assert!(line.starts_with("  cpu         whole process"), "{line}");
+        assert!(line.ends_with("   1.50 s, peak RSS 2.0 MiB"), "{line}");
     }
 }

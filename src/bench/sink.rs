@@ -29,7 +29,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::workload::Shared;
+use super::receiver::Shared;
 
 /// The sink's ports are taken from here up to `EPHEMERAL_START`.
 const FIRST_PORT: u16 = 12_000;

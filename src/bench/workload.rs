@@ -1,39 +1,27 @@
 //! The workload itself, spoken over the standard client-server API only, so
-//! it drives Courier and Synapse alike: `C` sender tasks each keep one
-//! `PUT /sendToDevice` in flight with `K` recipients per call, a probe task
-//! sends one message every interval to a separate device, and every
-//! receiving device runs its own long-poll `GET /sync` loop that
-//! acknowledges as it goes (the next `since`), counts each message id once
-//! and flags duplicates. Every message carries the run id, its sequence
-//! number, its intended recipient and the microsecond (since the run's
-//! epoch) its send started, so latency is "send start → the receiver's
-//! `/sync` returned it" measured on one clock.
+//! it drives Courier and Synapse alike: who sends and who receives
+//! (`Endpoints`), the shape of the load (`Workload`), the counters every task
+//! shares (`Progress`), and `run`, which starts the receivers, starts the
+//! clock once every long-poll is in place, runs the senders and the probe
+//! (`sender.rs`), waits for the deliveries the receivers or the sink record
+//! (`receiver.rs`), and sums up the `Outcome`. Latency is "send start → the
+//! receiver's `/sync` returned it" (or the sink received it), measured on one
+//! clock.
 //!
 //! This module knows nothing of how the relays were started.
 
-use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use hyper::body::Bytes;
-use serde::Deserialize;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use super::stats::{Arrival, Tally};
-use crate::plain_http::{JsonClient, encode_segment};
-
-/// The long-poll timeout each receiver asks for.
-const SYNC_TIMEOUT_MS: u64 = 30_000;
-/// A filter that keeps homeservers (Synapse) from computing room, presence
-/// and account-data sections the benchmark never reads. Courier ignores it.
-const SYNC_FILTER: &str =
-    r#"{"room":{"rooms":[]},"presence":{"types":[]},"account_data":{"types":[]}}"#;
-/// Attempts per send call before it counts as failed.
-const SEND_ATTEMPTS: u32 = 5;
+use super::receiver::{ReceiverTask, Shared};
+use super::sender::{ProbeTask, SenderTask};
+use crate::plain_http::JsonClient;
 
 /// One receiving device and how to reach it.
 #[derive(Debug, Clone)]
@@ -97,7 +85,7 @@ pub struct Progress {
 }
 
 impl Progress {
-    fn new() -> Progress {
+    pub(super) fn new() -> Progress {
         Progress {
             accepted: AtomicU64::new(0),
             failed: AtomicU64::new(0),
@@ -115,7 +103,7 @@ impl Progress {
         }
     }
 
-    fn note_error(&self, error: String) {
+    pub(super) fn note_error(&self, error: String) {
         if let Ok(mut slot) = self.first_error.lock() {
             slot.get_or_insert(error);
         }
@@ -136,120 +124,6 @@ pub enum Delivery {
         attach: Box<dyn FnOnce(Arc<Shared>) + Send>,
         after_send: Option<AfterSend>,
     },
-}
-
-/// The run's recorder, shared by every receiver (or the sink).
-pub struct Shared {
-    run_id: String,
-    tally: Tally,
-    probe_tally: Mutex<BTreeMap<u64, u8>>,
-    progress: Arc<Progress>,
-    /// The run's time origin, set once every receiver is ready.
-    epoch: OnceLock<Instant>,
-    /// Latencies recorded by a sink, in microseconds.
-    sink_samples: Mutex<Vec<u64>>,
-}
-
-/// A message as recorded.
-enum Recorded {
-    Bulk(u64),
-    Probe(u64),
-    Nothing,
-}
-
-impl Shared {
-    /// A recorder for a run sending `total` bulk messages.
-    pub fn new(run_id: &str, total: usize) -> Arc<Shared> {
-        Arc::new(Shared {
-            run_id: run_id.to_owned(),
-            tally: Tally::new(total),
-            probe_tally: Mutex::new(BTreeMap::new()),
-            progress: Arc::new(Progress::new()),
-            epoch: OnceLock::new(),
-            sink_samples: Mutex::new(Vec::new()),
-        })
-    }
-
-    /// The run's counters.
-    pub fn progress(&self) -> &Progress {
-        &self.progress
-    }
-
-    /// Microseconds since the epoch (0 before it is set).
-    pub fn now_us(&self) -> u64 {
-        self.epoch
-            .get()
-            .map(|e| e.elapsed().as_micros() as u64)
-            .unwrap_or(0)
-    }
-
-    /// Records one arrival at the bulk receiver `index` (`None`: the probe
-    /// device) and returns its latency if it is new.
-    fn record(&self, index: Option<u64>, c: BenchContent, now_us: u64) -> Recorded {
-        let progress = &self.progress;
-        if c.run.as_deref() != Some(self.run_id.as_str()) {
-            progress.stale.fetch_add(1, Ordering::Relaxed);
-            return Recorded::Nothing;
-        }
-        let latency = now_us.saturating_sub(c.t.unwrap_or(now_us));
-        match (c.seq, c.probe) {
-            (Some(seq), None) if index.is_some() && c.r == index => match self.tally.record(seq) {
-                Arrival::First => {
-                    progress.delivered.fetch_add(1, Ordering::Relaxed);
-                    progress
-                        .last_delivery_us
-                        .fetch_max(now_us, Ordering::Relaxed);
-                    Recorded::Bulk(latency)
-                }
-                Arrival::Duplicate => {
-                    progress.duplicates.fetch_add(1, Ordering::Relaxed);
-                    Recorded::Nothing
-                }
-                Arrival::Unknown => {
-                    progress.misdelivered.fetch_add(1, Ordering::Relaxed);
-                    Recorded::Nothing
-                }
-            },
-            (None, Some(n)) if index.is_none() => {
-                let first = match self.probe_tally.lock() {
-                    Ok(mut seen) => {
-                        let count = seen.entry(n).or_default();
-                        *count = count.saturating_add(1);
-                        *count == 1
-                    }
-                    Err(_) => false,
-                };
-                if first {
-                    progress.probes_delivered.fetch_add(1, Ordering::Relaxed);
-                    Recorded::Probe(latency)
-                } else {
-                    progress.duplicates.fetch_add(1, Ordering::Relaxed);
-                    Recorded::Nothing
-                }
-            }
-            _ => {
-                progress.misdelivered.fetch_add(1, Ordering::Relaxed);
-                Recorded::Nothing
-            }
-        }
-    }
-
-    /// Records a message a sink received for the bulk receiver `index`, as
-    /// parsed from the EDU: `content` is the message content's JSON.
-    pub fn record_sink(&self, index: Option<u64>, content: &serde_json::Value) {
-        let c: BenchContent = serde_json::from_value(content.clone()).unwrap_or_default();
-        let now_us = self.now_us();
-        if let Recorded::Bulk(latency) = self.record(index, c, now_us)
-            && let Ok(mut samples) = self.sink_samples.lock()
-        {
-            samples.push(latency);
-        }
-    }
-
-    /// Counts something a sink could not attribute to a receiver.
-    pub fn record_misdelivered(&self) {
-        self.progress.misdelivered.fetch_add(1, Ordering::Relaxed);
-    }
 }
 
 /// What a finished run measured.
@@ -518,419 +392,12 @@ pub async fn run(
 
 /// The run's time origin, shared by senders and receivers.
 #[derive(Clone, Copy)]
-struct Clock {
-    epoch: Instant,
+pub(super) struct Clock {
+    pub(super) epoch: Instant,
 }
 
 impl Clock {
-    fn now_us(&self) -> u64 {
+    pub(super) fn now_us(&self) -> u64 {
         self.epoch.elapsed().as_micros() as u64
-    }
-}
-
-/// One of the C senders: takes the next call number until none are left or
-/// the deadline passes.
-struct SenderTask {
-    http: JsonClient,
-    endpoints: Endpoints,
-    workload: Workload,
-    run_id: String,
-    calls: u64,
-    next_call: Arc<AtomicU64>,
-    attempted: Arc<AtomicU64>,
-    capped: Arc<AtomicBool>,
-    deadline: Instant,
-    progress: Arc<Progress>,
-    clock: Clock,
-}
-
-impl SenderTask {
-    async fn run(self) {
-        let per_call = self.workload.per_call.max(1) as u64;
-        let receivers = self.endpoints.receivers.len() as u64;
-        let pad = "x".repeat(self.workload.payload_bytes.saturating_sub(80));
-        let event_type = encode_segment(&self.workload.event_type);
-        loop {
-            let call = self.next_call.fetch_add(1, Ordering::Relaxed);
-            if call >= self.calls {
-                return;
-            }
-            if Instant::now() >= self.deadline {
-                self.capped.store(true, Ordering::Relaxed);
-                return;
-            }
-            let first = call * per_call;
-            let last = (first + per_call).min(self.workload.messages);
-            let count = last - first;
-            self.attempted.fetch_add(count, Ordering::Relaxed);
-            let started_us = self.clock.now_us();
-            let recipients = (first..last).map(|seq| {
-                let r = (seq % receivers) as usize;
-                (seq, r, &self.endpoints.receivers[r])
-            });
-            let body = bulk_body(&self.run_id, recipients, started_us, &pad);
-            let url = format!(
-                "{}/_matrix/client/v3/sendToDevice/{event_type}/{}-{call}",
-                self.endpoints.sender_url, self.run_id
-            );
-            match send_with_retries(&self.http, &url, &self.endpoints.sender_token, body).await {
-                Ok(()) => {
-                    self.progress.accepted.fetch_add(count, Ordering::Relaxed);
-                    self.progress
-                        .last_accept_us
-                        .fetch_max(self.clock.now_us(), Ordering::Relaxed);
-                }
-                Err(error) => {
-                    self.progress.failed.fetch_add(count, Ordering::Relaxed);
-                    self.progress.note_error(error);
-                }
-            }
-        }
-    }
-}
-
-/// `PUT` with the same txnId until a 200, a refusal, or the attempts run out.
-/// Transport errors, 429 and 5xx are retried (a client would do the same;
-/// the txnId makes it safe).
-async fn send_with_retries(
-    http: &JsonClient,
-    url: &str,
-    token: &str,
-    body: Bytes,
-) -> Result<(), String> {
-    let mut last = String::new();
-    for attempt in 0..SEND_ATTEMPTS {
-        if attempt > 0 {
-            tokio::time::sleep(Duration::from_millis(100 << attempt.min(5))).await;
-        }
-        match http
-            .request_raw("PUT", url, Some(token), Some(body.clone()))
-            .await
-        {
-            Ok(r) if r.status == 200 => return Ok(()),
-            Ok(r) if r.status == 429 || r.status >= 500 => {
-                last = format!("{} {}", r.status, String::from_utf8_lossy(&r.body));
-            }
-            Ok(r) => {
-                return Err(format!(
-                    "send refused: {} {}",
-                    r.status,
-                    String::from_utf8_lossy(&r.body)
-                ));
-            }
-            Err(error) => last = error.to_string(),
-        }
-    }
-    Err(format!(
-        "send failed after {SEND_ATTEMPTS} attempts: {last}"
-    ))
-}
-
-/// A JSON string literal.
-fn json_str(s: &str) -> String {
-    serde_json::to_string(s).expect("serializing a string to JSON cannot fail")
-}
-
-/// The `sendToDevice` body for one bulk call: each recipient gets its own
-/// content `{"run","seq","r","t","pad"}`; devices of one user share the
-/// user's map.
-fn bulk_body<'a>(
-    run_id: &str,
-    recipients: impl Iterator<Item = (u64, usize, &'a Recipient)>,
-    started_us: u64,
-    pad: &str,
-) -> Bytes {
-    let mut by_user: BTreeMap<&str, Vec<(&str, String)>> = BTreeMap::new();
-    let run = json_str(run_id);
-    for (seq, r, recipient) in recipients {
-        let content =
-            format!(r#"{{"run":{run},"seq":{seq},"r":{r},"t":{started_us},"pad":"{pad}"}}"#);
-        by_user
-            .entry(&recipient.user_id)
-            .or_default()
-            .push((&recipient.device_id, content));
-    }
-    let mut body = String::from(r#"{"messages":{"#);
-    for (u, (user, devices)) in by_user.iter().enumerate() {
-        if u > 0 {
-            body.push(',');
-        }
-        body.push_str(&json_str(user));
-        body.push_str(":{");
-        for (d, (device, content)) in devices.iter().enumerate() {
-            if d > 0 {
-                body.push(',');
-            }
-            body.push_str(&json_str(device));
-            body.push(':');
-            body.push_str(content);
-        }
-        body.push('}');
-    }
-    body.push_str("}}");
-    Bytes::from(body)
-}
-
-/// Sends one probe message every `interval` to the probe device, each in its
-/// own task so a slow send does not delay the next tick.
-struct ProbeTask {
-    http: JsonClient,
-    sender_url: String,
-    sender_token: String,
-    probe: Recipient,
-    event_type: String,
-    run_id: String,
-    interval: Duration,
-    progress: Arc<Progress>,
-    clock: Clock,
-}
-
-impl ProbeTask {
-    async fn run(self, stop: CancellationToken) {
-        let mut ticker = tokio::time::interval(self.interval);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut in_flight = JoinSet::new();
-        let event_type = encode_segment(&self.event_type);
-        let run = json_str(&self.run_id);
-        let user = json_str(&self.probe.user_id);
-        let device = json_str(&self.probe.device_id);
-        let mut n = 0u64;
-        loop {
-            tokio::select! {
-                _ = stop.cancelled() => break,
-                _ = ticker.tick() => {}
-            }
-            let started_us = self.clock.now_us();
-            let body = Bytes::from(format!(
-                r#"{{"messages":{{{user}:{{{device}:{{"run":{run},"probe":{n},"t":{started_us}}}}}}}}}"#
-            ));
-            let url = format!(
-                "{}/_matrix/client/v3/sendToDevice/{event_type}/{}-probe-{n}",
-                self.sender_url, self.run_id
-            );
-            self.progress.probes_sent.fetch_add(1, Ordering::Relaxed);
-            let http = self.http.clone();
-            let token = self.sender_token.clone();
-            let progress = self.progress.clone();
-            in_flight.spawn(async move {
-                match send_with_retries(&http, &url, &token, body).await {
-                    Ok(()) => {
-                        progress.probes_accepted.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Err(error) => progress.note_error(format!("probe: {error}")),
-                }
-            });
-            n += 1;
-            // Reap finished sends so the set stays small.
-            while in_flight.try_join_next().is_some() {}
-        }
-        while in_flight.join_next().await.is_some() {}
-    }
-}
-
-/// Latency samples one receiver collected, in microseconds.
-struct Samples {
-    bulk: Vec<u64>,
-    probe: Vec<u64>,
-}
-
-/// One receiving device's `/sync` loop.
-struct ReceiverTask {
-    http: JsonClient,
-    recipient: Recipient,
-    /// Index among bulk receivers; `None` for the probe device.
-    index: Option<u64>,
-    shared: Arc<Shared>,
-    stop: CancellationToken,
-    epoch_set: Arc<tokio::sync::Notify>,
-}
-
-#[derive(Deserialize)]
-struct SyncBody {
-    next_batch: String,
-    #[serde(default)]
-    to_device: Option<ToDeviceBody>,
-}
-
-#[derive(Deserialize)]
-struct ToDeviceBody {
-    #[serde(default)]
-    events: Vec<SyncEvent>,
-}
-
-#[derive(Deserialize)]
-struct SyncEvent {
-    #[serde(default)]
-    content: BenchContent,
-}
-
-/// The fields of a benchmark message's content (others are ignored).
-#[derive(Deserialize, Default)]
-struct BenchContent {
-    run: Option<String>,
-    seq: Option<u64>,
-    probe: Option<u64>,
-    r: Option<u64>,
-    t: Option<u64>,
-}
-
-impl ReceiverTask {
-    async fn run(self, ready: tokio::sync::mpsc::Sender<Result<(), String>>) -> Samples {
-        let mut samples = Samples {
-            bulk: Vec::new(),
-            probe: Vec::new(),
-        };
-        // The initial sync: find the current position; anything already
-        // queued belongs to an earlier run.
-        let since = match self.sync(None, 0).await {
-            Ok(body) => {
-                let stale = body.to_device.map(|t| t.events.len()).unwrap_or(0);
-                self.shared
-                    .progress
-                    .stale
-                    .fetch_add(stale as u64, Ordering::Relaxed);
-                body.next_batch
-            }
-            Err(error) => {
-                let _ = ready.send(Err(error)).await;
-                return samples;
-            }
-        };
-        // Register for the start signal before reporting ready, so it is not
-        // missed.
-        let started = self.epoch_set.notified();
-        tokio::pin!(started);
-        started.as_mut().enable();
-        let _ = ready.send(Ok(())).await;
-        drop(ready);
-        let epoch = loop {
-            if let Some(epoch) = self.shared.epoch.get() {
-                break *epoch;
-            }
-            tokio::select! {
-                _ = &mut started => {}
-                _ = self.stop.cancelled() => return samples,
-            }
-        };
-        let clock = Clock { epoch };
-        let mut since = since;
-        loop {
-            let polled = tokio::select! {
-                _ = self.stop.cancelled() => break,
-                polled = self.sync(Some(&since), SYNC_TIMEOUT_MS) => polled,
-            };
-            match polled {
-                Ok(body) => {
-                    self.take(body.to_device, &clock, &mut samples);
-                    since = body.next_batch;
-                }
-                Err(error) => {
-                    self.shared.progress.note_error(error);
-                    tokio::select! {
-                        _ = self.stop.cancelled() => break,
-                        _ = tokio::time::sleep(Duration::from_millis(200)) => {}
-                    }
-                }
-            }
-        }
-        // One last sync without waiting: acknowledges the final batch and
-        // collects anything a cancelled long-poll left behind, or extras.
-        if let Ok(body) = self.sync(Some(&since), 0).await {
-            self.take(body.to_device, &clock, &mut samples);
-            if let Ok(body) = self.sync(Some(&body.next_batch), 0).await {
-                self.take(body.to_device, &clock, &mut samples);
-            }
-        }
-        samples
-    }
-
-    async fn sync(&self, since: Option<&str>, timeout_ms: u64) -> Result<SyncBody, String> {
-        let mut url = format!(
-            "{}/_matrix/client/v3/sync?timeout={timeout_ms}&set_presence=offline&filter={}",
-            self.recipient.client_url,
-            encode_segment(SYNC_FILTER)
-        );
-        if let Some(since) = since {
-            url.push_str("&since=");
-            url.push_str(&encode_segment(since));
-        }
-        let r = self
-            .http
-            .request_raw("GET", &url, Some(&self.recipient.access_token), None)
-            .await
-            .map_err(|e| e.to_string())?;
-        if r.status != 200 {
-            return Err(format!(
-                "sync for {} answered {} {}",
-                self.recipient.user_id,
-                r.status,
-                String::from_utf8_lossy(&r.body)
-            ));
-        }
-        serde_json::from_slice(&r.body).map_err(|e| format!("sync body: {e}"))
-    }
-
-    fn take(&self, to_device: Option<ToDeviceBody>, clock: &Clock, samples: &mut Samples) {
-        let Some(to_device) = to_device else {
-            return;
-        };
-        let now_us = clock.now_us();
-        for event in to_device.events {
-            match self.shared.record(self.index, event.content, now_us) {
-                Recorded::Bulk(latency) => samples.bulk.push(latency),
-                Recorded::Probe(latency) => samples.probe.push(latency),
-                Recorded::Nothing => {}
-            }
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn recipient(user: &str, device: &str) -> Recipient {
-        Recipient {
-            user_id: user.to_owned(),
-            device_id: device.to_owned(),
-            access_token: String::new(),
-            client_url: String::new(),
-        }
-    }
-
-    #[test]
-    fn bulk_body_groups_devices_by_user_and_tags_every_message() {
-        let a1 = recipient("@a:hs", "D1");
-        let a2 = recipient("@a:hs", "D2");
-        let b = recipient("@b:hs", "\"odd\"");
-        let body = bulk_body(
-            "run-1",
-            [(7, 0, &a1), (8, 1, &a2), (9, 2, &b)].into_iter(),
-            1234,
-            "xx",
-        );
-        let value: serde_json::Value = serde_json::from_slice(&body).expect("valid JSON");
-        let messages = &value["messages"];
-        assert_eq!(messages["@a:hs"]["D1"]["seq"], 7);
-        assert_eq!(messages["@a:hs"]["D2"]["r"], 1);
-        assert_eq!(messages["@b:hs"]["\"odd\""]["t"], 1234);
-        assert_eq!(messages["@b:hs"]["\"odd\""]["run"], "run-1");
-        assert_eq!(messages["@a:hs"]["D1"]["pad"], "xx");
-        assert_eq!(messages.as_object().map(|m| m.len()), Some(2));
-    }
-
-    #[test]
-    fn sync_bodies_parse_with_and_without_to_device() {
-        let body: SyncBody = serde_json::from_str(
-            r#"{"next_batch":"s1","rooms":{},"to_device":{"events":[
-                {"sender":"@s:hs","type":"m.x","content":{"run":"r","seq":3,"r":0,"t":5,"pad":"x"}},
-                {"sender":"@s:hs","type":"m.x","content":{"other":true}}]}}"#,
-        )
-        .expect("parses");
-        let events = body.to_device.expect("to_device").events;
-        assert_eq!(events[0].content.seq, Some(3));
-        assert_eq!(events[1].content.run, None);
-        let empty: SyncBody = serde_json::from_str(r#"{"next_batch":"s2"}"#).expect("parses");
-        assert!(empty.to_device.is_none());
     }
 }
