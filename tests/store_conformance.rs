@@ -10,7 +10,7 @@ mod store_suite;
 use std::sync::Arc;
 
 use courier::store::sqlite::SqliteStore;
-use courier::store::{ClientTxnKey, DeviceTarget, NewInboxMessage, Retention, SendBatch, Store};
+use courier::store::{Retention, Store};
 
 async fn make_sqlite() -> store_suite::Harness {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -31,25 +31,7 @@ async fn make_sqlite() -> store_suite::Harness {
 
 store_conformance_tests!(make_sqlite);
 
-fn send(txn_id: &str, user: &str, device: &str, n: u32) -> SendBatch {
-    SendBatch {
-        txn: ClientTxnKey {
-            user_id: user.to_owned(),
-            device_id: "D".to_owned(),
-            event_type: "m.test".to_owned(),
-            txn_id: txn_id.to_owned(),
-        },
-        local: vec![NewInboxMessage {
-            user_id: user.to_owned(),
-            device: DeviceTarget::One(device.to_owned()),
-            sender: user.to_owned(),
-            event_type: "m.test".to_owned(),
-            content_json: format!("{{\"n\":{n}}}"),
-        }],
-        remote: vec![],
-        now_ms: 0,
-    }
-}
+use store_suite::send;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn schema_version_is_recorded_and_tokens_are_hashed() {

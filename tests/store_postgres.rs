@@ -15,10 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use courier::store::postgres::PostgresStore;
-use courier::store::{
-    ClientTxnKey, DeviceKey, DeviceTarget, NewInboxMessage, NewOutboxEdu, Retention, SendBatch,
-    Store, Wakeup,
-};
+use courier::store::{DeviceKey, NewOutboxEdu, Retention, SendBatch, Store, Wakeup};
 
 async fn make_postgres() -> Option<store_suite::Harness> {
     let cluster = pg::shared()?;
@@ -54,25 +51,7 @@ async fn raw(conninfo: &str) -> tokio_postgres::Client {
     client
 }
 
-fn send(txn_id: &str, user: &str, device: &str, n: u32) -> SendBatch {
-    SendBatch {
-        txn: ClientTxnKey {
-            user_id: user.to_owned(),
-            device_id: "D".to_owned(),
-            event_type: "m.test".to_owned(),
-            txn_id: txn_id.to_owned(),
-        },
-        local: vec![NewInboxMessage {
-            user_id: user.to_owned(),
-            device: DeviceTarget::One(device.to_owned()),
-            sender: user.to_owned(),
-            event_type: "m.test".to_owned(),
-            content_json: format!("{{\"n\":{n}}}"),
-        }],
-        remote: vec![],
-        now_ms: 0,
-    }
-}
+use store_suite::send;
 
 fn remote_send(txn_id: &str, destination: &str) -> SendBatch {
     SendBatch {

@@ -115,6 +115,28 @@ fn msg(user: &str, device: DeviceTarget, n: u64) -> NewInboxMessage {
     }
 }
 
+/// A client send of one message `{"n": n}` from `user` to its own
+/// `device`: the backend-specific tests' building block.
+pub fn send(txn_id: &str, user: &str, device: &str, n: u32) -> SendBatch {
+    SendBatch {
+        txn: ClientTxnKey {
+            user_id: user.to_owned(),
+            device_id: "D".to_owned(),
+            event_type: "m.test".to_owned(),
+            txn_id: txn_id.to_owned(),
+        },
+        local: vec![NewInboxMessage {
+            user_id: user.to_owned(),
+            device: DeviceTarget::One(device.to_owned()),
+            sender: user.to_owned(),
+            event_type: "m.test".to_owned(),
+            content_json: format!("{{\"n\":{n}}}"),
+        }],
+        remote: vec![],
+        now_ms: 0,
+    }
+}
+
 fn one(device: &str) -> DeviceTarget {
     DeviceTarget::One(device.to_owned())
 }
