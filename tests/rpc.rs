@@ -70,36 +70,25 @@ async fn every_route_requires_the_secret() {
     assert_eq!(r.status, 401);
     // Unknown paths (even without the secret) and wrong methods are Matrix
     // errors.
-    let r = relay
-        .http
-        .get(&format!("{}/_courier/v1/nope", relay.rpc_url), None)
-        .await;
-    assert_eq!(
-        (r.status, r.json["errcode"].as_str()),
-        (404, Some("M_UNRECOGNIZED"))
-    );
-    let r = relay
-        .http
-        .get(
-            &format!("{}/_courier/v1/nope", relay.rpc_url),
-            Some(&relay.rpc_secret),
-        )
-        .await;
-    assert_eq!(
-        (r.status, r.json["errcode"].as_str()),
-        (404, Some("M_UNRECOGNIZED"))
-    );
-    let r = relay
-        .http
-        .get(
-            &format!("{}/_courier/v1/send_to_device", relay.rpc_url),
-            Some(&relay.rpc_secret),
-        )
-        .await;
-    assert_eq!(
-        (r.status, r.json["errcode"].as_str()),
-        (405, Some("M_UNRECOGNIZED"))
-    );
+    for (path, secret, status) in [
+        ("/_courier/v1/nope", None, 404),
+        ("/_courier/v1/nope", Some(relay.rpc_secret.as_str()), 404),
+        (
+            "/_courier/v1/send_to_device",
+            Some(relay.rpc_secret.as_str()),
+            405,
+        ),
+    ] {
+        let r = relay
+            .http
+            .get(&format!("{}{path}", relay.rpc_url), secret)
+            .await;
+        assert_eq!(
+            (r.status, r.json["errcode"].as_str()),
+            (status, Some("M_UNRECOGNIZED")),
+            "GET {path}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
