@@ -82,6 +82,9 @@ pub struct FederationConfig {
     pub startup_stagger: Duration,
     /// Idle pooled connections kept per destination.
     pub pool_idle_per_host: usize,
+    /// Key fetches (direct or through notaries) in flight at once over all
+    /// origins; a lookup waits at most `key_fetch_timeout` for a slot.
+    pub key_fetch_concurrency: usize,
 }
 
 /// The per-destination backoff schedule (persisted failures × this policy).
@@ -104,6 +107,21 @@ pub struct ClientConfig {
     pub max_request_bytes: usize,
     /// Longest `/sync` long-poll honoured.
     pub max_sync_timeout: Duration,
+    /// Limits on what one send may ask for.
+    pub send_limits: SendLimits,
+    /// Sends (`PUT /sendToDevice`) per second per user, burst 2 × rate;
+    /// 0 turns the limit off. The RPC is never limited.
+    pub sends_per_user_per_sec: u32,
+}
+
+/// What one to-device send (client or RPC) may fan out to; past either
+/// limit the send is refused whole with `M_TOO_LARGE` and nothing is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SendLimits {
+    /// Distinct remote destinations (server names) in one send.
+    pub max_destinations: usize,
+    /// Recipient devices (counting `*` once per user) in one send.
+    pub max_recipients: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -182,6 +200,7 @@ struct RawFederation {
     quarantine_after: Option<u32>,
     startup_stagger_ms: Option<u64>,
     pool_idle_per_host: Option<usize>,
+    key_fetch_concurrency: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -190,6 +209,9 @@ struct RawClient {
     bind: Option<String>,
     max_request_bytes: Option<usize>,
     max_sync_timeout_ms: Option<u64>,
+    max_destinations_per_send: Option<usize>,
+    max_recipients_per_send: Option<usize>,
+    sends_per_user_per_sec: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -215,6 +237,12 @@ struct RawWorker {
 
 /// Default inbound body limit: Synapse's 200 × 64 KiB.
 pub const DEFAULT_MAX_REQUEST_BYTES: usize = 200 * 65536;
+/// Default cap on distinct destinations in one send. Clients send room keys
+/// in batches of a few hundred devices (matrix-rust-sdk: 250 messages per
+/// request), so this leaves room for a batch that reaches a server each.
+pub const DEFAULT_MAX_DESTINATIONS: usize = 1_000;
+/// Default cap on recipient devices in one send.
+pub const DEFAULT_MAX_RECIPIENTS: usize = 10_000;
 
 impl Config {
     /// Reads, overrides from the process environment, and validates.
@@ -410,6 +438,20 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             problems
                 .push("[federation] retry_initial_ms must be > 0 and <= retry_max_ms".to_owned());
         }
+        let key_fetch_concurrency = f.key_fetch_concurrency.unwrap_or(16);
+        if key_fetch_concurrency == 0 {
+            problems.push("[federation] key_fetch_concurrency must be at least 1".to_owned());
+        }
+        for (key, names) in [
+            ("origin_allow", &f.origin_allow),
+            ("origin_deny", &f.origin_deny),
+        ] {
+            for name in names {
+                if let Err(error) = ServerName::parse(name.trim()) {
+                    problems.push(format!("[federation] {key}: {error}"));
+                }
+            }
+        }
         let quarantine_after = f.quarantine_after.unwrap_or(3);
         if quarantine_after == 0 {
             problems.push("[federation] quarantine_after must be at least 1".to_owned());
@@ -434,14 +476,31 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             quarantine_after,
             startup_stagger: Duration::from_millis(f.startup_stagger_ms.unwrap_or(5)),
             pool_idle_per_host: f.pool_idle_per_host.unwrap_or(4),
+            key_fetch_concurrency,
         }
     });
 
-    let client = client.map(|c| ClientConfig {
-        bind: bind("client", c.bind.as_ref(), &mut problems)
-            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0))),
-        max_request_bytes: c.max_request_bytes.unwrap_or(DEFAULT_MAX_REQUEST_BYTES),
-        max_sync_timeout: Duration::from_millis(c.max_sync_timeout_ms.unwrap_or(60_000)),
+    let client = client.map(|c| {
+        let send_limits = SendLimits {
+            max_destinations: c
+                .max_destinations_per_send
+                .unwrap_or(DEFAULT_MAX_DESTINATIONS),
+            max_recipients: c.max_recipients_per_send.unwrap_or(DEFAULT_MAX_RECIPIENTS),
+        };
+        if send_limits.max_destinations == 0 || send_limits.max_recipients == 0 {
+            problems.push(
+                "[client] max_destinations_per_send and max_recipients_per_send must be at least 1"
+                    .to_owned(),
+            );
+        }
+        ClientConfig {
+            bind: bind("client", c.bind.as_ref(), &mut problems)
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0))),
+            max_request_bytes: c.max_request_bytes.unwrap_or(DEFAULT_MAX_REQUEST_BYTES),
+            max_sync_timeout: Duration::from_millis(c.max_sync_timeout_ms.unwrap_or(60_000)),
+            send_limits,
+            sends_per_user_per_sec: c.sends_per_user_per_sec.unwrap_or(0),
+        }
     });
 
     let rpc = rpc.map(|r| {

@@ -56,6 +56,41 @@ impl ServerName {
         split_host_port(&self.0).and_then(|(_, p)| p)
     }
 
+    /// The name as DNS, TLS and discovery see it: the hostname lower-cased
+    /// without a trailing dot, and the port only when it is not the
+    /// federation default (8448). `EVIL.example`, `evil.example.` and
+    /// `evil.example:8448` all reach the same host with the same
+    /// certificate, so deny lists, rate limits and failure caches key on
+    /// this form; identity (signatures, user IDs) stays case-sensitive.
+    pub fn normalized(&self) -> String {
+        let host = self.normalized_host();
+        match self.port() {
+            Some(port) if port != 8448 => format!("{host}:{port}"),
+            _ => host,
+        }
+    }
+
+    /// The hostname alone, lower-cased, without a trailing dot.
+    pub fn normalized_host(&self) -> String {
+        let host = self.hostname();
+        let host = host.strip_suffix('.').unwrap_or(host);
+        host.to_ascii_lowercase()
+    }
+
+    /// Whether a configured pattern (`origin_deny`, `origin_allow`) names
+    /// this server: compared in normalized form; a pattern without a port
+    /// matches every port of its host, one with a port only that port.
+    pub fn matches_pattern(&self, pattern: &str) -> bool {
+        let Ok(pattern) = ServerName::parse(pattern.trim()) else {
+            return false;
+        };
+        if pattern.port().is_none() {
+            pattern.normalized_host() == self.normalized_host()
+        } else {
+            pattern.normalized() == self.normalized()
+        }
+    }
+
     /// The host, classified as an IP literal or a DNS name.
     pub fn host(&self) -> Host<'_> {
         classify_host(self.hostname()).unwrap_or(Host::Dns(self.hostname()))
@@ -198,6 +233,22 @@ mod tests {
         ] {
             assert!(ServerName::parse(bad).is_err(), "{bad} should not parse");
         }
+    }
+
+    #[test]
+    fn normalized_names_fold_case_trailing_dot_and_default_port() {
+        let n = |raw: &str| ServerName::parse(raw).expect("valid").normalized();
+        assert_eq!(n("EVIL.example"), "evil.example");
+        assert_eq!(n("evil.example."), "evil.example");
+        assert_eq!(n("evil.example:8448"), "evil.example");
+        assert_eq!(n("Evil.Example.:8449"), "evil.example:8449");
+        assert_eq!(n("[::1]:8448"), "[::1]");
+        let name = ServerName::parse("EVIL.example.:9000").expect("valid");
+        assert!(name.matches_pattern("evil.example"));
+        assert!(name.matches_pattern("evil.EXAMPLE:9000"));
+        assert!(!name.matches_pattern("evil.example:9001"));
+        assert!(!name.matches_pattern("other.example"));
+        assert!(!name.matches_pattern("not a name"));
     }
 
     #[test]

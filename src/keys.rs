@@ -221,6 +221,11 @@ pub fn server_key_document(
     document
 }
 
+/// Most `verify_keys` (and signatures by the server) a key document may
+/// carry. A server publishes one key, two during a rotation; a document
+/// with thousands would cost a point decompression and a cache row each.
+pub const MAX_VERIFY_KEYS: usize = 16;
+
 /// Validates a `GET /_matrix/key/v2/server` response fetched directly from
 /// `server_name` (SPEC §5.2) and returns its current keys with their
 /// effective expiry `min(valid_until_ts, now + 7 days)` (SPEC §5.3).
@@ -256,6 +261,12 @@ pub fn validate_server_key_response(
         .get("verify_keys")
         .and_then(Value::as_object)
         .ok_or_else(|| reject("verify_keys is missing or not an object".to_owned()))?;
+    if verify_keys.len() > MAX_VERIFY_KEYS {
+        return Err(reject(format!(
+            "it lists {} verify keys, more than the {MAX_VERIFY_KEYS} accepted",
+            verify_keys.len()
+        )));
+    }
 
     let mut keys = Vec::new();
     let mut decoded = Vec::new();
@@ -283,6 +294,12 @@ pub fn validate_server_key_response(
         .and_then(|signatures| signatures.get(server_name))
         .and_then(Value::as_object)
         .ok_or_else(|| reject("it is not signed by the server".to_owned()))?;
+    if signatures.len() > MAX_VERIFY_KEYS {
+        return Err(reject(format!(
+            "it carries {} signatures by the server, more than the {MAX_VERIFY_KEYS} accepted",
+            signatures.len()
+        )));
+    }
     let mut verified = 0usize;
     for key_id in signatures.keys() {
         let Some((_, verify_key)) = decoded.iter().find(|(id, _)| *id == key_id.as_str()) else {

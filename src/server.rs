@@ -96,12 +96,15 @@ pub async fn run(
         store.clone(),
         federation_client.clone(),
     ));
-    let todevice = Arc::new(ToDevice::new(
-        config.server_name.clone(),
-        store.clone(),
-        notifier.clone(),
-        sender_handle.clone(),
-    ));
+    let todevice = Arc::new(
+        ToDevice::new(
+            config.server_name.clone(),
+            store.clone(),
+            notifier.clone(),
+            sender_handle.clone(),
+        )
+        .with_limits(config.client.send_limits),
+    );
     let state = AppState {
         config: config.clone(),
         store: store.clone(),

@@ -8,18 +8,20 @@
 
 pub mod extract;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
-use axum::extract::{Path, Query, State};
+use axum::extract::{Extension, Path, Query, State};
 use axum::response::Response;
 use axum::routing::{get, put};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::error::MatrixError;
+use crate::federation::inbound::rate_limit::{Admission, MAX_SHAPING_DELAY, OriginRateLimiter};
 use crate::identifiers::UserId;
 use crate::state::AppState;
 use crate::todevice::{MAX_EVENTS_PER_SYNC, SendRequest, format_since, parse_since};
@@ -32,7 +34,19 @@ const SUPPORTED_VERSIONS: &[&str] = &[
     "v1.12",
 ];
 
+/// Per-user send buckets (`[client] sends_per_user_per_sec`), shared by
+/// the send routes through an extension.
+#[derive(Clone)]
+struct SendRateLimit {
+    limiter: Arc<OriginRateLimiter>,
+    rate: u32,
+}
+
 pub fn router(state: AppState) -> Router {
+    let send_rate = SendRateLimit {
+        limiter: Arc::new(OriginRateLimiter::new()),
+        rate: state.config.client.sends_per_user_per_sec,
+    };
     Router::new()
         .route("/_matrix/client/versions", get(get_versions_route))
         .route(
@@ -49,6 +63,7 @@ pub fn router(state: AppState) -> Router {
         .route("/_matrix/client/r0/account/whoami", get(get_whoami_route))
         .fallback(crate::error::unrecognized_route)
         .method_not_allowed_fallback(crate::error::method_not_allowed_route)
+        .layer(Extension(send_rate))
         .with_state(state)
 }
 
@@ -73,11 +88,24 @@ async fn get_whoami_route(AuthedDevice(device): AuthedDevice) -> Response {
 
 async fn put_send_to_device_route(
     State(state): State<AppState>,
+    Extension(send_rate): Extension<SendRateLimit>,
     AuthedDevice(device): AuthedDevice,
     path: Result<Path<(String, String)>, PathRejection>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, MatrixError> {
     let user_id = device.user_id.as_str();
+    // Before the body is parsed: a user over the rate costs a bucket check.
+    match send_rate
+        .limiter
+        .admit(user_id, send_rate.rate, MAX_SHAPING_DELAY)
+    {
+        Admission::Now => {}
+        Admission::After(delay) => tokio::time::sleep(delay).await,
+        Admission::Refused(wait) => {
+            let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+            return Err(refused(MatrixError::limit_exceeded(secs.max(1)), user_id));
+        }
+    }
     let (event_type, txn_id) = extract::path(path).map_err(|e| refused(e, user_id))?;
     let mut body = extract::json_object(body, false).map_err(|e| refused(e, user_id))?;
     let messages = match body.remove("messages") {

@@ -23,7 +23,7 @@
 //! Architecture Invariant: only keys from a response that names the server
 //! and is self-signed by it are ever cached; `old_verify_keys` never are.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -31,6 +31,7 @@ use std::time::Duration;
 
 use ed25519_dalek::VerifyingKey;
 use serde_json::Value;
+use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
 use crate::config::Config;
@@ -46,6 +47,8 @@ pub const FAILURE_TTL: Duration = Duration::from_secs(30);
 /// The most servers kept in memory; past it, entries without a usable key
 /// are evicted (their keys, if any, stay in the store).
 const MAX_SERVERS: usize = 10_000;
+/// Key fetches in flight at once when the configuration does not say.
+pub const DEFAULT_FETCH_CONCURRENCY: usize = 16;
 /// The path of a server's own key document (SPEC §5.1).
 pub const SERVER_KEY_PATH: &str = "/_matrix/key/v2/server";
 
@@ -154,19 +157,75 @@ impl ServerEntry {
     }
 }
 
+/// A failed lookup, remembered under the server's normalized name.
+struct Failure {
+    until: Instant,
+    reason: String,
+}
+
 pub struct KeyRing {
     store: Arc<dyn Store>,
     fetcher: Arc<dyn KeyFetcher>,
     fetch_timeout: Duration,
     /// Asked, in order, when a server cannot be reached for its own keys.
     notaries: Vec<ServerName>,
+    /// Exact server name → what memory knows (bounded by `max_servers`).
     servers: Mutex<HashMap<String, ServerEntry>>,
+    /// Normalized name → last failure, so `EVIL.example` and
+    /// `evil.example.` share one failure (bounded by `max_servers`).
+    failures: Mutex<HashMap<String, Failure>>,
+    /// Normalized names with a fetch in flight: one per host at a time,
+    /// whatever spelling of its name the requests use.
+    fetching: Mutex<HashSet<String>>,
+    /// Fetches in flight over all servers (`key_fetch_concurrency`).
+    fetch_permits: Semaphore,
+    max_servers: usize,
+}
+
+/// Removes a normalized name from `KeyRing::fetching` when its fetch ends,
+/// however it ends.
+struct FetchingGuard<'a> {
+    fetching: &'a Mutex<HashSet<String>>,
+    name: String,
+}
+
+impl Drop for FetchingGuard<'_> {
+    fn drop(&mut self) {
+        self.fetching
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.name);
+    }
 }
 
 impl KeyRing {
     pub fn new(config: Arc<Config>, store: Arc<dyn Store>, client: Arc<FederationClient>) -> Self {
         Self::with_fetcher(store, client, config.federation.key_fetch_timeout)
             .with_notaries(config.federation.notary_servers.clone())
+            .with_fetch_concurrency(config.federation.key_fetch_concurrency)
+    }
+
+    /// At most `permits` fetches in flight at once over all servers.
+    pub fn with_fetch_concurrency(mut self, permits: usize) -> Self {
+        self.fetch_permits = Semaphore::new(permits.max(1));
+        self
+    }
+
+    /// Remembers at most `max` servers (tests use a small bound).
+    pub fn with_max_servers(mut self, max: usize) -> Self {
+        self.max_servers = max.max(1);
+        self
+    }
+
+    /// Whether `key_id` of `server_name` is in memory and valid now, so a
+    /// lookup would cause no store read and no outbound work.
+    pub fn has_key_in_memory(&self, server_name: &str, key_id: &str) -> bool {
+        self.usable(server_name, key_id).is_some()
+    }
+
+    /// How many servers memory holds (tests and metrics).
+    pub fn servers_in_memory(&self) -> usize {
+        self.lock_servers().len()
     }
 
     /// Falls back to these notary servers when a server cannot be reached.
@@ -187,6 +246,10 @@ impl KeyRing {
             fetch_timeout,
             notaries: Vec::new(),
             servers: Mutex::new(HashMap::new()),
+            failures: Mutex::new(HashMap::new()),
+            fetching: Mutex::new(HashSet::new()),
+            fetch_permits: Semaphore::new(DEFAULT_FETCH_CONCURRENCY),
+            max_servers: MAX_SERVERS,
         }
     }
 
@@ -202,6 +265,7 @@ impl KeyRing {
             reason,
         };
         let server = ServerName::parse(server_name).map_err(|e| unavailable(e.to_string()))?;
+        let normalized = server.normalized();
 
         // 1. Memory, without waiting for anyone.
         let fetch_lock = {
@@ -211,8 +275,20 @@ impl KeyRing {
             {
                 return Ok(key);
             }
-            if !servers.contains_key(server_name) && servers.len() >= MAX_SERVERS {
-                evict(&mut servers, crate::now_ms());
+            if let Some(reason) = self.recent_failure(&normalized) {
+                return Err(unavailable(reason));
+            }
+            if !servers.contains_key(server_name) && servers.len() >= self.max_servers {
+                evict(&mut servers, crate::now_ms(), self.max_servers);
+                if servers.len() >= self.max_servers {
+                    // Every entry is being looked up right now: refuse a
+                    // new server rather than grow past the bound.
+                    metrics::counter!("courier_key_lookups_refused_total", "reason" => "full")
+                        .increment(1);
+                    return Err(unavailable(
+                        "too many servers are being looked up; try again later".to_owned(),
+                    ));
+                }
             }
             servers
                 .entry(server_name.to_owned())
@@ -257,7 +333,33 @@ impl KeyRing {
             }
         }
 
-        // 4. The origin itself, then the notaries (if configured).
+        // 4. The origin itself, then the notaries (if configured): one
+        // fetch per host at a time, and at most `key_fetch_concurrency` over
+        // all servers; a lookup waits for a slot at most `fetch_timeout`.
+        // Neither refusal is remembered as the server's failure: it says
+        // nothing about the server.
+        let _fetching = {
+            let mut fetching = self.fetching.lock().unwrap_or_else(|p| p.into_inner());
+            if !fetching.insert(normalized.clone()) {
+                metrics::counter!("courier_key_lookups_refused_total", "reason" => "host_busy")
+                    .increment(1);
+                return Err(unavailable(
+                    "a key fetch for this host is already in progress".to_owned(),
+                ));
+            }
+            FetchingGuard {
+                fetching: &self.fetching,
+                name: normalized.clone(),
+            }
+        };
+        let Ok(Ok(_permit)) =
+            tokio::time::timeout(self.fetch_timeout, self.fetch_permits.acquire()).await
+        else {
+            metrics::counter!("courier_key_lookups_refused_total", "reason" => "busy").increment(1);
+            return Err(unavailable(
+                "too many key fetches in progress; try again later".to_owned(),
+            ));
+        };
         let outcome = match self.fetch(&server).await {
             Ok(keys) => Ok(keys),
             Err(direct) if self.notaries.is_empty() => Err(direct),
@@ -305,6 +407,8 @@ impl KeyRing {
                     .or_insert_with(ServerEntry::new);
                 entry.quiet_until = Some(now + FAILURE_TTL);
                 entry.last_failure = Some(format!("fetching keys failed: {reason}"));
+                drop(servers);
+                self.record_failure(&normalized, format!("fetching keys failed: {reason}"));
                 Err(unavailable(format!("fetching keys failed: {reason}")))
             }
         }
@@ -419,14 +523,14 @@ impl KeyRing {
                     self.remember(notary.as_str(), &stored);
                 }
                 key = self.usable(notary.as_str(), key_id);
-                if key.is_none()
-                    && let Ok(mut notary_keys) = self.fetch(notary).await
-                {
-                    let now_ms = crate::now_ms();
-                    notary_keys.retain(|k| k.valid_until_ts > now_ms);
-                    self.remember(notary.as_str(), &notary_keys);
-                    if let Err(error) = self.store.put_server_keys(notary_keys).await {
-                        tracing::warn!(%notary, %error, "storing a notary's keys failed");
+                let notary_name = notary.normalized();
+                if key.is_none() && self.recent_failure(&notary_name).is_none() {
+                    match self.fetch(notary).await {
+                        Ok(notary_keys) => self.keep_notary_keys(notary, notary_keys).await,
+                        Err(reason) => self.record_failure(
+                            &notary_name,
+                            format!("fetching the notary's keys failed: {reason}"),
+                        ),
                     }
                     key = self.usable(notary.as_str(), key_id);
                 }
@@ -437,6 +541,49 @@ impl KeyRing {
             }
         }
         Err("no key of the notary to check its signature".to_owned())
+    }
+
+    /// Keeps a notary's own keys, fetched directly from it.
+    async fn keep_notary_keys(&self, notary: &ServerName, mut notary_keys: Vec<StoredServerKey>) {
+        let now_ms = crate::now_ms();
+        notary_keys.retain(|k| k.valid_until_ts > now_ms);
+        self.remember(notary.as_str(), &notary_keys);
+        if let Err(error) = self.store.put_server_keys(notary_keys).await {
+            tracing::warn!(%notary, %error, "storing a notary's keys failed");
+        }
+    }
+
+    /// The reason of a failure of `normalized` less than `FAILURE_TTL` ago.
+    fn recent_failure(&self, normalized: &str) -> Option<String> {
+        let failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        failures
+            .get(normalized)
+            .filter(|failure| Instant::now() < failure.until)
+            .map(|failure| failure.reason.clone())
+    }
+
+    /// Remembers a failed lookup of `normalized` for `FAILURE_TTL`; the map
+    /// stays within `max_servers` (expired entries go first, then half).
+    fn record_failure(&self, normalized: &str, reason: String) {
+        let now = Instant::now();
+        let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        if !failures.contains_key(normalized) && failures.len() >= self.max_servers {
+            failures.retain(|_, failure| now < failure.until);
+            if failures.len() >= self.max_servers {
+                let mut keep = failures.len() / 2;
+                failures.retain(|_, _| {
+                    keep = keep.saturating_sub(1);
+                    keep > 0
+                });
+            }
+        }
+        failures.insert(
+            normalized.to_owned(),
+            Failure {
+                until: now + FAILURE_TTL,
+                reason,
+            },
+        );
     }
 
     /// Puts the still-valid keys among `keys` into memory.
@@ -480,10 +627,10 @@ impl KeyRing {
 
 /// Makes room in a full server map: drops entries without a usable key that
 /// nobody is fetching for; if that frees nothing, drops every idle entry.
-fn evict(servers: &mut HashMap<String, ServerEntry>, now_ms: i64) {
+fn evict(servers: &mut HashMap<String, ServerEntry>, now_ms: i64, max_servers: usize) {
     let idle = |entry: &ServerEntry| Arc::strong_count(&entry.fetch_lock) == 1;
     servers.retain(|_, entry| !idle(entry) || entry.has_any_usable_key(now_ms));
-    if servers.len() >= MAX_SERVERS {
+    if servers.len() >= max_servers {
         servers.retain(|_, entry| !idle(entry));
     }
 }

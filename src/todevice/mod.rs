@@ -23,6 +23,7 @@ use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use crate::canonical_json::{CanonicalJsonError, NumberStyle, to_canonical_bytes_with};
+use crate::config::SendLimits;
 use crate::error::MatrixError;
 use crate::federation::sender::SenderHandle;
 use crate::identifiers::{ServerName, UserId};
@@ -104,6 +105,10 @@ pub enum SendError {
         bytes: usize,
         limit: usize,
     },
+    #[error("the send names {count} recipient devices, over the limit of {limit}")]
+    TooManyRecipients { count: usize, limit: usize },
+    #[error("the send reaches {count} or more servers, over the limit of {limit}")]
+    TooManyDestinations { count: usize, limit: usize },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -117,7 +122,9 @@ impl From<SendError> for MatrixError {
             SendError::BadShape(_) | SendError::NotCanonical { .. } => {
                 MatrixError::bad_json(error.to_string())
             }
-            SendError::TooLarge { .. } => MatrixError::too_large(error.to_string()),
+            SendError::TooLarge { .. }
+            | SendError::TooManyRecipients { .. }
+            | SendError::TooManyDestinations { .. } => MatrixError::too_large(error.to_string()),
             SendError::Store(cause) => MatrixError::internal("to-device send", &cause),
         }
     }
@@ -129,6 +136,8 @@ pub struct ToDevice {
     pub store: Arc<dyn Store>,
     pub notifier: Arc<Notifier>,
     pub sender: SenderHandle,
+    /// What one send may fan out to (`[client] max_*_per_send`).
+    limits: SendLimits,
     /// Cancelled by `stop_long_polls` at shutdown: every waiting long-poll
     /// then answers at once instead of holding the drain.
     long_polls: CancellationToken,
@@ -146,8 +155,19 @@ impl ToDevice {
             store,
             notifier,
             sender,
+            limits: SendLimits {
+                max_destinations: crate::config::DEFAULT_MAX_DESTINATIONS,
+                max_recipients: crate::config::DEFAULT_MAX_RECIPIENTS,
+            },
             long_polls: CancellationToken::new(),
         }
+    }
+
+    /// Refuses sends that fan out past `limits` (both the client API and
+    /// the RPC go through `send`).
+    pub fn with_limits(mut self, limits: SendLimits) -> Self {
+        self.limits = limits;
+        self
     }
 
     /// Makes every current and future long-poll return at once (shutdown).
@@ -180,6 +200,7 @@ impl ToDevice {
             sender.as_str(),
             &event_type,
             messages,
+            self.limits,
         )?;
         let mut remote = Vec::new();
         let mut remote_messages = 0usize;
@@ -320,8 +341,37 @@ fn split_recipients(
     sender: &str,
     event_type: &str,
     messages: serde_json::Map<String, Value>,
+    limits: SendLimits,
 ) -> Result<Split, SendError> {
+    // The limits are checked before anything is encoded: an oversized send
+    // costs a count, not a canonical encoding of every message.
+    let recipients: usize = messages
+        .values()
+        .map(|devices| devices.as_object().map_or(0, serde_json::Map::len))
+        .sum();
+    if recipients > limits.max_recipients {
+        return Err(SendError::TooManyRecipients {
+            count: recipients,
+            limit: limits.max_recipients,
+        });
+    }
+    let mut destinations = std::collections::HashSet::new();
+    for user_id in messages.keys() {
+        if let Ok(user) = UserId::parse(user_id)
+            && user.server_name() != our_server
+        {
+            destinations.insert(user.server_name().to_owned());
+            if destinations.len() > limits.max_destinations {
+                return Err(SendError::TooManyDestinations {
+                    count: destinations.len(),
+                    limit: limits.max_destinations,
+                });
+            }
+        }
+    }
+    drop(destinations);
     let mut split = Split::default();
+    let mut unparsable = 0usize;
     for (user_id, devices) in messages {
         let Value::Object(devices) = devices else {
             return Err(SendError::BadShape(format!(
@@ -338,7 +388,11 @@ fn split_recipients(
         let user = match UserId::parse(&user_id) {
             Ok(user) => user,
             Err(error) => {
-                tracing::warn!(sender, recipient = %user_id, %error, "skipping unparsable recipient");
+                // One line per send, not per recipient (below).
+                if unparsable == 0 {
+                    tracing::info!(sender, recipient = %user_id, %error, "skipping unparsable recipient");
+                }
+                unparsable += 1;
                 continue;
             }
         };
@@ -400,6 +454,9 @@ fn split_recipients(
                     devices: remote_devices,
                 });
         }
+    }
+    if unparsable > 1 {
+        tracing::info!(sender, unparsable, "skipped unparsable recipients");
     }
     Ok(split)
 }

@@ -35,9 +35,18 @@
 //!    Which path verified is counted in
 //!    `courier_federation_auth_verified_total{by="raw"|"canonical"}`.
 //!
+//! At most [`MAX_XMATRIX_HEADERS`] headers are taken (more → 400): each is
+//! verified over the whole body. `origin_allow`/`origin_deny` entries match
+//! the origin in normalized form (`ServerName::matches_pattern`: case,
+//! trailing dot, default port). Before step 6 may cause outbound work (a
+//! key not in memory), the *claimed* origin pays a token from a separate
+//! key-lookup bucket, so forged requests cost bounded lookups per name and
+//! never spend the real server's request budget.
+//!
 //! After that the origin is authenticated: the per-origin rate limit applies
-//! (a request slightly over it is held up to half a second, one further over
-//! gets 429 `M_LIMIT_EXCEEDED` with Retry-After) and the sender is told the
+//! (keyed by the normalized name; a request slightly over it is held up to
+//! half a second, one further over gets 429 `M_LIMIT_EXCEEDED` with
+//! Retry-After) and the sender is told the
 //! peer is up (its backoff resets). Every refusal is logged with the origin when
 //! one is known and counted in `courier_federation_auth_failures_total`.
 //! The rate limiter lives in the [`InboundState`] extension that
@@ -89,6 +98,11 @@ pub struct SignedRequest {
     pub origin: Origin,
     pub body: Option<JsonBody>,
 }
+
+/// Most X-Matrix headers one request may carry: each is verified over the
+/// whole body before the rate limit applies, and a sender needs one per key
+/// it signs with (one, during a key rotation two).
+pub const MAX_XMATRIX_HEADERS: usize = 4;
 
 fn refuse(reason: &'static str, error: MatrixError) -> MatrixError {
     metrics::counter!("courier_federation_auth_failures_total", "reason" => reason).increment(1);
@@ -145,6 +159,13 @@ pub fn check_headers<'a>(
             return Err(malformed());
         }
     };
+    if headers.len() > MAX_XMATRIX_HEADERS {
+        tracing::info!(
+            headers = headers.len(),
+            "federation request with too many X-Matrix headers"
+        );
+        return Err(malformed());
+    }
     // The parser guarantees at least one header and a valid server name;
     // both are re-checked here rather than trusted.
     let origin_name = headers
@@ -167,8 +188,11 @@ pub fn check_headers<'a>(
             ));
         }
     }
-    let allowed = origin_allow.is_empty() || origin_allow.iter().any(|o| o == origin);
-    if !allowed || origin_deny.iter().any(|o| o == origin) {
+    // Matched in normalized form: `EVIL.example`, `evil.example.` and
+    // `evil.example:8448` are one host with one certificate.
+    let allowed =
+        origin_allow.is_empty() || origin_allow.iter().any(|o| origin_name.matches_pattern(o));
+    if !allowed || origin_deny.iter().any(|o| origin_name.matches_pattern(o)) {
         tracing::info!(origin, "refusing a request from a denied origin");
         return Err(refuse(
             "forbidden",
@@ -304,6 +328,28 @@ impl FromRequest<AppState> for SignedRequest {
             destination: our_name.as_str(),
             content: None,
         };
+        // A key that is not in memory may mean outbound work (store read,
+        // key fetch, discovery): before any of it the claimed origin pays a
+        // token from a bucket of its own for such lookups, so a flood under
+        // one name costs at most its rate in lookups. It is not the bucket
+        // of authenticated requests, so a forger cannot spend a real
+        // server's request budget by sending garbage in its name.
+        let rate_key = origin.normalized();
+        if let Some(inbound) = &inbound
+            && headers.iter().any(|header| {
+                !state
+                    .keyring
+                    .has_key_in_memory(origin.as_str(), &header.key)
+            })
+        {
+            let lookup_key = format!("key-lookup {rate_key}");
+            admit(
+                inbound,
+                &lookup_key,
+                config.federation.inbound_rate_per_origin,
+            )
+            .await?;
+        }
         let mut parsed = None;
         for header in &headers {
             let key = state
@@ -322,29 +368,37 @@ impl FromRequest<AppState> for SignedRequest {
         drop(parsed);
 
         if let Some(inbound) = &inbound {
-            match inbound.rate_limiter.admit(
-                origin.as_str(),
+            admit(
+                inbound,
+                &rate_key,
                 config.federation.inbound_rate_per_origin,
-                MAX_SHAPING_DELAY,
-            ) {
-                Admission::Now => {}
-                Admission::After(delay) => {
-                    metrics::counter!("courier_federation_rate_delayed_total").increment(1);
-                    tokio::time::sleep(delay).await;
-                }
-                Admission::Refused(wait) => {
-                    tracing::info!(origin = %origin, "rate limiting a federation origin");
-                    metrics::counter!("courier_federation_rate_limited_total").increment(1);
-                    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-                    return Err(MatrixError::limit_exceeded(secs.max(1)));
-                }
-            }
+            )
+            .await?;
         }
         state.sender.peer_is_up(origin.as_str());
         Ok(SignedRequest {
             origin: Origin(origin),
             body,
         })
+    }
+}
+
+/// One rate-limit token for `origin` (its normalized name): now, after a
+/// short wait, or a 429 with the time until the next token.
+async fn admit(inbound: &InboundState, origin: &str, rate: u32) -> Result<(), MatrixError> {
+    match inbound.rate_limiter.admit(origin, rate, MAX_SHAPING_DELAY) {
+        Admission::Now => Ok(()),
+        Admission::After(delay) => {
+            metrics::counter!("courier_federation_rate_delayed_total").increment(1);
+            tokio::time::sleep(delay).await;
+            Ok(())
+        }
+        Admission::Refused(wait) => {
+            tracing::info!(origin, "rate limiting a federation origin");
+            metrics::counter!("courier_federation_rate_limited_total").increment(1);
+            let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+            Err(MatrixError::limit_exceeded(secs.max(1)))
+        }
     }
 }
 

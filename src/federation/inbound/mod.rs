@@ -104,16 +104,24 @@ type TxnKey = (String, String);
 
 /// One async lock per (origin, txnId) being processed, so that a concurrent
 /// duplicate waits for the first copy and then sees its stored response.
-/// Entries exist only while someone holds or waits for them.
+/// Entries exist only while someone holds or waits for them: each entry
+/// counts its users (holder and waiters), and a user that leaves, by
+/// finishing or by being cancelled while it waits, removes the entry when
+/// it was the last.
 #[derive(Default)]
 pub struct TxnLocks {
-    locks: Arc<Mutex<HashMap<TxnKey, Arc<tokio::sync::Mutex<()>>>>>,
+    locks: Arc<Mutex<HashMap<TxnKey, LockEntry>>>,
 }
 
-/// Held while one copy of a transaction is processed.
+struct LockEntry {
+    mutex: Arc<tokio::sync::Mutex<()>>,
+    users: usize,
+}
+
+/// Held while one copy of a transaction is processed (or waited for).
 pub struct TxnGuard {
     key: TxnKey,
-    locks: Arc<Mutex<HashMap<TxnKey, Arc<tokio::sync::Mutex<()>>>>>,
+    locks: Arc<Mutex<HashMap<TxnKey, LockEntry>>>,
     guard: Option<OwnedMutexGuard<()>>,
 }
 
@@ -122,14 +130,22 @@ impl TxnLocks {
         let key = (origin.to_owned(), txn_id.to_owned());
         let mutex = {
             let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
-            locks.entry(key.clone()).or_default().clone()
+            let entry = locks.entry(key.clone()).or_insert_with(|| LockEntry {
+                mutex: Arc::new(tokio::sync::Mutex::new(())),
+                users: 0,
+            });
+            entry.users += 1;
+            entry.mutex.clone()
         };
-        let guard = mutex.lock_owned().await;
-        TxnGuard {
+        // Counted from here on: if this future is dropped while it waits,
+        // the guard's drop gives the count back.
+        let mut held = TxnGuard {
             key,
             locks: self.locks.clone(),
-            guard: Some(guard),
-        }
+            guard: None,
+        };
+        held.guard = Some(mutex.lock_owned().await);
+        held
     }
 
     /// How many (origin, txnId) pairs are in progress.
@@ -140,20 +156,13 @@ impl TxnLocks {
 
 impl Drop for TxnGuard {
     fn drop(&mut self) {
-        let Some(guard) = self.guard.take() else {
-            return;
-        };
-        let mutex = OwnedMutexGuard::mutex(&guard).clone();
-        drop(guard);
+        drop(self.guard.take());
         let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
-        // The map and `mutex` hold one reference each; more means a waiter
-        // that will take the lock next and remove the entry after itself.
-        if Arc::strong_count(&mutex) <= 2
-            && locks
-                .get(&self.key)
-                .is_some_and(|entry| Arc::ptr_eq(entry, &mutex))
-        {
-            locks.remove(&self.key);
+        if let Some(entry) = locks.get_mut(&self.key) {
+            entry.users = entry.users.saturating_sub(1);
+            if entry.users == 0 {
+                locks.remove(&self.key);
+            }
         }
     }
 }
@@ -185,6 +194,48 @@ mod tests {
             .expect("the duplicate proceeds")
             .expect("no panic");
         assert_eq!(locks.in_progress(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_waiter_cancelled_at_any_point_leaves_no_entry() {
+        let locks = Arc::new(TxnLocks::default());
+        // Cancelled while the holder still holds the lock.
+        let first = locks.lock("o", "t").await;
+        let waiter = {
+            let locks = locks.clone();
+            tokio::spawn(async move {
+                let _second = locks.lock("o", "t").await;
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        waiter.abort();
+        let _ = waiter.await;
+        drop(first);
+        assert_eq!(locks.in_progress(), 0, "the cancelled waiter left nothing");
+
+        // Cancelled after the holder released but before its first poll:
+        // the case the old strong-count check leaked.
+        let first = locks.lock("o", "t").await;
+        let pending = locks.lock("o", "t");
+        let mut pending = Box::pin(pending);
+        assert!(
+            futures_poll_once(pending.as_mut()).await.is_none(),
+            "the duplicate waits"
+        );
+        drop(first);
+        drop(pending);
+        assert_eq!(locks.in_progress(), 0);
+    }
+
+    /// Polls a future once, returning its output if it was ready.
+    async fn futures_poll_once<F: std::future::Future + Unpin>(mut future: F) -> Option<F::Output> {
+        std::future::poll_fn(|cx| {
+            std::task::Poll::Ready(match std::pin::Pin::new(&mut future).poll(cx) {
+                std::task::Poll::Ready(output) => Some(output),
+                std::task::Poll::Pending => None,
+            })
+        })
+        .await
     }
 }
 

@@ -267,23 +267,32 @@ fn parse_direct_to_device(
         .ok_or_else(|| invalid("messages is missing or not an object"))?;
 
     let mut out = Vec::new();
+    // One log line for the first skipped recipient of this EDU and one
+    // summary, not a line per recipient: an EDU may name thousands.
+    let mut skipped = 0u32;
+    let mut skip = |recipient: &str, device_id: &str, why: &'static str| {
+        if skipped == 0 {
+            tracing::info!(%origin, recipient, device_id, why, "skipping a recipient");
+        }
+        skipped += 1;
+    };
     for (recipient, by_device) in messages {
         let recipient = recipient.as_ref();
         let user = match UserId::parse(recipient) {
             Ok(user) if user.server_name() == our_server_name.as_str() => user,
             Ok(_) => {
-                tracing::warn!(%origin, recipient, "skipping a recipient that is not local");
+                skip(recipient, "", "not a local user");
                 report.skipped_recipients += 1;
                 continue;
             }
             Err(_) => {
-                tracing::warn!(%origin, recipient, "skipping a recipient that is not a user ID");
+                skip(recipient, "", "not a user ID");
                 report.skipped_recipients += 1;
                 continue;
             }
         };
         let Field::Is(by_device) = by_device else {
-            tracing::warn!(%origin, recipient, "skipping a recipient whose device map is not an object");
+            skip(recipient, "", "the device map is not an object");
             report.skipped_recipients += 1;
             continue;
         };
@@ -291,7 +300,7 @@ fn parse_direct_to_device(
             // `RawValue` starts at the value's first byte, never whitespace.
             let message = message.get();
             if device_id.is_empty() || !message.starts_with('{') {
-                tracing::warn!(%origin, recipient, device_id = device_id.as_ref(), "skipping a malformed device message");
+                skip(recipient, device_id.as_ref(), "malformed device message");
                 report.skipped_recipients += 1;
                 continue;
             }
@@ -315,6 +324,9 @@ fn parse_direct_to_device(
                 content_json,
             });
         }
+    }
+    if skipped > 1 {
+        tracing::info!(%origin, skipped, "skipped recipients of one m.direct_to_device");
     }
     Ok(InboundEdu {
         message_id: message_id.into_owned(),
