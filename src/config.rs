@@ -537,6 +537,15 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         },
     );
 
+    if let (Some(name), Some(f)) = (&server_name, &federation)
+        && !is_loopback_name(name)
+        && f.extra_ca.iter().any(|path| is_development_ca(path))
+    {
+        problems.push(format!(
+            "[federation] extra_ca trusts the development CA of certs/, whose private key is \
+             public; only a relay named localhost may (server_name is {name})"
+        ));
+    }
     match (
         server_name,
         signing_key_path,
@@ -567,6 +576,29 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
     }
 }
 
+/// The development CA that `courier dev-certs` made for this repository;
+/// its key is committed next to it.
+const DEVELOPMENT_CA_PEM: &str = include_str!("../certs/dev-ca.crt");
+
+/// Whether `path` holds the repository's development CA certificate. An
+/// unreadable file is not judged here (loading the trust store reports it).
+fn is_development_ca(path: &Path) -> bool {
+    std::fs::read_to_string(path).is_ok_and(|text| text.trim() == DEVELOPMENT_CA_PEM.trim())
+}
+
+/// Names that only ever mean this machine: `localhost`, `*.localhost` and
+/// loopback addresses.
+fn is_loopback_name(name: &ServerName) -> bool {
+    match name.host() {
+        crate::identifiers::Host::Ipv4(ip) => ip.is_loopback(),
+        crate::identifiers::Host::Ipv6(ip) => ip.is_loopback(),
+        crate::identifiers::Host::Dns(host) => {
+            let host = host.trim_end_matches('.').to_ascii_lowercase();
+            host == "localhost" || host.ends_with(".localhost")
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -578,7 +610,7 @@ signing_key_path = "data/signing.key"
 bind = "127.0.0.1:38448"
 tls_cert = "certs/localhost.crt"
 tls_key = "certs/localhost.key"
-extra_ca = ["certs/dev-ca.crt"]
+extra_ca = ["certs/test-ca.crt"]
 ip_allow = ["127.0.0.0/8", "::1/128"]
 [client]
 bind = "127.0.0.1:38008"
@@ -673,6 +705,51 @@ postgres = "b"
             parse("server_name = ", &[]),
             Err(ConfigError::Parse { .. })
         ));
+    }
+
+    #[test]
+    fn only_a_localhost_relay_may_trust_the_development_ca() {
+        let ca = Path::new(env!("CARGO_MANIFEST_DIR")).join("certs/dev-ca.crt");
+        let text = GOOD.replace("certs/test-ca.crt", &ca.display().to_string());
+        assert!(parse(&text, &[]).is_ok(), "localhost may");
+        let public = text.replace(
+            "server_name = \"localhost:38448\"",
+            "server_name = \"matrix.example.org\"",
+        );
+        let error = parse(&public, &[]).expect_err("a public name may not");
+        assert!(error.to_string().contains("development CA"), "{error}");
+        for name in ["127.0.0.1:8448", "[::1]", "relay.localhost"] {
+            let local = text.replace(
+                "server_name = \"localhost:38448\"",
+                &format!("server_name = \"{name}\""),
+            );
+            assert!(parse(&local, &[]).is_ok(), "{name}");
+        }
+    }
+
+    #[test]
+    fn client_send_limits_and_key_fetch_concurrency_have_defaults_and_bounds() {
+        let c = parse(GOOD, &[]).expect("valid config");
+        assert_eq!(
+            c.client.send_limits.max_destinations,
+            DEFAULT_MAX_DESTINATIONS
+        );
+        assert_eq!(c.client.send_limits.max_recipients, DEFAULT_MAX_RECIPIENTS);
+        assert_eq!(c.client.sends_per_user_per_sec, 0);
+        assert_eq!(c.federation.key_fetch_concurrency, 16);
+        let error = parse(
+            GOOD,
+            &[
+                ("COURIER_CLIENT__MAX_DESTINATIONS_PER_SEND", "0"),
+                ("COURIER_FEDERATION__KEY_FETCH_CONCURRENCY", "0"),
+                ("COURIER_FEDERATION__ORIGIN_DENY", "[\"not a name\"]"),
+            ],
+        )
+        .expect_err("refused");
+        let text = error.to_string();
+        assert!(text.contains("max_destinations_per_send"), "{text}");
+        assert!(text.contains("key_fetch_concurrency"), "{text}");
+        assert!(text.contains("origin_deny"), "{text}");
     }
 }
 

@@ -611,3 +611,125 @@ async fn content_with_floats_is_delivered_unchanged() {
     assert_eq!(events.len(), 1);
     assert_eq!(events[0]["content"], content);
 }
+
+/// The destinations the relay's RPC lists.
+async fn destinations(relay: &TestRelay) -> Vec<Value> {
+    let listing = relay
+        .http
+        .get(
+            &format!("{}/_courier/v1/destinations", relay.rpc_url),
+            Some(&relay.rpc_secret),
+        )
+        .await;
+    assert_eq!(listing.status, 200, "{}", listing.text);
+    listing.json["destinations"]
+        .as_array()
+        .expect("rows")
+        .clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_past_the_fan_out_limits_is_refused_whole_and_stores_nothing() {
+    let relay = TestRelay::spawn_with(support::relay::TestRelayOptions {
+        client_extra: "max_destinations_per_send = 5\nmax_recipients_per_send = 20\n".to_owned(),
+        ..Default::default()
+    })
+    .await;
+    let (_alice, alice_tok) = device(&relay, "alice", "A").await;
+    let (bob, bob_tok) = device(&relay, "bob", "B").await;
+
+    // Six servers (one more than allowed), plus a local recipient: nothing
+    // of it is kept, the local message included.
+    let mut messages = serde_json::Map::new();
+    for i in 0..6 {
+        messages.insert(format!("@u:h{i}.example"), json!({ "D": { "i": i } }));
+    }
+    messages.insert(bob.clone(), json!({ "B": { "local": true } }));
+    let r = relay
+        .send_to_device(&alice_tok, "m.x", "too-wide", Value::Object(messages))
+        .await;
+    assert_eq!(r.status, 413, "{}", r.text);
+    assert_eq!(r.json["errcode"], "M_TOO_LARGE", "{}", r.text);
+    assert!(
+        r.json["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("limit of 5")),
+        "{}",
+        r.text
+    );
+
+    // 21 devices of one remote user: over the recipient limit.
+    let many: serde_json::Map<String, Value> =
+        (0..21).map(|d| (format!("D{d}"), json!({}))).collect();
+    let r = relay
+        .send_to_device(
+            &alice_tok,
+            "m.x",
+            "too-many",
+            json!({ "@u:h0.example": Value::Object(many) }),
+        )
+        .await;
+    assert_eq!(r.status, 413, "{}", r.text);
+    assert_eq!(r.json["errcode"], "M_TOO_LARGE");
+
+    assert!(
+        destinations(&relay).await.is_empty(),
+        "no destination created"
+    );
+    assert!(
+        events(&relay.sync(&bob_tok, None, 0).await).is_empty(),
+        "no local message stored"
+    );
+
+    // At the limits exactly, the send goes through; the refused txn ids
+    // were not recorded, so they can be used again.
+    let mut messages = serde_json::Map::new();
+    for i in 0..5 {
+        messages.insert(format!("@u:h{i}.example"), json!({ "D": { "i": i } }));
+    }
+    let r = relay
+        .send_to_device(&alice_tok, "m.x", "too-wide", Value::Object(messages))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(destinations(&relay).await.len(), 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_over_the_send_rate_gets_429_and_others_are_not_affected() {
+    let relay = TestRelay::spawn_with(support::relay::TestRelayOptions {
+        client_extra: "sends_per_user_per_sec = 1\n".to_owned(),
+        ..Default::default()
+    })
+    .await;
+    let (_alice, alice_tok) = device(&relay, "alice", "A").await;
+    let (_carol, carol_tok) = device(&relay, "carol", "C").await;
+    let (bob, bob_tok) = device(&relay, "bob", "B").await;
+    let send = |token: String, txn: String| {
+        let relay = &relay;
+        let bob = bob.clone();
+        async move {
+            relay
+                .send_to_device(&token, "m.x", &txn, json!({ bob: { "B": { "t": txn } } }))
+                .await
+        }
+    };
+    // Burst 2 × rate; a third request in the same instant would wait about
+    // a second, more than the half second the limiter holds a request.
+    let mut statuses = Vec::new();
+    for i in 0..4 {
+        statuses.push(send(alice_tok.clone(), format!("a{i}")).await);
+    }
+    let refused: Vec<_> = statuses.iter().filter(|r| r.status == 429).collect();
+    assert!(!refused.is_empty(), "the burst is two sends");
+    for r in &refused {
+        assert_eq!(r.json["errcode"], "M_LIMIT_EXCEEDED", "{}", r.text);
+        assert!(r.json["retry_after_ms"].as_u64().is_some(), "{}", r.text);
+    }
+    let accepted = statuses.iter().filter(|r| r.status == 200).count();
+    // Another user has a bucket of their own.
+    let r = send(carol_tok.clone(), "c0".to_owned()).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    // Exactly the accepted sends were delivered.
+    let got = events(&relay.sync(&bob_tok, None, 0).await);
+    assert_eq!(got.len(), accepted + 1, "{got:?}");
+}

@@ -25,6 +25,8 @@ pub struct TestRelayOptions {
     pub federation_extra: String,
     /// Use `127.0.0.1:<port>` as the server name instead of `localhost:<port>`.
     pub ip_server_name: bool,
+    /// Extra TOML lines appended to the `[client]` section.
+    pub client_extra: String,
 }
 
 impl Default for TestRelayOptions {
@@ -32,6 +34,7 @@ impl Default for TestRelayOptions {
         TestRelayOptions {
             federation_extra: "retry_initial_ms = 200\nretry_max_ms = 2000\n".to_owned(),
             ip_server_name: false,
+            client_extra: String::new(),
         }
     }
 }
@@ -109,6 +112,7 @@ ip_allow = ["127.0.0.0/8", "::1/128"]
 {extra}
 [client]
 bind = "127.0.0.1:{client}"
+{client_extra}
 [rpc]
 bind = "127.0.0.1:{rpc}"
 secret = "{secret}"
@@ -123,6 +127,7 @@ sqlite = "{dir}/courier.db"
             rpc = self.ports.2,
             secret = self.rpc_secret,
             extra = self.options.federation_extra,
+            client_extra = self.options.client_extra,
         );
         Config::from_toml_str(&text, "test relay", std::iter::empty()).expect("valid test config")
     }
