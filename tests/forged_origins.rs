@@ -1,0 +1,284 @@
+//! Forged X-Matrix origins cost bounded work: requests in the name of
+//! servers whose keys Courier does not hold reach at most
+//! `key_fetch_concurrency` outbound connections at once, one claimed name
+//! pays its key-lookup rate before any fetch and is fetched once, spelling
+//! variants of a name share its failure and its `origin_deny` entry, and a
+//! request with more X-Matrix headers than a sender needs is refused before
+//! any key is looked up. The "remote servers" are a tarpit on loopback that
+//! accepts TCP connections, counts them and never answers.
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper_util::rt::TokioIo;
+use serde_json::Value;
+use support::{TestRelay, TestRelayOptions};
+use tokio::io::AsyncReadExt;
+
+/// A TCP listener that holds every connection open without a byte of reply.
+struct Tarpit {
+    port: u16,
+    open: Arc<AtomicUsize>,
+    accepted: Arc<AtomicUsize>,
+}
+
+impl Tarpit {
+    async fn start() -> Tarpit {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind tarpit");
+        let port = listener.local_addr().expect("addr").port();
+        let open = Arc::new(AtomicUsize::new(0));
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let (o, a) = (open.clone(), accepted.clone());
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                a.fetch_add(1, Ordering::SeqCst);
+                o.fetch_add(1, Ordering::SeqCst);
+                let o = o.clone();
+                tokio::spawn(async move {
+                    let mut sink = [0u8; 1024];
+                    // Until the relay gives up and closes (or 60 s).
+                    let _ = tokio::time::timeout(Duration::from_secs(60), async {
+                        while matches!(socket.read(&mut sink).await, Ok(n) if n > 0) {}
+                    })
+                    .await;
+                    o.fetch_sub(1, Ordering::SeqCst);
+                });
+            }
+        });
+        Tarpit {
+            port,
+            open,
+            accepted,
+        }
+    }
+}
+
+struct Reply {
+    status: u16,
+    json: Value,
+}
+
+/// `PUT /_matrix/federation/v1/send/{txn}` over TLS with the given
+/// `Authorization` header values and a small JSON body.
+async fn put_send(relay: &TestRelay, txn: &str, authorization: &[String]) -> Reply {
+    courier::tls::install_crypto_provider();
+    let ca = support::relay::repo_root().join("certs/dev-ca.crt");
+    let mut config = (*courier::tls::client_config(&[ca]).expect("client TLS config")).clone();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let exchange = async {
+        let tcp = tokio::net::TcpStream::connect(relay.federation_addr)
+            .await
+            .expect("tcp connect");
+        let name = rustls_pki_types::ServerName::try_from("localhost").expect("name");
+        let tls = connector.connect(name, tcp).await.expect("tls handshake");
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+            .await
+            .expect("http handshake");
+        tokio::spawn(conn);
+        let mut request = hyper::Request::put(format!("/_matrix/federation/v1/send/{txn}"))
+            .header("Host", relay.server_name.as_str())
+            .header("Content-Type", "application/json");
+        for value in authorization {
+            request = request.header("Authorization", value.as_str());
+        }
+        let body = Bytes::from_static(br#"{"pdus":[],"edus":[]}"#);
+        let request = request.body(Full::new(body)).expect("request");
+        let response = sender.send_request(request).await.expect("response");
+        let status = response.status().as_u16();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .expect("body")
+            .to_bytes();
+        Reply {
+            status,
+            json: serde_json::from_slice(&body).unwrap_or(Value::Null),
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), exchange)
+        .await
+        .expect("answered within 30 s")
+}
+
+fn forged(origin: &str, destination: &str) -> String {
+    format!(
+        "X-Matrix origin=\"{origin}\",destination=\"{destination}\",key=\"ed25519:a\",sig=\"c2lnbmF0dXJl\""
+    )
+}
+
+fn options(extra: &str) -> TestRelayOptions {
+    let mut options = TestRelayOptions::default();
+    options.federation_extra.push_str(extra);
+    options
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_origins_reach_at_most_the_fetch_concurrency_in_outbound_connections() {
+    let tarpit = Tarpit::start().await;
+    let relay = Arc::new(
+        TestRelay::spawn_with(options(
+            "key_fetch_concurrency = 4\nkey_fetch_timeout_ms = 4000\n",
+        ))
+        .await,
+    );
+    // 40 requests at once, each in the name of another server, all of
+    // which resolve to the tarpit.
+    let requests: Vec<_> = (0..40)
+        .map(|i| {
+            let relay = relay.clone();
+            let origin = format!("r{i}.localhost:{}", tarpit.port);
+            tokio::spawn(async move {
+                let header = forged(&origin, &relay.server_name);
+                put_send(&relay, &format!("t{i}"), &[header]).await
+            })
+        })
+        .collect();
+    // The first four fetches hang in the tarpit for 4 s; while they do, no
+    // other lookup may open a connection.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while tarpit.accepted.load(Ordering::SeqCst) < 4 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the fetches never reached the tarpit"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(
+        tarpit.accepted.load(Ordering::SeqCst),
+        4,
+        "while four fetches hang, the other 36 lookups wait"
+    );
+    assert_eq!(tarpit.open.load(Ordering::SeqCst), 4);
+
+    for request in requests {
+        let reply = request.await.expect("no panic");
+        assert_eq!(reply.status, 401, "{}", reply.json);
+        assert_eq!(reply.json["errcode"], "M_UNAUTHORIZED");
+    }
+    let total = tarpit.accepted.load(Ordering::SeqCst);
+    assert!(
+        total < 20,
+        "{total} connections for 40 forged origins: lookups that found no slot in time must not fetch"
+    );
+    // The relay gave its connections up; nothing is left open.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while tarpit.open.load(Ordering::SeqCst) > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} tarpit connections still open",
+            tarpit.open.load(Ordering::SeqCst)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_forged_name_pays_its_lookup_rate_first_and_is_fetched_once() {
+    let tarpit = Tarpit::start().await;
+    let relay = Arc::new(
+        TestRelay::spawn_with(options(
+            "inbound_rate_per_origin = 5\nkey_fetch_timeout_ms = 1000\n",
+        ))
+        .await,
+    );
+    let origin = format!("flood.localhost:{}", tarpit.port);
+    let started = tokio::time::Instant::now();
+    let requests = (0..30).map(|i| {
+        let relay = relay.clone();
+        let header = forged(&origin, &relay.server_name);
+        tokio::spawn(async move { put_send(&relay, &format!("f{i}"), &[header]).await })
+    });
+    let requests: Vec<_> = requests.collect();
+    let mut limited = 0;
+    for request in requests {
+        let reply = request.await.expect("no panic");
+        match reply.status {
+            429 => {
+                assert_eq!(reply.json["errcode"], "M_LIMIT_EXCEEDED");
+                limited += 1;
+            }
+            401 => assert_eq!(reply.json["errcode"], "M_UNAUTHORIZED"),
+            other => panic!("unexpected {other}: {}", reply.json),
+        }
+    }
+    // Burst 10, about 3 more held within the half-second shaping window,
+    // then 5 a second for as long as the requests took to arrive.
+    let admitted = 30 - limited;
+    let allowed = 13 + (started.elapsed().as_secs_f64() * 5.0).ceil() as usize;
+    assert!(limited > 0, "30 lookups at once exceed the burst of 10");
+    assert!(
+        admitted <= allowed,
+        "{admitted} admitted, at most {allowed}"
+    );
+    assert_eq!(
+        tarpit.accepted.load(Ordering::SeqCst),
+        1,
+        "one fetch for one name"
+    );
+
+    // Spellings of the same host share its failure: no new fetch.
+    for (i, variant) in [
+        format!("FLOOD.localhost:{}", tarpit.port),
+        format!("flood.localhost.:{}", tarpit.port),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let reply = put_send(
+            &relay,
+            &format!("v{i}"),
+            &[forged(variant, &relay.server_name)],
+        )
+        .await;
+        assert!(
+            reply.status == 401 || reply.status == 429,
+            "{variant}: {}",
+            reply.status
+        );
+    }
+    assert_eq!(
+        tarpit.accepted.load(Ordering::SeqCst),
+        1,
+        "variants of the name are not fetched again"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_spelling_of_a_denied_origin_is_denied_and_extra_headers_are_refused() {
+    let relay = TestRelay::spawn_with(options("origin_deny = [\"fake.example\"]\n")).await;
+    for origin in [
+        "fake.example",
+        "FAKE.example",
+        "fake.example.",
+        "fake.example:8448",
+        "Fake.Example.:9000",
+    ] {
+        let reply = put_send(&relay, "d", &[forged(origin, &relay.server_name)]).await;
+        assert_eq!(reply.status, 403, "{origin}: {}", reply.json);
+        assert_eq!(reply.json["errcode"], "M_FORBIDDEN");
+    }
+    // Another server is not denied (it fails on its key instead).
+    let reply = put_send(
+        &relay,
+        "d",
+        &[forged("other.invalid:1", &relay.server_name)],
+    )
+    .await;
+    assert_eq!(reply.status, 401, "{}", reply.json);
+
+    // Five X-Matrix headers: malformed (400) before any key is looked up.
+    let header = forged("other.invalid:1", &relay.server_name);
+    let reply = put_send(&relay, "h", &vec![header; 5]).await;
+    assert_eq!(reply.status, 400, "{}", reply.json);
+    assert_eq!(reply.json["errcode"], "M_UNAUTHORIZED");
+}
