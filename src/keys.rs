@@ -331,6 +331,36 @@ mod tests {
     }
 
     #[test]
+    fn a_key_document_with_too_many_keys_is_refused_before_any_is_decoded() {
+        let key = ServerSigningKey::from_seed("a", [3; 32]);
+        let now = 1_700_000_000_000;
+        let with_keys = |extra: usize| {
+            let mut document = server_key_document("s.example", &key, &[], now + 3_600_000);
+            let keys = document["verify_keys"].as_object_mut().expect("object");
+            for i in 0..extra {
+                let other = ServerSigningKey::from_seed("x", [i as u8; 32]);
+                keys.insert(
+                    format!("ed25519:k{i}"),
+                    json!({"key": other.public_key_base64()}),
+                );
+            }
+            if let Some(signatures) = document.as_object_mut() {
+                signatures.remove("signatures");
+            }
+            sign_json(&mut document, "s.example", &key).expect("signable");
+            document
+        };
+        let at_limit = with_keys(MAX_VERIFY_KEYS - 1);
+        let keys = validate_server_key_response("s.example", &at_limit, now).expect("accepted");
+        assert_eq!(keys.len(), MAX_VERIFY_KEYS);
+        for extra in [MAX_VERIFY_KEYS, 10_000] {
+            let error = validate_server_key_response("s.example", &with_keys(extra), now)
+                .expect_err("refused");
+            assert!(error.to_string().contains("verify keys"), "{error}");
+        }
+    }
+
+    #[test]
     fn try_generate_checks_version() {
         assert!(ServerSigningKey::try_generate("a b").is_err());
         assert!(ServerSigningKey::try_generate("").is_err());

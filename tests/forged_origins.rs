@@ -282,3 +282,80 @@ async fn every_spelling_of_a_denied_origin_is_denied_and_extra_headers_are_refus
     assert_eq!(reply.status, 400, "{}", reply.json);
     assert_eq!(reply.json["errcode"], "M_UNAUTHORIZED");
 }
+
+/// A key fetcher whose fetches never finish (until the ring's timeout).
+struct HangingFetcher {
+    started: AtomicUsize,
+}
+
+impl courier::federation::keyring::KeyFetcher for HangingFetcher {
+    fn fetch_server_keys<'a>(
+        &'a self,
+        _server_name: &'a courier::identifiers::ServerName,
+    ) -> courier::federation::keyring::FetchFuture<'a> {
+        Box::pin(async move {
+            self.started.fetch_add(1, Ordering::SeqCst);
+            std::future::pending::<()>().await;
+            Err("unreachable".to_owned())
+        })
+    }
+
+    fn query_notary<'a>(
+        &'a self,
+        _notary: &'a courier::identifiers::ServerName,
+        _server_name: &'a courier::identifiers::ServerName,
+    ) -> courier::federation::keyring::FetchFuture<'a> {
+        Box::pin(async { Err("no notaries here".to_owned()) })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_key_ring_stays_within_its_bound_even_while_every_entry_is_in_flight() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = courier::store::sqlite::SqliteStore::open(&dir.path().join("keys.db"))
+        .await
+        .expect("store");
+    let fetcher = Arc::new(HangingFetcher {
+        started: AtomicUsize::new(0),
+    });
+    let ring = Arc::new(
+        courier::federation::keyring::KeyRing::with_fetcher(
+            Arc::new(store),
+            fetcher.clone(),
+            Duration::from_secs(30),
+        )
+        .with_fetch_concurrency(100)
+        .with_max_servers(8),
+    );
+    // Eight lookups hang in flight and hold their entries.
+    let hanging: Vec<_> = (0..8)
+        .map(|i| {
+            let ring = ring.clone();
+            tokio::spawn(
+                async move { ring.verify_key(&format!("h{i}.example"), "ed25519:a").await },
+            )
+        })
+        .collect();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while fetcher.started.load(Ordering::SeqCst) < 8 {
+        assert!(tokio::time::Instant::now() < deadline, "fetches started");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // A ninth server is refused at once instead of growing the map.
+    let refused = tokio::time::timeout(
+        Duration::from_secs(5),
+        ring.verify_key("new.example", "ed25519:a"),
+    )
+    .await
+    .expect("answered at once")
+    .expect_err("no room");
+    assert!(
+        refused.to_string().contains("too many servers"),
+        "{refused}"
+    );
+    assert_eq!(ring.servers_in_memory(), 8);
+    assert_eq!(fetcher.started.load(Ordering::SeqCst), 8, "no fetch for it");
+    for lookup in hanging {
+        lookup.abort();
+    }
+}
