@@ -70,10 +70,15 @@ impl ServerName {
         }
     }
 
-    /// The hostname alone, lower-cased, without a trailing dot.
+    /// The hostname alone, lower-cased, without trailing dots.
     pub fn normalized_host(&self) -> String {
         let host = self.hostname();
-        let host = host.strip_suffix('.').unwrap_or(host);
+        // Trailing dots go (so the form is idempotent); a name that is only
+        // dots keeps them (the grammar allows it).
+        let host = match host.trim_end_matches('.') {
+            "" => host,
+            stripped => stripped,
+        };
         host.to_ascii_lowercase()
     }
 
