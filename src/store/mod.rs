@@ -11,6 +11,7 @@ use std::future::Future;
 use std::pin::Pin;
 
 pub mod postgres;
+pub mod pruner;
 pub mod sqlite;
 
 /// The future every store operation returns: boxed so that `Store` is usable
@@ -233,14 +234,49 @@ pub struct PruneReport {
     pub inbound_message_ids: u64,
     pub orphan_inbox_rows: u64,
     pub expired_server_keys: u64,
+    /// `destinations` rows of long-idle destinations (see `Retention`).
+    pub retired_destinations: u64,
 }
 
-/// How long dedupe records live (DESIGN §1.7).
+impl PruneReport {
+    /// The largest count of any one kind: a pass that reached the batch
+    /// limit for some kind may have left more of it behind.
+    pub fn max_kind(&self) -> u64 {
+        [
+            self.client_txns,
+            self.inbound_txns,
+            self.inbound_message_ids,
+            self.orphan_inbox_rows,
+            self.expired_server_keys,
+            self.retired_destinations,
+        ]
+        .into_iter()
+        .max()
+        .unwrap_or(0)
+    }
+
+    /// Adds another batch's counts to these.
+    pub fn add(&mut self, other: &PruneReport) {
+        self.client_txns += other.client_txns;
+        self.inbound_txns += other.inbound_txns;
+        self.inbound_message_ids += other.inbound_message_ids;
+        self.orphan_inbox_rows += other.orphan_inbox_rows;
+        self.expired_server_keys += other.expired_server_keys;
+        self.retired_destinations += other.retired_destinations;
+    }
+}
+
+/// How long dedupe records live (DESIGN §1.7), and how long an idle
+/// destination's retry state is kept.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Retention {
     pub client_txn_ms: i64,
     pub inbound_txn_ms: i64,
     pub inbound_message_id_ms: i64,
+    /// A `destinations` row is deleted once its destination has nothing
+    /// queued, in flight or quarantined and its last activity (the later of
+    /// its last update, last success and `retry_after`) is this old.
+    pub destination_ms: i64,
 }
 
 impl Retention {
@@ -248,6 +284,7 @@ impl Retention {
         client_txn_ms: 24 * 3600 * 1000,
         inbound_txn_ms: 24 * 3600 * 1000,
         inbound_message_id_ms: 7 * 24 * 3600 * 1000,
+        destination_ms: 30 * 24 * 3600 * 1000,
     };
 }
 
@@ -410,8 +447,10 @@ pub trait Store: Send + Sync + 'static {
 
     // --- housekeeping -------------------------------------------------------
 
-    /// Removes expired dedupe records, expired server keys and inbox rows of
-    /// devices that no longer exist, at most `batch` rows of each kind.
+    /// Removes expired dedupe records, expired server keys, inbox rows of
+    /// devices that no longer exist and the retry state of long-idle
+    /// destinations, at most `batch` rows of each kind. One batch; the
+    /// caller (`store::pruner`) calls again while a kind reached `batch`.
     fn prune(
         &self,
         now_ms: TimestampMs,

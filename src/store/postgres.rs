@@ -456,10 +456,14 @@ impl Store for PostgresStore {
         destination: &'a str,
         state: &'a RetryState,
     ) -> StoreFuture<'a, ()> {
+        // The trait passes no time: the retry state's activity stamp is the
+        // wall clock at the write.
+        let now_ms = crate::now_ms();
         Box::pin(on_client!(self, |c| outbox::set_retry_state(
             &c,
             destination,
-            state
+            state,
+            now_ms
         )
         .await))
     }
