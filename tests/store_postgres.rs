@@ -81,7 +81,7 @@ async fn schema_version_is_recorded_and_tokens_are_hashed() {
         .await
         .expect("version")
         .get(0);
-    assert_eq!(version, 1);
+    assert_eq!(version, 3);
     let rows = client
         .query("SELECT token_hash FROM access_tokens", &[])
         .await
