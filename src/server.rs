@@ -83,7 +83,7 @@ pub async fn run(
     let config = Arc::new(config);
     let signing_key = Arc::new(ServerSigningKey::load(&config.signing_key_path)?);
     let tls = crate::tls::server_config(&config.federation.tls_cert, &config.federation.tls_key)?;
-    let store = crate::store::open(&config.store).await?;
+    let store = crate::store::open(&config).await?;
 
     let notifier = Arc::new(Notifier::new());
     let (sender_handle, sender_commands) = SenderHandle::channel();

@@ -37,6 +37,18 @@ pub enum StoreError {
     Closed,
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
+    /// Another live process holds this worker name (PostgreSQL, DESIGN §4):
+    /// two processes with one name would share every destination lease.
+    #[error(
+        "worker name {name:?} is held by a live worker (instance {holder}, last heartbeat \
+         {heartbeat_age_ms} ms ago): give each worker its own [worker] name, or wait until \
+         that worker stops or its heartbeat is older than [worker] lease_ms"
+    )]
+    WorkerNameTaken {
+        name: String,
+        holder: String,
+        heartbeat_age_ms: i64,
+    },
 }
 
 /// Which devices of a local user a message is for.
@@ -518,6 +530,41 @@ pub trait Store: Send + Sync + 'static {
         Box::pin(async { Ok(()) })
     }
 
+    /// Claims the worker name `worker` for this store instance (this
+    /// process) at start-up: succeeds if the name is free, already ours, or
+    /// its holder's heartbeat is at least `lease_ms` old; otherwise fails
+    /// with `StoreError::WorkerNameTaken`. A single-process store has no
+    /// other worker, and the default succeeds.
+    fn claim_worker_name<'a>(
+        &'a self,
+        worker: &'a str,
+        now_ms: TimestampMs,
+        lease_ms: i64,
+    ) -> StoreFuture<'a, ()> {
+        let _ = (worker, now_ms, lease_ms);
+        Box::pin(async { Ok(()) })
+    }
+
+    /// Renews this instance's claim on `worker` (the lease loop calls it).
+    /// Returns false when another live instance holds the name now (this
+    /// one's heartbeat had lapsed and the name was taken).
+    fn heartbeat_worker_name<'a>(
+        &'a self,
+        worker: &'a str,
+        now_ms: TimestampMs,
+        lease_ms: i64,
+    ) -> StoreFuture<'a, bool> {
+        let _ = (worker, now_ms, lease_ms);
+        Box::pin(async { Ok(true) })
+    }
+
+    /// Gives up this instance's claim on `worker` (clean shutdown), so a
+    /// successor may take the name at once.
+    fn release_worker_name<'a>(&'a self, worker: &'a str) -> StoreFuture<'a, ()> {
+        let _ = worker;
+        Box::pin(async { Ok(()) })
+    }
+
     /// Whether `worker` holds an unexpired lease on `destination`.
     fn holds_lease<'a>(
         &'a self,
@@ -544,16 +591,29 @@ pub trait Store: Send + Sync + 'static {
     }
 }
 
-/// Opens the backend named in the configuration.
+/// Opens the backend named in the configuration for this worker. With
+/// PostgreSQL it connects with TLS as `sslmode` asks (trusting the public
+/// roots and `[federation] extra_ca`), then claims `[worker] name`, failing
+/// with `StoreError::WorkerNameTaken` while another live worker holds it.
 pub async fn open(
-    config: &crate::config::StoreConfig,
+    config: &crate::config::Config,
 ) -> Result<std::sync::Arc<dyn Store>, StoreError> {
-    match config {
+    match &config.store {
         crate::config::StoreConfig::Sqlite(path) => {
             Ok(std::sync::Arc::new(sqlite::SqliteStore::open(path).await?))
         }
-        crate::config::StoreConfig::Postgres(conninfo) => Ok(std::sync::Arc::new(
-            postgres::PostgresStore::open(conninfo).await?,
-        )),
+        crate::config::StoreConfig::Postgres(conninfo) => {
+            let options = postgres::PostgresOptions {
+                extra_ca: config.federation.extra_ca.clone(),
+                ..postgres::PostgresOptions::default()
+            };
+            let store = postgres::PostgresStore::open_with(conninfo, options).await?;
+            let lease_ms =
+                i64::try_from(config.worker.lease_duration.as_millis()).unwrap_or(i64::MAX);
+            store
+                .claim_worker_name(&config.worker.name, crate::now_ms(), lease_ms)
+                .await?;
+            Ok(std::sync::Arc::new(store))
+        }
     }
 }
