@@ -47,7 +47,10 @@ pub async fn run_leases(
             _ = ticker.tick() => {}
         }
         let now = crate::now_ms();
-        match store.heartbeat_worker_name(&worker.name, now, lease_ms).await {
+        match store
+            .heartbeat_worker_name(&worker.name, now, lease_ms)
+            .await
+        {
             Ok(true) => {}
             Ok(false) => {
                 // Our heartbeat lapsed (a stall longer than the lease) and

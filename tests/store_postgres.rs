@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use courier::store::postgres::PostgresStore;
-use courier::store::{DeviceKey, NewOutboxEdu, Retention, SendBatch, Store, Wakeup};
+use courier::store::{DeviceKey, NewOutboxEdu, Retention, SendBatch, Store, StoreError, Wakeup};
 
 async fn make_postgres() -> Option<store_suite::Harness> {
     let cluster = pg::shared()?;
@@ -478,5 +478,105 @@ async fn inbound_txn_from_a_backing_off_origin_publishes_peer_up() {
     assert_eq!(
         next_wakeup(&mut rx).await,
         Wakeup::PeerUp("failing.test".to_owned())
+    );
+}
+
+/// F10: a worker name held by a live instance is refused to another; it is
+/// free again once released or once its heartbeat is a lease old, and the
+/// displaced holder learns it from its next heartbeat.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_worker_name_is_refused_to_a_second_instance() {
+    let Some(conninfo) = database().await else {
+        return;
+    };
+    let a = PostgresStore::open(&conninfo).await.expect("open a");
+    let b = PostgresStore::open(&conninfo).await.expect("open b");
+    const LEASE: i64 = 1_000;
+    let t = 1_700_000_000_000;
+    a.claim_worker_name("w", t, LEASE).await.expect("a claims");
+    let refused = b
+        .claim_worker_name("w", t + 1, LEASE)
+        .await
+        .expect_err("b is refused");
+    assert!(
+        matches!(&refused, StoreError::WorkerNameTaken { name, heartbeat_age_ms: 1, .. } if name == "w"),
+        "{refused:?}"
+    );
+    assert!(refused.to_string().contains("[worker] name"), "{refused}");
+    // Another name is no problem.
+    b.claim_worker_name("v", t, LEASE)
+        .await
+        .expect("b claims v");
+    // a heartbeats: still refused just under a lease after that beat...
+    assert!(
+        a.heartbeat_worker_name("w", t + 500, LEASE)
+            .await
+            .expect("beat")
+    );
+    assert!(b.claim_worker_name("w", t + 1_499, LEASE).await.is_err());
+    // ...and free once the beat is a lease old (a stalled or died).
+    b.claim_worker_name("w", t + 1_500, LEASE)
+        .await
+        .expect("b takes a lapsed name");
+    assert!(
+        !a.heartbeat_worker_name("w", t + 1_600, LEASE)
+            .await
+            .expect("beat"),
+        "a learns that b holds the name now"
+    );
+    // a's release leaves b's claim alone; b's release frees the name.
+    a.release_worker_name("w").await.expect("release by a");
+    assert!(a.claim_worker_name("w", t + 1_700, LEASE).await.is_err());
+    b.release_worker_name("w").await.expect("release by b");
+    a.claim_worker_name("w", t + 1_800, LEASE)
+        .await
+        .expect("a claims a released name");
+}
+
+/// F10 at start-up: a holder whose heartbeat is recent but stops (a crash
+/// just before a restart) is waited out, a holder that keeps beating is
+/// refused, both within about one lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_up_waits_out_a_dead_holder_and_refuses_a_live_one() {
+    let Some(conninfo) = database().await else {
+        return;
+    };
+    let lease = Duration::from_millis(400);
+    let lease_ms = 400;
+    let dead = PostgresStore::open(&conninfo).await.expect("open");
+    dead.claim_worker_name("w", courier::now_ms(), lease_ms)
+        .await
+        .expect("claim");
+    let live = Arc::new(PostgresStore::open(&conninfo).await.expect("open"));
+    tokio::time::timeout(
+        Duration::from_secs(20),
+        courier::store::claim_worker_name_at_start(&*live, "w", lease),
+    )
+    .await
+    .expect("bounded")
+    .expect("the dead holder's name is taken after its heartbeat lapses");
+    let beating = live.clone();
+    let heartbeat = tokio::spawn(async move {
+        loop {
+            assert!(
+                beating
+                    .heartbeat_worker_name("w", courier::now_ms(), lease_ms)
+                    .await
+                    .expect("beat")
+            );
+            tokio::time::sleep(lease / 3).await;
+        }
+    });
+    let late = PostgresStore::open(&conninfo).await.expect("open");
+    let refused = tokio::time::timeout(
+        Duration::from_secs(20),
+        courier::store::claim_worker_name_at_start(&late, "w", lease),
+    )
+    .await
+    .expect("bounded");
+    heartbeat.abort();
+    assert!(
+        matches!(refused, Err(StoreError::WorkerNameTaken { .. })),
+        "{refused:?}"
     );
 }

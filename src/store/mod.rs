@@ -595,9 +595,7 @@ pub trait Store: Send + Sync + 'static {
 /// PostgreSQL it connects with TLS as `sslmode` asks (trusting the public
 /// roots and `[federation] extra_ca`), then claims `[worker] name`, failing
 /// with `StoreError::WorkerNameTaken` while another live worker holds it.
-pub async fn open(
-    config: &crate::config::Config,
-) -> Result<std::sync::Arc<dyn Store>, StoreError> {
+pub async fn open(config: &crate::config::Config) -> Result<std::sync::Arc<dyn Store>, StoreError> {
     match &config.store {
         crate::config::StoreConfig::Sqlite(path) => {
             Ok(std::sync::Arc::new(sqlite::SqliteStore::open(path).await?))
@@ -608,12 +606,45 @@ pub async fn open(
                 ..postgres::PostgresOptions::default()
             };
             let store = postgres::PostgresStore::open_with(conninfo, options).await?;
-            let lease_ms =
-                i64::try_from(config.worker.lease_duration.as_millis()).unwrap_or(i64::MAX);
-            store
-                .claim_worker_name(&config.worker.name, crate::now_ms(), lease_ms)
+            claim_worker_name_at_start(&store, &config.worker.name, config.worker.lease_duration)
                 .await?;
             Ok(std::sync::Arc::new(store))
         }
+    }
+}
+
+/// Claims the worker name at start-up. A holder whose last heartbeat is
+/// younger than the lease may be a process that just died (a crash and an
+/// immediate restart): wait until that heartbeat would have lapsed and try
+/// once more. A live holder heartbeats every lease / 3, so the second try
+/// fails with `StoreError::WorkerNameTaken` for it, within one lease.
+pub async fn claim_worker_name_at_start(
+    store: &dyn Store,
+    name: &str,
+    lease: std::time::Duration,
+) -> Result<(), StoreError> {
+    let lease_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
+    match store
+        .claim_worker_name(name, crate::now_ms(), lease_ms)
+        .await
+    {
+        Err(StoreError::WorkerNameTaken {
+            heartbeat_age_ms,
+            holder,
+            ..
+        }) if (0..lease_ms).contains(&heartbeat_age_ms) => {
+            let wait = lease_ms - heartbeat_age_ms + 50;
+            tracing::warn!(
+                worker = %name,
+                %holder,
+                wait_ms = wait,
+                "worker name held by a recent heartbeat; waiting for it to lapse"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(wait.unsigned_abs())).await;
+            store
+                .claim_worker_name(name, crate::now_ms(), lease_ms)
+                .await
+        }
+        other => other,
     }
 }

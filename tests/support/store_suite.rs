@@ -77,6 +77,7 @@ macro_rules! store_conformance_tests {
             prune_is_bounded_by_batch,
             prune_pass_clears_a_backlog_while_writes_proceed,
             idle_destinations_are_retired,
+            worker_name_claims_by_one_instance,
             concurrent_writers_each_row_once,
             reopen_keeps_data_and_stream_ids_never_repeat,
         );
@@ -1435,6 +1436,37 @@ pub async fn idle_destinations_are_retired(harness: &Harness) {
     };
     // idle.test again, recent.test (idle by now) and the five.
     assert_eq!(counts, vec![2, 2, 2, 1, 0]);
+}
+
+/// F10, the part every backend shares: one store instance may claim,
+/// heartbeat, release and claim again its own worker name. (Refusing a
+/// second live instance is PostgreSQL's: `tests/store_postgres.rs`.)
+pub async fn worker_name_claims_by_one_instance(harness: &Harness) {
+    let s = &*harness.store;
+    s.claim_worker_name("w1", NOW, 1_000).await.expect("claim");
+    s.claim_worker_name("w1", NOW + 10, 1_000)
+        .await
+        .expect("claiming its own name again");
+    assert!(
+        s.heartbeat_worker_name("w1", NOW + 20, 1_000)
+            .await
+            .expect("beat")
+    );
+    s.claim_worker_name("w2", NOW, 1_000)
+        .await
+        .expect("a second name");
+    s.release_worker_name("w1").await.expect("release");
+    s.release_worker_name("w1")
+        .await
+        .expect("a second release is a no-op");
+    s.claim_worker_name("w1", NOW + 30, 1_000)
+        .await
+        .expect("claim after release");
+    assert!(
+        s.heartbeat_worker_name("w2", NOW + 40, 1_000)
+            .await
+            .expect("beat")
+    );
 }
 
 pub async fn concurrent_writers_each_row_once(harness: &Harness) {

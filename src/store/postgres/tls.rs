@@ -36,9 +36,10 @@ pub enum TlsMode {
 /// in every mode that uses TLS).
 pub fn parse_conninfo(conninfo: &str) -> Result<(tokio_postgres::Config, TlsMode), StoreError> {
     let normalised = normalise_sslmode(conninfo);
-    let config: tokio_postgres::Config = normalised.parse().map_err(|e: tokio_postgres::Error| {
-        StoreError::Postgres(format!("invalid connection string: {e}"))
-    })?;
+    let config: tokio_postgres::Config =
+        normalised.parse().map_err(|e: tokio_postgres::Error| {
+            StoreError::Postgres(format!("invalid connection string: {e}"))
+        })?;
     let mode = match config.get_ssl_mode() {
         tokio_postgres::config::SslMode::Disable => TlsMode::Disable,
         tokio_postgres::config::SslMode::Require => TlsMode::Require,
@@ -89,11 +90,12 @@ fn normalise_sslmode(conninfo: &str) -> String {
 pub fn connector(extra_ca: &[PathBuf]) -> Result<MakeRustlsConnect, StoreError> {
     let roots = crate::tls::root_store(extra_ca)
         .map_err(|e| StoreError::Postgres(format!("database TLS trust store: {e}")))?;
-    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| StoreError::Postgres(format!("database TLS: {e}")))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let mut config =
+        rustls::ClientConfig::builder_with_provider(Arc::new(ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| StoreError::Postgres(format!("database TLS: {e}")))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
     config.alpn_protocols = vec![b"postgresql".to_vec()];
     Ok(MakeRustlsConnect::new(config))
 }
@@ -109,14 +111,23 @@ mod tests {
             ("host=db.example user=c sslmode=disable", TlsMode::Disable),
             ("host=db.example user=c sslmode=prefer", TlsMode::Prefer),
             ("host=db.example user=c sslmode=require", TlsMode::Require),
-            ("host=db.example user=c sslmode = verify-full", TlsMode::Require),
+            (
+                "host=db.example user=c sslmode = verify-full",
+                TlsMode::Require,
+            ),
             ("host=db.example sslmode=verify-ca user=c", TlsMode::Require),
-            ("postgresql://c@db.example/courier?sslmode=require", TlsMode::Require),
+            (
+                "postgresql://c@db.example/courier?sslmode=require",
+                TlsMode::Require,
+            ),
             (
                 "postgresql://c@db.example/courier?application_name=x&sslmode=verify-full",
                 TlsMode::Require,
             ),
-            ("postgresql://c@db.example/courier?sslmode=disable", TlsMode::Disable),
+            (
+                "postgresql://c@db.example/courier?sslmode=disable",
+                TlsMode::Disable,
+            ),
         ];
         for (conninfo, mode) in cases {
             let (config, got) = parse_conninfo(conninfo).expect(conninfo);
@@ -148,6 +159,9 @@ mod tests {
         connector(&[]).expect("connector with the public roots");
         let dir = tempfile::tempdir().expect("temp dir");
         let missing = dir.path().join("missing-ca.crt");
-        assert!(connector(&[missing]).is_err(), "an unreadable CA file is an error");
+        assert!(
+            connector(&[missing]).is_err(),
+            "an unreadable CA file is an error"
+        );
     }
 }
