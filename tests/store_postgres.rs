@@ -14,7 +14,7 @@ mod pg;
 use std::sync::Arc;
 use std::time::Duration;
 
-use courier::store::postgres::PostgresStore;
+use courier::store::postgres::{PostgresOptions, PostgresStore};
 use courier::store::{DeviceKey, NewOutboxEdu, Retention, SendBatch, Store, StoreError, Wakeup};
 
 async fn make_postgres() -> Option<store_suite::Harness> {
@@ -579,4 +579,97 @@ async fn start_up_waits_out_a_dead_holder_and_refuses_a_live_one() {
         matches!(refused, Err(StoreError::WorkerNameTaken { .. })),
         "{refused:?}"
     );
+}
+
+/// F12: with `sslmode=require` (or `verify-full`) the pool and the LISTEN
+/// connection reach a TLS-only-over-TCP server encrypted, verifying its
+/// certificate against the configured CA; without that CA the store does
+/// not open, and `sslmode=disable` still connects in plaintext.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_with_sslmode_require_verifies_and_encrypts() {
+    courier::tls::install_crypto_provider();
+    let ca = courier::devcerts::DevCa::generate("Courier PG test CA").expect("ca");
+    let leaf = ca.issue(&["localhost", "127.0.0.1"]).expect("leaf");
+    let Some((cluster, port)) = pg::PgCluster::start_tls(&leaf.cert_pem, &leaf.key_pem) else {
+        return;
+    };
+    let ca_path = cluster.dir().join("test-ca.crt");
+    std::fs::write(&ca_path, &ca.cert_pem).expect("ca written");
+    let url = |mode: &str| {
+        format!(
+            "host=localhost hostaddr=127.0.0.1 port={port} user=postgres dbname=postgres sslmode={mode}"
+        )
+    };
+    let with_ca = || PostgresOptions {
+        extra_ca: vec![ca_path.clone()],
+        ..PostgresOptions::default()
+    };
+    let within = Duration::from_secs(30);
+    let store = tokio::time::timeout(within, PostgresStore::open_with(&url("require"), with_ca()))
+        .await
+        .expect("bounded")
+        .expect("open over TLS");
+    store
+        .upsert_device("@a:x", "A", Some("tok"))
+        .await
+        .expect("a write over TLS");
+    // The server agrees the session is encrypted.
+    let (pg_config, mode) =
+        courier::store::postgres::tls::parse_conninfo(&url("verify-full")).expect("parse");
+    assert_eq!(mode, courier::store::postgres::tls::TlsMode::Require);
+    let connector = courier::store::postgres::tls::connector(&[ca_path.clone()]).expect("tls");
+    let (client, connection) = pg_config.connect(connector).await.expect("raw TLS connect");
+    tokio::spawn(connection);
+    let ssl: bool = client
+        .query_one(
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .await
+        .expect("pg_stat_ssl")
+        .get(0);
+    assert!(ssl);
+    // The LISTEN connection uses TLS too (sslmode=require forbids anything
+    // else): a wake-up from the other store arrives.
+    let other = PostgresStore::open_with(&url("verify-full"), with_ca())
+        .await
+        .expect("open with verify-full");
+    let mut wakeups = other.subscribe_wakeups().expect("postgres has wake-ups");
+    let mut n = 0;
+    'ready: loop {
+        n += 1;
+        store
+            .publish_peer_up(&format!("probe{n}.test"))
+            .await
+            .expect("probe");
+        let deadline = tokio::time::sleep(Duration::from_millis(200));
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                w = wakeups.recv() => if matches!(w, Some(Wakeup::PeerUp(_))) { break 'ready },
+                _ = &mut deadline => break,
+            }
+        }
+        assert!(n < 100, "the TLS listener never received a wake-up");
+    }
+    // An unknown issuer is refused, not downgraded.
+    let refused = tokio::time::timeout(
+        within,
+        PostgresStore::open_with(&url("require"), PostgresOptions::default()),
+    )
+    .await
+    .expect("bounded");
+    assert!(
+        refused.is_err(),
+        "a certificate from an unknown CA is refused"
+    );
+    // Plaintext when asked for.
+    let plain = PostgresStore::open_with(&url("disable"), PostgresOptions::default())
+        .await
+        .expect("open without TLS");
+    plain
+        .lookup_token("tok")
+        .await
+        .expect("a read in plaintext")
+        .expect("the token written over TLS");
 }
