@@ -617,7 +617,8 @@ async fn tls_with_sslmode_require_verifies_and_encrypts() {
     let (pg_config, mode) =
         courier::store::postgres::tls::parse_conninfo(&url("verify-full")).expect("parse");
     assert_eq!(mode, courier::store::postgres::tls::TlsMode::Require);
-    let connector = courier::store::postgres::tls::connector(&[ca_path.clone()]).expect("tls");
+    let connector =
+        courier::store::postgres::tls::connector(std::slice::from_ref(&ca_path)).expect("tls");
     let (client, connection) = pg_config.connect(connector).await.expect("raw TLS connect");
     tokio::spawn(connection);
     let ssl: bool = client
