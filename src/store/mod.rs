@@ -6,6 +6,10 @@
 //!
 //! Every write returns only after it is durable (committed with fsync), so a
 //! caller may acknowledge to its peer as soon as the future resolves.
+//!
+//! Also here: `pruner`, the periodic task that runs `Store::prune` batch
+//! after batch until nothing expired is left; `open`, which with PostgreSQL
+//! also claims this process's worker name.
 
 use std::future::Future;
 use std::pin::Pin;

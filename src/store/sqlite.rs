@@ -12,7 +12,7 @@
 //!
 //! Not here: deciding what to write (`todevice`), waking long-polls or
 //! destination tasks (callers do that with the returned outcomes), and any
-//! periodic pruning schedule (the caller runs `prune`).
+//! periodic pruning schedule (`store::pruner` runs `prune`).
 
 use std::future::Future;
 use std::path::{Path, PathBuf};

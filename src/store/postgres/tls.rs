@@ -76,7 +76,9 @@ fn normalise_sslmode(conninfo: &str) -> String {
         let end = value
             .find(|c: char| c.is_whitespace() || c == '&')
             .unwrap_or(value.len());
-        if matches!(&value[..end], "verify-full" | "verify-ca") {
+        // libpq also accepts a single-quoted value.
+        let word = value[..end].trim_matches('\'');
+        if matches!(word, "verify-full" | "verify-ca") {
             out.push_str("=require");
             rest = &value[end..];
         }
@@ -116,6 +118,10 @@ mod tests {
                 TlsMode::Require,
             ),
             ("host=db.example sslmode=verify-ca user=c", TlsMode::Require),
+            (
+                "host=db.example sslmode='verify-full' user=c",
+                TlsMode::Require,
+            ),
             (
                 "postgresql://c@db.example/courier?sslmode=require",
                 TlsMode::Require,
