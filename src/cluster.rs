@@ -3,7 +3,9 @@
 //! worker's leases every third of the lease duration and wakes newly
 //! claimed destinations; the forwarder that turns other workers' wake-ups
 //! (`Store::subscribe_wakeups`) into local ones; and releasing every lease
-//! on a clean shutdown.
+//! on a clean shutdown. The lease loop also heartbeats this process's claim
+//! on its worker name (`Store::claim_worker_name`, taken at start-up by
+//! `store::open`), and a clean shutdown releases the name.
 //!
 //! The lease is only a permission: the destination task checks it
 //! (`Store::acquire_lease`) right before each send, and a worker that lost
@@ -45,6 +47,24 @@ pub async fn run_leases(
             _ = ticker.tick() => {}
         }
         let now = crate::now_ms();
+        match store
+            .heartbeat_worker_name(&worker.name, now, lease_ms)
+            .await
+        {
+            Ok(true) => {}
+            Ok(false) => {
+                // Our heartbeat lapsed (a stall longer than the lease) and
+                // another process took the name: both now act under it.
+                tracing::error!(
+                    worker = %worker.name,
+                    "another live process holds this worker name; stop one of them"
+                );
+                metrics::counter!("courier_worker_name_lost_total").increment(1);
+            }
+            Err(error) => {
+                tracing::warn!(worker = %worker.name, %error, "worker name heartbeat failed")
+            }
+        }
         if let Err(error) = store.renew_leases(&worker.name, now, lease_ms).await {
             tracing::warn!(worker = %worker.name, %error, "renewing leases failed");
         }
@@ -97,9 +117,13 @@ pub async fn forward_wakeups(
 }
 
 /// Gives up this worker's leases (after its sender stopped), so that other
-/// workers take its destinations without waiting for the leases to lapse.
+/// workers take its destinations without waiting for the leases to lapse,
+/// then its worker name, so that a successor may start at once.
 pub async fn release(store: &dyn Store, worker: &WorkerConfig) {
     if let Err(error) = store.release_leases(&worker.name).await {
         tracing::warn!(worker = %worker.name, %error, "releasing leases failed");
+    }
+    if let Err(error) = store.release_worker_name(&worker.name).await {
+        tracing::warn!(worker = %worker.name, %error, "releasing the worker name failed");
     }
 }

@@ -45,6 +45,8 @@ pub struct Config {
     pub client: ClientConfig,
     pub rpc: RpcConfig,
     pub store: StoreConfig,
+    /// The pruner's schedule (`[store] prune_*`, `destination_retention_hours`).
+    pub pruning: PruneConfig,
     pub worker: WorkerConfig,
 }
 
@@ -134,6 +136,20 @@ pub struct RpcConfig {
 pub enum StoreConfig {
     Sqlite(PathBuf),
     Postgres(String),
+}
+
+/// How the pruner runs (`store::pruner`): every `interval` it deletes
+/// expired records in batches of at most `batch` rows per table until none
+/// are left, pausing between batches so other writes are never starved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PruneConfig {
+    /// The most rows of each kind one batch (one store write) deletes.
+    pub batch: u32,
+    /// Time between pruning passes.
+    pub interval: Duration,
+    /// A destination with nothing queued, in flight or quarantined and no
+    /// send, failure or retry-state change for this long is forgotten.
+    pub destination_retention: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -226,6 +242,10 @@ struct RawRpc {
 struct RawStore {
     sqlite: Option<PathBuf>,
     postgres: Option<String>,
+    // --- pruning (issue 13, F4/F13) ---
+    prune_batch: Option<u32>,
+    prune_interval_ms: Option<u64>,
+    destination_retention_hours: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -513,6 +533,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         RpcConfig { bind, secret }
     });
 
+    let pruning = prune_config(store.as_ref(), &mut problems);
     let store = store.and_then(|s| match (s.sqlite, s.postgres) {
         (Some(path), None) => Some(StoreConfig::Sqlite(path)),
         (None, Some(url)) => Some(StoreConfig::Postgres(url)),
@@ -570,6 +591,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             client,
             rpc,
             store,
+            pruning,
             worker,
         }),
         _ => Err(ConfigError::Invalid(problems)),
@@ -596,6 +618,45 @@ fn is_loopback_name(name: &ServerName) -> bool {
             let host = host.trim_end_matches('.').to_ascii_lowercase();
             host == "localhost" || host.ends_with(".localhost")
         }
+    }
+}
+
+/// Default of `[store] prune_batch`.
+pub const DEFAULT_PRUNE_BATCH: u32 = 5_000;
+/// Default of `[store] prune_interval_ms` (5 minutes).
+pub const DEFAULT_PRUNE_INTERVAL_MS: u64 = 300_000;
+/// Default of `[store] destination_retention_hours` (30 days).
+pub const DEFAULT_DESTINATION_RETENTION_HOURS: u64 = 30 * 24;
+
+fn prune_config(store: Option<&RawStore>, problems: &mut Vec<String>) -> PruneConfig {
+    let batch = store
+        .and_then(|s| s.prune_batch)
+        .unwrap_or(DEFAULT_PRUNE_BATCH);
+    if !(1..=1_000_000).contains(&batch) {
+        problems.push(format!(
+            "[store] prune_batch must be between 1 and 1000000, not {batch}"
+        ));
+    }
+    let interval_ms = store
+        .and_then(|s| s.prune_interval_ms)
+        .unwrap_or(DEFAULT_PRUNE_INTERVAL_MS);
+    if !(1_000..=86_400_000).contains(&interval_ms) {
+        problems.push(format!(
+            "[store] prune_interval_ms must be between 1000 (1 s) and 86400000 (1 day), not {interval_ms}"
+        ));
+    }
+    let retention_hours = store
+        .and_then(|s| s.destination_retention_hours)
+        .unwrap_or(DEFAULT_DESTINATION_RETENTION_HOURS);
+    if !(1..=24 * 3650).contains(&retention_hours) {
+        problems.push(format!(
+            "[store] destination_retention_hours must be between 1 and 87600 (10 years), not {retention_hours}"
+        ));
+    }
+    PruneConfig {
+        batch: batch.max(1),
+        interval: Duration::from_millis(interval_ms),
+        destination_retention: Duration::from_secs(retention_hours.saturating_mul(3600)),
     }
 }
 
@@ -634,6 +695,44 @@ sqlite = "data/courier.db"
         assert_eq!(c.store, StoreConfig::Sqlite("data/courier.db".into()));
         assert_eq!(c.federation.max_request_bytes, DEFAULT_MAX_REQUEST_BYTES);
         assert_eq!(c.federation.retry.max, Duration::from_secs(600));
+    }
+
+    #[test]
+    fn pruning_has_defaults_and_checked_bounds() {
+        let c = parse(GOOD, &[]).expect("valid config");
+        assert_eq!(
+            c.pruning,
+            PruneConfig {
+                batch: 5_000,
+                interval: Duration::from_secs(300),
+                destination_retention: Duration::from_secs(30 * 24 * 3600),
+            }
+        );
+        let tuned = GOOD.replace(
+            "sqlite = \"data/courier.db\"",
+            "sqlite = \"data/courier.db\"\nprune_batch = 100\nprune_interval_ms = 2000\ndestination_retention_hours = 1",
+        );
+        let c = parse(&tuned, &[]).expect("valid config");
+        assert_eq!(c.pruning.batch, 100);
+        assert_eq!(c.pruning.interval, Duration::from_secs(2));
+        assert_eq!(c.pruning.destination_retention, Duration::from_secs(3600));
+        let bad = GOOD.replace(
+            "sqlite = \"data/courier.db\"",
+            "sqlite = \"data/courier.db\"\nprune_batch = 0\nprune_interval_ms = 10\ndestination_retention_hours = 0",
+        );
+        match parse(&bad, &[]) {
+            Err(ConfigError::Invalid(problems)) => {
+                assert_eq!(problems.len(), 3, "{problems:?}");
+                assert!(problems.iter().any(|p| p.contains("prune_batch")));
+                assert!(problems.iter().any(|p| p.contains("prune_interval_ms")));
+                assert!(
+                    problems
+                        .iter()
+                        .any(|p| p.contains("destination_retention_hours"))
+                );
+            }
+            other => panic!("expected three problems, got {other:?}"),
+        }
     }
 
     #[test]

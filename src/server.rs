@@ -25,15 +25,12 @@ use crate::federation::sender::{Sender, SenderHandle};
 use crate::keys::ServerSigningKey;
 use crate::notify::Notifier;
 use crate::state::AppState;
-use crate::store::{Retention, Store};
 use crate::todevice::ToDevice;
 
 /// How long in-flight requests may take to finish after shutdown begins.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a TLS handshake may take.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// How often expired dedupe records are pruned.
-const PRUNE_INTERVAL: Duration = Duration::from_secs(300);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -86,7 +83,7 @@ pub async fn run(
     let config = Arc::new(config);
     let signing_key = Arc::new(ServerSigningKey::load(&config.signing_key_path)?);
     let tls = crate::tls::server_config(&config.federation.tls_cert, &config.federation.tls_key)?;
-    let store = crate::store::open(&config.store).await?;
+    let store = crate::store::open(&config).await?;
 
     let notifier = Arc::new(Notifier::new());
     let (sender_handle, sender_commands) = SenderHandle::channel();
@@ -125,7 +122,10 @@ pub async fn run(
         sender_commands,
     );
     tasks.spawn(sender.run(shutdown.child_token()));
-    tasks.spawn(prune_periodically(store.clone(), shutdown.child_token()));
+    tasks.spawn(
+        crate::store::pruner::Pruner::new(store.clone(), &config.pruning)
+            .run(shutdown.child_token()),
+    );
     // Several workers on one database: leases and cross-worker wake-ups.
     tasks.spawn(crate::cluster::run_leases(
         store.clone(),
@@ -249,22 +249,5 @@ async fn serve(
         .is_err()
     {
         tracing::warn!("connections still open after the drain timeout");
-    }
-}
-
-async fn prune_periodically(store: Arc<dyn Store>, shutdown: CancellationToken) {
-    let mut interval = tokio::time::interval(PRUNE_INTERVAL);
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = interval.tick() => {}
-        }
-        match store
-            .prune(crate::now_ms(), Retention::DEFAULT, 10_000)
-            .await
-        {
-            Ok(report) => tracing::debug!(?report, "pruned expired records"),
-            Err(error) => tracing::warn!(%error, "pruning failed"),
-        }
     }
 }

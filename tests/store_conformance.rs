@@ -10,7 +10,7 @@ mod store_suite;
 use std::sync::Arc;
 
 use courier::store::sqlite::SqliteStore;
-use courier::store::{Retention, Store};
+use courier::store::{Retention, SendBatch, SendOutcome, Store};
 
 async fn make_sqlite() -> store_suite::Harness {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -46,7 +46,7 @@ async fn schema_version_is_recorded_and_tokens_are_hashed() {
     let version: u32 = conn
         .query_row("SELECT max(version) FROM schema_version", [], |r| r.get(0))
         .expect("version");
-    assert_eq!(version, 1);
+    assert_eq!(version, 2);
     let mode: String = conn
         .query_row("PRAGMA journal_mode", [], |r| r.get(0))
         .expect("journal mode");
@@ -254,4 +254,120 @@ async fn orphan_scan_is_bounded_and_resumes() {
         .await
         .expect("fetch");
     assert_eq!(page.messages.len(), 12_000);
+}
+
+/// F4 through the periodic task itself: with 12,000 expired client txns
+/// and 50,000 expired message ids (batch 5,000), the pruner's first pass,
+/// run at start, leaves nothing expired. The interval is an hour, so no
+/// second pass can have helped; the test polls (bounded) for the last
+/// message id to be forgotten.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pruner_task_clears_a_backlog_in_its_first_pass() {
+    use courier::store::pruner::Pruner;
+    use courier::store::{ClientTxnKey, InboundEdu, InboundOutcome, InboundTxn};
+    use std::time::Duration;
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store: Arc<dyn Store> = Arc::new(
+        SqliteStore::open(&dir.path().join("courier.db"))
+            .await
+            .expect("open"),
+    );
+    // Received "long ago" (2023), against the pruner's wall clock.
+    const THEN: i64 = 1_700_000_000_000;
+    let txn = |i: u32| SendBatch {
+        txn: ClientTxnKey {
+            user_id: "@a:x".to_owned(),
+            device_id: "D".to_owned(),
+            event_type: "m.test".to_owned(),
+            txn_id: format!("old-{i}"),
+        },
+        local: vec![],
+        remote: vec![],
+        now_ms: THEN,
+    };
+    let mut writers = Vec::new();
+    for w in 0..16u32 {
+        let store = store.clone();
+        writers.push(tokio::spawn(async move {
+            for i in (w..12_000).step_by(16) {
+                store.enqueue_send(txn(i)).await.expect("send");
+            }
+        }));
+    }
+    for w in writers {
+        w.await.expect("writer");
+    }
+    let inbound = |txn_id: &str, ids: std::ops::Range<u32>, now_ms: i64| InboundTxn {
+        origin: "remote.test".to_owned(),
+        txn_id: txn_id.to_owned(),
+        response_json: "{}".to_owned(),
+        edus: ids
+            .map(|i| InboundEdu {
+                message_id: format!("mid-{i}"),
+                messages: vec![],
+            })
+            .collect(),
+        now_ms,
+    };
+    store
+        .apply_inbound_txn(inbound("in-0", 0..50_000, THEN))
+        .await
+        .expect("apply");
+    let config = courier::config::PruneConfig {
+        batch: 5_000,
+        interval: Duration::from_secs(3600),
+        destination_retention: Duration::from_secs(30 * 24 * 3600),
+    };
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let pruner = tokio::spawn(Pruner::new(store.clone(), &config).run(shutdown.clone()));
+    // The last message id written is the last one deleted (rowid order).
+    // Each probe is a new inbound txn carrying it, received now: a
+    // duplicate while it is still stored; once forgotten, the probe's own
+    // fresh record (not expired) replaces it.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    for probe in 1.. {
+        let outcome = store
+            .apply_inbound_txn(inbound(
+                &format!("probe-{probe}"),
+                49_999..50_000,
+                courier::now_ms(),
+            ))
+            .await
+            .expect("probe");
+        match outcome {
+            InboundOutcome::Accepted {
+                duplicate_message_ids: 0,
+                ..
+            } => break,
+            InboundOutcome::Accepted { .. } => {}
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the first pass did not reach the last message id"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let later = THEN + Retention::DEFAULT.inbound_message_id_ms + 1;
+    assert_eq!(
+        store
+            .prune(later, Retention::DEFAULT, 100_000)
+            .await
+            .expect("prune"),
+        Default::default(),
+        "the first pass left expired rows behind"
+    );
+    assert!(
+        matches!(
+            store.enqueue_send(txn(11_999)).await.expect("send"),
+            SendOutcome::Accepted { .. }
+        ),
+        "an expired txn key is forgotten"
+    );
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(30), pruner)
+        .await
+        .expect("the pruner stops on shutdown")
+        .expect("pruner task");
 }

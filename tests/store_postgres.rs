@@ -14,8 +14,8 @@ mod pg;
 use std::sync::Arc;
 use std::time::Duration;
 
-use courier::store::postgres::PostgresStore;
-use courier::store::{DeviceKey, NewOutboxEdu, Retention, SendBatch, Store, Wakeup};
+use courier::store::postgres::{PostgresOptions, PostgresStore};
+use courier::store::{DeviceKey, NewOutboxEdu, Retention, SendBatch, Store, StoreError, Wakeup};
 
 async fn make_postgres() -> Option<store_suite::Harness> {
     let cluster = pg::shared()?;
@@ -81,7 +81,7 @@ async fn schema_version_is_recorded_and_tokens_are_hashed() {
         .await
         .expect("version")
         .get(0);
-    assert_eq!(version, 1);
+    assert_eq!(version, 3);
     let rows = client
         .query("SELECT token_hash FROM access_tokens", &[])
         .await
@@ -114,7 +114,8 @@ async fn concurrent_opens_migrate_once() {
         .await
         .expect("count")
         .get(0);
-    assert_eq!(applied, 1);
+    // Each of the three migrations, exactly once.
+    assert_eq!(applied, 3);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -479,4 +480,198 @@ async fn inbound_txn_from_a_backing_off_origin_publishes_peer_up() {
         next_wakeup(&mut rx).await,
         Wakeup::PeerUp("failing.test".to_owned())
     );
+}
+
+/// F10: a worker name held by a live instance is refused to another; it is
+/// free again once released or once its heartbeat is a lease old, and the
+/// displaced holder learns it from its next heartbeat.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_worker_name_is_refused_to_a_second_instance() {
+    let Some(conninfo) = database().await else {
+        return;
+    };
+    let a = PostgresStore::open(&conninfo).await.expect("open a");
+    let b = PostgresStore::open(&conninfo).await.expect("open b");
+    const LEASE: i64 = 1_000;
+    let t = 1_700_000_000_000;
+    a.claim_worker_name("w", t, LEASE).await.expect("a claims");
+    let refused = b
+        .claim_worker_name("w", t + 1, LEASE)
+        .await
+        .expect_err("b is refused");
+    assert!(
+        matches!(&refused, StoreError::WorkerNameTaken { name, heartbeat_age_ms: 1, .. } if name == "w"),
+        "{refused:?}"
+    );
+    assert!(refused.to_string().contains("[worker] name"), "{refused}");
+    // Another name is no problem.
+    b.claim_worker_name("v", t, LEASE)
+        .await
+        .expect("b claims v");
+    // a heartbeats: still refused just under a lease after that beat...
+    assert!(
+        a.heartbeat_worker_name("w", t + 500, LEASE)
+            .await
+            .expect("beat")
+    );
+    assert!(b.claim_worker_name("w", t + 1_499, LEASE).await.is_err());
+    // ...and free once the beat is a lease old (a stalled or died).
+    b.claim_worker_name("w", t + 1_500, LEASE)
+        .await
+        .expect("b takes a lapsed name");
+    assert!(
+        !a.heartbeat_worker_name("w", t + 1_600, LEASE)
+            .await
+            .expect("beat"),
+        "a learns that b holds the name now"
+    );
+    // a's release leaves b's claim alone; b's release frees the name.
+    a.release_worker_name("w").await.expect("release by a");
+    assert!(a.claim_worker_name("w", t + 1_700, LEASE).await.is_err());
+    b.release_worker_name("w").await.expect("release by b");
+    a.claim_worker_name("w", t + 1_800, LEASE)
+        .await
+        .expect("a claims a released name");
+}
+
+/// F10 at start-up: a holder whose heartbeat is recent but stops (a crash
+/// just before a restart) is waited out, a holder that keeps beating is
+/// refused, both within about one lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_up_waits_out_a_dead_holder_and_refuses_a_live_one() {
+    let Some(conninfo) = database().await else {
+        return;
+    };
+    let lease = Duration::from_millis(400);
+    let lease_ms = 400;
+    let dead = PostgresStore::open(&conninfo).await.expect("open");
+    dead.claim_worker_name("w", courier::now_ms(), lease_ms)
+        .await
+        .expect("claim");
+    let live = Arc::new(PostgresStore::open(&conninfo).await.expect("open"));
+    tokio::time::timeout(
+        Duration::from_secs(20),
+        courier::store::claim_worker_name_at_start(&*live, "w", lease),
+    )
+    .await
+    .expect("bounded")
+    .expect("the dead holder's name is taken after its heartbeat lapses");
+    let beating = live.clone();
+    let heartbeat = tokio::spawn(async move {
+        loop {
+            assert!(
+                beating
+                    .heartbeat_worker_name("w", courier::now_ms(), lease_ms)
+                    .await
+                    .expect("beat")
+            );
+            tokio::time::sleep(lease / 3).await;
+        }
+    });
+    let late = PostgresStore::open(&conninfo).await.expect("open");
+    let refused = tokio::time::timeout(
+        Duration::from_secs(20),
+        courier::store::claim_worker_name_at_start(&late, "w", lease),
+    )
+    .await
+    .expect("bounded");
+    heartbeat.abort();
+    assert!(
+        matches!(refused, Err(StoreError::WorkerNameTaken { .. })),
+        "{refused:?}"
+    );
+}
+
+/// F12: with `sslmode=require` (or `verify-full`) the pool and the LISTEN
+/// connection reach a TLS-only-over-TCP server encrypted, verifying its
+/// certificate against the configured CA; without that CA the store does
+/// not open, and `sslmode=disable` still connects in plaintext.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_with_sslmode_require_verifies_and_encrypts() {
+    courier::tls::install_crypto_provider();
+    let ca = courier::devcerts::DevCa::generate("Courier PG test CA").expect("ca");
+    let leaf = ca.issue(&["localhost", "127.0.0.1"]).expect("leaf");
+    let Some((cluster, port)) = pg::PgCluster::start_tls(&leaf.cert_pem, &leaf.key_pem) else {
+        return;
+    };
+    let ca_path = cluster.dir().join("test-ca.crt");
+    std::fs::write(&ca_path, &ca.cert_pem).expect("ca written");
+    let url = |mode: &str| {
+        format!(
+            "host=localhost hostaddr=127.0.0.1 port={port} user=postgres dbname=postgres sslmode={mode}"
+        )
+    };
+    let with_ca = || PostgresOptions {
+        extra_ca: vec![ca_path.clone()],
+        ..PostgresOptions::default()
+    };
+    let within = Duration::from_secs(30);
+    let store = tokio::time::timeout(within, PostgresStore::open_with(&url("require"), with_ca()))
+        .await
+        .expect("bounded")
+        .expect("open over TLS");
+    store
+        .upsert_device("@a:x", "A", Some("tok"))
+        .await
+        .expect("a write over TLS");
+    // The server agrees the session is encrypted.
+    let (pg_config, mode) =
+        courier::store::postgres::tls::parse_conninfo(&url("verify-full")).expect("parse");
+    assert_eq!(mode, courier::store::postgres::tls::TlsMode::Require);
+    let connector =
+        courier::store::postgres::tls::connector(std::slice::from_ref(&ca_path)).expect("tls");
+    let (client, connection) = pg_config.connect(connector).await.expect("raw TLS connect");
+    tokio::spawn(connection);
+    let ssl: bool = client
+        .query_one(
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .await
+        .expect("pg_stat_ssl")
+        .get(0);
+    assert!(ssl);
+    // The LISTEN connection uses TLS too (sslmode=require forbids anything
+    // else): a wake-up from the other store arrives.
+    let other = PostgresStore::open_with(&url("verify-full"), with_ca())
+        .await
+        .expect("open with verify-full");
+    let mut wakeups = other.subscribe_wakeups().expect("postgres has wake-ups");
+    let mut n = 0;
+    'ready: loop {
+        n += 1;
+        store
+            .publish_peer_up(&format!("probe{n}.test"))
+            .await
+            .expect("probe");
+        let deadline = tokio::time::sleep(Duration::from_millis(200));
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                w = wakeups.recv() => if matches!(w, Some(Wakeup::PeerUp(_))) { break 'ready },
+                _ = &mut deadline => break,
+            }
+        }
+        assert!(n < 100, "the TLS listener never received a wake-up");
+    }
+    // An unknown issuer is refused, not downgraded.
+    let refused = tokio::time::timeout(
+        within,
+        PostgresStore::open_with(&url("require"), PostgresOptions::default()),
+    )
+    .await
+    .expect("bounded");
+    assert!(
+        refused.is_err(),
+        "a certificate from an unknown CA is refused"
+    );
+    // Plaintext when asked for.
+    let plain = PostgresStore::open_with(&url("disable"), PostgresOptions::default())
+        .await
+        .expect("open without TLS");
+    plain
+        .lookup_token("tok")
+        .await
+        .expect("a read in plaintext")
+        .expect("the token written over TLS");
 }

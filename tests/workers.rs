@@ -12,7 +12,9 @@
 //!   receiving relays never saw two transactions from the workers' server
 //!   in progress at once (their `overlapping_transactions` counter);
 //! - a `/sync` long-poll on worker 2 wakes for a message accepted on
-//!   worker 1 (LISTEN/NOTIFY), long before its timeout.
+//!   worker 1 (LISTEN/NOTIFY), long before its timeout;
+//! - a second worker started with the name of a live one exits at start-up
+//!   with an error naming the conflict, and starts once the first stopped.
 
 #[path = "support/fake_remote.rs"]
 mod fake_remote;
@@ -103,6 +105,39 @@ impl Worker {
         self.child = Some(child);
     }
 
+    /// SIGTERM (a clean shutdown) and wait for the exit.
+    fn terminate(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let status = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status()
+                .expect("send SIGTERM");
+            assert!(status.success(), "kill -TERM failed");
+            let _ = child.wait();
+        }
+    }
+
+    /// Waits (at most `limit`) for the process to exit on its own.
+    async fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().expect("poll worker"))
+            {
+                self.child = None;
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "worker {} still running after {limit:?}",
+                self.name
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             child.kill().expect("SIGKILL worker");
@@ -149,6 +184,25 @@ impl Workers {
         extra_ca: Option<&Path>,
         lease_ms: u64,
     ) -> Workers {
+        let names = (0..count).map(|i| format!("worker{}", i + 1)).collect();
+        let mut all = Workers::configure(names, conninfo, extra_ca, lease_ms);
+        for w in &mut all.workers {
+            w.spawn();
+        }
+        for w in &mut all.workers {
+            w.wait_ready().await;
+        }
+        all
+    }
+
+    /// The configs of workers with these `[worker] name`s (each with its
+    /// own ports and files), none started.
+    fn configure(
+        names: Vec<String>,
+        conninfo: &str,
+        extra_ca: Option<&Path>,
+        lease_ms: u64,
+    ) -> Workers {
         let dir = tempfile::tempdir().expect("temp dir");
         let key = courier::keys::ServerSigningKey::generate("w");
         let key_path = dir.path().join("signing.key");
@@ -164,8 +218,8 @@ impl Workers {
             .collect::<Vec<_>>()
             .join(", ");
         let mut workers = Vec::new();
-        for i in 0..count {
-            let name = format!("worker{}", i + 1);
+        for (i, name) in names.into_iter().enumerate() {
+            let file = format!("{name}-{i}");
             let fed = if i == 0 { first_fed } else { free_port() };
             let (client, rpc) = (free_port(), free_port());
             let text = format!(
@@ -195,10 +249,10 @@ lease_ms = {lease_ms}
                 key = key_path.display(),
                 root = root.display(),
             );
-            let config = dir.path().join(format!("{name}.toml"));
+            let config = dir.path().join(format!("{file}.toml"));
             std::fs::write(&config, text).expect("config written");
             workers.push(Worker {
-                log: dir.path().join(format!("{name}.log")),
+                log: dir.path().join(format!("{file}.log")),
                 name,
                 config,
                 client_url: format!("http://127.0.0.1:{client}"),
@@ -206,19 +260,12 @@ lease_ms = {lease_ms}
                 child: None,
             });
         }
-        let mut all = Workers {
+        Workers {
             dir,
             server_name,
             workers,
             http: HttpClient::new(),
-        };
-        for w in &mut all.workers {
-            w.spawn();
         }
-        for w in &mut all.workers {
-            w.wait_ready().await;
-        }
-        all
     }
 
     async fn restart(&mut self, i: usize) {
@@ -696,4 +743,39 @@ async fn three_workers_deliver_to_two_real_relays_exactly_once() {
             "a receiving relay saw two transactions from the workers in flight at once"
         );
     }
+}
+
+/// F10: two processes with one `[worker] name` would share every lease, so
+/// the second is refused at start-up while the first is alive (after
+/// waiting out at most one lease, in case the holder had just died), and may
+/// start as soon as the first shut down cleanly and released the name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_worker_with_a_live_name_is_refused() {
+    let Some(cluster) = pg::shared() else {
+        return;
+    };
+    courier::tls::install_crypto_provider();
+    let conninfo = cluster.fresh_database().await;
+    let names = vec!["same".to_owned(), "same".to_owned()];
+    let mut workers = Workers::configure(names, &conninfo, None, 1_500);
+    workers.workers[0].spawn();
+    workers.workers[0].wait_ready().await;
+    workers.workers[1].spawn();
+    let status = workers.workers[1].wait_exit(Duration::from_secs(30)).await;
+    assert!(!status.success(), "the duplicate must fail: {status}");
+    let log = std::fs::read_to_string(&workers.workers[1].log).unwrap_or_default();
+    assert!(
+        log.contains("worker name \"same\" is held by a live worker"),
+        "the error names the conflict:\n{log}"
+    );
+    // The first is unaffected: it still serves.
+    let url = format!("{}/_matrix/client/versions", workers.workers[0].client_url);
+    assert!(matches!(
+        try_request("GET", &url, None, None).await,
+        Some((200, _))
+    ));
+    // A clean shutdown releases the name: the second starts at once.
+    workers.workers[0].terminate();
+    workers.workers[1].spawn();
+    workers.workers[1].wait_ready().await;
 }

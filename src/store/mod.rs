@@ -6,11 +6,16 @@
 //!
 //! Every write returns only after it is durable (committed with fsync), so a
 //! caller may acknowledge to its peer as soon as the future resolves.
+//!
+//! Also here: `pruner`, the periodic task that runs `Store::prune` batch
+//! after batch until nothing expired is left; `open`, which with PostgreSQL
+//! also claims this process's worker name.
 
 use std::future::Future;
 use std::pin::Pin;
 
 pub mod postgres;
+pub mod pruner;
 pub mod sqlite;
 
 /// The future every store operation returns: boxed so that `Store` is usable
@@ -36,6 +41,18 @@ pub enum StoreError {
     Closed,
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
+    /// Another live process holds this worker name (PostgreSQL, DESIGN §4):
+    /// two processes with one name would share every destination lease.
+    #[error(
+        "worker name {name:?} is held by a live worker (instance {holder}, last heartbeat \
+         {heartbeat_age_ms} ms ago): give each worker its own [worker] name, or wait until \
+         that worker stops or its heartbeat is older than [worker] lease_ms"
+    )]
+    WorkerNameTaken {
+        name: String,
+        holder: String,
+        heartbeat_age_ms: i64,
+    },
 }
 
 /// Which devices of a local user a message is for.
@@ -233,14 +250,49 @@ pub struct PruneReport {
     pub inbound_message_ids: u64,
     pub orphan_inbox_rows: u64,
     pub expired_server_keys: u64,
+    /// `destinations` rows of long-idle destinations (see `Retention`).
+    pub retired_destinations: u64,
 }
 
-/// How long dedupe records live (DESIGN §1.7).
+impl PruneReport {
+    /// The largest count of any one kind: a pass that reached the batch
+    /// limit for some kind may have left more of it behind.
+    pub fn max_kind(&self) -> u64 {
+        [
+            self.client_txns,
+            self.inbound_txns,
+            self.inbound_message_ids,
+            self.orphan_inbox_rows,
+            self.expired_server_keys,
+            self.retired_destinations,
+        ]
+        .into_iter()
+        .max()
+        .unwrap_or(0)
+    }
+
+    /// Adds another batch's counts to these.
+    pub fn add(&mut self, other: &PruneReport) {
+        self.client_txns += other.client_txns;
+        self.inbound_txns += other.inbound_txns;
+        self.inbound_message_ids += other.inbound_message_ids;
+        self.orphan_inbox_rows += other.orphan_inbox_rows;
+        self.expired_server_keys += other.expired_server_keys;
+        self.retired_destinations += other.retired_destinations;
+    }
+}
+
+/// How long dedupe records live (DESIGN §1.7), and how long an idle
+/// destination's retry state is kept.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Retention {
     pub client_txn_ms: i64,
     pub inbound_txn_ms: i64,
     pub inbound_message_id_ms: i64,
+    /// A `destinations` row is deleted once its destination has nothing
+    /// queued, in flight or quarantined and its last activity (the later of
+    /// its last update, last success and `retry_after`) is this old.
+    pub destination_ms: i64,
 }
 
 impl Retention {
@@ -248,6 +300,7 @@ impl Retention {
         client_txn_ms: 24 * 3600 * 1000,
         inbound_txn_ms: 24 * 3600 * 1000,
         inbound_message_id_ms: 7 * 24 * 3600 * 1000,
+        destination_ms: 30 * 24 * 3600 * 1000,
     };
 }
 
@@ -410,8 +463,10 @@ pub trait Store: Send + Sync + 'static {
 
     // --- housekeeping -------------------------------------------------------
 
-    /// Removes expired dedupe records, expired server keys and inbox rows of
-    /// devices that no longer exist, at most `batch` rows of each kind.
+    /// Removes expired dedupe records, expired server keys, inbox rows of
+    /// devices that no longer exist and the retry state of long-idle
+    /// destinations, at most `batch` rows of each kind. One batch; the
+    /// caller (`store::pruner`) calls again while a kind reached `batch`.
     fn prune(
         &self,
         now_ms: TimestampMs,
@@ -479,6 +534,41 @@ pub trait Store: Send + Sync + 'static {
         Box::pin(async { Ok(()) })
     }
 
+    /// Claims the worker name `worker` for this store instance (this
+    /// process) at start-up: succeeds if the name is free, already ours, or
+    /// its holder's heartbeat is at least `lease_ms` old; otherwise fails
+    /// with `StoreError::WorkerNameTaken`. A single-process store has no
+    /// other worker, and the default succeeds.
+    fn claim_worker_name<'a>(
+        &'a self,
+        worker: &'a str,
+        now_ms: TimestampMs,
+        lease_ms: i64,
+    ) -> StoreFuture<'a, ()> {
+        let _ = (worker, now_ms, lease_ms);
+        Box::pin(async { Ok(()) })
+    }
+
+    /// Renews this instance's claim on `worker` (the lease loop calls it).
+    /// Returns false when another live instance holds the name now (this
+    /// one's heartbeat had lapsed and the name was taken).
+    fn heartbeat_worker_name<'a>(
+        &'a self,
+        worker: &'a str,
+        now_ms: TimestampMs,
+        lease_ms: i64,
+    ) -> StoreFuture<'a, bool> {
+        let _ = (worker, now_ms, lease_ms);
+        Box::pin(async { Ok(true) })
+    }
+
+    /// Gives up this instance's claim on `worker` (clean shutdown), so a
+    /// successor may take the name at once.
+    fn release_worker_name<'a>(&'a self, worker: &'a str) -> StoreFuture<'a, ()> {
+        let _ = worker;
+        Box::pin(async { Ok(()) })
+    }
+
     /// Whether `worker` holds an unexpired lease on `destination`.
     fn holds_lease<'a>(
         &'a self,
@@ -505,16 +595,60 @@ pub trait Store: Send + Sync + 'static {
     }
 }
 
-/// Opens the backend named in the configuration.
-pub async fn open(
-    config: &crate::config::StoreConfig,
-) -> Result<std::sync::Arc<dyn Store>, StoreError> {
-    match config {
+/// Opens the backend named in the configuration for this worker. With
+/// PostgreSQL it connects with TLS as `sslmode` asks (trusting the public
+/// roots and `[federation] extra_ca`), then claims `[worker] name`, failing
+/// with `StoreError::WorkerNameTaken` while another live worker holds it.
+pub async fn open(config: &crate::config::Config) -> Result<std::sync::Arc<dyn Store>, StoreError> {
+    match &config.store {
         crate::config::StoreConfig::Sqlite(path) => {
             Ok(std::sync::Arc::new(sqlite::SqliteStore::open(path).await?))
         }
-        crate::config::StoreConfig::Postgres(conninfo) => Ok(std::sync::Arc::new(
-            postgres::PostgresStore::open(conninfo).await?,
-        )),
+        crate::config::StoreConfig::Postgres(conninfo) => {
+            let options = postgres::PostgresOptions {
+                extra_ca: config.federation.extra_ca.clone(),
+                ..postgres::PostgresOptions::default()
+            };
+            let store = postgres::PostgresStore::open_with(conninfo, options).await?;
+            claim_worker_name_at_start(&store, &config.worker.name, config.worker.lease_duration)
+                .await?;
+            Ok(std::sync::Arc::new(store))
+        }
+    }
+}
+
+/// Claims the worker name at start-up. A holder whose last heartbeat is
+/// younger than the lease may be a process that just died (a crash and an
+/// immediate restart): wait until that heartbeat would have lapsed and try
+/// once more. A live holder heartbeats every lease / 3, so the second try
+/// fails with `StoreError::WorkerNameTaken` for it, within one lease.
+pub async fn claim_worker_name_at_start(
+    store: &dyn Store,
+    name: &str,
+    lease: std::time::Duration,
+) -> Result<(), StoreError> {
+    let lease_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
+    match store
+        .claim_worker_name(name, crate::now_ms(), lease_ms)
+        .await
+    {
+        Err(StoreError::WorkerNameTaken {
+            heartbeat_age_ms,
+            holder,
+            ..
+        }) if (0..lease_ms).contains(&heartbeat_age_ms) => {
+            let wait = lease_ms - heartbeat_age_ms + 50;
+            tracing::warn!(
+                worker = %name,
+                %holder,
+                wait_ms = wait,
+                "worker name held by a recent heartbeat; waiting for it to lapse"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(wait.unsigned_abs())).await;
+            store
+                .claim_worker_name(name, crate::now_ms(), lease_ms)
+                .await
+        }
+        other => other,
     }
 }

@@ -14,19 +14,23 @@
 //! LISTEN/NOTIFY are in `postgres/wakeup.rs`; the schema is in
 //! `migrations/postgres/*.sql`, applied by `postgres/schema.rs`.
 //!
+//! Worker names (one live process per `[worker] name`) are in
+//! `postgres/workers.rs`; TLS to the database (`sslmode`, verified against
+//! the same roots as outbound federation) in `postgres/tls.rs`.
+//!
 //! Not here: deciding what to write (`todevice`), waking local long-polls or
 //! destination tasks (callers do that with the returned outcomes; the wake-up
-//! subscription only carries other workers' wake-ups), TLS to the database
-//! (connect over a unix socket or loopback), and any periodic schedule (the
-//! caller runs `prune`, and `cluster` renews leases).
+//! subscription only carries other workers' wake-ups), and any periodic
+//! schedule (the pruner runs `prune`; `cluster` renews leases and the
+//! worker-name heartbeat).
 
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::AtomicI64;
 
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod};
-use tokio_postgres::NoTls;
 use tokio_postgres::error::SqlState;
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::store::{
     DestinationStatus, DeviceKey, InFlightTxn, InboundOutcome, InboundTxn, InboxPage, OutboxEdu,
@@ -38,7 +42,9 @@ mod inbox;
 mod lease;
 mod outbox;
 mod schema;
+pub mod tls;
 mod wakeup;
+mod workers;
 
 /// How often an operation is retried after a deadlock or serialization
 /// failure before the error is returned.
@@ -51,6 +57,9 @@ pub struct PostgresOptions {
     pub pool_size: usize,
     /// Publish wake-ups for other workers after writes (LISTEN/NOTIFY).
     pub publish_wakeups: bool,
+    /// CA certificates trusted for TLS to the database besides the public
+    /// roots (the server passes `[federation] extra_ca`).
+    pub extra_ca: Vec<std::path::PathBuf>,
 }
 
 impl Default for PostgresOptions {
@@ -58,6 +67,7 @@ impl Default for PostgresOptions {
         PostgresOptions {
             pool_size: 16,
             publish_wakeups: true,
+            extra_ca: Vec::new(),
         }
     }
 }
@@ -71,6 +81,8 @@ pub struct PostgresStore {
 struct Inner {
     pool: Pool,
     pg_config: tokio_postgres::Config,
+    /// TLS for the LISTEN connection (the pool has its own clone).
+    tls: MakeRustlsConnect,
     /// Where the next prune pass continues its orphan-row scan (stream id).
     orphan_cursor: AtomicI64,
     /// Names this store instance in published wake-ups, so that its own
@@ -149,15 +161,15 @@ impl PostgresStore {
         conninfo: &str,
         options: PostgresOptions,
     ) -> Result<PostgresStore, StoreError> {
-        let mut pg_config: tokio_postgres::Config = conninfo
-            .parse()
-            .map_err(|e: tokio_postgres::Error| pg_error(&e))?;
+        let (mut pg_config, tls_mode) = tls::parse_conninfo(conninfo)?;
         if pg_config.get_application_name().is_none() {
             pg_config.application_name("courier");
         }
+        crate::tls::install_crypto_provider();
+        let tls = tls::connector(&options.extra_ca)?;
         let manager = Manager::from_config(
             pg_config.clone(),
-            NoTls,
+            tls.clone(),
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -173,6 +185,7 @@ impl PostgresStore {
         let inner = Arc::new(Inner {
             pool,
             pg_config,
+            tls,
             orphan_cursor: AtomicI64::new(0),
             instance,
             publisher,
@@ -180,7 +193,7 @@ impl PostgresStore {
         let store = PostgresStore { inner };
         let mut client = store.client().await?;
         schema::migrate(&mut client, crate::now_ms()).await?;
-        tracing::info!(instance = %store.inner.instance, "postgres store open");
+        tracing::info!(instance = %store.inner.instance, tls = ?tls_mode, "postgres store open");
         Ok(store)
     }
 
@@ -456,10 +469,14 @@ impl Store for PostgresStore {
         destination: &'a str,
         state: &'a RetryState,
     ) -> StoreFuture<'a, ()> {
+        // The trait passes no time: the retry state's activity stamp is the
+        // wall clock at the write.
+        let now_ms = crate::now_ms();
         Box::pin(on_client!(self, |c| outbox::set_retry_state(
             &c,
             destination,
-            state
+            state,
+            now_ms
         )
         .await))
     }
@@ -549,6 +566,37 @@ impl Store for PostgresStore {
         Box::pin(on_client!(self, |c| lease::release_leases(&c, worker).await))
     }
 
+    fn claim_worker_name<'a>(
+        &'a self,
+        worker: &'a str,
+        now_ms: TimestampMs,
+        lease_ms: i64,
+    ) -> StoreFuture<'a, ()> {
+        let instance = self.inner.instance.as_str();
+        Box::pin(on_client!(self, |c| workers::claim(
+            &c, worker, instance, now_ms, lease_ms
+        )
+        .await))
+    }
+
+    fn heartbeat_worker_name<'a>(
+        &'a self,
+        worker: &'a str,
+        now_ms: TimestampMs,
+        lease_ms: i64,
+    ) -> StoreFuture<'a, bool> {
+        let instance = self.inner.instance.as_str();
+        Box::pin(on_client!(self, |c| workers::heartbeat(
+            &c, worker, instance, now_ms, lease_ms
+        )
+        .await))
+    }
+
+    fn release_worker_name<'a>(&'a self, worker: &'a str) -> StoreFuture<'a, ()> {
+        let instance = self.inner.instance.as_str();
+        Box::pin(on_client!(self, |c| workers::release(&c, worker, instance).await))
+    }
+
     fn holds_lease<'a>(
         &'a self,
         worker: &'a str,
@@ -567,6 +615,7 @@ impl Store for PostgresStore {
     fn subscribe_wakeups(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<Wakeup>> {
         Some(wakeup::subscribe(
             self.inner.pg_config.clone(),
+            self.inner.tls.clone(),
             self.inner.instance.clone(),
         ))
     }

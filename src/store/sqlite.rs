@@ -12,7 +12,7 @@
 //!
 //! Not here: deciding what to write (`todevice`), waking long-polls or
 //! destination tasks (callers do that with the returned outcomes), and any
-//! periodic pruning schedule (the caller runs `prune`).
+//! periodic pruning schedule (`store::pruner` runs `prune`).
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -410,7 +410,10 @@ impl Store for SqliteStore {
         state: &'a RetryState,
     ) -> StoreFuture<'a, ()> {
         let (destination, state) = (destination.to_owned(), state.clone());
-        Box::pin(self.write(move |c| outbox::set_retry_state(c, &destination, &state)))
+        // The trait passes no time: the retry state's activity stamp is the
+        // wall clock at the write.
+        let now_ms = crate::now_ms();
+        Box::pin(self.write(move |c| outbox::set_retry_state(c, &destination, &state, now_ms)))
     }
 
     fn destinations_with_pending(&self) -> StoreFuture<'_, Vec<String>> {

@@ -10,6 +10,9 @@
 //! and removes its dir when the test binary exits (statics are never
 //! dropped), and `Drop` does the same for a cluster owned by one test.
 //!
+//! `PgCluster::start_tls` starts an owned cluster that also listens on TCP
+//! loopback with `ssl=on` and a given certificate, for TLS tests.
+//!
 //! Without PostgreSQL binaries the tests are skipped with a line on stderr,
 //! unless `CI_REQUIRE_POSTGRES=1` (set by CI), which makes that a
 //! failure. (Not a `COURIER_*` name: `courier serve` reads every
@@ -35,6 +38,15 @@ pub struct PgCluster {
     /// Whether `Drop` stops the cluster (false for the shared one, whose
     /// watchdog does it).
     stop_on_drop: bool,
+    /// Server options beyond the unix socket (TCP and TLS for `start_tls`).
+    extra_options: String,
+}
+
+/// What `start_tls` puts into a cluster.
+struct TlsFiles {
+    cert_pem: String,
+    key_pem: String,
+    port: u16,
 }
 
 static SHARED: OnceLock<Option<PgCluster>> = OnceLock::new();
@@ -125,7 +137,27 @@ impl PgCluster {
         Self::start_with("owned", true)
     }
 
+    /// Starts a cluster owned by the caller that also listens on TCP
+    /// 127.0.0.1 (the port returned) with `ssl=on` and this certificate and
+    /// key (PEM), or `None` when PostgreSQL is not installed.
+    pub fn start_tls(cert_pem: &str, key_pem: &str) -> Option<(PgCluster, u16)> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let tls = TlsFiles {
+            cert_pem: cert_pem.to_owned(),
+            key_pem: key_pem.to_owned(),
+            port,
+        };
+        Self::start_full("tls", true, Some(tls)).map(|c| (c, port))
+    }
+
     fn start_with(label: &str, stop_on_drop: bool) -> Option<PgCluster> {
+        Self::start_full(label, stop_on_drop, None)
+    }
+
+    fn start_full(label: &str, stop_on_drop: bool, tls: Option<TlsFiles>) -> Option<PgCluster> {
         let Some(bindir) = find_bindir() else {
             match std::env::var(BINDIR_ENV) {
                 Ok(dir) => missing(&format!("{BINDIR_ENV}={dir} holds no initdb/pg_ctl")),
@@ -155,6 +187,22 @@ impl PgCluster {
             .tempdir()
             .expect("temp dir for postgres")
             .keep();
+        let mut extra_options = String::new();
+        if let Some(tls) = &tls {
+            use std::os::unix::fs::PermissionsExt;
+            let (cert, key) = (dir.join("server.crt"), dir.join("server.key"));
+            std::fs::write(&cert, &tls.cert_pem).expect("server cert written");
+            std::fs::write(&key, &tls.key_pem).expect("server key written");
+            // The server refuses a key others can read.
+            std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600))
+                .expect("key mode");
+            extra_options = format!(
+                " -c listen_addresses=127.0.0.1 -p {} -c ssl=on -c ssl_cert_file={} -c ssl_key_file={}",
+                tls.port,
+                cert.display(),
+                key.display()
+            );
+        }
         if as_root {
             run(
                 Command::new("chown").args(["-R", "postgres:"]).arg(&dir),
@@ -166,6 +214,7 @@ impl PgCluster {
             bindir,
             as_root,
             stop_on_drop,
+            extra_options,
         };
         run(
             cluster
@@ -202,11 +251,13 @@ impl PgCluster {
 
     /// Starts (or restarts) the server and waits until it accepts connections.
     pub fn start_server(&self) {
-        let options = format!(
+        let mut options = format!(
             "-c listen_addresses='' -k {} -c fsync=on -c max_connections=200 \
              -c shared_buffers=32MB",
             self.dir.display()
         );
+        // Later settings win: TCP and TLS for a `start_tls` cluster.
+        options.push_str(&self.extra_options);
         run(
             self.tool("pg_ctl")
                 .args(["-w", "-t", "60", "-D"])

@@ -127,7 +127,14 @@ pub async fn ack_txn(
     let (failures, retry_after, error) = (0i32, 0i64, None::<String>);
     tx.execute(
         &upsert,
-        &[&destination, &failures, &retry_after, &Some(now_ms), &error],
+        &[
+            &destination,
+            &failures,
+            &retry_after,
+            &Some(now_ms),
+            &error,
+            &now_ms,
+        ],
     )
     .await?;
     tx.commit().await?;
@@ -262,19 +269,23 @@ pub async fn retry_state(c: &Object, destination: &str) -> Result<RetryState, Fa
         .unwrap_or_default())
 }
 
-const UPSERT_RETRY_STATE: &str =
-    "INSERT INTO destinations (destination, failures, retry_after_ts, last_success_ts, last_error)
-     VALUES ($1, $2, $3, $4, $5)
+/// Writes a destination's retry state; `$6` stamps its last activity (see
+/// `RETIRE_DESTINATIONS`).
+const UPSERT_RETRY_STATE: &str = "INSERT INTO destinations
+         (destination, failures, retry_after_ts, last_success_ts, last_error, updated_ts)
+     VALUES ($1, $2, $3, $4, $5, $6)
      ON CONFLICT (destination) DO UPDATE SET
          failures = excluded.failures,
          retry_after_ts = excluded.retry_after_ts,
          last_success_ts = excluded.last_success_ts,
-         last_error = excluded.last_error";
+         last_error = excluded.last_error,
+         updated_ts = greatest(destinations.updated_ts, excluded.updated_ts)";
 
 pub async fn set_retry_state(
     c: &Object,
     destination: &str,
     state: &RetryState,
+    now_ms: TimestampMs,
 ) -> Result<(), Fail> {
     let stmt = c.prepare_cached(UPSERT_RETRY_STATE).await?;
     c.execute(
@@ -285,6 +296,7 @@ pub async fn set_retry_state(
             &state.retry_after_ms,
             &state.last_success_ms,
             &state.last_error,
+            &now_ms,
         ],
     )
     .await?;
@@ -444,8 +456,30 @@ pub async fn prune(
         )
         .await?,
         orphan_inbox_rows: prune_orphans(c, orphan_cursor, limit).await?,
+        retired_destinations: expire(
+            c,
+            RETIRE_DESTINATIONS,
+            now_ms.saturating_sub(retention.destination_ms),
+            limit,
+        )
+        .await?,
     })
 }
+
+/// Deletes the retry state of destinations with nothing queued, in flight or
+/// quarantined whose last activity (update, success, or the end of a
+/// backoff) is at or before the cutoff `$1`, at most `$2` of them. The
+/// activity test is repeated on the row itself, so a row updated while the
+/// statement waited for its lock is kept (READ COMMITTED rechecks it).
+const RETIRE_DESTINATIONS: &str = "
+    DELETE FROM destinations WHERE destination IN
+        (SELECT d.destination FROM destinations d
+         WHERE greatest(d.updated_ts, d.retry_after_ts, coalesce(d.last_success_ts, 0)) <= $1
+           AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.destination = d.destination)
+           AND NOT EXISTS (SELECT 1 FROM outbox_txn t WHERE t.destination = d.destination)
+           AND NOT EXISTS (SELECT 1 FROM quarantine q WHERE q.destination = d.destination)
+         LIMIT $2)
+      AND greatest(updated_ts, retry_after_ts, coalesce(last_success_ts, 0)) <= $1";
 
 /// Inbox rows examined per pruning pass when looking for orphans.
 const ORPHAN_SCAN_ROWS: i64 = 10_000;

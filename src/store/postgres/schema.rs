@@ -10,16 +10,32 @@ use deadpool_postgres::Object;
 use crate::store::StoreError;
 
 /// The migrations, in order. A version is applied at most once.
-const MIGRATIONS: &[(u32, &str)] = &[(
-    1,
-    include_str!(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/migrations/postgres/0001_init.sql"
-    )),
-)];
+const MIGRATIONS: &[(u32, &str)] = &[
+    (
+        1,
+        include_str!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/migrations/postgres/0001_init.sql"
+        )),
+    ),
+    (
+        2,
+        include_str!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/migrations/postgres/0002_destination_activity.sql"
+        )),
+    ),
+    (
+        3,
+        include_str!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/migrations/postgres/0003_workers.sql"
+        )),
+    ),
+];
 
 /// The schema version this build writes.
-pub const LATEST_VERSION: u32 = 1;
+pub const LATEST_VERSION: u32 = 3;
 
 /// The advisory lock key that serializes migrations ("courier" in ASCII).
 const MIGRATION_LOCK: i64 = 0x0063_6f75_7269_6572;

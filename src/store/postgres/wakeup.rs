@@ -16,7 +16,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
-use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_postgres::AsyncMessage;
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::store::{DeviceKey, Wakeup};
 
@@ -160,12 +161,13 @@ pub fn spawn_publisher(
 /// Starts a listener task; it ends when the receiver is dropped.
 pub fn subscribe(
     config: tokio_postgres::Config,
+    tls: MakeRustlsConnect,
     instance: String,
 ) -> mpsc::UnboundedReceiver<Wakeup> {
     let (tx, rx) = mpsc::unbounded_channel();
     tokio::spawn(async move {
         loop {
-            match listen_once(&config, &instance, &tx).await {
+            match listen_once(&config, &tls, &instance, &tx).await {
                 Ok(()) => {}
                 Err(error) => tracing::warn!(%error, "wake-up listener failed; reconnecting"),
             }
@@ -181,10 +183,12 @@ pub fn subscribe(
 /// One listener connection, until it fails or nobody listens any more.
 async fn listen_once(
     config: &tokio_postgres::Config,
+    tls: &MakeRustlsConnect,
     instance: &str,
     tx: &mpsc::UnboundedSender<Wakeup>,
 ) -> Result<(), tokio_postgres::Error> {
-    let (client, mut connection) = config.connect(NoTls).await?;
+    // The same sslmode and trust store as the pool.
+    let (client, mut connection) = config.connect(tls.clone()).await?;
     let (msg_tx, mut msg_rx) = mpsc::unbounded_channel::<AsyncMessage>();
     let driver = tokio::spawn(async move {
         loop {

@@ -1,6 +1,7 @@
 //! SQL of the SQLite backend's remote server key cache and of pruning
-//! (expired dedupe records, expired keys, orphan inbox rows), always in
-//! bounded batches so that one pass never holds the writer for long.
+//! (expired dedupe records, expired keys, orphan inbox rows, the retry state
+//! of long-idle destinations), always in bounded batches so that one batch
+//! never holds the writer for long.
 
 use std::sync::atomic::{AtomicI64, Ordering};
 
@@ -81,8 +82,24 @@ pub fn prune(
             now_ms,
         )?,
         orphan_inbox_rows: prune_orphans(conn, orphan_cursor, limit)?,
+        retired_destinations: expire(
+            RETIRE_DESTINATIONS,
+            now_ms.saturating_sub(retention.destination_ms),
+        )?,
     })
 }
+
+/// Deletes the retry state of destinations with nothing queued, in flight or
+/// quarantined whose last activity (update, success, or the end of a
+/// backoff) is at or before the cutoff `?1`, at most `?2` of them.
+const RETIRE_DESTINATIONS: &str = "
+    DELETE FROM destinations WHERE destination IN
+        (SELECT d.destination FROM destinations d
+         WHERE max(d.updated_ts, d.retry_after_ts, coalesce(d.last_success_ts, 0)) <= ?1
+           AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.destination = d.destination)
+           AND NOT EXISTS (SELECT 1 FROM outbox_txn t WHERE t.destination = d.destination)
+           AND NOT EXISTS (SELECT 1 FROM quarantine q WHERE q.destination = d.destination)
+         LIMIT ?2)";
 
 /// Inbox rows examined per pruning pass when looking for orphans.
 const ORPHAN_SCAN_ROWS: i64 = 10_000;

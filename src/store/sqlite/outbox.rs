@@ -120,6 +120,7 @@ pub fn ack_txn(
             last_success_ms: Some(now_ms),
             last_error: None,
         },
+        now_ms,
     )
 }
 
@@ -219,26 +220,32 @@ pub fn retry_state(conn: &Connection, destination: &str) -> Result<RetryState, S
         .unwrap_or_default())
 }
 
+/// Writes a destination's retry state, stamped `now_ms` as its last
+/// activity (see `maintenance::retire_destinations`).
 pub fn set_retry_state(
     conn: &Connection,
     destination: &str,
     state: &RetryState,
+    now_ms: TimestampMs,
 ) -> Result<(), StoreError> {
     conn.prepare_cached(
-        "INSERT INTO destinations (destination, failures, retry_after_ts, last_success_ts, last_error)
-         VALUES (?1, ?2, ?3, ?4, ?5)
+        "INSERT INTO destinations
+             (destination, failures, retry_after_ts, last_success_ts, last_error, updated_ts)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)
          ON CONFLICT (destination) DO UPDATE SET
              failures = excluded.failures,
              retry_after_ts = excluded.retry_after_ts,
              last_success_ts = excluded.last_success_ts,
-             last_error = excluded.last_error",
+             last_error = excluded.last_error,
+             updated_ts = max(updated_ts, excluded.updated_ts)",
     )?
     .execute(params![
         destination,
         state.failures,
         state.retry_after_ms,
         state.last_success_ms,
-        state.last_error
+        state.last_error,
+        now_ms
     ])?;
     Ok(())
 }

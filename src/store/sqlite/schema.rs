@@ -12,16 +12,25 @@ use rusqlite::{Connection, OpenFlags, TransactionBehavior};
 use crate::store::StoreError;
 
 /// The migrations, in order. A version is applied at most once.
-const MIGRATIONS: &[(u32, &str)] = &[(
-    1,
-    include_str!(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/migrations/sqlite/0001_init.sql"
-    )),
-)];
+const MIGRATIONS: &[(u32, &str)] = &[
+    (
+        1,
+        include_str!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/migrations/sqlite/0001_init.sql"
+        )),
+    ),
+    (
+        2,
+        include_str!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/migrations/sqlite/0002_destination_activity.sql"
+        )),
+    ),
+];
 
 /// The schema version this build writes.
-pub const LATEST_VERSION: u32 = 1;
+pub const LATEST_VERSION: u32 = 2;
 
 /// Opens the writer connection: creates the file, switches to WAL and sets
 /// the per-connection durability PRAGMAs.
