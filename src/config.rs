@@ -82,6 +82,9 @@ pub struct FederationConfig {
     pub startup_stagger: Duration,
     /// Idle pooled connections kept per destination.
     pub pool_idle_per_host: usize,
+    // -- issue 13, outbound edge (h13-out) --
+    /// Bound on one whole discovery (`.well-known` hops, SRV, A/AAAA).
+    pub discovery_timeout: Duration,
 }
 
 /// The per-destination backoff schedule (persisted failures × this policy).
@@ -182,6 +185,8 @@ struct RawFederation {
     quarantine_after: Option<u32>,
     startup_stagger_ms: Option<u64>,
     pool_idle_per_host: Option<usize>,
+    // -- issue 13, outbound edge (h13-out) --
+    discovery_timeout_ms: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -414,6 +419,11 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         if quarantine_after == 0 {
             problems.push("[federation] quarantine_after must be at least 1".to_owned());
         }
+        // -- issue 13, outbound edge (h13-out) --
+        let discovery_timeout = Duration::from_millis(f.discovery_timeout_ms.unwrap_or(15_000));
+        if discovery_timeout.is_zero() {
+            problems.push("[federation] discovery_timeout_ms must be > 0".to_owned());
+        }
         FederationConfig {
             bind: bind.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0))),
             tls_cert: f.tls_cert.unwrap_or_default(),
@@ -434,6 +444,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             quarantine_after,
             startup_stagger: Duration::from_millis(f.startup_stagger_ms.unwrap_or(5)),
             pool_idle_per_host: f.pool_idle_per_host.unwrap_or(4),
+            discovery_timeout,
         }
     });
 
