@@ -179,7 +179,8 @@ impl Discovery {
 
     /// Resolves `server_name` per SPEC §6.1, within the discovery deadline.
     pub async fn resolve(&self, server_name: &ServerName) -> Result<Endpoint, ClientError> {
-        let endpoint = match tokio::time::timeout(self.deadline, self.resolve_inner(server_name))
+        let until = Instant::now() + self.deadline;
+        let endpoint = match tokio::time::timeout_at(until, self.resolve_inner(server_name, until))
             .await
         {
             Ok(result) => result?,
@@ -200,7 +201,11 @@ impl Discovery {
         Ok(endpoint)
     }
 
-    async fn resolve_inner(&self, server_name: &ServerName) -> Result<Endpoint, ClientError> {
+    async fn resolve_inner(
+        &self,
+        server_name: &ServerName,
+        until: Instant,
+    ) -> Result<Endpoint, ClientError> {
         let destination = server_name.as_str();
         // Step 1: an IP literal.
         if let Some(ip) = ip_literal(server_name) {
@@ -230,19 +235,23 @@ impl Discovery {
                     host_header: delegated.as_str().to_owned(),
                 });
             }
-            return self.srv_or_default(destination, delegated_host).await;
+            return self.srv_or_default(destination, delegated_host, until).await;
         }
         // Steps 4–6: SRV on the original hostname, then 8448.
-        self.srv_or_default(destination, hostname).await
+        self.srv_or_default(destination, hostname, until).await
     }
 
     /// SRV `_matrix-fed._tcp`, then `_matrix._tcp`, then `hostname:8448`;
-    /// TLS name and `Host` are `hostname` throughout.
+    /// TLS name and `Host` are `hostname` throughout. Target lookups still
+    /// unanswered a quarter of the deadline before `until` are skipped, so
+    /// the targets that did answer are used.
     async fn srv_or_default(
         &self,
         destination: &str,
         hostname: &str,
+        until: Instant,
     ) -> Result<Endpoint, ClientError> {
+        let targets_until = until.checked_sub(self.deadline / 4).unwrap_or(until);
         let tls_name = dns_tls_name(destination, hostname)?;
         for service in ["_matrix-fed._tcp", "_matrix._tcp"] {
             let name = format!("{service}.{hostname}");
@@ -262,7 +271,15 @@ impl Discovery {
                 let resolver = self.resolver.clone();
                 let target = record.target.clone();
                 lookups.spawn(async move {
-                    (index, lookup_host(resolver.as_ref(), &target).await)
+                    let lookup = lookup_host(resolver.as_ref(), &target);
+                    let answer = match tokio::time::timeout_at(targets_until, lookup).await {
+                        Ok(answer) => answer,
+                        Err(_) => Err(DnsError::Failed {
+                            name: target.clone(),
+                            reason: "timed out".to_owned(),
+                        }),
+                    };
+                    (index, answer)
                 });
             }
             let mut answers = Vec::with_capacity(lookups.len());
