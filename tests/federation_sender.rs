@@ -375,3 +375,4 @@ async fn a_200_with_a_body_that_is_not_json_counts_as_delivered() {
     }
     h.stop().await;
 }
+

@@ -4,6 +4,8 @@
 //! once; `Retry-After` is honoured; idle tasks retire and come back. A
 //! throttled ticker keeps virtual time from leaping over real socket waits.
 
+#[path = "support/counting_store.rs"]
+mod counting_store;
 #[path = "support/fake_remote.rs"]
 mod fake_remote;
 #[path = "support/inhibiting_store.rs"]
@@ -13,6 +15,7 @@ mod outbound_env;
 #[path = "support/sender_env.rs"]
 mod sender_env;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use fake_remote::Script;
@@ -308,5 +311,44 @@ async fn a_restarted_task_waits_at_most_the_cap_whatever_was_persisted() {
         waited >= Duration::from_secs(55) && waited <= Duration::from_secs(75),
         "{waited:?}"
     );
+    h.stop().await;
+}
+
+/// F18: wakes that pile up while a transaction is in flight are answered
+/// by one look at the outbox, not one each. (Paused time: the final sleep
+/// passes only once every queued signal has been served.)
+#[tokio::test(start_paused = true)]
+async fn wakes_queued_during_a_send_cost_one_outbox_read() {
+    const WAKES: usize = 50;
+    let _ticker = outbound_env::spawn_throttled_ticker(Duration::from_millis(10));
+    let mut h = Harness::new(|_| {}).await;
+    h.stop().await;
+    let counting = Arc::new(counting_store::CountingStore::new(h.store.clone()));
+    h.store = counting.clone();
+    h.start_sender();
+    h.fake.script(
+        &Harness::hostname(0),
+        Script {
+            respond_after: Some(Duration::from_secs(2)),
+            ..Script::default()
+        },
+    );
+    h.enqueue(0, 0..1, &[]).await;
+    assert!(
+        h.fake
+            .wait_for(Duration::from_secs(10), |r| !r.is_empty())
+            .await
+    );
+    let dest = h.dest(0);
+    for _ in 0..WAKES {
+        h.handle.wake(&dest);
+    }
+    h.wait_store_drained(Duration::from_secs(30)).await;
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let peeks = counting.peeks();
+    // One read for the row, one finding the outbox empty after the ack,
+    // one for all the queued wakes; one per wake would be over 50.
+    assert!(peeks <= 4, "{peeks} outbox reads for {WAKES} queued wakes");
+    assert_eq!(delivered(&h.fake.received(), "d0.fed.test"), ids(0..1));
     h.stop().await;
 }
