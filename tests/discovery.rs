@@ -530,12 +530,26 @@ async fn a_stalled_well_known_costs_half_the_deadline_once() {
         MapResolver::default().ip("stall.test", &["127.0.0.1"]),
     );
     let started = std::time::Instant::now();
-    let endpoint = client.resolve(&name("stall.test")).await.expect("falls through");
+    let endpoint = client
+        .resolve(&name("stall.test"))
+        .await
+        .expect("falls through");
     assert_eq!(endpoint.addrs, addrs(&["127.0.0.1:8448"]));
-    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
     assert_eq!(fake.well_known_fetches("stall.test"), 1);
-    client.resolve(&name("stall.test")).await.expect("cached failure");
-    assert_eq!(fake.well_known_fetches("stall.test"), 1, "not fetched again");
+    client
+        .resolve(&name("stall.test"))
+        .await
+        .expect("cached failure");
+    assert_eq!(
+        fake.well_known_fetches("stall.test"),
+        1,
+        "not fetched again"
+    );
 }
 
 /// SRV targets: at most `MAX_SRV_TARGETS` are looked up, all at once, and
@@ -556,7 +570,10 @@ async fn srv_targets_are_capped_resolved_concurrently_and_hung_ones_skipped() {
         } else {
             format!("t{priority}.ok.test")
         };
-        resolver = resolver.ip(&format!("t{priority}.ok.test"), &[&format!("192.0.2.{priority}")]);
+        resolver = resolver.ip(
+            &format!("t{priority}.ok.test"),
+            &[&format!("192.0.2.{priority}")],
+        );
         records.push(SrvRecord {
             priority,
             weight: 0,
@@ -581,6 +598,9 @@ async fn srv_targets_are_capped_resolved_concurrently_and_hung_ones_skipped() {
     let lookups = resolver.lookups();
     for priority in MAX_SRV_TARGETS as u16 + 1..=12 {
         let target = format!("IP t{priority}.ok.test");
-        assert!(!lookups.contains(&target), "{target} looked up: {lookups:?}");
+        assert!(
+            !lookups.contains(&target),
+            "{target} looked up: {lookups:?}"
+        );
     }
 }

@@ -332,7 +332,10 @@ async fn three_hundred_destinations_with_hanging_discovery_and_one_healthy() {
         delivered_in_time,
         "the healthy destination is served within 5 s, not after the hung ones' deadline"
     );
-    eprintln!("healthy destination delivered after {:?}", started.elapsed());
+    eprintln!(
+        "healthy destination delivered after {:?}",
+        started.elapsed()
+    );
     assert_eq!(delivered(&h.fake.received(), "d0.fed.test"), ids(0..3));
     // Its rows are acked; the hung destinations never reached anything and
     // still hold theirs.
@@ -346,7 +349,12 @@ async fn three_hundred_destinations_with_hanging_discovery_and_one_healthy() {
     };
     assert_eq!(pending.len(), HUNG);
     assert!(pending.iter().all(|d| d.contains(".hang.test:")));
-    assert!(h.fake.received().iter().all(|r| !r.host.contains("hang.test")));
+    assert!(
+        h.fake
+            .received()
+            .iter()
+            .all(|r| !r.host.contains("hang.test"))
+    );
     h.stop().await;
 }
 
@@ -375,4 +383,3 @@ async fn a_200_with_a_body_that_is_not_json_counts_as_delivered() {
     }
     h.stop().await;
 }
-

@@ -247,7 +247,9 @@ async fn an_unresolvable_destination_backs_off_alone_on_its_schedule() {
     h.enqueue(0, 0..1, &[]).await;
     assert!(
         h.fake
-            .wait_for(Duration::from_secs(5), |r| delivered(r, "d0.fed.test").len() == 1)
+            .wait_for(Duration::from_secs(5), |r| delivered(r, "d0.fed.test")
+                .len()
+                == 1)
             .await,
         "the healthy destination is not held up"
     );
@@ -302,7 +304,9 @@ async fn a_restarted_task_waits_at_most_the_cap_whatever_was_persisted() {
     h.enqueue(0, 0..1, &[]).await;
     assert!(
         h.fake
-            .wait_for(Duration::from_secs(600), |r| delivered(r, "d0.fed.test").len() == 1)
+            .wait_for(Duration::from_secs(600), |r| delivered(r, "d0.fed.test")
+                .len()
+                == 1)
             .await,
         "delivered after the cap, not after 30 days"
     );

@@ -72,7 +72,9 @@ async fn per_destination_series_retire_when_nothing_is_queued() {
     assert!(seen, "the 30 s refresh reports both queued destinations");
     assert!(
         h.fake
-            .wait_for(Duration::from_secs(120), |r| delivered(r, "d0.fed.test").len() == 2)
+            .wait_for(Duration::from_secs(120), |r| delivered(r, "d0.fed.test")
+                .len()
+                == 2)
             .await,
         "d0 delivers once it is back"
     );
@@ -92,6 +94,9 @@ async fn per_destination_series_retire_when_nothing_is_queued() {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
-    assert!(retired, "d0's series retired while d1 (still queued) keeps its own");
+    assert!(
+        retired,
+        "d0's series retired while d1 (still queued) keeps its own"
+    );
     h.stop().await;
 }

@@ -137,7 +137,9 @@ impl ClientError {
     fn is_transport(&self) -> bool {
         matches!(
             self,
-            ClientError::Connect { .. } | ClientError::Timeout { .. } | ClientError::BadResponse { .. }
+            ClientError::Connect { .. }
+                | ClientError::Timeout { .. }
+                | ClientError::BadResponse { .. }
         )
     }
 }
@@ -273,8 +275,15 @@ impl FederationClient {
             destination,
             endpoint: None,
         };
-        self.request(Method::GET, target, path_and_query, None, sign, Answer::JsonObject)
-            .await
+        self.request(
+            Method::GET,
+            target,
+            path_and_query,
+            None,
+            sign,
+            Answer::JsonObject,
+        )
+        .await
     }
 
     /// `PUT /_matrix/federation/v1/send/{txn_id}` with `body` sent byte for
@@ -322,8 +331,15 @@ impl FederationClient {
             destination,
             endpoint: Some(endpoint),
         };
-        self.request(Method::PUT, target, &path, Some(body), sign, Answer::Accepted)
-            .await
+        self.request(
+            Method::PUT,
+            target,
+            &path,
+            Some(body),
+            sign,
+            Answer::Accepted,
+        )
+        .await
     }
 
     /// One request; on a transport failure every connection to the

@@ -34,8 +34,8 @@ use tokio_rustls::client::TlsStream;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use crate::federation::client::{ClientError, EndpointMap};
-use crate::federation::discovery::LruMap;
 use crate::federation::denylist::Denylist;
+use crate::federation::discovery::LruMap;
 use crate::federation::dns::{DnsResolver, lookup_host};
 
 /// A TLS connection to a peer, telling the pool whether h2 was negotiated.
@@ -63,7 +63,9 @@ impl TlsConn {
     fn closed(&mut self, cx: &mut Context<'_>) -> bool {
         match &mut self.closer {
             None => false,
-            Some(closer) => closer.token.is_cancelled() || closer.fired.as_mut().poll(cx).is_ready(),
+            Some(closer) => {
+                closer.token.is_cancelled() || closer.fired.as_mut().poll(cx).is_ready()
+            }
         }
     }
 }

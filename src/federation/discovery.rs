@@ -180,17 +180,16 @@ impl Discovery {
     /// Resolves `server_name` per SPEC §6.1, within the discovery deadline.
     pub async fn resolve(&self, server_name: &ServerName) -> Result<Endpoint, ClientError> {
         let until = Instant::now() + self.deadline;
-        let endpoint = match tokio::time::timeout_at(until, self.resolve_inner(server_name, until))
-            .await
-        {
-            Ok(result) => result?,
-            Err(_) => {
-                return Err(ClientError::Discovery {
-                    destination: server_name.as_str().to_owned(),
-                    reason: format!("timed out after {:?}", self.deadline),
-                });
-            }
-        };
+        let endpoint =
+            match tokio::time::timeout_at(until, self.resolve_inner(server_name, until)).await {
+                Ok(result) => result?,
+                Err(_) => {
+                    return Err(ClientError::Discovery {
+                        destination: server_name.as_str().to_owned(),
+                        reason: format!("timed out after {:?}", self.deadline),
+                    });
+                }
+            };
         tracing::debug!(
             destination = %server_name,
             addrs = ?endpoint.addrs,
@@ -235,7 +234,9 @@ impl Discovery {
                     host_header: delegated.as_str().to_owned(),
                 });
             }
-            return self.srv_or_default(destination, delegated_host, until).await;
+            return self
+                .srv_or_default(destination, delegated_host, until)
+                .await;
         }
         // Steps 4–6: SRV on the original hostname, then 8448.
         self.srv_or_default(destination, hostname, until).await

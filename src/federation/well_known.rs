@@ -268,7 +268,10 @@ mod tests {
             MAX_CACHE
         );
         assert_eq!(
-            cache_period(&headers(&[("cache-control", "max-age=18446744073709551615")]), now),
+            cache_period(
+                &headers(&[("cache-control", "max-age=18446744073709551615")]),
+                now
+            ),
             MAX_CACHE
         );
         assert_eq!(
@@ -277,13 +280,19 @@ mod tests {
         );
         // A far-future (but valid) Expires is clamped.
         assert_eq!(
-            cache_period(&headers(&[("expires", "Fri, 31 Dec 9999 23:59:59 GMT")]), now),
+            cache_period(
+                &headers(&[("expires", "Fri, 31 Dec 9999 23:59:59 GMT")]),
+                now
+            ),
             MAX_CACHE
         );
         // `now` itself at the end of time: no overflow either.
         let late = UNIX_EPOCH + Duration::from_secs(u64::from(u32::MAX) * 100);
         assert_eq!(
-            cache_period(&headers(&[("expires", "Sun, 06 Nov 1994 10:49:37 GMT")]), late),
+            cache_period(
+                &headers(&[("expires", "Sun, 06 Nov 1994 10:49:37 GMT")]),
+                late
+            ),
             MIN_CACHE
         );
     }
