@@ -275,15 +275,14 @@ impl FederationClient {
             destination,
             endpoint: None,
         };
-        self.request(
-            Method::GET,
-            target,
+        let out = Outgoing {
+            method: Method::GET,
             path_and_query,
-            None,
+            body: None,
             sign,
-            Answer::JsonObject,
-        )
-        .await
+            answer: Answer::JsonObject,
+        };
+        self.request(target, out).await
     }
 
     /// `PUT /_matrix/federation/v1/send/{txn_id}` with `body` sent byte for
@@ -331,44 +330,25 @@ impl FederationClient {
             destination,
             endpoint: Some(endpoint),
         };
-        self.request(
-            Method::PUT,
-            target,
-            &path,
-            Some(body),
+        let out = Outgoing {
+            method: Method::PUT,
+            path_and_query: &path,
+            body: Some(body),
             sign,
-            Answer::Accepted,
-        )
-        .await
+            answer: Answer::Accepted,
+        };
+        self.request(target, out).await
     }
 
     /// One request; on a transport failure every connection to the
     /// authority is closed.
-    async fn request(
-        &self,
-        method: Method,
-        target: Target<'_>,
-        path_and_query: &str,
-        body: Option<&[u8]>,
-        sign: Sign,
-        answer: Answer,
-    ) -> Result<Value, ClientError> {
+    async fn request(&self, target: Target<'_>, out: Outgoing<'_>) -> Result<Value, ClientError> {
         let endpoint = match target.endpoint {
             Some(endpoint) => endpoint.clone(),
             None => self.discovery.resolve(target.destination).await?,
         };
         let authority = endpoint.host_header.clone();
-        let result = self
-            .exchange(
-                method,
-                target.destination,
-                endpoint,
-                path_and_query,
-                body,
-                sign,
-                answer,
-            )
-            .await;
+        let result = self.exchange(target.destination, endpoint, out).await;
         if let Err(error) = &result
             && error.is_transport()
         {
@@ -377,17 +357,19 @@ impl FederationClient {
         result
     }
 
-    #[allow(clippy::too_many_arguments)]
     async fn exchange(
         &self,
-        method: Method,
         destination: &ServerName,
         endpoint: Endpoint,
-        path_and_query: &str,
-        body: Option<&[u8]>,
-        sign: Sign,
-        answer: Answer,
+        out: Outgoing<'_>,
     ) -> Result<Value, ClientError> {
+        let Outgoing {
+            method,
+            path_and_query,
+            body,
+            sign,
+            answer,
+        } = out;
         let dest = destination.as_str();
         let authority = endpoint.host_header.clone();
         self.endpoints
@@ -514,6 +496,15 @@ impl FederationClient {
             }
         }
     }
+}
+
+/// One request as the caller describes it.
+struct Outgoing<'a> {
+    method: Method,
+    path_and_query: &'a str,
+    body: Option<&'a [u8]>,
+    sign: Sign,
+    answer: Answer,
 }
 
 /// Whom a request goes to, and where if already resolved.
