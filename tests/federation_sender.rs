@@ -383,3 +383,43 @@ async fn a_200_with_a_body_that_is_not_json_counts_as_delivered() {
     }
     h.stop().await;
 }
+
+/// F21: a recorded transaction with no EDUs (only a corrupt store has one)
+/// that the peer refuses is dropped without a panic, and the rows queued
+/// behind it still go out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_recorded_transaction_without_edus_does_not_stop_the_destination() {
+    let mut h = Harness::new(|_| {}).await;
+    h.fake.script(
+        &Harness::hostname(0),
+        Script {
+            refuse_containing: vec!["CORRUPT".to_owned()],
+            ..Script::default()
+        },
+    );
+    let dest = h.dest(0);
+    h.store
+        .begin_txn(courier::store::InFlightTxn {
+            destination: dest.clone(),
+            txn_id: "corrupt-1".to_owned(),
+            seqs: vec![],
+            body: r#"{"edus":[{"content":{"marker":"CORRUPT"},"edu_type":"m.x"}],"origin":"origin.test","origin_server_ts":1,"pdus":[]}"#.to_owned(),
+        })
+        .await
+        .expect("record a transaction of no EDUs");
+    h.enqueue(0, 0..3, &[]).await;
+    assert!(
+        h.fake
+            .wait_for(Duration::from_secs(20), |r| delivered(r, "d0.fed.test")
+                .len()
+                == 3)
+            .await,
+        "the queued rows are delivered after the refused empty transaction"
+    );
+    let sends = h.fake.received_for("d0.fed.test");
+    assert_eq!(sends[0].txn_id, "corrupt-1");
+    assert_eq!(sends[0].status, 400);
+    assert_eq!(delivered(&sends, "d0.fed.test"), ids(0..3));
+    h.wait_store_drained(Duration::from_secs(10)).await;
+    h.stop().await;
+}
