@@ -421,8 +421,8 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         }
         // -- issue 13, outbound edge (h13-out) --
         let discovery_timeout = Duration::from_millis(f.discovery_timeout_ms.unwrap_or(15_000));
-        if discovery_timeout.is_zero() {
-            problems.push("[federation] discovery_timeout_ms must be > 0".to_owned());
+        if discovery_timeout.is_zero() || discovery_timeout > Duration::from_secs(600) {
+            problems.push("[federation] discovery_timeout_ms must be in 1..=600000".to_owned());
         }
         FederationConfig {
             bind: bind.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0))),
@@ -606,6 +606,26 @@ postgres = "b"
             "exactly one",
         ] {
             assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
+        }
+    }
+
+    // -- issue 13, outbound edge (h13-out) --
+    #[test]
+    fn the_discovery_deadline_defaults_to_15_s_and_is_bounded() {
+        let c = parse(GOOD, &[]).expect("valid config");
+        assert_eq!(c.federation.discovery_timeout, Duration::from_secs(15));
+        let c = parse(
+            GOOD,
+            &[("COURIER_FEDERATION__DISCOVERY_TIMEOUT_MS", "2500")],
+        )
+        .expect("valid config");
+        assert_eq!(c.federation.discovery_timeout, Duration::from_millis(2500));
+        for bad in ["0", "600001"] {
+            let r = parse(GOOD, &[("COURIER_FEDERATION__DISCOVERY_TIMEOUT_MS", bad)]);
+            let Err(ConfigError::Invalid(problems)) = r else {
+                panic!("{bad}: expected an invalid config, got {r:?}");
+            };
+            assert!(problems.iter().any(|p| p.contains("discovery_timeout_ms")));
         }
     }
 

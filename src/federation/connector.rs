@@ -45,9 +45,8 @@ pub struct TlsConn {
     closer: Option<Closer>,
 }
 
-/// The "close now" signal of one connection.
+/// The "close now" signal of one connection (ready for good once fired).
 struct Closer {
-    token: CancellationToken,
     fired: Pin<Box<WaitForCancellationFutureOwned>>,
 }
 
@@ -63,9 +62,9 @@ impl TlsConn {
     fn closed(&mut self, cx: &mut Context<'_>) -> bool {
         match &mut self.closer {
             None => false,
-            Some(closer) => {
-                closer.token.is_cancelled() || closer.fired.as_mut().poll(cx).is_ready()
-            }
+            // The future checks the token first on every poll, so it stays
+            // ready once it has been.
+            Some(closer) => closer.fired.as_mut().poll(cx).is_ready(),
         }
     }
 }
@@ -160,8 +159,7 @@ impl Closers {
             }
         };
         Closer {
-            fired: Box::pin(token.clone().cancelled_owned()),
-            token,
+            fired: Box::pin(token.cancelled_owned()),
         }
     }
 
