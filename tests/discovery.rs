@@ -604,3 +604,38 @@ async fn srv_targets_are_capped_resolved_concurrently_and_hung_ones_skipped() {
         );
     }
 }
+
+/// The `well_known` fuzz target's seed corpus (the inputs that used to
+/// panic among them) through the same calls, on stable.
+#[test]
+fn the_well_known_fuzz_corpus_is_handled_without_panics() {
+    use courier::federation::well_known::{
+        MAX_CACHE, MIN_CACHE, cache_period, parse_body, parse_http_date,
+    };
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/well_known");
+    let mut files = 0;
+    for entry in std::fs::read_dir(&dir).expect("corpus directory") {
+        let bytes = std::fs::read(entry.expect("entry").path()).expect("corpus file");
+        let _ = parse_body(&bytes);
+        let Ok(text) = std::str::from_utf8(&bytes) else {
+            continue;
+        };
+        let first = text.lines().next().unwrap_or_default();
+        let _ = parse_http_date(first);
+        for name in [http::header::EXPIRES, http::header::CACHE_CONTROL] {
+            if let Ok(value) = http::HeaderValue::from_str(first) {
+                let mut headers = http::HeaderMap::new();
+                headers.insert(name, value);
+                let period = cache_period(&headers, std::time::SystemTime::now());
+                assert!((MIN_CACHE..=MAX_CACHE).contains(&period), "{period:?}");
+            }
+        }
+        files += 1;
+    }
+    assert!(files >= 5, "{files} corpus files");
+    assert_eq!(
+        parse_http_date("Mon, 01 Jan 400000000000 00:00:00 GMT"),
+        None,
+        "the F5 input"
+    );
+}

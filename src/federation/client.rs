@@ -129,9 +129,7 @@ impl ClientError {
             ClientError::Request(reason) => ClientError::Request(reason),
         }
     }
-}
 
-impl ClientError {
     /// Whether the connection path itself failed (not the peer's answer):
     /// then the authority's pooled connections are closed.
     fn is_transport(&self) -> bool {
@@ -246,16 +244,6 @@ impl FederationClient {
     /// deadline. The sender calls this before taking a send permit.
     pub async fn resolve(&self, destination: &ServerName) -> Result<Endpoint, ClientError> {
         self.discovery.resolve(destination).await
-    }
-
-    /// `.well-known` outcomes cached (bounded), for tests and diagnostics.
-    pub fn cached_well_known(&self) -> usize {
-        self.discovery.cached_well_known()
-    }
-
-    /// Endpoints remembered for the connector (bounded), for tests.
-    pub fn remembered_endpoints(&self) -> usize {
-        self.endpoints.lock().expect("never poisoned").len()
     }
 
     /// `GET https://<destination><path_and_query>`, X-Matrix signed when

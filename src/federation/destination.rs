@@ -273,19 +273,10 @@ impl DestinationTask {
         // the permits bound sends in flight, and a destination whose
         // discovery is slow (bounded by `discovery_timeout`) must not hold
         // one while healthy destinations wait.
-        // Several workers on one database: send only under this worker's
-        // lease on the destination (always held with a single-process store).
-        let worker = &shared.config.worker;
-        let lease_ms = i64::try_from(worker.lease_duration.as_millis()).unwrap_or(i64::MAX);
-        if !store
-            .acquire_lease(&worker.name, &self.destination, crate::now_ms(), lease_ms)
-            .await?
-        {
-            tracing::debug!(worker = %worker.name, "destination leased by another worker");
-            // The owner may record transactions meanwhile.
-            self.settled = false;
+        if !self.holds_lease().await? {
             return Ok(Step::Drained);
         }
+        let leased_at = Instant::now();
         let recorded = if self.settled {
             None
         } else {
@@ -315,14 +306,38 @@ impl DestinationTask {
             }
         };
         let span = tracing::info_span!("txn", txn_id = %txn.txn_id, edus = txn.seqs.len());
-        self.deliver(&server_name, txn).instrument(span).await
+        self.deliver(&server_name, txn, leased_at)
+            .instrument(span)
+            .await
     }
 
-    /// Resolves the destination, then sends `txn` under a send permit.
+    /// Whether this worker holds (and has just extended) the lease on the
+    /// destination. Several workers on one database: a task sends only
+    /// under its worker's lease (always held with a single-process store).
+    async fn holds_lease(&mut self) -> Result<bool, StoreError> {
+        let worker = &self.shared.config.worker;
+        let lease_ms = i64::try_from(worker.lease_duration.as_millis()).unwrap_or(i64::MAX);
+        let held = self
+            .shared
+            .store
+            .acquire_lease(&worker.name, &self.destination, crate::now_ms(), lease_ms)
+            .await?;
+        if !held {
+            tracing::debug!(worker = %worker.name, "destination leased by another worker");
+            // The owner may record transactions meanwhile.
+            self.settled = false;
+        }
+        Ok(held)
+    }
+
+    /// Resolves the destination, then sends `txn` under a send permit. The
+    /// lease, checked at `leased_at`, is checked again first if resolving
+    /// and waiting for the permit took a third of its duration.
     async fn deliver(
         &mut self,
         server_name: &ServerName,
         txn: InFlightTxn,
+        leased_at: Instant,
     ) -> Result<Step, StoreError> {
         let shared = self.shared.clone();
         let store = &shared.store;
@@ -333,6 +348,11 @@ impl DestinationTask {
                     .acquire()
                     .await
                     .expect("the semaphore is never closed");
+                if leased_at.elapsed() > shared.config.worker.lease_duration / 3
+                    && !self.holds_lease().await?
+                {
+                    return Ok(Step::Drained);
+                }
                 shared
                     .client
                     .send_transaction_to(server_name, &endpoint, &txn.txn_id, txn.body.as_bytes())
@@ -422,7 +442,6 @@ impl DestinationTask {
         let store = &self.shared.store;
         store.refuse_txn(&self.destination, &txn.txn_id).await?;
         self.settled = true;
-        let count = u32::try_from(txn.seqs.len()).unwrap_or(u32::MAX);
         let seq = match txn.seqs.as_slice() {
             [] => {
                 // Only a corrupt store records a transaction of no EDUs:
@@ -431,22 +450,19 @@ impl DestinationTask {
                 return Ok(Step::Continue);
             }
             [seq] => *seq,
-            _ => 0,
+            [.., last] => {
+                let count = u32::try_from(txn.seqs.len()).unwrap_or(u32::MAX);
+                let half = (count / 2).max(1);
+                tracing::warn!(status, %reason, edus = count, next = half, "batch refused; splitting");
+                self.split.limit = Some(half);
+                self.split.refused_upto = self.split.refused_upto.max(*last);
+                return Ok(Step::Continue);
+            }
         };
-        if count > 1 {
-            let half = (count / 2).max(1);
-            tracing::warn!(status, %reason, edus = count, next = half, "batch refused; splitting");
-            self.split.limit = Some(half);
-            self.split.refused_upto = self
-                .split
-                .refused_upto
-                .max(txn.seqs.last().copied().unwrap_or(0));
-            return Ok(Step::Continue);
-        }
         self.split.limit = Some(1);
         self.split.refused_upto = self.split.refused_upto.max(seq);
         let refusals = self.split.solo_refusals.entry(seq).or_insert(0);
-        *refusals += 1;
+        *refusals = refusals.saturating_add(1);
         let refusals = *refusals;
         if refusals >= self.shared.config.federation.quarantine_after {
             let why = format!("refused {refusals} times alone, last with {status}: {reason}");

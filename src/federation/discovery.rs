@@ -110,6 +110,7 @@ impl<K: Hash + Eq + Clone, V> LruMap<K, V> {
         Some(value)
     }
 
+    #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         self.entries.len()
     }
@@ -166,15 +167,6 @@ impl Discovery {
             deadline,
             cache: Mutex::new(LruMap::new(WELL_KNOWN_CACHE_ENTRIES)),
         }
-    }
-
-    /// `.well-known` outcomes currently remembered (at most
-    /// [`WELL_KNOWN_CACHE_ENTRIES`]).
-    pub fn cached_well_known(&self) -> usize {
-        self.cache
-            .lock()
-            .expect("the cache lock is never poisoned")
-            .len()
     }
 
     /// Resolves `server_name` per SPEC §6.1, within the discovery deadline.
