@@ -47,7 +47,8 @@ pub struct Shared {
     pub store: Arc<dyn Store>,
     pub client: Arc<FederationClient>,
     pub txn_ids: TxnIds,
-    /// Bounds concurrent sends over all destinations.
+    /// Bounds concurrent sends over all destinations; held only for the
+    /// exchange, never during store work or discovery.
     pub send_permits: Semaphore,
 }
 

@@ -30,7 +30,9 @@ use crate::federation::transaction::TxnIds;
 use crate::store::Store;
 
 /// Sends in flight at once over all destinations (each destination has at
-/// most one); a hanging peer holds one permit until its request times out.
+/// most one). A destination takes a permit only after its discovery
+/// succeeded, so a hanging peer holds one for at most `request_timeout`
+/// and a slow or unresolvable one holds none.
 pub const MAX_CONCURRENT_SENDS: usize = 256;
 /// How often pending-work gauges are refreshed from the store.
 const GAUGE_INTERVAL: Duration = Duration::from_secs(30);
