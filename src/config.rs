@@ -87,6 +87,8 @@ pub struct FederationConfig {
     /// Key fetches (direct or through notaries) in flight at once over all
     /// origins; a lookup waits at most `key_fetch_timeout` for a slot.
     pub key_fetch_concurrency: usize,
+    /// Bound on one whole discovery (`.well-known` hops, SRV, A/AAAA).
+    pub discovery_timeout: Duration,
 }
 
 /// The per-destination backoff schedule (persisted failures × this policy).
@@ -217,6 +219,7 @@ struct RawFederation {
     startup_stagger_ms: Option<u64>,
     pool_idle_per_host: Option<usize>,
     key_fetch_concurrency: Option<usize>,
+    discovery_timeout_ms: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -242,7 +245,7 @@ struct RawRpc {
 struct RawStore {
     sqlite: Option<PathBuf>,
     postgres: Option<String>,
-    // --- pruning (issue 13, F4/F13) ---
+    // Pruning.
     prune_batch: Option<u32>,
     prune_interval_ms: Option<u64>,
     destination_retention_hours: Option<u64>,
@@ -476,6 +479,10 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         if quarantine_after == 0 {
             problems.push("[federation] quarantine_after must be at least 1".to_owned());
         }
+        let discovery_timeout = Duration::from_millis(f.discovery_timeout_ms.unwrap_or(15_000));
+        if discovery_timeout.is_zero() || discovery_timeout > Duration::from_secs(600) {
+            problems.push("[federation] discovery_timeout_ms must be in 1..=600000".to_owned());
+        }
         FederationConfig {
             bind: bind.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0))),
             tls_cert: f.tls_cert.unwrap_or_default(),
@@ -497,6 +504,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             startup_stagger: Duration::from_millis(f.startup_stagger_ms.unwrap_or(5)),
             pool_idle_per_host: f.pool_idle_per_host.unwrap_or(4),
             key_fetch_concurrency,
+            discovery_timeout,
         }
     });
 
@@ -785,6 +793,25 @@ postgres = "b"
             "exactly one",
         ] {
             assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
+        }
+    }
+
+    #[test]
+    fn the_discovery_deadline_defaults_to_15_s_and_is_bounded() {
+        let c = parse(GOOD, &[]).expect("valid config");
+        assert_eq!(c.federation.discovery_timeout, Duration::from_secs(15));
+        let c = parse(
+            GOOD,
+            &[("COURIER_FEDERATION__DISCOVERY_TIMEOUT_MS", "2500")],
+        )
+        .expect("valid config");
+        assert_eq!(c.federation.discovery_timeout, Duration::from_millis(2500));
+        for bad in ["0", "600001"] {
+            let r = parse(GOOD, &[("COURIER_FEDERATION__DISCOVERY_TIMEOUT_MS", bad)]);
+            let Err(ConfigError::Invalid(problems)) = r else {
+                panic!("{bad}: expected an invalid config, got {r:?}");
+            };
+            assert!(problems.iter().any(|p| p.contains("discovery_timeout_ms")));
         }
     }
 

@@ -465,3 +465,177 @@ async fn srv_records_from_a_real_dns_server() {
         );
     }
 }
+
+/// A name server that never answers (a bound UDP socket nobody reads): the
+/// whole discovery ends at `discovery_timeout_ms` with a discovery error,
+/// not after the resolver's own retries over every step.
+#[tokio::test]
+async fn a_silent_name_server_is_cut_off_by_the_discovery_deadline() {
+    let mut s = setup();
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").expect("udp");
+    s.config.nameservers = vec![silent.local_addr().expect("addr")];
+    s.config.discovery_timeout_ms = 1_000;
+    let client = FederationClient::new(Arc::new(s.config.build()), Arc::new(test_signing_key()))
+        .expect("client");
+    let started = std::time::Instant::now();
+    let error = client
+        .resolve(&name("silent.example"))
+        .await
+        .expect_err("no answer");
+    let elapsed = started.elapsed();
+    assert!(
+        matches!(&error, ClientError::Discovery { reason, .. } if reason.contains("timed out")),
+        "{error:?}"
+    );
+    // The deadline must fire; this bound is only generous slack over 1 s.
+    assert!(elapsed < Duration::from_secs(8), "{elapsed:?}");
+    drop(silent);
+}
+
+/// DNS that never answers, on paused time: every kind of lookup is bounded
+/// by the one deadline, and a request (discovery + exchange) fails with it.
+#[tokio::test(start_paused = true)]
+async fn hanging_lookups_end_at_the_deadline_on_every_path() {
+    let mut s = setup();
+    s.config.discovery_timeout_ms = 30_000;
+    let (client, _) = client(&s.config, MapResolver::default().hang("hang.test"));
+    for server in ["a.hang.test", "b.hang.test:8448"] {
+        let started = tokio::time::Instant::now();
+        let error = client.resolve(&name(server)).await.expect_err(server);
+        assert!(
+            matches!(&error, ClientError::Discovery { reason, .. } if reason.contains("timed out")),
+            "{server}: {error:?}"
+        );
+        assert_eq!(started.elapsed(), Duration::from_secs(30), "{server}");
+        let error = client
+            .get_json(&name(server), "/_matrix/federation/v1/version", false)
+            .await
+            .expect_err(server);
+        assert!(matches!(error, ClientError::Discovery { .. }), "{error:?}");
+    }
+}
+
+/// A `.well-known` that accepts the request and never answers gets half
+/// the deadline in total; discovery then goes on to SRV / 8448, and the
+/// failure is cached so the next resolution does not wait again.
+#[tokio::test]
+async fn a_stalled_well_known_costs_half_the_deadline_once() {
+    let mut s = setup();
+    let fake = FakeRemote::start(&s.ca, &["stall.test"]).await;
+    s.config.well_known_port = fake.port();
+    s.config.discovery_timeout_ms = 1_000;
+    fake.stall_well_known("stall.test");
+    let (client, _) = client(
+        &s.config,
+        MapResolver::default().ip("stall.test", &["127.0.0.1"]),
+    );
+    let started = std::time::Instant::now();
+    let endpoint = client
+        .resolve(&name("stall.test"))
+        .await
+        .expect("falls through");
+    assert_eq!(endpoint.addrs, addrs(&["127.0.0.1:8448"]));
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(fake.well_known_fetches("stall.test"), 1);
+    client
+        .resolve(&name("stall.test"))
+        .await
+        .expect("cached failure");
+    assert_eq!(
+        fake.well_known_fetches("stall.test"),
+        1,
+        "not fetched again"
+    );
+}
+
+/// SRV targets: at most `MAX_SRV_TARGETS` are looked up, all at once, and
+/// targets whose lookups hang are skipped in favour of those that answer,
+/// in SRV priority order.
+#[tokio::test(start_paused = true)]
+async fn srv_targets_are_capped_resolved_concurrently_and_hung_ones_skipped() {
+    use courier::federation::discovery::MAX_SRV_TARGETS;
+    use courier::federation::dns::SrvRecord;
+    let mut s = setup();
+    s.config.discovery_timeout_ms = 8_000;
+    let mut resolver = MapResolver::default().hang("hang.test");
+    let mut records = Vec::new();
+    for priority in 1..=12u16 {
+        // The two most preferred targets hang.
+        let target = if priority <= 2 {
+            format!("t{priority}.hang.test")
+        } else {
+            format!("t{priority}.ok.test")
+        };
+        resolver = resolver.ip(
+            &format!("t{priority}.ok.test"),
+            &[&format!("192.0.2.{priority}")],
+        );
+        records.push(SrvRecord {
+            priority,
+            weight: 0,
+            port: 9000 + priority,
+            target,
+        });
+    }
+    resolver
+        .srv
+        .insert("_matrix-fed._tcp.many.test".to_owned(), records);
+    let (client, resolver) = client(&s.config, resolver);
+    let started = tokio::time::Instant::now();
+    let endpoint = client.resolve(&name("many.test")).await.expect("resolved");
+    let expected: Vec<SocketAddr> = (3..=MAX_SRV_TARGETS as u16)
+        .map(|p| format!("192.0.2.{p}:{}", 9000 + p).parse().expect("addr"))
+        .collect();
+    assert_eq!(endpoint.addrs, expected);
+    assert_eq!(endpoint.host_header, "many.test");
+    // Concurrent: the hung targets cost one wait (three quarters of the
+    // deadline), not one each.
+    assert_eq!(started.elapsed(), Duration::from_secs(6));
+    let lookups = resolver.lookups();
+    for priority in MAX_SRV_TARGETS as u16 + 1..=12 {
+        let target = format!("IP t{priority}.ok.test");
+        assert!(
+            !lookups.contains(&target),
+            "{target} looked up: {lookups:?}"
+        );
+    }
+}
+
+/// The `well_known` fuzz target's seed corpus (the inputs that used to
+/// panic among them) through the same calls, on stable.
+#[test]
+fn the_well_known_fuzz_corpus_is_handled_without_panics() {
+    use courier::federation::well_known::{
+        MAX_CACHE, MIN_CACHE, cache_period, parse_body, parse_http_date,
+    };
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/well_known");
+    let mut files = 0;
+    for entry in std::fs::read_dir(&dir).expect("corpus directory") {
+        let bytes = std::fs::read(entry.expect("entry").path()).expect("corpus file");
+        let _ = parse_body(&bytes);
+        let Ok(text) = std::str::from_utf8(&bytes) else {
+            continue;
+        };
+        let first = text.lines().next().unwrap_or_default();
+        let _ = parse_http_date(first);
+        for name in [http::header::EXPIRES, http::header::CACHE_CONTROL] {
+            if let Ok(value) = http::HeaderValue::from_str(first) {
+                let mut headers = http::HeaderMap::new();
+                headers.insert(name, value);
+                let period = cache_period(&headers, std::time::SystemTime::now());
+                assert!((MIN_CACHE..=MAX_CACHE).contains(&period), "{period:?}");
+            }
+        }
+        files += 1;
+    }
+    assert!(files >= 5, "{files} corpus files");
+    assert_eq!(
+        parse_http_date("Mon, 01 Jan 400000000000 00:00:00 GMT"),
+        None,
+        "the F5 input"
+    );
+}

@@ -306,3 +306,120 @@ async fn a_thousand_destinations_and_one_hanging_peer() {
     );
     h.stop().await;
 }
+
+/// F3: 300 destinations whose discovery hangs (their DNS never answers)
+/// hold no send permit while they wait, so a healthy destination queued
+/// after all of them is delivered at once, long before their 30 s
+/// discovery deadline. (More hung destinations than there are permits.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_hundred_destinations_with_hanging_discovery_and_one_healthy() {
+    const HUNG: usize = 300;
+    const _: () = assert!(HUNG > courier::federation::sender::MAX_CONCURRENT_SENDS);
+    let mut h = Harness::new(|c| c.discovery_timeout_ms = 30_000).await;
+    for n in 0..HUNG {
+        let dest = h.hanging_dest(n);
+        h.enqueue_to(&dest, n..n + 1, &[]).await;
+    }
+    let started = std::time::Instant::now();
+    h.enqueue(0, 0..3, &[]).await;
+    let delivered_in_time = h
+        .fake
+        .wait_for(Duration::from_secs(5), |r| {
+            delivered(r, &Harness::hostname(0)).len() == 3
+        })
+        .await;
+    assert!(
+        delivered_in_time,
+        "the healthy destination is served within 5 s, not after the hung ones' deadline"
+    );
+    eprintln!(
+        "healthy destination delivered after {:?}",
+        started.elapsed()
+    );
+    assert_eq!(delivered(&h.fake.received(), "d0.fed.test"), ids(0..3));
+    // Its rows are acked; the hung destinations never reached anything and
+    // still hold theirs.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let pending = loop {
+        let pending = h.store.destinations_with_pending().await.expect("pending");
+        if !pending.contains(&h.dest(0)) || std::time::Instant::now() > deadline {
+            break pending;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!(pending.len(), HUNG);
+    assert!(pending.iter().all(|d| d.contains(".hang.test:")));
+    assert!(
+        h.fake
+            .received()
+            .iter()
+            .all(|r| !r.host.contains("hang.test"))
+    );
+    h.stop().await;
+}
+
+/// F16: a peer that answers `200` to `/send` with an empty or HTML body
+/// applied the transaction: its rows are acked and nothing is resent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_200_with_a_body_that_is_not_json_counts_as_delivered() {
+    let mut h = Harness::new(|_| {}).await;
+    for (n, body) in ["", "<html><body>OK</body></html>"].into_iter().enumerate() {
+        h.fake.script(
+            &Harness::hostname(n),
+            Script {
+                ok_body: Some(body.to_owned()),
+                ..Script::default()
+            },
+        );
+        h.enqueue(n, 0..2, &[]).await;
+    }
+    h.wait_store_drained(Duration::from_secs(20)).await;
+    for n in 0..2 {
+        let sends = h.fake.received_for(&Harness::hostname(n));
+        assert_eq!(sends.len(), 1, "sent once, never resent: {sends:?}");
+        assert_eq!(sends[0].status, 200);
+        let retry = h.store.retry_state(&h.dest(n)).await.expect("retry state");
+        assert_eq!(retry.failures, 0);
+    }
+    h.stop().await;
+}
+
+/// F21: a recorded transaction with no EDUs (only a corrupt store has one)
+/// that the peer refuses is dropped without a panic, and the rows queued
+/// behind it still go out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_recorded_transaction_without_edus_does_not_stop_the_destination() {
+    let mut h = Harness::new(|_| {}).await;
+    h.fake.script(
+        &Harness::hostname(0),
+        Script {
+            refuse_containing: vec!["CORRUPT".to_owned()],
+            ..Script::default()
+        },
+    );
+    let dest = h.dest(0);
+    h.store
+        .begin_txn(courier::store::InFlightTxn {
+            destination: dest.clone(),
+            txn_id: "corrupt-1".to_owned(),
+            seqs: vec![],
+            body: r#"{"edus":[{"content":{"marker":"CORRUPT"},"edu_type":"m.x"}],"origin":"origin.test","origin_server_ts":1,"pdus":[]}"#.to_owned(),
+        })
+        .await
+        .expect("record a transaction of no EDUs");
+    h.enqueue(0, 0..3, &[]).await;
+    assert!(
+        h.fake
+            .wait_for(Duration::from_secs(20), |r| delivered(r, "d0.fed.test")
+                .len()
+                == 3)
+            .await,
+        "the queued rows are delivered after the refused empty transaction"
+    );
+    let sends = h.fake.received_for("d0.fed.test");
+    assert_eq!(sends[0].txn_id, "corrupt-1");
+    assert_eq!(sends[0].status, 400);
+    assert_eq!(delivered(&sends, "d0.fed.test"), ids(0..3));
+    h.wait_store_drained(Duration::from_secs(10)).await;
+    h.stop().await;
+}

@@ -4,6 +4,8 @@
 //! once; `Retry-After` is honoured; idle tasks retire and come back. A
 //! throttled ticker keeps virtual time from leaping over real socket waits.
 
+#[path = "support/counting_store.rs"]
+mod counting_store;
 #[path = "support/fake_remote.rs"]
 mod fake_remote;
 #[path = "support/inhibiting_store.rs"]
@@ -13,6 +15,7 @@ mod outbound_env;
 #[path = "support/sender_env.rs"]
 mod sender_env;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use fake_remote::Script;
@@ -222,5 +225,134 @@ async fn idle_tasks_retire_and_come_back_on_the_next_wake() {
     );
     assert_eq!(delivered(&h.fake.received(), "d0.fed.test"), ids(0..4));
     assert_eq!(h.fake.overlaps(), 0);
+    h.stop().await;
+}
+
+/// F3: a destination whose discovery never answers fails at the discovery
+/// deadline and backs off on its own persisted schedule (the failure
+/// recorded like any other), while another destination is served at once.
+#[tokio::test(start_paused = true)]
+async fn an_unresolvable_destination_backs_off_alone_on_its_schedule() {
+    let _ticker = outbound_env::spawn_throttled_ticker(Duration::from_millis(10));
+    let mut h = Harness::new(|c| {
+        c.discovery_timeout_ms = 10_000;
+        c.retry_initial_ms = 2_000;
+        c.retry_max_ms = 600_000;
+        c.retry_jitter = 0.0;
+    })
+    .await;
+    let hung = h.hanging_dest(0);
+    h.enqueue_to(&hung, 0..1, &[]).await;
+    let start = Instant::now();
+    h.enqueue(0, 0..1, &[]).await;
+    assert!(
+        h.fake
+            .wait_for(Duration::from_secs(5), |r| delivered(r, "d0.fed.test")
+                .len()
+                == 1)
+            .await,
+        "the healthy destination is not held up"
+    );
+    assert!(start.elapsed() < Duration::from_secs(5));
+    // Two discovery deadlines and the backoff between them.
+    let deadline = start + Duration::from_secs(120);
+    let retry = loop {
+        let retry = h.store.retry_state(&hung).await.expect("retry state");
+        if retry.failures >= 2 || Instant::now() > deadline {
+            break retry;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert!(retry.failures >= 2, "{retry:?}");
+    let error = retry.last_error.unwrap_or_default();
+    assert!(error.contains("timed out"), "{error}");
+    assert!(
+        start.elapsed() >= Duration::from_secs(20),
+        "each attempt waited its whole deadline: {:?}",
+        start.elapsed()
+    );
+    assert!(h.fake.received_for("h0.hang.test").is_empty());
+    h.stop().await;
+}
+
+/// F17: a persisted retry time far in the future (a clock that ran ahead,
+/// then was set back) delays a restarted task by at most `retry.max`.
+#[tokio::test(start_paused = true)]
+async fn a_restarted_task_waits_at_most_the_cap_whatever_was_persisted() {
+    let _ticker = outbound_env::spawn_throttled_ticker(Duration::from_millis(10));
+    let mut h = Harness::new(|c| {
+        c.retry_initial_ms = 2_000;
+        c.retry_max_ms = 60_000;
+    })
+    .await;
+    let dest = h.dest(0);
+    let thirty_days_ms = 30 * 24 * 3600 * 1000;
+    h.store
+        .set_retry_state(
+            &dest,
+            &courier::store::RetryState {
+                failures: 3,
+                retry_after_ms: courier::now_ms() + thirty_days_ms,
+                last_success_ms: None,
+                last_error: Some("before the clock jumped back".to_owned()),
+            },
+        )
+        .await
+        .expect("persist a far retry time");
+    h.restart().await;
+    let start = Instant::now();
+    h.enqueue(0, 0..1, &[]).await;
+    assert!(
+        h.fake
+            .wait_for(Duration::from_secs(600), |r| delivered(r, "d0.fed.test")
+                .len()
+                == 1)
+            .await,
+        "delivered after the cap, not after 30 days"
+    );
+    let waited = start.elapsed();
+    assert!(
+        waited >= Duration::from_secs(55) && waited <= Duration::from_secs(75),
+        "{waited:?}"
+    );
+    h.stop().await;
+}
+
+/// F18: wakes that pile up while a transaction is in flight are answered
+/// by one look at the outbox, not one each. (Paused time: the final sleep
+/// passes only once every queued signal has been served.)
+#[tokio::test(start_paused = true)]
+async fn wakes_queued_during_a_send_cost_one_outbox_read() {
+    const WAKES: usize = 50;
+    let _ticker = outbound_env::spawn_throttled_ticker(Duration::from_millis(10));
+    let mut h = Harness::new(|_| {}).await;
+    h.stop().await;
+    let counting = Arc::new(counting_store::CountingStore::new(h.store.clone()));
+    h.store = counting.clone();
+    h.start_sender();
+    h.fake.script(
+        &Harness::hostname(0),
+        Script {
+            respond_after: Some(Duration::from_secs(2)),
+            ..Script::default()
+        },
+    );
+    h.enqueue(0, 0..1, &[]).await;
+    assert!(
+        h.fake
+            .wait_for(Duration::from_secs(10), |r| !r.is_empty())
+            .await
+    );
+    let dest = h.dest(0);
+    for _ in 0..WAKES {
+        h.handle.wake(&dest);
+    }
+    h.wait_store_drained(Duration::from_secs(30)).await;
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let peeks = counting.peeks();
+    // One read for the row, one finding the outbox empty after the ack,
+    // one for all the queued wakes; one per wake would be over 50.
+    assert!(peeks <= 4, "{peeks} outbox reads for {WAKES} queued wakes");
+    assert_eq!(delivered(&h.fake.received(), "d0.fed.test"), ids(0..1));
     h.stop().await;
 }

@@ -242,3 +242,80 @@ async fn well_known_cannot_delegate_into_denied_ranges() {
         "nothing but .well-known reached"
     );
 }
+
+/// A request that times out closes every connection to its authority at
+/// once, including the pooled (idle or multiplexed) one, instead of leaving
+/// it open for the pool's 90 s idle timeout.
+#[tokio::test]
+async fn a_timed_out_request_releases_the_hosts_pooled_connections() {
+    let mut s = setup();
+    let fake = FakeRemote::start(&s.ca, &["pool.test"]).await;
+    s.config.request_timeout_ms = 1_000;
+    let server = format!("pool.test:{}", fake.port());
+    let (client, _) = client(
+        &s.config,
+        MapResolver::default().ip("pool.test", &["127.0.0.1"]),
+    );
+    client
+        .get_json(&name(&server), "/_matrix/federation/v1/version", true)
+        .await
+        .expect("first request");
+    assert!(
+        fake.wait_for_connections(std::time::Duration::from_secs(10), |n| n == 1)
+            .await,
+        "one pooled connection: {}",
+        fake.open_connections()
+    );
+    fake.script(
+        "pool.test",
+        fake_remote::Script {
+            hang: true,
+            ..fake_remote::Script::default()
+        },
+    );
+    let body = br#"{"edus":[],"origin":"origin.test","origin_server_ts":1,"pdus":[]}"#;
+    let error = client
+        .send_transaction(&name(&server), "t1", body)
+        .await
+        .expect_err("hangs");
+    assert!(matches!(error, ClientError::Timeout { .. }), "{error:?}");
+    assert!(
+        fake.wait_for_connections(std::time::Duration::from_secs(10), |n| n == 0)
+            .await,
+        "the host's connections are closed: {} open",
+        fake.open_connections()
+    );
+    // The host is usable again: a new connection is opened.
+    fake.script("pool.test", fake_remote::Script::default());
+    client
+        .send_transaction(&name(&server), "t2", body)
+        .await
+        .expect("a new connection");
+}
+
+/// A `200` to `/send` whose body is not a JSON object still means the peer
+/// took the transaction; other requests still need a JSON object.
+#[tokio::test]
+async fn a_send_answered_200_with_a_non_json_body_is_delivered() {
+    let s = setup();
+    let fake = FakeRemote::start(&s.ca, &["lax.test"]).await;
+    let server = format!("lax.test:{}", fake.port());
+    let (client, _) = client(
+        &s.config,
+        MapResolver::default().ip("lax.test", &["127.0.0.1"]),
+    );
+    let body = br#"{"edus":[],"origin":"origin.test","origin_server_ts":1,"pdus":[]}"#;
+    for (n, answer) in ["", "<html>ok</html>", "[1]"].into_iter().enumerate() {
+        fake.script(
+            "lax.test",
+            fake_remote::Script {
+                ok_body: Some(answer.to_owned()),
+                ..fake_remote::Script::default()
+            },
+        );
+        client
+            .send_transaction(&name(&server), &format!("t{n}"), body)
+            .await
+            .unwrap_or_else(|e| panic!("{answer:?}: {e:?}"));
+    }
+}

@@ -11,9 +11,19 @@
 //! delegating to the same host therefore share connections, which is
 //! exactly as safe as connecting twice.
 //!
+//! Bounds: discovery runs under `federation.discovery_timeout_ms` and the
+//! exchange under `request_timeout_ms`, so a whole request is bounded by
+//! their sum; the sender resolves first ([`FederationClient::resolve`],
+//! outside its send permits) and then sends to that endpoint
+//! ([`FederationClient::send_transaction_to`]). The per-authority endpoint
+//! map is bounded in entries. A request that fails in transport (connect,
+//! timeout, unreadable answer) closes every connection to its authority at
+//! once, idle ones included, so a failing host holds no pooled sockets;
+//! `.well-known` connections are never pooled and unsigned requests (key
+//! fetches) use their own pool with a short idle timeout.
+//!
 //! It does not retry: retry policy belongs to the sender.
 
-use std::collections::HashMap;
 use std::error::Error as _;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -27,9 +37,9 @@ use serde_json::Value;
 use tokio_rustls::TlsConnector;
 
 use crate::config::Config;
-use crate::federation::connector::{Dialer, DirectConnector, FederationConnector};
+use crate::federation::connector::{Closers, Dialer, DirectConnector, FederationConnector};
 use crate::federation::denylist::Denylist;
-use crate::federation::discovery::{Discovery, Endpoint};
+use crate::federation::discovery::{Discovery, Endpoint, LruMap};
 use crate::federation::dns::{DnsResolver, HickoryResolver};
 use crate::identifiers::ServerName;
 use crate::keys::ServerSigningKey;
@@ -39,12 +49,17 @@ use crate::xmatrix::{RequestToSign, sign_request, sign_signed_bytes};
 const MAX_RESPONSE_BYTES: usize = 4 * 1024 * 1024;
 /// How much of an error body is kept in `ClientError::Status`.
 const ERROR_BODY_KEPT: usize = 1024;
-/// Endpoints remembered for the connector before the map is reset.
-const ENDPOINTS_KEPT: usize = 20_000;
+/// Endpoints (and connection closers) remembered for the connector, least
+/// recently used evicted first.
+pub(crate) const ENDPOINTS_KEPT: usize = 10_000;
 /// Sent with every request.
 const USER_AGENT: &str = concat!("Courier/", env!("CARGO_PKG_VERSION"));
 /// How long an idle pooled connection is kept.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// How long an idle connection of an unsigned request (a key fetch, a
+/// notary query) is kept: those are rare per host, and a forged origin must
+/// not leave a socket open for long.
+const UNSIGNED_POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How a request is signed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -114,17 +129,43 @@ impl ClientError {
             ClientError::Request(reason) => ClientError::Request(reason),
         }
     }
+
+    /// Whether the connection path itself failed (not the peer's answer):
+    /// then the authority's pooled connections are closed.
+    fn is_transport(&self) -> bool {
+        matches!(
+            self,
+            ClientError::Connect { .. }
+                | ClientError::Timeout { .. }
+                | ClientError::BadResponse { .. }
+        )
+    }
 }
 
 /// Endpoints by the URI authority the connector will be asked for.
-pub(crate) type EndpointMap = Arc<Mutex<HashMap<String, Endpoint>>>;
+pub(crate) type EndpointMap = Arc<Mutex<LruMap<String, Endpoint>>>;
+
+/// What a 2xx answer must carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Answer {
+    /// A JSON object, else `BadResponse`.
+    JsonObject,
+    /// Anything: the 2xx is what counts (`/send`: the peer applied the
+    /// transaction whatever its body says); a non-object body is logged and
+    /// read as `{}`.
+    Accepted,
+}
 
 pub struct FederationClient {
     origin: ServerName,
     signing_key: Arc<ServerSigningKey>,
+    /// Signed requests (transactions).
     http: Client<FederationConnector, Full<Bytes>>,
+    /// Unsigned requests (key fetches, notaries): short-lived idle sockets.
+    unsigned_http: Client<FederationConnector, Full<Bytes>>,
     discovery: Arc<Discovery>,
     endpoints: EndpointMap,
+    closers: Arc<Closers>,
     request_timeout: Duration,
 }
 
@@ -154,10 +195,11 @@ impl FederationClient {
             tls: TlsConnector::from(tls),
             connect_timeout: federation.connect_timeout,
         });
+        // A `.well-known` answer is cached for at least a minute, so its
+        // connection would only sit idle: none is kept.
         let well_known_client = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-            .pool_max_idle_per_host(1)
+            .pool_max_idle_per_host(0)
             .build(DirectConnector {
                 resolver: resolver.clone(),
                 dialer: dialer.clone(),
@@ -167,27 +209,39 @@ impl FederationClient {
             well_known_client,
             federation.well_known_port,
             federation.request_timeout,
+            federation.discovery_timeout,
         ));
-        let endpoints: EndpointMap = Arc::new(Mutex::new(HashMap::new()));
+        let endpoints: EndpointMap = Arc::new(Mutex::new(LruMap::new(ENDPOINTS_KEPT)));
+        let closers = Arc::new(Closers::new(ENDPOINTS_KEPT));
+        let connector = FederationConnector {
+            endpoints: endpoints.clone(),
+            closers: closers.clone(),
+            dialer,
+        };
         let http = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(POOL_IDLE_TIMEOUT)
             .pool_max_idle_per_host(federation.pool_idle_per_host)
-            .build(FederationConnector {
-                endpoints: endpoints.clone(),
-                dialer,
-            });
+            .build(connector.clone());
+        let unsigned_http = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(UNSIGNED_POOL_IDLE_TIMEOUT)
+            .pool_max_idle_per_host(1)
+            .build(connector);
         Ok(FederationClient {
             origin: config.server_name.clone(),
             signing_key,
             http,
+            unsigned_http,
             discovery,
             endpoints,
+            closers,
             request_timeout: federation.request_timeout,
         })
     }
 
-    /// Where `destination` is reached (SPEC §6), for diagnostics and tests.
+    /// Where `destination` is reached (SPEC §6), within the discovery
+    /// deadline. The sender calls this before taking a send permit.
     pub async fn resolve(&self, destination: &ServerName) -> Result<Endpoint, ClientError> {
         self.discovery.resolve(destination).await
     }
@@ -205,16 +259,41 @@ impl FederationClient {
         } else {
             Sign::Unsigned
         };
-        self.request(Method::GET, destination, path_and_query, None, sign)
-            .await
+        let target = Target {
+            destination,
+            endpoint: None,
+        };
+        let out = Outgoing {
+            method: Method::GET,
+            path_and_query,
+            body: None,
+            sign,
+            answer: Answer::JsonObject,
+        };
+        self.request(target, out).await
     }
 
     /// `PUT /_matrix/federation/v1/send/{txn_id}` with `body` sent byte for
-    /// byte (the signature covers its parsed form). `txn_id` must already be
-    /// URL-safe (`[A-Za-z0-9._~-]`).
+    /// byte (the signature covers its parsed form), resolving `destination`
+    /// first. `txn_id` must already be URL-safe (`[A-Za-z0-9._~-]`). Any
+    /// 2xx counts as delivered, whatever its body.
     pub async fn send_transaction(
         &self,
         destination: &ServerName,
+        txn_id: &str,
+        body: &[u8],
+    ) -> Result<Value, ClientError> {
+        let endpoint = self.resolve(destination).await?;
+        self.send_transaction_to(destination, &endpoint, txn_id, body)
+            .await
+    }
+
+    /// As [`send_transaction`](Self::send_transaction), to an endpoint
+    /// already resolved for `destination`; no discovery happens here.
+    pub async fn send_transaction_to(
+        &self,
+        destination: &ServerName,
+        endpoint: &Endpoint,
         txn_id: &str,
         body: &[u8],
     ) -> Result<Value, ClientError> {
@@ -235,28 +314,56 @@ impl FederationClient {
         } else {
             Sign::ParsedBody
         };
-        self.request(Method::PUT, destination, &path, Some(body), sign)
-            .await
+        let target = Target {
+            destination,
+            endpoint: Some(endpoint),
+        };
+        let out = Outgoing {
+            method: Method::PUT,
+            path_and_query: &path,
+            body: Some(body),
+            sign,
+            answer: Answer::Accepted,
+        };
+        self.request(target, out).await
     }
 
-    async fn request(
-        &self,
-        method: Method,
-        destination: &ServerName,
-        path_and_query: &str,
-        body: Option<&[u8]>,
-        sign: Sign,
-    ) -> Result<Value, ClientError> {
-        let dest = destination.as_str();
-        let endpoint = self.discovery.resolve(destination).await?;
+    /// One request; on a transport failure every connection to the
+    /// authority is closed.
+    async fn request(&self, target: Target<'_>, out: Outgoing<'_>) -> Result<Value, ClientError> {
+        let endpoint = match target.endpoint {
+            Some(endpoint) => endpoint.clone(),
+            None => self.discovery.resolve(target.destination).await?,
+        };
         let authority = endpoint.host_header.clone();
+        let result = self.exchange(target.destination, endpoint, out).await;
+        if let Err(error) = &result
+            && error.is_transport()
         {
-            let mut endpoints = self.endpoints.lock().expect("never poisoned");
-            if endpoints.len() >= ENDPOINTS_KEPT && !endpoints.contains_key(&authority) {
-                endpoints.clear();
-            }
-            endpoints.insert(authority.clone(), endpoint);
+            self.closers.close_all(&authority);
         }
+        result
+    }
+
+    async fn exchange(
+        &self,
+        destination: &ServerName,
+        endpoint: Endpoint,
+        out: Outgoing<'_>,
+    ) -> Result<Value, ClientError> {
+        let Outgoing {
+            method,
+            path_and_query,
+            body,
+            sign,
+            answer,
+        } = out;
+        let dest = destination.as_str();
+        let authority = endpoint.host_header.clone();
+        self.endpoints
+            .lock()
+            .expect("never poisoned")
+            .insert(authority.clone(), endpoint);
         let uri = format!("https://{authority}{path_and_query}");
         let mut builder = Request::builder()
             .method(method.clone())
@@ -317,9 +424,13 @@ impl FederationClient {
         }
         .map_err(|e| ClientError::Request(e.to_string()))?;
 
+        let http = if sign == Sign::Unsigned {
+            &self.unsigned_http
+        } else {
+            &self.http
+        };
         let exchange = async {
-            let response = self
-                .http
+            let response = http
                 .request(request)
                 .await
                 .map_err(|e| map_hyper_error(dest, &e))?;
@@ -352,19 +463,43 @@ impl FederationClient {
         if !status.is_success() {
             return Err(status_error(dest, status, retry_after_header, &bytes));
         }
-        let value: Value =
-            serde_json::from_slice(&bytes).map_err(|e| ClientError::BadResponse {
+        let value = match serde_json::from_slice::<Value>(&bytes) {
+            Ok(value) if value.is_object() => return Ok(value),
+            Ok(_) => "body is not a JSON object".to_owned(),
+            Err(error) => format!("body is not JSON: {error}"),
+        };
+        match answer {
+            Answer::JsonObject => Err(ClientError::BadResponse {
                 destination: dest.to_owned(),
-                reason: format!("body is not JSON: {e}"),
-            })?;
-        if !value.is_object() {
-            return Err(ClientError::BadResponse {
-                destination: dest.to_owned(),
-                reason: "body is not a JSON object".to_owned(),
-            });
+                reason: value,
+            }),
+            Answer::Accepted => {
+                tracing::warn!(
+                    destination = dest,
+                    status = status.as_u16(),
+                    reason = %value,
+                    "peer accepted the request with an invalid body; counted as delivered"
+                );
+                Ok(Value::Object(serde_json::Map::new()))
+            }
         }
-        Ok(value)
     }
+}
+
+/// One request as the caller describes it.
+struct Outgoing<'a> {
+    method: Method,
+    path_and_query: &'a str,
+    body: Option<&'a [u8]>,
+    sign: Sign,
+    answer: Answer,
+}
+
+/// Whom a request goes to, and where if already resolved.
+#[derive(Clone, Copy)]
+struct Target<'a> {
+    destination: &'a ServerName,
+    endpoint: Option<&'a Endpoint>,
 }
 
 fn status_error(

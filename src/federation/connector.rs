@@ -6,7 +6,10 @@
 //! denylisted addresses before opening any socket, try each address in turn
 //! within the connect timeout, and run TLS with the name discovery chose
 //! (SNI omitted for IP addresses) and ALPN h2/http1.1. Certificate checks
-//! are never disabled.
+//! are never disabled. Every federation connection carries its authority's
+//! closer ([`Closers`]): when the client closes an authority after a
+//! transport failure, its connections read end-of-stream at once, so the
+//! pool drops them, idle or not, and their sockets are released.
 //!
 //! This module does not sign or send requests (client) and does not decide
 //! where a server name points (discovery).
@@ -28,16 +31,54 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+
 use crate::federation::client::{ClientError, EndpointMap};
 use crate::federation::denylist::Denylist;
+use crate::federation::discovery::LruMap;
 use crate::federation::dns::{DnsResolver, lookup_host};
 
 /// A TLS connection to a peer, telling the pool whether h2 was negotiated.
-pub struct TlsConn(TlsStream<TcpStream>);
+/// Once its closer fires it reads end-of-stream and refuses writes.
+pub struct TlsConn {
+    stream: TlsStream<TcpStream>,
+    closer: Option<Closer>,
+}
+
+/// The "close now" signal of one connection (ready for good once fired).
+struct Closer {
+    fired: Pin<Box<WaitForCancellationFutureOwned>>,
+}
+
+impl TlsConn {
+    fn new(stream: TlsStream<TcpStream>) -> Self {
+        TlsConn {
+            stream,
+            closer: None,
+        }
+    }
+
+    /// Whether the closer fired; registers the waker otherwise.
+    fn closed(&mut self, cx: &mut Context<'_>) -> bool {
+        match &mut self.closer {
+            None => false,
+            // The future checks the token first on every poll, so it stays
+            // ready once it has been.
+            Some(closer) => closer.fired.as_mut().poll(cx).is_ready(),
+        }
+    }
+}
+
+fn closed_error() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::ConnectionAborted,
+        "connection closed after a failure",
+    )
+}
 
 impl Connection for TlsConn {
     fn connected(&self) -> Connected {
-        let (_, session) = self.0.get_ref();
+        let (_, session) = self.stream.get_ref();
         if session.alpn_protocol() == Some(b"h2") {
             Connected::new().negotiated_h2()
         } else {
@@ -52,7 +93,11 @@ impl AsyncRead for TlsConn {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_read(cx, buf)
+        if self.closed(cx) {
+            // End of stream: the connection task ends and drops the socket.
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.stream).poll_read(cx, buf)
     }
 }
 
@@ -62,23 +107,73 @@ impl AsyncWrite for TlsConn {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write(cx, buf)
+        if self.closed(cx) {
+            return Poll::Ready(Err(closed_error()));
+        }
+        Pin::new(&mut self.stream).poll_write(cx, buf)
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_flush(cx)
+        Pin::new(&mut self.stream).poll_flush(cx)
     }
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_shutdown(cx)
+        Pin::new(&mut self.stream).poll_shutdown(cx)
     }
     fn poll_write_vectored(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
+        if self.closed(cx) {
+            return Poll::Ready(Err(closed_error()));
+        }
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
     }
     fn is_write_vectored(&self) -> bool {
-        self.0.is_write_vectored()
+        self.stream.is_write_vectored()
+    }
+}
+
+/// One closer per authority (bounded, least recently used evicted): every
+/// connection opened to the authority listens to it; `close_all` fires it
+/// and starts a new one for later connections.
+pub struct Closers {
+    tokens: std::sync::Mutex<LruMap<String, CancellationToken>>,
+}
+
+impl Closers {
+    pub(crate) fn new(capacity: usize) -> Self {
+        Closers {
+            tokens: std::sync::Mutex::new(LruMap::new(capacity)),
+        }
+    }
+
+    fn closer(&self, authority: &str) -> Closer {
+        let mut tokens = self.tokens.lock().expect("never poisoned");
+        let key = authority.to_owned();
+        let token = match tokens.get(&key) {
+            Some(token) => token.clone(),
+            None => {
+                let token = CancellationToken::new();
+                tokens.insert(key, token.clone());
+                token
+            }
+        };
+        Closer {
+            fired: Box::pin(token.cancelled_owned()),
+        }
+    }
+
+    /// Closes every open connection to `authority` (idle or busy).
+    pub(crate) fn close_all(&self, authority: &str) {
+        let token = self
+            .tokens
+            .lock()
+            .expect("never poisoned")
+            .remove(&authority.to_owned());
+        if let Some(token) = token {
+            tracing::debug!(authority, "closing connections after a failure");
+            token.cancel();
+        }
     }
 }
 
@@ -123,7 +218,7 @@ impl Dialer {
                 self.tls.connect(tls_name.clone(), tcp).await
             };
             match tokio::time::timeout(self.connect_timeout, attempt).await {
-                Ok(Ok(stream)) => return Ok(TlsConn(stream)),
+                Ok(Ok(stream)) => return Ok(TlsConn::new(stream)),
                 Ok(Err(error)) => {
                     tracing::debug!(destination, address = %addr, %error, "connect failed");
                     last_error = format!("{addr}: {error}");
@@ -147,6 +242,7 @@ type ConnectFuture = Pin<Box<dyn Future<Output = Result<TokioIo<TlsConn>, Client
 #[derive(Clone)]
 pub struct FederationConnector {
     pub(crate) endpoints: EndpointMap,
+    pub(crate) closers: Arc<Closers>,
     pub(crate) dialer: Arc<Dialer>,
 }
 
@@ -167,16 +263,17 @@ impl tower::Service<Uri> for FederationConnector {
                 .endpoints
                 .lock()
                 .expect("never poisoned")
-                .get(authority)
+                .get(&authority.to_owned())
                 .cloned()
                 .ok_or_else(|| ClientError::Connect {
                     destination: authority.to_owned(),
                     reason: "no resolved endpoint for this authority".to_owned(),
                 })?;
-            let conn = this
+            let mut conn = this
                 .dialer
                 .dial(authority, &endpoint.addrs, &endpoint.tls_name)
                 .await?;
+            conn.closer = Some(this.closers.closer(authority));
             Ok(TokioIo::new(conn))
         })
     }

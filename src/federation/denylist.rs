@@ -30,6 +30,13 @@ const DENIED_V4: &[(Ipv4Addr, u8)] = &[
 const DENIED_V6: &[(Ipv6Addr, u8)] = &[
     (Ipv6Addr::UNSPECIFIED, 128),
     (Ipv6Addr::LOCALHOST, 128),
+    // IPv4-compatible (`::a.b.c.d`, deprecated by RFC 4291): nothing public
+    // lives there, and a host that routes it to IPv4 would reach whatever
+    // IPv4 address it carries, so the whole /96 is refused. (It also
+    // covers `::` and `::1` above.)
+    (Ipv6Addr::UNSPECIFIED, 96),
+    // IPv4-translated (`::ffff:0:a.b.c.d`, RFC 2765 SIIT): likewise.
+    (Ipv6Addr::new(0, 0, 0, 0, 0xffff, 0, 0, 0), 96),
     (Ipv6Addr::new(0x64, 0xff9b, 1, 0, 0, 0, 0, 0), 48), // local-use NAT64
     (Ipv6Addr::new(0x100, 0, 0, 0, 0, 0, 0, 0), 64),     // discard-only
     (Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0), 32), // documentation
@@ -62,8 +69,11 @@ impl Denylist {
         }
     }
 
-    /// Whether connecting to `ip` is refused. IPv4-mapped and IPv4-compatible
-    /// IPv6 addresses (`::ffff:10.0.0.1`) are judged as the IPv4 address.
+    /// Whether connecting to `ip` is refused. IPv4-mapped (`::ffff:10.0.0.1`)
+    /// and NAT64 (`64:ff9b::10.0.0.1`) addresses are judged as the IPv4
+    /// address they carry; IPv4-compatible (`::10.0.0.1`) and
+    /// IPv4-translated (`::ffff:0:10.0.0.1`) addresses are refused outright
+    /// (unless `ip_allow` covers them as IPv6).
     pub fn is_denied(&self, ip: IpAddr) -> bool {
         let ip = canonical(ip);
         if self.allowed.iter().any(|net| net.contains(&ip)) {
@@ -132,6 +142,13 @@ mod tests {
             "::ffff:10.0.0.1",
             "::ffff:127.0.0.1",
             "64:ff9b::a9fe:a9fe",
+            // IPv4-compatible and IPv4-translated forms, whatever they carry.
+            "::7f00:1",
+            "::127.0.0.1",
+            "::10.0.0.1",
+            "::8.8.8.8",
+            "::ffff:0:7f00:1",
+            "::ffff:0:8.8.8.8",
         ] {
             assert!(list.is_denied(ip(denied)), "{denied} must be denied");
         }

@@ -47,7 +47,8 @@ pub struct Shared {
     pub store: Arc<dyn Store>,
     pub client: Arc<FederationClient>,
     pub txn_ids: TxnIds,
-    /// Bounds concurrent sends over all destinations.
+    /// Bounds concurrent sends over all destinations; held only for the
+    /// exchange, never during store work or discovery.
     pub send_permits: Semaphore,
 }
 
@@ -143,6 +144,10 @@ impl DestinationTask {
                                 continue;
                             }
                         };
+                        // Every signal queued meanwhile (say, wakes sent while
+                        // the last transaction was in flight) is answered by
+                        // this one look at the store.
+                        let signal = signal.map(|first| self.coalesce(first));
                         match signal {
                             None => return,
                             Some(Signal::PeerIsUp) if self.clean => State::Idle,
@@ -187,15 +192,32 @@ impl DestinationTask {
         .await
     }
 
+    /// `first` and every signal already queued, as one: `PeerIsUp` if any
+    /// of them is, else `Wake`.
+    fn coalesce(&mut self, first: Signal) -> Signal {
+        let mut signal = first;
+        while let Ok(next) = self.signals.try_recv() {
+            if next == Signal::PeerIsUp {
+                signal = Signal::PeerIsUp;
+            }
+        }
+        signal
+    }
+
     /// Sending, unless the persisted schedule says to wait.
     async fn initial_state(&mut self) -> State {
         match self.shared.store.retry_state(&self.destination).await {
             Ok(retry) => {
                 self.clean = retry.failures == 0 && retry.retry_after_ms == 0;
-                let wait_ms = retry.retry_after_ms - crate::now_ms();
+                // Never longer than `retry.max`, whatever was persisted: a
+                // clock that ran ahead when it was written (and was set
+                // back since) must not stretch the wait.
+                let wait_ms = retry.retry_after_ms.saturating_sub(crate::now_ms());
                 if wait_ms > 0 {
+                    let wait = Duration::from_millis(u64::try_from(wait_ms).unwrap_or(u64::MAX))
+                        .min(self.shared.config.federation.retry.max);
                     State::BackingOff {
-                        until: Instant::now() + Duration::from_millis(wait_ms as u64),
+                        until: Instant::now() + wait,
                     }
                 } else {
                     State::Sending
@@ -248,24 +270,14 @@ impl DestinationTask {
             tracing::error!("destination is not a valid server name; its rows stay queued");
             return Ok(Step::Wait(shared.config.federation.retry.max));
         };
-        let _permit = shared
-            .send_permits
-            .acquire()
-            .await
-            .expect("the semaphore is never closed");
-        // Several workers on one database: send only under this worker's
-        // lease on the destination (always held with a single-process store).
-        let worker = &shared.config.worker;
-        let lease_ms = i64::try_from(worker.lease_duration.as_millis()).unwrap_or(i64::MAX);
-        if !store
-            .acquire_lease(&worker.name, &self.destination, crate::now_ms(), lease_ms)
-            .await?
-        {
-            tracing::debug!(worker = %worker.name, "destination leased by another worker");
-            // The owner may record transactions meanwhile.
-            self.settled = false;
+        // Store work and discovery happen before a send permit is taken:
+        // the permits bound sends in flight, and a destination whose
+        // discovery is slow (bounded by `discovery_timeout`) must not hold
+        // one while healthy destinations wait.
+        if !self.holds_lease().await? {
             return Ok(Step::Drained);
         }
+        let leased_at = Instant::now();
         let recorded = if self.settled {
             None
         } else {
@@ -295,20 +307,62 @@ impl DestinationTask {
             }
         };
         let span = tracing::info_span!("txn", txn_id = %txn.txn_id, edus = txn.seqs.len());
-        self.deliver(&server_name, txn).instrument(span).await
+        self.deliver(&server_name, txn, leased_at)
+            .instrument(span)
+            .await
     }
 
+    /// Whether this worker holds (and has just extended) the lease on the
+    /// destination. Several workers on one database: a task sends only
+    /// under its worker's lease (always held with a single-process store).
+    async fn holds_lease(&mut self) -> Result<bool, StoreError> {
+        let worker = &self.shared.config.worker;
+        let lease_ms = i64::try_from(worker.lease_duration.as_millis()).unwrap_or(i64::MAX);
+        let held = self
+            .shared
+            .store
+            .acquire_lease(&worker.name, &self.destination, crate::now_ms(), lease_ms)
+            .await?;
+        if !held {
+            tracing::debug!(worker = %worker.name, "destination leased by another worker");
+            // The owner may record transactions meanwhile.
+            self.settled = false;
+        }
+        Ok(held)
+    }
+
+    /// Resolves the destination, then sends `txn` under a send permit. The
+    /// lease, checked at `leased_at`, is checked again first if resolving
+    /// and waiting for the permit took a third of its duration.
     async fn deliver(
         &mut self,
         server_name: &ServerName,
         txn: InFlightTxn,
+        leased_at: Instant,
     ) -> Result<Step, StoreError> {
         let shared = self.shared.clone();
         let store = &shared.store;
-        let result = shared
-            .client
-            .send_transaction(server_name, &txn.txn_id, txn.body.as_bytes())
-            .await;
+        let result = match shared.client.resolve(server_name).await {
+            Ok(endpoint) => {
+                let _permit = shared
+                    .send_permits
+                    .acquire()
+                    .await
+                    .expect("the semaphore is never closed");
+                if leased_at.elapsed() > shared.config.worker.lease_duration / 3
+                    && !self.holds_lease().await?
+                {
+                    return Ok(Step::Drained);
+                }
+                shared
+                    .client
+                    .send_transaction_to(server_name, &endpoint, &txn.txn_id, txn.body.as_bytes())
+                    .await
+            }
+            // Not resolvable (or not in time): a failure like any other,
+            // backed off on this destination's own schedule.
+            Err(error) => Err(error),
+        };
         let error = match result {
             Ok(_) => {
                 store
@@ -367,7 +421,8 @@ impl DestinationTask {
         };
         let state = RetryState {
             failures,
-            retry_after_ms: crate::now_ms() + delay.as_millis() as i64,
+            retry_after_ms: crate::now_ms()
+                .saturating_add(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX)),
             last_success_ms: previous.last_success_ms,
             last_error: Some(reason.clone()),
         };
@@ -388,22 +443,27 @@ impl DestinationTask {
         let store = &self.shared.store;
         store.refuse_txn(&self.destination, &txn.txn_id).await?;
         self.settled = true;
-        let count = txn.seqs.len() as u32;
-        if count > 1 {
-            let half = (count / 2).max(1);
-            tracing::warn!(status, %reason, edus = count, next = half, "batch refused; splitting");
-            self.split.limit = Some(half);
-            self.split.refused_upto = self
-                .split
-                .refused_upto
-                .max(txn.seqs.last().copied().unwrap_or(0));
-            return Ok(Step::Continue);
-        }
-        let seq = txn.seqs[0];
+        let seq = match txn.seqs.as_slice() {
+            [] => {
+                // Only a corrupt store records a transaction of no EDUs:
+                // nothing to split or quarantine, look for more.
+                tracing::warn!(status, %reason, "a recorded transaction with no EDUs was refused");
+                return Ok(Step::Continue);
+            }
+            [seq] => *seq,
+            [.., last] => {
+                let count = u32::try_from(txn.seqs.len()).unwrap_or(u32::MAX);
+                let half = (count / 2).max(1);
+                tracing::warn!(status, %reason, edus = count, next = half, "batch refused; splitting");
+                self.split.limit = Some(half);
+                self.split.refused_upto = self.split.refused_upto.max(*last);
+                return Ok(Step::Continue);
+            }
+        };
         self.split.limit = Some(1);
         self.split.refused_upto = self.split.refused_upto.max(seq);
         let refusals = self.split.solo_refusals.entry(seq).or_insert(0);
-        *refusals += 1;
+        *refusals = refusals.saturating_add(1);
         let refusals = *refusals;
         if refusals >= self.shared.config.federation.quarantine_after {
             let why = format!("refused {refusals} times alone, last with {status}: {reason}");

@@ -6,11 +6,20 @@
 //! finally port 8448. It never fails because `.well-known` failed: that only
 //! moves on to SRV.
 //!
+//! Every resolution runs under one total deadline
+//! (`federation.discovery_timeout_ms`): `.well-known` gets at most half of
+//! it for all its redirect hops and the body together, SRV targets (at most
+//! [`MAX_SRV_TARGETS`]) are resolved concurrently, and a resolution that
+//! runs out of time is a `Discovery` error the sender backs off on. The
+//! `.well-known` cache is bounded in entries ([`WELL_KNOWN_CACHE_ENTRIES`]),
+//! least recently used first, fresh or not.
+//!
 //! Discovery does not connect to the addresses it returns and does not check
 //! them against the denylist: the connector does both, for every address.
 //! The X-Matrix `destination` stays the server name whatever this returns.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::hash::Hash;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -30,8 +39,82 @@ use crate::identifiers::{Host, ServerName};
 
 /// The default federation port.
 pub const DEFAULT_PORT: u16 = 8448;
-/// Cached `.well-known` answers kept before expired ones are swept.
-const CACHE_SWEEP_AT: usize = 10_000;
+/// `.well-known` outcomes (answers and failures) remembered at most; the
+/// least recently used goes first, even when still fresh.
+pub const WELL_KNOWN_CACHE_ENTRIES: usize = 10_000;
+/// SRV targets resolved at most per service (RFC 2782 order); the rest are
+/// ignored, so a record set cannot multiply the lookups.
+pub const MAX_SRV_TARGETS: usize = 8;
+
+/// A map holding at most `capacity` entries, evicting the least recently
+/// used (inserted or read) one first. Used for every per-name map in
+/// discovery and the client, so a stream of new names costs memory only up
+/// to the bound.
+#[derive(Debug)]
+pub(crate) struct LruMap<K, V> {
+    capacity: usize,
+    entries: HashMap<K, (V, u64)>,
+    /// Use tick → key; the first entry is the least recently used.
+    order: BTreeMap<u64, K>,
+    tick: u64,
+}
+
+impl<K: Hash + Eq + Clone, V> LruMap<K, V> {
+    /// A map of at most `capacity` entries (at least one).
+    pub(crate) fn new(capacity: usize) -> Self {
+        LruMap {
+            capacity: capacity.max(1),
+            entries: HashMap::new(),
+            order: BTreeMap::new(),
+            tick: 0,
+        }
+    }
+
+    fn next_tick(&mut self) -> u64 {
+        self.tick = self.tick.wrapping_add(1);
+        self.tick
+    }
+
+    /// The value for `key`, marking it as recently used.
+    pub(crate) fn get(&mut self, key: &K) -> Option<&V> {
+        let tick = self.next_tick();
+        let (_, used) = self.entries.get_mut(key)?;
+        let old = std::mem::replace(used, tick);
+        if let Some(k) = self.order.remove(&old) {
+            self.order.insert(tick, k);
+        }
+        self.entries.get(key).map(|(v, _)| v)
+    }
+
+    /// Inserts or replaces `key`, evicting the least recently used entries
+    /// while the map would exceed its capacity.
+    pub(crate) fn insert(&mut self, key: K, value: V) {
+        let tick = self.next_tick();
+        if let Some((_, old)) = self.entries.remove(&key) {
+            self.order.remove(&old);
+        }
+        while self.entries.len() >= self.capacity {
+            let Some((_, oldest)) = self.order.pop_first() else {
+                break;
+            };
+            self.entries.remove(&oldest);
+        }
+        self.order.insert(tick, key.clone());
+        self.entries.insert(key, (value, tick));
+    }
+
+    /// Removes `key`, returning its value.
+    pub(crate) fn remove(&mut self, key: &K) -> Option<V> {
+        let (value, tick) = self.entries.remove(key)?;
+        self.order.remove(&tick);
+        Some(value)
+    }
+
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.entries.len()
+    }
+}
 
 /// Where and how to reach a destination.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -59,29 +142,46 @@ pub struct Discovery {
     resolver: Arc<dyn DnsResolver>,
     well_known_client: Client<DirectConnector, Empty<Bytes>>,
     well_known_port: u16,
-    fetch_timeout: Duration,
-    cache: Mutex<HashMap<String, WellKnownEntry>>,
+    /// The whole `.well-known` fetch (every hop and the body).
+    well_known_timeout: Duration,
+    /// The whole resolution.
+    deadline: Duration,
+    cache: Mutex<LruMap<String, WellKnownEntry>>,
 }
 
 impl Discovery {
+    /// `deadline` bounds each resolution; `.well-known` gets at most half
+    /// of it and at most `fetch_timeout`.
     pub(crate) fn new(
         resolver: Arc<dyn DnsResolver>,
         well_known_client: Client<DirectConnector, Empty<Bytes>>,
         well_known_port: u16,
         fetch_timeout: Duration,
+        deadline: Duration,
     ) -> Self {
         Discovery {
             resolver,
             well_known_client,
             well_known_port,
-            fetch_timeout,
-            cache: Mutex::new(HashMap::new()),
+            well_known_timeout: fetch_timeout.min(deadline / 2),
+            deadline,
+            cache: Mutex::new(LruMap::new(WELL_KNOWN_CACHE_ENTRIES)),
         }
     }
 
-    /// Resolves `server_name` per SPEC §6.1.
+    /// Resolves `server_name` per SPEC §6.1, within the discovery deadline.
     pub async fn resolve(&self, server_name: &ServerName) -> Result<Endpoint, ClientError> {
-        let endpoint = self.resolve_inner(server_name).await?;
+        let until = Instant::now() + self.deadline;
+        let endpoint =
+            match tokio::time::timeout_at(until, self.resolve_inner(server_name, until)).await {
+                Ok(result) => result?,
+                Err(_) => {
+                    return Err(ClientError::Discovery {
+                        destination: server_name.as_str().to_owned(),
+                        reason: format!("timed out after {:?}", self.deadline),
+                    });
+                }
+            };
         tracing::debug!(
             destination = %server_name,
             addrs = ?endpoint.addrs,
@@ -92,7 +192,11 @@ impl Discovery {
         Ok(endpoint)
     }
 
-    async fn resolve_inner(&self, server_name: &ServerName) -> Result<Endpoint, ClientError> {
+    async fn resolve_inner(
+        &self,
+        server_name: &ServerName,
+        until: Instant,
+    ) -> Result<Endpoint, ClientError> {
         let destination = server_name.as_str();
         // Step 1: an IP literal.
         if let Some(ip) = ip_literal(server_name) {
@@ -122,19 +226,25 @@ impl Discovery {
                     host_header: delegated.as_str().to_owned(),
                 });
             }
-            return self.srv_or_default(destination, delegated_host).await;
+            return self
+                .srv_or_default(destination, delegated_host, until)
+                .await;
         }
         // Steps 4–6: SRV on the original hostname, then 8448.
-        self.srv_or_default(destination, hostname).await
+        self.srv_or_default(destination, hostname, until).await
     }
 
     /// SRV `_matrix-fed._tcp`, then `_matrix._tcp`, then `hostname:8448`;
-    /// TLS name and `Host` are `hostname` throughout.
+    /// TLS name and `Host` are `hostname` throughout. Target lookups still
+    /// unanswered a quarter of the deadline before `until` are skipped, so
+    /// the targets that did answer are used.
     async fn srv_or_default(
         &self,
         destination: &str,
         hostname: &str,
+        until: Instant,
     ) -> Result<Endpoint, ClientError> {
+        let targets_until = until.checked_sub(self.deadline / 4).unwrap_or(until);
         let tls_name = dns_tls_name(destination, hostname)?;
         for service in ["_matrix-fed._tcp", "_matrix._tcp"] {
             let name = format!("{service}.{hostname}");
@@ -147,14 +257,47 @@ impl Discovery {
                 // Only "." targets: the service is explicitly not offered.
                 continue;
             }
+            // Every target at once (the first few, in SRV order); the
+            // addresses keep that order.
+            let mut lookups = tokio::task::JoinSet::new();
+            for (index, record) in records.iter().take(MAX_SRV_TARGETS).enumerate() {
+                let resolver = self.resolver.clone();
+                let target = record.target.clone();
+                lookups.spawn(async move {
+                    let lookup = lookup_host(resolver.as_ref(), &target);
+                    let answer = match tokio::time::timeout_at(targets_until, lookup).await {
+                        Ok(answer) => answer,
+                        Err(_) => Err(DnsError::Failed {
+                            name: target.clone(),
+                            reason: "timed out".to_owned(),
+                        }),
+                    };
+                    (index, answer)
+                });
+            }
+            let mut answers = Vec::with_capacity(lookups.len());
+            while let Some(joined) = lookups.join_next().await {
+                match joined {
+                    Ok(answer) => answers.push(answer),
+                    Err(error) => answers.push((
+                        usize::MAX,
+                        Err(DnsError::Failed {
+                            name: name.clone(),
+                            reason: format!("lookup task failed: {error}"),
+                        }),
+                    )),
+                }
+            }
+            answers.sort_by_key(|(index, _)| *index);
             let mut addrs = Vec::new();
             let mut last_error = None;
-            for record in &records {
-                match self.lookup_ips(&record.target).await {
-                    Ok(ips) => {
+            for (index, answer) in answers {
+                match (answer, records.get(index)) {
+                    (Ok(ips), Some(record)) => {
                         addrs.extend(ips.into_iter().map(|ip| SocketAddr::new(ip, record.port)))
                     }
-                    Err(error) => last_error = Some(error),
+                    (Ok(_), None) => {}
+                    (Err(error), _) => last_error = Some(error),
                 }
             }
             if addrs.is_empty() {
@@ -200,14 +343,20 @@ impl Discovery {
     async fn well_known(&self, hostname: &str) -> Option<ServerName> {
         let now = Instant::now();
         let previous_failures = {
-            let cache = self.cache.lock().expect("the cache lock is never poisoned");
-            match cache.get(hostname) {
+            let mut cache = self.cache.lock().expect("the cache lock is never poisoned");
+            match cache.get(&hostname.to_owned()) {
                 Some(entry) if entry.expires > now => return entry.delegated.clone(),
                 Some(entry) => entry.failures,
                 None => 0,
             }
         };
-        let outcome = self.fetch_well_known(hostname).await;
+        let outcome =
+            match tokio::time::timeout(self.well_known_timeout, self.fetch_well_known(hostname))
+                .await
+            {
+                Ok(outcome) => outcome,
+                Err(_) => Err(format!("timed out after {:?}", self.well_known_timeout)),
+            };
         let now = Instant::now();
         let entry = match outcome {
             Ok((delegated, period)) => {
@@ -230,11 +379,10 @@ impl Discovery {
             }
         };
         let delegated = entry.delegated.clone();
-        let mut cache = self.cache.lock().expect("the cache lock is never poisoned");
-        if cache.len() >= CACHE_SWEEP_AT {
-            cache.retain(|_, e| e.expires > now);
-        }
-        cache.insert(hostname.to_owned(), entry);
+        self.cache
+            .lock()
+            .expect("the cache lock is never poisoned")
+            .insert(hostname.to_owned(), entry);
         delegated
     }
 
@@ -257,11 +405,12 @@ impl Discovery {
             let request = http::Request::get(uri.clone())
                 .body(Empty::new())
                 .map_err(|e| e.to_string())?;
-            let response =
-                tokio::time::timeout(self.fetch_timeout, self.well_known_client.request(request))
-                    .await
-                    .map_err(|_| "timed out".to_owned())?
-                    .map_err(|e| crate::federation::client::describe_hyper_error(&e))?;
+            // The caller bounds all hops and the body together.
+            let response = self
+                .well_known_client
+                .request(request)
+                .await
+                .map_err(|e| crate::federation::client::describe_hyper_error(&e))?;
             let status = response.status();
             if status.is_redirection() {
                 let location = response
@@ -276,14 +425,11 @@ impl Discovery {
                 return Err(format!("status {status}"));
             }
             let period = well_known::cache_period(response.headers(), SystemTime::now());
-            let body = tokio::time::timeout(
-                self.fetch_timeout,
-                Limited::new(response.into_body(), well_known::MAX_BODY_BYTES).collect(),
-            )
-            .await
-            .map_err(|_| "body timed out".to_owned())?
-            .map_err(|e| format!("reading body: {e}"))?
-            .to_bytes();
+            let body = Limited::new(response.into_body(), well_known::MAX_BODY_BYTES)
+                .collect()
+                .await
+                .map_err(|e| format!("reading body: {e}"))?
+                .to_bytes();
             let delegated = well_known::parse_body(&body)?;
             return Ok((delegated, period));
         }
@@ -334,5 +480,61 @@ fn discovery_error(destination: &str, error: DnsError) -> ClientError {
     ClientError::Discovery {
         destination: destination.to_owned(),
         reason: error.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_lru_map_never_exceeds_its_bound_and_evicts_the_least_recently_used() {
+        let mut map = LruMap::new(3);
+        map.insert("a", 1);
+        map.insert("b", 2);
+        map.insert("c", 3);
+        // Reading `a` makes `b` the least recently used.
+        assert_eq!(map.get(&"a"), Some(&1));
+        map.insert("d", 4);
+        assert_eq!(map.len(), 3);
+        assert_eq!(map.get(&"b"), None);
+        assert_eq!(map.get(&"a"), Some(&1));
+        // Replacing a key does not grow the map or evict another.
+        map.insert("d", 40);
+        assert_eq!(map.len(), 3);
+        assert_eq!(map.get(&"c"), Some(&3));
+        assert_eq!(map.remove(&"d"), Some(40));
+        assert_eq!(map.len(), 2);
+        assert_eq!(map.order.len(), 2);
+    }
+
+    /// Fresh entries are evicted too: a flood of new names (every one with a
+    /// 48 h `.well-known` answer) never grows the cache past its bound.
+    #[test]
+    fn more_fresh_well_known_entries_than_the_bound_keep_the_cache_at_the_bound() {
+        let mut cache = LruMap::new(WELL_KNOWN_CACHE_ENTRIES);
+        let expires = Instant::now() + well_known::MAX_CACHE;
+        for n in 0..WELL_KNOWN_CACHE_ENTRIES * 2 + 7 {
+            let delegated = if n % 2 == 0 {
+                ServerName::parse(&format!("d{n}.example:8448")).ok()
+            } else {
+                None // failures count against the bound as well
+            };
+            cache.insert(
+                format!("r{n}.evil.example"),
+                WellKnownEntry {
+                    delegated,
+                    expires,
+                    failures: 0,
+                },
+            );
+            assert!(cache.len() <= WELL_KNOWN_CACHE_ENTRIES);
+        }
+        assert_eq!(cache.len(), WELL_KNOWN_CACHE_ENTRIES);
+        assert_eq!(cache.order.len(), WELL_KNOWN_CACHE_ENTRIES);
+        // The newest names are the ones kept.
+        let last = format!("r{}.evil.example", WELL_KNOWN_CACHE_ENTRIES * 2 + 6);
+        assert!(cache.get(&last).is_some());
+        assert!(cache.get(&"r0.evil.example".to_owned()).is_none());
     }
 }

@@ -8,10 +8,14 @@
 //! minute it also wakes every destination with pending rows, so a lost
 //! wake-up costs a delay, never a message.
 //!
+//! Every 30 s it sets the per-destination gauges (pending EDUs, oldest
+//! age) of the destinations with rows queued; one whose queue emptied is
+//! set to zero once and then left to expire from `/metrics`.
+//!
 //! The sending itself (transactions, backoff, splitting) is in
 //! `destination`; this module only manages task lifecycles and metrics.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,7 +30,9 @@ use crate::federation::transaction::TxnIds;
 use crate::store::Store;
 
 /// Sends in flight at once over all destinations (each destination has at
-/// most one); a hanging peer holds one permit until its request times out.
+/// most one). A destination takes a permit only after its discovery
+/// succeeded, so a hanging peer holds one for at most `request_timeout`
+/// and a slow or unresolvable one holds none.
 pub const MAX_CONCURRENT_SENDS: usize = 256;
 /// How often pending-work gauges are refreshed from the store.
 const GAUGE_INTERVAL: Duration = Duration::from_secs(30);
@@ -119,6 +125,8 @@ impl Sender {
         let mut running: HashMap<String, Running> = HashMap::new();
         let mut retiring: HashMap<String, JoinHandle<()>> = HashMap::new();
         let mut next_id: u64 = 0;
+        // Destinations whose per-destination gauges the last refresh set.
+        let reported: Arc<tokio::sync::Mutex<HashSet<String>>> = Arc::default();
         let mut gauges = tokio::time::interval(GAUGE_INTERVAL);
         gauges.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut sweep =
@@ -149,8 +157,10 @@ impl Sender {
                     continue;
                 }
                 _ = gauges.tick() => {
+                    // Re-set so it outlives the exporter's gauge idle timeout.
+                    metrics::gauge!("courier_federation_destination_tasks").set(running.len() as f64);
                     // Off the dispatcher's path: the scan may take a while.
-                    tokio::spawn(refresh_gauges(shared.clone()));
+                    tokio::spawn(refresh_gauges(shared.clone(), reported.clone()));
                     continue;
                 }
                 _ = sweep.tick() => {
@@ -260,21 +270,39 @@ async fn wake_pending(
     }
 }
 
-/// Pending EDUs and oldest age per destination, from the store.
-async fn refresh_gauges(shared: Arc<Shared>) {
+/// Pending EDUs and oldest age per destination, from the store, for the
+/// destinations with something queued. A destination that has nothing
+/// queued any more gets both gauges set to zero once and is then left
+/// alone, so its series expires (`metrics::GAUGE_IDLE_TIMEOUT`) instead of
+/// staying in `/metrics` forever. `reported` holds the destinations set
+/// last time; the lock also keeps two refreshes from interleaving.
+async fn refresh_gauges(shared: Arc<Shared>, reported: Arc<tokio::sync::Mutex<HashSet<String>>>) {
+    let mut reported = reported.lock().await;
     match shared.store.destination_statuses().await {
         Ok(statuses) => {
             let now = crate::now_ms();
+            let mut current = HashSet::new();
             for status in statuses {
+                if status.pending_edus == 0 {
+                    continue;
+                }
                 let destination = status.destination.clone();
                 metrics::gauge!("courier_outbox_pending_edus", "destination" => destination.clone())
                     .set(status.pending_edus as f64);
                 let age = status
                     .oldest_queued_ts
-                    .map_or(0.0, |ts| ((now - ts).max(0) as f64) / 1000.0);
-                metrics::gauge!("courier_outbox_oldest_age_seconds", "destination" => destination)
+                    .map_or(0.0, |ts| (now.saturating_sub(ts).max(0) as f64) / 1000.0);
+                metrics::gauge!("courier_outbox_oldest_age_seconds", "destination" => destination.clone())
                     .set(age);
+                current.insert(destination);
             }
+            for gone in reported.difference(&current) {
+                metrics::gauge!("courier_outbox_pending_edus", "destination" => gone.clone())
+                    .set(0.0);
+                metrics::gauge!("courier_outbox_oldest_age_seconds", "destination" => gone.clone())
+                    .set(0.0);
+            }
+            *reported = current;
         }
         Err(error) => tracing::warn!(%error, "reading destination statuses failed"),
     }

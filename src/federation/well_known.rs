@@ -57,10 +57,14 @@ fn cache_control_period(headers: &HeaderMap) -> Option<Duration> {
             if directive == "no-store" || directive == "no-cache" {
                 return Some(Duration::ZERO);
             }
-            if let Some(seconds) = directive.strip_prefix("max-age=")
-                && let Ok(n) = seconds.trim_matches('"').parse::<u64>()
-            {
-                max_age = Some(Duration::from_secs(n));
+            if let Some(seconds) = directive.strip_prefix("max-age=") {
+                let digits = seconds.trim_matches('"');
+                if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) {
+                    // Too many digits for a u64 is still "very long": the
+                    // clamp to `MAX_CACHE` applies, never an overflow.
+                    let n = digits.parse::<u64>().unwrap_or(u64::MAX);
+                    max_age = Some(Duration::from_secs(n));
+                }
             }
         }
     }
@@ -84,8 +88,12 @@ pub fn failure_period(failures: u32) -> Duration {
         .min(FAILURE_CACHE_MAX)
 }
 
+/// Years an HTTP date may name; anything else is treated as unparseable
+/// (a peer's header must never make date arithmetic overflow).
+const YEARS: std::ops::RangeInclusive<i64> = 1970..=9999;
+
 /// Parses an IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`), the only form
-/// RFC 9110 lets senders use.
+/// RFC 9110 lets senders use. Years outside 1970..=9999 give None.
 pub fn parse_http_date(text: &str) -> Option<SystemTime> {
     let rest = text.trim().split_once(", ")?.1;
     let mut parts = rest.split(' ');
@@ -106,6 +114,9 @@ pub fn parse_http_date(text: &str) -> Option<SystemTime> {
         _ => return None,
     };
     let year: i64 = parts.next()?.parse().ok()?;
+    if !YEARS.contains(&year) {
+        return None;
+    }
     let mut clock = parts.next()?.split(':');
     let hour: u64 = clock.next()?.parse().ok()?;
     let minute: u64 = clock.next()?.parse().ok()?;
@@ -118,8 +129,12 @@ pub fn parse_http_date(text: &str) -> Option<SystemTime> {
     if days < 0 {
         return None;
     }
-    let seconds = days as u64 * 86_400 + hour * 3600 + minute * 60 + second;
-    Some(UNIX_EPOCH + Duration::from_secs(seconds))
+    // With the year bounded none of this can overflow; checked anyway.
+    let seconds = u64::try_from(days)
+        .ok()?
+        .checked_mul(86_400)?
+        .checked_add(hour * 3600 + minute * 60 + second)?;
+    UNIX_EPOCH.checked_add(Duration::from_secs(seconds))
 }
 
 /// Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's
@@ -138,6 +153,7 @@ fn days_from_civil(year: i64, month: u32, day: u32) -> i64 {
 mod tests {
     use super::*;
     use http::HeaderValue;
+    use proptest::strategy::Strategy;
 
     fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
         let mut map = HeaderMap::new();
@@ -217,6 +233,106 @@ mod tests {
             Some(UNIX_EPOCH + Duration::from_secs(1_835_438_400))
         );
         assert_eq!(parse_http_date("Sunday, 06-Nov-94 08:49:37 GMT"), None);
+        assert!(parse_http_date("Fri, 31 Dec 9999 23:59:59 GMT").is_some());
+    }
+
+    /// The exact inputs that used to panic (F5): a year so large that
+    /// `UNIX_EPOCH + Duration` or the day arithmetic overflowed.
+    #[test]
+    fn huge_or_negative_years_are_unparseable_not_a_panic() {
+        for text in [
+            "Mon, 01 Jan 400000000000 00:00:00 GMT",
+            "Mon, 01 Jan 300000000000 00:00:00 GMT",
+            "Mon, 01 Jan 9223372036854775807 23:59:60 GMT",
+            "Mon, 01 Jan -9223372036854775808 00:00:00 GMT",
+            "Mon, 01 Jan 10000 00:00:00 GMT",
+            "Mon, 01 Jan 1969 00:00:00 GMT",
+            "Mon, 01 Jan 18446744073709551616 00:00:00 GMT",
+        ] {
+            assert_eq!(parse_http_date(text), None, "{text}");
+        }
+        let now = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        // Through the public entry: an unparseable Expires is "expired".
+        assert_eq!(
+            cache_period(
+                &headers(&[("expires", "Mon, 01 Jan 400000000000 00:00:00 GMT")]),
+                now
+            ),
+            MIN_CACHE
+        );
+        assert_eq!(
+            cache_period(
+                &headers(&[("cache-control", "max-age=99999999999999999999999999")]),
+                now
+            ),
+            MAX_CACHE
+        );
+        assert_eq!(
+            cache_period(
+                &headers(&[("cache-control", "max-age=18446744073709551615")]),
+                now
+            ),
+            MAX_CACHE
+        );
+        assert_eq!(
+            cache_period(&headers(&[("cache-control", "max-age=-5")]), now),
+            DEFAULT_CACHE
+        );
+        // A far-future (but valid) Expires is clamped.
+        assert_eq!(
+            cache_period(
+                &headers(&[("expires", "Fri, 31 Dec 9999 23:59:59 GMT")]),
+                now
+            ),
+            MAX_CACHE
+        );
+        // `now` itself at the end of time: no overflow either.
+        let late = UNIX_EPOCH + Duration::from_secs(u64::from(u32::MAX) * 100);
+        assert_eq!(
+            cache_period(
+                &headers(&[("expires", "Sun, 06 Nov 1994 10:49:37 GMT")]),
+                late
+            ),
+            MIN_CACHE
+        );
+    }
+
+    proptest::proptest! {
+        /// Whatever the headers say, `cache_period` returns a period in
+        /// [`MIN_CACHE`, `MAX_CACHE`] and never panics.
+        #[test]
+        fn cache_period_is_total_over_arbitrary_headers(
+            cache_control in proptest::option::of("[ -~]{0,80}"),
+            expires in proptest::option::of(proptest::prop_oneof![
+                "[ -~]{0,60}",
+                (0u32..7, 0u32..40, 0usize..12, proptest::num::i64::ANY, 0u64..100, 0u64..100, 0u64..100)
+                    .prop_map(|(wd, d, m, y, h, mi, s)| {
+                        let days = ["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"];
+                        let months = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
+                        format!("{}, {d:02} {} {y} {h:02}:{mi:02}:{s:02} GMT", days[wd as usize], months[m])
+                    }),
+            ]),
+            max_age in proptest::num::u64::ANY,
+            now_secs in 0u64..(1u64 << 40),
+        ) {
+            let mut map = HeaderMap::new();
+            if let Some(text) = cache_control.and_then(|t| HeaderValue::from_str(&t).ok()) {
+                map.append(http::header::CACHE_CONTROL, text);
+            }
+            if let Some(text) = expires.and_then(|t| HeaderValue::from_str(&t).ok()) {
+                map.append(http::header::EXPIRES, text);
+            }
+            let now = UNIX_EPOCH + Duration::from_secs(now_secs);
+            let period = cache_period(&map, now);
+            proptest::prop_assert!((MIN_CACHE..=MAX_CACHE).contains(&period));
+            let mut with_age = map.clone();
+            with_age.append(
+                http::header::CACHE_CONTROL,
+                HeaderValue::from_str(&format!("max-age={max_age}")).expect("digits"),
+            );
+            let period = cache_period(&with_age, now);
+            proptest::prop_assert!((MIN_CACHE..=MAX_CACHE).contains(&period));
+        }
     }
 
     #[test]

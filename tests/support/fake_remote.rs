@@ -7,7 +7,7 @@
 //! records every `/send` with its txnId, body, arrival time, `Authorization`
 //! header and whether another `/send` for the same host was in progress
 //! (the overlap counter), and serves scripted `/.well-known/matrix/server`
-//! answers.
+//! answers (or stalls them). It also counts its open connections.
 #![allow(dead_code)]
 
 use std::collections::HashMap;
@@ -92,6 +92,9 @@ pub struct Script {
     pub rate_limit_next: Option<u64>,
     /// Hold every answer this long (tokio time) before sending it.
     pub respond_after: Option<Duration>,
+    /// The body of a 200 answer instead of `{"pdus":{}}` (say, empty or
+    /// HTML).
+    pub ok_body: Option<String>,
 }
 
 /// One `/send` the fake received.
@@ -155,6 +158,10 @@ struct Inner {
     well_known_fetches: HashMap<String, u32>,
     other_requests: Vec<OtherRequest>,
     refuse_tls: bool,
+    /// Hostnames whose `.well-known` request never gets an answer.
+    stalled_well_known: std::collections::HashSet<String>,
+    /// TLS connections currently open.
+    open_connections: u32,
 }
 
 #[derive(Clone)]
@@ -236,10 +243,14 @@ impl FakeRemote {
                 let acceptor = acceptor.clone();
                 let app = app.clone();
                 let token = token.clone();
+                let conn_shared = accept_shared.clone();
                 tokio::spawn(async move {
                     let Ok(stream) = acceptor.accept(tcp).await else {
                         return;
                     };
+                    conn_shared.inner.lock().expect("lock").open_connections += 1;
+                    conn_shared.changed.notify_waiters();
+                    let _open = OpenConnection(conn_shared);
                     let service = TowerToHyperService::new(app);
                     let builder = auto::Builder::new(TokioExecutor::new());
                     let conn = builder.serve_connection(TokioIo::new(stream), service);
@@ -251,6 +262,39 @@ impl FakeRemote {
             }
         });
         FakeRemote { addr, shared, stop }
+    }
+
+    /// `.well-known` requests for `hostname` are received (and counted)
+    /// but never answered.
+    pub fn stall_well_known(&self, hostname: &str) {
+        self.shared
+            .inner
+            .lock()
+            .expect("lock")
+            .stalled_well_known
+            .insert(hostname.to_owned());
+    }
+
+    /// TLS connections open right now.
+    pub fn open_connections(&self) -> u32 {
+        self.shared.inner.lock().expect("lock").open_connections
+    }
+
+    /// Waits up to `limit` (tokio time) until `done(open connections)`.
+    pub async fn wait_for_connections(&self, limit: Duration, done: impl Fn(u32) -> bool) -> bool {
+        let deadline = Instant::now() + limit;
+        loop {
+            let notified = self.shared.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if done(self.open_connections()) {
+                return true;
+            }
+            tokio::select! {
+                _ = notified => {}
+                _ = tokio::time::sleep_until(deadline) => return done(self.open_connections()),
+            }
+        }
     }
 
     pub fn port(&self) -> u16 {
@@ -352,7 +396,7 @@ async fn send_route(
     let host = host_of(&headers, &uri);
     let hostname = hostname_of(&host);
     let body = String::from_utf8_lossy(&body).into_owned();
-    let (decision, respond_after) = {
+    let (decision, respond_after, ok_body) = {
         let mut inner = shared.inner.lock().expect("lock");
         let open = inner.in_progress.entry(hostname.clone()).or_insert(0);
         let overlapped = *open > 0;
@@ -386,6 +430,7 @@ async fn send_route(
             Some((200, None))
         };
         let respond_after = script.respond_after;
+        let ok_body = script.ok_body.clone();
         if inner.scripts.contains_key(&hostname) {
             inner.scripts.insert(hostname.clone(), script);
         } else {
@@ -401,7 +446,7 @@ async fn send_route(
             status: decision.map_or(0, |(s, _)| s),
             overlapped,
         });
-        (decision, respond_after)
+        (decision, respond_after, ok_body)
     };
     shared.changed.notify_waiters();
     // Until dropped, this /send counts as in progress for its hostname (also
@@ -420,7 +465,10 @@ async fn send_route(
     drop(guard);
     let status = StatusCode::from_u16(status).expect("valid status");
     let mut response = match status.as_u16() {
-        200 => (status, r#"{"pdus":{}}"#).into_response(),
+        200 => match ok_body {
+            Some(body) => (status, body).into_response(),
+            None => (status, r#"{"pdus":{}}"#).into_response(),
+        },
         400 => (
             status,
             r#"{"errcode":"M_BAD_JSON","error":"refused by script"}"#,
@@ -444,6 +492,18 @@ async fn send_route(
         );
     }
     response
+}
+
+/// Counts one open connection until dropped.
+struct OpenConnection(Shared);
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        if let Ok(mut inner) = self.0.inner.lock() {
+            inner.open_connections = inner.open_connections.saturating_sub(1);
+        }
+        self.0.changed.notify_waiters();
+    }
 }
 
 struct InProgress {
@@ -482,9 +542,14 @@ async fn well_known_route(
             .well_known_fetches
             .entry(hostname.clone())
             .or_insert(0) += 1;
-        inner.well_known.get(&hostname).cloned()
+        let stalled = inner.stalled_well_known.contains(&hostname);
+        (inner.well_known.get(&hostname).cloned(), stalled)
     };
     shared.changed.notify_waiters();
+    let (answer, stalled) = answer;
+    if stalled {
+        std::future::pending::<()>().await;
+    }
     let Some(answer) = answer else {
         return (StatusCode::NOT_FOUND, "{}").into_response();
     };

@@ -29,6 +29,9 @@ pub struct MapResolver {
     pub wildcards: Vec<(String, Vec<std::net::IpAddr>)>,
     pub srv: HashMap<String, Vec<courier::federation::dns::SrvRecord>>,
     pub failing: Vec<String>,
+    /// Suffixes whose lookups (SRV and address) never answer, as a name
+    /// server that drops the queries.
+    pub hanging: Vec<String>,
     /// Every name looked up, in order.
     pub lookups: Mutex<Vec<String>>,
 }
@@ -60,6 +63,16 @@ impl MapResolver {
         self.failing.push(name.to_owned());
         self
     }
+    /// Lookups of `suffix` and of names ending in `.suffix` never answer.
+    pub fn hang(mut self, suffix: &str) -> Self {
+        self.hanging.push(suffix.to_owned());
+        self
+    }
+    fn hangs(&self, name: &str) -> bool {
+        self.hanging
+            .iter()
+            .any(|s| name == s || name.ends_with(&format!(".{s}")))
+    }
     pub fn lookups(&self) -> Vec<String> {
         self.lookups.lock().expect("lock").clone()
     }
@@ -75,6 +88,9 @@ impl courier::federation::dns::DnsResolver for MapResolver {
             .lock()
             .expect("lock")
             .push(format!("SRV {name}"));
+        if self.hangs(name) {
+            return Box::pin(std::future::pending());
+        }
         let answer = if self.failing.iter().any(|f| f == name) {
             Err(DnsError::Failed {
                 name: name.to_owned(),
@@ -98,6 +114,9 @@ impl courier::federation::dns::DnsResolver for MapResolver {
             .lock()
             .expect("lock")
             .push(format!("IP {host}"));
+        if self.hangs(host) {
+            return Box::pin(std::future::pending());
+        }
         let answer = if self.failing.iter().any(|f| f == host) {
             Err(DnsError::Failed {
                 name: host.to_owned(),
@@ -155,6 +174,7 @@ pub struct TestConfig {
     pub well_known_port: u16,
     pub connect_timeout_ms: u64,
     pub request_timeout_ms: u64,
+    pub discovery_timeout_ms: u64,
     pub retry_initial_ms: u64,
     pub retry_max_ms: u64,
     pub retry_multiplier: f64,
@@ -174,6 +194,7 @@ impl TestConfig {
             well_known_port: 443,
             connect_timeout_ms: 2_000,
             request_timeout_ms: 5_000,
+            discovery_timeout_ms: 15_000,
             retry_initial_ms: 2_000,
             retry_max_ms: 600_000,
             retry_multiplier: 2.0,
@@ -212,6 +233,7 @@ nameservers = [{nameservers}]
 well_known_port = {well_known_port}
 connect_timeout_ms = {connect}
 request_timeout_ms = {request}
+discovery_timeout_ms = {discovery}
 retry_initial_ms = {initial}
 retry_max_ms = {max}
 retry_multiplier = {multiplier:?}
@@ -232,6 +254,7 @@ sqlite = {sqlite:?}
             well_known_port = self.well_known_port,
             connect = self.connect_timeout_ms,
             request = self.request_timeout_ms,
+            discovery = self.discovery_timeout_ms,
             initial = self.retry_initial_ms,
             max = self.retry_max_ms,
             multiplier = self.retry_multiplier,

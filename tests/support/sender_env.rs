@@ -2,7 +2,8 @@
 //! on blocking threads, see `inhibiting_store`) and the real federation
 //! client, sending to the fake remote. Destinations are server names
 //! `d<N>.fed.test:<port>` that an injected resolver maps to the fake, whose
-//! certificate is valid for `*.fed.test`.
+//! certificate is valid for `*.fed.test`; names under `hang.test` are ones
+//! whose DNS lookups never answer.
 #![allow(dead_code)]
 
 use std::sync::Arc;
@@ -72,7 +73,9 @@ impl Harness {
 
     pub fn start_sender(&mut self) {
         let config = Arc::new(self.config.build());
-        let resolver = MapResolver::default().wildcard("fed.test", &["127.0.0.1"]);
+        let resolver = MapResolver::default()
+            .wildcard("fed.test", &["127.0.0.1"])
+            .hang("hang.test");
         let client = FederationClient::with_resolver(
             config.clone(),
             Arc::new(outbound_env::test_signing_key()),
@@ -114,6 +117,17 @@ impl Harness {
     /// can refuse.
     pub async fn enqueue(&mut self, n: usize, ids: std::ops::Range<usize>, poison: &[usize]) {
         let dest = self.dest(n);
+        self.enqueue_to(&dest, ids, poison).await;
+    }
+
+    /// A destination whose discovery never answers (its DNS hangs).
+    pub fn hanging_dest(&self, n: usize) -> String {
+        format!("h{n}.hang.test:{}", self.fake.port())
+    }
+
+    /// As `enqueue`, for any destination name.
+    pub async fn enqueue_to(&mut self, dest: &str, ids: std::ops::Range<usize>, poison: &[usize]) {
+        let dest = dest.to_owned();
         let remote = ids
             .map(|i| {
                 let marker = if poison.contains(&i) { "POISON" } else { "ok" };

@@ -1,4 +1,4 @@
-//! TLS to PostgreSQL (issue 13, F12): the connection string's `sslmode`
+//! TLS to PostgreSQL: the connection string's `sslmode`
 //! and the rustls connector the pool and the LISTEN connection share.
 //!
 //! `sslmode` is honoured as libpq names it, with one deliberate difference:

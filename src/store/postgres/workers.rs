@@ -1,4 +1,4 @@
-//! SQL of worker names (issue 13, F10): which live process holds which
+//! SQL of worker names: which live process holds which
 //! `[worker] name`. Destination leases are owned by name, so a second
 //! process started with the same name would share every lease; the
 //! `workers` table gives each name one holder, a random store instance id,
