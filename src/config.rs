@@ -814,6 +814,59 @@ postgres = "b"
     }
 
     #[test]
+    fn listener_limits_have_per_section_defaults_and_overrides() {
+        let c = parse(GOOD, &[]).expect("valid config");
+        assert_eq!(c.federation.listener, ListenerLimits::FEDERATION_DEFAULTS);
+        assert_eq!(c.client.listener, ListenerLimits::CLIENT_DEFAULTS);
+        assert_eq!(c.rpc.listener, ListenerLimits::RPC_DEFAULTS);
+        assert_eq!(c.federation.listener.h2_max_concurrent_streams, 32);
+        let total = ListenerLimits::FEDERATION_DEFAULTS.max_connections
+            + ListenerLimits::CLIENT_DEFAULTS.max_connections
+            + ListenerLimits::RPC_DEFAULTS.max_connections;
+        assert!(total <= 800, "room under 1,024 descriptors: {total}");
+
+        let text = format!(
+            "{GOOD}\n[client.listener]\nheader_read_timeout_ms = 300\nmax_connections = 10\nmax_connections_per_ip = 4\nh2_keep_alive_interval_ms = 0\n"
+        );
+        let c = parse(
+            &text,
+            &[("COURIER_RPC__LISTENER__MAX_CONCURRENT_REQUESTS_PER_IP", "7")],
+        )
+        .expect("valid config");
+        assert_eq!(c.client.listener.header_read_timeout, Duration::from_millis(300));
+        assert_eq!(c.client.listener.max_connections, 10);
+        assert_eq!(c.client.listener.max_connections_per_ip, 4);
+        assert_eq!(c.client.listener.h2_keep_alive_interval, None);
+        assert_eq!(
+            c.client.listener.body_read_timeout,
+            ListenerLimits::CLIENT_DEFAULTS.body_read_timeout
+        );
+        assert_eq!(c.rpc.listener.max_concurrent_requests_per_ip, 7);
+    }
+
+    #[test]
+    fn bad_listener_limits_are_all_reported() {
+        let text = format!(
+            "{GOOD}\n[federation.listener]\nidle_timeout_ms = 0\nmax_connections = 5\nmax_connections_per_ip = 6\nmax_concurrent_requests_per_ip = 0\nh2_max_concurrent_streams = 0\nmax_header_bytes = 100\n"
+        );
+        let Err(ConfigError::Invalid(problems)) = parse(&text, &[]) else {
+            panic!("expected an invalid config");
+        };
+        let all = problems.join("\n");
+        for needle in [
+            "[federation.listener] idle_timeout_ms",
+            "max_connections_per_ip must be between 1 and max_connections",
+            "max_concurrent_requests_per_ip",
+            "h2_max_concurrent_streams",
+            "max_header_bytes",
+        ] {
+            assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
+        }
+        let typo = format!("{GOOD}\n[rpc.listener]\nmax_conections = 1\n");
+        assert!(matches!(parse(&typo, &[]), Err(ConfigError::Parse { .. })));
+    }
+
+    #[test]
     fn a_typo_inside_a_section_is_still_reported() {
         let r = parse(GOOD, &[("COURIER_FEDERATION__BIDN", "127.0.0.1:1")]);
         assert!(matches!(r, Err(ConfigError::Parse { .. })), "{r:?}");
