@@ -661,7 +661,11 @@ fn listener_limits(
         raw.body_read_timeout_ms,
         defaults.body_read_timeout,
     );
-    let idle_timeout = positive_ms("idle_timeout_ms", raw.idle_timeout_ms, defaults.idle_timeout);
+    let idle_timeout = positive_ms(
+        "idle_timeout_ms",
+        raw.idle_timeout_ms,
+        defaults.idle_timeout,
+    );
     let h2_keep_alive_interval = match raw.h2_keep_alive_interval_ms {
         Some(0) => None,
         Some(ms) => Some(Duration::from_millis(ms)),
@@ -833,7 +837,10 @@ postgres = "b"
             &[("COURIER_RPC__LISTENER__MAX_CONCURRENT_REQUESTS_PER_IP", "7")],
         )
         .expect("valid config");
-        assert_eq!(c.client.listener.header_read_timeout, Duration::from_millis(300));
+        assert_eq!(
+            c.client.listener.header_read_timeout,
+            Duration::from_millis(300)
+        );
         assert_eq!(c.client.listener.max_connections, 10);
         assert_eq!(c.client.listener.max_connections_per_ip, 4);
         assert_eq!(c.client.listener.h2_keep_alive_interval, None);

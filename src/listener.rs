@@ -662,11 +662,10 @@ mod tests {
     fn budget_caps_per_peer_and_in_total_and_gives_back_on_drop() {
         let budget = Arc::new(Budget::new(3, 2));
         let a1 = budget.try_admit(ip("10.0.0.1")).expect("first");
-        let a2 = budget.try_admit(ip("10.0.0.1")).expect("second from the same peer");
-        assert_eq!(
-            budget.try_admit(ip("10.0.0.1")).err(),
-            Some(Refusal::Peer)
-        );
+        let a2 = budget
+            .try_admit(ip("10.0.0.1"))
+            .expect("second from the same peer");
+        assert_eq!(budget.try_admit(ip("10.0.0.1")).err(), Some(Refusal::Peer));
         let b1 = budget.try_admit(ip("10.0.0.2")).expect("another peer");
         assert_eq!(
             budget.try_admit(ip("10.0.0.3")).err(),

@@ -55,7 +55,9 @@ fn loopback(last: u8) -> Ipv4Addr {
 /// A TCP connection to `to` from `from` (any port).
 async fn connect_from(from: Ipv4Addr, to: SocketAddr) -> TcpStream {
     let socket = TcpSocket::new_v4().expect("socket");
-    socket.bind((from, 0).into()).expect("bind a loopback source");
+    socket
+        .bind((from, 0).into())
+        .expect("bind a loopback source");
     tokio::time::timeout(Duration::from_secs(5), socket.connect(to))
         .await
         .expect("connect within 5 s")
@@ -205,7 +207,10 @@ async fn eventually_ok(from: Ipv4Addr, to: SocketAddr, tls: bool, path: &str) ->
 async fn metrics_text(relay: &TestRelay) -> String {
     relay
         .http
-        .get(&format!("{}/metrics", relay.rpc_url), Some(&relay.rpc_secret))
+        .get(
+            &format!("{}/metrics", relay.rpc_url),
+            Some(&relay.rpc_secret),
+        )
         .await
         .text
 }
@@ -246,7 +251,10 @@ async fn silent_and_half_sent_connections_are_closed_on_every_listener() {
     // TLS completed, then nothing, or half a request line.
     for (what, bytes) in [
         ("tls then silent", &b""[..]),
-        ("tls then half a line", &b"GET /_matrix/key/v2/server HT"[..]),
+        (
+            "tls then half a line",
+            &b"GET /_matrix/key/v2/server HT"[..],
+        ),
     ] {
         let mut stream = tls_from(loopback(1), relay.federation_addr).await;
         stream.write_all(bytes).await.expect("write");
@@ -284,7 +292,9 @@ async fn silent_and_half_sent_connections_are_closed_on_every_listener() {
 
     let metrics = metrics_text(&relay).await;
     assert!(
-        metrics.contains("courier_listener_timeouts_total{listener=\"federation\",kind=\"first_request\"}"),
+        metrics.contains(
+            "courier_listener_timeouts_total{listener=\"federation\",kind=\"first_request\"}"
+        ),
         "{metrics}"
     );
 }
@@ -318,10 +328,11 @@ async fn a_trickled_body_gets_408_and_the_connection_closed() {
     let alice = format!("@alice:{}", relay.server_name);
     relay.register_device(&alice, "ALICE", "alice-token").await;
 
-    let client_head = "PUT /_matrix/client/v3/sendToDevice/m.test/t1 HTTP/1.1\r\nhost: localhost\r\n\
+    let client_head =
+        "PUT /_matrix/client/v3/sendToDevice/m.test/t1 HTTP/1.1\r\nhost: localhost\r\n\
          authorization: Bearer alice-token\r\ncontent-type: application/json\r\n\
          content-length: 1000000\r\n\r\n{"
-        .to_owned();
+            .to_owned();
     let rpc_head = format!(
         "PUT /_courier/v1/devices/{}/BOB HTTP/1.1\r\nhost: localhost\r\n\
          authorization: Bearer {}\r\ncontent-type: application/json\r\n\
@@ -406,7 +417,8 @@ async fn idle_keep_alive_connections_are_closed_after_the_idle_timeout() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_from_one_address_is_refused_while_others_are_served() {
-    let limits = "max_connections = 20\nmax_connections_per_ip = 4\nheader_read_timeout_ms = 20000\n";
+    let limits =
+        "max_connections = 20\nmax_connections_per_ip = 4\nheader_read_timeout_ms = 20000\n";
     let relay = relay_with(limits, limits, limits).await;
     let client = addr_of(&relay.client_url);
     let flooder = loopback(10);
@@ -418,7 +430,10 @@ async fn a_flood_from_one_address_is_refused_while_others_are_served() {
     for n in 0..2 {
         let mut excess = connect_from(flooder, client).await;
         let (bytes, _) = read_until_closed(&mut excess, Duration::from_secs(2)).await;
-        assert!(bytes.is_empty(), "excess connection {n} closed without an answer");
+        assert!(
+            bytes.is_empty(),
+            "excess connection {n} closed without an answer"
+        );
     }
     // Another address is served while the flood is held open.
     let (status, body) = http1_request(
@@ -449,7 +464,8 @@ async fn a_flood_from_one_address_is_refused_while_others_are_served() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_tls_listener_closes_new_connections_and_recovers() {
-    let federation = "max_connections = 5\nmax_connections_per_ip = 2\nheader_read_timeout_ms = 20000\n";
+    let federation =
+        "max_connections = 5\nmax_connections_per_ip = 2\nheader_read_timeout_ms = 20000\n";
     let relay = relay_with(federation, "", "").await;
     let fed = relay.federation_addr;
 
@@ -638,17 +654,166 @@ async fn send_is_refused_from_its_headers_before_the_body_is_read() {
 
     // 10 MB declared (under the 12.5 MiB limit), nothing sent.
     let (status, body) = send_head_only(&relay, put("", 10_000_000)).await;
-    assert_eq!((status, body["errcode"].clone()), (401, json!("M_UNAUTHORIZED")), "{body}");
-    let (status, body) =
-        send_head_only(&relay, put("authorization: X-Matrix garbage\r\n", 10_000_000)).await;
-    assert_eq!((status, body["errcode"].clone()), (400, json!("M_UNAUTHORIZED")), "{body}");
+    assert_eq!(
+        (status, body["errcode"].clone()),
+        (401, json!("M_UNAUTHORIZED")),
+        "{body}"
+    );
+    let (status, body) = send_head_only(
+        &relay,
+        put("authorization: X-Matrix garbage\r\n", 10_000_000),
+    )
+    .await;
+    assert_eq!(
+        (status, body["errcode"].clone()),
+        (400, json!("M_UNAUTHORIZED")),
+        "{body}"
+    );
     // Over the limit: 413 at once, whatever the header says.
     let (status, body) = send_head_only(&relay, put(&good_syntax, 20_000_000)).await;
-    assert_eq!((status, body["errcode"].clone()), (413, json!("M_TOO_LARGE")), "{body}");
+    assert_eq!(
+        (status, body["errcode"].clone()),
+        (413, json!("M_TOO_LARGE")),
+        "{body}"
+    );
     // A GET takes no body: more than a little is refused too.
     let get = format!(
         "GET /_matrix/key/v2/server HTTP/1.1\r\nhost: {us}\r\ncontent-length: 5000\r\n\r\n"
     );
     let (status, body) = send_head_only(&relay, get).await;
-    assert_eq!((status, body["errcode"].clone()), (413, json!("M_TOO_LARGE")), "{body}");
+    assert_eq!(
+        (status, body["errcode"].clone()),
+        (413, json!("M_TOO_LARGE")),
+        "{body}"
+    );
+}
+
+/// Sends the HTTP/2 client preface and an empty SETTINGS frame; returns the
+/// parameters (id, value) of the server's first SETTINGS frame.
+async fn server_h2_settings<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S) -> Vec<(u16, u32)> {
+    stream
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .await
+        .expect("preface");
+    stream.flush().await.expect("flush");
+    let read = async {
+        loop {
+            let mut head = [0u8; 9];
+            stream.read_exact(&mut head).await.expect("frame header");
+            let length = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+            let mut payload = vec![0u8; length];
+            stream
+                .read_exact(&mut payload)
+                .await
+                .expect("frame payload");
+            let (kind, flags) = (head[3], head[4]);
+            if kind == 0x4 && flags & 0x1 == 0 {
+                return payload
+                    .chunks_exact(6)
+                    .map(|p| {
+                        (
+                            u16::from_be_bytes([p[0], p[1]]),
+                            u32::from_be_bytes([p[2], p[3], p[4], p[5]]),
+                        )
+                    })
+                    .collect::<Vec<_>>();
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), read)
+        .await
+        .expect("server SETTINGS within 5 s")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_settings_carry_the_stream_and_header_limits_and_big_heads_are_refused() {
+    let limits = "h2_max_concurrent_streams = 7\nmax_header_bytes = 16384\n";
+    let relay = relay_with(limits, limits, "").await;
+    const MAX_CONCURRENT_STREAMS: u16 = 0x3;
+    const MAX_HEADER_LIST_SIZE: u16 = 0x6;
+
+    let mut plain = connect_from(loopback(1), addr_of(&relay.client_url)).await;
+    let settings = server_h2_settings(&mut plain).await;
+    assert!(
+        settings.contains(&(MAX_CONCURRENT_STREAMS, 7)),
+        "{settings:?}"
+    );
+    assert!(
+        settings.contains(&(MAX_HEADER_LIST_SIZE, 16384)),
+        "{settings:?}"
+    );
+
+    let tcp = connect_from(loopback(1), relay.federation_addr).await;
+    let name = rustls_pki_types::ServerName::try_from("localhost").expect("server name");
+    let mut tls = tls_connector(b"h2")
+        .connect(name, tcp)
+        .await
+        .expect("tls handshake with ALPN h2");
+    let settings = server_h2_settings(&mut tls).await;
+    assert!(
+        settings.contains(&(MAX_CONCURRENT_STREAMS, 7)),
+        "{settings:?}"
+    );
+
+    // The default RPC listener offers 32 streams.
+    let mut rpc = connect_from(loopback(1), addr_of(&relay.rpc_url)).await;
+    let settings = server_h2_settings(&mut rpc).await;
+    assert!(
+        settings.contains(&(MAX_CONCURRENT_STREAMS, 32)),
+        "{settings:?}"
+    );
+
+    // An HTTP/1.1 head larger than the limit is refused, not buffered.
+    let big = "x".repeat(40_000);
+    let mut stream = connect_from(loopback(1), addr_of(&relay.client_url)).await;
+    stream
+        .write_all(
+            format!(
+                "GET /_matrix/client/versions HTTP/1.1\r\nhost: localhost\r\nx-big: {big}\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await
+        .expect("write");
+    let (raw, _) = read_until_closed(&mut stream, Duration::from_secs(5)).await;
+    let text = String::from_utf8_lossy(&raw);
+    assert!(text.starts_with("HTTP/1.1 431"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_answers_long_polls_and_closes_idle_connections() {
+    let relay_limits = "header_read_timeout_ms = 60000\n";
+    // One request per address on the client listener: a 503 from the
+    // long-poll's address shows the long-poll is in flight.
+    let client_limits = "header_read_timeout_ms = 60000\nmax_concurrent_requests_per_ip = 1\n";
+    let mut relay = relay_with(relay_limits, client_limits, relay_limits).await;
+    let alice = format!("@alice:{}", relay.server_name);
+    relay.register_device(&alice, "A1", "token-a1").await;
+    let client = addr_of(&relay.client_url);
+    let poll = tokio::spawn(async move {
+        http1_request(
+            connect_from(loopback(40), client).await,
+            "GET",
+            "/_matrix/client/v3/sync?since=td_0&timeout=30000",
+            &[("host", "localhost"), ("authorization", "Bearer token-a1")],
+        )
+        .await
+    });
+    let mut silent = connect_from(loopback(41), client).await;
+    let mut silent_tls = tls_from(loopback(41), relay.federation_addr).await;
+    until_refused(loopback(40), client).await;
+
+    let started = Instant::now();
+    relay.stop().await;
+    let (status, body) = tokio::time::timeout(Duration::from_secs(5), poll)
+        .await
+        .expect("the long-poll is answered on shutdown")
+        .expect("poll task");
+    assert_eq!(status, 200, "{body}");
+    read_until_closed(&mut silent, Duration::from_secs(5)).await;
+    read_until_closed(&mut silent_tls, Duration::from_secs(5)).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "drained within the drain timeout"
+    );
 }
