@@ -11,8 +11,11 @@
 //! connection with no request in flight, the body-read deadline (408 and
 //! close), the HTTP/2 stream, header and keep-alive settings, and the
 //! declared body size (413 before a byte of the body is read; GET and HEAD
-//! get a tiny cap). On shutdown it stops accepting and gives open
-//! connections a bounded drain. It knows nothing about routes: what a
+//! get a tiny cap). A body left unread when the answer goes out (413, 503,
+//! or a handler that refused from the headers alone) is read and discarded
+//! until the body deadline on HTTP/1.x, never kept, so the peer receives
+//! the answer instead of a reset. On shutdown it stops accepting and gives
+//! open connections a bounded drain. It knows nothing about routes: what a
 //! request means is the router's business.
 
 use std::collections::HashMap;
@@ -29,6 +32,7 @@ use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::response::{IntoResponse, Response};
 use http::{HeaderMap, HeaderValue, Method, Request, StatusCode, Version, header};
+use http_body_util::BodyExt;
 use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -369,6 +373,12 @@ impl hyper::service::Service<Request<Incoming>> for EdgeService {
 
 async fn handle(shared: &Shared, peer: IpAddr, request: Request<Incoming>) -> Response {
     let version = request.version();
+    let body_deadline = Instant::now() + shared.limits.body_read_timeout;
+    // HTTP/1.x: a body left unread when the answer goes out is read and
+    // discarded until the body deadline, so that closing the socket does
+    // not reset the connection under the answer while the peer is still
+    // sending. HTTP/2 resets just the stream.
+    let linger_until = (version < Version::HTTP_2).then_some(body_deadline);
     let _permit = match shared.requests.try_admit(peer) {
         Ok(permit) => permit,
         Err(refusal) => {
@@ -378,14 +388,15 @@ async fn handle(shared: &Shared, peer: IpAddr, request: Request<Incoming>) -> Re
             };
             count_refused(shared.name, reason);
             tracing::debug!(listener = shared.name, %peer, reason, "request refused");
+            discard_later(request.into_body(), linger_until);
             return busy().into_response();
         }
     };
     let cap = body_cap(request.method(), shared.max_body_bytes);
     if declared_length(request.headers()).is_some_and(|declared| declared > cap) {
         tracing::info!(listener = shared.name, %peer, cap, "declared request body over the limit");
-        // The body stays unread, so the connection cannot carry another
-        // request after this answer.
+        // Nothing of the body is kept; the connection ends after it.
+        discard_later(request.into_body(), linger_until);
         return closing(
             MatrixError::too_large("The request body is too large").into_response(),
             version,
@@ -394,17 +405,17 @@ async fn handle(shared: &Shared, peer: IpAddr, request: Request<Incoming>) -> Re
     let (parts, incoming) = request.into_parts();
     let finished = Arc::new(AtomicBool::new(incoming.is_end_stream()));
     let body = CappedBody {
-        inner: incoming,
+        inner: Some(incoming),
         cap,
         received: 0,
         finished: finished.clone(),
+        linger_until,
     };
     let response = shared
         .app
         .clone()
         .oneshot(Request::from_parts(parts, Body::new(body)));
     tokio::pin!(response);
-    let body_deadline = Instant::now() + shared.limits.body_read_timeout;
     tokio::select! {
         result = response.as_mut() => return answered(result),
         _ = tokio::time::sleep_until(body_deadline) => {}
@@ -477,14 +488,44 @@ fn declared_length(headers: &HeaderMap) -> Option<u64> {
         .ok()
 }
 
+/// Reads and drops what is left of `body` in the background until `until`
+/// (`None`: drop it now, which makes hyper close the read side).
+fn discard_later(mut body: Incoming, until: Option<Instant>) {
+    let Some(until) = until else { return };
+    if body.is_end_stream() || Instant::now() >= until {
+        return;
+    }
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    runtime.spawn(async move {
+        let drain = async { while let Some(Ok(_)) = body.frame().await {} };
+        let _ = tokio::time::timeout_at(until, drain).await;
+    });
+}
+
 /// The request body as the router reads it: fails once more than `cap`
-/// bytes arrived (a chunked body declares no length), and records when the
-/// last frame arrived for the body deadline.
+/// bytes arrived (a chunked body declares no length), records when the last
+/// frame arrived for the body deadline, and when the handler answers
+/// without reading it all, hands the rest to [`discard_later`].
 struct CappedBody {
-    inner: Incoming,
+    /// `None` only while being dropped.
+    inner: Option<Incoming>,
     cap: u64,
     received: u64,
     finished: Arc<AtomicBool>,
+    /// Until when an unread rest is drained; `None` after an error.
+    linger_until: Option<Instant>,
+}
+
+impl Drop for CappedBody {
+    fn drop(&mut self) {
+        if let Some(inner) = self.inner.take()
+            && !self.finished.load(Ordering::Acquire)
+        {
+            discard_later(inner, self.linger_until);
+        }
+    }
 }
 
 impl HttpBody for CappedBody {
@@ -496,22 +537,29 @@ impl HttpBody for CappedBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, ListenerError>>> {
         let this = &mut *self;
-        match Pin::new(&mut this.inner).poll_frame(cx) {
+        let Some(inner) = this.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        match Pin::new(&mut *inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     this.received = this.received.saturating_add(data.len() as u64);
                     if this.received > this.cap {
+                        this.linger_until = None;
                         return Poll::Ready(Some(Err(ListenerError::BodyTooLarge {
                             limit: this.cap,
                         })));
                     }
                 }
-                if this.inner.is_end_stream() {
+                if inner.is_end_stream() {
                     this.finished.store(true, Ordering::Release);
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
-            Poll::Ready(Some(Err(error))) => Poll::Ready(Some(Err(error.into()))),
+            Poll::Ready(Some(Err(error))) => {
+                this.linger_until = None;
+                Poll::Ready(Some(Err(error.into())))
+            }
             Poll::Ready(None) => {
                 this.finished.store(true, Ordering::Release);
                 Poll::Ready(None)
@@ -521,11 +569,13 @@ impl HttpBody for CappedBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.inner.as_ref().is_none_or(Incoming::is_end_stream)
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        self.inner
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), Incoming::size_hint)
     }
 }
 

@@ -676,6 +676,32 @@ async fn send_is_refused_from_its_headers_before_the_body_is_read() {
         (413, json!("M_TOO_LARGE")),
         "{body}"
     );
+    // A sender that does send its oversized body still reads the 413: the
+    // rest is drained, not reset under the answer.
+    let stream = tls_from(loopback(1), relay.federation_addr).await;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .expect("http handshake");
+    tokio::spawn(conn);
+    let auth = good_syntax
+        .trim_start_matches("authorization: ")
+        .trim_end()
+        .to_owned();
+    let request = hyper::Request::put("/_matrix/federation/v1/send/t2")
+        .header("host", us.as_str())
+        .header("authorization", auth)
+        .header("content-type", "application/json")
+        .body(http_body_util::Full::new(Bytes::from(vec![
+            b' ';
+            14_000_000
+        ])))
+        .expect("request");
+    let response = tokio::time::timeout(Duration::from_secs(20), sender.send_request(request))
+        .await
+        .expect("answer within 20 s")
+        .expect("an answer, not a reset");
+    assert_eq!(response.status(), 413);
+
     // A GET takes no body: more than a little is refused too.
     let get = format!(
         "GET /_matrix/key/v2/server HTTP/1.1\r\nhost: {us}\r\ncontent-length: 5000\r\n\r\n"
