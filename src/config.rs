@@ -572,6 +572,11 @@ pub struct ListenerLimits {
     pub h2_keep_alive_interval: Option<Duration>,
     /// Largest request head: HTTP/2 header list size, HTTP/1.1 read buffer.
     pub max_header_bytes: usize,
+    /// Request bodies being received at once on this listener, in bytes of
+    /// their declared length (a body without one counts as the largest
+    /// allowed); past it, 503 `M_LIMIT_EXCEEDED`. Bounds the memory that
+    /// bodies buffered before authentication can take.
+    pub max_body_bytes_in_flight: usize,
 }
 
 impl ListenerLimits {
@@ -587,6 +592,7 @@ impl ListenerLimits {
         h2_max_concurrent_streams: 32,
         h2_keep_alive_interval: Some(Duration::from_secs(30)),
         max_header_bytes: 32 * 1024,
+        max_body_bytes_in_flight: 128 * 1024 * 1024,
     };
     /// Clients, usually all behind one reverse proxy: the per-address caps
     /// equal the listener's; `/sync` long-polls hold a request each.
@@ -601,6 +607,7 @@ impl ListenerLimits {
         h2_max_concurrent_streams: 32,
         h2_keep_alive_interval: Some(Duration::from_secs(30)),
         max_header_bytes: 32 * 1024,
+        max_body_bytes_in_flight: 128 * 1024 * 1024,
     };
     /// The homeserver: one peer, so the per-address caps equal the
     /// listener's.
@@ -615,6 +622,7 @@ impl ListenerLimits {
         h2_max_concurrent_streams: 32,
         h2_keep_alive_interval: Some(Duration::from_secs(30)),
         max_header_bytes: 32 * 1024,
+        max_body_bytes_in_flight: 128 * 1024 * 1024,
     };
 }
 
@@ -631,6 +639,7 @@ struct RawListenerLimits {
     h2_max_concurrent_streams: Option<u32>,
     h2_keep_alive_interval_ms: Option<u64>,
     max_header_bytes: Option<usize>,
+    max_body_bytes_in_flight: Option<usize>,
 }
 
 /// Validates one `[<section>.listener]` table over the section's defaults.
@@ -690,6 +699,9 @@ fn listener_limits(
             .unwrap_or(defaults.h2_max_concurrent_streams),
         h2_keep_alive_interval,
         max_header_bytes: raw.max_header_bytes.unwrap_or(defaults.max_header_bytes),
+        max_body_bytes_in_flight: raw
+            .max_body_bytes_in_flight
+            .unwrap_or(defaults.max_body_bytes_in_flight),
     };
     for (key, value, cap_key, cap) in [
         (
@@ -717,6 +729,11 @@ fn listener_limits(
     if limits.h2_max_concurrent_streams == 0 {
         problems.push(format!(
             "[{section}.listener] h2_max_concurrent_streams must be at least 1"
+        ));
+    }
+    if limits.max_body_bytes_in_flight == 0 {
+        problems.push(format!(
+            "[{section}.listener] max_body_bytes_in_flight must be at least 1"
         ));
     }
     if !(8192..=1 << 20).contains(&limits.max_header_bytes) {
@@ -854,7 +871,7 @@ postgres = "b"
     #[test]
     fn bad_listener_limits_are_all_reported() {
         let text = format!(
-            "{GOOD}\n[federation.listener]\nidle_timeout_ms = 0\nmax_connections = 5\nmax_connections_per_ip = 6\nmax_concurrent_requests_per_ip = 0\nh2_max_concurrent_streams = 0\nmax_header_bytes = 100\n"
+            "{GOOD}\n[federation.listener]\nidle_timeout_ms = 0\nmax_connections = 5\nmax_connections_per_ip = 6\nmax_concurrent_requests_per_ip = 0\nh2_max_concurrent_streams = 0\nmax_header_bytes = 100\nmax_body_bytes_in_flight = 0\n"
         );
         let Err(ConfigError::Invalid(problems)) = parse(&text, &[]) else {
             panic!("expected an invalid config");
@@ -866,6 +883,7 @@ postgres = "b"
             "max_concurrent_requests_per_ip",
             "h2_max_concurrent_streams",
             "max_header_bytes",
+            "max_body_bytes_in_flight",
         ] {
             assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
         }

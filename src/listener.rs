@@ -3,7 +3,8 @@
 //! around the listener's router. It owns the limits of
 //! [`ListenerLimits`]: caps on open connections and on requests in flight,
 //! per listener and per peer address (past a connection cap the socket is
-//! closed at once; past a request cap the answer is 503 `M_LIMIT_EXCEEDED`
+//! closed at once; past a request cap, or past the listener's budget of
+//! body bytes being received, the answer is 503 `M_LIMIT_EXCEEDED`
 //! with Retry-After; both counted in
 //! `courier_listener_refused_total{listener,reason}`), the deadline from
 //! accept to the first request (TLS handshake and HTTP version preface
@@ -37,7 +38,7 @@ use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, watch};
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::either::Either;
@@ -85,6 +86,10 @@ struct Shared {
     limits: ListenerLimits,
     max_body_bytes: u64,
     requests: Arc<Budget>,
+    /// Bytes of request bodies being received (`max_body_bytes_in_flight`).
+    bodies: Arc<Semaphore>,
+    /// The permits `bodies` started with.
+    body_budget: u64,
     builder: auto::Builder<TokioExecutor>,
 }
 
@@ -102,6 +107,9 @@ pub async fn serve(listener: Listener, app: Router, shutdown: CancellationToken)
         limits.max_connections,
         limits.max_connections_per_ip,
     ));
+    let body_budget = limits
+        .max_body_bytes_in_flight
+        .clamp(1, Semaphore::MAX_PERMITS);
     let shared = Arc::new(Shared {
         name,
         app,
@@ -112,6 +120,8 @@ pub async fn serve(listener: Listener, app: Router, shutdown: CancellationToken)
             limits.max_concurrent_requests,
             limits.max_concurrent_requests_per_ip,
         )),
+        bodies: Arc::new(Semaphore::new(body_budget)),
+        body_budget: body_budget as u64,
         builder: connection_builder(&limits),
     });
     let tracker = TaskTracker::new();
@@ -393,7 +403,8 @@ async fn handle(shared: &Shared, peer: IpAddr, request: Request<Incoming>) -> Re
         }
     };
     let cap = body_cap(request.method(), shared.max_body_bytes);
-    if declared_length(request.headers()).is_some_and(|declared| declared > cap) {
+    let declared = declared_length(request.headers());
+    if declared.is_some_and(|declared| declared > cap) {
         tracing::info!(listener = shared.name, %peer, cap, "declared request body over the limit");
         // Nothing of the body is kept; the connection ends after it.
         discard_later(request.into_body(), linger_until);
@@ -403,6 +414,28 @@ async fn handle(shared: &Shared, peer: IpAddr, request: Request<Incoming>) -> Re
         );
     }
     let (parts, incoming) = request.into_parts();
+    // The body's share of the listener's body budget, held until the
+    // handler is done with it. A body larger than the whole budget is
+    // admitted only alone.
+    let reserve = match declared {
+        _ if incoming.is_end_stream() => 0,
+        Some(declared) => declared,
+        None => cap,
+    };
+    let _body_permit = if reserve == 0 {
+        None
+    } else {
+        let permits = u32::try_from(reserve.min(shared.body_budget)).unwrap_or(u32::MAX);
+        match shared.bodies.clone().try_acquire_many_owned(permits) {
+            Ok(permit) => Some(permit),
+            Err(_) => {
+                count_refused(shared.name, "max_body_bytes_in_flight");
+                tracing::debug!(listener = shared.name, %peer, reserve, "request refused: body budget spent");
+                discard_later(incoming, linger_until);
+                return busy().into_response();
+            }
+        }
+    };
     let finished = Arc::new(AtomicBool::new(incoming.is_end_stream()));
     let body = CappedBody {
         inner: Some(incoming),

@@ -123,17 +123,19 @@ async fn http1_request<I>(io: I, method: &str, path: &str, headers: &[(&str, &st
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    try_http1_request(io, method, path, headers)
+    try_http1_request(io, method, path, headers, Vec::new())
         .await
         .unwrap_or_else(|error| panic!("{method} {path}: {error}"))
 }
 
-/// One HTTP/1.1 request over `io`, or why it got no answer (10 s at most).
+/// One HTTP/1.1 request with `body` over `io`, or why it got no answer
+/// (10 s at most).
 async fn try_http1_request<I>(
     io: I,
     method: &str,
     path: &str,
     headers: &[(&str, &str)],
+    body: Vec<u8>,
 ) -> Result<(u16, Value), String>
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -148,7 +150,7 @@ where
             request = request.header(*name, *value);
         }
         let request = request
-            .body(Empty::<Bytes>::new())
+            .body(http_body_util::Full::new(Bytes::from(body)))
             .map_err(|e| format!("request: {e}"))?;
         let response = sender
             .send_request(request)
@@ -190,11 +192,18 @@ async fn eventually_ok(from: Ipv4Addr, to: SocketAddr, tls: bool, path: &str) ->
             let tcp = connect_from(from, to).await;
             let name = rustls_pki_types::ServerName::try_from("localhost").expect("server name");
             match tls_connector(b"http/1.1").connect(name, tcp).await {
-                Ok(stream) => try_http1_request(stream, "GET", path, &headers).await,
+                Ok(stream) => try_http1_request(stream, "GET", path, &headers, Vec::new()).await,
                 Err(error) => Err(format!("tls: {error}")),
             }
         } else {
-            try_http1_request(connect_from(from, to).await, "GET", path, &headers).await
+            try_http1_request(
+                connect_from(from, to).await,
+                "GET",
+                path,
+                &headers,
+                Vec::new(),
+            )
+            .await
         };
         if let Ok((200, body)) = attempt {
             return body;
@@ -841,5 +850,92 @@ async fn shutdown_answers_long_polls_and_closes_idle_connections() {
     assert!(
         started.elapsed() < Duration::from_secs(15),
         "drained within the drain timeout"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_past_the_body_budget_get_503_until_it_is_given_back() {
+    let limits = "max_body_bytes_in_flight = 1000000\n";
+    let relay = relay_with("", limits, "").await;
+    let alice = format!("@alice:{}", relay.server_name);
+    relay.register_device(&alice, "A1", "token-a1").await;
+    let client = addr_of(&relay.client_url);
+    let path = "/_matrix/client/v3/sendToDevice/m.test/{txn}";
+    let headers = [
+        ("host", "localhost"),
+        ("authorization", "Bearer token-a1"),
+        ("content-type", "application/json"),
+    ];
+
+    // A holds 600 kB of the budget: its head is in, its body never comes.
+    let mut holder = connect_from(loopback(50), client).await;
+    holder
+        .write_all(
+            b"PUT /_matrix/client/v3/sendToDevice/m.test/held HTTP/1.1\r\nhost: localhost\r\n\
+              authorization: Bearer token-a1\r\ncontent-type: application/json\r\n\
+              content-length: 600000\r\n\r\n{",
+        )
+        .await
+        .expect("head");
+
+    // Another 600 kB body, from another address, does not fit.
+    let big = vec![b' '; 600_000];
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let refused = loop {
+        let (status, body) = try_http1_request(
+            connect_from(loopback(51), client).await,
+            "PUT",
+            &path.replace("{txn}", "big"),
+            &headers,
+            big.clone(),
+        )
+        .await
+        .expect("an answer");
+        if status == 503 {
+            break body;
+        }
+        assert!(Instant::now() < deadline, "never refused: {status} {body}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(refused["errcode"], "M_LIMIT_EXCEEDED", "{refused}");
+
+    // A small body still fits.
+    let (status, body) = try_http1_request(
+        connect_from(loopback(51), client).await,
+        "PUT",
+        &path.replace("{txn}", "small"),
+        &headers,
+        br#"{"messages":{}}"#.to_vec(),
+    )
+    .await
+    .expect("an answer");
+    assert_eq!(status, 200, "{body}");
+
+    // Once A goes, its share comes back.
+    drop(holder);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (status, body) = try_http1_request(
+            connect_from(loopback(51), client).await,
+            "PUT",
+            &path.replace("{txn}", "big2"),
+            &headers,
+            big.clone(),
+        )
+        .await
+        .expect("an answer");
+        if status != 503 {
+            assert_eq!(body["errcode"], "M_NOT_JSON", "{body}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the budget never came back");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let metrics = metrics_text(&relay).await;
+    assert!(
+        metrics.contains(
+            "courier_listener_refused_total{listener=\"client\",reason=\"max_body_bytes_in_flight\"}"
+        ),
+        "{metrics}"
     );
 }
