@@ -1,22 +1,28 @@
 //! The network edge of every listener (federation over TLS, client, RPC):
-//! the accept loop, one task per connection, and the per-request wrapper
-//! around the listener's router. It owns the limits of
-//! [`ListenerLimits`]: caps on open connections and on requests in flight,
-//! per listener and per peer address (past a connection cap the socket is
-//! closed at once; past a request cap, or past the listener's budget of
-//! body bytes being received, the answer is 503 `M_LIMIT_EXCEEDED`
-//! with Retry-After; both counted in
-//! `courier_listener_refused_total{listener,reason}`), the deadline from
-//! accept to the first request (TLS handshake and HTTP version preface
-//! included), hyper's HTTP/1.1 header-read timer, the idle timeout of a
-//! connection with no request in flight, the body-read deadline (408 and
-//! close), the HTTP/2 stream, header and keep-alive settings, and the
-//! declared body size (413 before a byte of the body is read; GET and HEAD
-//! get a tiny cap). A body left unread when the answer goes out (413, 503,
-//! or a handler that refused from the headers alone) is read and discarded
-//! until the body deadline on HTTP/1.x, never kept, so the peer receives
-//! the answer instead of a reset. On shutdown it stops accepting and gives
-//! open connections a bounded drain. It knows nothing about routes: what a
+//! the accept loop, one task per connection, and a wrapper around the
+//! listener's router for each request. It enforces [`ListenerLimits`]:
+//!
+//! - connections: caps per listener and per peer address (IPv6 per /64);
+//!   past them a new socket is closed at once, and accepting goes on;
+//! - deadlines: from accept to the first request head (TLS handshake and
+//!   HTTP version preface included), hyper's HTTP/1.1 header timer, idle
+//!   (no request in flight; HTTP/2 gets a GOAWAY), and the body (408, then
+//!   the connection closes);
+//! - requests: caps on requests in flight per listener and per peer, and a
+//!   budget of body bytes being received; past them 503 `M_LIMIT_EXCEEDED`
+//!   with Retry-After;
+//! - bodies: a declared `Content-Length` over the listener's limit (GET and
+//!   HEAD: 1 KiB) gets 413 before a byte is read, and a body without one
+//!   fails once it passes the limit;
+//! - HTTP/2: streams per connection, header list size, keep-alive pings.
+//!
+//! Refusals are counted in `courier_listener_refused_total{listener,reason}`
+//! and deadlines that fired in `courier_listener_timeouts_total{listener,kind}`.
+//! On HTTP/1.x a body left unread when the answer goes out (413, 503, or a
+//! handler that refused from the headers alone) is read and thrown away
+//! until the body deadline, never kept, so the peer receives the answer
+//! instead of a reset. On shutdown it stops accepting and gives open
+//! connections a bounded drain. It knows nothing about routes: what a
 //! request means is the router's business.
 
 use std::collections::HashMap;
