@@ -16,8 +16,10 @@
 //!   fails once it passes the limit;
 //! - HTTP/2: streams per connection, header list size, keep-alive pings.
 //!
-//! Refusals are counted in `courier_listener_refused_total{listener,reason}`
-//! and deadlines that fired in `courier_listener_timeouts_total{listener,kind}`.
+//! Refusals are counted in `courier_listener_refused_total{listener,reason}`,
+//! deadlines that fired in `courier_listener_timeouts_total{listener,kind}`,
+//! and failed accepts (out of descriptors: retried after a delay doubling up
+//! to a second) in `courier_listener_accept_errors_total{listener}`.
 //! On HTTP/1.x a body left unread when the answer goes out (413, 503, or a
 //! handler that refused from the headers alone) is read and thrown away
 //! until the body deadline, never kept, so the peer receives the answer
@@ -145,6 +147,8 @@ pub async fn serve(listener: Listener, app: Router, shutdown: CancellationToken)
                     // Usually EMFILE: the pending connection stays queued, so
                     // retrying at once would spin. Back off, up to a second.
                     let delay = backoff.next_delay();
+                    metrics::counter!("courier_listener_accept_errors_total", "listener" => name)
+                        .increment(1);
                     tracing::warn!(listener = name, %error, delay_ms = delay.as_millis() as u64, "accept failed");
                     tokio::select! {
                         _ = shutdown.cancelled() => break,

@@ -939,3 +939,204 @@ async fn bodies_past_the_body_budget_get_503_until_it_is_given_back() {
         "{metrics}"
     );
 }
+
+/// A free loopback port (bound, read, released).
+async fn free_port() -> u16 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind port 0");
+    listener.local_addr().expect("local addr").port()
+}
+
+/// Kills the child process when the test ends, however it ends.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Sends one keep-alive `GET /versions` on `stream`; true if the answer
+/// arrived within `within`.
+async fn answered_within(stream: &mut TcpStream, within: Duration) -> bool {
+    stream
+        .write_all(b"GET /_matrix/client/versions HTTP/1.1\r\nhost: localhost\r\n\r\n")
+        .await
+        .expect("write request");
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 4096];
+    let read = async {
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => {
+                    raw.extend_from_slice(&buf[..n]);
+                    if raw.ends_with(b"}") && raw.starts_with(b"HTTP/1.1 200") {
+                        return true;
+                    }
+                }
+            }
+        }
+    };
+    tokio::time::timeout(within, read).await.unwrap_or(false)
+}
+
+/// `courier serve` as a child process under `ulimit -n 48` (it needs about
+/// 25 descriptors idle), so that held connections exhaust its descriptors.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_descriptors_accept_backs_off_and_recovers() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let key = courier::keys::ServerSigningKey::generate("test");
+    std::fs::write(dir.path().join("signing.key"), key.to_file_contents()).expect("key written");
+    let (fed, client, rpc) = (free_port().await, free_port().await, free_port().await);
+    let root = support::relay::repo_root();
+    let config = format!(
+        r#"
+server_name = "localhost:{fed}"
+signing_key_path = "{dir}/signing.key"
+[federation]
+bind = "127.0.0.1:{fed}"
+tls_cert = "{root}/certs/localhost.crt"
+tls_key = "{root}/certs/localhost.key"
+[client]
+bind = "127.0.0.1:{client}"
+[client.listener]
+header_read_timeout_ms = 60000
+idle_timeout_ms = 60000
+[rpc]
+bind = "127.0.0.1:{rpc}"
+secret = "emfile-test-secret"
+[store]
+sqlite = "{dir}/courier.db"
+"#,
+        dir = dir.path().display(),
+        root = root.display(),
+    );
+    let config_path = dir.path().join("courier.toml");
+    std::fs::write(&config_path, config).expect("config written");
+    let log_path = dir.path().join("courier.log");
+    let log = std::fs::File::create(&log_path).expect("log file");
+    let mut command = std::process::Command::new("sh");
+    command
+        .arg("-c")
+        .arg(r#"ulimit -n 48 && exec "$0" serve --config "$1""#)
+        .arg(env!("CARGO_BIN_EXE_courier"))
+        .arg(&config_path);
+    for (name, _) in std::env::vars() {
+        if name.starts_with("COURIER_") {
+            command.env_remove(name);
+        }
+    }
+    let _child = KillOnDrop(
+        command
+            .env("COURIER_LOG", "info")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn courier serve"),
+    );
+    let client_addr: SocketAddr = ([127, 0, 0, 1], client).into();
+    let rpc_addr: SocketAddr = ([127, 0, 0, 1], rpc).into();
+    let ready_by = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(mut probe) = TcpStream::connect(client_addr).await
+            && answered_within(&mut probe, Duration::from_secs(2)).await
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < ready_by,
+            "courier serve did not start:\n{}",
+            std::fs::read_to_string(&log_path).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Hold answered connections open until one is not answered: it waits
+    // in the backlog because accept fails for want of a descriptor.
+    let mut held = Vec::new();
+    let mut stalled = None;
+    for _ in 0..100 {
+        let mut stream = connect_from(loopback(1), client_addr).await;
+        if answered_within(&mut stream, Duration::from_secs(2)).await {
+            held.push(stream);
+        } else {
+            stalled = Some(stream);
+            break;
+        }
+    }
+    let mut stalled = stalled.expect("48 descriptors ran out within 100 connections");
+    assert!(
+        held.len() >= 5,
+        "only {} connections before running out",
+        held.len()
+    );
+
+    // Closing the held connections frees descriptors: the stalled one is
+    // accepted on a later retry and its request answered.
+    let held_count = held.len();
+    drop(held);
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 4096];
+    let answer = async {
+        while !(raw.starts_with(b"HTTP/1.1 200") && raw.ends_with(b"}")) {
+            match stalled.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => raw.extend_from_slice(&buf[..n]),
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), answer)
+        .await
+        .expect("the stalled connection is served once descriptors are free");
+    assert!(
+        raw.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&raw)
+    );
+
+    // The failed accepts were retried with backoff, not in a spin: the
+    // stall of about two seconds allows about ten tries (5 ms doubling to
+    // 1 s); a fixed 50 ms pause would make forty.
+    let bearer = "Bearer emfile-test-secret";
+    let metrics = try_http1_metrics(rpc_addr, bearer).await;
+    let errors: u64 = metrics
+        .lines()
+        .find_map(|line| {
+            line.strip_prefix("courier_listener_accept_errors_total{listener=\"client\"} ")
+        })
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no accept error counted:\n{metrics}"));
+    assert!(
+        (1..=25).contains(&errors),
+        "{errors} failed accepts (after {held_count} connections)"
+    );
+}
+
+/// `GET /metrics` as text (the JSON helpers drop non-JSON bodies).
+async fn try_http1_metrics(rpc: SocketAddr, bearer: &str) -> String {
+    let io = TokioIo::new(connect_from(loopback(1), rpc).await);
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
+        .await
+        .expect("http handshake");
+    tokio::spawn(conn);
+    let request = hyper::Request::get("/metrics")
+        .header("host", "localhost")
+        .header("authorization", bearer)
+        .body(Empty::<Bytes>::new())
+        .expect("request");
+    let response = tokio::time::timeout(Duration::from_secs(10), sender.send_request(request))
+        .await
+        .expect("metrics within 10 s")
+        .expect("metrics response");
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .expect("metrics body")
+        .to_bytes();
+    String::from_utf8_lossy(&body).into_owned()
+}
