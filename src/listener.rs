@@ -488,7 +488,8 @@ fn answered(result: Result<Response, Infallible>) -> Response {
     }
 }
 
-/// 503 `M_LIMIT_EXCEEDED` with Retry-After: too many requests in flight.
+/// 503 `M_LIMIT_EXCEEDED` with Retry-After: too many requests, or too many
+/// body bytes, in flight.
 fn busy() -> MatrixError {
     MatrixError {
         retry_after_secs: Some(BUSY_RETRY_AFTER_SECS),
@@ -548,8 +549,8 @@ fn discard_later(mut body: Incoming, until: Option<Instant>) {
 }
 
 /// The request body as the router reads it: fails once more than `cap`
-/// bytes arrived (a chunked body declares no length), records when the last
-/// frame arrived for the body deadline, and when the handler answers
+/// bytes arrived (a chunked body declares no length), records whether the
+/// last frame arrived (for the body deadline), and when the handler answers
 /// without reading it all, hands the rest to [`discard_later`].
 struct CappedBody {
     /// `None` only while being dropped.
