@@ -439,46 +439,54 @@ async fn a_flood_from_one_address_is_refused_while_others_are_served() {
     let limits =
         "max_connections = 20\nmax_connections_per_ip = 4\nheader_read_timeout_ms = 20000\n";
     let relay = relay_with(limits, limits, limits).await;
-    let client = addr_of(&relay.client_url);
-    let flooder = loopback(10);
-
-    let mut held = Vec::new();
-    for _ in 0..4 {
-        held.push(connect_from(flooder, client).await);
-    }
-    for n in 0..2 {
-        let mut excess = connect_from(flooder, client).await;
-        let (bytes, _) = read_until_closed(&mut excess, Duration::from_secs(2)).await;
-        assert!(
-            bytes.is_empty(),
-            "excess connection {n} closed without an answer"
-        );
-    }
-    // Another address is served while the flood is held open.
-    let (status, body) = http1_request(
-        connect_from(loopback(11), client).await,
-        "GET",
-        "/_matrix/client/versions",
-        &[("host", "localhost")],
-    )
-    .await;
-    assert_eq!(status, 200, "{body}");
-    assert!(body["versions"].is_array());
-    for (n, stream) in held.iter_mut().enumerate() {
-        assert_still_open(stream, Duration::from_millis(100), &format!("held {n}")).await;
-    }
-
-    // Once the flood goes, its address is served again.
-    drop(held);
-    eventually_ok(flooder, client, false, "/_matrix/client/versions").await;
-
-    let metrics = metrics_text(&relay).await;
-    assert!(
-        metrics.contains(
-            "courier_listener_refused_total{listener=\"client\",reason=\"max_connections_per_ip\"}"
+    let cases = [
+        (
+            "client",
+            addr_of(&relay.client_url),
+            false,
+            "/_matrix/client/versions",
+            loopback(10),
         ),
-        "{metrics}"
-    );
+        (
+            "federation",
+            relay.federation_addr,
+            true,
+            "/_matrix/key/v2/server",
+            loopback(12),
+        ),
+    ];
+    for (listener, addr, tls, path, flooder) in cases {
+        // Counted at accept: the flood need not even start TLS.
+        let mut held = Vec::new();
+        for _ in 0..4 {
+            held.push(connect_from(flooder, addr).await);
+        }
+        for n in 0..2 {
+            let mut excess = connect_from(flooder, addr).await;
+            let (bytes, _) = read_until_closed(&mut excess, Duration::from_secs(2)).await;
+            assert!(
+                bytes.is_empty(),
+                "{listener}: excess connection {n} closed without an answer"
+            );
+        }
+        // Another address is served while the flood is held open.
+        let body = eventually_ok(loopback(11), addr, tls, path).await;
+        assert!(body.is_object(), "{listener}: {body}");
+        for (n, stream) in held.iter_mut().enumerate() {
+            let what = format!("{listener}: held {n}");
+            assert_still_open(stream, Duration::from_millis(100), &what).await;
+        }
+
+        // Once the flood goes, its address is served again.
+        drop(held);
+        eventually_ok(flooder, addr, tls, path).await;
+
+        let metrics = metrics_text(&relay).await;
+        let series = format!(
+            "courier_listener_refused_total{{listener=\"{listener}\",reason=\"max_connections_per_ip\"}}"
+        );
+        assert!(metrics.contains(&series), "{series} in {metrics}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
