@@ -25,24 +25,26 @@
 //! until the body deadline, never kept, so the peer receives the answer
 //! instead of a reset. On shutdown it stops accepting and gives open
 //! connections a bounded drain. It knows nothing about routes: what a
-//! request means is the router's business.
+//! request means is the router's business. Its parts: the per-listener and
+//! per-peer counts (`caps.rs`) and the request body wrapper, size checks
+//! and drain (`body.rs`).
 
-use std::collections::HashMap;
+mod body;
+mod caps;
+
 use std::convert::Infallible;
 use std::future::Future;
-use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
-use axum::body::{Body, Bytes};
+use axum::body::Body;
 use axum::response::{IntoResponse, Response};
-use http::{HeaderMap, HeaderValue, Method, Request, StatusCode, Version, header};
-use http_body_util::BodyExt;
-use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
+use http::{HeaderValue, Request, StatusCode, Version, header};
+use hyper::body::{Body as HttpBody, Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
@@ -57,21 +59,14 @@ use tower::ServiceExt;
 use crate::config::ListenerLimits;
 use crate::error::MatrixError;
 
+pub use body::ListenerError;
+use body::{CappedBody, body_cap, declared_length, discard_later};
+use caps::{Admission, Budget, Refusal};
+
 /// How long open connections may take to finish after shutdown begins.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
-/// The largest body a GET or HEAD may carry: they take none.
-const NO_BODY_MAX_BYTES: u64 = 1024;
 /// Seconds a caller refused for concurrency is told to wait.
 const BUSY_RETRY_AFTER_SECS: u64 = 1;
-
-/// Failures of a request body as the router sees them.
-#[derive(Debug, thiserror::Error)]
-pub enum ListenerError {
-    #[error("request body larger than {limit} bytes")]
-    BodyTooLarge { limit: u64 },
-    #[error("reading the request body: {0}")]
-    Body(#[from] hyper::Error),
-}
 
 /// One bound listener and what it is allowed to hold.
 pub struct Listener {
@@ -512,117 +507,6 @@ fn closing(mut response: Response, version: Version) -> Response {
     response
 }
 
-/// The largest body a request with `method` may have.
-fn body_cap(method: &Method, max_body_bytes: u64) -> u64 {
-    if method == Method::GET || method == Method::HEAD {
-        NO_BODY_MAX_BYTES.min(max_body_bytes)
-    } else {
-        max_body_bytes
-    }
-}
-
-/// The `Content-Length` the request declares, when it declares one.
-fn declared_length(headers: &HeaderMap) -> Option<u64> {
-    headers
-        .get(header::CONTENT_LENGTH)?
-        .to_str()
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
-}
-
-/// Reads and drops what is left of `body` in the background until `until`
-/// (`None`: drop it now, which makes hyper close the read side).
-fn discard_later(mut body: Incoming, until: Option<Instant>) {
-    let Some(until) = until else { return };
-    if body.is_end_stream() || Instant::now() >= until {
-        return;
-    }
-    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-        return;
-    };
-    runtime.spawn(async move {
-        let drain = async { while let Some(Ok(_)) = body.frame().await {} };
-        let _ = tokio::time::timeout_at(until, drain).await;
-    });
-}
-
-/// The request body as the router reads it: fails once more than `cap`
-/// bytes arrived (a chunked body declares no length), records whether the
-/// last frame arrived (for the body deadline), and when the handler answers
-/// without reading it all, hands the rest to [`discard_later`].
-struct CappedBody {
-    /// `None` only while being dropped.
-    inner: Option<Incoming>,
-    cap: u64,
-    received: u64,
-    finished: Arc<AtomicBool>,
-    /// Until when an unread rest is drained; `None` after an error.
-    linger_until: Option<Instant>,
-}
-
-impl Drop for CappedBody {
-    fn drop(&mut self) {
-        if let Some(inner) = self.inner.take()
-            && !self.finished.load(Ordering::Acquire)
-        {
-            discard_later(inner, self.linger_until);
-        }
-    }
-}
-
-impl HttpBody for CappedBody {
-    type Data = Bytes;
-    type Error = ListenerError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, ListenerError>>> {
-        let this = &mut *self;
-        let Some(inner) = this.inner.as_mut() else {
-            return Poll::Ready(None);
-        };
-        match Pin::new(&mut *inner).poll_frame(cx) {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let Some(data) = frame.data_ref() {
-                    this.received = this.received.saturating_add(data.len() as u64);
-                    if this.received > this.cap {
-                        this.linger_until = None;
-                        return Poll::Ready(Some(Err(ListenerError::BodyTooLarge {
-                            limit: this.cap,
-                        })));
-                    }
-                }
-                if inner.is_end_stream() {
-                    this.finished.store(true, Ordering::Release);
-                }
-                Poll::Ready(Some(Ok(frame)))
-            }
-            Poll::Ready(Some(Err(error))) => {
-                this.linger_until = None;
-                Poll::Ready(Some(Err(error.into())))
-            }
-            Poll::Ready(None) => {
-                this.finished.store(true, Ordering::Release);
-                Poll::Ready(None)
-            }
-            Poll::Pending => Poll::Pending,
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.as_ref().is_none_or(Incoming::is_end_stream)
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner
-            .as_ref()
-            .map_or_else(|| SizeHint::with_exact(0), Incoming::size_hint)
-    }
-}
-
 fn count_refused(listener: &'static str, reason: &'static str) {
     metrics::counter!("courier_listener_refused_total", "listener" => listener, "reason" => reason)
         .increment(1);
@@ -631,92 +515,6 @@ fn count_refused(listener: &'static str, reason: &'static str) {
 fn count_timeout(listener: &'static str, kind: &'static str) {
     metrics::counter!("courier_listener_timeouts_total", "listener" => listener, "kind" => kind)
         .increment(1);
-}
-
-// ---- caps -----------------------------------------------------------------
-
-/// Which cap refused an admission.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Refusal {
-    Listener,
-    Peer,
-}
-
-/// A count with a cap for the whole listener and one per peer address,
-/// checked and taken together under one lock. Entries for a peer exist only
-/// while it holds something, so the map never has more than `total_cap`.
-struct Budget {
-    total_cap: usize,
-    per_peer_cap: usize,
-    state: Mutex<BudgetState>,
-}
-
-#[derive(Default)]
-struct BudgetState {
-    total: usize,
-    per_peer: HashMap<IpAddr, usize>,
-}
-
-/// One unit of a [`Budget`], given back on drop.
-struct Admission {
-    budget: Arc<Budget>,
-    peer: IpAddr,
-}
-
-impl Budget {
-    fn new(total_cap: usize, per_peer_cap: usize) -> Budget {
-        Budget {
-            total_cap,
-            per_peer_cap,
-            state: Mutex::new(BudgetState::default()),
-        }
-    }
-
-    fn try_admit(self: &Arc<Self>, ip: IpAddr) -> Result<Admission, Refusal> {
-        let peer = peer_key(ip);
-        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        if state.total >= self.total_cap {
-            return Err(Refusal::Listener);
-        }
-        let held = state.per_peer.get(&peer).copied().unwrap_or(0);
-        if held >= self.per_peer_cap {
-            return Err(Refusal::Peer);
-        }
-        state.total += 1;
-        state.per_peer.insert(peer, held + 1);
-        Ok(Admission {
-            budget: self.clone(),
-            peer,
-        })
-    }
-}
-
-impl Drop for Admission {
-    fn drop(&mut self) {
-        let mut state = self.budget.state.lock().unwrap_or_else(|p| p.into_inner());
-        state.total = state.total.saturating_sub(1);
-        if let Some(held) = state.per_peer.get_mut(&self.peer) {
-            *held -= 1;
-            if *held == 0 {
-                state.per_peer.remove(&self.peer);
-            }
-        }
-    }
-}
-
-/// The address a per-peer cap counts by: IPv4 as is (also when IPv4-mapped),
-/// IPv6 by its /64, the smallest block one site is usually given.
-fn peer_key(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V4(v4) => IpAddr::V4(v4),
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => {
-                let s = v6.segments();
-                IpAddr::V6(Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
-            }
-        },
-    }
 }
 
 /// Delays between failed accepts: doubling from 5 ms to at most 1 s, back
@@ -748,51 +546,6 @@ impl AcceptBackoff {
 mod tests {
     use super::*;
 
-    fn ip(s: &str) -> IpAddr {
-        s.parse().expect("test address")
-    }
-
-    #[test]
-    fn budget_caps_per_peer_and_in_total_and_gives_back_on_drop() {
-        let budget = Arc::new(Budget::new(3, 2));
-        let a1 = budget.try_admit(ip("10.0.0.1")).expect("first");
-        let a2 = budget
-            .try_admit(ip("10.0.0.1"))
-            .expect("second from the same peer");
-        assert_eq!(budget.try_admit(ip("10.0.0.1")).err(), Some(Refusal::Peer));
-        let b1 = budget.try_admit(ip("10.0.0.2")).expect("another peer");
-        assert_eq!(
-            budget.try_admit(ip("10.0.0.3")).err(),
-            Some(Refusal::Listener)
-        );
-        drop(a1);
-        let a3 = budget.try_admit(ip("10.0.0.1")).expect("a slot came back");
-        drop((a2, a3, b1));
-        let state = budget.state.lock().expect("not poisoned");
-        assert_eq!(state.total, 0);
-        assert!(state.per_peer.is_empty(), "no entry outlives its holders");
-    }
-
-    #[test]
-    fn ipv6_peers_count_per_slash_64_and_mapped_ipv4_as_ipv4() {
-        assert_eq!(
-            peer_key(ip("2001:db8:1:2:aaaa::1")),
-            peer_key(ip("2001:db8:1:2:bbbb::2"))
-        );
-        assert_ne!(
-            peer_key(ip("2001:db8:1:2::1")),
-            peer_key(ip("2001:db8:1:3::1"))
-        );
-        assert_eq!(peer_key(ip("::ffff:192.0.2.7")), ip("192.0.2.7"));
-        assert_eq!(peer_key(ip("192.0.2.7")), ip("192.0.2.7"));
-        let budget = Arc::new(Budget::new(10, 1));
-        let _held = budget.try_admit(ip("2001:db8::1")).expect("first");
-        assert_eq!(
-            budget.try_admit(ip("2001:db8::2")).err(),
-            Some(Refusal::Peer)
-        );
-    }
-
     #[test]
     fn accept_backoff_doubles_to_a_second_and_resets() {
         let mut backoff = AcceptBackoff::new();
@@ -802,19 +555,6 @@ mod tests {
         assert_eq!(delays, [5, 10, 20, 40, 80, 160, 320, 640, 1000, 1000]);
         backoff.reset();
         assert_eq!(backoff.next_delay(), Duration::from_millis(5));
-    }
-
-    #[test]
-    fn bodyless_methods_get_a_tiny_cap_and_lengths_parse_strictly() {
-        assert_eq!(body_cap(&Method::GET, 1 << 20), NO_BODY_MAX_BYTES);
-        assert_eq!(body_cap(&Method::HEAD, 10), 10);
-        assert_eq!(body_cap(&Method::PUT, 1 << 20), 1 << 20);
-        let mut headers = HeaderMap::new();
-        assert_eq!(declared_length(&headers), None);
-        headers.insert(header::CONTENT_LENGTH, HeaderValue::from_static("42"));
-        assert_eq!(declared_length(&headers), Some(42));
-        headers.insert(header::CONTENT_LENGTH, HeaderValue::from_static("-1"));
-        assert_eq!(declared_length(&headers), None);
     }
 
     #[tokio::test(start_paused = true)]
