@@ -89,6 +89,8 @@ pub struct FederationConfig {
     pub key_fetch_concurrency: usize,
     /// Bound on one whole discovery (`.well-known` hops, SRV, A/AAAA).
     pub discovery_timeout: Duration,
+    /// Timeouts and caps of the federation listener.
+    pub listener: ListenerLimits,
 }
 
 /// The per-destination backoff schedule (persisted failures × this policy).
@@ -116,6 +118,8 @@ pub struct ClientConfig {
     /// Sends (`PUT /sendToDevice`) per second per user, burst 2 × rate;
     /// 0 turns the limit off. The RPC is never limited.
     pub sends_per_user_per_sec: u32,
+    /// Timeouts and caps of the client listener.
+    pub listener: ListenerLimits,
 }
 
 /// What one to-device send (client or RPC) may fan out to; past either
@@ -132,6 +136,8 @@ pub struct SendLimits {
 pub struct RpcConfig {
     pub bind: SocketAddr,
     pub secret: String,
+    /// Timeouts and caps of the RPC listener.
+    pub listener: ListenerLimits,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -220,6 +226,7 @@ struct RawFederation {
     pool_idle_per_host: Option<usize>,
     key_fetch_concurrency: Option<usize>,
     discovery_timeout_ms: Option<u64>,
+    listener: Option<RawListenerLimits>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -231,6 +238,7 @@ struct RawClient {
     max_destinations_per_send: Option<usize>,
     max_recipients_per_send: Option<usize>,
     sends_per_user_per_sec: Option<u32>,
+    listener: Option<RawListenerLimits>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -238,6 +246,7 @@ struct RawClient {
 struct RawRpc {
     bind: Option<String>,
     secret: Option<String>,
+    listener: Option<RawListenerLimits>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -505,6 +514,12 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             pool_idle_per_host: f.pool_idle_per_host.unwrap_or(4),
             key_fetch_concurrency,
             discovery_timeout,
+            listener: listener_limits(
+                "federation",
+                f.listener,
+                ListenerLimits::FEDERATION_DEFAULTS,
+                &mut problems,
+            ),
         }
     });
 
@@ -528,6 +543,12 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             max_sync_timeout: Duration::from_millis(c.max_sync_timeout_ms.unwrap_or(60_000)),
             send_limits,
             sends_per_user_per_sec: c.sends_per_user_per_sec.unwrap_or(0),
+            listener: listener_limits(
+                "client",
+                c.listener,
+                ListenerLimits::CLIENT_DEFAULTS,
+                &mut problems,
+            ),
         }
     });
 
@@ -538,7 +559,17 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         if secret.len() < 8 {
             problems.push("[rpc] secret is required and must be at least 8 characters".to_owned());
         }
-        RpcConfig { bind, secret }
+        let listener = listener_limits(
+            "rpc",
+            r.listener,
+            ListenerLimits::RPC_DEFAULTS,
+            &mut problems,
+        );
+        RpcConfig {
+            bind,
+            secret,
+            listener,
+        }
     });
 
     let pruning = prune_config(store.as_ref(), &mut problems);
@@ -666,6 +697,211 @@ fn prune_config(store: Option<&RawStore>, problems: &mut Vec<String>) -> PruneCo
         interval: Duration::from_millis(interval_ms),
         destination_retention: Duration::from_secs(retention_hours.saturating_mul(3600)),
     }
+}
+
+// ---- listener limits ---------------------------------------------------------
+
+/// Timeouts and caps of one listener (`[federation.listener]`,
+/// `[client.listener]`, `[rpc.listener]`), enforced by `crate::listener`.
+/// Each section has its own defaults (the `*_DEFAULTS` constants), chosen so
+/// that the three connection caps together stay well under a 1,024-descriptor
+/// limit with room for outbound federation and the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ListenerLimits {
+    /// Time from accept (TLS handshake included) to the first complete
+    /// request head, and for HTTP/1.1 from waiting for a request head to
+    /// having it (hyper's header timer, which also bounds the wait for the
+    /// next request on a keep-alive connection).
+    pub header_read_timeout: Duration,
+    /// Time from a request head to the end of its body; past it, 408.
+    pub body_read_timeout: Duration,
+    /// A connection with no request in flight for this long is closed.
+    pub idle_timeout: Duration,
+    /// Open connections on this listener; past it a new one is closed.
+    pub max_connections: usize,
+    /// Open connections from one peer address (an IPv6 peer counts per /64).
+    pub max_connections_per_ip: usize,
+    /// Requests in flight on this listener; past it, 503 `M_LIMIT_EXCEEDED`.
+    pub max_concurrent_requests: usize,
+    /// Requests in flight from one peer address.
+    pub max_concurrent_requests_per_ip: usize,
+    /// HTTP/2 streams one connection may have open at once.
+    pub h2_max_concurrent_streams: u32,
+    /// Interval of HTTP/2 keep-alive pings (a ping unanswered for this long
+    /// closes the connection); `None` sends none.
+    pub h2_keep_alive_interval: Option<Duration>,
+    /// Largest request head: HTTP/2 header list size, HTTP/1.1 read buffer.
+    pub max_header_bytes: usize,
+    /// Request bodies being received at once on this listener, in bytes of
+    /// their declared length (a body without one counts as the largest
+    /// allowed); past it, 503 `M_LIMIT_EXCEEDED`. Bounds the memory that
+    /// bodies buffered before authentication can take.
+    pub max_body_bytes_in_flight: usize,
+}
+
+impl ListenerLimits {
+    /// Remote servers: many peers, each with a few connections.
+    pub const FEDERATION_DEFAULTS: ListenerLimits = ListenerLimits {
+        header_read_timeout: Duration::from_secs(20),
+        body_read_timeout: Duration::from_secs(60),
+        idle_timeout: Duration::from_secs(60),
+        max_connections: 400,
+        max_connections_per_ip: 32,
+        max_concurrent_requests: 128,
+        max_concurrent_requests_per_ip: 32,
+        h2_max_concurrent_streams: 32,
+        h2_keep_alive_interval: Some(Duration::from_secs(30)),
+        max_header_bytes: 32 * 1024,
+        max_body_bytes_in_flight: 128 * 1024 * 1024,
+    };
+    /// Clients, usually all behind one reverse proxy: the per-address caps
+    /// equal the listener's; `/sync` long-polls hold a request each.
+    pub const CLIENT_DEFAULTS: ListenerLimits = ListenerLimits {
+        header_read_timeout: Duration::from_secs(20),
+        body_read_timeout: Duration::from_secs(60),
+        idle_timeout: Duration::from_secs(90),
+        max_connections: 300,
+        max_connections_per_ip: 300,
+        max_concurrent_requests: 300,
+        max_concurrent_requests_per_ip: 300,
+        h2_max_concurrent_streams: 32,
+        h2_keep_alive_interval: Some(Duration::from_secs(30)),
+        max_header_bytes: 32 * 1024,
+        max_body_bytes_in_flight: 128 * 1024 * 1024,
+    };
+    /// The homeserver: one peer, so the per-address caps equal the
+    /// listener's.
+    pub const RPC_DEFAULTS: ListenerLimits = ListenerLimits {
+        header_read_timeout: Duration::from_secs(20),
+        body_read_timeout: Duration::from_secs(60),
+        idle_timeout: Duration::from_secs(90),
+        max_connections: 64,
+        max_connections_per_ip: 64,
+        max_concurrent_requests: 128,
+        max_concurrent_requests_per_ip: 128,
+        h2_max_concurrent_streams: 32,
+        h2_keep_alive_interval: Some(Duration::from_secs(30)),
+        max_header_bytes: 32 * 1024,
+        max_body_bytes_in_flight: 128 * 1024 * 1024,
+    };
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawListenerLimits {
+    header_read_timeout_ms: Option<u64>,
+    body_read_timeout_ms: Option<u64>,
+    idle_timeout_ms: Option<u64>,
+    max_connections: Option<usize>,
+    max_connections_per_ip: Option<usize>,
+    max_concurrent_requests: Option<usize>,
+    max_concurrent_requests_per_ip: Option<usize>,
+    h2_max_concurrent_streams: Option<u32>,
+    h2_keep_alive_interval_ms: Option<u64>,
+    max_header_bytes: Option<usize>,
+    max_body_bytes_in_flight: Option<usize>,
+}
+
+/// Validates one `[<section>.listener]` table over the section's defaults.
+fn listener_limits(
+    section: &str,
+    raw: Option<RawListenerLimits>,
+    defaults: ListenerLimits,
+    problems: &mut Vec<String>,
+) -> ListenerLimits {
+    let Some(raw) = raw else {
+        return defaults;
+    };
+    let mut positive_ms = |key: &str, value: Option<u64>, default: Duration| match value {
+        Some(0) => {
+            problems.push(format!("[{section}.listener] {key} must be at least 1"));
+            default
+        }
+        Some(ms) => Duration::from_millis(ms),
+        None => default,
+    };
+    let header_read_timeout = positive_ms(
+        "header_read_timeout_ms",
+        raw.header_read_timeout_ms,
+        defaults.header_read_timeout,
+    );
+    let body_read_timeout = positive_ms(
+        "body_read_timeout_ms",
+        raw.body_read_timeout_ms,
+        defaults.body_read_timeout,
+    );
+    let idle_timeout = positive_ms(
+        "idle_timeout_ms",
+        raw.idle_timeout_ms,
+        defaults.idle_timeout,
+    );
+    let h2_keep_alive_interval = match raw.h2_keep_alive_interval_ms {
+        Some(0) => None,
+        Some(ms) => Some(Duration::from_millis(ms)),
+        None => defaults.h2_keep_alive_interval,
+    };
+    let limits = ListenerLimits {
+        header_read_timeout,
+        body_read_timeout,
+        idle_timeout,
+        max_connections: raw.max_connections.unwrap_or(defaults.max_connections),
+        max_connections_per_ip: raw
+            .max_connections_per_ip
+            .unwrap_or(defaults.max_connections_per_ip),
+        max_concurrent_requests: raw
+            .max_concurrent_requests
+            .unwrap_or(defaults.max_concurrent_requests),
+        max_concurrent_requests_per_ip: raw
+            .max_concurrent_requests_per_ip
+            .unwrap_or(defaults.max_concurrent_requests_per_ip),
+        h2_max_concurrent_streams: raw
+            .h2_max_concurrent_streams
+            .unwrap_or(defaults.h2_max_concurrent_streams),
+        h2_keep_alive_interval,
+        max_header_bytes: raw.max_header_bytes.unwrap_or(defaults.max_header_bytes),
+        max_body_bytes_in_flight: raw
+            .max_body_bytes_in_flight
+            .unwrap_or(defaults.max_body_bytes_in_flight),
+    };
+    for (key, value, cap_key, cap) in [
+        (
+            "max_connections_per_ip",
+            limits.max_connections_per_ip,
+            "max_connections",
+            limits.max_connections,
+        ),
+        (
+            "max_concurrent_requests_per_ip",
+            limits.max_concurrent_requests_per_ip,
+            "max_concurrent_requests",
+            limits.max_concurrent_requests,
+        ),
+    ] {
+        if cap == 0 {
+            problems.push(format!("[{section}.listener] {cap_key} must be at least 1"));
+        }
+        if value == 0 || value > cap {
+            problems.push(format!(
+                "[{section}.listener] {key} must be between 1 and {cap_key}"
+            ));
+        }
+    }
+    if limits.h2_max_concurrent_streams == 0 {
+        problems.push(format!(
+            "[{section}.listener] h2_max_concurrent_streams must be at least 1"
+        ));
+    }
+    if limits.max_body_bytes_in_flight == 0 {
+        problems.push(format!(
+            "[{section}.listener] max_body_bytes_in_flight must be at least 1"
+        ));
+    }
+    if !(8192..=1 << 20).contains(&limits.max_header_bytes) {
+        problems.push(format!(
+            "[{section}.listener] max_header_bytes must be between 8192 and 1048576"
+        ));
+    }
+    limits
 }
 
 #[cfg(test)]
@@ -813,6 +1049,63 @@ postgres = "b"
             };
             assert!(problems.iter().any(|p| p.contains("discovery_timeout_ms")));
         }
+    }
+
+    #[test]
+    fn listener_limits_have_per_section_defaults_and_overrides() {
+        let c = parse(GOOD, &[]).expect("valid config");
+        assert_eq!(c.federation.listener, ListenerLimits::FEDERATION_DEFAULTS);
+        assert_eq!(c.client.listener, ListenerLimits::CLIENT_DEFAULTS);
+        assert_eq!(c.rpc.listener, ListenerLimits::RPC_DEFAULTS);
+        assert_eq!(c.federation.listener.h2_max_concurrent_streams, 32);
+        let total = ListenerLimits::FEDERATION_DEFAULTS.max_connections
+            + ListenerLimits::CLIENT_DEFAULTS.max_connections
+            + ListenerLimits::RPC_DEFAULTS.max_connections;
+        assert!(total <= 800, "room under 1,024 descriptors: {total}");
+
+        let text = format!(
+            "{GOOD}\n[client.listener]\nheader_read_timeout_ms = 300\nmax_connections = 10\nmax_connections_per_ip = 4\nh2_keep_alive_interval_ms = 0\n"
+        );
+        let c = parse(
+            &text,
+            &[("COURIER_RPC__LISTENER__MAX_CONCURRENT_REQUESTS_PER_IP", "7")],
+        )
+        .expect("valid config");
+        assert_eq!(
+            c.client.listener.header_read_timeout,
+            Duration::from_millis(300)
+        );
+        assert_eq!(c.client.listener.max_connections, 10);
+        assert_eq!(c.client.listener.max_connections_per_ip, 4);
+        assert_eq!(c.client.listener.h2_keep_alive_interval, None);
+        assert_eq!(
+            c.client.listener.body_read_timeout,
+            ListenerLimits::CLIENT_DEFAULTS.body_read_timeout
+        );
+        assert_eq!(c.rpc.listener.max_concurrent_requests_per_ip, 7);
+    }
+
+    #[test]
+    fn bad_listener_limits_are_all_reported() {
+        let text = format!(
+            "{GOOD}\n[federation.listener]\nidle_timeout_ms = 0\nmax_connections = 5\nmax_connections_per_ip = 6\nmax_concurrent_requests_per_ip = 0\nh2_max_concurrent_streams = 0\nmax_header_bytes = 100\nmax_body_bytes_in_flight = 0\n"
+        );
+        let Err(ConfigError::Invalid(problems)) = parse(&text, &[]) else {
+            panic!("expected an invalid config");
+        };
+        let all = problems.join("\n");
+        for needle in [
+            "[federation.listener] idle_timeout_ms",
+            "max_connections_per_ip must be between 1 and max_connections",
+            "max_concurrent_requests_per_ip",
+            "h2_max_concurrent_streams",
+            "max_header_bytes",
+            "max_body_bytes_in_flight",
+        ] {
+            assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
+        }
+        let typo = format!("{GOOD}\n[rpc.listener]\nmax_conections = 1\n");
+        assert!(matches!(parse(&typo, &[]), Err(ConfigError::Parse { .. })));
     }
 
     #[test]

@@ -16,6 +16,7 @@ pub mod error;
 pub mod federation;
 pub mod identifiers;
 pub mod keys;
+pub mod listener;
 pub mod metrics;
 pub mod notify;
 pub mod plain_http;

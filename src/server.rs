@@ -1,18 +1,14 @@
 //! Wiring and lifecycle: `run` takes a validated config, already-bound
 //! listeners and a cancellation token, builds every component, serves the
-//! three listeners (federation over TLS; client and RPC over plain HTTP),
-//! and on cancellation stops accepting, drains in-flight work for a bounded
-//! time and returns. Tests start relays on port 0 through this function.
+//! three listeners (federation over TLS; client and RPC over plain HTTP)
+//! through `listener`, which owns their timeouts and caps, and on
+//! cancellation stops accepting, drains in-flight work for a bounded time
+//! and returns. Tests start relays on port 0 through this function.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Router;
 use axum::extract::DefaultBodyLimit;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
-use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
@@ -23,14 +19,10 @@ use crate::federation::client::FederationClient;
 use crate::federation::keyring::KeyRing;
 use crate::federation::sender::{Sender, SenderHandle};
 use crate::keys::ServerSigningKey;
+use crate::listener::{DRAIN_TIMEOUT, Listener, serve};
 use crate::notify::Notifier;
 use crate::state::AppState;
 use crate::todevice::ToDevice;
-
-/// How long in-flight requests may take to finish after shutdown begins.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long a TLS handshake may take.
-const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -153,14 +145,32 @@ pub async fn run(
         rpc = %local_addr(&listeners.rpc),
         "courier is serving"
     );
-    tasks.spawn(serve(
-        listeners.federation,
-        Some(TlsAcceptor::from(tls)),
-        federation_app,
-        shutdown.clone(),
-    ));
-    tasks.spawn(serve(listeners.client, None, client_app, shutdown.clone()));
-    tasks.spawn(serve(listeners.rpc, None, rpc_app, shutdown.clone()));
+    // Each listener enforces its own timeouts and caps (`crate::listener`).
+    let federation_listener = Listener {
+        name: "federation",
+        tcp: listeners.federation,
+        tls: Some(TlsAcceptor::from(tls)),
+        limits: config.federation.listener,
+        max_body_bytes: config.federation.max_request_bytes,
+    };
+    let client_listener = Listener {
+        name: "client",
+        tcp: listeners.client,
+        tls: None,
+        limits: config.client.listener,
+        max_body_bytes: config.client.max_request_bytes,
+    };
+    // The RPC router takes the client body limit (`rpc::router`).
+    let rpc_listener = Listener {
+        name: "rpc",
+        tcp: listeners.rpc,
+        tls: None,
+        limits: config.rpc.listener,
+        max_body_bytes: config.client.max_request_bytes,
+    };
+    tasks.spawn(serve(federation_listener, federation_app, shutdown.clone()));
+    tasks.spawn(serve(client_listener, client_app, shutdown.clone()));
+    tasks.spawn(serve(rpc_listener, rpc_app, shutdown.clone()));
     tasks.close();
 
     shutdown.cancelled().await;
@@ -182,72 +192,4 @@ fn local_addr(listener: &TcpListener) -> String {
         .local_addr()
         .map(|a| a.to_string())
         .unwrap_or_else(|_| "?".to_owned())
-}
-
-/// Accepts connections until shutdown, then gives open connections
-/// `DRAIN_TIMEOUT` to finish their requests.
-async fn serve(
-    listener: TcpListener,
-    tls: Option<TlsAcceptor>,
-    app: Router,
-    shutdown: CancellationToken,
-) {
-    let graceful = GracefulShutdown::new();
-    let builder = auto::Builder::new(TokioExecutor::new());
-    loop {
-        let (tcp, peer) = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok(pair) => pair,
-                Err(error) => {
-                    // Usually EMFILE: back off briefly instead of spinning.
-                    tracing::warn!(%error, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let _ = tcp.set_nodelay(true);
-        let service = TowerToHyperService::new(app.clone());
-        let builder = builder.clone();
-        let watcher = graceful.watcher();
-        let tls = tls.clone();
-        tokio::spawn(async move {
-            let result = match tls {
-                Some(acceptor) => {
-                    let stream =
-                        match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
-                            .await
-                        {
-                            Ok(Ok(stream)) => stream,
-                            Ok(Err(error)) => {
-                                tracing::debug!(%peer, %error, "tls handshake failed");
-                                return;
-                            }
-                            Err(_) => {
-                                tracing::debug!(%peer, "tls handshake timed out");
-                                return;
-                            }
-                        };
-                    let conn =
-                        builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-                    watcher.watch(conn.into_owned()).await
-                }
-                None => {
-                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), service);
-                    watcher.watch(conn.into_owned()).await
-                }
-            };
-            if let Err(error) = result {
-                tracing::debug!(%peer, %error, "connection ended with an error");
-            }
-        });
-    }
-    drop(listener);
-    if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!("connections still open after the drain timeout");
-    }
 }
