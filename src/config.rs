@@ -757,32 +757,22 @@ impl ListenerLimits {
     /// Clients, usually all behind one reverse proxy: the per-address caps
     /// equal the listener's; `/sync` long-polls hold a request each.
     pub const CLIENT_DEFAULTS: ListenerLimits = ListenerLimits {
-        header_read_timeout: Duration::from_secs(20),
-        body_read_timeout: Duration::from_secs(60),
         idle_timeout: Duration::from_secs(90),
         max_connections: 300,
         max_connections_per_ip: 300,
         max_concurrent_requests: 300,
         max_concurrent_requests_per_ip: 300,
-        h2_max_concurrent_streams: 32,
-        h2_keep_alive_interval: Some(Duration::from_secs(30)),
-        max_header_bytes: 32 * 1024,
-        max_body_bytes_in_flight: 128 * 1024 * 1024,
+        ..Self::FEDERATION_DEFAULTS
     };
     /// The homeserver: one peer, so the per-address caps equal the
     /// listener's.
     pub const RPC_DEFAULTS: ListenerLimits = ListenerLimits {
-        header_read_timeout: Duration::from_secs(20),
-        body_read_timeout: Duration::from_secs(60),
         idle_timeout: Duration::from_secs(90),
         max_connections: 64,
         max_connections_per_ip: 64,
         max_concurrent_requests: 128,
         max_concurrent_requests_per_ip: 128,
-        h2_max_concurrent_streams: 32,
-        h2_keep_alive_interval: Some(Duration::from_secs(30)),
-        max_header_bytes: 32 * 1024,
-        max_body_bytes_in_flight: 128 * 1024 * 1024,
+        ..Self::FEDERATION_DEFAULTS
     };
 }
 

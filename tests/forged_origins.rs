@@ -115,9 +115,15 @@ fn forged(origin: &str, destination: &str) -> String {
     )
 }
 
+/// Test relay options with `extra` in `[federation]`. All test requests
+/// come from 127.0.0.1, so the per-address caps of the federation listener
+/// are raised to the listener's (its own test is `listener_limits`).
 fn options(extra: &str) -> TestRelayOptions {
     let mut options = TestRelayOptions::default();
     options.federation_extra.push_str(extra);
+    options.federation_extra.push_str(
+        "[federation.listener]\nmax_connections_per_ip = 400\nmax_concurrent_requests_per_ip = 128\n",
+    );
     options
 }
 
