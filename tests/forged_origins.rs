@@ -13,9 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
-use hyper_util::rt::TokioIo;
 use serde_json::Value;
 use support::{TestRelay, TestRelayOptions};
 use tokio::io::AsyncReadExt;
@@ -68,45 +66,19 @@ struct Reply {
 /// `PUT /_matrix/federation/v1/send/{txn}` over TLS with the given
 /// `Authorization` header values and a small JSON body.
 async fn put_send(relay: &TestRelay, txn: &str, authorization: &[String]) -> Reply {
-    courier::tls::install_crypto_provider();
-    let ca = support::relay::repo_root().join("certs/dev-ca.crt");
-    let mut config = (*courier::tls::client_config(&[ca]).expect("client TLS config")).clone();
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-    let exchange = async {
-        let tcp = tokio::net::TcpStream::connect(relay.federation_addr)
-            .await
-            .expect("tcp connect");
-        let name = rustls_pki_types::ServerName::try_from("localhost").expect("name");
-        let tls = connector.connect(name, tcp).await.expect("tls handshake");
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-            .await
-            .expect("http handshake");
-        tokio::spawn(conn);
-        let mut request = hyper::Request::put(format!("/_matrix/federation/v1/send/{txn}"))
-            .header("Host", relay.server_name.as_str())
-            .header("Content-Type", "application/json");
-        for value in authorization {
-            request = request.header("Authorization", value.as_str());
-        }
-        let body = Bytes::from_static(br#"{"pdus":[],"edus":[]}"#);
-        let request = request.body(Full::new(body)).expect("request");
-        let response = sender.send_request(request).await.expect("response");
-        let status = response.status().as_u16();
-        let body = response
-            .into_body()
-            .collect()
-            .await
-            .expect("body")
-            .to_bytes();
-        Reply {
-            status,
-            json: serde_json::from_slice(&body).unwrap_or(Value::Null),
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(30), exchange)
-        .await
-        .expect("answered within 30 s")
+    let mut headers = vec![("Content-Type", "application/json".to_owned())];
+    headers.extend(authorization.iter().map(|v| ("Authorization", v.clone())));
+    let (status, json) = support::tls_client::https_request(
+        relay.federation_addr,
+        "localhost",
+        &relay.server_name,
+        "PUT",
+        &format!("/_matrix/federation/v1/send/{txn}"),
+        &headers,
+        Some(Bytes::from_static(br#"{"pdus":[],"edus":[]}"#)),
+    )
+    .await;
+    Reply { status, json }
 }
 
 fn forged(origin: &str, destination: &str) -> String {

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use http_body_util::{BodyExt, Empty};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
 use rustls_pki_types::ServerName;
@@ -18,6 +18,22 @@ pub async fn https_get_json(
     tls_name: &str,
     host: &str,
     path: &str,
+) -> (u16, Value) {
+    https_request(addr, tls_name, host, "GET", path, &[], None).await
+}
+
+/// One request over TLS (HTTP/1.1) to `addr`, verifying the certificate
+/// against the development CA for `tls_name`, with extra `headers` (repeat
+/// a name to send it several times) and an optional body; returns status
+/// and JSON body (`Null` when the body is not JSON).
+pub async fn https_request(
+    addr: std::net::SocketAddr,
+    tls_name: &str,
+    host: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, String)],
+    body: Option<Bytes>,
 ) -> (u16, Value) {
     courier::tls::install_crypto_provider();
     let ca = super::relay::repo_root().join("certs/dev-ca.crt");
@@ -34,9 +50,15 @@ pub async fn https_get_json(
             .await
             .expect("http handshake");
         tokio::spawn(conn);
-        let request = hyper::Request::get(path)
-            .header("Host", host)
-            .body(Empty::<Bytes>::new())
+        let mut request = hyper::Request::builder()
+            .method(method)
+            .uri(path)
+            .header("Host", host);
+        for (name, value) in headers {
+            request = request.header(*name, value.as_str());
+        }
+        let request = request
+            .body(Full::new(body.unwrap_or_default()))
             .expect("request");
         let response = sender.send_request(request).await.expect("response");
         let status = response.status().as_u16();
