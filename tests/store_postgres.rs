@@ -417,6 +417,29 @@ async fn wakeups_cross_store_instances() {
 }
 
 /// Waits for the next wake-up other than the liveness probes.
+/// Publishes probes from `writer` until one arrives on `rx`: the LISTEN
+/// subscription behind `rx` is live from then on. Fails after 100 probes.
+async fn wait_until_listening(
+    writer: &PostgresStore,
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<Wakeup>,
+) {
+    for n in 0..100 {
+        writer
+            .publish_peer_up(&format!("probe{n}.test"))
+            .await
+            .expect("probe");
+        let deadline = tokio::time::sleep(Duration::from_millis(200));
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                w = rx.recv() => if matches!(w, Some(Wakeup::PeerUp(_))) { return },
+                _ = &mut deadline => break,
+            }
+        }
+    }
+    panic!("the LISTEN connection never received a wake-up");
+}
+
 async fn next_wakeup(rx: &mut tokio::sync::mpsc::UnboundedReceiver<Wakeup>) -> Wakeup {
     tokio::time::timeout(Duration::from_secs(10), rx.recv())
         .await
@@ -432,21 +455,7 @@ async fn inbound_txn_from_a_backing_off_origin_publishes_peer_up() {
     let writer = PostgresStore::open(&conninfo).await.expect("open writer");
     let listener = PostgresStore::open(&conninfo).await.expect("open listener");
     let mut rx = listener.subscribe_wakeups().expect("postgres has wake-ups");
-    // Wait until the subscription is live (a probe published after it arrives).
-    'ready: for n in 0..100 {
-        writer
-            .publish_peer_up(&format!("probe{n}.test"))
-            .await
-            .expect("probe");
-        let deadline = tokio::time::sleep(Duration::from_millis(200));
-        tokio::pin!(deadline);
-        loop {
-            tokio::select! {
-                w = rx.recv() => if matches!(w, Some(Wakeup::PeerUp(_))) { break 'ready },
-                _ = &mut deadline => break,
-            }
-        }
-    }
+    wait_until_listening(&writer, &mut rx).await;
     while rx.try_recv().is_ok() {}
     let inbound = |origin: &str, txn: &str| courier::store::InboundTxn {
         origin: origin.to_owned(),
@@ -637,23 +646,7 @@ async fn tls_with_sslmode_require_verifies_and_encrypts() {
         .await
         .expect("open with verify-full");
     let mut wakeups = other.subscribe_wakeups().expect("postgres has wake-ups");
-    let mut n = 0;
-    'ready: loop {
-        n += 1;
-        store
-            .publish_peer_up(&format!("probe{n}.test"))
-            .await
-            .expect("probe");
-        let deadline = tokio::time::sleep(Duration::from_millis(200));
-        tokio::pin!(deadline);
-        loop {
-            tokio::select! {
-                w = wakeups.recv() => if matches!(w, Some(Wakeup::PeerUp(_))) { break 'ready },
-                _ = &mut deadline => break,
-            }
-        }
-        assert!(n < 100, "the TLS listener never received a wake-up");
-    }
+    wait_until_listening(&store, &mut wakeups).await;
     // An unknown issuer is refused, not downgraded.
     let refused = tokio::time::timeout(
         within,
