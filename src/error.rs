@@ -7,6 +7,8 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
+use crate::todevice::SendError;
+
 /// A Matrix error response: status, errcode and a human-readable message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MatrixError {
@@ -152,4 +154,23 @@ pub async fn unrecognized_route() -> MatrixError {
 /// Fallback for a known path with a method it does not serve.
 pub async fn method_not_allowed_route() -> MatrixError {
     MatrixError::method_not_allowed()
+}
+
+/// A refused to-device send, as the client API and the RPC answer it: the
+/// caller's faults are 4xx, a store failure is a logged 500.
+impl From<SendError> for MatrixError {
+    fn from(error: SendError) -> Self {
+        match error {
+            SendError::BadEventType | SendError::BadTxnId | SendError::ForeignSender(_) => {
+                MatrixError::invalid_param(error.to_string())
+            }
+            SendError::BadShape(_) | SendError::NotCanonical { .. } => {
+                MatrixError::bad_json(error.to_string())
+            }
+            SendError::TooLarge { .. }
+            | SendError::TooManyRecipients { .. }
+            | SendError::TooManyDestinations { .. } => MatrixError::too_large(error.to_string()),
+            SendError::Store(cause) => MatrixError::internal("to-device send", &cause),
+        }
+    }
 }

@@ -3,8 +3,8 @@
 //! and wakes long-polls and destinations. It also owns the inbox long-poll
 //! (`wait_for_inbox`) and the opaque `since` token format that `/sync` and
 //! the RPC inbox share. It knows nothing of HTTP: the client API and the RPC
-//! parse their requests into a `SendRequest` and map `SendError` to a
-//! Matrix error through `From<SendError> for MatrixError`.
+//! parse their requests into a `SendRequest`, and `error` maps `SendError`
+//! to a Matrix error (`From<SendError> for MatrixError`).
 //!
 //! Remote messages are packed here, at acceptance time, into
 //! `m.direct_to_device` EDUs of at most `MAX_EDU_BYTES` of canonical JSON,
@@ -24,7 +24,6 @@ use tokio_util::sync::CancellationToken;
 
 use crate::canonical_json::{CanonicalJsonError, NumberStyle, to_canonical_bytes_with};
 use crate::config::SendLimits;
-use crate::error::MatrixError;
 use crate::federation::sender::SenderHandle;
 use crate::identifiers::{ServerName, UserId};
 use crate::notify::Notifier;
@@ -111,23 +110,6 @@ pub enum SendError {
     TooManyDestinations { count: usize, limit: usize },
     #[error(transparent)]
     Store(#[from] StoreError),
-}
-
-impl From<SendError> for MatrixError {
-    fn from(error: SendError) -> Self {
-        match error {
-            SendError::BadEventType | SendError::BadTxnId | SendError::ForeignSender(_) => {
-                MatrixError::invalid_param(error.to_string())
-            }
-            SendError::BadShape(_) | SendError::NotCanonical { .. } => {
-                MatrixError::bad_json(error.to_string())
-            }
-            SendError::TooLarge { .. }
-            | SendError::TooManyRecipients { .. }
-            | SendError::TooManyDestinations { .. } => MatrixError::too_large(error.to_string()),
-            SendError::Store(cause) => MatrixError::internal("to-device send", &cause),
-        }
-    }
 }
 
 /// The to-device core. One per relay, shared through `AppState`.
