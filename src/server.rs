@@ -103,6 +103,7 @@ pub async fn run(
         todevice,
         federation_client: federation_client.clone(),
         keyring,
+        inbound: Arc::new(crate::federation::inbound::InboundState::default()),
         metrics: crate::metrics::MetricsHandle::install(),
     };
 

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use crate::config::Config;
 use crate::federation::client::FederationClient;
+use crate::federation::inbound::InboundState;
 use crate::federation::keyring::KeyRing;
 use crate::federation::sender::SenderHandle;
 use crate::keys::ServerSigningKey;
@@ -28,6 +29,8 @@ pub struct AppState {
     pub federation_client: Arc<FederationClient>,
     /// Remote server keys for X-Matrix verification.
     pub keyring: Arc<KeyRing>,
+    /// Inbound federation's rate limiter, transaction locks and counts.
+    pub inbound: Arc<InboundState>,
     /// Renders `/metrics`.
     pub metrics: crate::metrics::MetricsHandle,
 }

@@ -21,7 +21,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::error::MatrixError;
-use crate::federation::inbound::rate_limit::{Admission, MAX_SHAPING_DELAY, OriginRateLimiter};
+use crate::federation::inbound::rate_limit::{OriginRateLimiter, admit};
 use crate::identifiers::UserId;
 use crate::state::AppState;
 use crate::todevice::{MAX_EVENTS_PER_SYNC, SendRequest, format_since, parse_since};
@@ -95,17 +95,9 @@ async fn put_send_to_device_route(
 ) -> Result<Response, MatrixError> {
     let user_id = device.user_id.as_str();
     // Before the body is parsed: a user over the rate costs a bucket check.
-    match send_rate
-        .limiter
-        .admit(user_id, send_rate.rate, MAX_SHAPING_DELAY)
-    {
-        Admission::Now => {}
-        Admission::After(delay) => tokio::time::sleep(delay).await,
-        Admission::Refused(wait) => {
-            let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-            return Err(refused(MatrixError::limit_exceeded(secs.max(1)), user_id));
-        }
-    }
+    admit(&send_rate.limiter, user_id, send_rate.rate)
+        .await
+        .map_err(|e| refused(e, user_id))?;
     let (event_type, txn_id) = extract::path(path).map_err(|e| refused(e, user_id))?;
     let mut body = extract::json_object(body, false).map_err(|e| refused(e, user_id))?;
     let messages = match body.remove("messages") {

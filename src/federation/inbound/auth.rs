@@ -43,17 +43,11 @@
 //! key-lookup bucket, so forged requests cost bounded lookups per name and
 //! never spend the real server's request budget.
 //!
-//! After that the origin is authenticated: the per-origin rate limit applies
-//! (keyed by the normalized name; a request slightly over it is held up to
-//! half a second, one further over gets 429 `M_LIMIT_EXCEEDED` with
-//! Retry-After) and the sender is told the
-//! peer is up (its backoff resets). Every refusal is logged with the origin when
-//! one is known and counted in `courier_federation_auth_failures_total`.
-//! The rate limiter lives in the [`InboundState`] extension that
-//! `inbound::routes` attaches; a route outside that router gets no rate
-//! limit.
-
-use std::sync::Arc;
+//! That is all it does: it yields the verified origin and the body. What an
+//! authenticated request then costs (the per-origin rate limit) and what it
+//! tells the sender (the peer is up) are explicit steps of the handler
+//! (`send.rs`). Every refusal is logged with the origin when one is known
+//! and counted in `courier_federation_auth_failures_total`.
 
 use axum::body::Bytes;
 use axum::extract::{FromRequest, OriginalUri, Request};
@@ -66,9 +60,8 @@ use crate::identifiers::ServerName;
 use crate::state::AppState;
 use crate::xmatrix::{RequestToSign, XMatrix, XMatrixError, parse_authorization_headers};
 
-use super::InboundState;
 pub use super::json::JsonBody;
-use super::rate_limit::{Admission, MAX_SHAPING_DELAY};
+use super::rate_limit::admit;
 
 /// A server whose X-Matrix signature on the current request verified.
 /// Only the extractor constructs it.
@@ -306,7 +299,6 @@ impl FromRequest<AppState> for SignedRequest {
             .path_and_query()
             .map(|pq| pq.as_str().to_owned())
             .unwrap_or_else(|| uri.path().to_owned());
-        let inbound = request.extensions().get::<Arc<InboundState>>().cloned();
 
         let bytes = match Bytes::from_request(request, state).await {
             Ok(bytes) => bytes,
@@ -335,16 +327,14 @@ impl FromRequest<AppState> for SignedRequest {
         // of authenticated requests, so a forger cannot spend a real
         // server's request budget by sending garbage in its name.
         let rate_key = origin.normalized();
-        if let Some(inbound) = &inbound
-            && headers.iter().any(|header| {
-                !state
-                    .keyring
-                    .has_key_in_memory(origin.as_str(), &header.key)
-            })
-        {
+        if headers.iter().any(|header| {
+            !state
+                .keyring
+                .has_key_in_memory(origin.as_str(), &header.key)
+        }) {
             let lookup_key = format!("key-lookup {rate_key}");
             admit(
-                inbound,
+                &state.inbound.rate_limiter,
                 &lookup_key,
                 config.federation.inbound_rate_per_origin,
             )
@@ -366,39 +356,10 @@ impl FromRequest<AppState> for SignedRequest {
             verify_signature(header, &signed, body.as_ref(), &mut parsed, &key)?;
         }
         drop(parsed);
-
-        if let Some(inbound) = &inbound {
-            admit(
-                inbound,
-                &rate_key,
-                config.federation.inbound_rate_per_origin,
-            )
-            .await?;
-        }
-        state.sender.peer_is_up(origin.as_str());
         Ok(SignedRequest {
             origin: Origin(origin),
             body,
         })
-    }
-}
-
-/// One rate-limit token for `origin` (its normalized name): now, after a
-/// short wait, or a 429 with the time until the next token.
-async fn admit(inbound: &InboundState, origin: &str, rate: u32) -> Result<(), MatrixError> {
-    match inbound.rate_limiter.admit(origin, rate, MAX_SHAPING_DELAY) {
-        Admission::Now => Ok(()),
-        Admission::After(delay) => {
-            metrics::counter!("courier_federation_rate_delayed_total").increment(1);
-            tokio::time::sleep(delay).await;
-            Ok(())
-        }
-        Admission::Refused(wait) => {
-            tracing::info!(origin, "rate limiting a federation origin");
-            metrics::counter!("courier_federation_rate_limited_total").increment(1);
-            let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-            Err(MatrixError::limit_exceeded(secs.max(1)))
-        }
     }
 }
 

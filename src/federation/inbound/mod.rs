@@ -10,9 +10,9 @@
 //! and does not process room events.
 //!
 //! The in-memory state of this module (rate-limit buckets, in-progress
-//! transaction locks) lives in an [`InboundState`] created by [`routes`] and
-//! attached to its routes as an extension, so two relays in one process never
-//! share it.
+//! transaction locks) lives in an [`InboundState`], a required part of
+//! `AppState` built by `server::run`, so the limits cannot silently vanish
+//! from a route and two relays in one process never share them.
 
 pub mod auth;
 pub mod json;
@@ -23,8 +23,8 @@ pub mod transaction;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use axum::Router;
 use axum::routing::put;
-use axum::{Extension, Router};
 use tokio::sync::OwnedMutexGuard;
 
 use crate::state::AppState;
@@ -87,7 +87,6 @@ impl Drop for InProgressGuard<'_> {
 
 /// The inbound federation routes.
 pub fn routes() -> Router<AppState> {
-    let inbound = Arc::new(InboundState::default());
     Router::new()
         .route(
             "/_matrix/federation/v1/send/{txn_id}",
@@ -97,7 +96,6 @@ pub fn routes() -> Router<AppState> {
             "/_matrix/federation/v1/send/{txn_id}/",
             put(send::put_transaction_route).fallback(crate::error::method_not_allowed_route),
         )
-        .layer(Extension(inbound))
 }
 
 type TxnKey = (String, String);

@@ -12,8 +12,10 @@
 //!
 //! The map is bounded: when it is full, buckets that have refilled completely
 //! (indistinguishable from a fresh bucket) are dropped, and if that is not
-//! enough the least recently used half goes. It does not decide what a
-//! refusal looks like on the wire (the extractor returns 429).
+//! enough the least recently used half goes. [`admit`] turns a decision
+//! into the request's fate: go on now, go on after the wait, or 429
+//! `M_LIMIT_EXCEEDED` with the time until the next token (the inbound
+//! `/send` route and the client send route both use it).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -107,6 +109,31 @@ impl OriginRateLimiter {
     /// How many origins are tracked (for tests and metrics).
     pub fn tracked(&self) -> usize {
         self.buckets.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+}
+
+/// One token for `key` at `rate_per_sec` from `limiter`: `Ok` now or after
+/// a wait of at most [`MAX_SHAPING_DELAY`], else a 429 `M_LIMIT_EXCEEDED`
+/// whose Retry-After is the time until the next token. Counted in
+/// `courier_rate_limit_total{outcome="delayed"|"refused"}`.
+pub async fn admit(
+    limiter: &OriginRateLimiter,
+    key: &str,
+    rate_per_sec: u32,
+) -> Result<(), crate::error::MatrixError> {
+    match limiter.admit(key, rate_per_sec, MAX_SHAPING_DELAY) {
+        Admission::Now => Ok(()),
+        Admission::After(delay) => {
+            metrics::counter!("courier_rate_limit_total", "outcome" => "delayed").increment(1);
+            tokio::time::sleep(delay).await;
+            Ok(())
+        }
+        Admission::Refused(wait) => {
+            tracing::info!(key, "rate limiting");
+            metrics::counter!("courier_rate_limit_total", "outcome" => "refused").increment(1);
+            let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+            Err(crate::error::MatrixError::limit_exceeded(secs.max(1)))
+        }
     }
 }
 

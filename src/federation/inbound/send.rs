@@ -1,7 +1,9 @@
 //! `PUT /_matrix/federation/v1/send/{txnId}` (SPEC §2.1–§2.6): one federation
 //! transaction from an authenticated origin, applied exactly once.
 //!
-//! Flow: authenticate ([`SignedRequest`]), parse and validate the body
+//! Flow: authenticate ([`SignedRequest`]), admit the origin under its rate
+//! limit ([`admit`]: a short wait or 429) and tell the sender the peer is up
+//! (its backoff resets: it just proved it is reachable), parse and validate the body
 //! straight from its bytes ([`parse_transaction_json`]), take the per-(origin, txnId) lock (a
 //! concurrent duplicate waits here), replay the stored response if the pair
 //! was already applied, otherwise apply every accepted EDU and the response
@@ -16,9 +18,6 @@
 //!
 //! [`Store::apply_inbound_txn`]: crate::store::Store::apply_inbound_txn
 
-use std::sync::Arc;
-
-use axum::Extension;
 use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
 use axum::http::{HeaderValue, StatusCode, header};
@@ -28,8 +27,8 @@ use crate::error::MatrixError;
 use crate::state::AppState;
 use crate::store::{InboundOutcome, InboundTxn};
 
-use super::InboundState;
 use super::auth::SignedRequest;
+use super::rate_limit::admit;
 use super::transaction::{ParsedTxn, parse_transaction_json};
 
 fn count_transaction(outcome: &'static str) {
@@ -67,11 +66,18 @@ fn count_edus(parsed: &ParsedTxn) {
 /// `PUT /_matrix/federation/v1/send/{txnId}[/]`.
 pub async fn put_transaction_route(
     State(state): State<AppState>,
-    Extension(inbound): Extension<Arc<InboundState>>,
     txn_id: Result<Path<String>, PathRejection>,
     signed: SignedRequest,
 ) -> Result<Response, MatrixError> {
     let origin = signed.origin;
+    let inbound = &state.inbound;
+    admit(
+        &inbound.rate_limiter,
+        &origin.server_name().normalized(),
+        state.config.federation.inbound_rate_per_origin,
+    )
+    .await?;
+    state.sender.peer_is_up(origin.as_str());
     let Ok(Path(txn_id)) = txn_id else {
         count_transaction("rejected");
         return Err(MatrixError::invalid_param(
