@@ -195,7 +195,7 @@ fn no_source_file_over_600_lines_without_a_listed_reason() {
         ),
         (
             "federation/keyring.rs",
-            "one concept (remote keys: memory, store, fetch, notaries) with its bounds",
+            "one concept (remote keys: validation, memory, store, fetch, notaries) with its bounds",
         ),
         (
             "store/postgres.rs",
