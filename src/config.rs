@@ -17,6 +17,9 @@ use serde::Deserialize;
 
 use crate::identifiers::ServerName;
 use crate::keys::OldVerifyKey;
+// The store's own settings live in `store` (which must not import this
+// module); the configuration builds them and re-exports them.
+pub use crate::store::{PruneConfig, StoreConfig};
 
 /// Every problem found in a configuration, reported together.
 #[derive(Debug, thiserror::Error)]
@@ -138,26 +141,6 @@ pub struct RpcConfig {
     pub secret: String,
     /// Timeouts and caps of the RPC listener.
     pub listener: ListenerLimits,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum StoreConfig {
-    Sqlite(PathBuf),
-    Postgres(String),
-}
-
-/// How the pruner runs (`store::pruner`): every `interval` it deletes
-/// expired records in batches of at most `batch` rows per table until none
-/// are left, pausing between batches so other writes are never starved.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PruneConfig {
-    /// The most rows of each kind one batch (one store write) deletes.
-    pub batch: u32,
-    /// Time between pruning passes.
-    pub interval: Duration,
-    /// A destination with nothing queued, in flight or quarantined and no
-    /// send, failure or retry-state change for this long is forgotten.
-    pub destination_retention: Duration,
 }
 
 #[derive(Debug, Clone)]

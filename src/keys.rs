@@ -1,14 +1,9 @@
-//! Server signing keys: our own key (Synapse's key file format), the key
-//! document we serve at `GET /_matrix/key/v2/server` (SPEC §5.1, §5.5), and
-//! validation of a key document fetched from another server (SPEC §5.2,
-//! §5.3).
+//! Server signing keys: our own key (Synapse's key file format) and the key
+//! document we serve at `GET /_matrix/key/v2/server` (SPEC §5.1, §5.5).
 //!
-//! It does not fetch, cache or store keys (the inbound federation layer and
-//! the store do), and it does not decide when to rotate.
-//!
-//! Architecture Invariant: keys from `old_verify_keys` never come out of
-//! [`validate_server_key_response`]; they only verify old events, never
-//! requests (SPEC §4.3 step 6).
+//! It does not fetch, validate, cache or store other servers' keys
+//! (`federation::keyring` and the store do), and it does not decide when to
+//! rotate.
 
 use std::fmt;
 use std::path::Path;
@@ -17,8 +12,7 @@ use ed25519_dalek::Signer as _;
 use serde_json::{Map, Value, json};
 
 use crate::canonical_json::MAX_SAFE_INTEGER;
-use crate::signing::{decode_base64, decode_verify_key, encode_base64, sign_json, verify_json};
-use crate::store::StoredServerKey;
+use crate::signing::{JsonSigningKey, decode_base64, encode_base64, sign_json};
 
 /// The longest a fetched key is trusted without a re-fetch (SPEC §5.3).
 pub const MAX_KEY_VALIDITY_MS: i64 = 7 * 24 * 60 * 60 * 1000;
@@ -191,6 +185,16 @@ impl ServerSigningKey {
     }
 }
 
+impl JsonSigningKey for ServerSigningKey {
+    fn key_id(&self) -> &str {
+        ServerSigningKey::key_id(self)
+    }
+
+    fn sign_bytes(&self, bytes: &[u8]) -> String {
+        ServerSigningKey::sign_bytes(self, bytes)
+    }
+}
+
 /// The signed `GET /_matrix/key/v2/server` response.
 ///
 /// `old_verify_keys` is always present (`{}` when empty), matching SPEC
@@ -221,102 +225,6 @@ pub fn server_key_document(
     document
 }
 
-/// Most `verify_keys` (and signatures by the server) a key document may
-/// carry. A server publishes one key, two during a rotation; a document
-/// with thousands would cost a point decompression and a cache row each.
-pub const MAX_VERIFY_KEYS: usize = 16;
-
-/// Validates a `GET /_matrix/key/v2/server` response fetched directly from
-/// `server_name` (SPEC §5.2) and returns its current keys with their
-/// effective expiry `min(valid_until_ts, now + 7 days)` (SPEC §5.3).
-///
-/// The response must name `server_name`, carry at least one signature by
-/// `server_name` with a key from its own `verify_keys`, and every such
-/// signature must verify. Keys of unknown algorithms are skipped; an
-/// `ed25519:` key that does not decode rejects the response. Keys from
-/// `old_verify_keys` are never returned. A response whose expiry has already
-/// passed still validates; callers compare `valid_until_ts` with now.
-pub fn validate_server_key_response(
-    server_name: &str,
-    response: &Value,
-    now_ms: i64,
-) -> Result<Vec<StoredServerKey>, KeyError> {
-    let reject = |reason: String| KeyError::BadKeyResponse {
-        server_name: server_name.to_owned(),
-        reason,
-    };
-    let object = response
-        .as_object()
-        .ok_or_else(|| reject("the response is not a JSON object".to_owned()))?;
-    match object.get("server_name").and_then(Value::as_str) {
-        Some(name) if name == server_name => {}
-        Some(name) => return Err(reject(format!("it names server {name:?}"))),
-        None => return Err(reject("server_name is missing".to_owned())),
-    }
-    let valid_until_ts = object
-        .get("valid_until_ts")
-        .and_then(Value::as_i64)
-        .ok_or_else(|| reject("valid_until_ts is missing or not an integer".to_owned()))?;
-    let verify_keys = object
-        .get("verify_keys")
-        .and_then(Value::as_object)
-        .ok_or_else(|| reject("verify_keys is missing or not an object".to_owned()))?;
-    if verify_keys.len() > MAX_VERIFY_KEYS {
-        return Err(reject(format!(
-            "it lists {} verify keys, more than the {MAX_VERIFY_KEYS} accepted",
-            verify_keys.len()
-        )));
-    }
-
-    let mut keys = Vec::new();
-    let mut decoded = Vec::new();
-    for (key_id, entry) in verify_keys {
-        if !key_id.starts_with("ed25519:") {
-            continue;
-        }
-        let text = entry
-            .get("key")
-            .and_then(Value::as_str)
-            .ok_or_else(|| reject(format!("verify key {key_id:?} has no key string")))?;
-        let verify_key = decode_verify_key(text)
-            .map_err(|_| reject(format!("verify key {key_id:?} is not an ed25519 key")))?;
-        decoded.push((key_id.as_str(), verify_key));
-        keys.push(StoredServerKey {
-            server_name: server_name.to_owned(),
-            key_id: key_id.clone(),
-            public_key: encode_base64(verify_key.as_bytes()),
-            valid_until_ts: valid_until_ts.min(now_ms.saturating_add(MAX_KEY_VALIDITY_MS)),
-        });
-    }
-
-    let signatures = object
-        .get("signatures")
-        .and_then(|signatures| signatures.get(server_name))
-        .and_then(Value::as_object)
-        .ok_or_else(|| reject("it is not signed by the server".to_owned()))?;
-    if signatures.len() > MAX_VERIFY_KEYS {
-        return Err(reject(format!(
-            "it carries {} signatures by the server, more than the {MAX_VERIFY_KEYS} accepted",
-            signatures.len()
-        )));
-    }
-    let mut verified = 0usize;
-    for key_id in signatures.keys() {
-        let Some((_, verify_key)) = decoded.iter().find(|(id, _)| *id == key_id.as_str()) else {
-            continue;
-        };
-        verify_json(response, server_name, key_id, verify_key)
-            .map_err(|error| reject(format!("signature with {key_id:?} fails: {error}")))?;
-        verified += 1;
-    }
-    if verified == 0 {
-        return Err(reject(
-            "no signature by a key from its own verify_keys".to_owned(),
-        ));
-    }
-    Ok(keys)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -328,36 +236,6 @@ mod tests {
         let parsed = parsed.expect("our own output parses");
         assert_eq!(parsed.key_id(), "ed25519:a_1");
         assert_eq!(parsed.public_key_base64(), key.public_key_base64());
-    }
-
-    #[test]
-    fn a_key_document_with_too_many_keys_is_refused_before_any_is_decoded() {
-        let key = ServerSigningKey::from_seed("a", [3; 32]);
-        let now = 1_700_000_000_000;
-        let with_keys = |extra: usize| {
-            let mut document = server_key_document("s.example", &key, &[], now + 3_600_000);
-            let keys = document["verify_keys"].as_object_mut().expect("object");
-            for i in 0..extra {
-                let other = ServerSigningKey::from_seed("x", [i as u8; 32]);
-                keys.insert(
-                    format!("ed25519:k{i}"),
-                    json!({"key": other.public_key_base64()}),
-                );
-            }
-            if let Some(signatures) = document.as_object_mut() {
-                signatures.remove("signatures");
-            }
-            sign_json(&mut document, "s.example", &key).expect("signable");
-            document
-        };
-        let at_limit = with_keys(MAX_VERIFY_KEYS - 1);
-        let keys = validate_server_key_response("s.example", &at_limit, now).expect("accepted");
-        assert_eq!(keys.len(), MAX_VERIFY_KEYS);
-        for extra in [MAX_VERIFY_KEYS, 10_000] {
-            let error = validate_server_key_response("s.example", &with_keys(extra), now)
-                .expect_err("refused");
-            assert!(error.to_string().contains("verify keys"), "{error}");
-        }
     }
 
     #[test]

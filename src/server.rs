@@ -33,7 +33,7 @@ pub enum ServerError {
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
     #[error("federation client: {0}")]
-    Client(#[from] crate::federation::client::ClientError),
+    Client(#[from] crate::federation::client_error::ClientError),
     #[error("binding {what} on {addr}: {source}")]
     Bind {
         what: &'static str,
@@ -75,7 +75,13 @@ pub async fn run(
     let config = Arc::new(config);
     let signing_key = Arc::new(ServerSigningKey::load(&config.signing_key_path)?);
     let tls = crate::tls::server_config(&config.federation.tls_cert, &config.federation.tls_key)?;
-    let store = crate::store::open(&config).await?;
+    let store = crate::store::open(
+        &config.store,
+        &config.federation.extra_ca,
+        &config.worker.name,
+        config.worker.lease_duration,
+    )
+    .await?;
 
     let notifier = Arc::new(Notifier::new());
     let (sender_handle, sender_commands) = SenderHandle::channel();

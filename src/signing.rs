@@ -21,7 +21,6 @@ use ed25519_dalek::{Signature, VerifyingKey};
 use serde_json::{Map, Value};
 
 use crate::canonical_json::write_canonical_excluding;
-use crate::keys::ServerSigningKey;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SigningError {
@@ -100,11 +99,21 @@ pub fn signed_bytes(object: &Map<String, Value>) -> Result<Vec<u8>, SigningError
     Ok(out)
 }
 
+/// A key that signs JSON: its key id (`ed25519:<version>`) and a signature
+/// over raw bytes. `keys::ServerSigningKey` implements it; this module
+/// needs nothing else of a key, so it does not depend on `keys`.
+pub trait JsonSigningKey {
+    /// The key id the signature is filed under.
+    fn key_id(&self) -> &str;
+    /// The unpadded-base64 signature of `bytes`.
+    fn sign_bytes(&self, bytes: &[u8]) -> String;
+}
+
 /// Signs `value` in place as `entity` (merging into existing `signatures`).
 pub fn sign_json(
     value: &mut Value,
     entity: &str,
-    key: &ServerSigningKey,
+    key: &impl JsonSigningKey,
 ) -> Result<(), SigningError> {
     let object = value.as_object_mut().ok_or(SigningError::NotAnObject)?;
     let signature = key.sign_bytes(&signed_bytes(object)?);

@@ -7,9 +7,8 @@
 use std::path::Path;
 
 use courier::canonical_json::{to_canonical_bytes, to_canonical_string};
-use courier::keys::{
-    KeyError, OldVerifyKey, ServerSigningKey, server_key_document, validate_server_key_response,
-};
+use courier::federation::keyring::validate_server_key_response;
+use courier::keys::{KeyError, OldVerifyKey, ServerSigningKey, server_key_document};
 use courier::signing::{
     SigningError, decode_base64, decode_verify_key, encode_base64, sign_json, verify_json,
 };

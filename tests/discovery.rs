@@ -15,8 +15,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use courier::federation::client::{ClientError, FederationClient};
-use courier::federation::discovery::Endpoint;
+use courier::federation::client::FederationClient;
+use courier::federation::client_error::ClientError;
+use courier::federation::connector::Endpoint;
 use fake_remote::{FakeRemote, WellKnown};
 use outbound_env::{
     MapResolver, addrs, client, dns, ip_name, name, setup, test_signing_key, well_known,

@@ -11,8 +11,8 @@
 use courier::client_api::extract::int_param;
 use courier::federation::inbound::auth::{MAX_XMATRIX_HEADERS, check_headers};
 use courier::federation::inbound::json::JsonBody;
+use courier::federation::keyring::validate_server_key_response;
 use courier::identifiers::{ServerName, UserId};
-use courier::keys::validate_server_key_response;
 use courier::todevice::{format_since, parse_since};
 use proptest::prelude::*;
 use serde_json::{Value, json};

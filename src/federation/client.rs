@@ -37,10 +37,14 @@ use serde_json::Value;
 use tokio_rustls::TlsConnector;
 
 use crate::config::Config;
-use crate::federation::connector::{Closers, Dialer, DirectConnector, FederationConnector};
+use crate::federation::client_error::{ClientError, describe_hyper_error};
+use crate::federation::connector::{
+    Closers, Dialer, DirectConnector, Endpoint, EndpointMap, FederationConnector,
+};
 use crate::federation::denylist::Denylist;
-use crate::federation::discovery::{Discovery, Endpoint, LruMap};
+use crate::federation::discovery::Discovery;
 use crate::federation::dns::{DnsResolver, HickoryResolver};
+use crate::federation::lru::LruMap;
 use crate::identifiers::ServerName;
 use crate::keys::ServerSigningKey;
 use crate::xmatrix::{RequestToSign, sign_request, sign_signed_bytes};
@@ -70,80 +74,6 @@ enum Sign {
     /// The body bytes are already canonical JSON: signed as they are.
     CanonicalBody,
 }
-
-/// Why a federation request failed. The sender decides retry versus refusal
-/// from the variant.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum ClientError {
-    #[error("discovery failed for {destination}: {reason}")]
-    Discovery { destination: String, reason: String },
-    #[error("{destination} resolves only to denied addresses")]
-    Denied { destination: String },
-    #[error("connecting to {destination}: {reason}")]
-    Connect { destination: String, reason: String },
-    #[error("request to {destination} timed out")]
-    Timeout { destination: String },
-    #[error("{destination} answered {status}")]
-    Status {
-        destination: String,
-        status: u16,
-        body: String,
-        retry_after_ms: Option<u64>,
-    },
-    #[error("{destination} sent an invalid response: {reason}")]
-    BadResponse { destination: String, reason: String },
-    #[error("building the request: {0}")]
-    Request(String),
-}
-
-impl ClientError {
-    /// The same error, naming `destination` (the server name) as the peer.
-    fn for_destination(self, destination: &str) -> ClientError {
-        let d = destination.to_owned();
-        match self {
-            ClientError::Discovery { reason, .. } => ClientError::Discovery {
-                destination: d,
-                reason,
-            },
-            ClientError::Denied { .. } => ClientError::Denied { destination: d },
-            ClientError::Connect { reason, .. } => ClientError::Connect {
-                destination: d,
-                reason,
-            },
-            ClientError::Timeout { .. } => ClientError::Timeout { destination: d },
-            ClientError::Status {
-                status,
-                body,
-                retry_after_ms,
-                ..
-            } => ClientError::Status {
-                destination: d,
-                status,
-                body,
-                retry_after_ms,
-            },
-            ClientError::BadResponse { reason, .. } => ClientError::BadResponse {
-                destination: d,
-                reason,
-            },
-            ClientError::Request(reason) => ClientError::Request(reason),
-        }
-    }
-
-    /// Whether the connection path itself failed (not the peer's answer):
-    /// then the authority's pooled connections are closed.
-    fn is_transport(&self) -> bool {
-        matches!(
-            self,
-            ClientError::Connect { .. }
-                | ClientError::Timeout { .. }
-                | ClientError::BadResponse { .. }
-        )
-    }
-}
-
-/// Endpoints by the URI authority the connector will be asked for.
-pub(crate) type EndpointMap = Arc<Mutex<LruMap<String, Endpoint>>>;
 
 /// What a 2xx answer must carry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -540,16 +470,4 @@ fn map_hyper_error(destination: &str, error: &hyper_util::client::legacy::Error)
         destination: destination.to_owned(),
         reason: describe_hyper_error(error),
     }
-}
-
-/// An error and its causes on one line.
-pub(crate) fn describe_hyper_error(error: &hyper_util::client::legacy::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }

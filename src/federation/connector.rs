@@ -33,10 +33,24 @@ use tokio_rustls::client::TlsStream;
 
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
-use crate::federation::client::{ClientError, EndpointMap};
+use crate::federation::client_error::ClientError;
 use crate::federation::denylist::Denylist;
-use crate::federation::discovery::LruMap;
 use crate::federation::dns::{DnsResolver, lookup_host};
+use crate::federation::lru::LruMap;
+
+/// Where and how to reach a destination.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    /// Addresses to try in order.
+    pub addrs: Vec<SocketAddr>,
+    /// The name the certificate must be valid for; an IP address means no SNI.
+    pub tls_name: TlsName<'static>,
+    /// The `Host` header to send.
+    pub host_header: String,
+}
+
+/// Endpoints by the URI authority the connector will be asked for.
+pub(crate) type EndpointMap = Arc<std::sync::Mutex<LruMap<String, Endpoint>>>;
 
 /// A TLS connection to a peer, telling the pool whether h2 was negotiated.
 /// Once its closer fires it reads end-of-stream and refuses writes.

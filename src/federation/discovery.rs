@@ -18,8 +18,7 @@
 //! them against the denylist: the connector does both, for every address.
 //! The X-Matrix `destination` stays the server name whatever this returns.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
-use std::hash::Hash;
+use std::collections::HashSet;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -31,9 +30,10 @@ use hyper_util::client::legacy::Client;
 use rustls_pki_types::ServerName as TlsName;
 use tokio::time::Instant;
 
-use crate::federation::client::ClientError;
-use crate::federation::connector::DirectConnector;
+use crate::federation::client_error::ClientError;
+use crate::federation::connector::{DirectConnector, Endpoint};
 use crate::federation::dns::{DnsError, DnsResolver, lookup_host, order_srv};
+use crate::federation::lru::LruMap;
 use crate::federation::well_known;
 use crate::identifiers::{Host, ServerName};
 
@@ -45,87 +45,6 @@ pub const WELL_KNOWN_CACHE_ENTRIES: usize = 10_000;
 /// SRV targets resolved at most per service (RFC 2782 order); the rest are
 /// ignored, so a record set cannot multiply the lookups.
 pub const MAX_SRV_TARGETS: usize = 8;
-
-/// A map holding at most `capacity` entries, evicting the least recently
-/// used (inserted or read) one first. Used for every per-name map in
-/// discovery and the client, so a stream of new names costs memory only up
-/// to the bound.
-#[derive(Debug)]
-pub(crate) struct LruMap<K, V> {
-    capacity: usize,
-    entries: HashMap<K, (V, u64)>,
-    /// Use tick → key; the first entry is the least recently used.
-    order: BTreeMap<u64, K>,
-    tick: u64,
-}
-
-impl<K: Hash + Eq + Clone, V> LruMap<K, V> {
-    /// A map of at most `capacity` entries (at least one).
-    pub(crate) fn new(capacity: usize) -> Self {
-        LruMap {
-            capacity: capacity.max(1),
-            entries: HashMap::new(),
-            order: BTreeMap::new(),
-            tick: 0,
-        }
-    }
-
-    fn next_tick(&mut self) -> u64 {
-        self.tick = self.tick.wrapping_add(1);
-        self.tick
-    }
-
-    /// The value for `key`, marking it as recently used.
-    pub(crate) fn get(&mut self, key: &K) -> Option<&V> {
-        let tick = self.next_tick();
-        let (_, used) = self.entries.get_mut(key)?;
-        let old = std::mem::replace(used, tick);
-        if let Some(k) = self.order.remove(&old) {
-            self.order.insert(tick, k);
-        }
-        self.entries.get(key).map(|(v, _)| v)
-    }
-
-    /// Inserts or replaces `key`, evicting the least recently used entries
-    /// while the map would exceed its capacity.
-    pub(crate) fn insert(&mut self, key: K, value: V) {
-        let tick = self.next_tick();
-        if let Some((_, old)) = self.entries.remove(&key) {
-            self.order.remove(&old);
-        }
-        while self.entries.len() >= self.capacity {
-            let Some((_, oldest)) = self.order.pop_first() else {
-                break;
-            };
-            self.entries.remove(&oldest);
-        }
-        self.order.insert(tick, key.clone());
-        self.entries.insert(key, (value, tick));
-    }
-
-    /// Removes `key`, returning its value.
-    pub(crate) fn remove(&mut self, key: &K) -> Option<V> {
-        let (value, tick) = self.entries.remove(key)?;
-        self.order.remove(&tick);
-        Some(value)
-    }
-
-    #[cfg(test)]
-    pub(crate) fn len(&self) -> usize {
-        self.entries.len()
-    }
-}
-
-/// Where and how to reach a destination.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Endpoint {
-    /// Addresses to try in order.
-    pub addrs: Vec<SocketAddr>,
-    /// The name the certificate must be valid for; an IP address means no SNI.
-    pub tls_name: TlsName<'static>,
-    /// The `Host` header to send.
-    pub host_header: String,
-}
 
 /// A remembered `.well-known` outcome.
 #[derive(Debug, Clone)]
@@ -410,7 +329,7 @@ impl Discovery {
                 .well_known_client
                 .request(request)
                 .await
-                .map_err(|e| crate::federation::client::describe_hyper_error(&e))?;
+                .map_err(|e| crate::federation::client_error::describe_hyper_error(&e))?;
             let status = response.status();
             if status.is_redirection() {
                 let location = response
@@ -487,27 +406,6 @@ fn discovery_error(destination: &str, error: DnsError) -> ClientError {
 mod tests {
     use super::*;
 
-    #[test]
-    fn the_lru_map_never_exceeds_its_bound_and_evicts_the_least_recently_used() {
-        let mut map = LruMap::new(3);
-        map.insert("a", 1);
-        map.insert("b", 2);
-        map.insert("c", 3);
-        // Reading `a` makes `b` the least recently used.
-        assert_eq!(map.get(&"a"), Some(&1));
-        map.insert("d", 4);
-        assert_eq!(map.len(), 3);
-        assert_eq!(map.get(&"b"), None);
-        assert_eq!(map.get(&"a"), Some(&1));
-        // Replacing a key does not grow the map or evict another.
-        map.insert("d", 40);
-        assert_eq!(map.len(), 3);
-        assert_eq!(map.get(&"c"), Some(&3));
-        assert_eq!(map.remove(&"d"), Some(40));
-        assert_eq!(map.len(), 2);
-        assert_eq!(map.order.len(), 2);
-    }
-
     /// Fresh entries are evicted too: a flood of new names (every one with a
     /// 48 h `.well-known` answer) never grows the cache past its bound.
     #[test]
@@ -531,7 +429,7 @@ mod tests {
             assert!(cache.len() <= WELL_KNOWN_CACHE_ENTRIES);
         }
         assert_eq!(cache.len(), WELL_KNOWN_CACHE_ENTRIES);
-        assert_eq!(cache.order.len(), WELL_KNOWN_CACHE_ENTRIES);
+        assert_eq!(cache.order_len(), WELL_KNOWN_CACHE_ENTRIES);
         // The newest names are the ones kept.
         let last = format!("r{}.evil.example", WELL_KNOWN_CACHE_ENTRIES * 2 + 6);
         assert!(cache.get(&last).is_some());

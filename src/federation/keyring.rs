@@ -4,7 +4,7 @@
 //!
 //! It owns when keys are fetched and how long they are trusted: a key is used
 //! only until its effective expiry (`min(valid_until_ts, fetched + 7 days)`,
-//! computed by `keys::validate_server_key_response`); an unknown or expired
+//! computed by [`validate_server_key_response`]); an unknown or expired
 //! key id triggers at most one fetch per server per `REFETCH_INTERVAL`; a
 //! failed fetch is remembered for `FAILURE_TTL` so that a flood of bad
 //! requests does not become a flood of outbound fetches; concurrent lookups
@@ -37,6 +37,8 @@ use tokio::time::Instant;
 use crate::config::Config;
 use crate::federation::client::FederationClient;
 use crate::identifiers::ServerName;
+use crate::keys::{KeyError, MAX_KEY_VALIDITY_MS};
+use crate::signing::{decode_verify_key, encode_base64, verify_json};
 use crate::store::{Store, StoredServerKey};
 
 /// After a fetch, the same server is not fetched again for an unknown or
@@ -425,7 +427,7 @@ impl KeyRing {
                 Ok(Err(reason)) => return Err(reason),
                 Err(_) => return Err("timed out".to_owned()),
             };
-        crate::keys::validate_server_key_response(server.as_str(), &document, crate::now_ms())
+        validate_server_key_response(server.as_str(), &document, crate::now_ms())
             .map_err(|error| error.to_string())
     }
 
@@ -483,9 +485,8 @@ impl KeyRing {
             if document.get("server_name").and_then(Value::as_str) != Some(server.as_str()) {
                 continue;
             }
-            let found =
-                crate::keys::validate_server_key_response(server.as_str(), document, now_ms)
-                    .map_err(|error| error.to_string())?;
+            let found = validate_server_key_response(server.as_str(), document, now_ms)
+                .map_err(|error| error.to_string())?;
             self.check_notary_signature(notary, document).await?;
             keys.extend(found);
         }
@@ -632,5 +633,140 @@ fn evict(servers: &mut HashMap<String, ServerEntry>, now_ms: i64, max_servers: u
     servers.retain(|_, entry| !idle(entry) || entry.has_any_usable_key(now_ms));
     if servers.len() >= max_servers {
         servers.retain(|_, entry| !idle(entry));
+    }
+}
+
+/// Most `verify_keys` (and signatures by the server) a key document may
+/// carry. A server publishes one key, two during a rotation; a document
+/// with thousands would cost a point decompression and a cache row each.
+pub const MAX_VERIFY_KEYS: usize = 16;
+
+/// Validates a `GET /_matrix/key/v2/server` response fetched directly from
+/// `server_name` (SPEC §5.2) and returns its current keys with their
+/// effective expiry `min(valid_until_ts, now + 7 days)` (SPEC §5.3).
+///
+/// The response must name `server_name`, carry at least one signature by
+/// `server_name` with a key from its own `verify_keys`, and every such
+/// signature must verify. Keys of unknown algorithms are skipped; an
+/// `ed25519:` key that does not decode rejects the response. Keys from
+/// `old_verify_keys` are never returned. A response whose expiry has already
+/// passed still validates; callers compare `valid_until_ts` with now.
+pub fn validate_server_key_response(
+    server_name: &str,
+    response: &Value,
+    now_ms: i64,
+) -> Result<Vec<StoredServerKey>, KeyError> {
+    let reject = |reason: String| KeyError::BadKeyResponse {
+        server_name: server_name.to_owned(),
+        reason,
+    };
+    let object = response
+        .as_object()
+        .ok_or_else(|| reject("the response is not a JSON object".to_owned()))?;
+    match object.get("server_name").and_then(Value::as_str) {
+        Some(name) if name == server_name => {}
+        Some(name) => return Err(reject(format!("it names server {name:?}"))),
+        None => return Err(reject("server_name is missing".to_owned())),
+    }
+    let valid_until_ts = object
+        .get("valid_until_ts")
+        .and_then(Value::as_i64)
+        .ok_or_else(|| reject("valid_until_ts is missing or not an integer".to_owned()))?;
+    let verify_keys = object
+        .get("verify_keys")
+        .and_then(Value::as_object)
+        .ok_or_else(|| reject("verify_keys is missing or not an object".to_owned()))?;
+    if verify_keys.len() > MAX_VERIFY_KEYS {
+        return Err(reject(format!(
+            "it lists {} verify keys, more than the {MAX_VERIFY_KEYS} accepted",
+            verify_keys.len()
+        )));
+    }
+
+    let mut keys = Vec::new();
+    let mut decoded = Vec::new();
+    for (key_id, entry) in verify_keys {
+        if !key_id.starts_with("ed25519:") {
+            continue;
+        }
+        let text = entry
+            .get("key")
+            .and_then(Value::as_str)
+            .ok_or_else(|| reject(format!("verify key {key_id:?} has no key string")))?;
+        let verify_key = decode_verify_key(text)
+            .map_err(|_| reject(format!("verify key {key_id:?} is not an ed25519 key")))?;
+        decoded.push((key_id.as_str(), verify_key));
+        keys.push(StoredServerKey {
+            server_name: server_name.to_owned(),
+            key_id: key_id.clone(),
+            public_key: encode_base64(verify_key.as_bytes()),
+            valid_until_ts: valid_until_ts.min(now_ms.saturating_add(MAX_KEY_VALIDITY_MS)),
+        });
+    }
+
+    let signatures = object
+        .get("signatures")
+        .and_then(|signatures| signatures.get(server_name))
+        .and_then(Value::as_object)
+        .ok_or_else(|| reject("it is not signed by the server".to_owned()))?;
+    if signatures.len() > MAX_VERIFY_KEYS {
+        return Err(reject(format!(
+            "it carries {} signatures by the server, more than the {MAX_VERIFY_KEYS} accepted",
+            signatures.len()
+        )));
+    }
+    let mut verified = 0usize;
+    for key_id in signatures.keys() {
+        let Some((_, verify_key)) = decoded.iter().find(|(id, _)| *id == key_id.as_str()) else {
+            continue;
+        };
+        verify_json(response, server_name, key_id, verify_key)
+            .map_err(|error| reject(format!("signature with {key_id:?} fails: {error}")))?;
+        verified += 1;
+    }
+    if verified == 0 {
+        return Err(reject(
+            "no signature by a key from its own verify_keys".to_owned(),
+        ));
+    }
+    Ok(keys)
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::keys::{ServerSigningKey, server_key_document};
+    use crate::signing::sign_json;
+
+    #[test]
+    fn a_key_document_with_too_many_keys_is_refused_before_any_is_decoded() {
+        let key = ServerSigningKey::from_seed("a", [3; 32]);
+        let now = 1_700_000_000_000;
+        let with_keys = |extra: usize| {
+            let mut document = server_key_document("s.example", &key, &[], now + 3_600_000);
+            let keys = document["verify_keys"].as_object_mut().expect("object");
+            for i in 0..extra {
+                let other = ServerSigningKey::from_seed("x", [i as u8; 32]);
+                keys.insert(
+                    format!("ed25519:k{i}"),
+                    json!({"key": other.public_key_base64()}),
+                );
+            }
+            if let Some(signatures) = document.as_object_mut() {
+                signatures.remove("signatures");
+            }
+            sign_json(&mut document, "s.example", &key).expect("signable");
+            document
+        };
+        let at_limit = with_keys(MAX_VERIFY_KEYS - 1);
+        let keys = validate_server_key_response("s.example", &at_limit, now).expect("accepted");
+        assert_eq!(keys.len(), MAX_VERIFY_KEYS);
+        for extra in [MAX_VERIFY_KEYS, 10_000] {
+            let error = validate_server_key_response("s.example", &with_keys(extra), now)
+                .expect_err("refused");
+            assert!(error.to_string().contains("verify keys"), "{error}");
+        }
     }
 }

@@ -4,6 +4,7 @@
 
 pub mod backoff;
 pub mod client;
+pub mod client_error;
 pub mod connector;
 pub mod denylist;
 pub mod destination;
@@ -12,6 +13,7 @@ pub mod dns;
 pub mod inbound;
 pub mod key_server;
 pub mod keyring;
+pub mod lru;
 pub mod sender;
 pub mod transaction;
 pub mod well_known;

@@ -595,23 +595,50 @@ pub trait Store: Send + Sync + 'static {
     }
 }
 
-/// Opens the backend named in the configuration for this worker. With
-/// PostgreSQL it connects with TLS as `sslmode` asks (trusting the public
-/// roots and `[federation] extra_ca`), then claims `[worker] name`, failing
-/// with `StoreError::WorkerNameTaken` while another live worker holds it.
-pub async fn open(config: &crate::config::Config) -> Result<std::sync::Arc<dyn Store>, StoreError> {
-    match &config.store {
-        crate::config::StoreConfig::Sqlite(path) => {
+/// Which backend to open (`[store] sqlite` or `[store] postgres`). Built
+/// by `config` (which re-exports it); `store` does not import `config`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreConfig {
+    Sqlite(std::path::PathBuf),
+    Postgres(String),
+}
+
+/// How the pruner runs (`store::pruner`): every `interval` it deletes
+/// expired records in batches of at most `batch` rows per table until none
+/// are left, pausing between batches so other writes are never starved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PruneConfig {
+    /// The most rows of each kind one batch (one store write) deletes.
+    pub batch: u32,
+    /// Time between pruning passes.
+    pub interval: std::time::Duration,
+    /// A destination with nothing queued, in flight or quarantined and no
+    /// send, failure or retry-state change for this long is forgotten.
+    pub destination_retention: std::time::Duration,
+}
+
+/// Opens the backend `store` names for this worker. With PostgreSQL it
+/// connects with TLS as `sslmode` asks (trusting the public roots and
+/// `extra_ca`, which the server passes from `[federation] extra_ca`), then
+/// claims `worker_name` (`[worker] name`) for `lease`, failing with
+/// `StoreError::WorkerNameTaken` while another live worker holds it.
+pub async fn open(
+    store: &StoreConfig,
+    extra_ca: &[std::path::PathBuf],
+    worker_name: &str,
+    lease: std::time::Duration,
+) -> Result<std::sync::Arc<dyn Store>, StoreError> {
+    match store {
+        StoreConfig::Sqlite(path) => {
             Ok(std::sync::Arc::new(sqlite::SqliteStore::open(path).await?))
         }
-        crate::config::StoreConfig::Postgres(conninfo) => {
+        StoreConfig::Postgres(conninfo) => {
             let options = postgres::PostgresOptions {
-                extra_ca: config.federation.extra_ca.clone(),
+                extra_ca: extra_ca.to_vec(),
                 ..postgres::PostgresOptions::default()
             };
             let store = postgres::PostgresStore::open_with(conninfo, options).await?;
-            claim_worker_name_at_start(&store, &config.worker.name, config.worker.lease_duration)
-                .await?;
+            claim_worker_name_at_start(&store, worker_name, lease).await?;
             Ok(std::sync::Arc::new(store))
         }
     }

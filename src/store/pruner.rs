@@ -10,15 +10,14 @@
 //!
 //! Whether to run another batch is the pure `after_batch` decision. Not
 //! here: what is expired (the backends' `prune`), the retention periods
-//! (`store::Retention`, `config::PruneConfig`).
+//! (`store::Retention`, `store::PruneConfig`).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::config::PruneConfig;
-use crate::store::{PruneReport, Retention, Store, StoreError, TimestampMs};
+use crate::store::{PruneConfig, PruneReport, Retention, Store, StoreError, TimestampMs};
 
 /// The pause between two batches of one pass: long enough for the writes
 /// that queued during a batch to be committed before the next one.
