@@ -8,11 +8,11 @@
 //! resolves only after its commit is durable. Inbox writers lock the target
 //! device rows before taking stream ids, so one device's rows become visible
 //! in stream id order and a `since` can never skip a row committed late. The
-//! SQL is in `postgres/inbox.rs` (devices, sends, inbound transactions, inbox
-//! reads), `postgres/outbox.rs` (outbox, retry state, keys, pruning) and
-//! `postgres/lease.rs` (destination leases); cross-worker wake-ups over
-//! LISTEN/NOTIFY are in `postgres/wakeup.rs`; the schema is in
-//! `migrations/postgres/*.sql`, applied by `postgres/schema.rs`.
+//! SQL is in `postgres/inbox.rs` (devices, inbound transactions, inbox
+//! reads), `postgres/send.rs` (client sends), `postgres/outbox.rs` (outbox,
+//! retry state, keys, pruning) and `postgres/lease.rs` (destination leases);
+//! cross-worker wake-ups over LISTEN/NOTIFY are in `postgres/wakeup.rs`; the
+//! schema is in `migrations/postgres/*.sql`, applied by `postgres/schema.rs`.
 //!
 //! Worker names (one live process per `[worker] name`) are in
 //! `postgres/workers.rs`; TLS to the database (`sslmode`, verified against
@@ -42,6 +42,7 @@ mod inbox;
 mod lease;
 mod outbox;
 mod schema;
+mod send;
 pub mod tls;
 mod wakeup;
 mod workers;
@@ -298,7 +299,7 @@ impl Store for PostgresStore {
     fn enqueue_send(&self, batch: SendBatch) -> StoreFuture<'_, SendOutcome> {
         Box::pin(async move {
             let batch = &batch;
-            let outcome = on_client!(self, |c| inbox::enqueue_send(&mut c, batch).await).await?;
+            let outcome = on_client!(self, |c| send::enqueue_send(&mut c, batch).await).await?;
             if let SendOutcome::Accepted {
                 woken_devices,
                 destinations,
