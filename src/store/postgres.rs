@@ -265,6 +265,37 @@ macro_rules! on_client {
     };
 }
 
+impl PostgresStore {
+    /// Test support, not part of `Store`: whether `worker` holds an
+    /// unexpired lease on `destination`, read without taking or extending
+    /// it. The sender asks `Store::acquire_lease` instead; only
+    /// `tests/store_postgres.rs` calls this, to check lease ownership.
+    pub async fn holds_lease(
+        &self,
+        worker: &str,
+        destination: &str,
+        now_ms: TimestampMs,
+    ) -> Result<bool, StoreError> {
+        on_client!(self, |c| lease::holds_lease(
+            &c,
+            worker,
+            destination,
+            now_ms
+        )
+        .await)
+        .await
+    }
+
+    /// Test support, not part of `Store`: publishes a `Wakeup::PeerUp` for
+    /// `origin` to the other store instances, as `apply_inbound_txn` does
+    /// for a backing-off origin, without writing anything. Only
+    /// `tests/store_postgres.rs` calls this, as a probe that a LISTEN
+    /// subscription is live.
+    pub fn publish_peer_up(&self, origin: &str) {
+        self.publish(vec![Wakeup::PeerUp(origin.to_owned())]);
+    }
+}
+
 impl Store for PostgresStore {
     fn upsert_device<'a>(
         &'a self,
@@ -598,33 +629,11 @@ impl Store for PostgresStore {
         Box::pin(on_client!(self, |c| workers::release(&c, worker, instance).await))
     }
 
-    fn holds_lease<'a>(
-        &'a self,
-        worker: &'a str,
-        destination: &'a str,
-        now_ms: TimestampMs,
-    ) -> StoreFuture<'a, bool> {
-        Box::pin(on_client!(self, |c| lease::holds_lease(
-            &c,
-            worker,
-            destination,
-            now_ms
-        )
-        .await))
-    }
-
     fn subscribe_wakeups(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<Wakeup>> {
         Some(wakeup::subscribe(
             self.inner.pg_config.clone(),
             self.inner.tls.clone(),
             self.inner.instance.clone(),
         ))
-    }
-
-    fn publish_peer_up<'a>(&'a self, origin: &'a str) -> StoreFuture<'a, ()> {
-        Box::pin(async move {
-            self.publish(vec![Wakeup::PeerUp(origin.to_owned())]);
-            Ok(())
-        })
     }
 }
