@@ -7,7 +7,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
-use crate::todevice::SendError;
+use crate::todevice::SendRejected;
 
 /// A Matrix error response: status, errcode and a human-readable message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -158,19 +158,19 @@ pub async fn method_not_allowed_route() -> MatrixError {
 
 /// A refused to-device send, as the client API and the RPC answer it: the
 /// caller's faults are 4xx, a store failure is a logged 500.
-impl From<SendError> for MatrixError {
-    fn from(error: SendError) -> Self {
+impl From<SendRejected> for MatrixError {
+    fn from(error: SendRejected) -> Self {
         match error {
-            SendError::BadEventType | SendError::BadTxnId | SendError::ForeignSender(_) => {
-                MatrixError::invalid_param(error.to_string())
-            }
-            SendError::BadShape(_) | SendError::NotCanonical { .. } => {
+            SendRejected::BadEventType
+            | SendRejected::BadTxnId
+            | SendRejected::ForeignSender(_) => MatrixError::invalid_param(error.to_string()),
+            SendRejected::BadShape(_) | SendRejected::NotCanonical { .. } => {
                 MatrixError::bad_json(error.to_string())
             }
-            SendError::TooLarge { .. }
-            | SendError::TooManyRecipients { .. }
-            | SendError::TooManyDestinations { .. } => MatrixError::too_large(error.to_string()),
-            SendError::Store(cause) => MatrixError::internal("to-device send", &cause),
+            SendRejected::TooLarge { .. }
+            | SendRejected::TooManyRecipients { .. }
+            | SendRejected::TooManyDestinations { .. } => MatrixError::too_large(error.to_string()),
+            SendRejected::Store(cause) => MatrixError::internal("to-device send", &cause),
         }
     }
 }

@@ -23,7 +23,7 @@ use tracing::Instrument;
 use crate::config::Config;
 use crate::federation::backoff;
 use crate::federation::client::FederationClient;
-use crate::federation::transaction::{MAX_EDU_BYTES, MAX_EDUS, SendError, TxnIds, build_body};
+use crate::federation::transaction::{MAX_EDU_BYTES, MAX_EDUS, TxnFailure, TxnIds, build_body};
 use crate::identifiers::ServerName;
 use crate::store::{InFlightTxn, RetryState, Store, StoreError};
 
@@ -42,7 +42,7 @@ pub enum Signal {
 }
 
 /// What every destination task shares.
-pub struct Shared {
+pub struct SenderShared {
     pub config: Arc<Config>,
     pub store: Arc<dyn Store>,
     pub client: Arc<FederationClient>,
@@ -75,7 +75,7 @@ enum Step {
 
 /// Narrowing a refused batch down to the EDU the peer will not take.
 #[derive(Debug, Default)]
-struct Split {
+struct Narrowing {
     /// The batch size in force while narrowing (None: the full limit).
     limit: Option<u32>,
     /// Last seq of the refused batch: once delivered past it, narrowing ends.
@@ -87,11 +87,11 @@ struct Split {
 pub struct DestinationTask {
     destination: String,
     server_name: Option<ServerName>,
-    shared: Arc<Shared>,
+    shared: Arc<SenderShared>,
     signals: mpsc::UnboundedReceiver<Signal>,
     retire: mpsc::UnboundedSender<(String, u64)>,
     id: u64,
-    split: Split,
+    narrowing: Narrowing,
     /// The last attempt succeeded and the outbox was empty: a `PeerIsUp`
     /// while idle has nothing to reset or send, and costs no store access.
     clean: bool,
@@ -106,7 +106,7 @@ pub struct DestinationTask {
 impl DestinationTask {
     pub fn new(
         destination: String,
-        shared: Arc<Shared>,
+        shared: Arc<SenderShared>,
         signals: mpsc::UnboundedReceiver<Signal>,
         retire: mpsc::UnboundedSender<(String, u64)>,
         id: u64,
@@ -118,7 +118,7 @@ impl DestinationTask {
             signals,
             retire,
             id,
-            split: Split::default(),
+            narrowing: Narrowing::default(),
             clean: false,
             settled: false,
         }
@@ -286,12 +286,12 @@ impl DestinationTask {
         let txn = match recorded {
             Some(txn) => txn,
             None => {
-                let limit = self.split.limit.unwrap_or(MAX_EDUS);
+                let limit = self.narrowing.limit.unwrap_or(MAX_EDUS);
                 let edus = store
                     .peek_outbox(&self.destination, limit, MAX_EDU_BYTES)
                     .await?;
                 if edus.is_empty() {
-                    self.split = Split::default();
+                    self.narrowing = Narrowing::default();
                     return Ok(Step::Drained);
                 }
                 let body = build_body(shared.config.server_name.as_str(), crate::now_ms(), &edus);
@@ -377,24 +377,24 @@ impl DestinationTask {
                 metrics::counter!("courier_federation_edus_sent_total")
                     .increment(txn.seqs.len() as u64);
                 for seq in &txn.seqs {
-                    self.split.solo_refusals.remove(seq);
+                    self.narrowing.solo_refusals.remove(seq);
                 }
                 if let Some(&last) = txn.seqs.last()
-                    && self.split.limit.is_some()
-                    && last >= self.split.refused_upto
+                    && self.narrowing.limit.is_some()
+                    && last >= self.narrowing.refused_upto
                 {
-                    self.split.limit = None;
+                    self.narrowing.limit = None;
                 }
                 return Ok(Step::Continue);
             }
-            Err(error) => SendError::from_client(&error),
+            Err(error) => TxnFailure::from_client(&error),
         };
         metrics::counter!("courier_federation_transactions_total", "outcome" => error.outcome())
             .increment(1);
         match error {
-            SendError::Retry { reason } => self.back_off(reason, None).await,
-            SendError::RetryAfter { after, reason } => self.back_off(reason, Some(after)).await,
-            SendError::Refused { status, reason } => self.refused(&txn, status, reason).await,
+            TxnFailure::Retry { reason } => self.back_off(reason, None).await,
+            TxnFailure::RetryAfter { after, reason } => self.back_off(reason, Some(after)).await,
+            TxnFailure::Refused { status, reason } => self.refused(&txn, status, reason).await,
         }
     }
 
@@ -455,14 +455,14 @@ impl DestinationTask {
                 let count = u32::try_from(txn.seqs.len()).unwrap_or(u32::MAX);
                 let half = (count / 2).max(1);
                 tracing::warn!(status, %reason, edus = count, next = half, "batch refused; splitting");
-                self.split.limit = Some(half);
-                self.split.refused_upto = self.split.refused_upto.max(*last);
+                self.narrowing.limit = Some(half);
+                self.narrowing.refused_upto = self.narrowing.refused_upto.max(*last);
                 return Ok(Step::Continue);
             }
         };
-        self.split.limit = Some(1);
-        self.split.refused_upto = self.split.refused_upto.max(seq);
-        let refusals = self.split.solo_refusals.entry(seq).or_insert(0);
+        self.narrowing.limit = Some(1);
+        self.narrowing.refused_upto = self.narrowing.refused_upto.max(seq);
+        let refusals = self.narrowing.solo_refusals.entry(seq).or_insert(0);
         *refusals = refusals.saturating_add(1);
         let refusals = *refusals;
         if refusals >= self.shared.config.federation.quarantine_after {
@@ -470,8 +470,8 @@ impl DestinationTask {
             store
                 .quarantine_edu(&self.destination, seq, &why, crate::now_ms())
                 .await?;
-            self.split.solo_refusals.remove(&seq);
-            self.split.limit = None;
+            self.narrowing.solo_refusals.remove(&seq);
+            self.narrowing.limit = None;
             metrics::counter!("courier_federation_quarantined_edus_total").increment(1);
             tracing::warn!(seq, refusals, %reason, "EDU quarantined");
             return Ok(Step::Continue);

@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::federation::client::FederationClient;
-use crate::federation::destination::{DestinationTask, Shared, Signal};
+use crate::federation::destination::{DestinationTask, SenderShared, Signal};
 use crate::federation::transaction::TxnIds;
 use crate::store::Store;
 
@@ -87,7 +87,7 @@ struct Running {
 
 /// Owns every destination task.
 pub struct Sender {
-    shared: Arc<Shared>,
+    shared: Arc<SenderShared>,
     commands: mpsc::UnboundedReceiver<SenderCommand>,
 }
 
@@ -98,7 +98,7 @@ impl Sender {
         client: Arc<FederationClient>,
         commands: mpsc::UnboundedReceiver<SenderCommand>,
     ) -> Self {
-        let shared = Arc::new(Shared {
+        let shared = Arc::new(SenderShared {
             config,
             store,
             client,
@@ -236,7 +236,7 @@ async fn futures_join_all(joins: impl Iterator<Item = JoinHandle<()>>) {
 
 /// Wakes every destination with pending rows, `startup_stagger` apart.
 async fn wake_pending(
-    shared: Arc<Shared>,
+    shared: Arc<SenderShared>,
     wake: mpsc::UnboundedSender<String>,
     shutdown: CancellationToken,
 ) {
@@ -276,7 +276,10 @@ async fn wake_pending(
 /// alone, so its series expires (`metrics::GAUGE_IDLE_TIMEOUT`) instead of
 /// staying in `/metrics` forever. `reported` holds the destinations set
 /// last time; the lock also keeps two refreshes from interleaving.
-async fn refresh_gauges(shared: Arc<Shared>, reported: Arc<tokio::sync::Mutex<HashSet<String>>>) {
+async fn refresh_gauges(
+    shared: Arc<SenderShared>,
+    reported: Arc<tokio::sync::Mutex<HashSet<String>>>,
+) {
     let mut reported = reported.lock().await;
     match shared.store.destination_statuses().await {
         Ok(statuses) => {

@@ -1,7 +1,7 @@
 //! Federation transactions as the sender builds and judges them: the
 //! transaction id scheme, the request body assembled from stored EDU JSON
 //! (verbatim, by concatenation, never re-serialized), the limits, and the
-//! `SendError` enum whose variants are the sender's decisions.
+//! `TxnFailure` enum whose variants are the sender's decisions.
 //!
 //! Nothing here does I/O; the destination task does.
 
@@ -86,7 +86,7 @@ pub fn is_canonical_layout(body: &[u8]) -> bool {
 
 /// What a failed send means for the destination task.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
-pub enum SendError {
+pub enum TxnFailure {
     /// The peer or the path to it failed: back off by the schedule, then
     /// resend the same transaction.
     #[error("retryable: {reason}")]
@@ -101,15 +101,15 @@ pub enum SendError {
     Refused { status: u16, reason: String },
 }
 
-impl SendError {
+impl TxnFailure {
     /// The decision for a client error.
-    pub fn from_client(error: &ClientError) -> SendError {
+    pub fn from_client(error: &ClientError) -> TxnFailure {
         match error {
             ClientError::Status {
                 status: status @ (400 | 413),
                 body,
                 ..
-            } => SendError::Refused {
+            } => TxnFailure::Refused {
                 status: *status,
                 reason: short(body),
             },
@@ -119,18 +119,18 @@ impl SendError {
                 body,
                 ..
             } => match retry_after_ms {
-                Some(ms) => SendError::RetryAfter {
+                Some(ms) => TxnFailure::RetryAfter {
                     after: Duration::from_millis(*ms),
                     reason: format!("429 {}", short(body)),
                 },
-                None => SendError::Retry {
+                None => TxnFailure::Retry {
                     reason: format!("429 {}", short(body)),
                 },
             },
-            ClientError::Status { status, body, .. } => SendError::Retry {
+            ClientError::Status { status, body, .. } => TxnFailure::Retry {
                 reason: format!("{status} {}", short(body)),
             },
-            other => SendError::Retry {
+            other => TxnFailure::Retry {
                 reason: other.to_string(),
             },
         }
@@ -139,9 +139,9 @@ impl SendError {
     /// A label for metrics.
     pub fn outcome(&self) -> &'static str {
         match self {
-            SendError::Retry { .. } => "retry",
-            SendError::RetryAfter { .. } => "rate_limited",
-            SendError::Refused { .. } => "refused",
+            TxnFailure::Retry { .. } => "retry",
+            TxnFailure::RetryAfter { .. } => "rate_limited",
+            TxnFailure::Refused { .. } => "refused",
         }
     }
 }
@@ -279,39 +279,39 @@ mod tests {
             retry_after_ms,
         };
         assert!(matches!(
-            SendError::from_client(&status(400, None)),
-            SendError::Refused { status: 400, .. }
+            TxnFailure::from_client(&status(400, None)),
+            TxnFailure::Refused { status: 400, .. }
         ));
         assert!(matches!(
-            SendError::from_client(&status(413, None)),
-            SendError::Refused { status: 413, .. }
+            TxnFailure::from_client(&status(413, None)),
+            TxnFailure::Refused { status: 413, .. }
         ));
         assert_eq!(
-            SendError::from_client(&status(429, Some(1500))),
-            SendError::RetryAfter {
+            TxnFailure::from_client(&status(429, Some(1500))),
+            TxnFailure::RetryAfter {
                 after: Duration::from_millis(1500),
                 reason: "429 {}".into()
             }
         );
         assert!(matches!(
-            SendError::from_client(&status(500, None)),
-            SendError::Retry { .. }
+            TxnFailure::from_client(&status(500, None)),
+            TxnFailure::Retry { .. }
         ));
         assert!(matches!(
-            SendError::from_client(&status(401, None)),
-            SendError::Retry { .. }
+            TxnFailure::from_client(&status(401, None)),
+            TxnFailure::Retry { .. }
         ));
         assert!(matches!(
-            SendError::from_client(&ClientError::Timeout {
+            TxnFailure::from_client(&ClientError::Timeout {
                 destination: "d".into()
             }),
-            SendError::Retry { .. }
+            TxnFailure::Retry { .. }
         ));
         assert!(matches!(
-            SendError::from_client(&ClientError::Denied {
+            TxnFailure::from_client(&ClientError::Denied {
                 destination: "d".into()
             }),
-            SendError::Retry { .. }
+            TxnFailure::Retry { .. }
         ));
     }
 }

@@ -82,7 +82,7 @@ pub struct Listener {
 }
 
 /// What every connection task of one listener shares.
-struct Shared {
+struct ListenerShared {
     name: &'static str,
     app: Router,
     tls: Option<TlsAcceptor>,
@@ -113,7 +113,7 @@ pub async fn serve(listener: Listener, app: Router, shutdown: CancellationToken)
     let body_budget = limits
         .max_body_bytes_in_flight
         .clamp(1, Semaphore::MAX_PERMITS);
-    let shared = Arc::new(Shared {
+    let shared = Arc::new(ListenerShared {
         name,
         app,
         tls,
@@ -215,7 +215,7 @@ fn connection_builder(limits: &ListenerLimits) -> auto::Builder<TokioExecutor> {
 /// One connection from accept to close: TLS (if any), then hyper, watched
 /// for the first-request and idle deadlines and for shutdown.
 async fn serve_connection(
-    shared: Arc<Shared>,
+    shared: Arc<ListenerShared>,
     stream: TcpStream,
     peer: SocketAddr,
     admission: Admission,
@@ -362,7 +362,7 @@ impl Drop for InFlight {
 /// deadline, then the router.
 #[derive(Clone)]
 struct EdgeService {
-    shared: Arc<Shared>,
+    shared: Arc<ListenerShared>,
     peer: IpAddr,
     activity: Arc<watch::Sender<Activity>>,
 }
@@ -386,7 +386,7 @@ impl hyper::service::Service<Request<Incoming>> for EdgeService {
     }
 }
 
-async fn handle(shared: &Shared, peer: IpAddr, request: Request<Incoming>) -> Response {
+async fn handle(shared: &ListenerShared, peer: IpAddr, request: Request<Incoming>) -> Response {
     let version = request.version();
     let body_deadline = Instant::now() + shared.limits.body_read_timeout;
     // HTTP/1.x: a body left unread when the answer goes out is read and

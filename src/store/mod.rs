@@ -477,6 +477,8 @@ pub trait Store: Send + Sync + 'static {
     /// Finishes queued writes and stops the backend's background work (for a
     /// clean shutdown). Later writes may fail with `StoreError::Closed`.
     /// Backends without background work keep the default, which does nothing.
+    /// Nothing in `src/` calls it yet (the server's shutdown drops the
+    /// store); the store tests, the crash tests and the store bench do.
     fn close(&self) -> StoreFuture<'_, ()> {
         Box::pin(async { Ok(()) })
     }
@@ -569,29 +571,11 @@ pub trait Store: Send + Sync + 'static {
         Box::pin(async { Ok(()) })
     }
 
-    /// Whether `worker` holds an unexpired lease on `destination`.
-    fn holds_lease<'a>(
-        &'a self,
-        worker: &'a str,
-        destination: &'a str,
-        now_ms: TimestampMs,
-    ) -> StoreFuture<'a, bool> {
-        let _ = (worker, destination, now_ms);
-        Box::pin(async { Ok(true) })
-    }
-
     /// Wake-ups published by other processes sharing this store, or `None`
     /// when no other process can share it. Each call starts a new
     /// subscription.
     fn subscribe_wakeups(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<Wakeup>> {
         None
-    }
-
-    /// Tells the other workers that `origin` made an authenticated request.
-    /// Best effort: a lost wake-up only delays a retry until its backoff ends.
-    fn publish_peer_up<'a>(&'a self, origin: &'a str) -> StoreFuture<'a, ()> {
-        let _ = origin;
-        Box::pin(async { Ok(()) })
     }
 }
 

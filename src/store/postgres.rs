@@ -8,11 +8,11 @@
 //! resolves only after its commit is durable. Inbox writers lock the target
 //! device rows before taking stream ids, so one device's rows become visible
 //! in stream id order and a `since` can never skip a row committed late. The
-//! SQL is in `postgres/inbox.rs` (devices, sends, inbound transactions, inbox
-//! reads), `postgres/outbox.rs` (outbox, retry state, keys, pruning) and
-//! `postgres/lease.rs` (destination leases); cross-worker wake-ups over
-//! LISTEN/NOTIFY are in `postgres/wakeup.rs`; the schema is in
-//! `migrations/postgres/*.sql`, applied by `postgres/schema.rs`.
+//! SQL is in `postgres/inbox.rs` (devices, inbound transactions, inbox
+//! reads), `postgres/send.rs` (client sends), `postgres/outbox.rs` (outbox,
+//! retry state, keys, pruning) and `postgres/lease.rs` (destination leases);
+//! cross-worker wake-ups over LISTEN/NOTIFY are in `postgres/wakeup.rs`; the
+//! schema is in `migrations/postgres/*.sql`, applied by `postgres/schema.rs`.
 //!
 //! Worker names (one live process per `[worker] name`) are in
 //! `postgres/workers.rs`; TLS to the database (`sslmode`, verified against
@@ -42,6 +42,7 @@ mod inbox;
 mod lease;
 mod outbox;
 mod schema;
+mod send;
 pub mod tls;
 mod wakeup;
 mod workers;
@@ -264,6 +265,37 @@ macro_rules! on_client {
     };
 }
 
+impl PostgresStore {
+    /// Test support, not part of `Store`: whether `worker` holds an
+    /// unexpired lease on `destination`, read without taking or extending
+    /// it. The sender asks `Store::acquire_lease` instead; only
+    /// `tests/store_postgres.rs` calls this, to check lease ownership.
+    pub async fn holds_lease(
+        &self,
+        worker: &str,
+        destination: &str,
+        now_ms: TimestampMs,
+    ) -> Result<bool, StoreError> {
+        on_client!(self, |c| lease::holds_lease(
+            &c,
+            worker,
+            destination,
+            now_ms
+        )
+        .await)
+        .await
+    }
+
+    /// Test support, not part of `Store`: publishes a `Wakeup::PeerUp` for
+    /// `origin` to the other store instances, as `apply_inbound_txn` does
+    /// for a backing-off origin, without writing anything. Only
+    /// `tests/store_postgres.rs` calls this, as a probe that a LISTEN
+    /// subscription is live.
+    pub fn publish_peer_up(&self, origin: &str) {
+        self.publish(vec![Wakeup::PeerUp(origin.to_owned())]);
+    }
+}
+
 impl Store for PostgresStore {
     fn upsert_device<'a>(
         &'a self,
@@ -298,7 +330,7 @@ impl Store for PostgresStore {
     fn enqueue_send(&self, batch: SendBatch) -> StoreFuture<'_, SendOutcome> {
         Box::pin(async move {
             let batch = &batch;
-            let outcome = on_client!(self, |c| inbox::enqueue_send(&mut c, batch).await).await?;
+            let outcome = on_client!(self, |c| send::enqueue_send(&mut c, batch).await).await?;
             if let SendOutcome::Accepted {
                 woken_devices,
                 destinations,
@@ -597,33 +629,11 @@ impl Store for PostgresStore {
         Box::pin(on_client!(self, |c| workers::release(&c, worker, instance).await))
     }
 
-    fn holds_lease<'a>(
-        &'a self,
-        worker: &'a str,
-        destination: &'a str,
-        now_ms: TimestampMs,
-    ) -> StoreFuture<'a, bool> {
-        Box::pin(on_client!(self, |c| lease::holds_lease(
-            &c,
-            worker,
-            destination,
-            now_ms
-        )
-        .await))
-    }
-
     fn subscribe_wakeups(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<Wakeup>> {
         Some(wakeup::subscribe(
             self.inner.pg_config.clone(),
             self.inner.tls.clone(),
             self.inner.instance.clone(),
         ))
-    }
-
-    fn publish_peer_up<'a>(&'a self, origin: &'a str) -> StoreFuture<'a, ()> {
-        Box::pin(async move {
-            self.publish(vec![Wakeup::PeerUp(origin.to_owned())]);
-            Ok(())
-        })
     }
 }

@@ -7,8 +7,9 @@
 //! `spawn_blocking`. No rusqlite call ever runs on a tokio worker thread.
 //! The database is in WAL mode with `synchronous=FULL`, so a write future
 //! resolves only after its commit is durable. The SQL of each operation is in
-//! `sqlite/devices.rs`, `sqlite/inbox.rs`, `sqlite/outbox.rs` and
-//! `sqlite/maintenance.rs`; the schema is in `migrations/sqlite/*.sql`.
+//! `sqlite/devices.rs`, `sqlite/send.rs`, `sqlite/inbox.rs`,
+//! `sqlite/outbox.rs` and `sqlite/maintenance.rs`; the schema is in
+//! `migrations/sqlite/*.sql`.
 //!
 //! Not here: deciding what to write (`todevice`), waking long-polls or
 //! destination tasks (callers do that with the returned outcomes), and any
@@ -34,6 +35,7 @@ mod inbox;
 mod maintenance;
 mod outbox;
 mod schema;
+mod send;
 mod writer;
 
 use writer::{ClosureJob, Message, Writer, WriterStats};
@@ -286,7 +288,7 @@ impl Store for SqliteStore {
     }
 
     fn enqueue_send(&self, batch: SendBatch) -> StoreFuture<'_, SendOutcome> {
-        Box::pin(self.write(move |c| inbox::enqueue_send(c, &batch)))
+        Box::pin(self.write(move |c| send::enqueue_send(c, &batch)))
     }
 
     fn apply_inbound_txn(&self, txn: InboundTxn) -> StoreFuture<'_, InboundOutcome> {

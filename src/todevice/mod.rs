@@ -3,8 +3,8 @@
 //! and wakes long-polls and destinations. It also owns the inbox long-poll
 //! (`wait_for_inbox`) and the opaque `since` token format that `/sync` and
 //! the RPC inbox share. It knows nothing of HTTP: the client API and the RPC
-//! parse their requests into a `SendRequest`, and `error` maps `SendError`
-//! to a Matrix error (`From<SendError> for MatrixError`).
+//! parse their requests into a `SendRequest`, and `error` maps `SendRejected`
+//! to a Matrix error (`From<SendRejected> for MatrixError`).
 //!
 //! Remote messages are packed here, at acceptance time, into
 //! `m.direct_to_device` EDUs of at most `MAX_EDU_BYTES` of canonical JSON,
@@ -82,7 +82,7 @@ pub enum SendResult {
 /// Why a send was refused. Each variant is the caller's fault except
 /// `Store`.
 #[derive(Debug, thiserror::Error)]
-pub enum SendError {
+pub enum SendRejected {
     #[error("event type must be 1 to 255 bytes")]
     BadEventType,
     #[error("transaction id must be 1 to 255 bytes")]
@@ -159,7 +159,7 @@ impl ToDevice {
 
     /// Validates, packs and durably queues one send, then wakes the affected
     /// long-polls and destinations. Returns only after the store committed.
-    pub async fn send(&self, request: SendRequest) -> Result<SendResult, SendError> {
+    pub async fn send(&self, request: SendRequest) -> Result<SendResult, SendRejected> {
         let SendRequest {
             sender,
             sender_device,
@@ -168,13 +168,13 @@ impl ToDevice {
             messages,
         } = request;
         if event_type.is_empty() || event_type.len() > MAX_IDENTIFIER_BYTES {
-            return Err(SendError::BadEventType);
+            return Err(SendRejected::BadEventType);
         }
         if txn_id.is_empty() || txn_id.len() > MAX_IDENTIFIER_BYTES {
-            return Err(SendError::BadTxnId);
+            return Err(SendRejected::BadTxnId);
         }
         if sender.server_name() != self.server_name.as_str() {
-            return Err(SendError::ForeignSender(sender.to_string()));
+            return Err(SendRejected::ForeignSender(sender.to_string()));
         }
 
         let split = split_recipients(
@@ -310,7 +310,7 @@ pub fn new_message_id() -> String {
 
 /// The recipients of one send, split by where they live.
 #[derive(Debug, Default)]
-struct Split {
+struct Recipients {
     local: Vec<NewInboxMessage>,
     /// destination → its users, in user ID order.
     remote: BTreeMap<String, Vec<RemoteUser>>,
@@ -324,7 +324,7 @@ fn split_recipients(
     event_type: &str,
     messages: serde_json::Map<String, Value>,
     limits: SendLimits,
-) -> Result<Split, SendError> {
+) -> Result<Recipients, SendRejected> {
     // The limits are checked before anything is encoded: an oversized send
     // costs a count, not a canonical encoding of every message.
     let recipients: usize = messages
@@ -332,7 +332,7 @@ fn split_recipients(
         .map(|devices| devices.as_object().map_or(0, serde_json::Map::len))
         .sum();
     if recipients > limits.max_recipients {
-        return Err(SendError::TooManyRecipients {
+        return Err(SendRejected::TooManyRecipients {
             count: recipients,
             limit: limits.max_recipients,
         });
@@ -344,7 +344,7 @@ fn split_recipients(
         {
             destinations.insert(user.server_name().to_owned());
             if destinations.len() > limits.max_destinations {
-                return Err(SendError::TooManyDestinations {
+                return Err(SendRejected::TooManyDestinations {
                     count: destinations.len(),
                     limit: limits.max_destinations,
                 });
@@ -352,17 +352,17 @@ fn split_recipients(
         }
     }
     drop(destinations);
-    let mut split = Split::default();
+    let mut split = Recipients::default();
     let mut unparsable = 0usize;
     for (user_id, devices) in messages {
         let Value::Object(devices) = devices else {
-            return Err(SendError::BadShape(format!(
+            return Err(SendRejected::BadShape(format!(
                 "messages[{user_id:?}] must be an object of device IDs"
             )));
         };
         for (device_id, content) in &devices {
             if !content.is_object() {
-                return Err(SendError::BadShape(format!(
+                return Err(SendRejected::BadShape(format!(
                     "messages[{user_id:?}][{device_id:?}] must be an object"
                 )));
             }
@@ -389,14 +389,14 @@ fn split_recipients(
             // this is exactly the spec form.
             let encoded =
                 to_canonical_bytes_with(&content, NumberStyle::Python).map_err(|source| {
-                    SendError::NotCanonical {
+                    SendRejected::NotCanonical {
                         user_id: user_id.clone(),
                         device_id: device_id.clone(),
                         source,
                     }
                 })?;
             if encoded.len() > MAX_CONTENT_BYTES {
-                return Err(SendError::TooLarge {
+                return Err(SendRejected::TooLarge {
                     user_id,
                     device_id,
                     bytes: encoded.len(),

@@ -5,7 +5,7 @@
 
 use crate::store::NewOutboxEdu;
 
-use super::{MAX_EDU_BYTES, MESSAGE_ID_LEN, SendError, new_message_id};
+use super::{MAX_EDU_BYTES, MESSAGE_ID_LEN, SendRejected, new_message_id};
 
 /// One remote recipient user with its device messages, pre-encoded.
 #[derive(Debug)]
@@ -54,7 +54,7 @@ pub(super) fn pack_edus(
     sender_json: &str,
     type_json: &str,
     users: &[RemoteUser],
-) -> Result<Vec<NewOutboxEdu>, SendError> {
+) -> Result<Vec<NewOutboxEdu>, SendRejected> {
     let mut packer = Packer::new(destination, sender_json, type_json);
     for user in users {
         packer.add_user(user)?;
@@ -132,7 +132,7 @@ impl<'a> Packer<'a> {
         self.start();
     }
 
-    fn add_user(&mut self, user: &RemoteUser) -> Result<(), SendError> {
+    fn add_user(&mut self, user: &RemoteUser) -> Result<(), SendRejected> {
         let whole = user.entry_len();
         let comma = usize::from(self.users_in_buf > 0);
         if comma + whole <= self.room() {
@@ -176,7 +176,7 @@ impl<'a> Packer<'a> {
                     self.flush();
                 } else {
                     // Alone in an empty EDU and still too big.
-                    return Err(SendError::TooLarge {
+                    return Err(SendRejected::TooLarge {
                         user_id: user.user_id.clone(),
                         device_id: device.device_id.clone(),
                         bytes: need + MAX_EDU_BYTES - self.room(),
@@ -379,6 +379,6 @@ mod tests {
             &json_string("m.test"),
             &users,
         );
-        assert!(matches!(result, Err(SendError::TooLarge { .. })));
+        assert!(matches!(result, Err(SendRejected::TooLarge { .. })));
     }
 }

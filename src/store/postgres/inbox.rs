@@ -1,7 +1,8 @@
 //! SQL of the device and inbox side of the PostgreSQL backend: devices and
-//! tokens, client sends and inbound federation transactions (with their
-//! dedupe records), `*` expansion, and reading and acknowledging a device
-//! inbox. Each write function runs one transaction on the connection given.
+//! tokens, inbound federation transactions (with their dedupe records), `*`
+//! expansion and the locked inbox insert (`write_inbox`, which client sends
+//! in `send.rs` share), and reading and acknowledging a device inbox. Each
+//! write function runs one transaction on the connection given.
 //!
 //! Ordering: a writer locks every device row of the users it writes to
 //! (`FOR NO KEY UPDATE`, in key order, so writers never deadlock on each
@@ -16,7 +17,7 @@ use deadpool_postgres::{Object, Transaction};
 use super::Fail;
 use crate::store::{
     DeviceKey, DeviceTarget, InboundOutcome, InboundTxn, InboxMessage, InboxPage, NewInboxMessage,
-    SendBatch, SendOutcome, hash_token,
+    hash_token,
 };
 
 pub async fn upsert_device(
@@ -95,7 +96,7 @@ pub async fn lookup_token(c: &Object, token: &str) -> Result<Option<DeviceKey>, 
 /// targets (dropping unknown devices) and inserts the rows in the order
 /// given with one multi-row INSERT. Returns the devices that got a row, in
 /// first-seen order.
-async fn write_inbox(
+pub(super) async fn write_inbox(
     tx: &Transaction<'_>,
     messages: &[&NewInboxMessage],
 ) -> Result<Vec<DeviceKey>, Fail> {
@@ -159,64 +160,6 @@ async fn write_inbox(
             .await?;
     }
     Ok(woken)
-}
-
-pub async fn enqueue_send(c: &mut Object, batch: &SendBatch) -> Result<SendOutcome, Fail> {
-    let tx = c.transaction().await?;
-    let t = &batch.txn;
-    let record = tx
-        .prepare_cached(
-            "INSERT INTO client_txns (user_id, device_id, event_type, txn_id, received_ts)
-             VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
-        )
-        .await?;
-    let recorded = tx
-        .execute(
-            &record,
-            &[
-                &t.user_id,
-                &t.device_id,
-                &t.event_type,
-                &t.txn_id,
-                &batch.now_ms,
-            ],
-        )
-        .await?;
-    if recorded == 0 {
-        tx.rollback().await?;
-        return Ok(SendOutcome::Duplicate);
-    }
-    let local: Vec<&NewInboxMessage> = batch.local.iter().collect();
-    let woken_devices = write_inbox(&tx, &local).await?;
-    let mut destinations: Vec<String> = Vec::new();
-    if !batch.remote.is_empty() {
-        let mut dests: Vec<&str> = Vec::with_capacity(batch.remote.len());
-        let mut edus: Vec<&str> = Vec::with_capacity(batch.remote.len());
-        let mut counts: Vec<i32> = Vec::with_capacity(batch.remote.len());
-        for edu in &batch.remote {
-            dests.push(&edu.destination);
-            edus.push(&edu.edu_json);
-            counts.push(i32::try_from(edu.message_count).unwrap_or(i32::MAX));
-            if !destinations.contains(&edu.destination) {
-                destinations.push(edu.destination.clone());
-            }
-        }
-        let insert = tx
-            .prepare_cached(
-                "INSERT INTO outbox (destination, edu_json, message_count, queued_ts)
-                 SELECT d, e, n, $4
-                 FROM unnest($1::text[], $2::text[], $3::int4[]) WITH ORDINALITY AS r (d, e, n, o)
-                 ORDER BY o",
-            )
-            .await?;
-        tx.execute(&insert, &[&dests, &edus, &counts, &batch.now_ms])
-            .await?;
-    }
-    tx.commit().await?;
-    Ok(SendOutcome::Accepted {
-        woken_devices,
-        destinations,
-    })
 }
 
 /// Applies the transaction; also says whether the origin, as a destination,

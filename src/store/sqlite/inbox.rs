@@ -1,5 +1,6 @@
-//! SQL of the inbox side of the SQLite backend: client sends and inbound
-//! federation transactions (with their dedupe records), `*` expansion, and
+//! SQL of the inbox side of the SQLite backend: inbound federation
+//! transactions (with their dedupe records), `*` expansion and the chunked
+//! inbox insert (`InboxWriter`, which client sends in `send.rs` share), and
 //! reading and acknowledging a device inbox. Every function here runs inside
 //! a transaction its caller owns (the group transaction on the writer, or a
 //! single statement on a reader).
@@ -12,7 +13,7 @@ use rusqlite::{CachedStatement, Connection, OptionalExtension};
 
 use crate::store::{
     DeviceKey, DeviceTarget, InboundOutcome, InboundTxn, InboxMessage, InboxPage, NewInboxMessage,
-    SendBatch, SendOutcome, StoreError,
+    StoreError,
 };
 
 /// Rows per multi-row INSERT: fewer statement executions per row on the
@@ -42,7 +43,7 @@ static INSERT_CHUNK: LazyLock<String> = LazyLock::new(|| {
 /// inside the transaction it was filled in. Rows are buffered and written in
 /// chunks; `finish` writes the rest and must be called before the result is
 /// used.
-struct InboxWriter<'c, 'm> {
+pub(super) struct InboxWriter<'c, 'm> {
     conn: &'c Connection,
     list: CachedStatement<'c>,
     /// Registered devices per user (sorted), loaded on first use.
@@ -80,7 +81,7 @@ impl Woken {
 }
 
 impl<'c, 'm> InboxWriter<'c, 'm> {
-    fn new(conn: &'c Connection) -> Result<Self, StoreError> {
+    pub(super) fn new(conn: &'c Connection) -> Result<Self, StoreError> {
         Ok(InboxWriter {
             conn,
             list: conn.prepare_cached(
@@ -92,7 +93,7 @@ impl<'c, 'm> InboxWriter<'c, 'm> {
         })
     }
 
-    fn write(&mut self, msg: &'m NewInboxMessage) -> Result<(), StoreError> {
+    pub(super) fn write(&mut self, msg: &'m NewInboxMessage) -> Result<(), StoreError> {
         if !self.devices.contains_key(msg.user_id.as_str()) {
             let registered = self
                 .list
@@ -164,50 +165,10 @@ impl<'c, 'm> InboxWriter<'c, 'm> {
     }
 
     /// Writes what is still buffered; returns the woken devices.
-    fn finish(mut self) -> Result<Vec<DeviceKey>, StoreError> {
+    pub(super) fn finish(mut self) -> Result<Vec<DeviceKey>, StoreError> {
         self.flush()?;
         Ok(self.woken.list)
     }
-}
-
-pub fn enqueue_send(conn: &Connection, batch: &SendBatch) -> Result<SendOutcome, StoreError> {
-    let t = &batch.txn;
-    let recorded = conn
-        .prepare_cached(
-            "INSERT OR IGNORE INTO client_txns (user_id, device_id, event_type, txn_id, received_ts)
-             VALUES (?1, ?2, ?3, ?4, ?5)",
-        )?
-        .execute((&t.user_id, &t.device_id, &t.event_type, &t.txn_id, batch.now_ms))?;
-    if recorded == 0 {
-        return Ok(SendOutcome::Duplicate);
-    }
-    let mut inbox = InboxWriter::new(conn)?;
-    for msg in &batch.local {
-        inbox.write(msg)?;
-    }
-    let woken_devices = inbox.finish()?;
-    let mut destinations: Vec<String> = Vec::new();
-    {
-        let mut stmt = conn.prepare_cached(
-            "INSERT INTO outbox (destination, edu_json, message_count, queued_ts)
-             VALUES (?1, ?2, ?3, ?4)",
-        )?;
-        for edu in &batch.remote {
-            stmt.execute((
-                &edu.destination,
-                &edu.edu_json,
-                edu.message_count,
-                batch.now_ms,
-            ))?;
-            if !destinations.contains(&edu.destination) {
-                destinations.push(edu.destination.clone());
-            }
-        }
-    }
-    Ok(SendOutcome::Accepted {
-        woken_devices,
-        destinations,
-    })
 }
 
 pub fn apply_inbound_txn(
