@@ -234,16 +234,8 @@ const KNOWN_CIRCLES: &[(&[&str], &str)] = &[
         "mod.rs holds the Store trait the backends implement and `open` builds them; each backend's mod file holds what its per-table files share",
     ),
     (
-        &[
-            "federation::inbound",
-            "federation::inbound::auth",
-            "federation::inbound::send",
-        ],
-        "inbound/mod.rs holds InboundState (used by auth and send), routes to send and re-exports auth's types",
-    ),
-    (
         &["todevice", "todevice::pack"],
-        "pack.rs takes the EDU limits, SendError and new_message_id from todevice/mod.rs, which packs with it (SendError is being renamed in another lane)",
+        "pack.rs takes the EDU limits, SendRejected and new_message_id from todevice/mod.rs, which packs with it",
     ),
     (
         &[
