@@ -262,6 +262,9 @@ async fn well_known_answers_are_cached_per_their_headers() {
     let mut s = setup();
     let _ticker = outbound_env::spawn_ticker();
     s.config.request_timeout_ms = 60_000;
+    // Paused time jumps to the next timer while a socket is set up: no
+    // deadline may be near enough to fire during a fetch.
+    s.config.discovery_timeout_ms = 600_000;
     s.config.connect_timeout_ms = 60_000;
     let fake = FakeRemote::start(&s.ca, &["short.test", "default.test"]).await;
     s.config.well_known_port = fake.port();
