@@ -1,9 +1,9 @@
 //! Transaction assembly on the sender's hot path, with the sender's own
-//! functions: `federation::transaction::build_body` concatenating 100 stored
+//! functions: `federation::sender::transaction::build_body` concatenating 100 stored
 //! `m.direct_to_device` EDU strings (as the outbox holds them) into a
 //! `PUT /send` body, and the full preparation of one request two ways:
 //! build the body, parse it back and sign the parsed content with
-//! `xmatrix::sign_request` (what `federation::client` did before, and still
+//! `xmatrix::sign_request` (what `federation::outbound::client` did before, and still
 //! does for bodies stored by older versions), and build the body and sign
 //! the request object assembled around it as it is (what it does now: the
 //! body is canonical JSON as built).
@@ -16,7 +16,7 @@
 use std::hint::black_box;
 
 use courier::canonical_json::to_canonical_bytes;
-use courier::federation::transaction::build_body;
+use courier::federation::sender::transaction::build_body;
 use courier::keys::ServerSigningKey;
 use courier::store::OutboxEdu;
 use courier::xmatrix::{RequestToSign, sign_request, sign_signed_bytes};

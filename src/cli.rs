@@ -97,7 +97,7 @@ pub enum Command {
     /// servers over the client-server API (by default the two config/dev/
     /// relays, started in this process). Exits non-zero if any accepted
     /// message is not delivered exactly once.
-    Bench(Box<crate::bench::BenchArgs>),
+    Bench(Box<crate::tools::bench::BenchArgs>),
 }
 
 impl Cli {
@@ -157,15 +157,15 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
             config_b,
             batch,
         } => {
-            let options = crate::demo::DemoOptions {
+            let options = crate::tools::demo::DemoOptions {
                 config_a,
                 config_b,
                 batch,
             };
-            let results = crate::demo::run_demo(options)
+            let results = crate::tools::demo::run_demo(options)
                 .await
                 .map_err(runtime_failure)?;
-            if crate::demo::print_table(&results) {
+            if crate::tools::demo::print_table(&results) {
                 println!("demo: every message delivered exactly once");
                 Ok(())
             } else {
@@ -210,7 +210,7 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
             Ok(())
         }
         Command::DevCerts { out } => {
-            crate::devcerts::write_dev_certs(&out).map_err(runtime_failure)?;
+            crate::tools::devcerts::write_dev_certs(&out).map_err(runtime_failure)?;
             println!(
                 "wrote a development CA and localhost certificate to {}",
                 out.display()
@@ -218,10 +218,12 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
             Ok(())
         }
         Command::Bench(args) => {
-            let report = crate::bench::run_bench(&args).await.map_err(|e| match e {
-                crate::bench::BenchError::Usage(_) => usage_failure(e),
-                _ => runtime_failure(e),
-            })?;
+            let report = crate::tools::bench::run_bench(&args)
+                .await
+                .map_err(|e| match e {
+                    crate::tools::bench::BenchError::Usage(_) => usage_failure(e),
+                    _ => runtime_failure(e),
+                })?;
             if args.json {
                 println!("{}", report.to_json());
             } else {
@@ -250,8 +252,10 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
             content,
             txn_id,
         } => {
-            let messages = crate::rpc_client::messages_for(&to, &content).map_err(usage_failure)?;
-            let client = crate::rpc_client::RpcClient::new(&rpc, &secret).map_err(usage_failure)?;
+            let messages =
+                crate::tools::rpc_client::messages_for(&to, &content).map_err(usage_failure)?;
+            let client =
+                crate::tools::rpc_client::RpcClient::new(&rpc, &secret).map_err(usage_failure)?;
             let txn_id = txn_id.unwrap_or_else(crate::todevice::new_message_id);
             client
                 .send_to_device(&sender, &event_type, &txn_id, &messages)
@@ -261,11 +265,12 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
             Ok(())
         }
         Command::Status { rpc, secret } => {
-            let client = crate::rpc_client::RpcClient::new(&rpc, &secret).map_err(usage_failure)?;
+            let client =
+                crate::tools::rpc_client::RpcClient::new(&rpc, &secret).map_err(usage_failure)?;
             let rows = client.destinations().await.map_err(runtime_failure)?;
             print!(
                 "{}",
-                crate::rpc_client::status_table(&rows, crate::now_ms())
+                crate::tools::rpc_client::status_table(&rows, crate::now_ms())
             );
             Ok(())
         }

@@ -97,7 +97,7 @@ pub struct FederationConfig {
 }
 
 /// The per-destination backoff schedule (persisted failures × this policy).
-/// `federation::backoff` turns it into delays: exponential from `initial`
+/// `federation::sender::backoff` turns it into delays: exponential from `initial`
 /// by `multiplier`, held at 25 s (with jitter) during the first five
 /// minutes of an outage so that a returning peer is reached within 30 s,
 /// then growing to `max`, which jitter never exceeds.

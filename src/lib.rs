@@ -3,15 +3,11 @@
 //! The library holds everything; `main.rs` is a thin command-line edge over
 //! it. See ARCHITECTURE.md for the codemap and the invariants.
 
-pub mod bench;
 pub mod canonical_json;
 pub mod cli;
 pub mod client_api;
 pub mod cluster;
 pub mod config;
-pub mod demo;
-pub mod dev_pair;
-pub mod devcerts;
 pub mod error;
 pub mod federation;
 pub mod identifiers;
@@ -19,15 +15,14 @@ pub mod keys;
 pub mod listener;
 pub mod metrics;
 pub mod notify;
-pub mod plain_http;
 pub mod rpc;
-pub mod rpc_client;
 pub mod server;
 pub mod signing;
 pub mod state;
 pub mod store;
 pub mod tls;
 pub mod todevice;
+pub mod tools;
 pub mod xmatrix;
 
 /// Milliseconds since the Unix epoch, from the system clock.

@@ -15,8 +15,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
-use crate::federation::client::FederationClient;
 use crate::federation::keyring::KeyRing;
+use crate::federation::outbound::client::FederationClient;
 use crate::federation::sender::{Sender, SenderHandle};
 use crate::keys::ServerSigningKey;
 use crate::listener::{DRAIN_TIMEOUT, Listener, serve};
@@ -33,7 +33,7 @@ pub enum ServerError {
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
     #[error("federation client: {0}")]
-    Client(#[from] crate::federation::client_error::ClientError),
+    Client(#[from] crate::federation::outbound::client_error::ClientError),
     #[error("binding {what} on {addr}: {source}")]
     Bind {
         what: &'static str,

@@ -5,9 +5,9 @@
 use std::sync::Arc;
 
 use crate::config::Config;
-use crate::federation::client::FederationClient;
 use crate::federation::inbound::inbound_state::InboundState;
 use crate::federation::keyring::KeyRing;
+use crate::federation::outbound::client::FederationClient;
 use crate::federation::sender::SenderHandle;
 use crate::keys::ServerSigningKey;
 use crate::notify::Notifier;

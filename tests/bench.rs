@@ -6,7 +6,7 @@
 mod support;
 
 use clap::Parser;
-use courier::bench::{BenchArgs, run_bench};
+use courier::tools::bench::{BenchArgs, run_bench};
 use support::TestRelay;
 
 #[derive(Parser)]

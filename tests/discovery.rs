@@ -15,9 +15,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use courier::federation::client::FederationClient;
-use courier::federation::client_error::ClientError;
-use courier::federation::connector::Endpoint;
+use courier::federation::outbound::client::FederationClient;
+use courier::federation::outbound::client_error::ClientError;
+use courier::federation::outbound::connector::Endpoint;
 use fake_remote::{FakeRemote, WellKnown};
 use outbound_env::{
     MapResolver, addrs, client, dns, ip_name, name, setup, test_signing_key, well_known,
@@ -561,8 +561,8 @@ async fn a_stalled_well_known_costs_half_the_deadline_once() {
 /// in SRV priority order.
 #[tokio::test(start_paused = true)]
 async fn srv_targets_are_capped_resolved_concurrently_and_hung_ones_skipped() {
-    use courier::federation::discovery::MAX_SRV_TARGETS;
-    use courier::federation::dns::SrvRecord;
+    use courier::federation::outbound::discovery::MAX_SRV_TARGETS;
+    use courier::federation::outbound::dns::SrvRecord;
     let mut s = setup();
     s.config.discovery_timeout_ms = 8_000;
     let mut resolver = MapResolver::default().hang("hang.test");
@@ -613,7 +613,7 @@ async fn srv_targets_are_capped_resolved_concurrently_and_hung_ones_skipped() {
 /// panic among them) through the same calls, on stable.
 #[test]
 fn the_well_known_fuzz_corpus_is_handled_without_panics() {
-    use courier::federation::well_known::{
+    use courier::federation::outbound::well_known::{
         MAX_CACHE, MIN_CACHE, cache_period, parse_body, parse_http_date,
     };
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/well_known");

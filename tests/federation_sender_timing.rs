@@ -103,7 +103,7 @@ async fn after_a_long_outage_the_wait_never_exceeds_the_cap() {
         .collect();
     // An attempt's real socket waits still cost a little virtual time (in
     // 20 ms ticker steps, more on a loaded machine), hence the margin; the
-    // exact schedule is unit-tested in federation::backoff.
+    // exact schedule is unit-tested in federation::sender::backoff.
     let bound = 600 + 20;
     assert!(
         gaps.iter().all(|&g| g <= bound),
@@ -213,7 +213,7 @@ async fn idle_tasks_retire_and_come_back_on_the_next_wake() {
             .await
     );
     // Well past the idle exit: the task has retired.
-    tokio::time::sleep(courier::federation::destination::IDLE_EXIT * 3).await;
+    tokio::time::sleep(courier::federation::sender::destination::IDLE_EXIT * 3).await;
     h.enqueue(0, 2..4, &[]).await;
     assert!(
         h.fake

@@ -10,7 +10,7 @@ mod outbound_env;
 
 use std::net::SocketAddr;
 
-use courier::federation::client_error::ClientError;
+use courier::federation::outbound::client_error::ClientError;
 use fake_remote::{FakeRemote, TestCa};
 use outbound_env::{MapResolver, client, dns, name, setup, test_signing_key, well_known};
 

@@ -8,7 +8,7 @@ mod support;
 
 use std::time::Duration;
 
-use courier::rpc_client::{RpcClient, RpcClientError};
+use courier::tools::rpc_client::{RpcClient, RpcClientError};
 use serde_json::{Value, json};
 use support::TestRelay;
 use support::relay::encode;

@@ -592,7 +592,7 @@ async fn start_up_waits_out_a_dead_holder_and_refuses_a_live_one() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_with_sslmode_require_verifies_and_encrypts() {
     courier::tls::install_crypto_provider();
-    let ca = courier::devcerts::DevCa::generate("Courier PG test CA").expect("ca");
+    let ca = courier::tools::devcerts::DevCa::generate("Courier PG test CA").expect("ca");
     let leaf = ca.issue(&["localhost", "127.0.0.1"]).expect("leaf");
     let Some((cluster, port)) = pg::PgCluster::start_tls(&leaf.cert_pem, &leaf.key_pem) else {
         return;

@@ -59,7 +59,7 @@ async fn try_request(
     bearer: Option<&str>,
     body: Option<&Value>,
 ) -> Option<(u16, String)> {
-    let client = courier::plain_http::JsonClient::new(Duration::from_secs(20));
+    let client = courier::tools::plain_http::JsonClient::new(Duration::from_secs(20));
     let bytes = body.map(|b| hyper::body::Bytes::from(b.to_string()));
     let raw = client.request_raw(method, url, bearer, bytes).await.ok()?;
     Some((raw.status, String::from_utf8_lossy(&raw.body).into_owned()))

@@ -8,7 +8,7 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use courier::federation::well_known::{
+use courier::federation::outbound::well_known::{
     MAX_CACHE, MIN_CACHE, cache_period, parse_body, parse_http_date,
 };
 use http::{HeaderMap, HeaderValue, header};

@@ -35,7 +35,7 @@ use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
 use crate::config::Config;
-use crate::federation::client::FederationClient;
+use crate::federation::outbound::client::FederationClient;
 use crate::identifiers::ServerName;
 use crate::keys::{KeyError, MAX_KEY_VALIDITY_MS};
 use crate::signing::{decode_verify_key, encode_base64, verify_json};

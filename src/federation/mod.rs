@@ -2,21 +2,11 @@
 //! per-destination sender, inbound `/send` with X-Matrix authentication,
 //! remote key fetching, and the key/version endpoints we serve.
 
-pub mod backoff;
-pub mod client;
-pub mod client_error;
-pub mod connector;
-pub mod denylist;
-pub mod destination;
-pub mod discovery;
-pub mod dns;
 pub mod inbound;
 pub mod key_server;
 pub mod keyring;
-pub mod lru;
+pub mod outbound;
 pub mod sender;
-pub mod transaction;
-pub mod well_known;
 
 use axum::Router;
 

@@ -1,11 +1,11 @@
 //! The tests' view of Courier's own plain-HTTP client
-//! (`courier::plain_http::JsonClient`): every request bounded to 60 s and
+//! (`courier::tools::plain_http::JsonClient`): every request bounded to 60 s and
 //! expected to get an answer, and the answer kept whole (status, headers,
 //! text, and the body parsed as JSON when it is JSON).
 
 use std::time::Duration;
 
-use courier::plain_http::JsonClient;
+use courier::tools::plain_http::JsonClient;
 use hyper::body::Bytes;
 use serde_json::Value;
 

@@ -14,7 +14,7 @@ use std::net::IpAddr;
 use std::str::FromStr;
 use std::sync::Arc;
 
-use courier::federation::client::FederationClient;
+use courier::federation::outbound::client::FederationClient;
 use courier::identifiers::ServerName;
 use rustls_pki_types::ServerName as TlsName;
 
@@ -27,7 +27,7 @@ pub struct MapResolver {
     pub ips: HashMap<String, Vec<std::net::IpAddr>>,
     /// (suffix, answer): a name ending in `.suffix` resolves to the answer.
     pub wildcards: Vec<(String, Vec<std::net::IpAddr>)>,
-    pub srv: HashMap<String, Vec<courier::federation::dns::SrvRecord>>,
+    pub srv: HashMap<String, Vec<courier::federation::outbound::dns::SrvRecord>>,
     pub failing: Vec<String>,
     /// Suffixes whose lookups (SRV and address) never answer, as a name
     /// server that drops the queries.
@@ -48,15 +48,14 @@ impl MapResolver {
         self
     }
     pub fn srv(mut self, name: &str, target: &str, port: u16) -> Self {
-        self.srv
-            .entry(name.to_owned())
-            .or_default()
-            .push(courier::federation::dns::SrvRecord {
+        self.srv.entry(name.to_owned()).or_default().push(
+            courier::federation::outbound::dns::SrvRecord {
                 priority: 10,
                 weight: 10,
                 port,
                 target: target.to_owned(),
-            });
+            },
+        );
         self
     }
     pub fn fail(mut self, name: &str) -> Self {
@@ -78,12 +77,15 @@ impl MapResolver {
     }
 }
 
-impl courier::federation::dns::DnsResolver for MapResolver {
+impl courier::federation::outbound::dns::DnsResolver for MapResolver {
     fn lookup_srv<'a>(
         &'a self,
         name: &'a str,
-    ) -> courier::federation::dns::DnsFuture<'a, Vec<courier::federation::dns::SrvRecord>> {
-        use courier::federation::dns::DnsError;
+    ) -> courier::federation::outbound::dns::DnsFuture<
+        'a,
+        Vec<courier::federation::outbound::dns::SrvRecord>,
+    > {
+        use courier::federation::outbound::dns::DnsError;
         self.lookups
             .lock()
             .expect("lock")
@@ -108,8 +110,8 @@ impl courier::federation::dns::DnsResolver for MapResolver {
     fn lookup_ip<'a>(
         &'a self,
         host: &'a str,
-    ) -> courier::federation::dns::DnsFuture<'a, Vec<std::net::IpAddr>> {
-        use courier::federation::dns::DnsError;
+    ) -> courier::federation::outbound::dns::DnsFuture<'a, Vec<std::net::IpAddr>> {
+        use courier::federation::outbound::dns::DnsError;
         self.lookups
             .lock()
             .expect("lock")

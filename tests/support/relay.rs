@@ -151,7 +151,7 @@ sqlite = "{dir}/courier.db"
     }
 
     async fn wait_ready(&self) {
-        let probe = courier::plain_http::JsonClient::new(Duration::from_secs(2));
+        let probe = courier::tools::plain_http::JsonClient::new(Duration::from_secs(2));
         let url = format!("{}/_matrix/client/versions", self.client_url);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         // Any HTTP answer means the listener is serving.

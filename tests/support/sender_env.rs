@@ -9,7 +9,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use courier::federation::client::FederationClient;
+use courier::federation::outbound::client::FederationClient;
 use courier::federation::sender::{Sender, SenderHandle};
 use courier::store::sqlite::SqliteStore;
 use courier::store::{ClientTxnKey, NewOutboxEdu, SendBatch, Store};

@@ -12,7 +12,7 @@
 //!   (tokio-postgres knows only `require`; the two `verify-*` spellings
 //!   are accepted and mean the same here, since verification is always on.)
 //!
-//! Not here: connecting (the pool in `postgres.rs`, `wakeup.rs`), the
+//! Not here: connecting (the pool in `mod.rs`, `wakeup.rs`), the
 //! trust store itself (`crate::tls::root_store`).
 
 use std::path::PathBuf;

@@ -14,10 +14,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::dev_pair::{
+use crate::tools::dev_pair::{
     DevPair, DevPairError, DevPairOptions, DevRelay, dev_token, register_device,
 };
-use crate::plain_http::{JsonClient, encode_segment};
+use crate::tools::plain_http::{JsonClient, encode_segment};
 
 /// How long the demo waits for any one scenario to be delivered.
 const DELIVERY_DEADLINE: Duration = Duration::from_secs(60);
@@ -27,7 +27,7 @@ pub enum DemoError {
     #[error(transparent)]
     Pair(#[from] DevPairError),
     #[error(transparent)]
-    Http(#[from] crate::plain_http::HttpError),
+    Http(#[from] crate::tools::plain_http::HttpError),
     #[error("{0}")]
     Failed(String),
 }
@@ -271,7 +271,7 @@ async fn scenario(
 
 fn check_send(
     joined: Result<
-        Result<crate::plain_http::JsonResponse, crate::plain_http::HttpError>,
+        Result<crate::tools::plain_http::JsonResponse, crate::tools::plain_http::HttpError>,
         tokio::task::JoinError,
     >,
     name: &str,

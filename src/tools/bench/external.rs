@@ -15,7 +15,7 @@ use super::workload::{Delivery, Endpoints, Recipient};
 use super::{
     BenchArgs, BenchError, BenchReport, Measured, Usage, UsageReading, run_workload, workload_of,
 };
-use crate::plain_http::JsonClient;
+use crate::tools::plain_http::JsonClient;
 
 #[derive(Deserialize)]
 struct WhoAmI {

@@ -8,7 +8,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use crate::federation::client_error::ClientError;
+use crate::federation::outbound::client_error::ClientError;
 use crate::store::{OutboxEdu, TimestampMs};
 
 /// EDUs per transaction (spec limit).

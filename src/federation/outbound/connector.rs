@@ -33,10 +33,10 @@ use tokio_rustls::client::TlsStream;
 
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
-use crate::federation::client_error::ClientError;
-use crate::federation::denylist::Denylist;
-use crate::federation::dns::{DnsResolver, lookup_host};
-use crate::federation::lru::LruMap;
+use crate::federation::outbound::client_error::ClientError;
+use crate::federation::outbound::denylist::Denylist;
+use crate::federation::outbound::dns::{DnsResolver, lookup_host};
+use crate::federation::outbound::lru::LruMap;
 
 /// Where and how to reach a destination.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::receiver::{ReceiverTask, Shared};
 use super::sender::{ProbeTask, SenderTask};
-use crate::plain_http::JsonClient;
+use crate::tools::plain_http::JsonClient;
 
 /// One receiving device and how to reach it.
 #[derive(Debug, Clone)]
@@ -164,7 +164,7 @@ pub enum WorkloadError {
     #[error("{0}")]
     Setup(String),
     #[error(transparent)]
-    Http(#[from] crate::plain_http::HttpError),
+    Http(#[from] crate::tools::plain_http::HttpError),
 }
 
 /// Runs the workload. `on_tick` is called about every 100 ms with the shared

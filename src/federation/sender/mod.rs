@@ -15,6 +15,10 @@
 //! The sending itself (transactions, backoff, splitting) is in
 //! `destination`; this module only manages task lifecycles and metrics.
 
+pub mod backoff;
+pub mod destination;
+pub mod transaction;
+
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,9 +28,9 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::federation::client::FederationClient;
-use crate::federation::destination::{DestinationTask, SenderShared, Signal};
-use crate::federation::transaction::TxnIds;
+use crate::federation::outbound::client::FederationClient;
+use crate::federation::sender::destination::{DestinationTask, SenderShared, Signal};
+use crate::federation::sender::transaction::TxnIds;
 use crate::store::Store;
 
 /// Sends in flight at once over all destinations (each destination has at

@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::stats::{Arrival, Tally};
 use super::workload::{Clock, Progress, Recipient};
-use crate::plain_http::{JsonClient, encode_segment};
+use crate::tools::plain_http::{JsonClient, encode_segment};
 
 /// The long-poll timeout each receiver asks for.
 const SYNC_TIMEOUT_MS: u64 = 30_000;

@@ -37,14 +37,14 @@ use serde_json::Value;
 use tokio_rustls::TlsConnector;
 
 use crate::config::Config;
-use crate::federation::client_error::{ClientError, describe_hyper_error};
-use crate::federation::connector::{
+use crate::federation::outbound::client_error::{ClientError, describe_hyper_error};
+use crate::federation::outbound::connector::{
     Closers, Dialer, DirectConnector, Endpoint, EndpointMap, FederationConnector,
 };
-use crate::federation::denylist::Denylist;
-use crate::federation::discovery::Discovery;
-use crate::federation::dns::{DnsResolver, HickoryResolver};
-use crate::federation::lru::LruMap;
+use crate::federation::outbound::denylist::Denylist;
+use crate::federation::outbound::discovery::Discovery;
+use crate::federation::outbound::dns::{DnsResolver, HickoryResolver};
+use crate::federation::outbound::lru::LruMap;
 use crate::identifiers::ServerName;
 use crate::keys::ServerSigningKey;
 use crate::xmatrix::{RequestToSign, sign_request, sign_signed_bytes};
@@ -239,7 +239,7 @@ impl FederationClient {
         let path = format!("/_matrix/federation/v1/send/{txn_id}");
         // A body in `build_body`'s canonical layout is signed as it is; an
         // older stored body is parsed and canonicalized first.
-        let sign = if crate::federation::transaction::is_canonical_layout(body) {
+        let sign = if crate::federation::sender::transaction::is_canonical_layout(body) {
             Sign::CanonicalBody
         } else {
             Sign::ParsedBody

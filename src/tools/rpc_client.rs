@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::plain_http::{HttpError, JsonClient, encode_segment as segment};
 use crate::rpc::{DestinationRow, DestinationsResponse};
+use crate::tools::plain_http::{HttpError, JsonClient, encode_segment as segment};
 
 /// How long one RPC call may take.
 const TIMEOUT: Duration = Duration::from_secs(30);

@@ -30,11 +30,11 @@ use hyper_util::client::legacy::Client;
 use rustls_pki_types::ServerName as TlsName;
 use tokio::time::Instant;
 
-use crate::federation::client_error::ClientError;
-use crate::federation::connector::{DirectConnector, Endpoint};
-use crate::federation::dns::{DnsError, DnsResolver, lookup_host, order_srv};
-use crate::federation::lru::LruMap;
-use crate::federation::well_known;
+use crate::federation::outbound::client_error::ClientError;
+use crate::federation::outbound::connector::{DirectConnector, Endpoint};
+use crate::federation::outbound::dns::{DnsError, DnsResolver, lookup_host, order_srv};
+use crate::federation::outbound::lru::LruMap;
+use crate::federation::outbound::well_known;
 use crate::identifiers::{Host, ServerName};
 
 /// The default federation port.
@@ -168,7 +168,9 @@ impl Discovery {
         for service in ["_matrix-fed._tcp", "_matrix._tcp"] {
             let name = format!("{service}.{hostname}");
             let records = match self.resolver.lookup_srv(&name).await {
-                Ok(records) => order_srv(records, crate::federation::backoff::jitter_sample),
+                Ok(records) => {
+                    order_srv(records, crate::federation::sender::backoff::jitter_sample)
+                }
                 Err(DnsError::NotFound(_)) => continue,
                 Err(error) => return Err(discovery_error(destination, error)),
             };
@@ -325,11 +327,10 @@ impl Discovery {
                 .body(Empty::new())
                 .map_err(|e| e.to_string())?;
             // The caller bounds all hops and the body together.
-            let response = self
-                .well_known_client
-                .request(request)
-                .await
-                .map_err(|e| crate::federation::client_error::describe_hyper_error(&e))?;
+            let response =
+                self.well_known_client.request(request).await.map_err(|e| {
+                    crate::federation::outbound::client_error::describe_hyper_error(&e)
+                })?;
             let status = response.status();
             if status.is_redirection() {
                 let location = response

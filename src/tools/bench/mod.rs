@@ -34,8 +34,8 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 pub use report::{BenchReport, LoadAverage, Measured, Usage, UsageReading};
 use workload::{Delivery, Endpoints, Progress, Workload};
 
-use crate::dev_pair::DevPairError;
-use crate::plain_http::JsonClient;
+use crate::tools::dev_pair::DevPairError;
+use crate::tools::plain_http::JsonClient;
 
 /// Measure to-device throughput and latency between two homeservers over
 /// the client-server API.
@@ -152,7 +152,7 @@ pub enum BenchError {
     #[error(transparent)]
     Pair(#[from] DevPairError),
     #[error(transparent)]
-    Http(#[from] crate::plain_http::HttpError),
+    Http(#[from] crate::tools::plain_http::HttpError),
     #[error(transparent)]
     Workload(#[from] workload::WorkloadError),
     #[error(transparent)]

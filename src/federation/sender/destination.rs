@@ -21,9 +21,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::config::Config;
-use crate::federation::backoff;
-use crate::federation::client::FederationClient;
-use crate::federation::transaction::{MAX_EDU_BYTES, MAX_EDUS, TxnFailure, TxnIds, build_body};
+use crate::federation::outbound::client::FederationClient;
+use crate::federation::sender::backoff;
+use crate::federation::sender::transaction::{
+    MAX_EDU_BYTES, MAX_EDUS, TxnFailure, TxnIds, build_body,
+};
 use crate::identifiers::ServerName;
 use crate::store::{InFlightTxn, RetryState, Store, StoreError};
 

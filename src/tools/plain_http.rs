@@ -1,7 +1,7 @@
 //! A small JSON-over-plain-HTTP client for Courier's own tools (`demo`,
 //! `bench`, `send`, `status`): they talk to client and RPC listeners, which
 //! are plain HTTP on loopback or behind a proxy. Federation traffic never
-//! goes through here (see `federation::client`).
+//! goes through here (see `federation::outbound::client`).
 
 use std::time::Duration;
 

@@ -17,8 +17,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, StoreConfig};
 use crate::keys::ServerSigningKey;
-use crate::plain_http::{JsonClient, encode_segment};
 use crate::server::{Listeners, ServerError, run};
+use crate::tools::plain_http::{JsonClient, encode_segment};
 
 /// How long `wait_ready` waits for a relay's client API to answer.
 const READY_DEADLINE: Duration = Duration::from_secs(30);
@@ -32,7 +32,7 @@ pub enum DevPairError {
     #[error(transparent)]
     Server(#[from] ServerError),
     #[error(transparent)]
-    Http(#[from] crate::plain_http::HttpError),
+    Http(#[from] crate::tools::plain_http::HttpError),
     #[error("{0}")]
     Failed(String),
 }

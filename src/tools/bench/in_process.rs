@@ -20,8 +20,8 @@ use super::{
     BenchArgs, BenchError, BenchReport, Measured, Usage, UsageReading, run_workload, sink,
     workload_of,
 };
-use crate::dev_pair::{DevPair, DevPairOptions, register_device};
-use crate::plain_http::JsonClient;
+use crate::tools::dev_pair::{DevPair, DevPairOptions, register_device};
+use crate::tools::plain_http::JsonClient;
 
 /// Thread-name prefixes of the in-process mode and the group each counts
 /// towards. Order matters: the first match wins.
@@ -86,13 +86,13 @@ async fn pair_endpoints(
 }
 
 /// Asks relay A over the RPC to retry every destination now, 32 at a time.
-async fn wake_all(http: &JsonClient, relay: &crate::dev_pair::DevRelay, names: &[String]) {
+async fn wake_all(http: &JsonClient, relay: &crate::tools::dev_pair::DevRelay, names: &[String]) {
     let mut in_flight = tokio::task::JoinSet::new();
     for name in names {
         let url = format!(
             "{}/_courier/v1/destinations/{}/wake",
             relay.rpc_url,
-            crate::plain_http::encode_segment(name)
+            crate::tools::plain_http::encode_segment(name)
         );
         let http = http.clone();
         let secret = relay.rpc_secret.clone();

@@ -19,7 +19,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::workload::{Clock, Endpoints, Progress, Recipient, Workload};
-use crate::plain_http::{JsonClient, encode_segment};
+use crate::tools::plain_http::{JsonClient, encode_segment};
 
 /// Attempts per send call before it counts as failed.
 const SEND_ATTEMPTS: u32 = 5;
