@@ -325,8 +325,11 @@ fn split_recipients(
     messages: serde_json::Map<String, Value>,
     limits: SendLimits,
 ) -> Result<Recipients, SendRejected> {
-    // The limits are checked before anything is encoded: an oversized send
-    // costs a count, not a canonical encoding of every message.
+    // The recipient limit is checked before anything is encoded: an
+    // oversized send costs a count, not a canonical encoding of every
+    // message. The destination limit is checked as destinations appear
+    // below, so at most `max_destinations` users are encoded before a send
+    // that reaches too many servers is refused.
     let recipients: usize = messages
         .values()
         .map(|devices| devices.as_object().map_or(0, serde_json::Map::len))
@@ -337,21 +340,6 @@ fn split_recipients(
             limit: limits.max_recipients,
         });
     }
-    let mut destinations = std::collections::HashSet::new();
-    for user_id in messages.keys() {
-        if let Ok(user) = UserId::parse(user_id)
-            && user.server_name() != our_server
-        {
-            destinations.insert(user.server_name().to_owned());
-            if destinations.len() > limits.max_destinations {
-                return Err(SendRejected::TooManyDestinations {
-                    count: destinations.len(),
-                    limit: limits.max_destinations,
-                });
-            }
-        }
-    }
-    drop(destinations);
     let mut split = Recipients::default();
     let mut unparsable = 0usize;
     for (user_id, devices) in messages {
@@ -435,6 +423,12 @@ fn split_recipients(
                     user_id,
                     devices: remote_devices,
                 });
+            if split.remote.len() > limits.max_destinations {
+                return Err(SendRejected::TooManyDestinations {
+                    count: split.remote.len(),
+                    limit: limits.max_destinations,
+                });
+            }
         }
     }
     if unparsable > 1 {
