@@ -219,10 +219,10 @@ impl KeyRing {
         self
     }
 
-    /// Whether `key_id` of `server_name` is in memory and valid now, so a
-    /// lookup would cause no store read and no outbound work.
-    pub fn has_key_in_memory(&self, server_name: &str, key_id: &str) -> bool {
-        self.usable(server_name, key_id).is_some()
+    /// `key_id` of `server_name` if it is in memory and valid now: the
+    /// answer `verify_key` would give without a store read or outbound work.
+    pub fn key_in_memory(&self, server_name: &str, key_id: &str) -> Option<VerifyingKey> {
+        self.usable(server_name, key_id)
     }
 
     /// How many servers memory holds (tests and metrics).

@@ -326,33 +326,35 @@ impl FromRequest<AppState> for SignedRequest {
         // one name costs at most its rate in lookups. It is not the bucket
         // of authenticated requests, so a forger cannot spend a real
         // server's request budget by sending garbage in its name.
-        let rate_key = origin.normalized();
-        if headers.iter().any(|header| {
-            !state
-                .keyring
-                .has_key_in_memory(origin.as_str(), &header.key)
-        }) {
-            let lookup_key = format!("key-lookup {rate_key}");
-            admit(
-                &state.inbound.rate_limiter,
-                &lookup_key,
-                config.federation.inbound_rate_per_origin,
-            )
-            .await?;
-        }
         let mut parsed = None;
+        let mut lookup_paid = false;
         for header in &headers {
-            let key = state
-                .keyring
-                .verify_key(origin.as_str(), &header.key)
-                .await
-                .map_err(|error| {
-                    tracing::info!(origin = %origin, key_id = %header.key, %error, "no key to verify a federation request");
-                    refuse(
-                        "key",
-                        MatrixError::unauthorized("Unable to obtain the origin's signing key"),
-                    )
-                })?;
+            let key = match state.keyring.key_in_memory(origin.as_str(), &header.key) {
+                Some(key) => key,
+                None => {
+                    if !lookup_paid {
+                        let lookup_key = format!("key-lookup {}", origin.normalized());
+                        admit(
+                            &state.inbound.rate_limiter,
+                            &lookup_key,
+                            config.federation.inbound_rate_per_origin,
+                        )
+                        .await?;
+                        lookup_paid = true;
+                    }
+                    state
+                        .keyring
+                        .verify_key(origin.as_str(), &header.key)
+                        .await
+                        .map_err(|error| {
+                            tracing::info!(origin = %origin, key_id = %header.key, %error, "no key to verify a federation request");
+                            refuse(
+                                "key",
+                                MatrixError::unauthorized("Unable to obtain the origin's signing key"),
+                            )
+                        })?
+                }
+            };
             verify_signature(header, &signed, body.as_ref(), &mut parsed, &key)?;
         }
         drop(parsed);
