@@ -40,10 +40,16 @@ const RPC_SECRET: &str = "workers-test-secret";
 
 /// A free port below the kernel's ephemeral range, so that no outgoing
 /// connection takes it while a killed worker is down and its restart can
-/// bind it again.
+/// bind it again. The tests of this binary run concurrently and a port is
+/// only bound later by a child process, so ports are handed out from one
+/// counter (starting at a random place): no two tests here get the same one.
 fn free_port() -> u16 {
+    static NEXT: std::sync::OnceLock<std::sync::atomic::AtomicU32> = std::sync::OnceLock::new();
+    let next =
+        NEXT.get_or_init(|| std::sync::atomic::AtomicU32::new(rand::random_range(0..18_000)));
     for _ in 0..1000 {
-        let port: u16 = rand::random_range(12_000..30_000);
+        let offset = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 18_000;
+        let port = 12_000 + offset as u16;
         if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
             return port;
         }
