@@ -4,14 +4,9 @@
 //! instead of staying forever. Alone in its binary because the recorder is
 //! process-wide and installed here with a short gauge idle timeout.
 
-#[path = "support/fake_remote.rs"]
-mod fake_remote;
-#[path = "support/inhibiting_store.rs"]
-mod inhibiting;
-#[path = "support/outbound_env.rs"]
-mod outbound_env;
-#[path = "support/sender_env.rs"]
-mod sender_env;
+use crate::support::fake_remote;
+use crate::support::outbound_env;
+use crate::support::sender_env;
 
 use std::time::Duration;
 

@@ -5,11 +5,8 @@
 //! reopening, orphan inbox rows, concurrent opens migrating once, leases,
 //! and LISTEN/NOTIFY wake-ups between two store instances.
 
-#[macro_use]
-#[path = "support/store_suite.rs"]
-mod store_suite;
-#[path = "support/pg.rs"]
-mod pg;
+use crate::support::store_suite;
+use crate::support::pg;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -3,10 +3,8 @@
 //! certificate verification that is never off, IPv6 and `localhost`, and the
 //! denylist refusing private and metadata addresses before any connect.
 
-#[path = "support/fake_remote.rs"]
-mod fake_remote;
-#[path = "support/outbound_env.rs"]
-mod outbound_env;
+use crate::support::fake_remote;
+use crate::support::outbound_env;
 
 use std::net::SocketAddr;
 

@@ -3,9 +3,7 @@
 //! checks only SQLite can make (schema version, reopen, orphan rows written
 //! behind the store's back, group commit actually grouping).
 
-#[macro_use]
-#[path = "support/store_suite.rs"]
-mod store_suite;
+use crate::support::store_suite;
 
 use std::sync::Arc;
 

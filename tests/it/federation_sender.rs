@@ -4,14 +4,9 @@
 //! quarantine, and no head-of-line blocking over 1,000 destinations. (The
 //! timing tests on paused time are in `federation_sender_timing.rs`.)
 
-#[path = "support/fake_remote.rs"]
-mod fake_remote;
-#[path = "support/inhibiting_store.rs"]
-mod inhibiting;
-#[path = "support/outbound_env.rs"]
-mod outbound_env;
-#[path = "support/sender_env.rs"]
-mod sender_env;
+use crate::support::fake_remote;
+use crate::support::outbound_env;
+use crate::support::sender_env;
 
 use std::time::Duration;
 

@@ -18,7 +18,6 @@
 //! failure. (Not a `COURIER_*` name: `courier serve` reads every
 //! `COURIER_*` variable as a config override.)
 
-#![allow(dead_code)]
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};

@@ -7,7 +7,6 @@
 //! any key is looked up. The "remote servers" are a tarpit on loopback that
 //! accepts TCP connections, counts them and never answers.
 
-mod support;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -15,7 +14,7 @@ use std::time::Duration;
 
 use hyper::body::Bytes;
 use serde_json::Value;
-use support::{TestRelay, TestRelayOptions};
+use crate::support::{TestRelay, TestRelayOptions};
 use tokio::io::AsyncReadExt;
 
 /// A TCP listener that holds every connection open without a byte of reply.
@@ -68,7 +67,7 @@ struct Reply {
 async fn put_send(relay: &TestRelay, txn: &str, authorization: &[String]) -> Reply {
     let mut headers = vec![("Content-Type", "application/json".to_owned())];
     headers.extend(authorization.iter().map(|v| ("Authorization", v.clone())));
-    let (status, json) = support::tls_client::https_request(
+    let (status, json) = crate::support::tls_client::https_request(
         relay.federation_addr,
         "localhost",
         &relay.server_name,

@@ -4,14 +4,13 @@
 //! drain/ack/long-poll, the destinations listing and wake, `/metrics`, and
 //! the `courier send` / `courier status` commands.
 
-mod support;
 
 use std::time::Duration;
 
 use courier::tools::rpc_client::{RpcClient, RpcClientError};
 use serde_json::{Value, json};
-use support::TestRelay;
-use support::relay::encode;
+use crate::support::TestRelay;
+use crate::support::relay::encode;
 
 fn rpc(relay: &TestRelay) -> RpcClient {
     RpcClient::new(&relay.rpc_url, &relay.rpc_secret).expect("rpc client")
@@ -339,7 +338,7 @@ async fn an_inbox_long_poll_wakes_on_a_new_message() {
         initial["next_batch"].as_str().expect("token")
     );
     let secret = relay.rpc_secret.clone();
-    let http = support::http::HttpClient::new();
+    let http = crate::support::http::HttpClient::new();
     let mut poll = tokio::spawn(async move { http.get(&url, Some(&secret)).await });
     assert!(
         tokio::time::timeout(Duration::from_millis(300), &mut poll)

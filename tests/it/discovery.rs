@@ -4,12 +4,9 @@
 //! for names that must never be contacted (the denylist refuses them before
 //! any socket is opened).
 
-#[path = "support/dns_server.rs"]
-mod dns_server;
-#[path = "support/fake_remote.rs"]
-mod fake_remote;
-#[path = "support/outbound_env.rs"]
-mod outbound_env;
+use crate::support::dns_server;
+use crate::support::fake_remote;
+use crate::support::outbound_env;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

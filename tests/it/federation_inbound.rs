@@ -13,7 +13,6 @@
 //! cache, a real verification path). The fake origin is `127.0.0.1:1`, so if
 //! the relay ever tries to fetch its keys, the connection is refused at once.
 
-mod support;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -32,7 +31,7 @@ use hyper_util::rt::TokioIo;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, ServerName as TlsName};
 use serde_json::{Value, json};
-use support::{TestRelay, TestRelayOptions};
+use crate::support::{TestRelay, TestRelayOptions};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
@@ -56,7 +55,7 @@ impl FedClient {
     fn new(relay: &TestRelay) -> FedClient {
         courier::tls::install_crypto_provider();
         let mut roots = rustls::RootCertStore::empty();
-        let ca = support::relay::repo_root().join("certs/dev-ca.crt");
+        let ca = crate::support::relay::repo_root().join("certs/dev-ca.crt");
         for cert in CertificateDer::pem_file_iter(&ca).expect("dev CA readable") {
             roots
                 .add(cert.expect("dev CA parses"))
@@ -1408,7 +1407,7 @@ async fn keyring_times_out_a_slow_fetch() {
 
 #[test]
 fn every_send_body_corpus_file_parses_without_panicking() {
-    let dir: PathBuf = support::relay::repo_root().join("fuzz/corpus/send_body");
+    let dir: PathBuf = crate::support::relay::repo_root().join("fuzz/corpus/send_body");
     let origin = ServerName::parse("origin.example").expect("valid");
     let us = ServerName::parse("us.example").expect("valid");
     let mut files = 0;
@@ -1945,7 +1944,7 @@ fn assert_matches_reference(bytes: &[u8]) -> Option<usize> {
 
 #[test]
 fn the_send_body_corpus_parses_as_the_value_tree_reference_did() {
-    let dir: PathBuf = support::relay::repo_root().join("fuzz/corpus/send_body");
+    let dir: PathBuf = crate::support::relay::repo_root().join("fuzz/corpus/send_body");
     for entry in std::fs::read_dir(&dir).expect("corpus directory") {
         let bytes = std::fs::read(entry.expect("entry").path()).expect("corpus file");
         let _ = assert_matches_reference(&bytes);

@@ -2,7 +2,6 @@
 //! injects instead of DNS (`MapResolver`), the test configuration builder,
 //! the test signing key, and tickers that keep paused tokio time moving
 //! while real sockets are waited on.
-#![allow(dead_code)]
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -18,7 +17,7 @@ use courier::federation::outbound::client::FederationClient;
 use courier::identifiers::ServerName;
 use rustls_pki_types::ServerName as TlsName;
 
-use crate::fake_remote::{TestCa, WellKnown};
+use super::fake_remote::{TestCa, WellKnown};
 
 /// Answers a test injects instead of DNS: exact names, `*.suffix`
 /// wildcards, SRV records, and names whose lookups fail outright.

@@ -3,11 +3,10 @@
 //! latencies, and read the server's CPU and RSS from `/proc` (the test
 //! relays run in this process, so their "pid" is ours).
 
-mod support;
 
 use clap::Parser;
 use courier::tools::bench::{BenchArgs, run_bench};
-use support::TestRelay;
+use crate::support::TestRelay;
 
 #[derive(Parser)]
 struct Wrapper {

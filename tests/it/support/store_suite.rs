@@ -87,7 +87,7 @@ macro_rules! store_conformance_tests {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $case() {
                 let harness = $make().await;
-                store_suite::$case(&harness).await;
+                $crate::support::store_suite::$case(&harness).await;
                 drop(harness);
             }
         )+
@@ -97,7 +97,7 @@ macro_rules! store_conformance_tests {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $case() {
                 let Some(harness) = $make().await else { return };
-                store_suite::$case(&harness).await;
+                $crate::support::store_suite::$case(&harness).await;
                 drop(harness);
             }
         )+

@@ -8,9 +8,7 @@
 //! The child is this same test binary, re-executed with `COURIER_CRASH_CHILD`
 //! set to the database path and a filter selecting this test.
 
-#[allow(dead_code)]
-#[path = "support/crash.rs"]
-mod crash;
+use crate::support::crash;
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -23,7 +21,7 @@ use courier::store::Store;
 use courier::store::sqlite::SqliteStore;
 
 const CHILD_ENV: &str = "COURIER_CRASH_CHILD";
-const TEST_NAME: &str = "kill9_loses_no_acknowledged_write";
+const TEST_FN: &str = "kill9_loses_no_acknowledged_write";
 /// The child: writes batches from several tasks until killed.
 fn child_main(db: &Path) {
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -54,8 +52,9 @@ fn kill9_loses_no_acknowledged_write() {
     let mut acked: BTreeSet<String> = BTreeSet::new();
     let mut total_kills_mid_write = 0;
 
+    let test_name = crash::exact_test_name(module_path!(), TEST_FN);
     for round in 0..ROUNDS {
-        let round_acks = crash::kill_round(TEST_NAME, (CHILD_ENV, db.as_os_str()), round, || {});
+        let round_acks = crash::kill_round(&test_name, (CHILD_ENV, db.as_os_str()), round, || {});
         if !round_acks.is_empty() {
             total_kills_mid_write += 1;
         }

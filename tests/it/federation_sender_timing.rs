@@ -4,16 +4,10 @@
 //! once; `Retry-After` is honoured; idle tasks retire and come back. A
 //! throttled ticker keeps virtual time from leaping over real socket waits.
 
-#[path = "support/counting_store.rs"]
-mod counting_store;
-#[path = "support/fake_remote.rs"]
-mod fake_remote;
-#[path = "support/inhibiting_store.rs"]
-mod inhibiting;
-#[path = "support/outbound_env.rs"]
-mod outbound_env;
-#[path = "support/sender_env.rs"]
-mod sender_env;
+use crate::support::counting_store;
+use crate::support::fake_remote;
+use crate::support::outbound_env;
+use crate::support::sender_env;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -1,6 +1,5 @@
 //! A store that counts the sender's outbox reads (`peek_outbox`) and
 //! passes every call, unchanged, to the store it wraps.
-#![allow(dead_code)]
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};

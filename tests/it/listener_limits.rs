@@ -11,7 +11,6 @@
 //! Peers are told apart by source address: every 127.0.0.0/8 address routes
 //! to loopback on Linux, so a test binds its client sockets to 127.0.0.x.
 
-mod support;
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -21,7 +20,7 @@ use http_body_util::{BodyExt, Empty};
 use hyper::body::Bytes;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::{Value, json};
-use support::{TestRelay, TestRelayOptions};
+use crate::support::{TestRelay, TestRelayOptions};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::time::Instant;
@@ -66,7 +65,7 @@ async fn connect_from(from: Ipv4Addr, to: SocketAddr) -> TcpStream {
 
 fn tls_connector(alpn: &[u8]) -> tokio_rustls::TlsConnector {
     courier::tls::install_crypto_provider();
-    let ca = support::relay::repo_root().join("certs/dev-ca.crt");
+    let ca = crate::support::relay::repo_root().join("certs/dev-ca.crt");
     let mut config = (*courier::tls::client_config(&[ca]).expect("client TLS config")).clone();
     config.alpn_protocols = vec![alpn.to_vec()];
     tokio_rustls::TlsConnector::from(Arc::new(config))
@@ -353,7 +352,7 @@ async fn a_trickled_body_gets_408_and_the_connection_closed() {
         "PUT /_courier/v1/devices/{}/BOB HTTP/1.1\r\nhost: localhost\r\n\
          authorization: Bearer {}\r\ncontent-type: application/json\r\n\
          content-length: 1000000\r\n\r\n{{",
-        support::relay::encode(&format!("@bob:{}", relay.server_name)),
+        crate::support::relay::encode(&format!("@bob:{}", relay.server_name)),
         relay.rpc_secret
     );
     let sig = "A".repeat(86);
@@ -1028,7 +1027,7 @@ async fn out_of_descriptors_accept_backs_off_and_recovers() {
     let key = courier::keys::ServerSigningKey::generate("test");
     std::fs::write(dir.path().join("signing.key"), key.to_file_contents()).expect("key written");
     let (fed, client, rpc) = (free_port().await, free_port().await, free_port().await);
-    let root = support::relay::repo_root();
+    let root = crate::support::relay::repo_root();
     let config = format!(
         r#"
 server_name = "localhost:{fed}"

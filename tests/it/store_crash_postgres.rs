@@ -10,12 +10,9 @@
 //! The child is this same test binary, re-executed with `COURIER_CRASH_CHILD`
 //! set to the connection string and a filter selecting this test.
 
-#[path = "support/pg.rs"]
-mod pg;
+use crate::support::pg;
 
-#[allow(dead_code)]
-#[path = "support/crash.rs"]
-mod crash;
+use crate::support::crash;
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -27,7 +24,7 @@ use courier::store::Store;
 use courier::store::postgres::PostgresStore;
 
 const CHILD_ENV: &str = "COURIER_CRASH_CHILD";
-const TEST_NAME: &str = "kill9_loses_no_acknowledged_write_on_postgres";
+const TEST_FN: &str = "kill9_loses_no_acknowledged_write_on_postgres";
 /// The child: writes batches from several tasks until killed.
 fn child_main(conninfo: &str) {
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -62,10 +59,11 @@ fn kill9_loses_no_acknowledged_write_on_postgres() {
     let mut kills_mid_write = 0;
     let mut server_crashes = 0;
 
+    let test_name = crash::exact_test_name(module_path!(), TEST_FN);
     for round in 0..ROUNDS {
         let crash_server = round % 3 == 1;
         let round_acks = crash::kill_round(
-            TEST_NAME,
+            &test_name,
             (CHILD_ENV, std::ffi::OsStr::new(&conninfo)),
             round,
             || {

@@ -228,8 +228,19 @@ pub async fn verify(store: &dyn Store, acked: &BTreeSet<String>, round_acks: &[S
     }
 }
 
+/// The name libtest knows a test by, for `--exact`: the test function's
+/// module path without the crate name (`store_crash::kill9_…` in the `it`
+/// binary), so the re-executed child runs exactly that one test.
+/// `module_path` is the caller's `module_path!()`.
+pub fn exact_test_name(module_path: &str, function: &str) -> String {
+    match module_path.split_once("::") {
+        Some((_crate_name, module)) => format!("{module}::{function}"),
+        None => function.to_owned(),
+    }
+}
+
 /// One kill round of the parent: re-executes this test binary as the
-/// writing child (`test_name` selected, `env` set so it knows it is the
+/// writing child (`test_name`, from [`exact_test_name`], selected, `env` set so it knows it is the
 /// child), waits for a random number of acknowledged batches (none every
 /// sixth round: the kill then lands during open or migration), lets it run
 /// a random moment longer, calls `before_kill`, kills it with SIGKILL and

@@ -16,16 +16,10 @@
 //! - a second worker started with the name of a live one exits at start-up
 //!   with an error naming the conflict, and starts once the first stopped.
 
-#[path = "support/fake_remote.rs"]
-mod fake_remote;
-#[allow(dead_code)]
-#[path = "support/http.rs"]
-mod http;
-#[path = "support/pg.rs"]
-mod pg;
-#[allow(dead_code)]
-#[path = "support/relay.rs"]
-mod relay;
+use crate::support::fake_remote;
+use crate::support::http;
+use crate::support::pg;
+use crate::support::relay;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};

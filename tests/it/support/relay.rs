@@ -5,7 +5,7 @@
 //! store and signing key in a temporary directory that survives `stop()`, so
 //! `restart()` brings the same relay back on the same ports and store.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use courier::config::Config;
@@ -183,10 +183,6 @@ sqlite = "{dir}/courier.db"
         self.start_on(listeners).await;
     }
 
-    pub fn is_running(&self) -> bool {
-        self.running.is_some()
-    }
-
     // ---- convenience calls --------------------------------------------------
 
     /// Registers a device with an access token over the RPC.
@@ -295,9 +291,4 @@ async fn bind_listeners(fed: u16, client: u16, rpc: u16) -> Listeners {
 /// Percent-encodes a path segment.
 pub fn encode(segment: &str) -> String {
     percent_encoding::utf8_percent_encode(segment, percent_encoding::NON_ALPHANUMERIC).to_string()
-}
-
-/// Reads a file relative to the repository root.
-pub fn read_repo_file(path: &Path) -> String {
-    std::fs::read_to_string(repo_root().join(path)).expect("repository file")
 }

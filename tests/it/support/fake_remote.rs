@@ -8,7 +8,6 @@
 //! header and whether another `/send` for the same host was in progress
 //! (the overlap counter), and serves scripted `/.well-known/matrix/server`
 //! answers (or stalls them). It also counts its open connections.
-#![allow(dead_code)]
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -109,8 +108,6 @@ pub struct Received {
     pub content_type: Option<String>,
     /// The status the fake answered (0 while hanging).
     pub status: u16,
-    /// Another `/send` for the same hostname was in progress on arrival.
-    pub overlapped: bool,
 }
 
 impl Received {
@@ -132,7 +129,6 @@ impl Received {
 /// A request other than `/send` or `.well-known`.
 #[derive(Debug, Clone)]
 pub struct OtherRequest {
-    pub method: String,
     /// Path and query as received.
     pub path: String,
     pub host: Option<String>,
@@ -444,7 +440,6 @@ async fn send_route(
             authorization: header(&headers, "authorization"),
             content_type: header(&headers, "content-type"),
             status: decision.map_or(0, |(s, _)| s),
-            overlapped,
         });
         (decision, respond_after, ok_body)
     };
@@ -568,7 +563,6 @@ async fn well_known_route(
 }
 
 async fn other_route(State(shared): State<Shared>, request: axum::extract::Request) -> Response {
-    let method = request.method().to_string();
     let path = request
         .uri()
         .path_and_query()
@@ -581,7 +575,6 @@ async fn other_route(State(shared): State<Shared>, request: axum::extract::Reque
         .expect("lock")
         .other_requests
         .push(OtherRequest {
-            method,
             path: path.clone(),
             host: Some(host_of(&headers, request.uri())),
             authorization: header(&headers, "authorization"),

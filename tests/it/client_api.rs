@@ -5,14 +5,13 @@
 //! with no stored change, and remote recipients packed into outbox EDUs of
 //! at most 64 KiB.
 
-mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use courier::store::Store;
 use serde_json::{Value, json};
-use support::TestRelay;
+use crate::support::TestRelay;
 
 /// Registers `@{name}:{server}` / `device` with token `tok_{name}_{device}`
 /// and returns (user ID, token).
@@ -23,7 +22,7 @@ async fn device(relay: &TestRelay, name: &str, device: &str) -> (String, String)
     (user, token)
 }
 
-fn events(response: &support::http::Response) -> Vec<Value> {
+fn events(response: &crate::support::http::Response) -> Vec<Value> {
     assert_eq!(response.status, 200, "{}", response.text);
     assert!(
         response.json["next_batch"].is_string(),
@@ -36,7 +35,7 @@ fn events(response: &support::http::Response) -> Vec<Value> {
         .unwrap_or_default()
 }
 
-fn next_batch(response: &support::http::Response) -> String {
+fn next_batch(response: &crate::support::http::Response) -> String {
     response.json["next_batch"]
         .as_str()
         .expect("next_batch")
@@ -181,7 +180,7 @@ async fn a_long_poll_returns_as_soon_as_a_message_arrives() {
         "{}/_matrix/client/v3/sync?timeout=10000&since={since}&filter=%7B%7D&set_presence=offline",
         relay.client_url
     );
-    let client = support::http::HttpClient::new();
+    let client = crate::support::http::HttpClient::new();
     let token = bob_tok.clone();
     let mut poll = tokio::spawn(async move { client.get(&url, Some(&token)).await });
     // With nothing pending the request is held open.
@@ -630,7 +629,7 @@ async fn destinations(relay: &TestRelay) -> Vec<Value> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_send_past_the_fan_out_limits_is_refused_whole_and_stores_nothing() {
-    let relay = TestRelay::spawn_with(support::relay::TestRelayOptions {
+    let relay = TestRelay::spawn_with(crate::support::relay::TestRelayOptions {
         client_extra: "max_destinations_per_send = 5\nmax_recipients_per_send = 20\n".to_owned(),
         ..Default::default()
     })
@@ -696,7 +695,7 @@ async fn a_send_past_the_fan_out_limits_is_refused_whole_and_stores_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_user_over_the_send_rate_gets_429_and_others_are_not_affected() {
-    let relay = TestRelay::spawn_with(support::relay::TestRelayOptions {
+    let relay = TestRelay::spawn_with(crate::support::relay::TestRelayOptions {
         client_extra: "sends_per_user_per_sec = 1\n".to_owned(),
         ..Default::default()
     })

@@ -4,7 +4,6 @@
 //! `d<N>.fed.test:<port>` that an injected resolver maps to the fake, whose
 //! certificate is valid for `*.fed.test`; names under `hang.test` are ones
 //! whose DNS lookups never answer.
-#![allow(dead_code)]
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,13 +16,13 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::fake_remote::{FakeRemote, Received, TestCa};
-use crate::outbound_env::{self, MapResolver, TestConfig};
+use super::fake_remote::{FakeRemote, Received, TestCa};
+use super::outbound_env::{self, MapResolver, TestConfig};
 
 /// The real SQLite store (behind the paused-time helper, see `inhibiting`).
 pub async fn open_store(path: &std::path::Path) -> Arc<dyn Store> {
     let store = SqliteStore::open(path).await.expect("sqlite store");
-    Arc::new(crate::inhibiting::InhibitingStore(Arc::new(store)))
+    Arc::new(super::inhibiting_store::InhibitingStore(Arc::new(store)))
 }
 
 pub struct Harness {
@@ -185,7 +184,7 @@ impl Harness {
 pub fn delivered(received: &[Received], hostname: &str) -> Vec<String> {
     received
         .iter()
-        .filter(|r| crate::fake_remote::hostname_of(&r.host) == hostname && r.status == 200)
+        .filter(|r| super::fake_remote::hostname_of(&r.host) == hostname && r.status == 200)
         .flat_map(|r| r.edu_contents())
         .map(|c| c["message_id"].as_str().unwrap_or_default().to_owned())
         .collect()

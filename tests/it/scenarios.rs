@@ -5,12 +5,11 @@
 //! in all directions at once. Each delivery must happen within 30 s of the
 //! receiver's return, with no extra message to nudge it, and exactly once.
 
-mod support;
 
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use support::TestRelay;
+use crate::support::TestRelay;
 
 /// The promise under test: delivered within this long after the receiver
 /// is back.

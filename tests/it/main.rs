@@ -1,0 +1,31 @@
+//! The integration tests, as one test binary (`it`) so the relay and the
+//! test dependencies are linked once instead of once per file: `support`
+//! holds the shared helpers (`tests/it/support/`), and every other module is
+//! one former test file (`tests/it/<name>.rs`), named as before, so a test is
+//! selected as `cargo test --test it <module>::<test>`. `tests/tidy.rs`, which
+//! reads only the source tree, stays its own small binary.
+
+#[macro_use]
+mod support;
+
+mod bench;
+mod client_api;
+mod crypto;
+mod crypto_ruma;
+mod discovery;
+mod edge_parsers;
+mod federation_inbound;
+mod federation_sender;
+mod federation_sender_timing;
+mod forged_origins;
+mod listener_limits;
+mod outbound_client;
+mod relay_lifecycle;
+mod rpc;
+mod scenarios;
+mod sender_metrics;
+mod store_conformance;
+mod store_crash;
+mod store_crash_postgres;
+mod store_postgres;
+mod workers;

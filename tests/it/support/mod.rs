@@ -1,0 +1,25 @@
+//! Shared helpers for the integration tests, one module per concern: real
+//! relays on loopback over real TLS (`relay`, `tls_client`), a plain-HTTP
+//! JSON client for the client and RPC listeners (`http`), fake remote
+//! homeservers and the outbound/sender harnesses (`fake_remote`,
+//! `outbound_env`, `sender_env`, `dns_server`), store wrappers and the shared
+//! store suite (`counting_store`, `inhibiting_store`, `store_suite`), the
+//! throwaway PostgreSQL cluster (`pg`) and the kill-9 crash harness
+//! (`crash`). Every test module of the `it` binary imports what it needs as
+//! `crate::support::…`.
+
+pub mod counting_store;
+pub mod crash;
+pub mod dns_server;
+pub mod fake_remote;
+pub mod http;
+pub mod inhibiting_store;
+pub mod outbound_env;
+pub mod pg;
+pub mod relay;
+pub mod sender_env;
+#[macro_use]
+pub mod store_suite;
+pub mod tls_client;
+
+pub use relay::{TestRelay, TestRelayOptions};
