@@ -10,7 +10,7 @@
 # (three workers on one database; the bench sends through worker 1 and
 # receives on worker 2, so every delivery crosses workers over
 # LISTEN/NOTIFY). Starts a throwaway PostgreSQL cluster (as root through
-# runuser, like tests/support/pg.rs). Prints one JSON report per setup.
+# runuser, like tests/it/support/pg.rs). Prints one JSON report per setup.
 set -euo pipefail
 
 BIN=${1:-target/release/courier}

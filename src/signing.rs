@@ -12,7 +12,7 @@
 //! produces; accepting them lets one signature verify for several messages or
 //! keys. libsodium, which Synapse uses through PyNaCl, rejects those cases
 //! as well, so strict verification matches the servers we talk to. The spec
-//! vectors and ruma-made signatures verify under both (see tests/crypto.rs).
+//! vectors and ruma-made signatures verify under both (see tests/it/crypto.rs).
 
 use base64::Engine as _;
 use base64::engine::DecodePaddingMode;

@@ -3,10 +3,9 @@
 //! latencies, and read the server's CPU and RSS from `/proc` (the test
 //! relays run in this process, so their "pid" is ours).
 
-
+use crate::support::TestRelay;
 use clap::Parser;
 use courier::tools::bench::{BenchArgs, run_bench};
-use crate::support::TestRelay;
 
 #[derive(Parser)]
 struct Wrapper {

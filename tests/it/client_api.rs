@@ -5,13 +5,12 @@
 //! with no stored change, and remote recipients packed into outbox EDUs of
 //! at most 64 KiB.
 
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
+use crate::support::TestRelay;
 use courier::store::Store;
 use serde_json::{Value, json};
-use crate::support::TestRelay;
 
 /// Registers `@{name}:{server}` / `device` with token `tok_{name}_{device}`
 /// and returns (user ID, token).

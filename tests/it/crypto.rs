@@ -2,7 +2,7 @@
 //! fixtures and their negative cases, number rules, bad key files and
 //! malformed X-Matrix headers (tables), the fuzz seed corpus, and property
 //! tests of the header printer/parser and the canonical encoder. The
-//! differential tests against ruma live in `tests/crypto_ruma.rs`.
+//! differential tests against ruma live in `tests/it/crypto_ruma.rs`.
 
 use std::path::Path;
 

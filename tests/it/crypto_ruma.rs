@@ -5,7 +5,7 @@
 //!
 //! ruma rejects every float, including integral ones such as `-0` or `1e10`
 //! that SPEC §10.3 writes as integers, so the generated values contain
-//! integers only; the float cases are covered in `tests/crypto.rs`.
+//! integers only; the float cases are covered in `tests/it/crypto.rs`.
 
 use std::collections::BTreeMap;
 

@@ -1,9 +1,9 @@
 //! Every parser that network input reaches, driven with arbitrary input:
 //! none panics, and each keeps its contract (a value it accepts is in
 //! range; a refusal is the documented error). X-Matrix headers and `/send`
-//! bodies have their own property tests and fuzz targets (`tests/crypto.rs`,
+//! bodies have their own property tests and fuzz targets (`tests/it/crypto.rs`,
 //! `fuzz/`); `.well-known` cache headers and `Retry-After` are covered in
-//! `tests/discovery.rs` and the sender's tests. This file holds the rest:
+//! `tests/it/discovery.rs` and the sender's tests. This file holds the rest:
 //! server names and their normalized form, user IDs, `since` tokens, integer
 //! query parameters, the X-Matrix header checks with allow/deny lists, JSON
 //! bodies, and remote key documents.

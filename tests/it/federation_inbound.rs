@@ -13,12 +13,12 @@
 //! cache, a real verification path). The fake origin is `127.0.0.1:1`, so if
 //! the relay ever tries to fetch its keys, the connection is refused at once.
 
-
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use crate::support::{TestRelay, TestRelayOptions};
 use courier::federation::keyring::{FetchFuture, KeyFetcher, KeyRing};
 use courier::identifiers::ServerName;
 use courier::keys::{ServerSigningKey, server_key_document};
@@ -31,7 +31,6 @@ use hyper_util::rt::TokioIo;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, ServerName as TlsName};
 use serde_json::{Value, json};
-use crate::support::{TestRelay, TestRelayOptions};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 

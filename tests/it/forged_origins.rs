@@ -7,14 +7,13 @@
 //! any key is looked up. The "remote servers" are a tarpit on loopback that
 //! accepts TCP connections, counts them and never answers.
 
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use crate::support::{TestRelay, TestRelayOptions};
 use hyper::body::Bytes;
 use serde_json::Value;
-use crate::support::{TestRelay, TestRelayOptions};
 use tokio::io::AsyncReadExt;
 
 /// A TCP listener that holds every connection open without a byte of reply.

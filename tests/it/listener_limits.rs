@@ -11,16 +11,15 @@
 //! Peers are told apart by source address: every 127.0.0.0/8 address routes
 //! to loopback on Linux, so a test binds its client sockets to 127.0.0.x.
 
-
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::support::{TestRelay, TestRelayOptions};
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Bytes;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::{Value, json};
-use crate::support::{TestRelay, TestRelayOptions};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::time::Instant;

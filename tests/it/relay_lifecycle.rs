@@ -2,10 +2,9 @@
 //! over real TLS, answers unknown paths and wrong methods with
 //! M_UNRECOGNIZED, and stops and restarts on the same store and key.
 
-
-use courier::signing::{decode_verify_key, verify_json};
 use crate::support::TestRelay;
 use crate::support::tls_client::https_get_json;
+use courier::signing::{decode_verify_key, verify_json};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn key_document_over_tls_is_self_signed_and_survives_restart() {

@@ -4,13 +4,12 @@
 //! drain/ack/long-poll, the destinations listing and wake, `/metrics`, and
 //! the `courier send` / `courier status` commands.
 
-
 use std::time::Duration;
 
-use courier::tools::rpc_client::{RpcClient, RpcClientError};
-use serde_json::{Value, json};
 use crate::support::TestRelay;
 use crate::support::relay::encode;
+use courier::tools::rpc_client::{RpcClient, RpcClientError};
+use serde_json::{Value, json};
 
 fn rpc(relay: &TestRelay) -> RpcClient {
     RpcClient::new(&relay.rpc_url, &relay.rpc_secret).expect("rpc client")

@@ -5,11 +5,10 @@
 //! in all directions at once. Each delivery must happen within 30 s of the
 //! receiver's return, with no extra message to nudge it, and exactly once.
 
-
 use std::time::{Duration, Instant};
 
-use serde_json::{Value, json};
 use crate::support::TestRelay;
+use serde_json::{Value, json};
 
 /// The promise under test: delivered within this long after the receiver
 /// is back.

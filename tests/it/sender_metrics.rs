@@ -1,9 +1,12 @@
 //! The sender's per-destination gauges on `/metrics` (rendered from the
 //! process's recorder, as the RPC listener does): a destination's series
 //! is there while it has rows queued and goes away once it has none,
-//! instead of staying forever. Alone in its binary because the recorder is
-//! process-wide and installed here with a short gauge idle timeout.
+//! instead of staying forever. The test runs alone in a child process of
+//! this binary (`support::child`), because the recorder is process-wide
+//! (every relay of the `it` binary shares it) and is installed here, first
+//! in its process, with a short gauge idle timeout.
 
+use crate::support::child;
 use crate::support::fake_remote;
 use crate::support::outbound_env;
 use crate::support::sender_env;
@@ -22,8 +25,30 @@ fn has_series(text: &str, name: &str, destination: &str) -> bool {
         .any(|line| line.starts_with(&format!("{name}{{")) && line.contains(&label))
 }
 
-#[tokio::test(start_paused = true)]
-async fn per_destination_series_retire_when_nothing_is_queued() {
+/// Set in the child process that runs the test alone.
+const CHILD_ENV: &str = "IT_SENDER_METRICS_CHILD";
+
+#[test]
+fn per_destination_series_retire_when_nothing_is_queued() {
+    if std::env::var_os(CHILD_ENV).is_none() {
+        child::run_alone(
+            module_path!(),
+            "per_destination_series_retire_when_nothing_is_queued",
+            CHILD_ENV,
+            Duration::from_secs(600),
+        );
+        return;
+    }
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .start_paused(true)
+        .build()
+        .expect("paused runtime")
+        .block_on(series_retire_when_nothing_is_queued());
+}
+
+/// The test proper, first to install the recorder in its process.
+async fn series_retire_when_nothing_is_queued() {
     // Real (not tokio) time: the exporter's idle clock.
     let metrics = MetricsHandle::install_with_gauge_idle_timeout(Duration::from_secs(1));
     let _ticker = outbound_env::spawn_throttled_ticker(Duration::from_millis(10));

@@ -6,8 +6,10 @@
 //! duplicate.
 //!
 //! The child is this same test binary, re-executed with `COURIER_CRASH_CHILD`
-//! set to the database path and a filter selecting this test.
+//! set to the database path and `--exact store_crash::<this test>`
+//! (`support::child`).
 
+use crate::support::child;
 use crate::support::crash;
 
 use std::collections::BTreeSet;
@@ -52,7 +54,7 @@ fn kill9_loses_no_acknowledged_write() {
     let mut acked: BTreeSet<String> = BTreeSet::new();
     let mut total_kills_mid_write = 0;
 
-    let test_name = crash::exact_test_name(module_path!(), TEST_FN);
+    let test_name = child::exact_test_name(module_path!(), TEST_FN);
     for round in 0..ROUNDS {
         let round_acks = crash::kill_round(&test_name, (CHILD_ENV, db.as_os_str()), round, || {});
         if !round_acks.is_empty() {

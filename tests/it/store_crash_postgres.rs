@@ -8,10 +8,12 @@
 //! half written, and retrying an acknowledged batch is a duplicate.
 //!
 //! The child is this same test binary, re-executed with `COURIER_CRASH_CHILD`
-//! set to the connection string and a filter selecting this test.
+//! set to the connection string and `--exact
+//! store_crash_postgres::<this test>` (`support::child`).
 
 use crate::support::pg;
 
+use crate::support::child;
 use crate::support::crash;
 
 use std::collections::BTreeSet;
@@ -59,7 +61,7 @@ fn kill9_loses_no_acknowledged_write_on_postgres() {
     let mut kills_mid_write = 0;
     let mut server_crashes = 0;
 
-    let test_name = crash::exact_test_name(module_path!(), TEST_FN);
+    let test_name = child::exact_test_name(module_path!(), TEST_FN);
     for round in 0..ROUNDS {
         let crash_server = round % 3 == 1;
         let round_acks = crash::kill_round(

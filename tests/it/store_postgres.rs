@@ -1,12 +1,12 @@
 //! Runs the backend-generic store conformance suite
-//! (`tests/support/store_suite.rs`) against `PostgresStore` on a throwaway
-//! cluster (`tests/support/pg.rs`), plus the checks that need the database
+//! (`tests/it/support/store_suite.rs`) against `PostgresStore` on a throwaway
+//! cluster (`tests/it/support/pg.rs`), plus the checks that need the database
 //! itself: schema version and hashed tokens, stream ids never reused after
 //! reopening, orphan inbox rows, concurrent opens migrating once, leases,
 //! and LISTEN/NOTIFY wake-ups between two store instances.
 
-use crate::support::store_suite;
 use crate::support::pg;
+use crate::support::store_suite;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -1,6 +1,6 @@
 //! Several Courier workers on one PostgreSQL database (DESIGN §4), as real
 //! `courier serve` child processes sharing one throwaway cluster
-//! (`tests/support/pg.rs`), one server name and one signing key:
+//! (`tests/it/support/pg.rs`), one server name and one signing key:
 //!
 //! - three workers, two remote servers (scriptable fake remotes over
 //!   loopback TLS that record every `/send` and count overlapping ones):

@@ -269,7 +269,7 @@ impl PostgresStore {
     /// Test support, not part of `Store`: whether `worker` holds an
     /// unexpired lease on `destination`, read without taking or extending
     /// it. The sender asks `Store::acquire_lease` instead; only
-    /// `tests/store_postgres.rs` calls this, to check lease ownership.
+    /// `tests/it/store_postgres.rs` calls this, to check lease ownership.
     pub async fn holds_lease(
         &self,
         worker: &str,
@@ -289,7 +289,7 @@ impl PostgresStore {
     /// Test support, not part of `Store`: publishes a `Wakeup::PeerUp` for
     /// `origin` to the other store instances, as `apply_inbound_txn` does
     /// for a backing-off origin, without writing anything. Only
-    /// `tests/store_postgres.rs` calls this, as a probe that a LISTEN
+    /// `tests/it/store_postgres.rs` calls this, as a probe that a LISTEN
     /// subscription is live.
     pub fn publish_peer_up(&self, origin: &str) {
         self.publish(vec![Wakeup::PeerUp(origin.to_owned())]);

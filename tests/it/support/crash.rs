@@ -3,13 +3,13 @@
 //! reports each acknowledged batch on stdout, and the check run after every
 //! kill (every acknowledged batch present exactly once, none half written,
 //! a retried acknowledged batch a duplicate), and one kill round of the
-//! parent. Each backend's test binary owns only how the store is opened and
+//! parent. Each backend's test module owns only how the store is opened and
 //! what else happens around the kill.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsStr;
 use std::io::{BufRead, BufReader, Write};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -228,19 +228,8 @@ pub async fn verify(store: &dyn Store, acked: &BTreeSet<String>, round_acks: &[S
     }
 }
 
-/// The name libtest knows a test by, for `--exact`: the test function's
-/// module path without the crate name (`store_crash::kill9_…` in the `it`
-/// binary), so the re-executed child runs exactly that one test.
-/// `module_path` is the caller's `module_path!()`.
-pub fn exact_test_name(module_path: &str, function: &str) -> String {
-    match module_path.split_once("::") {
-        Some((_crate_name, module)) => format!("{module}::{function}"),
-        None => function.to_owned(),
-    }
-}
-
 /// One kill round of the parent: re-executes this test binary as the
-/// writing child (`test_name`, from [`exact_test_name`], selected, `env` set so it knows it is the
+/// writing child (`test_name`, from `child::exact_test_name`, selected, `env` set so it knows it is the
 /// child), waits for a random number of acknowledged batches (none every
 /// sixth round: the kill then lands during open or migration), lets it run
 /// a random moment longer, calls `before_kill`, kills it with SIGKILL and
@@ -251,9 +240,7 @@ pub fn kill_round(
     round: usize,
     before_kill: impl FnOnce(),
 ) -> Vec<String> {
-    let exe = std::env::current_exe().expect("test binary path");
-    let mut child = Command::new(&exe)
-        .args(["--exact", test_name, "--nocapture", "--test-threads=1"])
+    let mut child = super::child::command(test_name)
         .env(env.0, env.1)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())

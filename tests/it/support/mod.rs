@@ -4,10 +4,12 @@
 //! homeservers and the outbound/sender harnesses (`fake_remote`,
 //! `outbound_env`, `sender_env`, `dns_server`), store wrappers and the shared
 //! store suite (`counting_store`, `inhibiting_store`, `store_suite`), the
-//! throwaway PostgreSQL cluster (`pg`) and the kill-9 crash harness
-//! (`crash`). Every test module of the `it` binary imports what it needs as
+//! throwaway PostgreSQL cluster (`pg`), the kill-9 crash harness (`crash`)
+//! and running one test in a child process of this binary (`child`). Every
+//! test module of the `it` binary imports what it needs as
 //! `crate::support::…`.
 
+pub mod child;
 pub mod counting_store;
 pub mod crash;
 pub mod dns_server;

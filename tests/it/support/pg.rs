@@ -5,7 +5,8 @@
 //! root, so as root the data dir is chowned to the `postgres` user (created
 //! if missing) and the binaries run through `runuser -u postgres --`.
 //!
-//! `shared()` starts one cluster per test binary; each test takes its own
+//! `shared()` starts one cluster per test process (in the `it` binary,
+//! `store_postgres` and `workers` share it); each test takes its own
 //! database from it (`fresh_database`). A watchdog process stops the cluster
 //! and removes its dir when the test binary exits (statics are never
 //! dropped), and `Drop` does the same for a cluster owned by one test.
@@ -17,7 +18,6 @@
 //! unless `CI_REQUIRE_POSTGRES=1` (set by CI), which makes that a
 //! failure. (Not a `COURIER_*` name: `courier serve` reads every
 //! `COURIER_*` variable as a config override.)
-
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};

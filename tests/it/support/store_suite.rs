@@ -1440,7 +1440,7 @@ pub async fn idle_destinations_are_retired(harness: &Harness) {
 
 /// F10, the part every backend shares: one store instance may claim,
 /// heartbeat, release and claim again its own worker name. (Refusing a
-/// second live instance is PostgreSQL's: `tests/store_postgres.rs`.)
+/// second live instance is PostgreSQL's: `tests/it/store_postgres.rs`.)
 pub async fn worker_name_claims_by_one_instance(harness: &Harness) {
     let s = &*harness.store;
     s.claim_worker_name("w1", NOW, 1_000).await.expect("claim");
