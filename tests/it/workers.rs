@@ -16,6 +16,7 @@
 //! - a second worker started with the name of a live one exits at start-up
 //!   with an error naming the conflict, and starts once the first stopped.
 
+use crate::support::child;
 use crate::support::fake_remote;
 use crate::support::http;
 use crate::support::pg;
@@ -643,8 +644,35 @@ fn counter_value(text: &str, name: &str) -> f64 {
         .sum()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn three_workers_deliver_to_two_real_relays_exactly_once() {
+/// Set in the child process that runs
+/// `three_workers_deliver_to_two_real_relays_exactly_once` alone.
+const ALONE_ENV: &str = "IT_WORKERS_ALONE_CHILD";
+
+/// Runs alone in a child process of this binary (`support::child`): it
+/// reads the receiving relays' `overlapping_transactions` counter, and the
+/// metrics recorder is process-wide, so in the shared `it` process other
+/// modules' relays (which provoke overlaps on purpose) would count too.
+#[test]
+fn three_workers_deliver_to_two_real_relays_exactly_once() {
+    if std::env::var_os(ALONE_ENV).is_none() {
+        child::run_alone(
+            module_path!(),
+            "three_workers_deliver_to_two_real_relays_exactly_once",
+            ALONE_ENV,
+            Duration::from_secs(600),
+        );
+        return;
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(deliver_to_two_real_relays_exactly_once());
+}
+
+/// The test proper.
+async fn deliver_to_two_real_relays_exactly_once() {
     let Some(cluster) = pg::shared() else {
         return;
     };
