@@ -1,6 +1,8 @@
-//! A one-shot HTTPS GET for tests: TLS to a relay's federation listener on
-//! loopback, verifying the certificate against the repository's development
-//! CA with the given server name (SNI), over HTTP/1.1.
+//! One-shot HTTPS requests for tests: TLS to a relay's federation listener
+//! on loopback, verifying the certificate against the repository's
+//! development CA with the given server name (SNI), over HTTP/1.1; the
+//! answer as status and JSON, or as a whole `Reply` (headers and raw text
+//! too).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,6 +37,32 @@ pub async fn https_request(
     headers: &[(&str, String)],
     body: Option<Bytes>,
 ) -> (u16, Value) {
+    let reply = https_exchange(addr, tls_name, host, method, path, headers, body).await;
+    (reply.status, reply.json)
+}
+
+/// The whole answer to one request: status, headers, the body as text
+/// (lossy UTF-8, for failure messages and byte-for-byte comparisons) and as
+/// JSON (`Null` when it is not JSON).
+pub struct Reply {
+    pub status: u16,
+    pub headers: hyper::HeaderMap,
+    pub text: String,
+    pub json: Value,
+}
+
+/// [`https_request`] returning the whole [`Reply`]. `path` is sent as the
+/// request target exactly as given (no re-encoding), so tests can send
+/// percent-encoded or otherwise unusual targets.
+pub async fn https_exchange(
+    addr: std::net::SocketAddr,
+    tls_name: &str,
+    host: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, String)],
+    body: Option<Bytes>,
+) -> Reply {
     courier::tls::install_crypto_provider();
     let ca = super::relay::repo_root().join("certs/dev-ca.crt");
     let mut config = (*courier::tls::client_config(&[ca]).expect("client TLS config")).clone();
@@ -62,13 +90,19 @@ pub async fn https_request(
             .expect("request");
         let response = sender.send_request(request).await.expect("response");
         let status = response.status().as_u16();
+        let headers = response.headers().clone();
         let body = response
             .into_body()
             .collect()
             .await
             .expect("body")
             .to_bytes();
-        (status, serde_json::from_slice(&body).unwrap_or(Value::Null))
+        Reply {
+            status,
+            headers,
+            text: String::from_utf8_lossy(&body).into_owned(),
+            json: serde_json::from_slice(&body).unwrap_or(Value::Null),
+        }
     };
     tokio::time::timeout(Duration::from_secs(30), exchange)
         .await
