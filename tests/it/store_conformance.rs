@@ -1,5 +1,5 @@
 //! Runs the backend-generic store conformance suite
-//! (`tests/it/support/store_suite.rs`) against `SqliteStore`, plus the few
+//! (`tests/it/support/store_suite/`) against `SqliteStore`, plus the few
 //! checks only SQLite can make (schema version, reopen, orphan rows written
 //! behind the store's back, group commit actually grouping).
 

@@ -1,5 +1,5 @@
 //! Runs the backend-generic store conformance suite
-//! (`tests/it/support/store_suite.rs`) against `PostgresStore` on a throwaway
+//! (`tests/it/support/store_suite/`) against `PostgresStore` on a throwaway
 //! cluster (`tests/it/support/pg.rs`), plus the checks that need the database
 //! itself: schema version and hashed tokens, stream ids never reused after
 //! reopening, orphan inbox rows, concurrent opens migrating once, leases,

@@ -1,0 +1,231 @@
+//! The outbox and its transactions: peek limits, begin and ack of the in-
+//! flight transaction, refusal counts, and quarantine and release of refused
+//! EDUs.
+
+use courier::store::RetryState;
+
+use super::{Harness, NOW, edu, batch, accepted, queued_ns, in_flight_for};
+
+pub async fn peek_outbox_respects_limits(harness: &Harness) {
+    let store = harness.store.clone();
+    let s = &*store;
+    assert!(
+        s.peek_outbox("d.test", 100, 1 << 20)
+            .await
+            .expect("peek")
+            .is_empty()
+    );
+    let remote = (0..10).map(|n| edu("d.test", n, 1)).collect();
+    accepted(s, batch("t", vec![], remote)).await;
+    let all = s.peek_outbox("d.test", 100, u64::MAX).await.expect("peek");
+    assert_eq!(all.len(), 10);
+    let four = s.peek_outbox("d.test", 4, u64::MAX).await.expect("peek");
+    assert_eq!(four, all[..4].to_vec());
+    let len = all[0].edu_json.len() as u64;
+    // Room for exactly three EDUs (all have the same length here).
+    let three = s
+        .peek_outbox("d.test", 100, 3 * len + len / 2)
+        .await
+        .expect("peek");
+    assert_eq!(three, all[..3].to_vec());
+    let exact = s.peek_outbox("d.test", 100, 3 * len).await.expect("peek");
+    assert_eq!(exact.len(), 3);
+    // Always at least one, even if it alone exceeds max_bytes.
+    let at_least_one = s.peek_outbox("d.test", 100, 1).await.expect("peek");
+    assert_eq!(at_least_one, all[..1].to_vec());
+    // Peeking does not consume.
+    assert_eq!(
+        s.peek_outbox("d.test", 100, u64::MAX).await.expect("peek"),
+        all
+    );
+}
+
+pub async fn begin_ack_txn(harness: &Harness) {
+    let store = harness.store.clone();
+    let s = &*store;
+    let remote = (0..5).map(|n| edu("d.test", n, 1)).collect();
+    accepted(s, batch("t", vec![], remote)).await;
+    accepted(s, batch("t2", vec![], vec![edu("e.test", 9, 1)])).await;
+    s.set_retry_state(
+        "d.test",
+        &RetryState {
+            failures: 3,
+            retry_after_ms: NOW + 60_000,
+            last_success_ms: Some(NOW - 1000),
+            last_error: Some("connection refused".to_owned()),
+        },
+    )
+    .await
+    .expect("set retry");
+    assert_eq!(s.in_flight("d.test").await.expect("in flight"), None);
+    let rows = s.peek_outbox("d.test", 3, u64::MAX).await.expect("peek");
+    let txn = in_flight_for("d.test", "tx-1", rows.iter().map(|e| e.seq).collect());
+    s.begin_txn(txn.clone()).await.expect("begin");
+    assert_eq!(
+        s.in_flight("d.test").await.expect("in flight"),
+        Some(txn.clone())
+    );
+    // A second transaction for the same destination is refused...
+    assert!(
+        s.begin_txn(in_flight_for("d.test", "tx-2", vec![]))
+            .await
+            .is_err()
+    );
+    assert_eq!(
+        s.in_flight("d.test").await.expect("in flight"),
+        Some(txn.clone())
+    );
+    // ...but other destinations are independent.
+    s.begin_txn(in_flight_for("e.test", "tx-e", vec![]))
+        .await
+        .expect("begin other");
+    // An ack of another txn id changes nothing.
+    s.ack_txn("d.test", "tx-unknown", NOW)
+        .await
+        .expect("ack other");
+    assert_eq!(queued_ns(s, "d.test").await, vec![0, 1, 2, 3, 4]);
+    s.ack_txn("d.test", "tx-1", NOW + 10).await.expect("ack");
+    assert_eq!(queued_ns(s, "d.test").await, vec![3, 4]);
+    assert_eq!(s.in_flight("d.test").await.expect("in flight"), None);
+    let expected = RetryState {
+        failures: 0,
+        retry_after_ms: 0,
+        last_success_ms: Some(NOW + 10),
+        last_error: None,
+    };
+    assert_eq!(s.retry_state("d.test").await.expect("retry"), expected);
+    // Acking twice is harmless.
+    s.ack_txn("d.test", "tx-1", NOW + 20)
+        .await
+        .expect("ack twice");
+    assert_eq!(queued_ns(s, "d.test").await, vec![3, 4]);
+    assert_eq!(s.retry_state("d.test").await.expect("retry"), expected);
+    // A new transaction can begin now.
+    let rest = s.peek_outbox("d.test", 100, u64::MAX).await.expect("peek");
+    s.begin_txn(in_flight_for(
+        "d.test",
+        "tx-3",
+        rest.iter().map(|e| e.seq).collect(),
+    ))
+    .await
+    .expect("begin next");
+    assert_eq!(
+        s.destinations_with_pending().await.expect("pending"),
+        vec!["d.test", "e.test"]
+    );
+    s.ack_txn("d.test", "tx-3", NOW + 30).await.expect("ack");
+    assert_eq!(queued_ns(s, "d.test").await, Vec::<u64>::new());
+    // e.test still has a queued row and an in-flight record.
+    assert_eq!(
+        s.destinations_with_pending().await.expect("pending"),
+        vec!["e.test"]
+    );
+    s.ack_txn("e.test", "tx-e", NOW).await.expect("ack e");
+    // tx-e carried no seqs: the row queued for e.test stays.
+    assert_eq!(queued_ns(s, "e.test").await, vec![9]);
+}
+
+pub async fn refuse_txn_counts_refusals(harness: &Harness) {
+    let store = harness.store.clone();
+    let s = &*store;
+    let remote = (0..4).map(|n| edu("d.test", n, 1)).collect();
+    accepted(s, batch("t", vec![], remote)).await;
+    let rows = s.peek_outbox("d.test", 100, u64::MAX).await.expect("peek");
+    let first_two: Vec<i64> = rows[..2].iter().map(|e| e.seq).collect();
+    s.begin_txn(in_flight_for("d.test", "tx-1", first_two.clone()))
+        .await
+        .expect("begin");
+    s.refuse_txn("d.test", "tx-1").await.expect("refuse");
+    assert_eq!(s.in_flight("d.test").await.expect("in flight"), None);
+    s.begin_txn(in_flight_for("d.test", "tx-2", first_two[..1].to_vec()))
+        .await
+        .expect("begin");
+    s.refuse_txn("d.test", "tx-2").await.expect("refuse");
+    // Refusing an unknown txn changes nothing.
+    s.refuse_txn("d.test", "tx-2").await.expect("refuse again");
+    let after = s.peek_outbox("d.test", 100, u64::MAX).await.expect("peek");
+    let refusals: Vec<u32> = after.iter().map(|e| e.refusals).collect();
+    assert_eq!(refusals, vec![2, 1, 0, 0]);
+    assert_eq!(
+        after.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        rows.iter().map(|e| e.seq).collect::<Vec<_>>()
+    );
+}
+
+pub async fn quarantine_and_release(harness: &Harness) {
+    let store = harness.store.clone();
+    let s = &*store;
+    let remote = (0..3).map(|n| edu("d.test", n, 2)).collect();
+    accepted(s, batch("t", vec![], remote)).await;
+    let rows = s.peek_outbox("d.test", 100, u64::MAX).await.expect("peek");
+    s.quarantine_edu("d.test", rows[0].seq, "refused 3 times", NOW + 1)
+        .await
+        .expect("quarantine");
+    // Quarantining a row that does not exist is a no-op.
+    s.quarantine_edu("d.test", 999_999, "nope", NOW)
+        .await
+        .expect("quarantine missing");
+    assert_eq!(queued_ns(s, "d.test").await, vec![1, 2]);
+    let q = s.list_quarantined(Some("d.test")).await.expect("list");
+    assert_eq!(q.len(), 1);
+    assert_eq!(q[0].seq, rows[0].seq);
+    assert_eq!(q[0].edu_json, rows[0].edu_json);
+    assert_eq!(q[0].reason, "refused 3 times");
+    assert_eq!(q[0].quarantined_ts, NOW + 1);
+    assert_eq!(s.list_quarantined(None).await.expect("list"), q);
+    assert!(
+        s.list_quarantined(Some("other.test"))
+            .await
+            .expect("list")
+            .is_empty()
+    );
+    let status = s.destination_statuses().await.expect("status");
+    assert_eq!(status.len(), 1);
+    assert_eq!(status[0].quarantined, 1);
+    assert_eq!(status[0].pending_edus, 2);
+    assert_eq!(status[0].pending_messages, 4);
+    // Requeue: at the end of the queue, with a new seq.
+    assert!(
+        s.release_quarantined("d.test", rows[0].seq, true)
+            .await
+            .expect("release")
+    );
+    assert!(
+        !s.release_quarantined("d.test", rows[0].seq, true)
+            .await
+            .expect("release twice")
+    );
+    let after = s.peek_outbox("d.test", 100, u64::MAX).await.expect("peek");
+    assert_eq!(after.len(), 3);
+    assert_eq!(after[2].edu_json, rows[0].edu_json);
+    assert!(after[2].seq > rows[2].seq);
+    assert_eq!(after[2].refusals, 0);
+    assert!(s.list_quarantined(None).await.expect("list").is_empty());
+    // Delete: gone for good.
+    s.quarantine_edu("d.test", after[0].seq, "bad", NOW)
+        .await
+        .expect("quarantine");
+    assert!(
+        s.release_quarantined("d.test", after[0].seq, false)
+            .await
+            .expect("release")
+    );
+    assert!(s.list_quarantined(None).await.expect("list").is_empty());
+    assert_eq!(queued_ns(s, "d.test").await, vec![2, 0]);
+    // A destination whose only row is quarantined has nothing pending.
+    accepted(s, batch("t2", vec![], vec![edu("q.test", 5, 1)])).await;
+    let q_rows = s.peek_outbox("q.test", 1, u64::MAX).await.expect("peek");
+    s.quarantine_edu("q.test", q_rows[0].seq, "bad", NOW)
+        .await
+        .expect("quarantine");
+    assert_eq!(
+        s.destinations_with_pending().await.expect("pending"),
+        vec!["d.test"]
+    );
+    assert!(
+        s.peek_outbox("q.test", 100, u64::MAX)
+            .await
+            .expect("peek")
+            .is_empty()
+    );
+}
