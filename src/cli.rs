@@ -270,7 +270,7 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
             let rows = client.destinations().await.map_err(runtime_failure)?;
             print!(
                 "{}",
-                crate::tools::rpc_client::status_table(&rows, crate::now_ms())
+                crate::tools::rpc_client::status_table(&rows, crate::clock::now_ms())
             );
             Ok(())
         }

@@ -46,7 +46,7 @@ pub async fn run_leases(
             _ = shutdown.cancelled() => return,
             _ = ticker.tick() => {}
         }
-        let now = crate::now_ms();
+        let now = crate::clock::now_ms();
         match store
             .heartbeat_worker_name(&worker.name, now, lease_ms)
             .await

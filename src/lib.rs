@@ -1,34 +1,91 @@
 //! Courier: a Matrix federation relay for send-to-device messages.
 //!
 //! The library holds everything; `main.rs` is a thin command-line edge over
-//! it. See ARCHITECTURE.md for the codemap and the invariants.
+//! it. The modules are declared in reading order: from the entry points and
+//! the wiring, along a message's path (client edge, domain core, store,
+//! sender, inbound federation), to the primitives that path stands on, the
+//! cross-cutting parts, and last the developer tools. See ARCHITECTURE.md
+//! for the codemap and the invariants.
 
-pub mod canonical_json;
+// ---- entry and wiring -------------------------------------------------------
+
+/// The subcommands (`serve`, `keygen`, `check-config`, `demo`, …); start here.
 pub mod cli;
-pub mod client_api;
-pub mod cluster;
+
+/// TOML and `COURIER_*` overrides, validated into a typed `Config`.
 pub mod config;
-pub mod error;
-pub mod federation;
-pub mod identifiers;
-pub mod keys;
-pub mod listener;
-pub mod metrics;
-pub mod notify;
-pub mod rpc;
+
+/// Wiring: builds every component from a `Config` and serves the listeners.
 pub mod server;
-pub mod signing;
+
+/// `AppState`, the handles every HTTP handler receives.
 pub mod state;
-pub mod store;
-pub mod tls;
+
+/// The network edge of every listener: accept loop, connection and request
+/// caps, deadlines, body limits.
+pub mod listener;
+
+// ---- a message's path -------------------------------------------------------
+
+/// The client API: `/sendToDevice`, `/sync`, `/versions`, `/whoami`.
+pub mod client_api;
+
+/// The homeserver's internal API (devices, sends, inboxes, destinations,
+/// quarantine) and `/metrics`.
+pub mod rpc;
+
+/// The to-device domain core (no HTTP): validate a send, split it into
+/// local inbox rows and remote outbox EDUs, one store write, wake-ups.
 pub mod todevice;
-pub mod tools;
+
+/// Wake-ups for `/sync` long-polls; they carry no data.
+pub mod notify;
+
+/// The durable store: the `Store` trait, SQLite and PostgreSQL backends, the
+/// pruner.
+pub mod store;
+
+/// Federation: outbound client and discovery, the per-destination sender,
+/// inbound `/send`, the remote key ring and our key endpoints.
+pub mod federation;
+
+/// One worker's part in a multi-worker deployment: destination leases and
+/// cross-worker wake-ups.
+pub mod cluster;
+
+// ---- the primitives the path stands on --------------------------------------
+
+/// Server names and user IDs (SPEC §9).
+pub mod identifiers;
+
+/// The canonical JSON encoder for everything signed or verified (SPEC §3.2).
+pub mod canonical_json;
+
+/// JSON signing and verification, unpadded base64.
+pub mod signing;
+
+/// Our server signing key and the key document we serve.
+pub mod keys;
+
+/// The X-Matrix `Authorization` header: parse, print, sign, verify.
 pub mod xmatrix;
 
-/// Milliseconds since the Unix epoch, from the system clock.
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
+/// rustls server and client configurations and the trust store.
+pub mod tls;
+
+// ---- cross-cutting ----------------------------------------------------------
+
+/// `MatrixError`: the one place failures become `errcode` + HTTP status.
+pub mod error;
+
+/// The Prometheus recorder and `/metrics` rendering.
+pub mod metrics;
+
+/// The wall clock: `now_ms` for stored and signed timestamps.
+pub mod clock;
+
+// ---- apart from the relay ---------------------------------------------------
+
+/// Developer tools (`demo`, `bench`, dev certificates, the RPC client); the
+/// relay imports nothing from here.
+pub mod tools;

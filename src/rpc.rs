@@ -295,7 +295,7 @@ async fn get_destinations_route(State(state): State<AppState>) -> Result<Respons
         .destination_statuses()
         .await
         .map_err(|error| MatrixError::internal("destination listing", &error))?;
-    let now = crate::now_ms();
+    let now = crate::clock::now_ms();
     let destinations = statuses
         .into_iter()
         .map(|status| DestinationRow {

@@ -27,7 +27,7 @@ pub fn routes() -> Router<AppState> {
 }
 
 async fn get_server_key_route(State(state): State<AppState>) -> Json<Value> {
-    let valid_until = crate::now_ms() + state.config.key_validity.as_millis() as i64;
+    let valid_until = crate::clock::now_ms() + state.config.key_validity.as_millis() as i64;
     Json(server_key_document(
         state.config.server_name.as_str(),
         &state.signing_key,

@@ -273,7 +273,7 @@ impl KeyRing {
         let fetch_lock = {
             let mut servers = self.lock_servers();
             if let Some(entry) = servers.get(server_name)
-                && let Some(key) = entry.usable(key_id, crate::now_ms())
+                && let Some(key) = entry.usable(key_id, crate::clock::now_ms())
             {
                 return Ok(key);
             }
@@ -281,7 +281,7 @@ impl KeyRing {
                 return Err(unavailable(reason));
             }
             if !servers.contains_key(server_name) && servers.len() >= self.max_servers {
-                evict(&mut servers, crate::now_ms(), self.max_servers);
+                evict(&mut servers, crate::clock::now_ms(), self.max_servers);
                 if servers.len() >= self.max_servers {
                     // Every entry is being looked up right now: refuse a
                     // new server rather than grow past the bound.
@@ -305,7 +305,7 @@ impl KeyRing {
         {
             let servers = self.lock_servers();
             if let Some(entry) = servers.get(server_name) {
-                if let Some(key) = entry.usable(key_id, crate::now_ms()) {
+                if let Some(key) = entry.usable(key_id, crate::clock::now_ms()) {
                     return Ok(key);
                 }
                 if entry
@@ -373,7 +373,7 @@ impl KeyRing {
         let now = Instant::now();
         match outcome {
             Ok(mut keys) => {
-                let now_ms = crate::now_ms();
+                let now_ms = crate::clock::now_ms();
                 keys.retain(|key| key.valid_until_ts > now_ms);
                 self.remember(server_name, &keys);
                 if let Err(error) = self.store.put_server_keys(keys).await {
@@ -427,7 +427,7 @@ impl KeyRing {
                 Ok(Err(reason)) => return Err(reason),
                 Err(_) => return Err("timed out".to_owned()),
             };
-        validate_server_key_response(server.as_str(), &document, crate::now_ms())
+        validate_server_key_response(server.as_str(), &document, crate::clock::now_ms())
             .map_err(|error| error.to_string())
     }
 
@@ -478,7 +478,7 @@ impl KeyRing {
             .get("server_keys")
             .and_then(Value::as_array)
             .ok_or_else(|| "the answer has no server_keys array".to_owned())?;
-        let now_ms = crate::now_ms();
+        let now_ms = crate::clock::now_ms();
         let mut keys = Vec::new();
         for document in documents {
             // The notary may return other servers' documents too.
@@ -546,7 +546,7 @@ impl KeyRing {
 
     /// Keeps a notary's own keys, fetched directly from it.
     async fn keep_notary_keys(&self, notary: &ServerName, mut notary_keys: Vec<StoredServerKey>) {
-        let now_ms = crate::now_ms();
+        let now_ms = crate::clock::now_ms();
         notary_keys.retain(|k| k.valid_until_ts > now_ms);
         self.remember(notary.as_str(), &notary_keys);
         if let Err(error) = self.store.put_server_keys(notary_keys).await {
@@ -589,7 +589,7 @@ impl KeyRing {
 
     /// Puts the still-valid keys among `keys` into memory.
     fn remember(&self, server_name: &str, keys: &[StoredServerKey]) {
-        let now_ms = crate::now_ms();
+        let now_ms = crate::clock::now_ms();
         let mut servers = self.lock_servers();
         let entry = servers
             .entry(server_name.to_owned())
@@ -618,7 +618,7 @@ impl KeyRing {
     fn usable(&self, server_name: &str, key_id: &str) -> Option<VerifyingKey> {
         self.lock_servers()
             .get(server_name)
-            .and_then(|entry| entry.usable(key_id, crate::now_ms()))
+            .and_then(|entry| entry.usable(key_id, crate::clock::now_ms()))
     }
 
     fn lock_servers(&self) -> std::sync::MutexGuard<'_, HashMap<String, ServerEntry>> {

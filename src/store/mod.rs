@@ -640,7 +640,7 @@ pub async fn claim_worker_name_at_start(
 ) -> Result<(), StoreError> {
     let lease_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
     match store
-        .claim_worker_name(name, crate::now_ms(), lease_ms)
+        .claim_worker_name(name, crate::clock::now_ms(), lease_ms)
         .await
     {
         Err(StoreError::WorkerNameTaken {
@@ -657,7 +657,7 @@ pub async fn claim_worker_name_at_start(
             );
             tokio::time::sleep(std::time::Duration::from_millis(wait.unsigned_abs())).await;
             store
-                .claim_worker_name(name, crate::now_ms(), lease_ms)
+                .claim_worker_name(name, crate::clock::now_ms(), lease_ms)
                 .await
         }
         other => other,

@@ -181,7 +181,7 @@ impl Pruner {
                 _ = shutdown.cancelled() => return,
                 _ = interval.tick() => {}
             }
-            let mut pass = PrunePass::new(&*self.store, crate::now_ms(), self.settings);
+            let mut pass = PrunePass::new(&*self.store, crate::clock::now_ms(), self.settings);
             match pass.finish(&shutdown).await {
                 Ok(()) if pass.batches() > 1 => tracing::info!(
                     batches = pass.batches(),

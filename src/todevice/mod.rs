@@ -206,7 +206,7 @@ impl ToDevice {
             },
             local: split.local,
             remote,
-            now_ms: crate::now_ms(),
+            now_ms: crate::clock::now_ms(),
         };
         match self.store.enqueue_send(batch).await? {
             SendOutcome::Duplicate => {

@@ -210,7 +210,7 @@ async fn scenario(
 ) -> Result<ScenarioResult, DemoError> {
     let sent: usize = receivers.iter().map(|r| r.expect.len()).sum();
     let started = Instant::now();
-    let txn_prefix = format!("{}-{}", crate::now_ms(), name.len());
+    let txn_prefix = format!("{}-{}", crate::clock::now_ms(), name.len());
     let mut in_flight = Vec::new();
     for (i, messages) in sends.into_iter().enumerate() {
         let url = format!(

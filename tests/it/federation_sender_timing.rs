@@ -133,7 +133,7 @@ async fn peer_is_up_resets_the_backoff_and_sends_at_once() {
     // Ten minutes down: the schedule has grown well past a minute.
     tokio::time::sleep(Duration::from_secs(600)).await;
     let retry = h.store.retry_state(&h.dest(0)).await.expect("retry state");
-    let scheduled_in = retry.retry_after_ms - courier::now_ms();
+    let scheduled_in = retry.retry_after_ms - courier::clock::now_ms();
     assert!(retry.failures > 5, "{retry:?}");
     h.fake.script(&Harness::hostname(0), Script::default());
     let asked = Instant::now();
@@ -286,7 +286,7 @@ async fn a_restarted_task_waits_at_most_the_cap_whatever_was_persisted() {
             &dest,
             &courier::store::RetryState {
                 failures: 3,
-                retry_after_ms: courier::now_ms() + thirty_days_ms,
+                retry_after_ms: courier::clock::now_ms() + thirty_days_ms,
                 last_success_ms: None,
                 last_error: Some("before the clock jumped back".to_owned()),
             },

@@ -26,7 +26,7 @@ async fn key_document_over_tls_is_self_signed_and_survives_restart() {
     verify_json(&doc, &relay.server_name, key_id, &verify_key).expect("self-signature verifies");
     let valid_until = doc["valid_until_ts"].as_i64().expect("valid_until_ts");
     assert!(
-        valid_until > courier::now_ms() + 3_600_000,
+        valid_until > courier::clock::now_ms() + 3_600_000,
         "valid for at least an hour"
     );
 

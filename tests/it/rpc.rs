@@ -526,7 +526,7 @@ async fn quarantined_edus_are_listed_retried_and_dropped() {
         },
         local: Vec::new(),
         remote: vec![edu(1), edu(2)],
-        now_ms: courier::now_ms(),
+        now_ms: courier::clock::now_ms(),
     };
     store.enqueue_send(batch).await.expect("queued");
     let queued = store
@@ -536,7 +536,12 @@ async fn quarantined_edus_are_listed_retried_and_dropped() {
     assert_eq!(queued.len(), 2);
     for row in &queued {
         store
-            .quarantine_edu(destination, row.seq, "refused 3 times", courier::now_ms())
+            .quarantine_edu(
+                destination,
+                row.seq,
+                "refused 3 times",
+                courier::clock::now_ms(),
+            )
             .await
             .expect("quarantined");
     }

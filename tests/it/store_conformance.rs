@@ -329,7 +329,7 @@ async fn the_pruner_task_clears_a_backlog_in_its_first_pass() {
             .apply_inbound_txn(inbound(
                 &format!("probe-{probe}"),
                 49_999..50_000,
-                courier::now_ms(),
+                courier::clock::now_ms(),
             ))
             .await
             .expect("probe");

@@ -545,7 +545,7 @@ async fn start_up_waits_out_a_dead_holder_and_refuses_a_live_one() {
     let lease = Duration::from_millis(400);
     let lease_ms = 400;
     let dead = PostgresStore::open(&conninfo).await.expect("open");
-    dead.claim_worker_name("w", courier::now_ms(), lease_ms)
+    dead.claim_worker_name("w", courier::clock::now_ms(), lease_ms)
         .await
         .expect("claim");
     let live = Arc::new(PostgresStore::open(&conninfo).await.expect("open"));
@@ -561,7 +561,7 @@ async fn start_up_waits_out_a_dead_holder_and_refuses_a_live_one() {
         loop {
             assert!(
                 beating
-                    .heartbeat_worker_name("w", courier::now_ms(), lease_ms)
+                    .heartbeat_worker_name("w", courier::clock::now_ms(), lease_ms)
                     .await
                     .expect("beat")
             );

@@ -128,7 +128,7 @@ pub async fn put_transaction_route(
             txn_id: txn_id.clone(),
             response_json: parsed.response_json.clone(),
             edus: parsed.edus,
-            now_ms: crate::now_ms(),
+            now_ms: crate::clock::now_ms(),
         })
         .await
         .map_err(|error| {

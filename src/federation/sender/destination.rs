@@ -214,7 +214,7 @@ impl DestinationTask {
                 // Never longer than `retry.max`, whatever was persisted: a
                 // clock that ran ahead when it was written (and was set
                 // back since) must not stretch the wait.
-                let wait_ms = retry.retry_after_ms.saturating_sub(crate::now_ms());
+                let wait_ms = retry.retry_after_ms.saturating_sub(crate::clock::now_ms());
                 if wait_ms > 0 {
                     let wait = Duration::from_millis(u64::try_from(wait_ms).unwrap_or(u64::MAX))
                         .min(self.shared.config.federation.retry.max);
@@ -296,7 +296,11 @@ impl DestinationTask {
                     self.narrowing = Narrowing::default();
                     return Ok(Step::Drained);
                 }
-                let body = build_body(shared.config.server_name.as_str(), crate::now_ms(), &edus);
+                let body = build_body(
+                    shared.config.server_name.as_str(),
+                    crate::clock::now_ms(),
+                    &edus,
+                );
                 let txn = InFlightTxn {
                     destination: self.destination.clone(),
                     txn_id: shared.txn_ids.next(),
@@ -323,7 +327,12 @@ impl DestinationTask {
         let held = self
             .shared
             .store
-            .acquire_lease(&worker.name, &self.destination, crate::now_ms(), lease_ms)
+            .acquire_lease(
+                &worker.name,
+                &self.destination,
+                crate::clock::now_ms(),
+                lease_ms,
+            )
             .await?;
         if !held {
             tracing::debug!(worker = %worker.name, "destination leased by another worker");
@@ -368,7 +377,7 @@ impl DestinationTask {
         let error = match result {
             Ok(_) => {
                 store
-                    .ack_txn(&self.destination, &txn.txn_id, crate::now_ms())
+                    .ack_txn(&self.destination, &txn.txn_id, crate::clock::now_ms())
                     .await?;
                 // ack_txn also reset the persisted retry state.
                 self.clean = true;
@@ -423,7 +432,7 @@ impl DestinationTask {
         };
         let state = RetryState {
             failures,
-            retry_after_ms: crate::now_ms()
+            retry_after_ms: crate::clock::now_ms()
                 .saturating_add(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX)),
             last_success_ms: previous.last_success_ms,
             last_error: Some(reason.clone()),
@@ -470,7 +479,7 @@ impl DestinationTask {
         if refusals >= self.shared.config.federation.quarantine_after {
             let why = format!("refused {refusals} times alone, last with {status}: {reason}");
             store
-                .quarantine_edu(&self.destination, seq, &why, crate::now_ms())
+                .quarantine_edu(&self.destination, seq, &why, crate::clock::now_ms())
                 .await?;
             self.narrowing.solo_refusals.remove(&seq);
             self.narrowing.limit = None;

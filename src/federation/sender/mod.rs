@@ -106,7 +106,7 @@ impl Sender {
             config,
             store,
             client,
-            txn_ids: TxnIds::new(crate::now_ms()),
+            txn_ids: TxnIds::new(crate::clock::now_ms()),
             send_permits: Semaphore::new(MAX_CONCURRENT_SENDS),
         });
         Sender { shared, commands }
@@ -287,7 +287,7 @@ async fn refresh_gauges(
     let mut reported = reported.lock().await;
     match shared.store.destination_statuses().await {
         Ok(statuses) => {
-            let now = crate::now_ms();
+            let now = crate::clock::now_ms();
             let mut current = HashSet::new();
             for status in statuses {
                 if status.pending_edus == 0 {

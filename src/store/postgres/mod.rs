@@ -193,7 +193,7 @@ impl PostgresStore {
         });
         let store = PostgresStore { inner };
         let mut client = store.client().await?;
-        schema::migrate(&mut client, crate::now_ms()).await?;
+        schema::migrate(&mut client, crate::clock::now_ms()).await?;
         tracing::info!(instance = %store.inner.instance, tls = ?tls_mode, "postgres store open");
         Ok(store)
     }
@@ -503,7 +503,7 @@ impl Store for PostgresStore {
     ) -> StoreFuture<'a, ()> {
         // The trait passes no time: the retry state's activity stamp is the
         // wall clock at the write.
-        let now_ms = crate::now_ms();
+        let now_ms = crate::clock::now_ms();
         Box::pin(on_client!(self, |c| outbox::set_retry_state(
             &c,
             destination,

@@ -115,7 +115,7 @@ impl SqliteStore {
                         std::fs::create_dir_all(parent)?;
                     }
                     let mut conn = schema::open_writer(&thread_path, busy_timeout)?;
-                    schema::migrate(&mut conn, crate::now_ms())?;
+                    schema::migrate(&mut conn, crate::clock::now_ms())?;
                     Ok::<_, StoreError>(conn)
                 })();
                 match setup {
@@ -414,7 +414,7 @@ impl Store for SqliteStore {
         let (destination, state) = (destination.to_owned(), state.clone());
         // The trait passes no time: the retry state's activity stamp is the
         // wall clock at the write.
-        let now_ms = crate::now_ms();
+        let now_ms = crate::clock::now_ms();
         Box::pin(self.write(move |c| outbox::set_retry_state(c, &destination, &state, now_ms)))
     }
 

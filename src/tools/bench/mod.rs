@@ -224,7 +224,7 @@ fn workload_of(args: &BenchArgs) -> Workload {
 }
 
 fn run_id() -> String {
-    format!("bench{}", crate::now_ms())
+    format!("bench{}", crate::clock::now_ms())
 }
 /// Runs the workload with a progress bar on stderr (hidden when stderr is
 /// not a terminal).

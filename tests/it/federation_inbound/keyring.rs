@@ -100,7 +100,12 @@ async fn keyring_fetches_once_caches_in_memory_and_store_and_coalesces() {
     let key = ServerSigningKey::from_seed("a", [1; 32]);
     fetcher.publish(
         "remote.example",
-        server_key_document("remote.example", &key, &[], courier::now_ms() + 86_400_000),
+        server_key_document(
+            "remote.example",
+            &key,
+            &[],
+            courier::clock::now_ms() + 86_400_000,
+        ),
     );
     let ring = Arc::new(KeyRing::with_fetcher(
         store.clone(),
@@ -120,7 +125,7 @@ async fn keyring_fetches_once_caches_in_memory_and_store_and_coalesces() {
     let stored = store.server_keys("remote.example").await.expect("readable");
     assert_eq!(stored.len(), 1);
     assert_eq!(stored[0].key_id, "ed25519:a");
-    assert!(stored[0].valid_until_ts <= courier::now_ms() + 7 * 86_400_000);
+    assert!(stored[0].valid_until_ts <= courier::clock::now_ms() + 7 * 86_400_000);
 
     // A fresh ring over the same store needs no fetch.
     let fresh = KeyRing::with_fetcher(store.clone(), fetcher.clone(), Duration::from_secs(5));
@@ -156,7 +161,7 @@ async fn keyring_rejects_bad_documents_and_caches_failures() {
     let fetcher = MemoryFetcher::new(Duration::ZERO);
     let key = ServerSigningKey::from_seed("a", [1; 32]);
     let impostor = ServerSigningKey::from_seed("a", [2; 32]);
-    let later = courier::now_ms() + 86_400_000;
+    let later = courier::clock::now_ms() + 86_400_000;
     // Names another server.
     fetcher.publish(
         "wrong-name.example",
@@ -170,7 +175,12 @@ async fn keyring_rejects_bad_documents_and_caches_failures() {
     // Expired.
     fetcher.publish(
         "expired.example",
-        server_key_document("expired.example", &key, &[], courier::now_ms() - 1000),
+        server_key_document(
+            "expired.example",
+            &key,
+            &[],
+            courier::clock::now_ms() - 1000,
+        ),
     );
     let ring = KeyRing::with_fetcher(store.clone(), fetcher.clone(), Duration::from_secs(5));
     for server in [
@@ -230,7 +240,7 @@ async fn keyring_refetches_unknown_keys_and_failed_servers_only_after_a_while() 
     let fetcher = MemoryFetcher::new(Duration::ZERO);
     let old_key = ServerSigningKey::from_seed("a", [1; 32]);
     let new_key = ServerSigningKey::from_seed("b", [3; 32]);
-    let later = courier::now_ms() + 86_400_000;
+    let later = courier::clock::now_ms() + 86_400_000;
     fetcher.publish(
         "rotating.example",
         server_key_document("rotating.example", &old_key, &[], later),
@@ -287,7 +297,7 @@ async fn keyring_refetches_unknown_keys_and_failed_servers_only_after_a_while() 
 async fn keyring_falls_back_to_notaries_and_checks_both_signatures() {
     let (_dir, store) = temp_store().await;
     let fetcher = MemoryFetcher::new(Duration::ZERO);
-    let later = courier::now_ms() + 86_400_000;
+    let later = courier::clock::now_ms() + 86_400_000;
     let notary_key = ServerSigningKey::from_seed("n", [9; 32]);
     let impostor = ServerSigningKey::from_seed("n", [10; 32]);
     // The notary answers for itself directly.
@@ -386,7 +396,12 @@ async fn keyring_times_out_a_slow_fetch() {
     let key = ServerSigningKey::from_seed("a", [1; 32]);
     fetcher.publish(
         "slow.example",
-        server_key_document("slow.example", &key, &[], courier::now_ms() + 86_400_000),
+        server_key_document(
+            "slow.example",
+            &key,
+            &[],
+            courier::clock::now_ms() + 86_400_000,
+        ),
     );
     let ring = KeyRing::with_fetcher(store, fetcher, Duration::from_millis(100));
     let result = tokio::time::timeout(

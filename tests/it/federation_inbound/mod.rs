@@ -124,7 +124,7 @@ impl Fixture {
                 server_name: FAKE_ORIGIN.to_owned(),
                 key_id: key.key_id().to_owned(),
                 public_key: key.public_key_base64(),
-                valid_until_ts: courier::now_ms() + 3_600_000,
+                valid_until_ts: courier::clock::now_ms() + 3_600_000,
             }])
             .await
             .expect("test key stored");
@@ -211,7 +211,7 @@ fn to_device_edu(sender: &str, message_id: &str, messages: Value) -> Value {
 }
 
 fn txn_body(edus: Vec<Value>, pdus: Vec<Value>) -> Value {
-    json!({"origin": FAKE_ORIGIN, "origin_server_ts": courier::now_ms(), "pdus": pdus, "edus": edus})
+    json!({"origin": FAKE_ORIGIN, "origin_server_ts": courier::clock::now_ms(), "pdus": pdus, "edus": edus})
 }
 
 fn alice() -> String {

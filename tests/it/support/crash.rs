@@ -66,7 +66,7 @@ pub fn batch(txn_id: &str) -> SendBatch {
         },
         local,
         remote,
-        now_ms: courier::now_ms(),
+        now_ms: courier::clock::now_ms(),
     }
 }
 

@@ -156,7 +156,7 @@ impl Harness {
             },
             local: vec![],
             remote,
-            now_ms: courier::now_ms(),
+            now_ms: courier::clock::now_ms(),
         };
         self.store.enqueue_send(batch).await.expect("enqueue");
         self.handle.wake(&dest);

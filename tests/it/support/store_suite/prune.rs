@@ -220,7 +220,7 @@ pub async fn idle_destinations_are_retired(harness: &Harness) {
     let store = harness.store.clone();
     let s = &*store;
     // `set_retry_state` stamps the wall clock; the backoff ends a minute on.
-    let now = courier::now_ms();
+    let now = courier::clock::now_ms();
     let failing = RetryState {
         failures: 4,
         retry_after_ms: now + 60_000,
