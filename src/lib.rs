@@ -8,6 +8,7 @@ pub mod cli;
 pub mod client_api;
 pub mod cluster;
 pub mod config;
+pub mod e2ee;
 pub mod error;
 pub mod federation;
 pub mod identifiers;

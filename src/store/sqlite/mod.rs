@@ -32,6 +32,7 @@ use crate::store::{
 
 mod devices;
 mod inbox;
+mod keys;
 mod maintenance;
 mod outbox;
 mod schema;

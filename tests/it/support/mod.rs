@@ -16,6 +16,7 @@ pub mod dns_server;
 pub mod fake_remote;
 pub mod http;
 pub mod inhibiting_store;
+pub mod key_store_delegate;
 pub mod outbound_env;
 pub mod pg;
 pub mod relay;
