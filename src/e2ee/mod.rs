@@ -14,7 +14,7 @@ use std::sync::Arc;
 use crate::config::E2eeConfig;
 use crate::identifiers::ServerName;
 use crate::notify::Notifier;
-use crate::store::Store;
+use crate::store::{DeviceKey, Store};
 
 pub use remote::RemoteKeys;
 
@@ -41,6 +41,28 @@ impl E2ee {
             notifier,
             remote,
             config,
+        }
+    }
+
+    /// After a change to one of `user_id`'s devices has committed: wakes
+    /// the `/sync` long-polls of all the user's devices, whose next
+    /// response names the user in `device_lists.changed`. (Best effort: a
+    /// store error only delays the news to the poll's timeout.)
+    pub async fn device_list_changed(&self, user_id: &str) {
+        match self.store.list_devices(user_id).await {
+            Ok(devices) => {
+                let devices: Vec<DeviceKey> = devices
+                    .into_iter()
+                    .map(|device_id| DeviceKey {
+                        user_id: user_id.to_owned(),
+                        device_id,
+                    })
+                    .collect();
+                self.notifier.wake(&devices);
+            }
+            Err(error) => {
+                tracing::warn!(user_id, %error, "listing devices to wake after a device change");
+            }
         }
     }
 }
