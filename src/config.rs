@@ -51,6 +51,7 @@ pub struct Config {
     /// The pruner's schedule (`[store] prune_*`, `destination_retention_hours`).
     pub pruning: PruneConfig,
     pub worker: WorkerConfig,
+    pub e2ee: E2eeConfig,
 }
 
 #[derive(Debug, Clone)]
@@ -151,6 +152,36 @@ pub struct WorkerConfig {
     pub lease_duration: Duration,
 }
 
+/// The E2EE device plane (`[e2ee]`, DESIGN §7).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct E2eeConfig {
+    /// Whether other servers see local devices' display names in
+    /// `/user/keys/query` and `/user/devices` (Synapse's
+    /// `allow_device_name_lookup_over_federation`). Off by default.
+    pub device_names_over_federation: bool,
+    /// The most devices one key query may name or return per request
+    /// (counting a user with an empty list once per returned device), for
+    /// clients and for other servers.
+    pub max_query_devices: usize,
+    /// The most (user, device) pairs one key claim may name.
+    pub max_claim_devices: usize,
+    /// The longest a client's `/keys/query` or `/keys/claim` waits for
+    /// remote servers (the client's `timeout` is capped at this).
+    pub remote_timeout: Duration,
+    /// How many remote servers one client request asks at once.
+    pub remote_concurrency: usize,
+}
+
+impl E2eeConfig {
+    pub const DEFAULTS: E2eeConfig = E2eeConfig {
+        device_names_over_federation: false,
+        max_query_devices: 1_000,
+        max_claim_devices: 1_000,
+        remote_timeout: Duration::from_secs(10),
+        remote_concurrency: 16,
+    };
+}
+
 // ---- raw file shape ---------------------------------------------------------
 
 #[derive(Debug, Deserialize)]
@@ -166,6 +197,7 @@ struct RawConfig {
     rpc: Option<RawRpc>,
     store: Option<RawStore>,
     worker: Option<RawWorker>,
+    e2ee: Option<RawE2ee>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -241,6 +273,16 @@ struct RawStore {
     prune_batch: Option<u32>,
     prune_interval_ms: Option<u64>,
     destination_retention_hours: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawE2ee {
+    device_names_over_federation: Option<bool>,
+    max_query_devices: Option<usize>,
+    max_claim_devices: Option<usize>,
+    remote_timeout_ms: Option<u64>,
+    remote_concurrency: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -580,6 +622,33 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         },
     );
 
+    let e2ee = raw.e2ee.map_or(E2eeConfig::DEFAULTS, |e| {
+        let d = E2eeConfig::DEFAULTS;
+        let config = E2eeConfig {
+            device_names_over_federation: e
+                .device_names_over_federation
+                .unwrap_or(d.device_names_over_federation),
+            max_query_devices: e.max_query_devices.unwrap_or(d.max_query_devices),
+            max_claim_devices: e.max_claim_devices.unwrap_or(d.max_claim_devices),
+            remote_timeout: e
+                .remote_timeout_ms
+                .map_or(d.remote_timeout, Duration::from_millis),
+            remote_concurrency: e.remote_concurrency.unwrap_or(d.remote_concurrency),
+        };
+        if config.max_query_devices == 0
+            || config.max_claim_devices == 0
+            || config.remote_concurrency == 0
+            || config.remote_timeout.is_zero()
+        {
+            problems.push(
+                "[e2ee] max_query_devices, max_claim_devices, remote_concurrency and \
+                 remote_timeout_ms must be at least 1"
+                    .to_owned(),
+            );
+        }
+        config
+    });
+
     if let (Some(name), Some(f)) = (&server_name, &federation)
         && !is_loopback_name(name)
         && f.extra_ca.iter().any(|path| is_development_ca(path))
@@ -615,6 +684,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             store,
             pruning,
             worker,
+            e2ee,
         }),
         _ => Err(ConfigError::Invalid(problems)),
     }

@@ -38,6 +38,11 @@ pub mod rpc;
 /// local inbox rows and remote outbox EDUs, one store write, wake-ups.
 pub mod todevice;
 
+/// The E2EE device plane's domain core (no HTTP): device keys, one-time and
+/// fallback keys, cross-signing keys and device management of local users,
+/// and the fan-out of key queries and claims to other servers.
+pub mod e2ee;
+
 /// Wake-ups for `/sync` long-polls; they carry no data.
 pub mod notify;
 

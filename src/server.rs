@@ -100,6 +100,13 @@ pub async fn run(
         )
         .with_limits(config.client.send_limits),
     );
+    let e2ee = Arc::new(crate::e2ee::E2ee::new(
+        config.server_name.clone(),
+        store.clone(),
+        notifier.clone(),
+        federation_client.clone(),
+        config.e2ee.clone(),
+    ));
     let state = AppState {
         config: config.clone(),
         store: store.clone(),
@@ -107,6 +114,7 @@ pub async fn run(
         notifier,
         sender: sender_handle,
         todevice,
+        e2ee,
         federation_client: federation_client.clone(),
         keyring,
         inbound: Arc::new(crate::federation::inbound::InboundState::default()),

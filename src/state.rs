@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use crate::config::Config;
+use crate::e2ee::E2ee;
 use crate::federation::inbound::inbound_state::InboundState;
 use crate::federation::keyring::KeyRing;
 use crate::federation::outbound::client::FederationClient;
@@ -25,6 +26,8 @@ pub struct AppState {
     pub sender: SenderHandle,
     /// The to-device domain core.
     pub todevice: Arc<ToDevice>,
+    /// The E2EE device plane's domain core.
+    pub e2ee: Arc<E2ee>,
     /// Outbound federation requests (sender, key fetching).
     pub federation_client: Arc<FederationClient>,
     /// Remote server keys for X-Matrix verification.

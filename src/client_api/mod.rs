@@ -7,6 +7,7 @@
 //! does) and does not serve rooms, presence or anything else of `/sync`.
 
 pub mod extract;
+pub mod uia;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -14,9 +14,12 @@
 use std::future::Future;
 use std::pin::Pin;
 
+pub mod keys;
 pub mod postgres;
 pub mod pruner;
 pub mod sqlite;
+
+pub use keys::KeyStore;
 
 /// The future every store operation returns: boxed so that `Store` is usable
 /// as `Arc<dyn Store>` by the server, which picks a backend from config.
@@ -331,8 +334,9 @@ pub enum Wakeup {
     PeerUp(String),
 }
 
-/// The durable store. Each method is one atomic transaction.
-pub trait Store: Send + Sync + 'static {
+/// The durable store. Each method is one atomic transaction. The E2EE
+/// device plane's methods are in the supertrait `KeyStore` (`keys.rs`).
+pub trait Store: KeyStore + Send + Sync + 'static {
     // --- devices and tokens ---------------------------------------------
 
     /// Registers (or re-registers) a local device; with a token, also maps

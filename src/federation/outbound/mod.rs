@@ -15,4 +15,5 @@ pub mod denylist;
 pub mod discovery;
 pub mod dns;
 pub mod lru;
+pub mod user_keys;
 pub mod well_known;

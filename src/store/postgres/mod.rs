@@ -39,6 +39,7 @@ use crate::store::{
 };
 
 mod inbox;
+mod keys;
 mod lease;
 mod outbox;
 mod schema;

@@ -143,3 +143,5 @@ impl Store for CountingStore {
         self.inner.prune(now_ms, retention, batch)
     }
 }
+
+crate::delegate_key_store!(CountingStore, |s| s.inner);

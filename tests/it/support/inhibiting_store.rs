@@ -163,3 +163,5 @@ impl Store for InhibitingStore {
         self.0.prune(now_ms, retention, batch)
     }
 }
+
+crate::delegate_key_store!(InhibitingStore, |s| s.0);

@@ -3,7 +3,8 @@
 //! JSON client for the client and RPC listeners (`http`), fake remote
 //! homeservers and the outbound/sender harnesses (`fake_remote`,
 //! `outbound_env`, `sender_env`, `dns_server`), store wrappers and the shared
-//! store suite (`counting_store`, `inhibiting_store`, `store_suite`), the
+//! store suites (`counting_store`, `inhibiting_store`, `store_suite`,
+//! `store_suite_keys`), the
 //! throwaway PostgreSQL cluster (`pg`), the kill-9 crash harness (`crash`)
 //! and running one test in a child process of this binary (`child`). Every
 //! test module of the `it` binary imports what it needs as
@@ -16,12 +17,15 @@ pub mod dns_server;
 pub mod fake_remote;
 pub mod http;
 pub mod inhibiting_store;
+pub mod key_store_delegate;
 pub mod outbound_env;
 pub mod pg;
 pub mod relay;
 pub mod sender_env;
 #[macro_use]
 pub mod store_suite;
+#[macro_use]
+pub mod store_suite_keys;
 pub mod tls_client;
 
 pub use relay::{TestRelay, TestRelayOptions};
