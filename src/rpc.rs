@@ -2,7 +2,7 @@
 //! (docs/rpc.md documents every route). Every route, `/metrics` included,
 //! requires `Authorization: Bearer <rpc.secret>`, compared in constant
 //! time by one middleware layer (an unknown path is a 404 without it). Handlers parse their input into domain
-//! calls on the store, `todevice` and the sender handle; this module holds
+//! calls on the store, `todevice`, `e2ee` and the sender handle; this module holds
 //! no state and no SQL, and never serves clients (no access tokens here).
 
 use std::time::Duration;

@@ -1,10 +1,13 @@
 //! The to-device part of the client-server API on the `[client]` listener
 //! (SPEC §1): `PUT /sendToDevice/{eventType}/{txnId}`, the to-device subset
 //! of `GET /sync` (long-poll, at most 100 events, acknowledged by the next
-//! `since`), `GET /versions` and `GET /account/whoami`. Authentication
+//! `since`) with its E2EE fields (one-time and fallback key counts and
+//! `device_lists`, SPEC-E2EE §2.5), `GET /versions` and `GET
+//! /account/whoami`; device management is in `devices`. Authentication
 //! happens once, in the `AuthedDevice` extractor; the domain work is in
-//! `todevice`. This module does not register devices or tokens (the RPC
-//! does) and does not serve rooms, presence or anything else of `/sync`.
+//! `todevice` and `e2ee`. This module does not register devices or tokens
+//! (the RPC does) and does not serve rooms, presence or anything else of
+//! `/sync`.
 
 pub mod devices;
 pub mod extract;
