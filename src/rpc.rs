@@ -188,7 +188,7 @@ async fn put_device_route(
     if let Some(display_name) = display_name {
         state
             .e2ee
-            .ensure_display_name(user.as_str(), &device_id, display_name)
+            .rename_device(user.as_str(), &device_id, display_name, Via::Rpc)
             .await?;
     }
     tracing::info!(user_id = %user, device_id, with_token = token.is_some(), "device registered");

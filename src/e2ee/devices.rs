@@ -124,9 +124,11 @@ impl E2ee {
             .find(|device| device.device_id == device_id))
     }
 
-    /// Sets (`Some`) or clears (`None`) a device's display name and logs
-    /// the change, even when the name is the same (as Synapse does: the
-    /// client asked). `UnknownDevice` when the user has no such device.
+    /// Sets (`Some`) or clears (`None`) a device's display name. A new
+    /// name is logged as a device-list change and wakes the user's
+    /// long-polls; the stored name again changes nothing (so the RPC's
+    /// registration on every login logs nothing). `UnknownDevice` when the
+    /// user has no such device.
     pub async fn rename_device(
         &self,
         user_id: &str,
@@ -137,44 +139,25 @@ impl E2ee {
         if let Some(name) = display_name {
             check_display_name(name)?;
         }
+        let unknown = || DeviceRejected::UnknownDevice {
+            device_id: device_id.to_owned(),
+        };
+        let current = self.device(user_id, device_id).await?.ok_or_else(unknown)?;
+        if current.display_name.as_deref() == display_name {
+            return Ok(());
+        }
+        // Deleted since the read: unknown after all.
         let existed = self
             .store
             .set_display_name(user_id, device_id, display_name, crate::now_ms())
             .await?;
         if !existed {
-            return Err(DeviceRejected::UnknownDevice {
-                device_id: device_id.to_owned(),
-            });
+            return Err(unknown());
         }
         metrics::counter!("courier_device_renames_total", "api" => via.as_str()).increment(1);
         tracing::info!(user_id, device_id, api = via.as_str(), "device renamed");
         self.device_list_changed(user_id).await;
         Ok(())
-    }
-
-    /// For the homeserver's device registration: sets the display name
-    /// only when it differs from the stored one, so that registering the
-    /// same device again on every login does not log a change each time.
-    pub async fn ensure_display_name(
-        &self,
-        user_id: &str,
-        device_id: &str,
-        display_name: Option<&str>,
-    ) -> Result<(), DeviceRejected> {
-        if let Some(name) = display_name {
-            check_display_name(name)?;
-        }
-        let current = self.device(user_id, device_id).await?;
-        match current {
-            None => Err(DeviceRejected::UnknownDevice {
-                device_id: device_id.to_owned(),
-            }),
-            Some(device) if device.display_name.as_deref() == display_name => Ok(()),
-            Some(_) => {
-                self.rename_device(user_id, device_id, display_name, Via::Rpc)
-                    .await
-            }
-        }
     }
 
     /// Deletes devices of one user with their access tokens, inbox, device
