@@ -7,6 +7,7 @@
 //! parse requests into its types and map its errors to Matrix errors. Each
 //! operation is one store call (`store::KeyStore`).
 
+pub mod devices;
 pub mod remote;
 
 use std::sync::Arc;

@@ -13,6 +13,7 @@ mod client_api;
 mod crypto;
 mod crypto_ruma;
 mod discovery;
+mod e2ee_devices;
 mod edge_parsers;
 mod federation_inbound;
 mod federation_sender;
