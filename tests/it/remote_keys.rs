@@ -5,7 +5,8 @@
 //! whose IDs do not match, claimed keys of another algorithm or too many)
 //! is dropped and the rest kept; a garbage, non-object or incomplete body
 //! is a `BadResponse`, a 500 a `Refused`, a hanging peer or discovery a
-//! `Timeout`, a denylisted destination `Unreachable` without a request;
+//! `Timeout` (which leaves the host's other connections alone), a
+//! denylisted destination `Unreachable` without a request;
 //! and what was dropped is counted on `/metrics` (alone in a child
 //! process, since the recorder is process-wide).
 
@@ -455,6 +456,38 @@ async fn a_hanging_peer_or_discovery_is_a_timeout_within_the_callers_bound() {
         .await
         .expect_err("discovery never ends");
     assert_eq!(error, RemoteError::Timeout);
+}
+
+#[tokio::test]
+async fn a_callers_timeout_does_not_close_the_hosts_other_connections() {
+    let p = Peer::start_with(|c| c.request_timeout_ms = 600_000).await;
+    let alice = p.user("alice");
+    p.fake
+        .answer(QUERY_PATH, Canned::json(200, json!({"device_keys": {}})));
+    p.client
+        .query_keys(&p.server, query(&[(&alice, &[])]), TIMEOUT)
+        .await
+        .expect("an answer");
+    assert_eq!(p.fake.open_connections(), 1, "one pooled HTTP/2 connection");
+    p.fake.answer(QUERY_PATH, Canned::hang());
+    let error = p
+        .client
+        .query_keys(
+            &p.server,
+            query(&[(&alice, &[])]),
+            Duration::from_millis(500),
+        )
+        .await
+        .expect_err("the peer never answers");
+    assert_eq!(error, RemoteError::Timeout);
+    // Only the hung stream was given up: the connection (which a
+    // transaction could be using) is not closed.
+    let closed = p
+        .fake
+        .wait_for_connections(Duration::from_secs(1), |open| open == 0)
+        .await;
+    assert!(!closed, "the connection stays open");
+    assert_eq!(p.fake.open_connections(), 1);
 }
 
 #[tokio::test]
