@@ -321,6 +321,114 @@ pub fn merge_signatures<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::signing::encode_base64;
+    use ed25519_dalek::{Signer, SigningKey};
+    use serde_json::json;
+
+    fn signed(mut value: Value, user: &str, key_id: &str, key: &SigningKey) -> Value {
+        let bytes = value
+            .as_object()
+            .map(signed_bytes)
+            .and_then(Result::ok)
+            .unwrap_or_default();
+        let signature = encode_base64(&key.sign(&bytes).to_bytes());
+        value["signatures"] = json!({ user: { key_id: signature } });
+        value
+    }
+
+    fn device_keys(key: &SigningKey) -> Value {
+        json!({
+            "user_id": "@a:x", "device_id": "D",
+            "algorithms": ["m.olm.v1.curve25519-aes-sha2"],
+            "keys": {
+                "ed25519:D": encode_base64(key.verifying_key().as_bytes()),
+                "curve25519:D": encode_base64(&[7; 32]),
+            },
+        })
+    }
+
+    #[test]
+    fn device_keys_need_a_self_signature_that_verifies() {
+        let key = SigningKey::from_bytes(&[1; 32]);
+        let good = signed(device_keys(&key), "@a:x", "ed25519:D", &key);
+        let mut with_unsigned = good.clone();
+        with_unsigned["unsigned"] = json!({"device_display_name": "spoof"});
+        let checked = check_device_keys(&with_unsigned, "@a:x", "D");
+        assert!(
+            checked
+                .as_ref()
+                .is_ok_and(|c| !c.object.contains_key("unsigned"))
+        );
+        assert!(matches!(
+            check_device_keys(&good, "@b:x", "D"),
+            Err(KeysRejected::BadJson(_))
+        ));
+        let other = SigningKey::from_bytes(&[2; 32]);
+        let forged = signed(device_keys(&key), "@a:x", "ed25519:D", &other);
+        assert!(matches!(
+            check_device_keys(&forged, "@a:x", "D"),
+            Err(KeysRejected::InvalidSignature(_))
+        ));
+        let mut tampered = good.clone();
+        tampered["algorithms"] = json!([]);
+        assert!(matches!(
+            check_device_keys(&tampered, "@a:x", "D"),
+            Err(KeysRejected::InvalidSignature(_))
+        ));
+    }
+
+    #[test]
+    fn key_objects_are_signed_by_the_device() {
+        let key = SigningKey::from_bytes(&[1; 32]);
+        let vk = key.verifying_key();
+        let object = signed(
+            json!({"key": encode_base64(&[3; 32])}),
+            "@a:x",
+            "ed25519:D",
+            &key,
+        );
+        let check = |value: &Value, fallback| {
+            check_key_object(
+                "k",
+                "signed_curve25519",
+                value,
+                "@a:x",
+                "D",
+                Some(&vk),
+                fallback,
+            )
+        };
+        assert!(check(&object, false).is_ok());
+        assert!(check(&object, true).is_err(), "a fallback key says so");
+        let fallback = signed(
+            json!({"key": encode_base64(&[3; 32]), "fallback": true}),
+            "@a:x",
+            "ed25519:D",
+            &key,
+        );
+        assert!(check(&fallback, true).is_ok());
+        assert!(check(&json!("bare"), false).is_err());
+        assert!(
+            check_key_object("k", "curve25519", &json!("bare"), "@a:x", "D", None, false).is_ok()
+        );
+        assert!(matches!(
+            check_key_object("k", "signed_curve25519", &object, "@a:x", "D", None, false),
+            Err(KeysRejected::InvalidParam(_))
+        ));
+    }
+
+    #[test]
+    fn cross_signing_keys_hold_one_ed25519_key_named_after_itself() {
+        let key = SigningKey::from_bytes(&[5; 32]);
+        let public = encode_base64(key.verifying_key().as_bytes());
+        let good = json!({"user_id": "@a:x", "usage": ["master"], "keys": { format!("ed25519:{public}"): public }});
+        assert!(check_cross_signing_key(&good, "@a:x", CrossSigningKind::Master).is_ok());
+        assert!(check_cross_signing_key(&good, "@a:x", CrossSigningKind::SelfSigning).is_err());
+        assert!(check_cross_signing_key(&good, "@b:x", CrossSigningKind::Master).is_err());
+        let mut misnamed = good.clone();
+        misnamed["keys"] = json!({ "ed25519:other": public });
+        assert!(check_cross_signing_key(&misnamed, "@a:x", CrossSigningKind::Master).is_err());
+    }
 
     #[test]
     fn key_ids_need_exactly_one_colon() {
