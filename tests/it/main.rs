@@ -23,6 +23,7 @@ mod forged_origins;
 mod listener_limits;
 mod outbound_client;
 mod relay_lifecycle;
+mod remote_keys;
 mod rpc;
 mod scenarios;
 mod sender_metrics;
