@@ -347,3 +347,64 @@ async fn bad_federation_key_requests_are_refused_and_claim_nothing() {
         assert_eq!(r.json["errcode"], errcode, "{user}: {}", r.json);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_relays_query_and_claim_each_others_keys() {
+    let a = TestRelay::spawn().await;
+    let b = TestRelay::spawn().await;
+    let alice = TestDevice::register(&a, "alice", "ALICEDEV", 1).await;
+    let bob = TestDevice::register(&b, "bob", "BOBDEV", 2).await;
+    for (relay, device) in [(&a, &alice), (&b, &bob)] {
+        let url = format!("{}/_matrix/client/v3/keys/upload", relay.client_url);
+        let r = relay
+            .http
+            .post_json(
+                &url,
+                Some(&device.token),
+                &json!({
+                    "device_keys": device.device_keys(),
+                    "one_time_keys": device.one_time_keys([1]),
+                    "fallback_keys": {"signed_curve25519:FB": device.key_object(200, true)},
+                }),
+            )
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text);
+    }
+    for (relay, me, them) in [(&a, &alice, &bob), (&b, &bob, &alice)] {
+        let query = format!("{}/_matrix/client/v3/keys/query", relay.client_url);
+        let r = relay
+            .http
+            .post_json(
+                &query,
+                Some(&me.token),
+                &json!({"device_keys": {them.user_id.clone(): []}, "timeout": 20000}),
+            )
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text);
+        assert_eq!(r.json["failures"], json!({}), "{}", r.text);
+        let mut served = r.json["device_keys"][&them.user_id][&them.device_id].clone();
+        if let Some(object) = served.as_object_mut() {
+            object.remove("unsigned");
+        }
+        assert_eq!(served, them.device_keys(), "{}", r.text);
+
+        // The one-time key once, then the fallback key.
+        let claim = format!("{}/_matrix/client/v3/keys/claim", relay.client_url);
+        let body = json!({"one_time_keys": {them.user_id.clone(): {them.device_id.clone(): "signed_curve25519"}}, "timeout": 20000});
+        let r = relay.http.post_json(&claim, Some(&me.token), &body).await;
+        assert_eq!(r.status, 200, "{}", r.text);
+        assert_eq!(
+            r.json["one_time_keys"][&them.user_id][&them.device_id]["signed_curve25519:AAAA001"],
+            them.key_object(1, false),
+            "{}",
+            r.text
+        );
+        let r = relay.http.post_json(&claim, Some(&me.token), &body).await;
+        assert_eq!(
+            r.json["one_time_keys"][&them.user_id][&them.device_id]["signed_curve25519:FB"],
+            them.key_object(200, true),
+            "{}",
+            r.text
+        );
+    }
+}
