@@ -3,7 +3,8 @@
 //! JSON client for the client and RPC listeners (`http`), fake remote
 //! homeservers and the outbound/sender harnesses (`fake_remote`,
 //! `outbound_env`, `sender_env`, `dns_server`), store wrappers and the shared
-//! store suite (`counting_store`, `inhibiting_store`, `store_suite`), the
+//! store suites (`counting_store`, `inhibiting_store`, `store_suite`,
+//! `store_suite_keys`), the
 //! throwaway PostgreSQL cluster (`pg`), the kill-9 crash harness (`crash`)
 //! running one test in a child process of this binary (`child`), and E2EE
 //! test identities with a signed federation client (`e2ee`). Every
@@ -25,6 +26,8 @@ pub mod relay;
 pub mod sender_env;
 #[macro_use]
 pub mod store_suite;
+#[macro_use]
+pub mod store_suite_keys;
 pub mod tls_client;
 
 pub use relay::{TestRelay, TestRelayOptions};
