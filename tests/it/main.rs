@@ -13,6 +13,8 @@ mod client_api;
 mod crypto;
 mod crypto_ruma;
 mod discovery;
+mod e2ee_federation;
+mod e2ee_keys;
 mod edge_parsers;
 mod federation_inbound;
 mod federation_sender;
