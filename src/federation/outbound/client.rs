@@ -19,10 +19,11 @@
 //! its own client in time (the E2EE key queries and claims) passes a bound
 //! for the whole call ([`FederationClient::post_json`],
 //! [`FederationClient::get_json_within`]): discovery and the exchange then
-//! both end by it, and running out is a `Timeout` that closes only that
-//! request's connection (not the authority's others). Every answer body is
-//! read up to `MAX_RESPONSE_BYTES` (4 MiB), past which it is a
-//! `BadResponse`. The per-authority endpoint map is bounded in entries. A request that fails in transport (connect,
+//! both end by it, and running out is a `Timeout` that gives up only that
+//! request (its HTTP/1.1 connection or HTTP/2 stream), not the authority's
+//! other connections. Every answer body is read up to `MAX_RESPONSE_BYTES`
+//! (4 MiB), past which it is a `BadResponse`. The per-authority endpoint
+//! map is bounded in entries. A request that fails in transport (connect,
 //! timeout, unreadable answer) closes every connection to its authority at
 //! once, idle ones included, so a failing host holds no pooled sockets;
 //! `.well-known` connections are never pooled and unsigned requests (key
