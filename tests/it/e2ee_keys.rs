@@ -859,3 +859,53 @@ async fn signatures_are_checked_one_by_one_and_served_merged() {
         .await;
     assert!(r.json["master_keys"][&bob.user_id]["signatures"][&alice.user_id].is_null());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_server_that_never_answers_is_a_failure_within_the_timeout() {
+    let f = Fixture::new().await;
+    // Accepts connections and never says anything (not even TLS).
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = silent.local_addr().expect("addr").port();
+    let holder = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = silent.accept().await {
+            held.push(stream);
+        }
+    });
+    let silent_server = format!("localhost:{port}");
+    let silent_user = format!("@dave:{silent_server}");
+    for (path, body) in [
+        (
+            "keys/query",
+            json!({"device_keys": {f.bob.user_id.clone(): [], silent_user.clone(): []}, "timeout": 1500}),
+        ),
+        (
+            "keys/claim",
+            json!({"one_time_keys": {silent_user.clone(): {"D": "signed_curve25519"}}, "timeout": 1500}),
+        ),
+    ] {
+        let r = f.post(&f.alice, path, &body).await;
+        assert_eq!(r.status, 200, "{path}: {}", r.text);
+        assert_eq!(
+            r.json["failures"][&silent_server]["status"], 503,
+            "{path}: {}",
+            r.text
+        );
+        assert!(
+            r.json.to_string().matches(&silent_user).count() == 0,
+            "{path}: the silent server's user is absent: {}",
+            r.text
+        );
+        if path == "keys/query" {
+            assert_eq!(
+                r.json["device_keys"][&f.bob.user_id],
+                json!({}),
+                "{}",
+                r.text
+            );
+        }
+    }
+    holder.abort();
+}
