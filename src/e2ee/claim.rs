@@ -161,7 +161,7 @@ impl E2ee {
         let mut answer = ClaimAnswer::default();
         if !local.is_empty() {
             let wanted = local.len();
-            let claimed = self.store.claim_keys(local, crate::now_ms()).await?;
+            let claimed = self.store.claim_keys(local, crate::clock::now_ms()).await?;
             let fallback = claimed.iter().filter(|k| k.fallback).count();
             count_claims("one_time", claimed.len() - fallback);
             count_claims("fallback", fallback);

@@ -144,7 +144,7 @@ impl E2ee {
             .collect::<Vec<_>>();
         let kinds = keys.len();
         self.store
-            .put_cross_signing_keys(user_id, keys, crate::now_ms())
+            .put_cross_signing_keys(user_id, keys, crate::clock::now_ms())
             .await?;
         metrics::counter!("courier_e2ee_cross_signing_uploads_total").increment(kinds as u64);
         self.device_list_changed(user_id).await;

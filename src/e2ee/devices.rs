@@ -149,7 +149,7 @@ impl E2ee {
         // Deleted since the read: unknown after all.
         let existed = self
             .store
-            .set_display_name(user_id, device_id, display_name, crate::now_ms())
+            .set_display_name(user_id, device_id, display_name, crate::clock::now_ms())
             .await?;
         if !existed {
             return Err(unknown());
@@ -184,7 +184,7 @@ impl E2ee {
         }
         let deleted = self
             .store
-            .delete_devices(user_id, &device_ids, crate::now_ms())
+            .delete_devices(user_id, &device_ids, crate::clock::now_ms())
             .await?;
         if deleted.is_empty() {
             return Ok(deleted);

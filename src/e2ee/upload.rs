@@ -112,7 +112,7 @@ impl E2ee {
                 device_keys,
                 one_time_keys,
                 fallback_keys,
-                now_ms: crate::now_ms(),
+                now_ms: crate::clock::now_ms(),
             })
             .await?;
         match outcome {

@@ -114,7 +114,7 @@ async fn upload_keys(store: &SqliteStore, user_id: &str, device_id: &str, otks: 
             }),
             one_time_keys: (0..otks).map(|n| key(format!("otk{n}"))).collect(),
             fallback_keys: vec![key("fb".to_owned())],
-            now_ms: courier::now_ms(),
+            now_ms: courier::clock::now_ms(),
         })
         .await
         .expect("upload");
@@ -442,7 +442,7 @@ async fn deleting_needs_the_dummy_stage_then_removes_tokens_keys_and_inbox() {
                 device_id: "B".to_owned(),
                 algorithm: "signed_curve25519".to_owned(),
             }],
-            courier::now_ms(),
+            courier::clock::now_ms(),
         )
         .await
         .expect("claim");

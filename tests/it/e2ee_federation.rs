@@ -44,7 +44,7 @@ impl Fixture {
                 server_name: FAKE_ORIGIN.to_owned(),
                 key_id: key.key_id().to_owned(),
                 public_key: key.public_key_base64(),
-                valid_until_ts: courier::now_ms() + 3_600_000,
+                valid_until_ts: courier::clock::now_ms() + 3_600_000,
             }])
             .await
             .expect("test key stored");
@@ -96,7 +96,7 @@ async fn local_keys_are_served_to_signed_requests() {
             &alice.user_id,
             &alice.device_id,
             Some("Alice's phone"),
-            courier::now_ms(),
+            courier::clock::now_ms(),
         )
         .await
         .expect("display name set");
@@ -190,7 +190,7 @@ async fn display_names_go_out_only_when_configured() {
             &alice.user_id,
             &alice.device_id,
             Some("Alice's phone"),
-            courier::now_ms(),
+            courier::clock::now_ms(),
         )
         .await
         .expect("display name set");
