@@ -18,7 +18,7 @@ use crate::store::keys::{CrossSigningKind, DeviceQuery, NewCrossSigningKey};
 use super::E2ee;
 use super::error::KeysRejected;
 use super::objects::{
-    CheckedCrossSigningKey, check_cross_signing_key, signature_error, stored_object,
+    CheckedCrossSigningKey, canonical_text, check_cross_signing_key, signature_error, stored_object,
 };
 
 const FIELDS: [(&str, CrossSigningKind); 3] = [
@@ -136,12 +136,14 @@ impl E2ee {
         }
         let keys = changed
             .into_iter()
-            .map(|key| NewCrossSigningKey {
-                kind: key.kind,
-                public_key: key.public_key,
-                key_json: Value::Object(key.object).to_string(),
+            .map(|key| {
+                Ok(NewCrossSigningKey {
+                    kind: key.kind,
+                    public_key: key.public_key,
+                    key_json: canonical_text(&Value::Object(key.object))?,
+                })
             })
-            .collect::<Vec<_>>();
+            .collect::<Result<Vec<_>, KeysRejected>>()?;
         let kinds = keys.len();
         self.store
             .put_cross_signing_keys(user_id, keys, crate::clock::now_ms())

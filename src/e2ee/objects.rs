@@ -24,9 +24,10 @@ pub struct CheckedDeviceKeys {
 }
 
 impl CheckedDeviceKeys {
-    /// The object as JSON text, for the store.
-    pub fn json(&self) -> String {
-        Value::Object(self.object.clone()).to_string()
+    /// The object as canonical JSON text, for the store (so an identical
+    /// re-upload is byte-identical whatever the client's key order).
+    pub fn json(&self) -> Result<String, KeysRejected> {
+        canonical_text(&Value::Object(self.object.clone()))
     }
 
     /// Canonical JSON of the `keys` map: the device's identity.
@@ -34,6 +35,12 @@ impl CheckedDeviceKeys {
         let keys = self.object.get("keys").cloned().unwrap_or(Value::Null);
         to_canonical_string(&keys).map_err(|e| KeysRejected::BadJson(e.to_string()))
     }
+}
+
+/// `value` as canonical JSON text (what the store keeps of every key).
+pub fn canonical_text(value: &Value) -> Result<String, KeysRejected> {
+    to_canonical_string(value)
+        .map_err(|e| KeysRejected::BadJson(format!("not canonical JSON: {e}")))
 }
 
 fn bad(message: impl Into<String>) -> KeysRejected {

@@ -17,7 +17,9 @@ use crate::store::keys::{DeviceQuery, KeysUpload, NewKey, UploadOutcome, Uploade
 
 use super::E2ee;
 use super::error::KeysRejected;
-use super::objects::{check_device_keys, check_key_object, split_key_id, stored_object};
+use super::objects::{
+    canonical_text, check_device_keys, check_key_object, split_key_id, stored_object,
+};
 
 /// The algorithm whose count every answer carries, 0 included (clients
 /// read a missing count as 0 and would upload without end otherwise).
@@ -99,7 +101,7 @@ impl E2ee {
         let device_keys = match device_keys {
             Some(checked) => Some(UploadedDeviceKeys {
                 identity: checked.identity()?,
-                json: checked.json(),
+                json: checked.json()?,
             }),
             None => None,
         };
@@ -191,6 +193,6 @@ fn new_key(
     Ok(NewKey {
         algorithm: algorithm.to_owned(),
         key_id: key_id.to_owned(),
-        key_json: value.to_string(),
+        key_json: canonical_text(value)?,
     })
 }

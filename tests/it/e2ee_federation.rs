@@ -6,7 +6,7 @@
 //! refuse. Requests come from a fake origin whose key is put into the
 //! relay's key cache, as in `federation_inbound`.
 
-use crate::support::e2ee::{FedClient, TestDevice};
+use crate::support::e2ee::{FedClient, TestDevice, cross_signing_key, key, public_key, sign};
 use crate::support::{TestRelay, TestRelayOptions};
 use courier::keys::ServerSigningKey;
 use courier::store::sqlite::SqliteStore;
@@ -407,4 +407,90 @@ async fn two_relays_query_and_claim_each_others_keys() {
             r.text
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_users_master_key_is_served_and_signed_through_its_server() {
+    let a = TestRelay::spawn().await;
+    let b = TestRelay::spawn().await;
+    let alice = TestDevice::register(&a, "alice", "ALICEDEV", 1).await;
+    let bob = TestDevice::register(&b, "bob", "BOBDEV", 2).await;
+    // Both upload cross-signing keys: master, and the SSK/USK it signs.
+    let (_, alice_usk) = upload_cross_signing(&a, &alice, 10).await;
+    let (bob_keys, _) = upload_cross_signing(&b, &bob, 20).await;
+
+    let query = format!("{}/_matrix/client/v3/keys/query", a.client_url);
+    let r = a
+        .http
+        .post_json(
+            &query,
+            Some(&alice.token),
+            &json!({"device_keys": {bob.user_id.clone(): []}, "timeout": 20000}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(
+        r.json["master_keys"][&bob.user_id], bob_keys["master_key"],
+        "{}",
+        r.text
+    );
+    assert_eq!(
+        r.json["self_signing_keys"][&bob.user_id],
+        bob_keys["self_signing_key"]
+    );
+    assert_eq!(
+        r.json["user_signing_keys"],
+        json!({}),
+        "never another user's USK"
+    );
+
+    // Alice signs Bob's master key with her USK; A checks it against what
+    // B serves. A key B does not know is refused.
+    let usk_id = format!("ed25519:{}", public_key(&alice_usk));
+    let mut signed = bob_keys["master_key"].clone();
+    sign(&mut signed, &alice.user_id, &usk_id, &alice_usk);
+    let master_pk = public_key(&key(20));
+    let unknown = cross_signing_key(&bob.user_id, "master", &key(77));
+    let url = format!("{}/_matrix/client/v3/keys/signatures/upload", a.client_url);
+    let r = a
+        .http
+        .post_json(
+            &url,
+            Some(&alice.token),
+            &json!({bob.user_id.clone(): {master_pk: signed, public_key(&key(77)): unknown}}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let failures = r.json["failures"][&bob.user_id]
+        .as_object()
+        .expect("one failure")
+        .clone();
+    assert_eq!(failures.len(), 1, "{}", r.text);
+    assert_eq!(failures[&public_key(&key(77))]["errcode"], "M_NOT_FOUND");
+}
+
+/// Uploads master, self-signing and user-signing keys (from seeds `seed`,
+/// `seed + 1`, `seed + 2`) for `device`; returns the body and the USK.
+async fn upload_cross_signing(
+    relay: &TestRelay,
+    device: &TestDevice,
+    seed: u8,
+) -> (Value, ed25519_dalek::SigningKey) {
+    let (master, ssk, usk) = (key(seed), key(seed + 1), key(seed + 2));
+    let master_id = format!("ed25519:{}", public_key(&master));
+    let mut body = json!({
+        "master_key": cross_signing_key(&device.user_id, "master", &master),
+        "self_signing_key": cross_signing_key(&device.user_id, "self_signing", &ssk),
+        "user_signing_key": cross_signing_key(&device.user_id, "user_signing", &usk),
+    });
+    for field in ["self_signing_key", "user_signing_key"] {
+        sign(&mut body[field], &device.user_id, &master_id, &master);
+    }
+    let url = format!(
+        "{}/_matrix/client/v3/keys/device_signing/upload",
+        relay.client_url
+    );
+    let r = relay.http.post_json(&url, Some(&device.token), &body).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    (body, usk)
 }

@@ -173,6 +173,23 @@ async fn keys_are_uploaded_queried_and_claimed_once_then_the_fallback_key() {
         r.json,
         json!({"one_time_key_counts": {"signed_curve25519": 0}})
     );
+    // Counted (the recorder is process-wide, so only presence is checked).
+    let metrics = f
+        .relay
+        .http
+        .get(
+            &format!("{}/metrics", f.relay.rpc_url),
+            Some(&f.relay.rpc_secret),
+        )
+        .await;
+    for series in [
+        "courier_e2ee_key_uploads_total{outcome=\"stored\"}",
+        "courier_e2ee_key_claims_total{result=\"one_time\"}",
+        "courier_e2ee_key_claims_total{result=\"fallback\"}",
+        "courier_e2ee_key_queries_total{kind=\"local\"}",
+    ] {
+        assert!(metrics.text.contains(series), "{series} on /metrics");
+    }
     // An unknown device and an unknown algorithm are absent, not failures.
     let r = f
         .post(
