@@ -11,6 +11,7 @@
 
 pub mod devices;
 pub mod extract;
+pub mod keys;
 pub mod uia;
 
 use std::sync::Arc;
@@ -67,6 +68,7 @@ pub fn router(state: AppState) -> Router {
         .route("/_matrix/client/v3/account/whoami", get(get_whoami_route))
         .route("/_matrix/client/r0/account/whoami", get(get_whoami_route))
         .merge(devices::routes())
+        .merge(keys::routes())
         .fallback(crate::error::unrecognized_route)
         .method_not_allowed_fallback(crate::error::method_not_allowed_route)
         .layer(Extension(send_rate))

@@ -6,7 +6,8 @@
 //! store suites (`counting_store`, `inhibiting_store`, `store_suite`,
 //! `store_suite_keys`), the
 //! throwaway PostgreSQL cluster (`pg`), the kill-9 crash harness (`crash`)
-//! and running one test in a child process of this binary (`child`). Every
+//! running one test in a child process of this binary (`child`), and E2EE
+//! test identities with a signed federation client (`e2ee`). Every
 //! test module of the `it` binary imports what it needs as
 //! `crate::support::…`.
 
@@ -14,6 +15,7 @@ pub mod child;
 pub mod counting_store;
 pub mod crash;
 pub mod dns_server;
+pub mod e2ee;
 pub mod fake_remote;
 pub mod http;
 pub mod inhibiting_store;
