@@ -177,25 +177,6 @@ impl From<SendRejected> for MatrixError {
     }
 }
 
-/// A refused device operation (`e2ee::devices`), as the client API and the
-/// RPC answer it. A long display name is a 400 `M_TOO_LARGE`, as Synapse
-/// answers it; too many devices in one request is the 413 of every other
-/// oversized request.
-impl From<DeviceRejected> for MatrixError {
-    fn from(error: DeviceRejected) -> Self {
-        match error {
-            DeviceRejected::DisplayNameTooLong { .. } => {
-                MatrixError::new(StatusCode::BAD_REQUEST, "M_TOO_LARGE", error.to_string())
-            }
-            DeviceRejected::UnknownDevice { .. } => {
-                MatrixError::not_found_resource(error.to_string())
-            }
-            DeviceRejected::TooManyDevices { .. } => MatrixError::too_large(error.to_string()),
-            DeviceRejected::Store(cause) => MatrixError::internal("device operation", &cause),
-        }
-    }
-}
-
 /// A refused E2EE request (keys, cross-signing, signatures), for the
 /// client API and inbound federation alike. `AuthRequired` never reaches
 /// here on the client API, which answers it with the UIA challenge.
@@ -217,6 +198,25 @@ impl From<KeysRejected> for MatrixError {
             KeysRejected::UnknownDevice => MatrixError::unknown_token(),
             KeysRejected::AuthRequired => MatrixError::unauthorized(message),
             KeysRejected::Store(cause) => MatrixError::internal("e2ee keys", &cause),
+        }
+    }
+}
+
+/// A refused device operation (`e2ee::devices`), as the client API and the
+/// RPC answer it. A long display name is a 400 `M_TOO_LARGE`, as Synapse
+/// answers it; too many devices in one request is the 413 of every other
+/// oversized request.
+impl From<DeviceRejected> for MatrixError {
+    fn from(error: DeviceRejected) -> Self {
+        match error {
+            DeviceRejected::DisplayNameTooLong { .. } => {
+                MatrixError::new(StatusCode::BAD_REQUEST, "M_TOO_LARGE", error.to_string())
+            }
+            DeviceRejected::UnknownDevice { .. } => {
+                MatrixError::not_found_resource(error.to_string())
+            }
+            DeviceRejected::TooManyDevices { .. } => MatrixError::too_large(error.to_string()),
+            DeviceRejected::Store(cause) => MatrixError::internal("device operation", &cause),
         }
     }
 }

@@ -646,6 +646,19 @@ async fn a_long_poll_returns_early_when_a_device_of_the_user_changes() {
         assert_eq!(changed(&response), vec![alice.clone()], "{change}");
         assert_eq!(response.json["to_device"]["events"], json!([]));
     }
+
+    // A change already logged when the long-poll starts (written through
+    // another store handle, so nothing wakes anyone) is answered at once,
+    // not after the timeout: the first read checks the device-list log too.
+    let since = next_batch(&relay.sync(&alice_a, None, 0).await);
+    upload_keys(&store(&relay).await, &alice, "A", 1).await;
+    let response = tokio::time::timeout(
+        Duration::from_secs(50),
+        relay.sync(&alice_a, Some(&since), 60_000),
+    )
+    .await
+    .expect("a pending change answers well before the 60 s timeout");
+    assert_eq!(changed(&response), vec![alice.clone()]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
