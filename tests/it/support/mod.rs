@@ -4,8 +4,9 @@
 //! homeservers and the outbound/sender harnesses (`fake_remote`,
 //! `outbound_env`, `sender_env`, `dns_server`), store wrappers and the shared
 //! store suite (`counting_store`, `inhibiting_store`, `store_suite`), the
-//! throwaway PostgreSQL cluster (`pg`), the kill-9 crash harness (`crash`)
-//! and running one test in a child process of this binary (`child`). Every
+//! throwaway PostgreSQL cluster (`pg`), the kill-9 crash harness (`crash`),
+//! a matrix-rust-sdk `OlmMachine` driven over a relay's client API
+//! (`olm_peer`) and running one test in a child process of this binary (`child`). Every
 //! test module of the `it` binary imports what it needs as
 //! `crate::support::…`.
 
@@ -17,6 +18,7 @@ pub mod fake_remote;
 pub mod http;
 pub mod inhibiting_store;
 pub mod key_store_delegate;
+pub mod olm_peer;
 pub mod outbound_env;
 pub mod pg;
 pub mod relay;
