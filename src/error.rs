@@ -7,6 +7,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
+use crate::e2ee::error::KeysRejected;
 use crate::todevice::SendRejected;
 
 /// A Matrix error response: status, errcode and a human-readable message.
@@ -171,6 +172,31 @@ impl From<SendRejected> for MatrixError {
             | SendRejected::TooManyRecipients { .. }
             | SendRejected::TooManyDestinations { .. } => MatrixError::too_large(error.to_string()),
             SendRejected::Store(cause) => MatrixError::internal("to-device send", &cause),
+        }
+    }
+}
+
+/// A refused E2EE request (keys, cross-signing, signatures), for the
+/// client API and inbound federation alike. `AuthRequired` never reaches
+/// here on the client API, which answers it with the UIA challenge.
+impl From<KeysRejected> for MatrixError {
+    fn from(error: KeysRejected) -> Self {
+        let message = error.to_string();
+        match error {
+            KeysRejected::BadJson(_) => MatrixError::bad_json(message),
+            KeysRejected::MissingParam(_) => MatrixError::missing_param(message),
+            KeysRejected::InvalidParam(_) | KeysRejected::NotLocal(_) => {
+                MatrixError::invalid_param(message)
+            }
+            KeysRejected::InvalidSignature(_) => {
+                MatrixError::new(StatusCode::BAD_REQUEST, "M_INVALID_SIGNATURE", message)
+            }
+            KeysRejected::TooLarge(_) => MatrixError::too_large(message),
+            KeysRejected::KeyIdInUse(_) => MatrixError::forbidden(message),
+            KeysRejected::UnknownKey(_) => MatrixError::not_found_resource(message),
+            KeysRejected::UnknownDevice => MatrixError::unknown_token(),
+            KeysRejected::AuthRequired => MatrixError::unauthorized(message),
+            KeysRejected::Store(cause) => MatrixError::internal("e2ee keys", &cause),
         }
     }
 }

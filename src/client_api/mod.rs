@@ -7,6 +7,7 @@
 //! does) and does not serve rooms, presence or anything else of `/sync`.
 
 pub mod extract;
+pub mod keys;
 pub mod uia;
 
 use std::sync::Arc;
@@ -62,6 +63,7 @@ pub fn router(state: AppState) -> Router {
         .route("/_matrix/client/r0/sync", get(get_sync_route))
         .route("/_matrix/client/v3/account/whoami", get(get_whoami_route))
         .route("/_matrix/client/r0/account/whoami", get(get_whoami_route))
+        .merge(keys::routes())
         .fallback(crate::error::unrecognized_route)
         .method_not_allowed_fallback(crate::error::method_not_allowed_route)
         .layer(Extension(send_rate))

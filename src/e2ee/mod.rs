@@ -7,7 +7,15 @@
 //! parse requests into its types and map its errors to Matrix errors. Each
 //! operation is one store call (`store::KeyStore`).
 
+pub mod claim;
+pub mod cross_signing;
+pub mod error;
+mod fanout;
+pub mod objects;
+pub mod query;
 pub mod remote;
+pub mod signatures;
+pub mod upload;
 
 use std::sync::Arc;
 

@@ -252,7 +252,8 @@ pub trait KeyStore: Send + Sync {
     fn user_devices(&self, queries: Vec<DeviceQuery>) -> StoreFuture<'_, Vec<UserDevices>>;
 
     /// Sets (or with `None` clears) a device's display name. Returns false
-    /// when the device is not registered. A change is logged.
+    /// when the device is not registered. A change is logged when the name
+    /// differs from the stored one (setting the same name logs nothing).
     fn set_display_name<'a>(
         &'a self,
         user_id: &'a str,
@@ -273,8 +274,10 @@ pub trait KeyStore: Send + Sync {
 
     /// Stores the given cross-signing keys of a user (each replacing the
     /// stored key of its kind) and logs one change for the user's
-    /// cross-signing keys, atomically. The caller has decided that the
-    /// replacement is allowed.
+    /// cross-signing keys, atomically (nothing is logged when every key is
+    /// identical to the stored one). The signatures of a replaced public key
+    /// are deleted with it. The caller has decided that the replacement is
+    /// allowed.
     fn put_cross_signing_keys<'a>(
         &'a self,
         user_id: &'a str,
@@ -282,8 +285,10 @@ pub trait KeyStore: Send + Sync {
         now_ms: TimestampMs,
     ) -> StoreFuture<'a, ()>;
 
-    /// Stores verified signatures (an identical one again is skipped) and
-    /// logs a change for each signed device or cross-signing key.
+    /// Stores verified signatures (an identical one again is skipped; a new
+    /// one by the same signer key replaces the old in its place) and logs a
+    /// change for each device and each user's cross-signing keys that got a
+    /// new signature.
     fn put_signatures(
         &self,
         signatures: Vec<StoredSignature>,

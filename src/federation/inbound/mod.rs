@@ -1,7 +1,9 @@
 //! Inbound federation: the X-Matrix auth extractor ([`auth`]), request
 //! bodies kept as checked JSON bytes ([`json`]), the `/send` body parser
-//! ([`transaction`]), the per-origin rate limit ([`rate_limit`])
-//! and `PUT /_matrix/federation/v1/send/{txnId}` ([`send`]).
+//! ([`transaction`]), the per-origin rate limit ([`rate_limit`]),
+//! `PUT /_matrix/federation/v1/send/{txnId}` ([`send`]) and the E2EE key
+//! endpoints `/user/keys/query`, `/user/keys/claim`, `/user/devices`
+//! ([`user_keys`]).
 //!
 //! It owns what a remote server may make us store: nothing reaches the store
 //! from here unless the request's X-Matrix signature verified, the body
@@ -21,9 +23,10 @@ pub mod json;
 pub mod rate_limit;
 pub mod send;
 pub mod transaction;
+pub mod user_keys;
 
 use axum::Router;
-use axum::routing::put;
+use axum::routing::{get, post, put};
 
 use crate::state::AppState;
 
@@ -42,5 +45,19 @@ pub fn routes() -> Router<AppState> {
         .route(
             "/_matrix/federation/v1/send/{txn_id}/",
             put(send::put_transaction_route).fallback(crate::error::method_not_allowed_route),
+        )
+        .route(
+            "/_matrix/federation/v1/user/keys/query",
+            post(user_keys::post_user_keys_query_route)
+                .fallback(crate::error::method_not_allowed_route),
+        )
+        .route(
+            "/_matrix/federation/v1/user/keys/claim",
+            post(user_keys::post_user_keys_claim_route)
+                .fallback(crate::error::method_not_allowed_route),
+        )
+        .route(
+            "/_matrix/federation/v1/user/devices/{user_id}",
+            get(user_keys::get_user_devices_route).fallback(crate::error::method_not_allowed_route),
         )
 }

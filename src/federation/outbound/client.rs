@@ -15,8 +15,13 @@
 //! exchange under `request_timeout_ms`, so a whole request is bounded by
 //! their sum; the sender resolves first ([`FederationClient::resolve`],
 //! outside its send permits) and then sends to that endpoint
-//! ([`FederationClient::send_transaction_to`]). The per-authority endpoint
-//! map is bounded in entries. A request that fails in transport (connect,
+//! ([`FederationClient::send_transaction_to`]). A caller that must answer
+//! its own client in time (the E2EE key queries and claims) passes a bound
+//! for the whole call ([`FederationClient::post_json`],
+//! [`FederationClient::get_json_within`]): discovery and the exchange then
+//! both end by it, and running out is a `Timeout`. Every answer body is
+//! read up to `MAX_RESPONSE_BYTES` (4 MiB), past which it is a
+//! `BadResponse`. The per-authority endpoint map is bounded in entries. A request that fails in transport (connect,
 //! timeout, unreadable answer) closes every connection to its authority at
 //! once, idle ones included, so a failing host holds no pooled sockets;
 //! `.well-known` connections are never pooled and unsigned requests (key
@@ -34,6 +39,7 @@ use hyper::body::Bytes;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use serde_json::Value;
+use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
 
 use crate::config::Config;
@@ -184,6 +190,31 @@ impl FederationClient {
         path_and_query: &str,
         signed: bool,
     ) -> Result<Value, ClientError> {
+        self.get_json_inner(destination, path_and_query, signed, None)
+            .await
+    }
+
+    /// As [`get_json`](Self::get_json), with the whole call (discovery
+    /// included) bounded by `within`: past it, `ClientError::Timeout`.
+    pub async fn get_json_within(
+        &self,
+        destination: &ServerName,
+        path_and_query: &str,
+        signed: bool,
+        within: Duration,
+    ) -> Result<Value, ClientError> {
+        let deadline = Instant::now() + within;
+        self.get_json_inner(destination, path_and_query, signed, Some(deadline))
+            .await
+    }
+
+    async fn get_json_inner(
+        &self,
+        destination: &ServerName,
+        path_and_query: &str,
+        signed: bool,
+        deadline: Option<Instant>,
+    ) -> Result<Value, ClientError> {
         let sign = if signed {
             Sign::ParsedBody
         } else {
@@ -199,6 +230,36 @@ impl FederationClient {
             body: None,
             sign,
             answer: Answer::JsonObject,
+            deadline,
+        };
+        self.request(target, out).await
+    }
+
+    /// `POST https://<destination><path>` with `body` sent as canonical
+    /// JSON, X-Matrix signed over exactly those bytes; a 2xx JSON object
+    /// body, else an error. The whole call (discovery included) is bounded
+    /// by `within`: past it, `ClientError::Timeout`.
+    pub async fn post_json(
+        &self,
+        destination: &ServerName,
+        path: &str,
+        body: &Value,
+        within: Duration,
+    ) -> Result<Value, ClientError> {
+        let deadline = Instant::now() + within;
+        let bytes = crate::canonical_json::to_canonical_bytes(body)
+            .map_err(|e| ClientError::Request(format!("request body: {e}")))?;
+        let target = Target {
+            destination,
+            endpoint: None,
+        };
+        let out = Outgoing {
+            method: Method::POST,
+            path_and_query: path,
+            body: Some(&bytes),
+            sign: Sign::CanonicalBody,
+            answer: Answer::JsonObject,
+            deadline: Some(deadline),
         };
         self.request(target, out).await
     }
@@ -254,16 +315,30 @@ impl FederationClient {
             body: Some(body),
             sign,
             answer: Answer::Accepted,
+            deadline: None,
         };
         self.request(target, out).await
     }
 
     /// One request; on a transport failure every connection to the
-    /// authority is closed.
+    /// authority is closed. Discovery (when the target is not resolved yet)
+    /// and the exchange both end at the request's deadline, if it has one.
     async fn request(&self, target: Target<'_>, out: Outgoing<'_>) -> Result<Value, ClientError> {
-        let endpoint = match target.endpoint {
-            Some(endpoint) => endpoint.clone(),
-            None => self.discovery.resolve(target.destination).await?,
+        let endpoint = match (target.endpoint, out.deadline) {
+            (Some(endpoint), _) => endpoint.clone(),
+            (None, None) => self.discovery.resolve(target.destination).await?,
+            (None, Some(deadline)) => {
+                match tokio::time::timeout_at(deadline, self.discovery.resolve(target.destination))
+                    .await
+                {
+                    Ok(resolved) => resolved?,
+                    Err(_) => {
+                        return Err(ClientError::Timeout {
+                            destination: target.destination.as_str().to_owned(),
+                        });
+                    }
+                }
+            }
         };
         let authority = endpoint.host_header.clone();
         let result = self.exchange(target.destination, endpoint, out).await;
@@ -287,6 +362,7 @@ impl FederationClient {
             body,
             sign,
             answer,
+            deadline,
         } = out;
         let dest = destination.as_str();
         let authority = endpoint.host_header.clone();
@@ -381,8 +457,12 @@ impl FederationClient {
                 .to_bytes();
             Ok::<_, ClientError>((status, retry_after_header, bytes))
         };
+        let mut until = Instant::now() + self.request_timeout;
+        if let Some(deadline) = deadline {
+            until = until.min(deadline);
+        }
         let (status, retry_after_header, bytes) =
-            match tokio::time::timeout(self.request_timeout, exchange).await {
+            match tokio::time::timeout_at(until, exchange).await {
                 Ok(result) => result?,
                 Err(_) => {
                     return Err(ClientError::Timeout {
@@ -423,6 +503,9 @@ struct Outgoing<'a> {
     body: Option<&'a [u8]>,
     sign: Sign,
     answer: Answer,
+    /// When the whole call must have ended (discovery included), if the
+    /// caller set a bound tighter than the client's own timeouts.
+    deadline: Option<Instant>,
 }
 
 /// Whom a request goes to, and where if already resolved.

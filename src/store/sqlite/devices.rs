@@ -24,21 +24,6 @@ pub fn upsert_device(
     Ok(())
 }
 
-pub fn delete_device(
-    conn: &Connection,
-    user_id: &str,
-    device_id: &str,
-) -> Result<bool, StoreError> {
-    conn.prepare_cached("DELETE FROM access_tokens WHERE user_id = ?1 AND device_id = ?2")?
-        .execute((user_id, device_id))?;
-    conn.prepare_cached("DELETE FROM device_inbox WHERE user_id = ?1 AND device_id = ?2")?
-        .execute((user_id, device_id))?;
-    let n = conn
-        .prepare_cached("DELETE FROM devices WHERE user_id = ?1 AND device_id = ?2")?
-        .execute((user_id, device_id))?;
-    Ok(n > 0)
-}
-
 pub fn list_devices(conn: &Connection, user_id: &str) -> Result<Vec<String>, StoreError> {
     let mut stmt =
         conn.prepare_cached("SELECT device_id FROM devices WHERE user_id = ?1 ORDER BY device_id")?;

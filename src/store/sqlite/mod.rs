@@ -25,11 +25,12 @@ use rusqlite::Connection;
 use tokio::sync::{Semaphore, oneshot};
 
 use crate::store::{
-    DestinationStatus, DeviceKey, InFlightTxn, InboundOutcome, InboundTxn, InboxPage, OutboxEdu,
-    PruneReport, QuarantinedEdu, Retention, RetryState, SendBatch, SendOutcome, Store, StoreError,
-    StoreFuture, StoredServerKey, TimestampMs,
+    DestinationStatus, DeviceKey, InFlightTxn, InboundOutcome, InboundTxn, InboxPage, KeyStore,
+    OutboxEdu, PruneReport, QuarantinedEdu, Retention, RetryState, SendBatch, SendOutcome, Store,
+    StoreError, StoreFuture, StoredServerKey, TimestampMs,
 };
 
+mod device_changes;
 mod devices;
 mod inbox;
 mod keys;
@@ -274,8 +275,14 @@ impl Store for SqliteStore {
     }
 
     fn delete_device<'a>(&'a self, user_id: &'a str, device_id: &'a str) -> StoreFuture<'a, bool> {
-        let (user_id, device_id) = (user_id.to_owned(), device_id.to_owned());
-        Box::pin(self.write(move |c| devices::delete_device(c, &user_id, &device_id)))
+        // The same deletion as `KeyStore::delete_devices` (keys, signatures,
+        // a logged change); the trait passes no time, so the change is
+        // stamped with the wall clock.
+        Box::pin(async move {
+            let ids = [device_id.to_owned()];
+            let deleted = self.delete_devices(user_id, &ids, crate::now_ms()).await?;
+            Ok(!deleted.is_empty())
+        })
     }
 
     fn list_devices<'a>(&'a self, user_id: &'a str) -> StoreFuture<'a, Vec<String>> {

@@ -7,7 +7,10 @@
 //! records every `/send` with its txnId, body, arrival time, `Authorization`
 //! header and whether another `/send` for the same host was in progress
 //! (the overlap counter), and serves scripted `/.well-known/matrix/server`
-//! answers (or stalls them). It also counts its open connections.
+//! answers (or stalls them). It also counts its open connections. Any other
+//! request is recorded with its method and body, and answered with the
+//! answer canned for its path if there is one (the E2EE key endpoints),
+//! else 404 (or the `/version` document).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -133,6 +136,49 @@ pub struct OtherRequest {
     pub path: String,
     pub host: Option<String>,
     pub authorization: Option<String>,
+    pub method: String,
+    /// The body as received (lossy UTF-8).
+    pub body: String,
+}
+
+impl OtherRequest {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).expect("the request body is JSON")
+    }
+}
+
+/// The answer the fake gives to every request for one path.
+#[derive(Debug, Clone)]
+pub struct Canned {
+    pub status: u16,
+    pub body: String,
+    /// Never answer (the request is still recorded).
+    pub hang: bool,
+}
+
+impl Canned {
+    pub fn json(status: u16, body: serde_json::Value) -> Canned {
+        Canned {
+            status,
+            body: body.to_string(),
+            hang: false,
+        }
+    }
+    /// A 200 with `body` as it is (not necessarily JSON).
+    pub fn text(body: &str) -> Canned {
+        Canned {
+            status: 200,
+            body: body.to_owned(),
+            hang: false,
+        }
+    }
+    pub fn hang() -> Canned {
+        Canned {
+            status: 200,
+            body: String::new(),
+            hang: true,
+        }
+    }
 }
 
 /// A scripted `.well-known` answer.
@@ -153,6 +199,8 @@ struct Inner {
     well_known: HashMap<String, WellKnown>,
     well_known_fetches: HashMap<String, u32>,
     other_requests: Vec<OtherRequest>,
+    /// Path (without query) → the answer to other requests for it.
+    canned: HashMap<String, Canned>,
     refuse_tls: bool,
     /// Hostnames whose `.well-known` request never gets an answer.
     stalled_well_known: std::collections::HashSet<String>,
@@ -333,6 +381,13 @@ impl FakeRemote {
             .into_iter()
             .filter(|r| hostname_of(&r.host) == hostname)
             .collect()
+    }
+
+    /// Answers every other request for `path` (without query) with
+    /// `canned`, instead of 404.
+    pub fn answer(&self, path: &str, canned: Canned) {
+        let mut inner = self.shared.inner.lock().expect("lock");
+        inner.canned.insert(path.to_owned(), canned);
     }
 
     /// Requests other than `/send` and `.well-known`.
@@ -569,17 +624,35 @@ async fn other_route(State(shared): State<Shared>, request: axum::extract::Reque
         .map(|p| p.as_str().to_owned())
         .unwrap_or_default();
     let headers = request.headers().clone();
-    shared
-        .inner
-        .lock()
-        .expect("lock")
-        .other_requests
-        .push(OtherRequest {
+    let host = Some(host_of(&headers, request.uri()));
+    let method = request.method().as_str().to_owned();
+    let bare_path = request.uri().path().to_owned();
+    let body = axum::body::to_bytes(request.into_body(), 16 * 1024 * 1024)
+        .await
+        .unwrap_or_default();
+    let canned = {
+        let mut inner = shared.inner.lock().expect("lock");
+        inner.other_requests.push(OtherRequest {
             path: path.clone(),
-            host: Some(host_of(&headers, request.uri())),
+            host,
             authorization: header(&headers, "authorization"),
+            method,
+            body: String::from_utf8_lossy(&body).into_owned(),
         });
+        inner.canned.get(&bare_path).cloned()
+    };
     shared.changed.notify_waiters();
+    if let Some(canned) = canned {
+        if canned.hang {
+            std::future::pending::<()>().await;
+        }
+        let status = StatusCode::from_u16(canned.status).expect("valid status");
+        let mut response = (status, canned.body).into_response();
+        response
+            .headers_mut()
+            .insert("content-type", HeaderValue::from_static("application/json"));
+        return response;
+    }
     if path.starts_with("/_matrix/federation/v1/version") {
         return (
             StatusCode::OK,

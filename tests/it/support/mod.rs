@@ -3,10 +3,12 @@
 //! JSON client for the client and RPC listeners (`http`), fake remote
 //! homeservers and the outbound/sender harnesses (`fake_remote`,
 //! `outbound_env`, `sender_env`, `dns_server`), store wrappers and the shared
-//! store suite (`counting_store`, `inhibiting_store`, `store_suite`), the
-//! throwaway PostgreSQL cluster (`pg`), the kill-9 crash harness (`crash`),
-//! a matrix-rust-sdk `OlmMachine` driven over a relay's client API
-//! (`olm_peer`) and running one test in a child process of this binary (`child`). Every
+//! store suites (`counting_store`, `inhibiting_store`, `store_suite`,
+//! `store_suite_keys`), the throwaway PostgreSQL cluster (`pg`), the kill-9
+//! crash harness (`crash`), running one test in a child process of this
+//! binary (`child`), E2EE test identities with a signed federation client
+//! (`e2ee`), and a matrix-rust-sdk `OlmMachine` driven over a relay's
+//! client API (`olm_peer`). Every
 //! test module of the `it` binary imports what it needs as
 //! `crate::support::…`.
 
@@ -14,6 +16,7 @@ pub mod child;
 pub mod counting_store;
 pub mod crash;
 pub mod dns_server;
+pub mod e2ee;
 pub mod fake_remote;
 pub mod http;
 pub mod inhibiting_store;
@@ -25,6 +28,8 @@ pub mod relay;
 pub mod sender_env;
 #[macro_use]
 pub mod store_suite;
+#[macro_use]
+pub mod store_suite_keys;
 pub mod tls_client;
 
 pub use relay::{TestRelay, TestRelayOptions};

@@ -27,6 +27,8 @@ pub struct TestRelayOptions {
     pub ip_server_name: bool,
     /// Extra TOML lines appended to the `[client]` section.
     pub client_extra: String,
+    /// TOML lines of the `[e2ee]` section.
+    pub e2ee_extra: String,
 }
 
 impl Default for TestRelayOptions {
@@ -35,6 +37,7 @@ impl Default for TestRelayOptions {
             federation_extra: "retry_initial_ms = 200\nretry_max_ms = 2000\n".to_owned(),
             ip_server_name: false,
             client_extra: String::new(),
+            e2ee_extra: String::new(),
         }
     }
 }
@@ -118,6 +121,8 @@ bind = "127.0.0.1:{rpc}"
 secret = "{secret}"
 [store]
 sqlite = "{dir}/courier.db"
+[e2ee]
+{e2ee_extra}
 "#,
             server_name = self.server_name,
             dir = self.dir.display(),
@@ -128,6 +133,7 @@ sqlite = "{dir}/courier.db"
             secret = self.rpc_secret,
             extra = self.options.federation_extra,
             client_extra = self.options.client_extra,
+            e2ee_extra = self.options.e2ee_extra,
         );
         Config::from_toml_str(&text, "test relay", std::iter::empty()).expect("valid test config")
     }

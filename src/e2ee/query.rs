@@ -1,0 +1,275 @@
+//! `E2ee::query_keys` (`POST /keys/query` for clients, SPEC-E2EE §2.2, and
+//! `POST /user/keys/query` for other servers, §3.2): local users' device
+//! keys and cross-signing keys from one `KeyStore::user_devices` call, with
+//! their separately stored signatures merged back in and the display name
+//! in `unsigned`; remote users' keys asked of their servers, one request per
+//! server, concurrently and within the request's timeout. A server that
+//! fails lands in `failures` and its users are left out (never `{user: {}}`:
+//! clients would take that as "all devices deleted"). Remote answers are
+//! passed on as received (their signatures cover them).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde_json::{Map, Value, json};
+
+use crate::identifiers::{ServerName, UserId};
+use crate::store::keys::{CrossSigningKind, DeviceQuery, StoredSignature, UserDevices};
+
+use super::E2ee;
+use super::error::KeysRejected;
+use super::fanout::ask_servers;
+use super::objects::{merge_signatures, stored_object};
+use super::remote::{RemoteQuery, RemoteQueryAnswer};
+
+/// The `timeout` a client gets when it names none (SPEC-E2EE §2.2).
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Who asks: a local user (through the client API) or another server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Asker<'a> {
+    User(&'a str),
+    Server,
+}
+
+/// A parsed key query: user → wanted device IDs (empty: all).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyQuery {
+    pub users: BTreeMap<UserId, Vec<String>>,
+    /// How long remote servers may take (capped by the configuration).
+    pub timeout: Duration,
+}
+
+/// The answer, in the shape of the response body.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct QueryAnswer {
+    pub device_keys: Map<String, Value>,
+    pub master_keys: Map<String, Value>,
+    pub self_signing_keys: Map<String, Value>,
+    pub user_signing_keys: Map<String, Value>,
+    pub failures: Map<String, Value>,
+}
+
+impl QueryAnswer {
+    /// The client API's body: every map, `failures` included.
+    pub fn into_client_json(self) -> Value {
+        json!({
+            "device_keys": self.device_keys,
+            "master_keys": self.master_keys,
+            "self_signing_keys": self.self_signing_keys,
+            "user_signing_keys": self.user_signing_keys,
+            "failures": self.failures,
+        })
+    }
+
+    /// The federation body: no `failures`, no `user_signing_keys`.
+    pub fn into_federation_json(self) -> Value {
+        json!({
+            "device_keys": self.device_keys,
+            "master_keys": self.master_keys,
+            "self_signing_keys": self.self_signing_keys,
+        })
+    }
+}
+
+/// A client's `timeout` in milliseconds from the body (or, as Synapse reads
+/// it, the query string), capped at `cap`.
+pub fn request_timeout(
+    body: &Map<String, Value>,
+    query_param: Option<u64>,
+    cap: Duration,
+) -> Result<Duration, KeysRejected> {
+    let millis = match body.get("timeout") {
+        None | Some(Value::Null) => query_param,
+        Some(value) => Some(value.as_u64().ok_or_else(|| {
+            KeysRejected::BadJson("timeout must be a non-negative integer".into())
+        })?),
+    };
+    Ok(millis
+        .map(Duration::from_millis)
+        .unwrap_or(DEFAULT_TIMEOUT)
+        .min(cap))
+}
+
+/// Whether a stored signature may be shown to `asker` on a key of `owner`:
+/// the owner's own signatures always, the asker's own to that asker.
+fn visible(signature: &StoredSignature, owner: &str, asker: Asker<'_>) -> bool {
+    signature.signer_user_id == owner || asker == Asker::User(&signature.signer_user_id)
+}
+
+impl E2ee {
+    /// Parses `{"device_keys": {user: [device…]}}` and checks the size
+    /// limit (a user with an empty list counts as one device here, and as
+    /// its devices once they are known).
+    pub fn parse_key_query(
+        &self,
+        body: &Map<String, Value>,
+        timeout: Duration,
+    ) -> Result<KeyQuery, KeysRejected> {
+        let wanted = match body.get("device_keys") {
+            None => return Err(KeysRejected::MissingParam("device_keys is required".into())),
+            Some(Value::Object(wanted)) => wanted,
+            Some(_) => {
+                return Err(KeysRejected::BadJson(
+                    "device_keys must be an object".into(),
+                ));
+            }
+        };
+        let mut users = BTreeMap::new();
+        let mut named = 0usize;
+        for (user, devices) in wanted {
+            let user_id = UserId::parse(user)
+                .map_err(|_| KeysRejected::InvalidParam(format!("{user} is not a user ID")))?;
+            let Value::Array(devices) = devices else {
+                return Err(KeysRejected::BadJson(format!(
+                    "device_keys.{user} must be a list of device IDs"
+                )));
+            };
+            let mut device_ids = Vec::with_capacity(devices.len());
+            for device in devices {
+                let device = device.as_str().ok_or_else(|| {
+                    KeysRejected::BadJson(format!("device_keys.{user} must hold strings"))
+                })?;
+                if !device_ids.iter().any(|d: &String| d == device) {
+                    device_ids.push(device.to_owned());
+                }
+            }
+            named += device_ids.len().max(1);
+            users.insert(user_id, device_ids);
+        }
+        self.check_query_size(named)?;
+        Ok(KeyQuery { users, timeout })
+    }
+
+    fn check_query_size(&self, devices: usize) -> Result<(), KeysRejected> {
+        let max = self.config.max_query_devices;
+        if devices > max {
+            return Err(KeysRejected::TooLarge(format!(
+                "a key query may name at most {max} devices"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Answers a key query. A server asking about a user of another server
+    /// is refused (`NotLocal`) before anything is read.
+    pub async fn query_keys(
+        &self,
+        asker: Asker<'_>,
+        query: KeyQuery,
+    ) -> Result<QueryAnswer, KeysRejected> {
+        let mut local = Vec::new();
+        let mut remote: BTreeMap<ServerName, RemoteQuery> = BTreeMap::new();
+        for (user, devices) in query.users {
+            if user.server_name() == self.server_name.as_str() {
+                local.push(DeviceQuery {
+                    user_id: user.as_str().to_owned(),
+                    device_ids: devices,
+                });
+            } else if asker == Asker::Server {
+                return Err(KeysRejected::NotLocal(user.as_str().to_owned()));
+            } else {
+                let server = ServerName::parse(user.server_name()).map_err(|_| {
+                    KeysRejected::InvalidParam(format!("{user} has no valid server name"))
+                })?;
+                remote
+                    .entry(server)
+                    .or_default()
+                    .device_keys
+                    .insert(user.as_str().to_owned(), devices);
+            }
+        }
+        let mut answer = QueryAnswer::default();
+        if !local.is_empty() {
+            metrics::counter!("courier_e2ee_key_queries_total", "kind" => "local")
+                .increment(local.len() as u64);
+            let named: usize = local.iter().map(|q| q.device_ids.len()).sum();
+            let all_devices: Vec<bool> = local.iter().map(|q| q.device_ids.is_empty()).collect();
+            let users = self.store.user_devices(local).await?;
+            let returned: usize = users
+                .iter()
+                .zip(&all_devices)
+                .filter(|(_, all)| **all)
+                .map(|(user, _)| user.devices.len())
+                .sum();
+            self.check_query_size(named + returned)?;
+            for user in users {
+                self.add_local_user(&mut answer, user, asker);
+            }
+        }
+        if !remote.is_empty() {
+            metrics::counter!("courier_e2ee_key_queries_total", "kind" => "remote")
+                .increment(remote.values().map(|q| q.device_keys.len() as u64).sum());
+            let fanout = ask_servers(
+                &self.remote,
+                remote,
+                query.timeout,
+                self.config.remote_concurrency,
+                "query",
+                |remote, server, request, timeout| async move {
+                    remote.query_keys(&server, request, timeout).await
+                },
+            )
+            .await;
+            for (_, remote_answer) in fanout.answers {
+                add_remote_answer(&mut answer, remote_answer);
+            }
+            answer.failures = fanout.failures;
+        }
+        Ok(answer)
+    }
+
+    fn add_local_user(&self, answer: &mut QueryAnswer, user: UserDevices, asker: Asker<'_>) {
+        let owner = user.user_id.as_str();
+        let names_allowed = asker != Asker::Server || self.config.device_names_over_federation;
+        let mut devices = Map::new();
+        for device in user.devices {
+            let Some(mut object) = device.keys_json.as_deref().and_then(stored_object) else {
+                continue;
+            };
+            merge_signatures(
+                &mut object,
+                device
+                    .signatures
+                    .iter()
+                    .filter(|s| visible(s, owner, asker)),
+            );
+            let mut unsigned = Map::new();
+            if let (Some(name), true) = (device.display_name, names_allowed) {
+                unsigned.insert("device_display_name".to_owned(), Value::String(name));
+            }
+            object.insert("unsigned".to_owned(), Value::Object(unsigned));
+            devices.insert(device.device_id, Value::Object(object));
+        }
+        answer
+            .device_keys
+            .insert(owner.to_owned(), Value::Object(devices));
+        for key in user.cross_signing {
+            let target = match key.kind {
+                CrossSigningKind::Master => &mut answer.master_keys,
+                CrossSigningKind::SelfSigning => &mut answer.self_signing_keys,
+                CrossSigningKind::UserSigning if asker == Asker::User(owner) => {
+                    &mut answer.user_signing_keys
+                }
+                CrossSigningKind::UserSigning => continue,
+            };
+            let Some(mut object) = stored_object(&key.key_json) else {
+                continue;
+            };
+            merge_signatures(
+                &mut object,
+                key.signatures.iter().filter(|s| visible(s, owner, asker)),
+            );
+            target.insert(owner.to_owned(), Value::Object(object));
+        }
+    }
+}
+
+fn add_remote_answer(answer: &mut QueryAnswer, remote: RemoteQueryAnswer) {
+    for (user, devices) in remote.device_keys {
+        let devices: Map<String, Value> = devices.into_iter().collect();
+        answer.device_keys.insert(user, Value::Object(devices));
+    }
+    answer.master_keys.extend(remote.master_keys);
+    answer.self_signing_keys.extend(remote.self_signing_keys);
+}
