@@ -7,6 +7,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
+use crate::e2ee::devices::DeviceRejected;
 use crate::e2ee::error::KeysRejected;
 use crate::todevice::SendRejected;
 
@@ -197,6 +198,25 @@ impl From<KeysRejected> for MatrixError {
             KeysRejected::UnknownDevice => MatrixError::unknown_token(),
             KeysRejected::AuthRequired => MatrixError::unauthorized(message),
             KeysRejected::Store(cause) => MatrixError::internal("e2ee keys", &cause),
+        }
+    }
+}
+
+/// A refused device operation (`e2ee::devices`), as the client API and the
+/// RPC answer it. A long display name is a 400 `M_TOO_LARGE`, as Synapse
+/// answers it; too many devices in one request is the 413 of every other
+/// oversized request.
+impl From<DeviceRejected> for MatrixError {
+    fn from(error: DeviceRejected) -> Self {
+        match error {
+            DeviceRejected::DisplayNameTooLong { .. } => {
+                MatrixError::new(StatusCode::BAD_REQUEST, "M_TOO_LARGE", error.to_string())
+            }
+            DeviceRejected::UnknownDevice { .. } => {
+                MatrixError::not_found_resource(error.to_string())
+            }
+            DeviceRejected::TooManyDevices { .. } => MatrixError::too_large(error.to_string()),
+            DeviceRejected::Store(cause) => MatrixError::internal("device operation", &cause),
         }
     }
 }

@@ -2,7 +2,7 @@
 //! (docs/rpc.md documents every route). Every route, `/metrics` included,
 //! requires `Authorization: Bearer <rpc.secret>`, compared in constant
 //! time by one middleware layer (an unknown path is a 404 without it). Handlers parse their input into domain
-//! calls on the store, `todevice` and the sender handle; this module holds
+//! calls on the store, `todevice`, `e2ee` and the sender handle; this module holds
 //! no state and no SQL, and never serves clients (no access tokens here).
 
 use std::time::Duration;
@@ -21,11 +21,12 @@ use subtle::ConstantTimeEq;
 
 use crate::client_api::extract::{self, bearer_token};
 use crate::client_api::parse_since_param;
+use crate::e2ee::devices::{Via, check_display_name};
 use crate::error::MatrixError;
 use crate::identifiers::{ServerName, UserId};
 use crate::state::AppState;
 use crate::store::DeviceKey;
-use crate::todevice::{MAX_EVENTS_PER_SYNC, MAX_IDENTIFIER_BYTES, SendRequest, format_since};
+use crate::todevice::{MAX_EVENTS_PER_SYNC, MAX_IDENTIFIER_BYTES, SendRequest, SyncToken};
 
 /// One row of `GET /_courier/v1/destinations` (the wire type; `courier
 /// status` reads it back).
@@ -62,6 +63,10 @@ pub fn router(state: AppState) -> Router {
             put(put_device_route).delete(delete_device_route),
         )
         .route("/_courier/v1/devices/{user_id}", get(get_devices_route))
+        .route(
+            "/_courier/v1/users/{user_id}/devices",
+            get(get_device_states_route),
+        )
         .route(
             "/_courier/v1/send_to_device",
             post(post_send_to_device_route),
@@ -158,11 +163,34 @@ async fn put_device_route(
             ));
         }
     };
+    // Absent: the name stays as it is; null clears it.
+    let display_name = match body.get("display_name") {
+        None => None,
+        Some(Value::Null) => Some(None),
+        Some(Value::String(name)) => {
+            check_display_name(name)?;
+            Some(Some(name.as_str()))
+        }
+        Some(_) => {
+            return Err(MatrixError::bad_json(
+                "display_name must be a string or null",
+            ));
+        }
+    };
     state
         .store
         .upsert_device(user.as_str(), &device_id, token)
         .await
         .map_err(|error| MatrixError::internal("device registration", &error))?;
+    // A second store call: a failure here leaves the device registered with
+    // its old name, and the homeserver's retry (the call is idempotent)
+    // sets it.
+    if let Some(display_name) = display_name {
+        state
+            .e2ee
+            .rename_device(user.as_str(), &device_id, display_name, Via::Rpc)
+            .await?;
+    }
     tracing::info!(user_id = %user, device_id, with_token = token.is_some(), "device registered");
     Ok(extract::empty_object())
 }
@@ -172,16 +200,47 @@ async fn delete_device_route(
     path: Result<Path<(String, String)>, PathRejection>,
 ) -> Result<Response, MatrixError> {
     let (user_id, device_id) = extract::path(path)?;
-    let existed = state
-        .store
-        .delete_device(&user_id, &device_id)
-        .await
-        .map_err(|error| MatrixError::internal("device deletion", &error))?;
-    if !existed {
+    // With its tokens, inbox and keys, logged as a device-list change.
+    let deleted = state
+        .e2ee
+        .delete_devices(&user_id, &[device_id], Via::Rpc)
+        .await?;
+    if deleted.is_empty() {
         return Err(MatrixError::not_found_resource("No such device"));
     }
-    tracing::info!(user_id, device_id, "device deleted");
     Ok(extract::empty_object())
+}
+
+/// `GET /_courier/v1/users/{userId}/devices`: every device of a local user
+/// with its display name and key state.
+async fn get_device_states_route(
+    State(state): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Response, MatrixError> {
+    let user_id = extract::path(path)?;
+    let user = local_user(&state, &user_id)?;
+    let states = state
+        .e2ee
+        .device_states(user.as_str())
+        .await
+        .map_err(|error| MatrixError::internal("device state listing", &error))?;
+    let devices: Vec<Value> = states
+        .devices
+        .into_iter()
+        .map(|device| {
+            json!({
+                "device_id": device.device_id,
+                "display_name": device.display_name,
+                "has_device_keys": device.has_device_keys,
+                "one_time_key_counts": device.one_time_keys,
+                "unused_fallback_key_types": device.unused_fallback_key_types,
+            })
+        })
+        .collect();
+    Ok(extract::json_text(
+        json!({ "user_id": user.as_str(), "stream_id": states.stream_id, "devices": devices })
+            .to_string(),
+    ))
 }
 
 async fn get_devices_route(
@@ -277,14 +336,20 @@ async fn get_inbox_route(
     let device = DeviceKey { user_id, device_id };
     let page = state
         .todevice
-        .wait_for_inbox(&device, since, limit as u32, timeout)
+        .wait_for_inbox(&device, since.inbox, limit as u32, timeout)
         .await
         .map_err(|error| MatrixError::internal("rpc inbox read", &error))?;
     let mut out = String::with_capacity(64 + page.messages.len() * 256);
     out.push_str("{\"events\":");
     extract::write_events(&mut out, &page.messages);
     out.push_str(",\"next_batch\":");
-    extract::push_json_string(&mut out, &format_since(page.next_batch));
+    // The inbox reads no device lists: the token's device-list position
+    // passes through unchanged.
+    let next_batch = SyncToken {
+        inbox: page.next_batch,
+        device_list: since.device_list,
+    };
+    extract::push_json_string(&mut out, &next_batch.format());
     out.push('}');
     Ok(extract::json_text(out))
 }

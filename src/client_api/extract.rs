@@ -47,6 +47,13 @@ impl FromRequestParts<AppState> for AuthedDevice {
     }
 }
 
+/// Counts and logs a refused client request, then passes the error on.
+pub fn refused(error: MatrixError, user_id: &str) -> MatrixError {
+    tracing::info!(user_id, errcode = error.errcode, error = %error.message, "client request refused");
+    metrics::counter!("courier_client_rejections_total", "errcode" => error.errcode).increment(1);
+    error
+}
+
 /// The token of an `Authorization: Bearer <token>` header, if there is one.
 pub fn bearer_token(headers: &HeaderMap) -> Option<&str> {
     let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;

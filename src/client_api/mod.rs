@@ -1,11 +1,15 @@
 //! The to-device part of the client-server API on the `[client]` listener
 //! (SPEC §1): `PUT /sendToDevice/{eventType}/{txnId}`, the to-device subset
 //! of `GET /sync` (long-poll, at most 100 events, acknowledged by the next
-//! `since`), `GET /versions` and `GET /account/whoami`. Authentication
+//! `since`) with its E2EE fields (one-time and fallback key counts and
+//! `device_lists`, SPEC-E2EE §2.5), `GET /versions` and `GET
+//! /account/whoami`; device management is in `devices`. Authentication
 //! happens once, in the `AuthedDevice` extractor; the domain work is in
-//! `todevice`. This module does not register devices or tokens (the RPC
-//! does) and does not serve rooms, presence or anything else of `/sync`.
+//! `todevice` and `e2ee`. This module does not register devices or tokens
+//! (the RPC does) and does not serve rooms, presence or anything else of
+//! `/sync`.
 
+pub mod devices;
 pub mod extract;
 pub mod keys;
 pub mod uia;
@@ -26,8 +30,8 @@ use crate::error::MatrixError;
 use crate::federation::inbound::rate_limit::{OriginRateLimiter, admit};
 use crate::identifiers::UserId;
 use crate::state::AppState;
-use crate::todevice::{MAX_EVENTS_PER_SYNC, SendRequest, format_since, parse_since};
-use extract::AuthedDevice;
+use crate::todevice::{MAX_EVENTS_PER_SYNC, SendRequest, SyncToken};
+use extract::{AuthedDevice, refused};
 
 /// The spec versions we claim. The to-device endpoints we serve have had
 /// this shape since v1.1.
@@ -64,17 +68,11 @@ pub fn router(state: AppState) -> Router {
         .route("/_matrix/client/v3/account/whoami", get(get_whoami_route))
         .route("/_matrix/client/r0/account/whoami", get(get_whoami_route))
         .merge(keys::routes())
+        .merge(devices::routes())
         .fallback(crate::error::unrecognized_route)
         .method_not_allowed_fallback(crate::error::method_not_allowed_route)
         .layer(Extension(send_rate))
         .with_state(state)
-}
-
-/// Counts and logs a refused client request, then passes the error on.
-fn refused(error: MatrixError, user_id: &str) -> MatrixError {
-    tracing::info!(user_id, errcode = error.errcode, error = %error.message, "client request refused");
-    metrics::counter!("courier_client_rejections_total", "errcode" => error.errcode).increment(1);
-    error
 }
 
 async fn get_versions_route() -> Response {
@@ -156,31 +154,69 @@ async fn get_sync_route(
         .map_err(|e| refused(e, user_id))?
         .unwrap_or(0);
     // An initial sync (no since) and full_state answer at once (SPEC §1.3).
+    let initial = params.since.as_deref().is_none_or(str::is_empty);
     let full_state = params.full_state.as_deref() == Some("true");
-    let timeout = if full_state || params.since.is_none() {
+    let timeout = if full_state || initial {
         Duration::ZERO
     } else {
         Duration::from_millis(timeout_ms).min(state.config.client.max_sync_timeout)
     };
-    let page = state
+    // An initial sync reports no device-list changes (only incremental
+    // syncs do, SPEC-E2EE §2.5); its token starts at the log's position.
+    let device_list_after = (!initial).then_some(since.device_list);
+    let (store, e2ee, device) = (&*state.store, &*state.e2ee, &device);
+    // Both the inbox and the device-list log are read on every pass, so a
+    // long-poll woken by a device change (`E2ee::device_list_changed`)
+    // answers with it, and one woken by a message does too.
+    let (page, lists) = state
         .todevice
-        .wait_for_inbox(&device, since, MAX_EVENTS_PER_SYNC, timeout)
+        .long_poll(device, timeout, move || async move {
+            let page = store
+                .fetch_inbox(
+                    &device.user_id,
+                    &device.device_id,
+                    since.inbox,
+                    MAX_EVENTS_PER_SYNC,
+                )
+                .await?;
+            let lists = e2ee
+                .device_list_news(&device.user_id, device_list_after)
+                .await?;
+            let ready = !page.messages.is_empty() || !lists.changed.is_empty();
+            Ok(((page, lists), ready))
+        })
         .await
-        .map_err(|error| MatrixError::internal("sync inbox read", &error))?;
-    let mut out = String::with_capacity(64 + page.messages.len() * 256);
+        .map_err(|error| MatrixError::internal("sync read", &error))?;
+    let counts = state
+        .e2ee
+        .sync_key_counts(&device.user_id, &device.device_id)
+        .await
+        .map_err(|error| MatrixError::internal("sync key counts", &error))?;
+    let next_batch = SyncToken {
+        inbox: page.next_batch,
+        device_list: lists.position,
+    };
+    let mut out = String::with_capacity(256 + page.messages.len() * 256);
     out.push_str("{\"next_batch\":");
-    extract::push_json_string(&mut out, &format_since(page.next_batch));
+    extract::push_json_string(&mut out, &next_batch.format());
     out.push_str(",\"to_device\":{\"events\":");
     extract::write_events(&mut out, &page.messages);
-    out.push_str("}}");
+    out.push_str("},\"device_lists\":");
+    out.push_str(&json!({ "changed": lists.changed, "left": [] }).to_string());
+    out.push_str(",\"device_one_time_keys_count\":");
+    out.push_str(&json!(counts.one_time).to_string());
+    out.push_str(",\"device_unused_fallback_key_types\":");
+    out.push_str(&json!(counts.unused_fallback).to_string());
+    out.push('}');
     Ok(extract::json_text(out))
 }
 
-/// A `since` token: absent → position 0; malformed → `M_INVALID_PARAM`.
-pub fn parse_since_param(raw: Option<&str>) -> Result<i64, MatrixError> {
+/// A `since` token: absent (or empty) → position 0 of both streams;
+/// malformed → `M_INVALID_PARAM`.
+pub fn parse_since_param(raw: Option<&str>) -> Result<SyncToken, MatrixError> {
     match raw {
-        None | Some("") => Ok(0),
-        Some(token) => parse_since(token)
+        None | Some("") => Ok(SyncToken::default()),
+        Some(token) => SyncToken::parse(token)
             .ok_or_else(|| MatrixError::invalid_param("since is not a token this server issued")),
     }
 }

@@ -247,10 +247,9 @@ impl ToDevice {
         }
     }
 
-    /// Acknowledges everything up to `since`, then returns the next page of
-    /// the device's inbox. With nothing pending it waits up to `timeout` for
-    /// a new message (or shutdown) and reads again. The waiter is registered
-    /// before the first read, so a message stored in between is not missed.
+    /// Acknowledges everything up to `since` (an inbox position), then
+    /// returns the next page of the device's inbox. With nothing pending it
+    /// waits up to `timeout` for a new message (or shutdown) and reads again.
     pub async fn wait_for_inbox(
         &self,
         device: &DeviceKey,
@@ -259,41 +258,116 @@ impl ToDevice {
         timeout: Duration,
     ) -> Result<InboxPage, StoreError> {
         let limit = limit.clamp(1, MAX_EVENTS_PER_SYNC);
+        let store = &*self.store;
+        self.long_poll(device, timeout, move || async move {
+            let page = store
+                .fetch_inbox(&device.user_id, &device.device_id, since, limit)
+                .await?;
+            let ready = !page.messages.is_empty();
+            Ok((page, ready))
+        })
+        .await
+    }
+
+    /// The long-poll every device read shares (the inbox here, `/sync` with
+    /// its device-list part in `client_api`): `read` returns what it found
+    /// and whether that is worth answering at once. When it is not, waits
+    /// up to `timeout` for a wake-up of `device` (or shutdown) and reads
+    /// again, once. The waiter is registered before the first read, so a
+    /// change committed (and woken) in between is not missed; the second
+    /// read happens after a timeout too, so a lost wake-up is harmless.
+    pub async fn long_poll<T, F, Fut>(
+        &self,
+        device: &DeviceKey,
+        timeout: Duration,
+        mut read: F,
+    ) -> Result<T, StoreError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<(T, bool), StoreError>>,
+    {
         let mut waiter = (!timeout.is_zero()).then(|| self.notifier.subscribe(device.clone()));
-        let page = self
-            .store
-            .fetch_inbox(&device.user_id, &device.device_id, since, limit)
-            .await?;
+        let (found, ready) = read().await?;
         let Some(waiter) = waiter.as_mut() else {
-            return Ok(page);
+            return Ok(found);
         };
-        if !page.messages.is_empty() || self.long_polls.is_cancelled() {
-            return Ok(page);
+        if ready || self.long_polls.is_cancelled() {
+            return Ok(found);
         }
         let woken = tokio::select! {
             result = tokio::time::timeout(timeout, waiter.wait()) => result.is_ok(),
-            _ = self.long_polls.cancelled() => return Ok(page),
+            _ = self.long_polls.cancelled() => return Ok(found),
         };
         if woken {
             metrics::counter!("courier_longpoll_wakeups_total").increment(1);
         }
-        // Read again even after a timeout: it costs one query and makes a
-        // lost wake-up harmless.
-        self.store
-            .fetch_inbox(&device.user_id, &device.device_id, since, limit)
-            .await
+        drop(found);
+        Ok(read().await?.0)
     }
 }
 
-/// Formats a stream position as an opaque `since` / `next_batch` token.
-pub fn format_since(stream_id: i64) -> String {
-    format!("{SINCE_PREFIX}{stream_id}")
+/// A position in what a device reads: its inbox stream and the device-list
+/// change log (`store::KeyStore::device_list_position`). Formatted as the
+/// opaque `since` / `next_batch` token that `/sync` and the RPC inbox share:
+/// `td_<inbox>_<device_list>`, or `td_<inbox>` when the device-list position
+/// is 0. The short form is the only one tokens minted before the change log
+/// existed have, and for them 0 is exact: every change in the log came after
+/// the token, so a client holding one hears of its own changes once.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SyncToken {
+    /// The inbox stream position: everything up to it is acknowledged.
+    pub inbox: i64,
+    /// The device-list change-log position the token's reader has heard of.
+    pub device_list: i64,
 }
 
-/// Parses a token made by `format_since`. `None` for anything else.
-pub fn parse_since(token: &str) -> Option<i64> {
-    let digits = token.strip_prefix(SINCE_PREFIX)?;
+impl SyncToken {
+    /// A token with only an inbox position (device-list position 0).
+    pub fn inbox_only(inbox: i64) -> SyncToken {
+        SyncToken {
+            inbox,
+            device_list: 0,
+        }
+    }
+
+    /// Parses a token made by `format` (either spelling). `None` for
+    /// anything else.
+    pub fn parse(token: &str) -> Option<SyncToken> {
+        let rest = token.strip_prefix(SINCE_PREFIX)?;
+        let (inbox, device_list) = match rest.split_once('_') {
+            None => (rest, None),
+            Some((inbox, device_list)) => (inbox, Some(device_list)),
+        };
+        let inbox = parse_position(inbox)?;
+        let device_list = match device_list {
+            None => 0,
+            // The long spelling is never minted with 0, so it is refused:
+            // each position has exactly one token.
+            Some(device_list) => match parse_position(device_list)? {
+                0 => return None,
+                n => n,
+            },
+        };
+        Some(SyncToken { inbox, device_list })
+    }
+
+    /// The token text.
+    pub fn format(self) -> String {
+        if self.device_list == 0 {
+            format!("{SINCE_PREFIX}{}", self.inbox)
+        } else {
+            format!("{SINCE_PREFIX}{}_{}", self.inbox, self.device_list)
+        }
+    }
+}
+
+/// A non-negative position of at most 18 digits (so it fits an `i64`),
+/// without leading zeros (`format` never writes them).
+fn parse_position(digits: &str) -> Option<i64> {
     if digits.is_empty() || digits.len() > 18 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    if digits.len() > 1 && digits.starts_with('0') {
         return None;
     }
     digits.parse().ok()
@@ -443,9 +517,21 @@ mod tests {
 
     #[test]
     fn since_tokens_round_trip_and_reject_garbage() {
-        for n in [0i64, 1, 42, 9_007_199_254_740_991] {
-            assert_eq!(parse_since(&format_since(n)), Some(n));
+        for inbox in [0i64, 1, 42, 9_007_199_254_740_991] {
+            for device_list in [0i64, 1, 7, 999_999_999_999_999_999] {
+                let token = SyncToken { inbox, device_list };
+                assert_eq!(SyncToken::parse(&token.format()), Some(token));
+            }
         }
+        assert_eq!(SyncToken::inbox_only(41).format(), "td_41");
+        assert_eq!(SyncToken::parse("td_41"), Some(SyncToken::inbox_only(41)));
+        assert_eq!(
+            SyncToken::parse("td_41_7"),
+            Some(SyncToken {
+                inbox: 41,
+                device_list: 7
+            })
+        );
         for bad in [
             "",
             "td_",
@@ -455,8 +541,16 @@ mod tests {
             "TD_1",
             "td_ 1",
             "td_1234567890123456789",
+            "td_1_",
+            "td__1",
+            "td_1_0",
+            "td_1_2_3",
+            "td_1_-2",
+            "td_1_1234567890123456789",
+            "td_007",
+            "td_1_02",
         ] {
-            assert_eq!(parse_since(bad), None, "{bad:?}");
+            assert_eq!(SyncToken::parse(bad), None, "{bad:?}");
         }
     }
 

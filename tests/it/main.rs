@@ -13,6 +13,7 @@ mod client_api;
 mod crypto;
 mod crypto_ruma;
 mod discovery;
+mod e2ee_devices;
 mod e2ee_federation;
 mod e2ee_keys;
 mod edge_parsers;
