@@ -133,6 +133,21 @@ fn only_the_store_names_the_database_crates() {
     );
 }
 
+/// Architecture Invariant: Courier carries ciphertext and never encrypts or
+/// decrypts; an Olm implementation is used only by the demo's client peers
+/// (`src/tools/`, feature `demo-olm`).
+#[test]
+fn only_the_tools_name_an_olm_crate() {
+    let found = offending(
+        &["vodozemac", "matrix_sdk_crypto", "olm_rs", "libolm"],
+        |name| name.starts_with("tools/"),
+    );
+    assert!(
+        found.is_empty(),
+        "Olm crates outside src/tools/: {found:#?}"
+    );
+}
+
 /// Architecture Invariant: the to-device domain core knows nothing of HTTP
 /// (no HTTP crate, and not the Matrix error type of the HTTP edge).
 #[test]

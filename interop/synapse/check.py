@@ -23,7 +23,8 @@ free loopback port: it publishes a signed key, records what A (and B) send it,
 and sends hand-built signed transactions to B.
 
 Uses the standard library plus signedjson, which Synapse's
-venv provides. Every HTTP call and every poll loop is bounded in time; all
+venv provides, and for the Olm checks olm_peer.py (python-olm, pinned in
+requirements.txt next to Synapse). Every HTTP call and every poll loop is bounded in time; all
 traffic goes to 127.0.0.1 (the server name `localhost` resolves there).
 """
 
@@ -51,6 +52,8 @@ from typing import Any, Callable
 
 import signedjson.key
 import signedjson.sign
+
+from olm_peer import OTK_ALGORITHM, OlmPeer
 
 HTTP_TIMEOUT = 15.0  # seconds, for every request that is not a long-poll
 DELIVERY_TIMEOUT = 60.0  # seconds to wait for a to-device message over federation
@@ -664,6 +667,131 @@ def inbound_checks(r: Runner, cap: CapturePeer, node: Node, rcv: Account) -> Non
     r.check(f"{tag}_unsigned_401", unsigned)
 
 
+OLM_TYPE = "org.courier.interop.olm"
+GROUPS = ("to_device", "capture", "olm", "downtime")
+
+
+def olm_checks(r: Runner, a: Node, b: Node, run_id: str) -> None:
+    """End-to-end encryption through both servers with libolm (python-olm,
+    olm_peer.py): one fresh user with one device on each side uploads signed
+    device keys, 5 signed one-time keys and a fallback key; each queries and
+    claims the other's keys through its own server (so over federation), opens
+    an Olm session, sends an m.room.encrypted pre-key message that the other
+    side decrypts, and gets a type-1 reply it decrypts. Then each claims the
+    other's remaining one-time keys until they run out: the fallback key comes
+    next, again on the claim after, and an Olm session on it works too."""
+    def request(method: str, url: str, body: Any, token: str) -> Any:
+        return expect_200(method, url, body=body, token=token)
+
+    peers: dict[str, OlmPeer] = {}
+    inbox: dict[str, list[dict]] = {"a": [], "b": []}
+
+    def setup() -> None:
+        for label, node in (("a", a), ("b", b)):
+            acct = node.new_user(f"olm{label}-{run_id}", [f"OLM{label.upper()}"])[0]
+            peer = OlmPeer(request, CheckError, node.client_url, acct.user_id, acct.device_id, acct.token)
+            counts = peer.upload_keys(5, fallback=True)
+            if counts.get(OTK_ALGORITHM) != 5:
+                raise CheckError(f"{label}: /keys/upload counts {counts!r}, expected {OTK_ALGORITHM}: 5")
+            peers[label] = peer
+            inbox[label].extend(peer.sync(0))
+            otk_state(peer, 5, True)
+
+    def otk_state(peer: OlmPeer, count: int, fallback_unused: bool) -> None:
+        s = peer.last_sync
+        got = (s.get("device_one_time_keys_count") or {}).get(OTK_ALGORITHM, 0)
+        if got != count:
+            raise CheckError(f"{peer.user_id}: /sync device_one_time_keys_count "
+                             f"{s.get('device_one_time_keys_count')!r}, expected {OTK_ALGORITHM}: {count}")
+        types = s.get("device_unused_fallback_key_types")
+        if not isinstance(types, list) or (OTK_ALGORITHM in types) != fallback_unused:
+            raise CheckError(f"{peer.user_id}: /sync device_unused_fallback_key_types {types!r}, "
+                             f"expected {OTK_ALGORITHM} {'in' if fallback_unused else 'not in'} it")
+
+    def next_encrypted(label: str, sender: str) -> dict:
+        """Syncs `label`'s peer until an m.room.encrypted event from `sender` arrives."""
+        peer = peers[label]
+        deadline = time.monotonic() + DELIVERY_TIMEOUT
+        while True:
+            for ev in inbox[label]:
+                if ev.get("type") == "m.room.encrypted" and ev.get("sender") == sender:
+                    inbox[label].remove(ev)
+                    return ev
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise CheckError(f"no m.room.encrypted from {sender} reached {peer.user_id} "
+                                 f"within {DELIVERY_TIMEOUT:.0f}s")
+            inbox[label].extend(peer.sync(int(min(left, 5.0) * 1000)))
+
+    def exchange(snd: str, rcv: str, one_time_key: dict) -> None:
+        ps, pr = peers[snd], peers[rcv]
+        ps.start_session(pr.user_id, pr.device_id, one_time_key["key"])
+        mk = marker()
+        content = {"marker": mk, "text": f"hello from {snd}", "unicode": "é😀"}
+        if ps.send_encrypted(pr.user_id, pr.device_id, OLM_TYPE, content) != 0:
+            raise CheckError("the first message of a new outbound session is not a pre-key message")
+        msg_type, payload = pr.decrypt(next_encrypted(rcv, ps.user_id))
+        if msg_type != 0 or payload.get("type") != OLM_TYPE or payload.get("content") != content:
+            raise CheckError(f"{rcv} decrypted type {msg_type} {payload!r}, expected type 0 {content!r}")
+        reply = {"marker": mk, "text": f"reply from {rcv}"}
+        if pr.send_encrypted(ps.user_id, ps.device_id, OLM_TYPE, reply) != 1:
+            raise CheckError("the reply on an inbound session is not a type-1 message")
+        msg_type, payload = ps.decrypt(next_encrypted(snd, pr.user_id))
+        if msg_type != 1 or payload.get("type") != OLM_TYPE or payload.get("content") != reply:
+            raise CheckError(f"{snd} decrypted type {msg_type} {payload!r}, expected type 1 {reply!r}")
+
+    def query(snd: str, rcv: str) -> None:
+        ps, pr = peers[snd], peers[rcv]
+        devices = ps.query(pr.user_id)
+        got = devices.get(pr.device_id)
+        want = pr.device_keys()
+        if got is None or {k: v for k, v in got.items() if k != "unsigned"} != want:
+            raise CheckError(f"{ps.user_id} sees {pr.user_id}'s devices as {devices!r}, expected {want!r}")
+
+    def session(snd: str, rcv: str) -> None:
+        ps, pr = peers[snd], peers[rcv]
+        key_id, key = ps.claim(pr.user_id, pr.device_id)
+        if key.get("fallback"):
+            raise CheckError(f"first claim returned the fallback key {key_id}")
+        inbox[rcv].extend(pr.sync(0))
+        otk_state(pr, 4, True)
+        exchange(snd, rcv, key)
+
+    def fallback(snd: str, rcv: str) -> None:
+        ps, pr = peers[snd], peers[rcv]
+        seen: list[str] = []
+        (fb_id, fb_key), = pr.fallback_keys.items()
+        for _ in range(5):  # 4 one-time keys are left; the 5th claim must be the fallback
+            key_id, key = ps.claim(pr.user_id, pr.device_id)
+            if key.get("fallback"):
+                break
+            if key_id in seen or key_id == fb_id:
+                raise CheckError(f"one-time key {key_id} handed out twice (claimed so far: {seen})")
+            seen.append(key_id)
+        else:
+            raise CheckError(f"still one-time keys after 5 claims: {seen}")
+        r.info(f"olm_fallback_{snd}_claims_{rcv}", f"one-time keys {seen}, then {key_id}")
+        if len(seen) != 4:
+            raise CheckError(f"fallback key after {len(seen)} one-time keys, expected the 4 left of 5")
+        if (key_id, key) != (fb_id, fb_key):
+            raise CheckError(f"fallback claim answered {key_id}: {key!r}, uploaded {fb_id}: {fb_key!r}")
+        again = ps.claim(pr.user_id, pr.device_id)
+        if again != (fb_id, fb_key):
+            raise CheckError(f"the claim after the fallback answered {again!r}, expected the fallback again")
+        inbox[rcv].extend(pr.sync(0))
+        otk_state(pr, 0, False)
+        exchange(snd, rcv, key)
+
+    if not r.check("olm_setup_keys_uploaded", setup):
+        return
+    r.check("olm_query_a_sees_b", lambda: query("a", "b"))
+    r.check("olm_query_b_sees_a", lambda: query("b", "a"))
+    r.check("olm_a_to_b_prekey_and_reply", lambda: session("a", "b"))
+    r.check("olm_b_to_a_prekey_and_reply", lambda: session("b", "a"))
+    r.check("olm_fallback_a_claims_b", lambda: fallback("a", "b"))
+    r.check("olm_fallback_b_claims_a", lambda: fallback("b", "a"))
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description="send-to-device interop checks")
     p.add_argument("--work", required=True)
@@ -679,7 +807,11 @@ def main() -> int:
     p.add_argument("--b-kind", choices=["synapse", "courier"], default="synapse")
     p.add_argument("--b-rpc")
     p.add_argument("--b-rpc-secret")
+    p.add_argument("--only", help=f"comma-separated check groups to run (default all: {','.join(GROUPS)})")
     args = p.parse_args()
+    groups = set(GROUPS) if not args.only else set(args.only.split(","))
+    if groups - set(GROUPS):
+        p.error(f"unknown check groups {sorted(groups - set(GROUPS))}; known: {', '.join(GROUPS)}")
 
     r = Runner()
     try:
@@ -712,21 +844,26 @@ def main() -> int:
 
         r.check("no_shared_room", no_rooms)
         # No room is created anywhere: to-device federation must not need one.
-        direction_checks(r, "a_to_b", alice[0], bob)
-        direction_checks(r, "b_to_a", bob[0], alice)
+        if "to_device" in groups:
+            direction_checks(r, "a_to_b", alice[0], bob)
+            direction_checks(r, "b_to_a", bob[0], alice)
 
-        cap = CapturePeer(args.tls_cert, args.tls_key, args.ca)
-        try:
-            capture_checks(r, args.work, cap, a, alice[0])
-            if b.kind != "synapse":
-                capture_checks(r, args.work, cap, b, bob[0])
-            inbound_checks(r, cap, b, bob[1])
-        finally:
-            cap.close()
+        if "capture" in groups:
+            cap = CapturePeer(args.tls_cert, args.tls_key, args.ca)
+            try:
+                capture_checks(r, args.work, cap, a, alice[0])
+                if b.kind != "synapse":
+                    capture_checks(r, args.work, cap, b, bob[0])
+                inbound_checks(r, cap, b, bob[1])
+            finally:
+                cap.close()
 
-        if args.b_stop and args.b_start:
+        if "olm" in groups:
+            olm_checks(r, a, b, run_id)
+
+        if "downtime" in groups and args.b_stop and args.b_start:
             downtime_check(r, "downtime_b_down_a_sends", alice[0], bob[0], args.b_stop, args.b_start)
-        if args.a_stop and args.a_start and b.kind != "synapse":
+        if "downtime" in groups and args.a_stop and args.a_start and b.kind != "synapse":
             downtime_check(r, "downtime_a_down_b_sends", bob[0], alice[0], args.a_stop, args.a_start)
     except KeyboardInterrupt:
         r.failed += 1

@@ -14,6 +14,8 @@
 #   SYNAPSE_RETRY_PROFILE   fast (default) | default: Synapse's federation
 #                           retry intervals (gen_config.py)
 #   READY_TIMEOUT           seconds to wait for a server to answer (default 90)
+#   INTEROP_ONLY            comma-separated check groups of check.py to run
+#                           (to_device, capture, olm, downtime; default all)
 #   SYNAPSE_A_FED_PORT, SYNAPSE_A_CLIENT_PORT, SYNAPSE_B_FED_PORT,
 #   SYNAPSE_B_CLIENT_PORT   ports (default: free ports chosen at run time)
 #   INTEROP_COURIER_CMD             if set, B is Courier, started as `bash -c "$INTEROP_COURIER_CMD"`
@@ -204,7 +206,7 @@ set +e
     --a-server "localhost:$SYNAPSE_A_FED_PORT" --a-client "http://127.0.0.1:$SYNAPSE_A_CLIENT_PORT" \
     --a-secret "$SYNAPSE_A_SECRET" --a-stop "'$self' stop a" --a-start "'$self' start a" \
     --b-stop "'$self' stop b" --b-start "'$self' start b" \
-    "${b_args[@]}"
+    ${INTEROP_ONLY:+--only "$INTEROP_ONLY"} "${b_args[@]}"
 status=$?
 set -e
 # Nothing is printed after check.py's closing "N passed, M failed" line.

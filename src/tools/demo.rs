@@ -5,6 +5,10 @@
 //! to-device messages both ways through the client API (one device, `*`,
 //! local, and a batch of a few thousand), waits for every one to arrive
 //! through `/sync`, and prints what was sent, delivered, and how long it took.
+//! With the `demo-olm` feature (default) it also runs an Olm-encrypted
+//! exchange between a client on each relay (`demo_olm.rs`): keys uploaded,
+//! queried and claimed across the relays, a message and its reply decrypted
+//! on the other side.
 //! It fails, with the reason, if any message is missing, duplicated or
 //! altered.
 
@@ -30,6 +34,9 @@ pub enum DemoError {
     Http(#[from] crate::tools::plain_http::HttpError),
     #[error("{0}")]
     Failed(String),
+    #[cfg(feature = "demo-olm")]
+    #[error(transparent)]
+    Olm(#[from] crate::tools::demo_olm::OlmDemoError),
 }
 
 pub struct DemoOptions {
@@ -181,6 +188,17 @@ async fn drive(a: &DevRelay, b: &DevRelay, batch: usize) -> Result<Vec<ScenarioR
         .collect();
     let name = format!("A → B, batch ({calls} requests × ≤50)");
     results.push(scenario(&http, &name, a, &alice1, sends, receivers).await?);
+    #[cfg(feature = "demo-olm")]
+    {
+        let olm = crate::tools::demo_olm::encrypted_scenario(&http, a, b).await?;
+        results.push(ScenarioResult {
+            name: "A ⇄ B, Olm-encrypted (keys over federation)".to_owned(),
+            sent: olm.sent,
+            delivered: olm.delivered,
+            duplicates: olm.duplicates,
+            elapsed: olm.elapsed,
+        });
+    }
     Ok(results)
 }
 

@@ -22,6 +22,7 @@ mod federation_sender;
 mod federation_sender_timing;
 mod forged_origins;
 mod listener_limits;
+mod olm;
 mod outbound_client;
 mod relay_lifecycle;
 mod remote_keys;

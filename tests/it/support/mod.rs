@@ -4,10 +4,11 @@
 //! homeservers and the outbound/sender harnesses (`fake_remote`,
 //! `outbound_env`, `sender_env`, `dns_server`), store wrappers and the shared
 //! store suites (`counting_store`, `inhibiting_store`, `store_suite`,
-//! `store_suite_keys`), the
-//! throwaway PostgreSQL cluster (`pg`), the kill-9 crash harness (`crash`)
-//! running one test in a child process of this binary (`child`), and E2EE
-//! test identities with a signed federation client (`e2ee`). Every
+//! `store_suite_keys`), the throwaway PostgreSQL cluster (`pg`), the kill-9
+//! crash harness (`crash`), running one test in a child process of this
+//! binary (`child`), E2EE test identities with a signed federation client
+//! (`e2ee`), and a matrix-rust-sdk `OlmMachine` driven over a relay's
+//! client API (`olm_peer`). Every
 //! test module of the `it` binary imports what it needs as
 //! `crate::support::…`.
 
@@ -20,6 +21,7 @@ pub mod fake_remote;
 pub mod http;
 pub mod inhibiting_store;
 pub mod key_store_delegate;
+pub mod olm_peer;
 pub mod outbound_env;
 pub mod pg;
 pub mod relay;
