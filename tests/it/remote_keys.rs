@@ -5,9 +5,12 @@
 //! whose IDs do not match, claimed keys of another algorithm or too many)
 //! is dropped and the rest kept; a garbage, non-object or incomplete body
 //! is a `BadResponse`, a 500 a `Refused`, a hanging peer or discovery a
-//! `Timeout`, a denylisted destination `Unreachable` without a request;
+//! `Timeout` (which leaves the host's other connections alone), a
+//! denylisted destination `Unreachable` without a request;
 //! and what was dropped is counted on `/metrics` (alone in a child
-//! process, since the recorder is process-wide).
+//! process, since the recorder is process-wide). Last, Courier to Courier:
+//! this client, as one relay, asks another for a user's device keys,
+//! cross-signing keys, one-time and fallback keys and device list.
 
 use crate::support::child;
 use crate::support::fake_remote;
@@ -458,6 +461,38 @@ async fn a_hanging_peer_or_discovery_is_a_timeout_within_the_callers_bound() {
 }
 
 #[tokio::test]
+async fn a_callers_timeout_does_not_close_the_hosts_other_connections() {
+    let p = Peer::start_with(|c| c.request_timeout_ms = 600_000).await;
+    let alice = p.user("alice");
+    p.fake
+        .answer(QUERY_PATH, Canned::json(200, json!({"device_keys": {}})));
+    p.client
+        .query_keys(&p.server, query(&[(&alice, &[])]), TIMEOUT)
+        .await
+        .expect("an answer");
+    assert_eq!(p.fake.open_connections(), 1, "one pooled HTTP/2 connection");
+    p.fake.answer(QUERY_PATH, Canned::hang());
+    let error = p
+        .client
+        .query_keys(
+            &p.server,
+            query(&[(&alice, &[])]),
+            Duration::from_millis(500),
+        )
+        .await
+        .expect_err("the peer never answers");
+    assert_eq!(error, RemoteError::Timeout);
+    // Only the hung stream was given up: the connection (which a
+    // transaction could be using) is not closed.
+    let closed = p
+        .fake
+        .wait_for_connections(Duration::from_secs(1), |open| open == 0)
+        .await;
+    assert!(!closed, "the connection stays open");
+    assert_eq!(p.fake.open_connections(), 1);
+}
+
+#[tokio::test]
 async fn a_denylisted_destination_is_unreachable_and_never_asked() {
     let p = Peer::start_with(|c| c.ip_allow = Vec::new()).await;
     let alice = p.user("alice");
@@ -588,4 +623,95 @@ async fn drops_are_counted() {
         ),
         "{text}"
     );
+}
+
+/// Courier to Courier: this client, as relay A (its configuration and its
+/// signing key, so relay B verifies the X-Matrix header against A's
+/// published key), asks relay B for Bob's keys with all three calls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn courier_answers_all_three_calls_to_this_client() {
+    use crate::support::TestRelay;
+    use crate::support::e2ee::{TestDevice, cross_signing_key, key, public_key, sign};
+
+    let a = TestRelay::spawn().await;
+    let b = TestRelay::spawn().await;
+    let bob = TestDevice::register(&b, "bob", "BOBDEV", 2).await;
+    let post = |path: &str, body: Value| {
+        let url = format!("{}/_matrix/client/v3/{path}", b.client_url);
+        let token = bob.token.clone();
+        let http = &b.http;
+        async move { http.post_json(&url, Some(&token), &body).await }
+    };
+    let r = post(
+        "keys/upload",
+        json!({
+            "device_keys": bob.device_keys(),
+            "one_time_keys": bob.one_time_keys([1]),
+            "fallback_keys": {"signed_curve25519:FB": bob.key_object(200, true)},
+        }),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let master = cross_signing_key(&bob.user_id, "master", &key(30));
+    let mut self_signing = cross_signing_key(&bob.user_id, "self_signing", &key(31));
+    let master_id = format!("ed25519:{}", public_key(&key(30)));
+    sign(&mut self_signing, &bob.user_id, &master_id, &key(30));
+    let r = post(
+        "keys/device_signing/upload",
+        json!({"master_key": master, "self_signing_key": self_signing}),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let a_key = courier::keys::ServerSigningKey::load(&a.dir.join("signing.key")).expect("A's key");
+    let client = FederationClient::new(std::sync::Arc::new(a.config()), std::sync::Arc::new(a_key))
+        .expect("client");
+    let server = name(&b.server_name);
+    let user = UserId::parse(&bob.user_id).expect("user id");
+
+    let answer = client
+        .query_keys(
+            &server,
+            query(&[(&bob.user_id, &[])]),
+            Duration::from_secs(20),
+        )
+        .await
+        .expect("B answers the query");
+    let mut served = answer.device_keys[&bob.user_id]["BOBDEV"].clone();
+    served.as_object_mut().expect("object").remove("unsigned");
+    assert_eq!(served, bob.device_keys());
+    assert_eq!(answer.master_keys[&bob.user_id], master);
+    assert_eq!(answer.self_signing_keys[&bob.user_id], self_signing);
+
+    let ask = claim(&[(&bob.user_id, "BOBDEV", "signed_curve25519")]);
+    for expected in [
+        ("signed_curve25519:AAAA001", bob.key_object(1, false)),
+        ("signed_curve25519:FB", bob.key_object(200, true)),
+    ] {
+        let answer = client
+            .claim_keys(&server, ask.clone(), Duration::from_secs(20))
+            .await
+            .expect("B answers the claim");
+        let keys = &answer.one_time_keys[&bob.user_id]["BOBDEV"];
+        assert_eq!(keys.len(), 1, "{keys:?}");
+        assert_eq!(
+            keys[expected.0], expected.1,
+            "the one-time key, then the fallback key"
+        );
+    }
+
+    let devices = client
+        .user_devices(&server, &user, Duration::from_secs(20))
+        .await
+        .expect("B answers the device list");
+    assert_eq!(devices.user_id, bob.user_id);
+    assert_eq!(devices.devices.len(), 1, "{devices:?}");
+    let listed = &devices.devices[0];
+    assert_eq!(listed["device_id"], "BOBDEV");
+    let mut listed_keys = listed["keys"].clone();
+    if let Some(object) = listed_keys.as_object_mut() {
+        object.remove("unsigned");
+    }
+    assert_eq!(listed_keys, bob.device_keys());
+    assert_eq!(devices.master_key, Some(master));
+    assert_eq!(devices.self_signing_key, Some(self_signing));
 }

@@ -19,9 +19,11 @@
 //! its own client in time (the E2EE key queries and claims) passes a bound
 //! for the whole call ([`FederationClient::post_json`],
 //! [`FederationClient::get_json_within`]): discovery and the exchange then
-//! both end by it, and running out is a `Timeout`. Every answer body is
-//! read up to `MAX_RESPONSE_BYTES` (4 MiB), past which it is a
-//! `BadResponse`. The per-authority endpoint map is bounded in entries. A request that fails in transport (connect,
+//! both end by it, and running out is a `Timeout` that gives up only that
+//! request (its HTTP/1.1 connection or HTTP/2 stream), not the authority's
+//! other connections. Every answer body is read up to `MAX_RESPONSE_BYTES`
+//! (4 MiB), past which it is a `BadResponse`. The per-authority endpoint
+//! map is bounded in entries. A request that fails in transport (connect,
 //! timeout, unreadable answer) closes every connection to its authority at
 //! once, idle ones included, so a failing host holds no pooled sockets;
 //! `.well-known` connections are never pooled and unsigned requests (key
@@ -341,11 +343,20 @@ impl FederationClient {
             }
         };
         let authority = endpoint.host_header.clone();
+        let deadline = out.deadline;
         let result = self.exchange(target.destination, endpoint, out).await;
         if let Err(error) = &result
             && error.is_transport()
         {
-            self.closers.close_all(&authority);
+            // A caller's bound running out says nothing about the host: the
+            // request's own connection or stream is dropped with it, but the
+            // others (a transaction in flight) stay, so a client asking with
+            // a tiny timeout cannot tear down the sender's connections.
+            let cut_by_caller = matches!(error, ClientError::Timeout { .. })
+                && deadline.is_some_and(|deadline| Instant::now() >= deadline);
+            if !cut_by_caller {
+                self.closers.close_all(&authority);
+            }
         }
         result
     }
