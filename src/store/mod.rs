@@ -255,6 +255,9 @@ pub struct PruneReport {
     pub expired_server_keys: u64,
     /// `destinations` rows of long-idle destinations (see `Retention`).
     pub retired_destinations: u64,
+    /// Tombstones of claimed one-time keys older than
+    /// `Retention::claimed_key_ms`.
+    pub claimed_one_time_keys: u64,
 }
 
 impl PruneReport {
@@ -268,6 +271,7 @@ impl PruneReport {
             self.orphan_inbox_rows,
             self.expired_server_keys,
             self.retired_destinations,
+            self.claimed_one_time_keys,
         ]
         .into_iter()
         .max()
@@ -282,11 +286,13 @@ impl PruneReport {
         self.orphan_inbox_rows += other.orphan_inbox_rows;
         self.expired_server_keys += other.expired_server_keys;
         self.retired_destinations += other.retired_destinations;
+        self.claimed_one_time_keys += other.claimed_one_time_keys;
     }
 }
 
-/// How long dedupe records live (DESIGN §1.7), and how long an idle
-/// destination's retry state is kept.
+/// How long dedupe records live (DESIGN §1.7), how long an idle
+/// destination's retry state is kept, and how long a claimed one-time key
+/// is remembered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Retention {
     pub client_txn_ms: i64,
@@ -296,6 +302,10 @@ pub struct Retention {
     /// queued, in flight or quarantined and its last activity (the later of
     /// its last update, last success and `retry_after`) is this old.
     pub destination_ms: i64,
+    /// A claimed one-time key's tombstone (which makes a re-upload of the
+    /// key a no-op, so it is never handed out twice) is deleted once it is
+    /// this old (SPEC-E2EE §7.4: at least 7 days).
+    pub claimed_key_ms: i64,
 }
 
 impl Retention {
@@ -304,6 +314,7 @@ impl Retention {
         inbound_txn_ms: 24 * 3600 * 1000,
         inbound_message_id_ms: 7 * 24 * 3600 * 1000,
         destination_ms: 30 * 24 * 3600 * 1000,
+        claimed_key_ms: 7 * 24 * 3600 * 1000,
     };
 }
 
@@ -468,8 +479,9 @@ pub trait Store: KeyStore + Send + Sync + 'static {
     // --- housekeeping -------------------------------------------------------
 
     /// Removes expired dedupe records, expired server keys, inbox rows of
-    /// devices that no longer exist and the retry state of long-idle
-    /// destinations, at most `batch` rows of each kind. One batch; the
+    /// devices that no longer exist, the retry state of long-idle
+    /// destinations and expired claimed-key tombstones, at most `batch` rows
+    /// of each kind. One batch; the
     /// caller (`store::pruner`) calls again while a kind reached `batch`.
     fn prune(
         &self,

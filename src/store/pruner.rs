@@ -226,6 +226,11 @@ mod tests {
             after_batch(&report(0, 0, 5_000), 5_000),
             AfterBatch::Continue
         );
+        let tombstones = PruneReport {
+            claimed_one_time_keys: 5_000,
+            ..PruneReport::default()
+        };
+        assert_eq!(after_batch(&tombstones, 5_000), AfterBatch::Continue);
         let all_short = PruneReport {
             client_txns: 4_999,
             inbound_txns: 4_999,
@@ -233,6 +238,7 @@ mod tests {
             orphan_inbox_rows: 4_999,
             expired_server_keys: 4_999,
             retired_destinations: 4_999,
+            claimed_one_time_keys: 4_999,
         };
         assert_eq!(after_batch(&all_short, 5_000), AfterBatch::Done);
         assert_eq!(

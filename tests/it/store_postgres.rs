@@ -34,6 +34,7 @@ async fn make_postgres() -> Option<store_suite::Harness> {
 }
 
 store_conformance_tests!(optional make_postgres);
+store_key_conformance_tests!(optional make_postgres);
 
 /// A fresh database's connection string, or `None` when skipped.
 async fn database() -> Option<String> {
@@ -78,7 +79,7 @@ async fn schema_version_is_recorded_and_tokens_are_hashed() {
         .await
         .expect("version")
         .get(0);
-    assert_eq!(version, 3);
+    assert_eq!(version, 4);
     let rows = client
         .query("SELECT token_hash FROM access_tokens", &[])
         .await
@@ -111,8 +112,8 @@ async fn concurrent_opens_migrate_once() {
         .await
         .expect("count")
         .get(0);
-    // Each of the three migrations, exactly once.
-    assert_eq!(applied, 3);
+    // Each of the four migrations, exactly once.
+    assert_eq!(applied, 4);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -48,27 +48,6 @@ pub async fn upsert_device(
     Ok(())
 }
 
-pub async fn delete_device(c: &mut Object, user_id: &str, device_id: &str) -> Result<bool, Fail> {
-    let tx = c.transaction().await?;
-    // The device row first: this waits for writers holding its lock, so the
-    // inbox delete below (a new snapshot) sees their rows, and writers that
-    // come later no longer find the device.
-    let delete = tx
-        .prepare_cached("DELETE FROM devices WHERE user_id = $1 AND device_id = $2")
-        .await?;
-    let n = tx.execute(&delete, &[&user_id, &device_id]).await?;
-    let tokens = tx
-        .prepare_cached("DELETE FROM access_tokens WHERE user_id = $1 AND device_id = $2")
-        .await?;
-    tx.execute(&tokens, &[&user_id, &device_id]).await?;
-    let inbox = tx
-        .prepare_cached("DELETE FROM device_inbox WHERE user_id = $1 AND device_id = $2")
-        .await?;
-    tx.execute(&inbox, &[&user_id, &device_id]).await?;
-    tx.commit().await?;
-    Ok(n > 0)
-}
-
 pub async fn list_devices(c: &Object, user_id: &str) -> Result<Vec<String>, Fail> {
     let stmt = c
         .prepare_cached("SELECT device_id FROM devices WHERE user_id = $1 ORDER BY device_id")

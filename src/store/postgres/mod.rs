@@ -9,7 +9,8 @@
 //! device rows before taking stream ids, so one device's rows become visible
 //! in stream id order and a `since` can never skip a row committed late. The
 //! SQL is in `postgres/inbox.rs` (devices, inbound transactions, inbox
-//! reads), `postgres/send.rs` (client sends), `postgres/outbox.rs` (outbox,
+//! reads), `postgres/keys.rs` and `postgres/device_changes.rs` (the E2EE
+//! device plane), `postgres/send.rs` (client sends), `postgres/outbox.rs` (outbox,
 //! retry state, keys, pruning) and `postgres/lease.rs` (destination leases);
 //! cross-worker wake-ups over LISTEN/NOTIFY are in `postgres/wakeup.rs`; the
 //! schema is in `migrations/postgres/*.sql`, applied by `postgres/schema.rs`.
@@ -33,11 +34,12 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::store::{
-    DestinationStatus, DeviceKey, InFlightTxn, InboundOutcome, InboundTxn, InboxPage, OutboxEdu,
-    PruneReport, QuarantinedEdu, Retention, RetryState, SendBatch, SendOutcome, Store, StoreError,
-    StoreFuture, StoredServerKey, TimestampMs, Wakeup,
+    DestinationStatus, DeviceKey, InFlightTxn, InboundOutcome, InboundTxn, InboxPage, KeyStore,
+    OutboxEdu, PruneReport, QuarantinedEdu, Retention, RetryState, SendBatch, SendOutcome, Store,
+    StoreError, StoreFuture, StoredServerKey, TimestampMs, Wakeup,
 };
 
+mod device_changes;
 mod inbox;
 mod keys;
 mod lease;
@@ -314,10 +316,14 @@ impl Store for PostgresStore {
     }
 
     fn delete_device<'a>(&'a self, user_id: &'a str, device_id: &'a str) -> StoreFuture<'a, bool> {
-        Box::pin(on_client!(self, |c| inbox::delete_device(
-            &mut c, user_id, device_id
-        )
-        .await))
+        // The same deletion as `KeyStore::delete_devices` (keys, signatures,
+        // a logged change); the trait passes no time, so the change is
+        // stamped with the wall clock.
+        Box::pin(async move {
+            let ids = [device_id.to_owned()];
+            let deleted = self.delete_devices(user_id, &ids, crate::now_ms()).await?;
+            Ok(!deleted.is_empty())
+        })
     }
 
     fn list_devices<'a>(&'a self, user_id: &'a str) -> StoreFuture<'a, Vec<String>> {

@@ -463,6 +463,16 @@ pub async fn prune(
             limit,
         )
         .await?,
+        claimed_one_time_keys: expire(
+            c,
+            "DELETE FROM claimed_one_time_keys
+             WHERE (user_id, device_id, algorithm, key_id) IN
+                 (SELECT user_id, device_id, algorithm, key_id FROM claimed_one_time_keys
+                  WHERE claimed_ts <= $1 LIMIT $2)",
+            now_ms.saturating_sub(retention.claimed_key_ms),
+            limit,
+        )
+        .await?,
     })
 }
 

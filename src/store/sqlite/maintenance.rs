@@ -1,7 +1,7 @@
 //! SQL of the SQLite backend's remote server key cache and of pruning
 //! (expired dedupe records, expired keys, orphan inbox rows, the retry state
-//! of long-idle destinations), always in bounded batches so that one batch
-//! never holds the writer for long.
+//! of long-idle destinations, claimed-key tombstones), always in bounded
+//! batches so that one batch never holds the writer for long.
 
 use std::sync::atomic::{AtomicI64, Ordering};
 
@@ -85,6 +85,11 @@ pub fn prune(
         retired_destinations: expire(
             RETIRE_DESTINATIONS,
             now_ms.saturating_sub(retention.destination_ms),
+        )?,
+        claimed_one_time_keys: expire(
+            "DELETE FROM claimed_one_time_keys WHERE rowid IN
+                 (SELECT rowid FROM claimed_one_time_keys WHERE claimed_ts <= ?1 LIMIT ?2)",
+            now_ms.saturating_sub(retention.claimed_key_ms),
         )?,
     })
 }

@@ -8,11 +8,11 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use courier::store::Store;
 use courier::store::keys::{
     ClaimWanted, ClaimedKey, CrossSigningKind, DeviceQuery, KeyCounts, KeysUpload,
     NewCrossSigningKey, NewKey, StoredSignature, UploadOutcome, UploadedDeviceKeys, UserDevices,
 };
+use courier::store::{Retention, Store};
 use serde_json::json;
 
 use super::store_suite::{Harness, send};
@@ -47,6 +47,7 @@ macro_rules! store_key_conformance_tests {
             change_log_positions_and_stream_ids,
             reopen_keeps_every_key,
             concurrent_claims_hand_out_each_key_once,
+            claimed_key_tombstones_expire,
         );
     };
     (@cases [] $make:path; $($case:ident),+ $(,)?) => {
@@ -1070,4 +1071,55 @@ pub async fn concurrent_claims_hand_out_each_key_once(harness: &Harness) {
     assert_eq!(counts(&*first, ALICE, "A").await, KeyCounts::default());
     assert_eq!(counts(&*second, ALICE, "A").await, KeyCounts::default());
     second.close().await.expect("close second instance");
+}
+
+pub async fn claimed_key_tombstones_expire(harness: &Harness) {
+    let s = &*harness.store;
+    register(s, ALICE, &["A"]).await;
+    let keys = KeysUpload {
+        one_time_keys: vec![otk("k1", "v1"), otk("k2", "v2")],
+        ..upload(ALICE, "A")
+    };
+    up(s, keys.clone()).await;
+    let claimed_at = NOW;
+    assert_eq!(
+        claim_one(s, ALICE, "A").await.map(|k| k.key_id),
+        Some("k1".into())
+    );
+    let retention = Retention::DEFAULT;
+    assert_eq!(retention.claimed_key_ms, 7 * 24 * 3600 * 1000);
+    // Younger than the retention: kept, and k1 uploaded again is ignored.
+    let report = s
+        .prune(claimed_at + retention.claimed_key_ms - 1, retention, 100)
+        .await
+        .expect("prune");
+    assert_eq!(report.claimed_one_time_keys, 0);
+    assert_eq!(up(s, keys.clone()).await, stored(&[(OTK, 1)], false));
+    // Five tombstones (k1, k2 and x1 of A, x1 and x2 of B; A keeps x2), all
+    // older than the retention: forgotten in batches, x2 untouched.
+    register(s, ALICE, &["B"]).await;
+    for device in ["A", "B"] {
+        up(
+            s,
+            KeysUpload {
+                one_time_keys: vec![otk("x1", "x"), otk("x2", "x")],
+                ..upload(ALICE, device)
+            },
+        )
+        .await;
+        claim_one(s, ALICE, device).await.expect("claim");
+        claim_one(s, ALICE, device).await.expect("claim");
+    }
+    let later = claimed_at + retention.claimed_key_ms + 1;
+    let first = s.prune(later, retention, 2).await.expect("prune");
+    assert_eq!(first.claimed_one_time_keys, 2);
+    let second = s.prune(later, retention, 100).await.expect("prune");
+    assert_eq!(second.claimed_one_time_keys, 3);
+    let third = s.prune(later, retention, 100).await.expect("prune");
+    assert_eq!(third.claimed_one_time_keys, 0);
+    assert_eq!(counts(s, ALICE, "A").await.one_time.get(OTK), Some(&1));
+    // Past the retention a re-upload of k1 and k2 stores them as new keys
+    // (SPEC-E2EE §7.4 keeps tombstones for 7 days; clients never reuse IDs
+    // that late): x2, k1, k2.
+    assert_eq!(up(s, keys).await, stored(&[(OTK, 3)], false));
 }
