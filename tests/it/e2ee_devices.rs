@@ -3,7 +3,7 @@
 //! /delete_devices` on the caller's own devices only, the dummy UIA stage
 //! before a deletion, deletion removing tokens, inbox, device keys,
 //! one-time and fallback keys (checked in the relay's store through a
-//! second handle), the bad-input table with nothing changed, the key counts
+//! second handle and through `/keys/claim`), the bad-input table with nothing changed, the key counts
 //! and `device_lists` in every `/sync` response, `changed: [self]` after a
 //! rename, a deletion or a key upload, a long-poll answering early on a
 //! device change, old `td_<n>` tokens, and the RPC's display names, device
@@ -379,6 +379,18 @@ async fn deleting_needs_the_dummy_stage_then_removes_tokens_keys_and_inbox() {
     let pending = store.fetch_inbox(&alice, "B", 0, 100).await.expect("inbox");
     assert_eq!(pending.messages.len(), 1);
 
+    // Before the deletion, B's one-time keys can be claimed.
+    let claim_url = url(&relay, "/keys/claim");
+    let claim_body = json!({ "one_time_keys": { alice.clone(): { "B": "signed_curve25519" } } });
+    let claim = || relay.http.post_json(&claim_url, Some(&bob_c), &claim_body);
+    let r = claim().await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert!(
+        r.json["one_time_keys"][alice.as_str()]["B"].is_object(),
+        "a key of B: {}",
+        r.text
+    );
+
     // Without auth (no body, `{}`, or a body that is not JSON): the
     // challenge, and nothing is deleted.
     for body in [None, Some(b"{}".to_vec()), Some(b"not json".to_vec())] {
@@ -449,6 +461,13 @@ async fn deleting_needs_the_dummy_stage_then_removes_tokens_keys_and_inbox() {
     assert!(
         claimed.is_empty(),
         "nothing to claim of a deleted device: {claimed:?}"
+    );
+    let r = claim().await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert!(
+        r.json["one_time_keys"][alice.as_str()]["B"].is_null(),
+        "/keys/claim finds nothing of B: {}",
+        r.text
     );
 
     // Deleted already: the challenge, then 200 again.
