@@ -89,6 +89,9 @@ pub mod metrics;
 /// The wall clock: `now_ms` for stored and signed timestamps.
 pub mod clock;
 
+/// `lock`: the one way to take a `std::sync::Mutex`, poisoned or not.
+pub mod sync;
+
 // ---- apart from the relay ---------------------------------------------------
 
 /// Developer tools (`demo`, `bench`, dev certificates, the RPC client); the

@@ -36,7 +36,7 @@ impl Notifier {
     /// Registers interest in `device`.
     pub fn subscribe(&self, device: DeviceKey) -> DeviceWaiter<'_> {
         let notify = {
-            let mut waiters = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
+            let mut waiters = crate::sync::lock(&self.waiters);
             waiters.entry(device.clone()).or_default().clone()
         };
         let mut notified = Box::pin(notify.clone().notified_owned());
@@ -51,7 +51,7 @@ impl Notifier {
 
     /// Wakes every long-poll waiting on any of `devices`.
     pub fn wake<'d>(&self, devices: impl IntoIterator<Item = &'d DeviceKey>) {
-        let waiters = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
+        let waiters = crate::sync::lock(&self.waiters);
         for device in devices {
             if let Some(notify) = waiters.get(device) {
                 notify.notify_waiters();
@@ -61,7 +61,7 @@ impl Notifier {
 
     /// How many devices currently have a waiter (for metrics and tests).
     pub fn waiting_devices(&self) -> usize {
-        self.waiters.lock().unwrap_or_else(|p| p.into_inner()).len()
+        crate::sync::lock(&self.waiters).len()
     }
 }
 
@@ -74,11 +74,7 @@ impl DeviceWaiter<'_> {
 
 impl Drop for DeviceWaiter<'_> {
     fn drop(&mut self) {
-        let mut waiters = self
-            .notifier
-            .waiters
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut waiters = crate::sync::lock(&self.notifier.waiters);
         // The map holds one reference and this waiter one; anything more
         // means another waiter still uses the entry.
         let last_waiter = waiters.get(&self.device).is_some_and(|existing| {

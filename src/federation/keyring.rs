@@ -193,10 +193,7 @@ struct FetchingGuard<'a> {
 
 impl Drop for FetchingGuard<'_> {
     fn drop(&mut self) {
-        self.fetching
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&self.name);
+        crate::sync::lock(self.fetching).remove(&self.name);
     }
 }
 
@@ -341,7 +338,7 @@ impl KeyRing {
         // Neither refusal is remembered as the server's failure: it says
         // nothing about the server.
         let _fetching = {
-            let mut fetching = self.fetching.lock().unwrap_or_else(|p| p.into_inner());
+            let mut fetching = crate::sync::lock(&self.fetching);
             if !fetching.insert(normalized.clone()) {
                 metrics::counter!("courier_key_lookups_refused_total", "reason" => "host_busy")
                     .increment(1);
@@ -556,7 +553,7 @@ impl KeyRing {
 
     /// The reason of a failure of `normalized` less than `FAILURE_TTL` ago.
     fn recent_failure(&self, normalized: &str) -> Option<String> {
-        let failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        let failures = crate::sync::lock(&self.failures);
         failures
             .get(normalized)
             .filter(|failure| Instant::now() < failure.until)
@@ -567,7 +564,7 @@ impl KeyRing {
     /// stays within `max_servers` (expired entries go first, then half).
     fn record_failure(&self, normalized: &str, reason: String) {
         let now = Instant::now();
-        let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        let mut failures = crate::sync::lock(&self.failures);
         if !failures.contains_key(normalized) && failures.len() >= self.max_servers {
             failures.retain(|_, failure| now < failure.until);
             if failures.len() >= self.max_servers {
@@ -622,7 +619,7 @@ impl KeyRing {
     }
 
     fn lock_servers(&self) -> std::sync::MutexGuard<'_, HashMap<String, ServerEntry>> {
-        self.servers.lock().unwrap_or_else(|p| p.into_inner())
+        crate::sync::lock(&self.servers)
     }
 }
 

@@ -47,7 +47,7 @@ impl Budget {
 
     pub fn try_admit(self: &Arc<Self>, ip: IpAddr) -> Result<Admission, Refusal> {
         let peer = peer_key(ip);
-        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut state = crate::sync::lock(&self.state);
         if state.total >= self.total_cap {
             return Err(Refusal::Listener);
         }
@@ -66,7 +66,7 @@ impl Budget {
 
 impl Drop for Admission {
     fn drop(&mut self) {
-        let mut state = self.budget.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut state = crate::sync::lock(&self.budget.state);
         state.total = state.total.saturating_sub(1);
         if let Some(held) = state.per_peer.get_mut(&self.peer) {
             *held -= 1;

@@ -39,7 +39,7 @@ impl OriginsInProgress {
     /// Registers a `/send` from `origin`; returns the guard and whether
     /// another one from the same origin was already in progress.
     pub fn enter(&self, origin: &str) -> (InProgressGuard<'_>, bool) {
-        let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        let mut counts = crate::sync::lock(&self.counts);
         let count = counts.entry(origin.to_owned()).or_default();
         *count += 1;
         let overlapping = *count > 1;
@@ -55,7 +55,7 @@ impl OriginsInProgress {
 
 impl Drop for InProgressGuard<'_> {
     fn drop(&mut self) {
-        let mut counts = self.owner.counts.lock().unwrap_or_else(|p| p.into_inner());
+        let mut counts = crate::sync::lock(&self.owner.counts);
         if let Some(count) = counts.get_mut(&self.origin) {
             *count -= 1;
             if *count == 0 {
@@ -94,7 +94,7 @@ impl TxnLocks {
     pub async fn lock(&self, origin: &str, txn_id: &str) -> TxnGuard {
         let key = (origin.to_owned(), txn_id.to_owned());
         let mutex = {
-            let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+            let mut locks = crate::sync::lock(&self.locks);
             let entry = locks.entry(key.clone()).or_insert_with(|| LockEntry {
                 mutex: Arc::new(tokio::sync::Mutex::new(())),
                 users: 0,
@@ -115,14 +115,14 @@ impl TxnLocks {
 
     /// How many (origin, txnId) pairs are in progress.
     pub fn in_progress(&self) -> usize {
-        self.locks.lock().unwrap_or_else(|p| p.into_inner()).len()
+        crate::sync::lock(&self.locks).len()
     }
 }
 
 impl Drop for TxnGuard {
     fn drop(&mut self) {
         drop(self.guard.take());
-        let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+        let mut locks = crate::sync::lock(&self.locks);
         if let Some(entry) = locks.get_mut(&self.key) {
             entry.users = entry.users.saturating_sub(1);
             if entry.users == 0 {

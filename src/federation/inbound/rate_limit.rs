@@ -82,7 +82,7 @@ impl OriginRateLimiter {
         let rate = f64::from(rate_per_sec);
         let capacity = 2.0 * rate;
         let now = Instant::now();
-        let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        let mut buckets = crate::sync::lock(&self.buckets);
         if !buckets.contains_key(origin) && buckets.len() >= self.max_origins {
             evict(&mut buckets, now, rate, capacity, self.max_origins);
         }
@@ -108,7 +108,7 @@ impl OriginRateLimiter {
 
     /// How many origins are tracked (for tests and metrics).
     pub fn tracked(&self) -> usize {
-        self.buckets.lock().unwrap_or_else(|p| p.into_inner()).len()
+        crate::sync::lock(&self.buckets).len()
     }
 }
 

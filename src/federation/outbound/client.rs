@@ -377,10 +377,7 @@ impl FederationClient {
         } = out;
         let dest = destination.as_str();
         let authority = endpoint.host_header.clone();
-        self.endpoints
-            .lock()
-            .expect("never poisoned")
-            .insert(authority.clone(), endpoint);
+        crate::sync::lock(&self.endpoints).insert(authority.clone(), endpoint);
         let uri = format!("https://{authority}{path_and_query}");
         let mut builder = Request::builder()
             .method(method.clone())

@@ -162,7 +162,7 @@ impl Closers {
     }
 
     fn closer(&self, authority: &str) -> Closer {
-        let mut tokens = self.tokens.lock().expect("never poisoned");
+        let mut tokens = crate::sync::lock(&self.tokens);
         let key = authority.to_owned();
         let token = match tokens.get(&key) {
             Some(token) => token.clone(),
@@ -179,11 +179,7 @@ impl Closers {
 
     /// Closes every open connection to `authority` (idle or busy).
     pub(crate) fn close_all(&self, authority: &str) {
-        let token = self
-            .tokens
-            .lock()
-            .expect("never poisoned")
-            .remove(&authority.to_owned());
+        let token = crate::sync::lock(&self.tokens).remove(&authority.to_owned());
         if let Some(token) = token {
             tracing::debug!(authority, "closing connections after a failure");
             token.cancel();
@@ -273,10 +269,7 @@ impl tower::Service<Uri> for FederationConnector {
         let this = self.clone();
         Box::pin(async move {
             let authority = uri.authority().map(|a| a.as_str()).unwrap_or_default();
-            let endpoint = this
-                .endpoints
-                .lock()
-                .expect("never poisoned")
+            let endpoint = crate::sync::lock(&this.endpoints)
                 .get(&authority.to_owned())
                 .cloned()
                 .ok_or_else(|| ClientError::Connect {

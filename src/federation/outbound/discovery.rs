@@ -264,7 +264,7 @@ impl Discovery {
     async fn well_known(&self, hostname: &str) -> Option<ServerName> {
         let now = Instant::now();
         let previous_failures = {
-            let mut cache = self.cache.lock().expect("the cache lock is never poisoned");
+            let mut cache = crate::sync::lock(&self.cache);
             match cache.get(&hostname.to_owned()) {
                 Some(entry) if entry.expires > now => return entry.delegated.clone(),
                 Some(entry) => entry.failures,
@@ -300,10 +300,7 @@ impl Discovery {
             }
         };
         let delegated = entry.delegated.clone();
-        self.cache
-            .lock()
-            .expect("the cache lock is never poisoned")
-            .insert(hostname.to_owned(), entry);
+        crate::sync::lock(&self.cache).insert(hostname.to_owned(), entry);
         delegated
     }
 

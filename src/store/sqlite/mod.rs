@@ -222,7 +222,7 @@ impl SqliteStore {
                 .map_err(|_| StoreError::Closed)?;
             tokio::task::spawn_blocking(move || {
                 let _permit = permit;
-                let pooled = lock(&inner.readers).pop();
+                let pooled = crate::sync::lock(&inner.readers).pop();
                 // A connection is missing only if an earlier read panicked
                 // while holding it; replace it.
                 let conn = match pooled {
@@ -230,20 +230,13 @@ impl SqliteStore {
                     None => schema::open_reader(&inner.path, inner.busy_timeout)?,
                 };
                 let result = op(&conn);
-                lock(&inner.readers).push(conn);
+                crate::sync::lock(&inner.readers).push(conn);
                 result
             })
             .await
             .map_err(join_error)?
         }
     }
-}
-
-fn lock(readers: &Mutex<Vec<Connection>>) -> std::sync::MutexGuard<'_, Vec<Connection>> {
-    // A panic while holding the lock cannot leave the Vec inconsistent.
-    readers
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 fn join_error(e: tokio::task::JoinError) -> StoreError {
