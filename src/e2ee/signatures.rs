@@ -198,7 +198,9 @@ impl E2ee {
         }
         if !good.is_empty() {
             let stored = good.len();
-            self.store.put_signatures(good, crate::clock::now_ms()).await?;
+            self.store
+                .put_signatures(good, crate::clock::now_ms())
+                .await?;
             metrics::counter!("courier_e2ee_signatures_stored_total").increment(stored as u64);
             self.device_list_changed(user_id).await;
         }

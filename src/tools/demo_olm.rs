@@ -393,7 +393,7 @@ pub async fn encrypted_scenario(
         )
         .map_err(|e| failed(format!("outbound session: {e}")))?;
 
-    let txn = format!("olm-{}", crate::now_ms());
+    let txn = format!("olm-{}", crate::clock::now_ms());
     let hello = json!({ "text": "hello Dave, only you can read this" });
     carol
         .send_encrypted(http, &mut outbound, &dave_seen, &hello, &format!("{txn}-1"))

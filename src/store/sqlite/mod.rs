@@ -273,7 +273,9 @@ impl Store for SqliteStore {
         // stamped with the wall clock.
         Box::pin(async move {
             let ids = [device_id.to_owned()];
-            let deleted = self.delete_devices(user_id, &ids, crate::clock::now_ms()).await?;
+            let deleted = self
+                .delete_devices(user_id, &ids, crate::clock::now_ms())
+                .await?;
             Ok(!deleted.is_empty())
         })
     }
