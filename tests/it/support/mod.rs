@@ -5,7 +5,8 @@
 //! `outbound_env`, `sender_env`, `dns_server`), store wrappers and the shared
 //! store suites (`counting_store`, `inhibiting_store`, `store_suite`,
 //! `store_suite_keys`), the
-//! throwaway PostgreSQL cluster (`pg`), the kill-9 crash harness (`crash`)
+//! throwaway PostgreSQL cluster (`pg`), the kill-9 crash harnesses (`crash`,
+//! `crash_keys`)
 //! and running one test in a child process of this binary (`child`). Every
 //! test module of the `it` binary imports what it needs as
 //! `crate::support::…`.
@@ -13,6 +14,7 @@
 pub mod child;
 pub mod counting_store;
 pub mod crash;
+pub mod crash_keys;
 pub mod dns_server;
 pub mod fake_remote;
 pub mod http;
