@@ -3,7 +3,8 @@
 //! SIGKILL at random moments. After every kill the store is reopened and
 //! checked: every batch the child reported as acknowledged is present exactly
 //! once, no batch is half written, and retrying an acknowledged batch is a
-//! duplicate.
+//! duplicate. A second test kills a child that claims one-time keys
+//! (`support::crash_keys`): no key is ever handed out twice.
 //!
 //! The child is this same test binary, re-executed with `COURIER_CRASH_CHILD`
 //! set to the database path and `--exact store_crash::<this test>`
@@ -11,6 +12,7 @@
 
 use crate::support::child;
 use crate::support::crash;
+use crate::support::crash_keys;
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -77,4 +79,59 @@ async fn verify(db: &Path, acked: &BTreeSet<String>, round_acks: &[String]) {
     let store = SqliteStore::open(db).await.expect("reopen after kill");
     crash::verify(&store, acked, round_acks).await;
     store.close().await.expect("close");
+}
+
+const KEYS_CHILD_ENV: &str = "COURIER_CRASH_KEYS_CHILD";
+const KEYS_TEST_FN: &str = "kill9_never_hands_out_a_key_twice";
+
+/// One-time-key claims under kill -9 (`support::crash_keys`): a child
+/// claims and prints each key after its claim resolved; after every kill
+/// no key was printed twice and printed keys uploaded again are not stored;
+/// at the end the parent claims the rest, none of them printed before.
+#[test]
+fn kill9_never_hands_out_a_key_twice() {
+    if let Ok(db) = std::env::var(KEYS_CHILD_ENV) {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("child runtime");
+        runtime.block_on(async {
+            let store: Arc<dyn Store> =
+                Arc::new(SqliteStore::open(Path::new(&db)).await.expect("child open"));
+            crash_keys::claim_until_killed(store, Duration::from_secs(120), false).await;
+        });
+        return;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let db = dir.path().join("claims.db");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let mut ledger = crash_keys::Ledger::default();
+    let test_name = child::exact_test_name(module_path!(), KEYS_TEST_FN);
+    for round in 0..ROUNDS {
+        runtime.block_on(async {
+            let store = SqliteStore::open(&db).await.expect("open");
+            ledger.top_up(&store).await;
+            store.close().await.expect("close");
+        });
+        let round_keys =
+            crash::kill_round(&test_name, (KEYS_CHILD_ENV, db.as_os_str()), round, || {});
+        runtime.block_on(async {
+            let store = SqliteStore::open(&db).await.expect("reopen after kill");
+            ledger.check_round(&store, &round_keys).await;
+            store.close().await.expect("close");
+        });
+    }
+    let rest = runtime.block_on(async {
+        let store = SqliteStore::open(&db).await.expect("reopen");
+        ledger.claim_the_rest(&store).await
+    });
+    eprintln!(
+        "{ROUNDS} kills: {} keys acknowledged by children, {rest} claimed after",
+        ledger.printed()
+    );
 }

@@ -5,16 +5,17 @@
 //! `outbound_env`, `sender_env`, `dns_server`), store wrappers and the shared
 //! store suites (`counting_store`, `inhibiting_store`, `store_suite`,
 //! `store_suite_keys`), the throwaway PostgreSQL cluster (`pg`), the kill-9
-//! crash harness (`crash`), running one test in a child process of this
-//! binary (`child`), E2EE test identities with a signed federation client
-//! (`e2ee`), and a matrix-rust-sdk `OlmMachine` driven over a relay's
-//! client API (`olm_peer`). Every
+//! crash harnesses (`crash`, `crash_keys`), running one test in a child
+//! process of this binary (`child`), E2EE test identities with a signed
+//! federation client (`e2ee`), and a matrix-rust-sdk `OlmMachine` driven
+//! over a relay's client API (`olm_peer`). Every
 //! test module of the `it` binary imports what it needs as
 //! `crate::support::…`.
 
 pub mod child;
 pub mod counting_store;
 pub mod crash;
+pub mod crash_keys;
 pub mod dns_server;
 pub mod e2ee;
 pub mod fake_remote;
