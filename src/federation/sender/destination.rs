@@ -57,11 +57,8 @@ pub struct SenderShared {
 /// The destination's state, owned by its task.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
-    /// Nothing known to send; waiting for a signal. `retiring`: this idle
-    /// spell lasted `IDLE_EXIT` and the task asked the dispatcher to retire
-    /// it; it keeps serving the signals already queued and ends when the
-    /// dispatcher drops its end of the channel.
-    Idle { retiring: bool },
+    /// Nothing known to send; waiting for a signal.
+    Idle,
     /// Sending until the outbox is empty or a send fails.
     Sending,
     /// Waiting out the backoff (or a peer's Retry-After).
@@ -76,22 +73,6 @@ enum Step {
     Continue,
     /// Wait this long before trying again.
     Wait(Duration),
-}
-
-/// What the task knows of the destination's recorded in-flight
-/// transaction, so that a step after a settled one need not read the record
-/// back.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum InFlight {
-    /// Not known: read the record before packing a new transaction. The
-    /// state at start and after any store error, after recording one, and
-    /// when the lease was held elsewhere, so a transaction recorded by an
-    /// earlier run or another worker is always found (and `begin_txn`
-    /// refuses a second one in any case).
-    Unknown,
-    /// Known to be none: this task settled the last recorded transaction
-    /// (acked or refused) and has recorded none since.
-    KnownNone,
 }
 
 /// Narrowing a refused batch down to the EDU the peer will not take.
@@ -116,8 +97,12 @@ pub struct DestinationTask {
     /// The last attempt succeeded and the outbox was empty: a `PeerIsUp`
     /// while idle has nothing to reset or send, and costs no store access.
     clean: bool,
-    /// What this task knows of the recorded in-flight transaction.
-    in_flight: InFlight,
+    /// This task settled the last recorded transaction (acked or refused)
+    /// and has not recorded another: the next step need not read the
+    /// in-flight record back. False at start and after any store error, so
+    /// a transaction recorded by an earlier run or another worker is always
+    /// found (and `begin_txn` refuses a second one in any case).
+    settled: bool,
 }
 
 impl DestinationTask {
@@ -137,7 +122,7 @@ impl DestinationTask {
             id,
             narrowing: Narrowing::default(),
             clean: false,
-            in_flight: InFlight::Unknown,
+            settled: false,
         }
     }
 
@@ -146,15 +131,18 @@ impl DestinationTask {
         let span = tracing::info_span!("destination", destination = %self.destination);
         async move {
             let mut state = self.initial_state().await;
+            let mut retiring = false;
             loop {
                 state = match state {
-                    State::Idle { retiring } => {
+                    State::Idle => {
                         let signal = tokio::select! {
                             _ = shutdown.cancelled() => return,
                             signal = self.signals.recv() => signal,
                             _ = tokio::time::sleep(IDLE_EXIT), if !retiring => {
+                                // Ask to be retired; keep serving signals
+                                // already queued until the channel closes.
+                                retiring = true;
                                 let _ = self.retire.send((self.destination.clone(), self.id));
-                                state = State::Idle { retiring: true };
                                 continue;
                             }
                         };
@@ -164,7 +152,7 @@ impl DestinationTask {
                         let signal = signal.map(|first| self.coalesce(first));
                         match signal {
                             None => return,
-                            Some(Signal::PeerIsUp) if self.clean => State::Idle { retiring },
+                            Some(Signal::PeerIsUp) if self.clean => State::Idle,
                             Some(Signal::PeerIsUp) => {
                                 self.reset_backoff().await;
                                 State::Sending
@@ -192,7 +180,7 @@ impl DestinationTask {
                             step = self.send_step() => step,
                         };
                         match step {
-                            Step::Drained => State::Idle { retiring: false },
+                            Step::Drained => State::Idle,
                             Step::Continue => State::Sending,
                             Step::Wait(delay) => State::BackingOff {
                                 until: Instant::now() + delay,
@@ -270,7 +258,7 @@ impl DestinationTask {
         match self.try_send_step().await {
             Ok(step) => step,
             Err(error) => {
-                self.in_flight = InFlight::Unknown;
+                self.settled = false;
                 tracing::warn!(%error, "store error while sending");
                 Step::Wait(STORE_RETRY)
             }
@@ -292,9 +280,10 @@ impl DestinationTask {
             return Ok(Step::Drained);
         }
         let leased_at = Instant::now();
-        let recorded = match self.in_flight {
-            InFlight::KnownNone => None,
-            InFlight::Unknown => store.in_flight(&self.destination).await?,
+        let recorded = if self.settled {
+            None
+        } else {
+            store.in_flight(&self.destination).await?
         };
         let txn = match recorded {
             Some(txn) => txn,
@@ -318,7 +307,7 @@ impl DestinationTask {
                     seqs: edus.iter().map(|e| e.seq).collect(),
                     body,
                 };
-                self.in_flight = InFlight::Unknown;
+                self.settled = false;
                 store.begin_txn(txn.clone()).await?;
                 txn
             }
@@ -348,7 +337,7 @@ impl DestinationTask {
         if !held {
             tracing::debug!(worker = %worker.name, "destination leased by another worker");
             // The owner may record transactions meanwhile.
-            self.in_flight = InFlight::Unknown;
+            self.settled = false;
         }
         Ok(held)
     }
@@ -392,7 +381,7 @@ impl DestinationTask {
                     .await?;
                 // ack_txn also reset the persisted retry state.
                 self.clean = true;
-                self.in_flight = InFlight::KnownNone;
+                self.settled = true;
                 tracing::debug!("delivered");
                 metrics::counter!("courier_federation_transactions_total", "outcome" => "ok")
                     .increment(1);
@@ -464,7 +453,7 @@ impl DestinationTask {
     ) -> Result<Step, StoreError> {
         let store = &self.shared.store;
         store.refuse_txn(&self.destination, &txn.txn_id).await?;
-        self.in_flight = InFlight::KnownNone;
+        self.settled = true;
         let seq = match txn.seqs.as_slice() {
             [] => {
                 // Only a corrupt store records a transaction of no EDUs:

@@ -12,10 +12,8 @@
 //! age) of the destinations with rows queued; one whose queue emptied is
 //! set to zero once and then left to expire from `/metrics`.
 //!
-//! `Sender::run` is the routing loop; the book of tasks (spawn or signal,
-//! retire, stop) is the `Dispatcher`. The sending itself (transactions,
-//! backoff, splitting) is in `destination`; this module only manages task
-//! lifecycles and metrics.
+//! The sending itself (transactions, backoff, splitting) is in
+//! `destination`; this module only manages task lifecycles and metrics.
 
 pub mod backoff;
 pub mod destination;
@@ -115,8 +113,7 @@ impl Sender {
     }
 
     /// Runs until `shutdown`: wakes every destination with pending rows
-    /// (staggered), then routes commands, start-up and sweep wake-ups and
-    /// retire requests to the `Dispatcher`.
+    /// (staggered), then serves commands.
     pub async fn run(self, shutdown: CancellationToken) {
         let Sender {
             shared,
@@ -129,7 +126,9 @@ impl Sender {
             shutdown.child_token(),
         ));
         let (retire_tx, mut retire_rx) = mpsc::unbounded_channel::<(String, u64)>();
-        let mut dispatcher = Dispatcher::new(shared.clone(), retire_tx, shutdown.clone());
+        let mut running: HashMap<String, Running> = HashMap::new();
+        let mut retiring: HashMap<String, JoinHandle<()>> = HashMap::new();
+        let mut next_id: u64 = 0;
         // Destinations whose per-destination gauges the last refresh set.
         let reported: Arc<tokio::sync::Mutex<HashSet<String>>> = Arc::default();
         let mut gauges = tokio::time::interval(GAUGE_INTERVAL);
@@ -140,153 +139,95 @@ impl Sender {
         let (sweep_tx, mut sweep_rx) = mpsc::unbounded_channel::<String>();
 
         loop {
-            tokio::select! {
+            let (destination, signal) = tokio::select! {
                 _ = shutdown.cancelled() => break,
                 command = commands.recv() => match command {
-                    Some(SenderCommand::Wake(d)) => dispatcher.signal_or_spawn(d, Signal::Wake),
-                    Some(SenderCommand::PeerIsUp(d)) => {
-                        dispatcher.signal_or_spawn(d, Signal::PeerIsUp)
-                    }
+                    Some(SenderCommand::Wake(d)) => (d, Signal::Wake),
+                    Some(SenderCommand::PeerIsUp(d)) => (d, Signal::PeerIsUp),
                     None => break,
                 },
-                Some(d) = startup_rx.recv() => dispatcher.signal_or_spawn(d, Signal::Wake),
-                Some(d) = sweep_rx.recv() => dispatcher.signal_or_spawn(d, Signal::Wake),
-                Some((d, id)) = retire_rx.recv() => dispatcher.retire(d, id),
+                Some(d) = startup_rx.recv() => (d, Signal::Wake),
+                Some(d) = sweep_rx.recv() => (d, Signal::Wake),
+                Some((d, id)) = retire_rx.recv() => {
+                    if running.get(&d).is_some_and(|r| r.id == id)
+                        && let Some(r) = running.remove(&d)
+                    {
+                        // Dropping the signal sender lets the task end once
+                        // it has served what is already queued.
+                        retiring.insert(d, r.join);
+                    }
+                    retiring.retain(|_, join| !join.is_finished());
+                    metrics::gauge!("courier_federation_destination_tasks").set(running.len() as f64);
+                    continue;
+                }
                 _ = gauges.tick() => {
                     // Re-set so it outlives the exporter's gauge idle timeout.
-                    dispatcher.report_task_count();
+                    metrics::gauge!("courier_federation_destination_tasks").set(running.len() as f64);
                     // Off the dispatcher's path: the scan may take a while.
                     tokio::spawn(refresh_gauges(shared.clone(), reported.clone()));
+                    continue;
                 }
                 _ = sweep.tick() => {
                     // Listed off the dispatcher's path; the names come back
                     // through `sweep_rx` as wake-ups.
-                    tokio::spawn(list_pending(shared.clone(), sweep_tx.clone()));
+                    let store = shared.store.clone();
+                    let tx = sweep_tx.clone();
+                    tokio::spawn(async move {
+                        match store.destinations_with_pending().await {
+                            Ok(list) => list.into_iter().for_each(|d| { let _ = tx.send(d); }),
+                            Err(error) => tracing::warn!(%error, "sweep: listing pending destinations failed"),
+                        }
+                    });
+                    continue;
                 }
+            };
+            if let Some(task) = running.get(&destination)
+                && task.signals.send(signal).is_ok()
+            {
+                continue;
             }
+            // No task (or it ended): spawn one after its predecessor.
+            let predecessor = running
+                .remove(&destination)
+                .map(|r| r.join)
+                .or_else(|| retiring.remove(&destination));
+            next_id += 1;
+            let (signals_tx, signals_rx) = mpsc::unbounded_channel();
+            let _ = signals_tx.send(signal);
+            let task = DestinationTask::new(
+                destination.clone(),
+                shared.clone(),
+                signals_rx,
+                retire_tx.clone(),
+                next_id,
+            );
+            let token = shutdown.child_token();
+            let join = tokio::spawn(async move {
+                if let Some(previous) = predecessor {
+                    let _ = previous.await;
+                }
+                task.run(token).await;
+            });
+            running.insert(
+                destination,
+                Running {
+                    id: next_id,
+                    signals: signals_tx,
+                    join,
+                },
+            );
+            metrics::gauge!("courier_federation_destination_tasks").set(running.len() as f64);
         }
 
         startup.abort();
-        dispatcher.stop().await;
-    }
-}
-
-/// The dispatcher's book of destination tasks: the running ones, the
-/// retired ones that may still be finishing, and the id of the next task.
-/// Only `Sender::run` holds it, so no lock guards it.
-struct Dispatcher {
-    shared: Arc<SenderShared>,
-    /// Handed to every task, to ask to be retired when it went idle.
-    retire_tx: mpsc::UnboundedSender<(String, u64)>,
-    shutdown: CancellationToken,
-    running: HashMap<String, Running>,
-    /// Retired tasks not yet known to have ended; a replacement for the
-    /// destination waits for its predecessor here.
-    retiring: HashMap<String, JoinHandle<()>>,
-    next_id: u64,
-}
-
-impl Dispatcher {
-    fn new(
-        shared: Arc<SenderShared>,
-        retire_tx: mpsc::UnboundedSender<(String, u64)>,
-        shutdown: CancellationToken,
-    ) -> Dispatcher {
-        Dispatcher {
-            shared,
-            retire_tx,
-            shutdown,
-            running: HashMap::new(),
-            retiring: HashMap::new(),
-            next_id: 0,
-        }
-    }
-
-    /// Forwards `signal` to the destination's running task, or, if there is
-    /// none (or it ended), spawns one that starts with `signal` once its
-    /// predecessor, running or retiring, has ended.
-    fn signal_or_spawn(&mut self, destination: String, signal: Signal) {
-        if let Some(task) = self.running.get(&destination)
-            && task.signals.send(signal).is_ok()
-        {
-            return;
-        }
-        let predecessor = self
-            .running
-            .remove(&destination)
-            .map(|r| r.join)
-            .or_else(|| self.retiring.remove(&destination));
-        self.next_id += 1;
-        let (signals_tx, signals_rx) = mpsc::unbounded_channel();
-        let _ = signals_tx.send(signal);
-        let task = DestinationTask::new(
-            destination.clone(),
-            self.shared.clone(),
-            signals_rx,
-            self.retire_tx.clone(),
-            self.next_id,
-        );
-        let token = self.shutdown.child_token();
-        let join = tokio::spawn(async move {
-            if let Some(previous) = predecessor {
-                let _ = previous.await;
-            }
-            task.run(token).await;
-        });
-        self.running.insert(
-            destination,
-            Running {
-                id: self.next_id,
-                signals: signals_tx,
-                join,
-            },
-        );
-        self.report_task_count();
-    }
-
-    /// Retires task `id` of `destination` if it is still the running one
-    /// (a request from a task already replaced changes nothing), and
-    /// forgets retired tasks that have ended.
-    fn retire(&mut self, destination: String, id: u64) {
-        if self.running.get(&destination).is_some_and(|r| r.id == id)
-            && let Some(r) = self.running.remove(&destination)
-        {
-            // Dropping the signal sender lets the task end once it has
-            // served what is already queued.
-            self.retiring.insert(destination, r.join);
-        }
-        self.retiring.retain(|_, join| !join.is_finished());
-        self.report_task_count();
-    }
-
-    fn report_task_count(&self) {
-        metrics::gauge!("courier_federation_destination_tasks").set(self.running.len() as f64);
-    }
-
-    /// Waits (at most `STOP_TIMEOUT`) for every task, running or retiring,
-    /// to end; they select on the shutdown token.
-    async fn stop(self) {
-        let joins = self
-            .running
+        let joins = running
             .into_values()
             .map(|r| r.join)
-            .chain(self.retiring.into_values());
-        if tokio::time::timeout(STOP_TIMEOUT, futures_join_all(joins))
-            .await
-            .is_err()
-        {
+            .chain(retiring.into_values());
+        let all = futures_join_all(joins);
+        if tokio::time::timeout(STOP_TIMEOUT, all).await.is_err() {
             tracing::warn!("some destination tasks did not stop in time");
         }
-    }
-}
-
-/// Sends the name of every destination with pending rows to `wake`.
-async fn list_pending(shared: Arc<SenderShared>, wake: mpsc::UnboundedSender<String>) {
-    match shared.store.destinations_with_pending().await {
-        Ok(list) => list.into_iter().for_each(|d| {
-            let _ = wake.send(d);
-        }),
-        Err(error) => tracing::warn!(%error, "sweep: listing pending destinations failed"),
     }
 }
 

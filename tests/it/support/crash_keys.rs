@@ -40,7 +40,7 @@ fn upload(keys: Vec<NewKey>) -> KeysUpload {
         device_keys: None,
         one_time_keys: keys,
         fallback_keys: vec![],
-        now_ms: courier::now_ms(),
+        now_ms: courier::clock::now_ms(),
     }
 }
 
@@ -146,7 +146,7 @@ impl Ledger {
         let mut rest: BTreeSet<String> = BTreeSet::new();
         loop {
             let got = store
-                .claim_keys(wanted(), courier::now_ms())
+                .claim_keys(wanted(), courier::clock::now_ms())
                 .await
                 .expect("claim");
             let Some(k) = got.into_iter().next() else {
@@ -188,7 +188,7 @@ pub async fn claim_until_killed(store: Arc<dyn Store>, run_for: Duration, tolera
         let store = store.clone();
         tasks.push(tokio::spawn(async move {
             while Instant::now() < deadline {
-                match store.claim_keys(wanted(), courier::now_ms()).await {
+                match store.claim_keys(wanted(), courier::clock::now_ms()).await {
                     Ok(got) => {
                         let mut out = std::io::stdout().lock();
                         for k in got {
