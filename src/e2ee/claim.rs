@@ -78,19 +78,7 @@ impl E2ee {
         body: &Map<String, Value>,
         timeout: Duration,
     ) -> Result<KeyClaim, KeysRejected> {
-        let requested = match body.get("one_time_keys") {
-            None => {
-                return Err(KeysRejected::MissingParam(
-                    "one_time_keys is required".into(),
-                ));
-            }
-            Some(Value::Object(requested)) => requested,
-            Some(_) => {
-                return Err(KeysRejected::BadJson(
-                    "one_time_keys must be an object".into(),
-                ));
-            }
-        };
+        let requested = super::objects::required_map(body, "one_time_keys")?;
         let mut wanted = BTreeMap::new();
         let mut pairs = 0usize;
         for (user, devices) in requested {

@@ -93,6 +93,20 @@ fn object_field<'a>(
 }
 
 /// Whether `text` is unpadded-or-padded base64 of exactly 32 bytes.
+/// A request body's required map field (`device_keys` of a query,
+/// `one_time_keys` of a claim): absent is `M_MISSING_PARAM`, anything but an
+/// object (`null` too) is `M_BAD_JSON`.
+pub fn required_map<'a>(
+    body: &'a Map<String, Value>,
+    field: &str,
+) -> Result<&'a Map<String, Value>, KeysRejected> {
+    match body.get(field) {
+        None => Err(KeysRejected::MissingParam(format!("{field} is required"))),
+        Some(Value::Object(map)) => Ok(map),
+        Some(_) => Err(KeysRejected::BadJson(format!("{field} must be an object"))),
+    }
+}
+
 fn is_base64_key(text: &str) -> bool {
     decode_base64(text).is_ok_and(|bytes| bytes.len() == 32)
 }

@@ -106,15 +106,7 @@ impl E2ee {
         body: &Map<String, Value>,
         timeout: Duration,
     ) -> Result<KeyQuery, KeysRejected> {
-        let wanted = match body.get("device_keys") {
-            None => return Err(KeysRejected::MissingParam("device_keys is required".into())),
-            Some(Value::Object(wanted)) => wanted,
-            Some(_) => {
-                return Err(KeysRejected::BadJson(
-                    "device_keys must be an object".into(),
-                ));
-            }
-        };
+        let wanted = super::objects::required_map(body, "device_keys")?;
         let mut users = BTreeMap::new();
         let mut named = 0usize;
         for (user, devices) in wanted {
