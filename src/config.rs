@@ -170,6 +170,20 @@ pub struct E2eeConfig {
     pub remote_timeout: Duration,
     /// How many remote servers one client request asks at once.
     pub remote_concurrency: usize,
+    /// How long a server that queried a local user's keys (or devices) over
+    /// federation keeps getting that user's device-list updates.
+    pub interest_window: Duration,
+    /// Device-list resyncs (`GET /user/devices`) in flight at once, over
+    /// all servers.
+    pub resync_concurrency: usize,
+    /// Device-list resyncs in flight at once to one server.
+    pub resync_per_server: usize,
+    /// The first wait after a failed resync of a server's users (doubling
+    /// per consecutive failure) and the interval of the sweep over stale
+    /// lists.
+    pub resync_retry: Duration,
+    /// The longest wait between resync attempts to one server.
+    pub resync_retry_max: Duration,
 }
 
 impl E2eeConfig {
@@ -179,6 +193,11 @@ impl E2eeConfig {
         max_claim_devices: 1_000,
         remote_timeout: Duration::from_secs(10),
         remote_concurrency: 16,
+        interest_window: Duration::from_secs(30 * 24 * 3600),
+        resync_concurrency: 16,
+        resync_per_server: 2,
+        resync_retry: Duration::from_secs(30),
+        resync_retry_max: Duration::from_secs(3600),
     };
 }
 
@@ -283,6 +302,11 @@ struct RawE2ee {
     max_claim_devices: Option<usize>,
     remote_timeout_ms: Option<u64>,
     remote_concurrency: Option<usize>,
+    interest_window_days: Option<u64>,
+    resync_concurrency: Option<usize>,
+    resync_per_server: Option<usize>,
+    resync_retry_ms: Option<u64>,
+    resync_retry_max_ms: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -634,16 +658,39 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
                 .remote_timeout_ms
                 .map_or(d.remote_timeout, Duration::from_millis),
             remote_concurrency: e.remote_concurrency.unwrap_or(d.remote_concurrency),
+            interest_window: e
+                .interest_window_days
+                .map_or(d.interest_window, |days| {
+                    Duration::from_secs(days.saturating_mul(24 * 3600))
+                }),
+            resync_concurrency: e.resync_concurrency.unwrap_or(d.resync_concurrency),
+            resync_per_server: e.resync_per_server.unwrap_or(d.resync_per_server),
+            resync_retry: e
+                .resync_retry_ms
+                .map_or(d.resync_retry, Duration::from_millis),
+            resync_retry_max: e
+                .resync_retry_max_ms
+                .map_or(d.resync_retry_max, Duration::from_millis),
         };
         if config.max_query_devices == 0
             || config.max_claim_devices == 0
             || config.remote_concurrency == 0
             || config.remote_timeout.is_zero()
+            || config.interest_window.is_zero()
+            || config.resync_concurrency == 0
+            || config.resync_per_server == 0
+            || config.resync_retry.is_zero()
         {
             problems.push(
-                "[e2ee] max_query_devices, max_claim_devices, remote_concurrency and \
-                 remote_timeout_ms must be at least 1"
+                "[e2ee] max_query_devices, max_claim_devices, remote_concurrency, \
+                 remote_timeout_ms, interest_window_days, resync_concurrency, \
+                 resync_per_server and resync_retry_ms must be at least 1"
                     .to_owned(),
+            );
+        }
+        if config.resync_retry_max < config.resync_retry {
+            problems.push(
+                "[e2ee] resync_retry_max_ms must be at least resync_retry_ms".to_owned(),
             );
         }
         config

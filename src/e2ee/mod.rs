@@ -9,6 +9,7 @@
 
 pub mod claim;
 pub mod cross_signing;
+pub mod device_lists;
 pub mod devices;
 pub mod error;
 mod fanout;

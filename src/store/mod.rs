@@ -14,11 +14,13 @@
 use std::future::Future;
 use std::pin::Pin;
 
+pub mod device_lists;
 pub mod keys;
 pub mod postgres;
 pub mod pruner;
 pub mod sqlite;
 
+pub use device_lists::DeviceListStore;
 pub use keys::KeyStore;
 
 /// The future every store operation returns: boxed so that `Store` is usable
@@ -188,6 +190,10 @@ pub struct OutboxEdu {
     pub queued_ts: TimestampMs,
     /// How many times a transaction holding this EDU was refused (4xx).
     pub refusals: u32,
+    /// Set for a device-list EDU (`m.device_list_update` or
+    /// `m.signing_key_update`): the sender finishes it with
+    /// `device_lists::finish_outbound_edu` before sending.
+    pub device_list: Option<device_lists::OutboundDeviceList>,
 }
 
 /// The transaction in flight to a destination, recorded before it is sent so
@@ -346,8 +352,9 @@ pub enum Wakeup {
 }
 
 /// The durable store. Each method is one atomic transaction. The E2EE
-/// device plane's methods are in the supertrait `KeyStore` (`keys.rs`).
-pub trait Store: KeyStore + Send + Sync + 'static {
+/// device plane's methods are in the supertraits `KeyStore` (`keys.rs`) and
+/// `DeviceListStore` (`device_lists.rs`).
+pub trait Store: KeyStore + DeviceListStore + Send + Sync + 'static {
     // --- devices and tokens ---------------------------------------------
 
     /// Registers (or re-registers) a local device; with a token, also maps

@@ -27,7 +27,8 @@ use crate::federation::sender::transaction::{
     MAX_EDU_BYTES, MAX_EDUS, TxnFailure, TxnIds, build_body,
 };
 use crate::identifiers::ServerName;
-use crate::store::{InFlightTxn, RetryState, Store, StoreError};
+use crate::store::device_lists::finish_outbound_edu;
+use crate::store::{InFlightTxn, OutboxEdu, RetryState, Store, StoreError};
 
 /// An idle task ends after this long without work.
 pub const IDLE_EXIT: Duration = Duration::from_secs(60);
@@ -289,9 +290,10 @@ impl DestinationTask {
             Some(txn) => txn,
             None => {
                 let limit = self.narrowing.limit.unwrap_or(MAX_EDUS);
-                let edus = store
+                let mut edus = store
                     .peek_outbox(&self.destination, limit, MAX_EDU_BYTES)
                     .await?;
+                finish_device_list_edus(&mut edus, shared.config.e2ee.device_names_over_federation);
                 if edus.is_empty() {
                     self.narrowing = Narrowing::default();
                     return Ok(Step::Drained);
@@ -490,5 +492,16 @@ impl DestinationTask {
         tracing::warn!(seq, refusals, status, %reason, "single EDU refused");
         self.back_off(format!("{status} refused: {reason}"), None)
             .await
+    }
+}
+
+/// Gives each device-list EDU of a peek its `prev_id` and the display-name
+/// rule (`store::device_lists::finish_outbound_edu`), before the body is
+/// built and recorded: a retry resends these exact bytes.
+fn finish_device_list_edus(edus: &mut [OutboxEdu], names_over_federation: bool) {
+    for edu in edus.iter_mut() {
+        if let Some(meta) = &edu.device_list {
+            edu.edu_json = finish_outbound_edu(&edu.edu_json, meta, names_over_federation);
+        }
     }
 }

@@ -165,6 +165,7 @@ mod tests {
             message_count: 1,
             queued_ts: 0,
             refusals: 0,
+            device_list: None,
         }
     }
 

@@ -40,6 +40,7 @@ use crate::store::{
 };
 
 mod device_changes;
+mod device_lists;
 mod inbox;
 mod keys;
 mod lease;

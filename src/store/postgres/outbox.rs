@@ -80,6 +80,7 @@ pub async fn peek_outbox(
             message_count: to_u32(row.get(2)),
             queued_ts: row.get(3),
             refusals: to_u32(row.get(4)),
+            device_list: None,
         });
     }
     Ok(out)

@@ -31,6 +31,7 @@ use crate::store::{
 };
 
 mod device_changes;
+mod device_lists;
 mod devices;
 mod inbox;
 mod keys;

@@ -62,6 +62,7 @@ pub fn peek_outbox(
             message_count: row.get(2)?,
             queued_ts: row.get(3)?,
             refusals: row.get(4)?,
+            device_list: None,
         });
     }
     Ok(out)

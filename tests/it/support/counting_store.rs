@@ -145,3 +145,4 @@ impl Store for CountingStore {
 }
 
 crate::delegate_key_store!(CountingStore, |s| s.inner);
+crate::delegate_device_list_store!(CountingStore, |s| s.inner);

@@ -165,3 +165,4 @@ impl Store for InhibitingStore {
 }
 
 crate::delegate_key_store!(InhibitingStore, |s| s.0);
+crate::delegate_device_list_store!(InhibitingStore, |s| s.0);
