@@ -58,6 +58,7 @@ fn stored_edu(i: usize, ciphertext_bytes: usize) -> OutboxEdu {
         message_count: 1,
         queued_ts: 1_700_000_000_000,
         refusals: 0,
+        device_list: None,
     }
 }
 

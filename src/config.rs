@@ -658,11 +658,9 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
                 .remote_timeout_ms
                 .map_or(d.remote_timeout, Duration::from_millis),
             remote_concurrency: e.remote_concurrency.unwrap_or(d.remote_concurrency),
-            interest_window: e
-                .interest_window_days
-                .map_or(d.interest_window, |days| {
-                    Duration::from_secs(days.saturating_mul(24 * 3600))
-                }),
+            interest_window: e.interest_window_days.map_or(d.interest_window, |days| {
+                Duration::from_secs(days.saturating_mul(24 * 3600))
+            }),
             resync_concurrency: e.resync_concurrency.unwrap_or(d.resync_concurrency),
             resync_per_server: e.resync_per_server.unwrap_or(d.resync_per_server),
             resync_retry: e
@@ -689,9 +687,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             );
         }
         if config.resync_retry_max < config.resync_retry {
-            problems.push(
-                "[e2ee] resync_retry_max_ms must be at least resync_retry_ms".to_owned(),
-            );
+            problems.push("[e2ee] resync_retry_max_ms must be at least resync_retry_ms".to_owned());
         }
         config
     });

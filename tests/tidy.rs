@@ -251,11 +251,12 @@ const KNOWN_CIRCLES: &[(&[&str], &str)] = &[
     (
         &[
             "store",
+            "store::device_lists",
             "store::keys",
             "store::postgres::*",
             "store::sqlite::*",
         ],
-        "mod.rs holds the Store trait the backends implement and `open` builds them; each backend's mod file holds what its per-table files share; keys.rs holds Store's supertrait KeyStore, whose futures and timestamps are mod.rs's",
+        "mod.rs holds the Store trait the backends implement and `open` builds them; each backend's mod file holds what its per-table files share; keys.rs and device_lists.rs hold Store's supertraits KeyStore and DeviceListStore, whose futures and timestamps are mod.rs's",
     ),
     (
         &["todevice", "todevice::pack"],
