@@ -79,7 +79,7 @@ async fn schema_version_is_recorded_and_tokens_are_hashed() {
         .await
         .expect("version")
         .get(0);
-    assert_eq!(version, 4);
+    assert_eq!(version, 5);
     let rows = client
         .query("SELECT token_hash FROM access_tokens", &[])
         .await
@@ -112,8 +112,8 @@ async fn concurrent_opens_migrate_once() {
         .await
         .expect("count")
         .get(0);
-    // Each of the four migrations, exactly once.
-    assert_eq!(applied, 4);
+    // Each of the five migrations, exactly once.
+    assert_eq!(applied, 5);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

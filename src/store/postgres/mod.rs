@@ -40,6 +40,7 @@ use crate::store::{
 };
 
 mod device_changes;
+mod device_list_outbox;
 mod device_lists;
 mod inbox;
 mod keys;
@@ -434,13 +435,21 @@ impl Store for PostgresStore {
         txn_id: &'a str,
         now_ms: TimestampMs,
     ) -> StoreFuture<'a, ()> {
-        Box::pin(on_client!(self, |c| outbox::ack_txn(
-            &mut c,
-            destination,
-            txn_id,
-            now_ms
-        )
-        .await))
+        Box::pin(async move {
+            let sent = on_client!(self, |c| outbox::ack_txn(
+                &mut c,
+                destination,
+                txn_id,
+                now_ms
+            )
+            .await)
+            .await?;
+            if sent > 0 {
+                metrics::counter!("courier_device_list_updates_total", "event" => "sent")
+                    .increment(sent);
+            }
+            Ok(())
+        })
     }
 
     fn refuse_txn<'a>(&'a self, destination: &'a str, txn_id: &'a str) -> StoreFuture<'a, ()> {
