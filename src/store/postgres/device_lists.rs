@@ -17,8 +17,8 @@ use super::device_changes::log_left;
 use super::device_list_outbox::{destinations, woken_devices};
 use super::remote_devices;
 use crate::store::device_lists::{
-    DeviceListStore, Interest, NewInterest, RemoteDeviceList, RemoteDeviceUpdate,
-    RemoteSnapshot, RemoteUpdateReport, SnapshotOutcome, TrackSource, TrackTarget,
+    DeviceListStore, Interest, NewInterest, RemoteDeviceList, RemoteDeviceUpdate, RemoteSnapshot,
+    RemoteUpdateReport, SnapshotOutcome, TrackSource, TrackTarget,
 };
 use crate::store::{DeviceKey, StoreFuture, TimestampMs, Wakeup};
 
@@ -117,8 +117,11 @@ impl DeviceListStore for super::PostgresStore {
     ) -> StoreFuture<'a, Vec<String>> {
         Box::pin(async move {
             let targets = &targets;
-            with_client!(self, |c| track_users(&mut c, tracker, targets, source, now_ms).await)
-                .await
+            with_client!(self, |c| track_users(
+                &mut c, tracker, targets, source, now_ms
+            )
+            .await)
+            .await
         })
     }
 
@@ -131,8 +134,9 @@ impl DeviceListStore for super::PostgresStore {
         Box::pin(async move {
             let users = &users;
             let (untracked, woken) =
-                with_client!(self, |c| untrack_users(&mut c, tracker, users, now_ms).await)
-                    .await?;
+                with_client!(self, |c| untrack_users(&mut c, tracker, users, now_ms)
+                    .await)
+                .await?;
             self.wake_devices(woken);
             Ok(untracked)
         })
@@ -261,11 +265,10 @@ impl DeviceListStore for super::PostgresStore {
     ) -> StoreFuture<'_, SnapshotOutcome> {
         Box::pin(async move {
             let snapshot = &snapshot;
-            let (outcome, woken) = with_client!(self, |c| remote_devices::replace(
-                &mut c, snapshot, now_ms
-            )
-            .await)
-            .await?;
+            let (outcome, woken) =
+                with_client!(self, |c| remote_devices::replace(&mut c, snapshot, now_ms)
+                    .await)
+                .await?;
             self.wake_devices(woken);
             Ok(outcome)
         })
@@ -278,12 +281,17 @@ impl DeviceListStore for super::PostgresStore {
     ) -> StoreFuture<'_, Vec<String>> {
         Box::pin(async move {
             let users = &users;
-            with_client!(self, |c| remote_devices::mark_stale(&c, users, now_ms).await).await
+            with_client!(self, |c| remote_devices::mark_stale(&c, users, now_ms)
+                .await)
+            .await
         })
     }
 
     fn stale_remote_users(&self, limit: u32) -> StoreFuture<'_, Vec<String>> {
-        Box::pin(with_client!(self, |c| remote_devices::stale_users(&c, limit).await))
+        Box::pin(with_client!(self, |c| remote_devices::stale_users(
+            &c, limit
+        )
+        .await))
     }
 }
 
@@ -353,18 +361,25 @@ async fn track_users(
     let mut sorted: Vec<&TrackTarget> = targets.iter().collect();
     sorted.sort_by(|a, b| a.user_id.cmp(&b.user_id));
     sorted.dedup_by(|a, b| a.user_id == b.user_id);
-    let mut stale = Vec::new();
+    let mut stale_set: BTreeSet<&str> = BTreeSet::new();
     for target in sorted {
         if target.remote {
             let row = tx.query_one(&list, &[&target.user_id, &now_ms]).await?;
             if row.get::<_, bool>(0) {
-                stale.push(target.user_id.clone());
+                stale_set.insert(&target.user_id);
             }
         }
         tx.execute(&upsert, &[&tracker, &target.user_id, &source, &now_ms])
             .await?;
     }
     tx.commit().await?;
+    // In the order given.
+    let mut stale: Vec<String> = Vec::new();
+    for target in targets {
+        if stale_set.contains(target.user_id.as_str()) && !stale.contains(&target.user_id) {
+            stale.push(target.user_id.clone());
+        }
+    }
     Ok(stale)
 }
 

@@ -1,7 +1,8 @@
 //! SQL of the outbox side of the PostgreSQL backend: queued EDUs per
 //! destination, the one in-flight transaction record, quarantine, the
 //! persisted retry state and status of destinations, the remote server key
-//! cache, and pruning in bounded batches. Each write function is one
+//! cache, and pruning in bounded batches (also of expired device-list
+//! interests). Each write function is one
 //! transaction (or one statement) on the connection given.
 
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -503,6 +504,16 @@ pub async fn prune(
                  (SELECT user_id, device_id, algorithm, key_id FROM claimed_one_time_keys
                   WHERE claimed_ts <= $1 LIMIT $2)",
             now_ms.saturating_sub(retention.claimed_key_ms),
+            limit,
+        )
+        .await?,
+        expired_device_list_interest: expire(
+            c,
+            "DELETE FROM device_list_interest WHERE (user_id, destination) IN
+                 (SELECT user_id, destination FROM device_list_interest
+                  WHERE expires_ts < $1 LIMIT $2)
+               AND expires_ts < $1",
+            now_ms,
             limit,
         )
         .await?,

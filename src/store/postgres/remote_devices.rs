@@ -39,11 +39,7 @@ struct Head {
 const HEAD_COLUMNS: &str = "stream_id, stale, seen_stream_id, stale_since_ts, fetched_ts,
                             master_key_json, self_signing_key_json";
 
-async fn head(
-    c: &impl GenericClient,
-    user: &str,
-    for_update: bool,
-) -> Result<Option<Head>, Fail> {
+async fn head(c: &impl GenericClient, user: &str, for_update: bool) -> Result<Option<Head>, Fail> {
     let sql = format!(
         "SELECT {HEAD_COLUMNS} FROM remote_device_lists WHERE user_id = $1{}",
         if for_update { " FOR UPDATE" } else { "" }
@@ -167,34 +163,47 @@ pub async fn apply_updates(
         ..RemoteUpdateReport::default()
     };
     let mut changes: Vec<Change<'_>> = Vec::new();
-    for u in updates {
-        if h.stream_id.is_some_and(|extremity| u.stream_id <= extremity) {
+    if h.stale {
+        // Nothing applies until the resync; remember what was seen.
+        raise_seen(&mut h, updates.iter().map(|u| u.stream_id));
+        if h.stale_since_ts.is_none() {
+            h.stale_since_ts = Some(now_ms);
+        }
+    }
+    for (i, u) in updates.iter().enumerate() {
+        if h.stale {
+            break;
+        }
+        if h.stream_id
+            .is_some_and(|extremity| u.stream_id <= extremity)
+        {
             report.not_newer += 1;
             continue;
         }
-        h.seen_stream_id = Some(h.seen_stream_id.map_or(u.stream_id, |s| s.max(u.stream_id)));
-        if h.stale {
-            continue;
-        }
+        // Updates applied earlier in this call are at most the extremity.
         let gap = match h.stream_id {
             Some(extremity) => {
                 u.prev_ids.is_empty() || u.prev_ids.iter().any(|prev| *prev > extremity)
             }
-            // Never fetched: only a resync can start the list.
-            None => true,
+            None => !u.prev_ids.is_empty(),
         };
         if gap {
             h.stale = true;
             h.stale_since_ts = Some(now_ms);
-            continue;
+            raise_seen(&mut h, updates[i..].iter().map(|u| u.stream_id));
+            break;
         }
         if u.deleted {
             tx.execute(&delete, &[&user, &u.device_id]).await?;
         } else {
-            tx.execute(&upsert, &[&user, &u.device_id, &u.keys_json, &u.display_name])
-                .await?;
+            tx.execute(
+                &upsert,
+                &[&user, &u.device_id, &u.keys_json, &u.display_name],
+            )
+            .await?;
         }
         h.stream_id = Some(u.stream_id);
+        raise_seen(&mut h, [u.stream_id]);
         report.applied += 1;
         changes.push(Change::device(user, &u.device_id));
     }
@@ -208,6 +217,13 @@ pub async fn apply_updates(
     };
     tx.commit().await?;
     Ok((report, woken))
+}
+
+/// Raises the highest stream_id seen to the highest of `streams`.
+fn raise_seen(h: &mut Head, streams: impl IntoIterator<Item = i64>) {
+    for stream in streams {
+        h.seen_stream_id = Some(h.seen_stream_id.map_or(stream, |s| s.max(stream)));
+    }
 }
 
 /// Stores cross-signing keys (`None` keeps the cached one). Returns whether
@@ -272,11 +288,16 @@ pub async fn replace(
             )
             .await?;
         for d in &fresh {
-            tx.execute(&insert, &[&user, &d.device_id, &d.keys_json, &d.display_name])
-                .await?;
+            tx.execute(
+                &insert,
+                &[&user, &d.device_id, &d.keys_json, &d.display_name],
+            )
+            .await?;
         }
     }
-    let still_stale = h.seen_stream_id.is_some_and(|seen| seen > snapshot.stream_id);
+    let still_stale = h
+        .seen_stream_id
+        .is_some_and(|seen| seen > snapshot.stream_id);
     h.stale_since_ts = match (still_stale, h.stale) {
         (false, _) => None,
         (true, true) => h.stale_since_ts.or(Some(now_ms)),
@@ -284,10 +305,7 @@ pub async fn replace(
     };
     h.stale = still_stale;
     h.stream_id = Some(snapshot.stream_id);
-    h.seen_stream_id = Some(
-        h.seen_stream_id
-            .map_or(snapshot.stream_id, |s| s.max(snapshot.stream_id)),
-    );
+    raise_seen(&mut h, [snapshot.stream_id]);
     h.fetched_ts = Some(now_ms);
     h.master_key_json = snapshot.master_key_json.clone();
     h.self_signing_key_json = snapshot.self_signing_key_json.clone();
