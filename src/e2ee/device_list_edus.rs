@@ -70,7 +70,10 @@ fn origin_user(
     ours: &ServerName,
 ) -> Result<String, Dropped> {
     let Some(Value::String(user)) = content.get("user_id") else {
-        return Err(Dropped::malformed(None, "user_id is missing or not a string"));
+        return Err(Dropped::malformed(
+            None,
+            "user_id is missing or not a string",
+        ));
     };
     let parsed = UserId::parse(user)
         .map_err(|_| Dropped::malformed(Some(user), "user_id is not a user ID"))?;
@@ -110,7 +113,12 @@ pub fn parse_device_update(
     let user = Some(user_id.as_str());
     let device_id = match content.get("device_id") {
         Some(Value::String(device)) if !device.is_empty() => device.clone(),
-        _ => return Err(Dropped::malformed(user, "device_id is missing or not a string")),
+        _ => {
+            return Err(Dropped::malformed(
+                user,
+                "device_id is missing or not a string",
+            ));
+        }
     };
     let stream_id = content
         .get("stream_id")
@@ -183,7 +191,10 @@ pub fn parse_signing_key_update(
         Some(value) => match check_cross_signing_key(value, &user_id, kind) {
             Ok(checked) => Some(checked),
             Err(error) => {
-                refused.push(Dropped::bad_signature(&user_id, format!("{field}: {error}")));
+                refused.push(Dropped::bad_signature(
+                    &user_id,
+                    format!("{field}: {error}"),
+                ));
                 None
             }
         },
@@ -259,8 +270,10 @@ mod tests {
             "malformed"
         );
         assert_eq!(
-            outcome(json!({"user_id": "@a:remote.example", "device_id": "D", "stream_id": 1,
-                           "prev_id": 0})),
+            outcome(
+                json!({"user_id": "@a:remote.example", "device_id": "D", "stream_id": 1,
+                           "prev_id": 0})
+            ),
             "malformed"
         );
         assert_eq!(
@@ -268,14 +281,18 @@ mod tests {
             "malformed"
         );
         assert_eq!(
-            outcome(json!({"user_id": "@a:remote.example", "device_id": "D", "stream_id": 1,
-                           "keys": {"user_id": "@a:remote.example"}})),
+            outcome(
+                json!({"user_id": "@a:remote.example", "device_id": "D", "stream_id": 1,
+                           "keys": {"user_id": "@a:remote.example"}})
+            ),
             "bad_signature"
         );
         assert_eq!(outcome(json!("not an object")), "malformed");
         assert_eq!(
-            outcome(json!({"user_id": "@a:remote.example", "device_id": "D", "stream_id": 1,
-                           "device_display_name": "Phone"})),
+            outcome(
+                json!({"user_id": "@a:remote.example", "device_id": "D", "stream_id": 1,
+                           "device_display_name": "Phone"})
+            ),
             "ok"
         );
     }

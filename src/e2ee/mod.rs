@@ -66,8 +66,12 @@ impl E2ee {
         config: E2eeConfig,
         destinations: Arc<dyn DestinationWaker>,
     ) -> E2ee {
-        let (resync, scheduler) =
-            ResyncScheduler::new(store.clone(), remote.clone(), config.clone(), notifier.clone());
+        let (resync, scheduler) = ResyncScheduler::new(
+            store.clone(),
+            remote.clone(),
+            config.clone(),
+            notifier.clone(),
+        );
         E2ee {
             server_name,
             store,

@@ -275,7 +275,12 @@ impl State {
                     queue.failures = queue.failures.saturating_add(1);
                     let wait = backoff(config, queue.failures);
                     queue.retry_at = Some(Instant::now() + wait);
-                    tracing::info!(server, failures = queue.failures, ?wait, "device-list resyncs of a server backed off");
+                    tracing::info!(
+                        server,
+                        failures = queue.failures,
+                        ?wait,
+                        "device-list resyncs of a server backed off"
+                    );
                 }
                 Outcome::Stored { .. } => {
                     queue.failures = 0;
