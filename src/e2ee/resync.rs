@@ -19,6 +19,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use serde_json::Value;
@@ -48,6 +49,16 @@ const MAX_QUEUED: usize = 100_000;
 #[derive(Clone, Debug)]
 pub struct ResyncHandle {
     commands: mpsc::UnboundedSender<Vec<String>>,
+    progress: Arc<Progress>,
+}
+
+/// What the scheduler has taken in, for `ResyncHandle::is_idle`.
+#[derive(Debug, Default)]
+struct Progress {
+    sent: AtomicU64,
+    received: AtomicU64,
+    /// Users queued, in flight, or due again.
+    queued: AtomicUsize,
 }
 
 impl ResyncHandle {
@@ -55,8 +66,25 @@ impl ResyncHandle {
     /// store already). Users queued or in flight are not queued twice.
     pub fn schedule(&self, users: Vec<String>) {
         if !users.is_empty() {
-            let _ = self.commands.send(users);
+            self.progress.sent.fetch_add(1, Ordering::SeqCst);
+            if self.commands.send(users).is_err() {
+                self.progress.sent.fetch_sub(1, Ordering::SeqCst);
+            }
         }
+    }
+
+    /// Whether the scheduler has taken in everything scheduled so far and
+    /// has nothing queued or in flight (users of a server in backoff count
+    /// as queued). For tests and diagnostics.
+    pub fn is_idle(&self) -> bool {
+        let received = self.progress.received.load(Ordering::SeqCst);
+        let queued = self.progress.queued.load(Ordering::SeqCst);
+        self.progress.sent.load(Ordering::SeqCst) == received && queued == 0
+    }
+
+    /// Users queued, in flight, or due again.
+    pub fn queued(&self) -> usize {
+        self.progress.queued.load(Ordering::SeqCst)
     }
 }
 
@@ -64,6 +92,7 @@ impl ResyncHandle {
 pub struct ResyncScheduler {
     ctx: Arc<Ctx>,
     commands: mpsc::UnboundedReceiver<Vec<String>>,
+    progress: Arc<Progress>,
 }
 
 struct Ctx {
@@ -111,6 +140,7 @@ impl ResyncScheduler {
         notifier: Arc<Notifier>,
     ) -> (ResyncHandle, ResyncScheduler) {
         let (commands, receiver) = mpsc::unbounded_channel();
+        let progress = Arc::new(Progress::default());
         let ctx = Arc::new(Ctx {
             store,
             remote,
@@ -118,10 +148,14 @@ impl ResyncScheduler {
             notifier,
         });
         (
-            ResyncHandle { commands },
+            ResyncHandle {
+                commands,
+                progress: progress.clone(),
+            },
             ResyncScheduler {
                 ctx,
                 commands: receiver,
+                progress,
             },
         )
     }
@@ -136,8 +170,15 @@ impl ResyncScheduler {
         let mut open = true;
         self.sweep(&mut state).await;
         let mut sweep_at = Instant::now() + retry;
+        let mut taken = 0u64;
         loop {
             self.dispatch(&mut state, &mut tasks);
+            // The count first, then what was taken in (`is_idle` reads them
+            // the other way round).
+            self.progress
+                .queued
+                .store(state.known.len() + state.again.len(), Ordering::SeqCst);
+            self.progress.received.store(taken, Ordering::SeqCst);
             let wake_at = state
                 .servers
                 .values()
@@ -148,6 +189,7 @@ impl ResyncScheduler {
                 () = shutdown.cancelled() => break,
                 command = self.commands.recv(), if open => match command {
                     Some(users) => {
+                        taken += 1;
                         for user in users {
                             state.add(user);
                         }
