@@ -12,6 +12,7 @@ mod bench;
 mod client_api;
 mod crypto;
 mod crypto_ruma;
+mod device_list_domain;
 mod discovery;
 mod e2ee_devices;
 mod e2ee_federation;
