@@ -41,6 +41,7 @@ macro_rules! store_device_list_conformance_tests {
             dl_interest_upsert_expiry_and_destinations,
             dl_a_change_queues_one_edu_per_interested_destination,
             dl_signing_key_update_has_no_user_signing_key_and_no_stream,
+            dl_only_real_changes_queue_and_store_delete_device_queues_too,
             dl_to_device_rows_have_no_device_list_meta,
             dl_a_thousand_changes_to_a_down_destination_coalesce_to_one_row,
             dl_a_row_in_the_in_flight_txn_is_not_coalesced,
@@ -457,6 +458,39 @@ pub async fn dl_signing_key_update_has_no_user_signing_key_and_no_stream(harness
     let rows = peek(s, REMOTE).await;
     assert_eq!(rows.len(), 1);
     assert_eq!(meta(&rows[0]), (ALICE.to_owned(), Some(4), Some(3)));
+}
+
+pub async fn dl_only_real_changes_queue_and_store_delete_device_queues_too(harness: &Harness) {
+    let s = &*harness.store;
+    register(s, ALICE, &["A"]).await;
+    interest(s, ALICE, REMOTE, None).await;
+    let keys = signed_keys(ALICE, "A", 9);
+    upload_keys(s, ALICE, "A", &keys).await;
+    let rows = peek(s, REMOTE).await;
+    assert_eq!(rows.len(), 1);
+    send_txn(s, REMOTE, "t1", &rows, true).await;
+    // The same keys again, the same name again, no signature change: no
+    // change is logged, so nothing is queued.
+    upload_keys(s, ALICE, "A", &keys).await;
+    assert!(
+        s.set_display_name(ALICE, "A", None, NOW)
+            .await
+            .expect("name")
+    );
+    assert!(peek(s, REMOTE).await.is_empty());
+    assert_eq!(stream_id(s, ALICE).await, 1);
+    // Store::delete_device is the same deletion, with the same EDU.
+    assert!(s.delete_device(ALICE, "A").await.expect("delete"));
+    let rows = peek(s, REMOTE).await;
+    assert_eq!(rows.len(), 1);
+    assert_eq!(
+        parsed(&rows[0]),
+        (
+            "m.device_list_update".to_owned(),
+            json!({ "user_id": ALICE, "device_id": "A", "stream_id": 2, "deleted": true })
+        )
+    );
+    assert_eq!(meta(&rows[0]), (ALICE.to_owned(), Some(2), Some(1)));
 }
 
 pub async fn dl_to_device_rows_have_no_device_list_meta(harness: &Harness) {
