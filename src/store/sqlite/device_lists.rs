@@ -14,8 +14,8 @@ use super::device_changes::log_left;
 use super::device_list_outbox::destinations;
 use super::remote_cache;
 use crate::store::device_lists::{
-    DeviceListStore, Interest, NewInterest, RemoteDeviceList, RemoteDeviceUpdate,
-    RemoteSnapshot, RemoteUpdateReport, SnapshotOutcome, TrackSource, TrackTarget,
+    DeviceListStore, Interest, NewInterest, RemoteDeviceList, RemoteDeviceUpdate, RemoteSnapshot,
+    RemoteUpdateReport, SnapshotOutcome, TrackSource, TrackTarget,
 };
 use crate::store::{DeviceKey, StoreError, StoreFuture, TimestampMs};
 
@@ -230,9 +230,8 @@ fn track_users(
         "INSERT INTO remote_device_lists (user_id, stale, stale_since_ts) VALUES (?1, 1, ?2)
          ON CONFLICT (user_id) DO NOTHING",
     )?;
-    let mut is_stale = conn.prepare_cached(
-        "SELECT 1 FROM remote_device_lists WHERE user_id = ?1 AND stale = 1",
-    )?;
+    let mut is_stale =
+        conn.prepare_cached("SELECT 1 FROM remote_device_lists WHERE user_id = ?1 AND stale = 1")?;
     let mut stale = Vec::new();
     for target in targets {
         track.execute((tracker, &target.user_id, source_name(source), now_ms))?;
@@ -259,8 +258,8 @@ fn untrack_users(
     users: &[String],
     now_ms: TimestampMs,
 ) -> Result<Vec<String>, StoreError> {
-    let mut untrack =
-        conn.prepare_cached("DELETE FROM device_list_trackers WHERE tracker = ?1 AND user_id = ?2")?;
+    let mut untrack = conn
+        .prepare_cached("DELETE FROM device_list_trackers WHERE tracker = ?1 AND user_id = ?2")?;
     let mut still = conn.prepare_cached("SELECT 1 FROM device_list_trackers WHERE user_id = ?1")?;
     let mut was_tracked = Vec::new();
     for user in users {

@@ -14,11 +14,11 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use rusqlite::{Connection, OptionalExtension};
 
-use super::device_list_outbox::{cross_signing_keys, signatures_of};
 use super::device_changes::{
     delete_devices, log_change, put_cross_signing_keys, put_signatures, set_display_name,
     stream_id, users_with_changes,
 };
+use super::device_list_outbox::{cross_signing_keys, signatures_of};
 use crate::store::keys::{
     ClaimWanted, ClaimedKey, DeviceListChanges, DeviceQuery, DeviceRecord, KeyCounts, KeyStore,
     KeysUpload, NewCrossSigningKey, StoredSignature, UploadOutcome, UserDevices,

@@ -39,7 +39,8 @@ fn parse_seqs(seqs_json: &str) -> Result<Vec<i64>, StoreError> {
         .map_err(|e| StoreError::Corrupt(format!("outbox_txn.seqs_json: {e}")))
 }
 
-const PEEK_SQL: &str = "SELECT seq, edu_json, message_count, queued_ts, refusals, dl_user, dl_stream
+const PEEK_SQL: &str =
+    "SELECT seq, edu_json, message_count, queued_ts, refusals, dl_user, dl_stream
      FROM outbox WHERE destination = ?1 ORDER BY seq LIMIT ?2";
 
 pub fn peek_outbox(

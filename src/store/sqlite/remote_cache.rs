@@ -152,8 +152,10 @@ pub fn apply_updates(
             break;
         }
         if update.deleted {
-            conn.prepare_cached("DELETE FROM remote_devices WHERE user_id = ?1 AND device_id = ?2")?
-                .execute((user, &update.device_id))?;
+            conn.prepare_cached(
+                "DELETE FROM remote_devices WHERE user_id = ?1 AND device_id = ?2",
+            )?
+            .execute((user, &update.device_id))?;
         } else {
             conn.prepare_cached(
                 "INSERT INTO remote_devices (user_id, device_id, keys_json, display_name)
