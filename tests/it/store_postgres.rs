@@ -35,6 +35,7 @@ async fn make_postgres() -> Option<store_suite::Harness> {
 
 store_conformance_tests!(optional make_postgres);
 store_key_conformance_tests!(optional make_postgres);
+store_device_list_conformance_tests!(optional make_postgres);
 
 /// A fresh database's connection string, or `None` when skipped.
 async fn database() -> Option<String> {
