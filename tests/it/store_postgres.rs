@@ -900,3 +900,68 @@ async fn two_workers_applying_the_same_remote_updates_apply_each_once() {
         ]
     );
 }
+
+/// A quarantined device-list row keeps its meta: released with a requeue,
+/// it is peeked as a device-list row again (so the sender still finishes
+/// it: prev_id, and no display name unless allowed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_requeued_device_list_row_keeps_its_meta() {
+    use courier::store::device_lists::NewInterest;
+    use courier::store::{DeviceListStore, KeyStore};
+
+    const USER: &str = "@alice:local.test";
+    const DEST: &str = "remote.test";
+    const NOW: i64 = 1_700_000_000_000;
+    let Some(conninfo) = database().await else {
+        return;
+    };
+    let store = PostgresStore::open(&conninfo).await.expect("open");
+    store.upsert_device(USER, "D1", None).await.expect("device");
+    store
+        .add_device_list_interest(
+            vec![NewInterest {
+                user_id: USER.to_owned(),
+                destination: DEST.to_owned(),
+                expires_ts: None,
+            }],
+            NOW,
+        )
+        .await
+        .expect("interest");
+    store
+        .set_display_name(USER, "D1", Some("phone"), NOW)
+        .await
+        .expect("rename");
+    let queued = store.peek_outbox(DEST, 10, 1 << 20).await.expect("peek");
+    assert_eq!(queued.len(), 1);
+    let meta = queued[0].device_list.clone().expect("a device-list row");
+    store
+        .quarantine_edu(DEST, queued[0].seq, "refused alone", NOW)
+        .await
+        .expect("quarantine");
+    assert!(
+        store
+            .peek_outbox(DEST, 10, 1 << 20)
+            .await
+            .expect("peek")
+            .is_empty()
+    );
+    assert!(
+        store
+            .release_quarantined(DEST, queued[0].seq, true)
+            .await
+            .expect("release")
+    );
+    let requeued = store.peek_outbox(DEST, 10, 1 << 20).await.expect("peek");
+    assert_eq!(requeued.len(), 1);
+    assert_eq!(requeued[0].edu_json, queued[0].edu_json);
+    assert_eq!(requeued[0].device_list, Some(meta));
+    // And a later change of the device coalesces it like any queued row.
+    store
+        .set_display_name(USER, "D1", Some("tablet"), NOW)
+        .await
+        .expect("rename");
+    let latest = store.peek_outbox(DEST, 10, 1 << 20).await.expect("peek");
+    assert_eq!(latest.len(), 1);
+    assert!(latest[0].edu_json.contains("tablet"));
+}
