@@ -43,6 +43,7 @@ macro_rules! store_device_list_conformance_tests {
             dl_signing_key_update_has_no_user_signing_key_and_no_stream,
             dl_only_real_changes_queue_and_store_delete_device_queues_too,
             dl_to_device_rows_have_no_device_list_meta,
+            dl_a_requeued_quarantined_row_keeps_its_device_list_meta,
             dl_a_thousand_changes_to_a_down_destination_coalesce_to_one_row,
             dl_a_row_in_the_in_flight_txn_is_not_coalesced,
             dl_prev_id_chain_first_none_then_chained_then_acked,
@@ -521,6 +522,32 @@ pub async fn dl_to_device_rows_have_no_device_list_meta(harness: &Harness) {
     assert_eq!(meta(&rows[1]), (ALICE.to_owned(), Some(1), None));
     send_txn(s, REMOTE, "t1", &rows, true).await;
     assert!(peek(s, REMOTE).await.is_empty());
+}
+
+pub async fn dl_a_requeued_quarantined_row_keeps_its_device_list_meta(harness: &Harness) {
+    let s = &*harness.store;
+    register(s, ALICE, &["A", "B"]).await;
+    interest(s, ALICE, REMOTE, None).await;
+    rename(s, ALICE, "A", "phone").await;
+    let rows = peek(s, REMOTE).await;
+    s.quarantine_edu(REMOTE, rows[0].seq, "refused", NOW)
+        .await
+        .expect("quarantine");
+    assert!(peek(s, REMOTE).await.is_empty());
+    assert!(
+        s.release_quarantined(REMOTE, rows[0].seq, true)
+            .await
+            .expect("release")
+    );
+    let requeued = peek(s, REMOTE).await;
+    assert_eq!(requeued.len(), 1);
+    assert_eq!(requeued[0].edu_json, rows[0].edu_json);
+    assert_eq!(meta(&requeued[0]), (ALICE.to_owned(), Some(1), None));
+    // And a later change of the device still replaces it.
+    rename(s, ALICE, "A", "laptop").await;
+    let rows = peek(s, REMOTE).await;
+    assert_eq!(rows.len(), 1);
+    assert_eq!(meta(&rows[0]), (ALICE.to_owned(), Some(2), None));
 }
 
 pub async fn dl_a_thousand_changes_to_a_down_destination_coalesce_to_one_row(harness: &Harness) {
