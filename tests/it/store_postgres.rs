@@ -760,7 +760,10 @@ async fn two_workers_changing_one_users_devices_leave_one_chained_row_per_device
     assert_eq!(check(&first, None), current_names().await);
     // The newest row carries the user's newest stream_id (40 changes).
     assert_eq!(
-        first.iter().filter_map(|r| r.device_list.as_ref()?.stream_id).max(),
+        first
+            .iter()
+            .filter_map(|r| r.device_list.as_ref()?.stream_id)
+            .max(),
         Some(40)
     );
 
@@ -778,7 +781,11 @@ async fn two_workers_changing_one_users_devices_leave_one_chained_row_per_device
         task.await.expect("renames");
     }
     let during = a.peek_outbox(DEST, 100, 1 << 20).await.expect("peek");
-    assert_eq!(during.len(), 4, "the in-flight rows and one new row per device");
+    assert_eq!(
+        during.len(),
+        4,
+        "the in-flight rows and one new row per device"
+    );
     assert_eq!(
         during[..2].iter().map(|r| r.seq).collect::<Vec<_>>(),
         first.iter().map(|r| r.seq).collect::<Vec<_>>()
@@ -794,4 +801,167 @@ async fn two_workers_changing_one_users_devices_leave_one_chained_row_per_device
             break;
         }
     }
+}
+
+/// Two workers receive the same remote updates at once (a peer's retried
+/// transaction landing on both): the cached list's row lock makes them take
+/// turns, so each update is applied exactly once and logged once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_workers_applying_the_same_remote_updates_apply_each_once() {
+    use courier::store::DeviceListStore;
+    use courier::store::device_lists::{
+        RemoteDeviceUpdate, RemoteSnapshot, SnapshotOutcome, TrackSource, TrackTarget,
+    };
+    use courier::store::keys::KeyStore;
+
+    const REMOTE_USER: &str = "@bob:remote.test";
+    const NOW: i64 = 1_700_000_000_000;
+    let Some(conninfo) = database().await else {
+        return;
+    };
+    let a = PostgresStore::open(&conninfo).await.expect("open a");
+    let b = PostgresStore::open(&conninfo).await.expect("open b");
+    let target = TrackTarget {
+        user_id: REMOTE_USER.to_owned(),
+        remote: true,
+    };
+    let stale = a
+        .track_users("@alice:local.test", vec![target], TrackSource::Query, NOW)
+        .await
+        .expect("track");
+    assert_eq!(stale, vec![REMOTE_USER.to_owned()]);
+    let snapshot = RemoteSnapshot {
+        user_id: REMOTE_USER.to_owned(),
+        stream_id: 10,
+        devices: vec![],
+        master_key_json: None,
+        self_signing_key_json: None,
+    };
+    let outcome = b
+        .replace_remote_device_list(snapshot, NOW)
+        .await
+        .expect("snapshot");
+    assert!(matches!(
+        outcome,
+        SnapshotOutcome::Stored {
+            still_stale: false,
+            ..
+        }
+    ));
+    let before = a.device_list_position().await.expect("position");
+    let updates: Vec<RemoteDeviceUpdate> = (11..=30)
+        .map(|n| RemoteDeviceUpdate {
+            stream_id: n,
+            prev_ids: vec![n - 1],
+            device_id: format!("D{}", n % 3),
+            deleted: false,
+            keys_json: None,
+            display_name: Some(format!("name {n}")),
+        })
+        .collect();
+    let mut tasks = Vec::new();
+    for store in [a.clone(), b.clone(), a.clone(), b.clone()] {
+        let updates = updates.clone();
+        tasks.push(tokio::spawn(async move {
+            store
+                .apply_remote_device_updates(REMOTE_USER, updates, NOW)
+                .await
+                .expect("apply")
+        }));
+    }
+    let mut applied = 0;
+    for task in tasks {
+        let report = task.await.expect("task");
+        assert!(report.tracked);
+        assert!(!report.needs_resync, "a replay is no gap: {report:?}");
+        assert_eq!(report.applied + report.not_newer, 20);
+        applied += report.applied;
+    }
+    assert_eq!(applied, 20, "each update applied once over all workers");
+    let after = a.device_list_position().await.expect("position");
+    assert_eq!(after - before, 20, "one logged change per applied update");
+    let lists = b
+        .remote_device_lists(vec![REMOTE_USER.to_owned()])
+        .await
+        .expect("lists");
+    assert_eq!(lists[0].stream_id, Some(30));
+    assert!(!lists[0].stale);
+    let names: Vec<Option<String>> = lists[0]
+        .devices
+        .iter()
+        .map(|d| d.display_name.clone())
+        .collect();
+    assert_eq!(
+        names,
+        vec![
+            Some("name 30".to_owned()),
+            Some("name 28".to_owned()),
+            Some("name 29".to_owned())
+        ]
+    );
+}
+
+/// A quarantined device-list row keeps its meta: released with a requeue,
+/// it is peeked as a device-list row again (so the sender still finishes
+/// it: prev_id, and no display name unless allowed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_requeued_device_list_row_keeps_its_meta() {
+    use courier::store::device_lists::NewInterest;
+    use courier::store::{DeviceListStore, KeyStore};
+
+    const USER: &str = "@alice:local.test";
+    const DEST: &str = "remote.test";
+    const NOW: i64 = 1_700_000_000_000;
+    let Some(conninfo) = database().await else {
+        return;
+    };
+    let store = PostgresStore::open(&conninfo).await.expect("open");
+    store.upsert_device(USER, "D1", None).await.expect("device");
+    store
+        .add_device_list_interest(
+            vec![NewInterest {
+                user_id: USER.to_owned(),
+                destination: DEST.to_owned(),
+                expires_ts: None,
+            }],
+            NOW,
+        )
+        .await
+        .expect("interest");
+    store
+        .set_display_name(USER, "D1", Some("phone"), NOW)
+        .await
+        .expect("rename");
+    let queued = store.peek_outbox(DEST, 10, 1 << 20).await.expect("peek");
+    assert_eq!(queued.len(), 1);
+    let meta = queued[0].device_list.clone().expect("a device-list row");
+    store
+        .quarantine_edu(DEST, queued[0].seq, "refused alone", NOW)
+        .await
+        .expect("quarantine");
+    assert!(
+        store
+            .peek_outbox(DEST, 10, 1 << 20)
+            .await
+            .expect("peek")
+            .is_empty()
+    );
+    assert!(
+        store
+            .release_quarantined(DEST, queued[0].seq, true)
+            .await
+            .expect("release")
+    );
+    let requeued = store.peek_outbox(DEST, 10, 1 << 20).await.expect("peek");
+    assert_eq!(requeued.len(), 1);
+    assert_eq!(requeued[0].edu_json, queued[0].edu_json);
+    assert_eq!(requeued[0].device_list, Some(meta));
+    // And a later change of the device coalesces it like any queued row.
+    store
+        .set_display_name(USER, "D1", Some("tablet"), NOW)
+        .await
+        .expect("rename");
+    let latest = store.peek_outbox(DEST, 10, 1 << 20).await.expect("peek");
+    assert_eq!(latest.len(), 1);
+    assert!(latest[0].edu_json.contains("tablet"));
 }

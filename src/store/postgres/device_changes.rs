@@ -1,13 +1,17 @@
 //! SQL of the PostgreSQL backend's device changes (`KeyStore`, DESIGN §7):
 //! display names, device deletion (also behind `Store::delete_device`),
 //! cross-signing keys and signatures, and the device-list change log that
-//! each of them appends to in its own transaction (`log_changes`), with its
-//! reads (`stream_id`, `position`, `users_with_changes`).
+//! each of them appends to in its own transaction (`log_changes`; a local
+//! change through `device_list_outbox::log_local_changes`, which also
+//! queues its outbound EDUs), with its reads (`stream_id`, `position`,
+//! `users_with_changes`, which skips `left` entries) and the `left` entries
+//! of untracking (`log_left`).
 //!
 //! Ordering: `log_changes` takes a transaction-level advisory lock before it
 //! reads the newest position, and it runs as the last step of a write (after
-//! any device-row lock), so change-log writers commit in position order and
-//! a reader that saw position N never later finds a change at or below N.
+//! any device-row lock; only the outbound queueing follows it), so
+//! change-log writers commit in position order and a reader that saw
+//! position N never later finds a change at or below N.
 
 use std::collections::BTreeSet;
 
