@@ -29,6 +29,7 @@ async fn make_sqlite() -> store_suite::Harness {
 
 store_conformance_tests!(make_sqlite);
 store_key_conformance_tests!(make_sqlite);
+store_device_list_conformance_tests!(make_sqlite);
 
 use store_suite::send;
 
