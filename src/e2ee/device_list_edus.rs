@@ -14,7 +14,12 @@ use crate::identifiers::{ServerName, UserId};
 use crate::store::device_lists::RemoteDeviceUpdate;
 use crate::store::keys::CrossSigningKind;
 
-use super::objects::{CheckedCrossSigningKey, check_cross_signing_key, check_device_keys};
+use crate::signing::verify_json;
+
+use super::objects::{
+    CheckedCrossSigningKey, canonical_text, check_cross_signing_key, check_device_keys,
+    stored_public_key,
+};
 
 /// Why an inbound EDU was dropped: the `outcome` label it is counted under
 /// and a reason for the log.
@@ -207,6 +212,47 @@ pub fn parse_signing_key_update(
         self_signing_key,
         refused,
     })
+}
+
+/// Counts `n` inbound device-list EDUs under `outcome`.
+pub fn count_inbound(outcome: &'static str, n: u32) {
+    if n > 0 {
+        metrics::counter!("courier_device_list_inbound_total", "outcome" => outcome)
+            .increment(u64::from(n));
+    }
+}
+
+/// A checked cross-signing key as the canonical text the cache keeps.
+pub fn key_text(key: &CheckedCrossSigningKey) -> Option<String> {
+    canonical_text(&Value::Object(key.object.clone())).ok()
+}
+
+/// Whether `self_signing` carries a valid signature by the user's master
+/// key: the given one, else the cached one.
+pub fn signed_by_master(
+    self_signing: &CheckedCrossSigningKey,
+    master: Option<&CheckedCrossSigningKey>,
+    cached_master: Option<serde_json::Map<String, Value>>,
+) -> bool {
+    let master = match master {
+        Some(master) => Some((master.public_key.clone(), master.verify_key)),
+        None => cached_master.as_ref().and_then(stored_public_key),
+    };
+    let Some((public_key, verify_key)) = master else {
+        return false;
+    };
+    let user_id = self_signing
+        .object
+        .get("user_id")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    verify_json(
+        &Value::Object(self_signing.object.clone()),
+        user_id,
+        &format!("ed25519:{public_key}"),
+        &verify_key,
+    )
+    .is_ok()
 }
 
 #[cfg(test)]

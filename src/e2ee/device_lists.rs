@@ -13,7 +13,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde_json::Value;
 
 use crate::identifiers::{ServerName, UserId};
-use crate::signing::verify_json;
 use crate::store::StoreError;
 use crate::store::device_lists::{
     Interest, NewInterest, RemoteDeviceUpdate, TrackSource, TrackTarget,
@@ -21,11 +20,11 @@ use crate::store::device_lists::{
 use crate::store::{DeviceKey, TimestampMs};
 
 use super::E2ee;
-use super::cross_signing::stored_public_key;
 use super::device_list_edus::{
-    Dropped, ParsedSigningKeyUpdate, parse_device_update, parse_signing_key_update,
+    Dropped, ParsedSigningKeyUpdate, count_inbound, key_text, parse_device_update,
+    parse_signing_key_update, signed_by_master,
 };
-use super::objects::{CheckedCrossSigningKey, canonical_text, stored_object};
+use super::objects::stored_object;
 
 /// One device-list EDU of an inbound transaction, by type, with its
 /// `content` as received.
@@ -349,45 +348,4 @@ impl E2ee {
             Err(error) => tracing::warn!(user_id, %error, "listing devices to wake"),
         }
     }
-}
-
-/// Counts `n` inbound device-list EDUs under `outcome`.
-pub(crate) fn count_inbound(outcome: &'static str, n: u32) {
-    if n > 0 {
-        metrics::counter!("courier_device_list_inbound_total", "outcome" => outcome)
-            .increment(u64::from(n));
-    }
-}
-
-/// A checked cross-signing key as the canonical text the cache keeps.
-pub(crate) fn key_text(key: &CheckedCrossSigningKey) -> Option<String> {
-    canonical_text(&Value::Object(key.object.clone())).ok()
-}
-
-/// Whether `self_signing` carries a valid signature by the user's master
-/// key: the given one, else the cached one.
-pub(crate) fn signed_by_master(
-    self_signing: &CheckedCrossSigningKey,
-    master: Option<&CheckedCrossSigningKey>,
-    cached_master: Option<serde_json::Map<String, Value>>,
-) -> bool {
-    let master = match master {
-        Some(master) => Some((master.public_key.clone(), master.verify_key)),
-        None => cached_master.as_ref().and_then(stored_public_key),
-    };
-    let Some((public_key, verify_key)) = master else {
-        return false;
-    };
-    let user_id = self_signing
-        .object
-        .get("user_id")
-        .and_then(Value::as_str)
-        .unwrap_or_default();
-    verify_json(
-        &Value::Object(self_signing.object.clone()),
-        user_id,
-        &format!("ed25519:{public_key}"),
-        &verify_key,
-    )
-    .is_ok()
 }

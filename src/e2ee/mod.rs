@@ -138,20 +138,6 @@ impl E2ee {
 
     /// Wakes the long-polls of every local user tracking any of `users`.
     pub(crate) async fn wake_trackers(&self, users: Vec<String>) {
-        wake_trackers(&*self.store, &self.notifier, users).await;
-    }
-}
-
-/// Wakes the long-polls of every local user tracking any of `users` (best
-/// effort; shared with the resync scheduler).
-pub(crate) async fn wake_trackers(store: &dyn Store, notifier: &Notifier, users: Vec<String>) {
-    if users.is_empty() {
-        return;
-    }
-    match store.tracker_devices(users).await {
-        Ok(devices) => notifier.wake(&devices),
-        Err(error) => {
-            tracing::warn!(%error, "listing trackers' devices to wake after a device-list change");
-        }
+        resync::wake_trackers(&*self.store, &self.notifier, users).await;
     }
 }

@@ -35,7 +35,7 @@ use crate::store::Store;
 use crate::store::device_lists::{RemoteDevice, RemoteSnapshot, SnapshotOutcome};
 use crate::store::keys::CrossSigningKind;
 
-use super::device_lists::{count_inbound, key_text, signed_by_master};
+use super::device_list_edus::{count_inbound, key_text, signed_by_master};
 use super::objects::{check_cross_signing_key, check_device_keys, stored_object};
 use super::remote::{RemoteKeys, RemoteUserDevices};
 
@@ -408,7 +408,7 @@ async fn resync_one(ctx: &Ctx, user: &str, server: &ServerName) -> Outcome {
         }) => {
             count_resync("ok");
             if changed {
-                super::wake_trackers(&*ctx.store, &ctx.notifier, vec![user.to_owned()]).await;
+                wake_trackers(&*ctx.store, &ctx.notifier, vec![user.to_owned()]).await;
             }
             Outcome::Stored { still_stale }
         }
@@ -475,6 +475,20 @@ pub fn snapshot_of(
         devices,
         master_key_json: master.as_ref().and_then(key_text),
         self_signing_key_json: self_signing.as_ref().and_then(key_text),
+    }
+}
+
+/// Wakes the long-polls of every local user tracking any of `users` (best
+/// effort; shared with the resync scheduler).
+pub async fn wake_trackers(store: &dyn Store, notifier: &Notifier, users: Vec<String>) {
+    if users.is_empty() {
+        return;
+    }
+    match store.tracker_devices(users).await {
+        Ok(devices) => notifier.wake(&devices),
+        Err(error) => {
+            tracing::warn!(%error, "listing trackers' devices to wake after a device-list change");
+        }
     }
 }
 

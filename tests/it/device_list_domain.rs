@@ -611,3 +611,78 @@ async fn a_tracked_fresh_user_is_answered_from_the_cache_and_others_live() {
         .expect("query");
     assert_eq!(env.remote.query_calls.load(Ordering::SeqCst), 1);
 }
+
+fn cross_signing_key(usage: &str, seed: u8, signer: Option<(u8, u8)>) -> Value {
+    let public = public_key(&key(seed));
+    let mut object = json!({
+        "user_id": ALICE, "usage": [usage],
+        "keys": {format!("ed25519:{public}"): public},
+    });
+    if let Some((master_seed, signing_seed)) = signer {
+        let master = public_key(&key(master_seed));
+        sign(
+            &mut object,
+            ALICE,
+            &format!("ed25519:{master}"),
+            &key(signing_seed),
+        );
+    }
+    object
+}
+
+#[tokio::test]
+async fn signing_key_updates_need_the_master_keys_signature() {
+    let env = Env::new(config(), true).await;
+    env.remote.answer(snapshot(ALICE, 5, Vec::new()));
+    env.track(ALICE).await;
+    let master = cross_signing_key("master", 40, None);
+    let self_signing = cross_signing_key("self_signing", 41, Some((40, 40)));
+    let report = env
+        .e2ee
+        .receive_device_list_edus(
+            &origin(),
+            vec![InboundDeviceListEdu::SigningKeyUpdate(
+                json!({"user_id": ALICE, "master_key": master, "self_signing_key": self_signing}),
+            )],
+        )
+        .await;
+    assert_eq!((report.applied, report.dropped), (1, 0), "{report:?}");
+    let list = env.list(ALICE).await.expect("list");
+    let stored_ssk = list
+        .self_signing_key_json
+        .clone()
+        .expect("self-signing key");
+    assert!(list.master_key_json.is_some());
+    // A self-signing key the cached master key did not sign, and one of a
+    // user of another server: both dropped, the cache unchanged.
+    let forged = cross_signing_key("self_signing", 42, Some((40, 43)));
+    let report = env
+        .e2ee
+        .receive_device_list_edus(
+            &origin(),
+            vec![
+                InboundDeviceListEdu::SigningKeyUpdate(
+                    json!({"user_id": ALICE, "self_signing_key": forged}),
+                ),
+                InboundDeviceListEdu::SigningKeyUpdate(
+                    json!({"user_id": "@alice:evil.example", "master_key": {}}),
+                ),
+            ],
+        )
+        .await;
+    assert_eq!((report.applied, report.dropped), (0, 2), "{report:?}");
+    let list = env.list(ALICE).await.expect("list");
+    assert_eq!(list.self_signing_key_json, Some(stored_ssk));
+    // Signed by the cached master key: accepted without a master key.
+    let next = cross_signing_key("self_signing", 44, Some((40, 40)));
+    let report = env
+        .e2ee
+        .receive_device_list_edus(
+            &origin(),
+            vec![InboundDeviceListEdu::SigningKeyUpdate(
+                json!({"user_id": ALICE, "self_signing_key": next}),
+            )],
+        )
+        .await;
+    assert_eq!(report.applied, 1, "{report:?}");
+}
