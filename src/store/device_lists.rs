@@ -30,7 +30,7 @@
 use serde_json::{Map, Value};
 
 use super::keys::{CrossSigningKey, CrossSigningKind, DeviceRecord, StoredSignature};
-use super::{DeviceKey, StoreError, StoreFuture, TimestampMs};
+use super::{DeviceKey, StoreFuture, TimestampMs};
 
 /// The EDU types the device-list outbox rows carry.
 pub const DEVICE_LIST_UPDATE: &str = "m.device_list_update";
@@ -163,10 +163,6 @@ pub enum SnapshotOutcome {
 }
 
 /// The device-list part of the durable store.
-///
-/// BASE CONTRACT NOTE: the defaults below exist only so the tree builds
-/// while the backends are written; each backend implements every method and
-/// the defaults are then removed.
 pub trait DeviceListStore: Send + Sync {
     // --- interest (outbound) ------------------------------------------------
 
@@ -175,10 +171,7 @@ pub trait DeviceListStore: Send + Sync {
         &self,
         interests: Vec<NewInterest>,
         now_ms: TimestampMs,
-    ) -> StoreFuture<'_, ()> {
-        let _ = (interests, now_ms);
-        unimplemented_store()
-    }
+    ) -> StoreFuture<'_, ()>;
 
     /// Removes the interests of these destinations in a user (whatever
     /// their source). Returns how many existed.
@@ -186,16 +179,10 @@ pub trait DeviceListStore: Send + Sync {
         &'a self,
         user_id: &'a str,
         destinations: Vec<String>,
-    ) -> StoreFuture<'a, u64> {
-        let _ = (user_id, destinations);
-        unimplemented_store()
-    }
+    ) -> StoreFuture<'a, u64>;
 
     /// A user's interests, sorted by destination (expired ones included).
-    fn device_list_interest<'a>(&'a self, user_id: &'a str) -> StoreFuture<'a, Vec<Interest>> {
-        let _ = user_id;
-        unimplemented_store()
-    }
+    fn device_list_interest<'a>(&'a self, user_id: &'a str) -> StoreFuture<'a, Vec<Interest>>;
 
     /// The destinations that get a user's device-list EDUs now: interests
     /// with no expiry or one after `now_ms`, sorted. The change methods use
@@ -205,10 +192,7 @@ pub trait DeviceListStore: Send + Sync {
         &'a self,
         user_id: &'a str,
         now_ms: TimestampMs,
-    ) -> StoreFuture<'a, Vec<String>> {
-        let _ = (user_id, now_ms);
-        unimplemented_store()
-    }
+    ) -> StoreFuture<'a, Vec<String>>;
 
     // --- tracking (local users → users whose lists they follow) -----------
 
@@ -222,10 +206,7 @@ pub trait DeviceListStore: Send + Sync {
         targets: Vec<TrackTarget>,
         source: TrackSource,
         now_ms: TimestampMs,
-    ) -> StoreFuture<'a, Vec<String>> {
-        let _ = (tracker, targets, source, now_ms);
-        unimplemented_store()
-    }
+    ) -> StoreFuture<'a, Vec<String>>;
 
     /// Stops `tracker`'s tracking of `users`; logs one `left` entry for the
     /// tracker per user that was tracked (so `left_users` reports it), and
@@ -236,23 +217,14 @@ pub trait DeviceListStore: Send + Sync {
         tracker: &'a str,
         users: Vec<String>,
         now_ms: TimestampMs,
-    ) -> StoreFuture<'a, Vec<String>> {
-        let _ = (tracker, users, now_ms);
-        unimplemented_store()
-    }
+    ) -> StoreFuture<'a, Vec<String>>;
 
     /// The users `tracker` tracks, sorted.
-    fn tracked_users<'a>(&'a self, tracker: &'a str) -> StoreFuture<'a, Vec<String>> {
-        let _ = tracker;
-        unimplemented_store()
-    }
+    fn tracked_users<'a>(&'a self, tracker: &'a str) -> StoreFuture<'a, Vec<String>>;
 
     /// The registered devices of every local user who tracks any of
     /// `users` (to wake their long-polls after a change), sorted, unique.
-    fn tracker_devices(&self, users: Vec<String>) -> StoreFuture<'_, Vec<DeviceKey>> {
-        let _ = users;
-        unimplemented_store()
-    }
+    fn tracker_devices(&self, users: Vec<String>) -> StoreFuture<'_, Vec<DeviceKey>>;
 
     /// The users `tracker` stopped tracking with a `left` entry in
     /// `(after, up_to]` of the change log's positions, sorted.
@@ -261,19 +233,13 @@ pub trait DeviceListStore: Send + Sync {
         tracker: &'a str,
         after: i64,
         up_to: i64,
-    ) -> StoreFuture<'a, Vec<String>> {
-        let _ = (tracker, after, up_to);
-        unimplemented_store()
-    }
+    ) -> StoreFuture<'a, Vec<String>>;
 
     // --- the remote cache ---------------------------------------------------
 
     /// The cached lists of those of `users` that have one, in the order
     /// asked.
-    fn remote_device_lists(&self, users: Vec<String>) -> StoreFuture<'_, Vec<RemoteDeviceList>> {
-        let _ = users;
-        unimplemented_store()
-    }
+    fn remote_device_lists(&self, users: Vec<String>) -> StoreFuture<'_, Vec<RemoteDeviceList>>;
 
     /// Applies a remote user's validated updates in the order given (the
     /// caller sorts them by `stream_id`), with gap detection in the same
@@ -289,10 +255,7 @@ pub trait DeviceListStore: Send + Sync {
         user_id: &'a str,
         updates: Vec<RemoteDeviceUpdate>,
         now_ms: TimestampMs,
-    ) -> StoreFuture<'a, RemoteUpdateReport> {
-        let _ = (user_id, updates, now_ms);
-        unimplemented_store()
-    }
+    ) -> StoreFuture<'a, RemoteUpdateReport>;
 
     /// Stores a tracked remote user's cross-signing keys from an
     /// `m.signing_key_update` (`None` keeps the cached one). Returns true
@@ -304,10 +267,7 @@ pub trait DeviceListStore: Send + Sync {
         master_key_json: Option<String>,
         self_signing_key_json: Option<String>,
         now_ms: TimestampMs,
-    ) -> StoreFuture<'a, bool> {
-        let _ = (user_id, master_key_json, self_signing_key_json, now_ms);
-        unimplemented_store()
-    }
+    ) -> StoreFuture<'a, bool>;
 
     /// Replaces a tracked remote user's cached list with a resync's
     /// snapshot: devices, cross-signing keys and the extremity (the
@@ -317,10 +277,7 @@ pub trait DeviceListStore: Send + Sync {
         &self,
         snapshot: RemoteSnapshot,
         now_ms: TimestampMs,
-    ) -> StoreFuture<'_, SnapshotOutcome> {
-        let _ = (snapshot, now_ms);
-        unimplemented_store()
-    }
+    ) -> StoreFuture<'_, SnapshotOutcome>;
 
     /// Marks cached lists stale (a defensive resync). Returns the users
     /// that have a cached list.
@@ -328,25 +285,11 @@ pub trait DeviceListStore: Send + Sync {
         &self,
         users: Vec<String>,
         now_ms: TimestampMs,
-    ) -> StoreFuture<'_, Vec<String>> {
-        let _ = (users, now_ms);
-        unimplemented_store()
-    }
+    ) -> StoreFuture<'_, Vec<String>>;
 
     /// Up to `limit` stale remote users, longest stale first (the resync
     /// scheduler reads them at start-up and on its sweep).
-    fn stale_remote_users(&self, limit: u32) -> StoreFuture<'_, Vec<String>> {
-        let _ = limit;
-        unimplemented_store()
-    }
-}
-
-fn unimplemented_store<'a, T: Send + 'a>() -> StoreFuture<'a, T> {
-    Box::pin(async {
-        Err(StoreError::Corrupt(
-            "device-list store operation not implemented by this backend".to_owned(),
-        ))
-    })
+    fn stale_remote_users(&self, limit: u32) -> StoreFuture<'_, Vec<String>>;
 }
 
 // --- the outbound EDUs (pure; both backends and the sender use them) -------
