@@ -151,10 +151,14 @@ impl RemoteKeys for CountingRemote {
     }
 }
 
-struct NoWaker;
+/// Records the destinations the domain wakes.
+#[derive(Default)]
+struct RecordingWaker(Mutex<Vec<String>>);
 
-impl DestinationWaker for NoWaker {
-    fn wake(&self, _destination: &str) {}
+impl DestinationWaker for RecordingWaker {
+    fn wake(&self, destination: &str) {
+        self.0.lock().expect("woken").push(destination.to_owned());
+    }
 }
 
 struct Env {
@@ -165,6 +169,7 @@ struct Env {
     notifier: Arc<Notifier>,
     config: E2eeConfig,
     shutdown: CancellationToken,
+    woken: Arc<RecordingWaker>,
 }
 
 fn config() -> E2eeConfig {
@@ -187,13 +192,14 @@ impl Env {
         );
         let remote = Arc::new(CountingRemote::default());
         let notifier = Arc::new(Notifier::new());
+        let woken = Arc::new(RecordingWaker::default());
         let e2ee = E2ee::new(
             ServerName::parse("us.example").expect("server name"),
             store.clone(),
             notifier.clone(),
             remote.clone(),
             config.clone(),
-            Arc::new(NoWaker),
+            woken.clone(),
         );
         let shutdown = CancellationToken::new();
         let scheduler = e2ee.take_resync_scheduler().expect("a scheduler");
@@ -208,6 +214,7 @@ impl Env {
             notifier,
             config,
             shutdown,
+            woken,
         }
     }
 
@@ -338,6 +345,10 @@ async fn an_inbound_chain_applies_in_stream_order_and_the_tracker_sees_it() {
         .expect("device");
     env.track(ALICE).await;
     let before = env.store.device_list_position().await.expect("position");
+    let mut waiter = env.notifier.subscribe(courier::store::DeviceKey {
+        user_id: TRACKER.to_owned(),
+        device_id: "PHONE".to_owned(),
+    });
     // Out of order in one transaction: sorted by stream_id before applying.
     let report = env
         .receive(vec![
@@ -346,6 +357,9 @@ async fn an_inbound_chain_applies_in_stream_order_and_the_tracker_sees_it() {
         ])
         .await;
     assert_eq!((report.applied, report.dropped, report.gaps), (2, 0, 0));
+    tokio::time::timeout(Duration::from_secs(30), waiter.wait())
+        .await
+        .expect("the tracker's long-poll is woken");
     let list = env.list(ALICE).await.expect("list");
     assert_eq!(list.stream_id, Some(12));
     assert_eq!(device_ids(&list), vec!["D1", "D2", "D3"]);
@@ -685,4 +699,130 @@ async fn signing_key_updates_need_the_master_keys_signature() {
         )
         .await;
     assert_eq!(report.applied, 1, "{report:?}");
+}
+
+#[tokio::test]
+async fn a_resync_answer_about_another_user_is_discarded_and_retried() {
+    let env = Env::new(config(), true).await;
+    // Scripted for Alice, but about Eve.
+    let answer = snapshot("@eve:remote.example", 9, vec![json!({"device_id": "E"})]);
+    env.remote
+        .answers
+        .lock()
+        .expect("answers")
+        .insert(ALICE.to_owned(), answer);
+    env.e2ee
+        .set_tracking(&uid(TRACKER), vec![uid(ALICE)], Vec::new())
+        .await
+        .expect("track");
+    wait_for("a retry after backoff", || async {
+        env.remote.calls() >= 2
+    })
+    .await;
+    let list = env.list(ALICE).await.expect("list");
+    assert!(list.stale);
+    assert!(list.devices.is_empty());
+    assert!(env.list("@eve:remote.example").await.is_none());
+}
+
+#[tokio::test]
+async fn interest_and_local_changes_wake_the_interested_servers() {
+    let env = Env::new(config(), true).await;
+    let dana = "@dana:us.example";
+    env.store
+        .upsert_device(dana, "DD", Some("tok-dana"))
+        .await
+        .expect("device");
+    // A federation query records interest for local users only.
+    env.e2ee
+        .record_remote_interest(
+            &ServerName::parse("asker.example").expect("name"),
+            &[dana.to_owned(), ALICE.to_owned()],
+        )
+        .await;
+    let interests = env
+        .e2ee
+        .set_device_list_servers(
+            &uid(dana),
+            vec![ServerName::parse("named.example").expect("name")],
+            Vec::new(),
+        )
+        .await
+        .expect("servers");
+    let named: Vec<(&str, bool)> = interests
+        .iter()
+        .map(|i| (i.destination.as_str(), i.expires_ts.is_none()))
+        .collect();
+    assert_eq!(
+        named,
+        vec![("asker.example", false), ("named.example", true)]
+    );
+    assert!(
+        env.store
+            .device_list_interest(ALICE)
+            .await
+            .expect("interest")
+            .is_empty()
+    );
+    env.e2ee
+        .rename_device(
+            dana,
+            "DD",
+            Some("Desk"),
+            courier::e2ee::devices::Via::Client,
+        )
+        .await
+        .expect("rename");
+    let woken = env.woken.0.lock().expect("woken").clone();
+    assert_eq!(
+        woken,
+        vec!["asker.example".to_owned(), "named.example".to_owned()]
+    );
+    // Withdrawn: no longer woken.
+    env.e2ee
+        .set_device_list_servers(
+            &uid(dana),
+            Vec::new(),
+            vec![ServerName::parse("named.example").expect("name")],
+        )
+        .await
+        .expect("servers");
+    env.woken.0.lock().expect("woken").clear();
+    env.e2ee
+        .rename_device(
+            dana,
+            "DD",
+            Some("Desk 2"),
+            courier::e2ee::devices::Via::Client,
+        )
+        .await
+        .expect("rename");
+    let woken = env.woken.0.lock().expect("woken").clone();
+    assert_eq!(woken, vec!["asker.example".to_owned()]);
+}
+
+#[tokio::test]
+async fn untracking_lists_the_user_as_left() {
+    let env = Env::new(config(), true).await;
+    env.remote.answer(snapshot(ALICE, 3, Vec::new()));
+    env.track(ALICE).await;
+    let before = env.store.device_list_position().await.expect("position");
+    let tracked = env
+        .e2ee
+        .set_tracking(&uid(TRACKER), Vec::new(), vec![uid(ALICE)])
+        .await
+        .expect("untrack");
+    assert!(tracked.is_empty());
+    let news = env
+        .e2ee
+        .device_list_news(TRACKER, Some(before))
+        .await
+        .expect("news");
+    assert_eq!(news.left, vec![ALICE.to_owned()]);
+    assert!(news.changed.is_empty());
+    // Nobody tracks Alice now: her updates are ignored.
+    let report = env
+        .receive(vec![update(json!(4), json!([3]), "D4", 4)])
+        .await;
+    assert_eq!(report.untracked, 1);
 }
