@@ -130,6 +130,8 @@ struct State {
     /// Users scheduled again while in flight.
     again: HashSet<String>,
     total_in_flight: usize,
+    /// Where the next dispatch round starts among the ready servers.
+    rotation: usize,
 }
 
 impl ResyncScheduler {
@@ -238,18 +240,38 @@ impl ResyncScheduler {
         }
     }
 
-    /// Starts resyncs while the bounds allow.
+    /// Starts resyncs while the bounds allow, one per ready server per
+    /// round, the rounds starting at a rotating server (so a few busy
+    /// servers do not keep the others waiting).
     fn dispatch(&self, state: &mut State, tasks: &mut JoinSet<(String, String, Outcome)>) {
         let max_total = self.ctx.config.resync_concurrency.max(1);
         let per_server = self.ctx.config.resync_per_server.max(1);
         let now = Instant::now();
+        let mut ready: Vec<String> = state
+            .servers
+            .iter()
+            .filter(|(_, s)| !s.pending.is_empty() && s.retry_at.is_none_or(|t| t <= now))
+            .map(|(key, _)| key.clone())
+            .collect();
+        if ready.is_empty() {
+            metrics::gauge!("courier_device_list_resyncs_in_flight")
+                .set(state.total_in_flight as f64);
+            return;
+        }
+        ready.sort();
+        let start = state.rotation % ready.len();
+        ready.rotate_left(start);
+        state.rotation = state.rotation.wrapping_add(1);
         loop {
             let mut started = false;
-            for (key, server) in state.servers.iter_mut() {
+            for key in &ready {
                 if state.total_in_flight >= max_total {
                     break;
                 }
-                if server.in_flight >= per_server || server.retry_at.is_some_and(|t| t > now) {
+                let Some(server) = state.servers.get_mut(key) else {
+                    continue;
+                };
+                if server.in_flight >= per_server {
                     continue;
                 }
                 let Some(user) = server.pending.pop_front() else {

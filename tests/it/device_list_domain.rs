@@ -4,19 +4,16 @@
 //! re-verification of resync answers, and key queries answered from the
 //! cache for tracked users and live for the others.
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use courier::config::E2eeConfig;
 use courier::e2ee::device_lists::InboundDeviceListEdu;
 use courier::e2ee::query::{Asker, KeyQuery};
-use courier::e2ee::remote::{
-    RemoteClaim, RemoteClaimAnswer, RemoteError, RemoteFuture, RemoteQuery, RemoteQueryAnswer,
-    RemoteUserDevices,
-};
-use courier::e2ee::{DestinationWaker, E2ee, RemoteKeys, ResyncHandle, ResyncScheduler};
+use courier::e2ee::remote::RemoteUserDevices;
+use courier::e2ee::{E2ee, ResyncHandle, ResyncScheduler};
 use courier::identifiers::{ServerName, UserId};
 use courier::notify::Notifier;
 use courier::store::Store;
@@ -26,136 +23,11 @@ use serde_json::{Value, json};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
+use crate::support::counting_remote::{CountingRemote, RecordingWaker};
 use crate::support::e2ee::{key, public_key, sign};
 
 const ALICE: &str = "@alice:remote.example";
 const TRACKER: &str = "@bob:us.example";
-
-/// A fake remote: answers `/user/devices` from a per-user script (or a
-/// default of one keyless device at stream 1), counts calls, records the
-/// most calls in flight at once overall and per server, fails a server's
-/// next N calls, and can hold calls until released.
-#[derive(Default)]
-struct CountingRemote {
-    answers: Mutex<HashMap<String, RemoteUserDevices>>,
-    device_calls: AtomicUsize,
-    query_calls: AtomicUsize,
-    fail_next: Mutex<HashMap<String, usize>>,
-    in_flight: Mutex<(usize, HashMap<String, usize>)>,
-    max_overall: AtomicUsize,
-    max_per_server: AtomicUsize,
-    gate: Mutex<Option<Arc<Semaphore>>>,
-    delay: Mutex<Duration>,
-}
-
-impl CountingRemote {
-    fn answer(&self, answer: RemoteUserDevices) {
-        let mut answers = self.answers.lock().expect("answers");
-        answers.insert(answer.user_id.clone(), answer);
-    }
-
-    fn calls(&self) -> usize {
-        self.device_calls.load(Ordering::SeqCst)
-    }
-
-    fn enter(&self, server: &str) {
-        let mut guard = self.in_flight.lock().expect("in flight");
-        guard.0 += 1;
-        let overall = guard.0;
-        let per = guard.1.entry(server.to_owned()).or_default();
-        *per += 1;
-        let per = *per;
-        drop(guard);
-        self.max_overall.fetch_max(overall, Ordering::SeqCst);
-        self.max_per_server.fetch_max(per, Ordering::SeqCst);
-    }
-
-    fn leave(&self, server: &str) {
-        let mut guard = self.in_flight.lock().expect("in flight");
-        guard.0 -= 1;
-        if let Some(per) = guard.1.get_mut(server) {
-            *per -= 1;
-        }
-    }
-}
-
-impl RemoteKeys for CountingRemote {
-    fn query_keys<'a>(
-        &'a self,
-        _server: &'a ServerName,
-        _query: RemoteQuery,
-        _timeout: Duration,
-    ) -> RemoteFuture<'a, RemoteQueryAnswer> {
-        self.query_calls.fetch_add(1, Ordering::SeqCst);
-        Box::pin(async { Ok(RemoteQueryAnswer::default()) })
-    }
-
-    fn claim_keys<'a>(
-        &'a self,
-        _server: &'a ServerName,
-        _claim: RemoteClaim,
-        _timeout: Duration,
-    ) -> RemoteFuture<'a, RemoteClaimAnswer> {
-        Box::pin(async { Err(RemoteError::Unreachable("not in this test".into())) })
-    }
-
-    fn user_devices<'a>(
-        &'a self,
-        server: &'a ServerName,
-        user: &'a UserId,
-        _timeout: Duration,
-    ) -> RemoteFuture<'a, RemoteUserDevices> {
-        Box::pin(async move {
-            self.device_calls.fetch_add(1, Ordering::SeqCst);
-            let server = server.as_str().to_owned();
-            self.enter(&server);
-            let gate = self.gate.lock().expect("gate").clone();
-            if let Some(gate) = gate {
-                let _permit = gate.acquire().await.expect("gate open");
-            }
-            let delay = *self.delay.lock().expect("delay");
-            if !delay.is_zero() {
-                tokio::time::sleep(delay).await;
-            }
-            let fail = {
-                let mut fail = self.fail_next.lock().expect("fail");
-                match fail.get_mut(&server) {
-                    Some(n) if *n > 0 => {
-                        *n -= 1;
-                        true
-                    }
-                    _ => false,
-                }
-            };
-            self.leave(&server);
-            if fail {
-                return Err(RemoteError::Refused {
-                    status: 500,
-                    errcode: None,
-                });
-            }
-            let scripted = self
-                .answers
-                .lock()
-                .expect("answers")
-                .get(user.as_str())
-                .cloned();
-            Ok(scripted.unwrap_or_else(|| RemoteUserDevices {
-                user_id: user.as_str().to_owned(),
-                stream_id: 1,
-                devices: vec![json!({"device_id": "D"})],
-                master_key: None,
-                self_signing_key: None,
-            }))
-        })
-    }
-}
-
-struct NoWaker;
-
-impl DestinationWaker for NoWaker {
-    fn wake(&self, _destination: &str) {}
-}
 
 struct Env {
     _dir: tempfile::TempDir,
@@ -165,6 +37,7 @@ struct Env {
     notifier: Arc<Notifier>,
     config: E2eeConfig,
     shutdown: CancellationToken,
+    woken: Arc<RecordingWaker>,
 }
 
 fn config() -> E2eeConfig {
@@ -187,13 +60,14 @@ impl Env {
         );
         let remote = Arc::new(CountingRemote::default());
         let notifier = Arc::new(Notifier::new());
+        let woken = Arc::new(RecordingWaker::default());
         let e2ee = E2ee::new(
             ServerName::parse("us.example").expect("server name"),
             store.clone(),
             notifier.clone(),
             remote.clone(),
             config.clone(),
-            Arc::new(NoWaker),
+            woken.clone(),
         );
         let shutdown = CancellationToken::new();
         let scheduler = e2ee.take_resync_scheduler().expect("a scheduler");
@@ -208,6 +82,7 @@ impl Env {
             notifier,
             config,
             shutdown,
+            woken,
         }
     }
 
@@ -338,6 +213,10 @@ async fn an_inbound_chain_applies_in_stream_order_and_the_tracker_sees_it() {
         .expect("device");
     env.track(ALICE).await;
     let before = env.store.device_list_position().await.expect("position");
+    let mut waiter = env.notifier.subscribe(courier::store::DeviceKey {
+        user_id: TRACKER.to_owned(),
+        device_id: "PHONE".to_owned(),
+    });
     // Out of order in one transaction: sorted by stream_id before applying.
     let report = env
         .receive(vec![
@@ -346,6 +225,9 @@ async fn an_inbound_chain_applies_in_stream_order_and_the_tracker_sees_it() {
         ])
         .await;
     assert_eq!((report.applied, report.dropped, report.gaps), (2, 0, 0));
+    tokio::time::timeout(Duration::from_secs(30), waiter.wait())
+        .await
+        .expect("the tracker's long-poll is woken");
     let list = env.list(ALICE).await.expect("list");
     assert_eq!(list.stream_id, Some(12));
     assert_eq!(device_ids(&list), vec!["D1", "D2", "D3"]);
@@ -685,4 +567,130 @@ async fn signing_key_updates_need_the_master_keys_signature() {
         )
         .await;
     assert_eq!(report.applied, 1, "{report:?}");
+}
+
+#[tokio::test]
+async fn a_resync_answer_about_another_user_is_discarded_and_retried() {
+    let env = Env::new(config(), true).await;
+    // Scripted for Alice, but about Eve.
+    let answer = snapshot("@eve:remote.example", 9, vec![json!({"device_id": "E"})]);
+    env.remote
+        .answers
+        .lock()
+        .expect("answers")
+        .insert(ALICE.to_owned(), answer);
+    env.e2ee
+        .set_tracking(&uid(TRACKER), vec![uid(ALICE)], Vec::new())
+        .await
+        .expect("track");
+    wait_for("a retry after backoff", || async {
+        env.remote.calls() >= 2
+    })
+    .await;
+    let list = env.list(ALICE).await.expect("list");
+    assert!(list.stale);
+    assert!(list.devices.is_empty());
+    assert!(env.list("@eve:remote.example").await.is_none());
+}
+
+#[tokio::test]
+async fn interest_and_local_changes_wake_the_interested_servers() {
+    let env = Env::new(config(), true).await;
+    let dana = "@dana:us.example";
+    env.store
+        .upsert_device(dana, "DD", Some("tok-dana"))
+        .await
+        .expect("device");
+    // A federation query records interest for local users only.
+    env.e2ee
+        .record_remote_interest(
+            &ServerName::parse("asker.example").expect("name"),
+            &[dana.to_owned(), ALICE.to_owned()],
+        )
+        .await;
+    let interests = env
+        .e2ee
+        .set_device_list_servers(
+            &uid(dana),
+            vec![ServerName::parse("named.example").expect("name")],
+            Vec::new(),
+        )
+        .await
+        .expect("servers");
+    let named: Vec<(&str, bool)> = interests
+        .iter()
+        .map(|i| (i.destination.as_str(), i.expires_ts.is_none()))
+        .collect();
+    assert_eq!(
+        named,
+        vec![("asker.example", false), ("named.example", true)]
+    );
+    assert!(
+        env.store
+            .device_list_interest(ALICE)
+            .await
+            .expect("interest")
+            .is_empty()
+    );
+    env.e2ee
+        .rename_device(
+            dana,
+            "DD",
+            Some("Desk"),
+            courier::e2ee::devices::Via::Client,
+        )
+        .await
+        .expect("rename");
+    let woken = env.woken.0.lock().expect("woken").clone();
+    assert_eq!(
+        woken,
+        vec!["asker.example".to_owned(), "named.example".to_owned()]
+    );
+    // Withdrawn: no longer woken.
+    env.e2ee
+        .set_device_list_servers(
+            &uid(dana),
+            Vec::new(),
+            vec![ServerName::parse("named.example").expect("name")],
+        )
+        .await
+        .expect("servers");
+    env.woken.0.lock().expect("woken").clear();
+    env.e2ee
+        .rename_device(
+            dana,
+            "DD",
+            Some("Desk 2"),
+            courier::e2ee::devices::Via::Client,
+        )
+        .await
+        .expect("rename");
+    let woken = env.woken.0.lock().expect("woken").clone();
+    assert_eq!(woken, vec!["asker.example".to_owned()]);
+}
+
+#[tokio::test]
+async fn untracking_lists_the_user_as_left() {
+    let env = Env::new(config(), true).await;
+    env.remote.answer(snapshot(ALICE, 3, Vec::new()));
+    env.track(ALICE).await;
+    let before = env.store.device_list_position().await.expect("position");
+    let tracked = env
+        .e2ee
+        .set_tracking(&uid(TRACKER), Vec::new(), vec![uid(ALICE)])
+        .await
+        .expect("untrack");
+    assert!(tracked.is_empty());
+    let news = env
+        .e2ee
+        .device_list_news(TRACKER, Some(before))
+        .await
+        .expect("news");
+    assert_eq!(news.left, vec![ALICE.to_owned()]);
+    assert!(news.changed.is_empty());
+    // Nobody tracks Alice now: her updates are ignored.
+    let report = env
+        .receive(vec![update(json!(4), json!([3]), "D4", 4)])
+        .await;
+    assert_eq!(report.untracked, 1);
 }

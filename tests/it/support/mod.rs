@@ -7,12 +7,14 @@
 //! `store_suite_keys`, `store_suite_device_lists`), the throwaway PostgreSQL cluster (`pg`), the kill-9
 //! crash harnesses (`crash`, `crash_keys`), running one test in a child
 //! process of this binary (`child`), E2EE test identities with a signed
-//! federation client (`e2ee`), and a matrix-rust-sdk `OlmMachine` driven
+//! federation client (`e2ee`), a counting fake `RemoteKeys` for the
+//! device-list domain (`counting_remote`), and a matrix-rust-sdk `OlmMachine` driven
 //! over a relay's client API (`olm_peer`). Every
 //! test module of the `it` binary imports what it needs as
 //! `crate::support::…`.
 
 pub mod child;
+pub mod counting_remote;
 pub mod counting_store;
 pub mod crash;
 pub mod crash_keys;
