@@ -75,6 +75,8 @@ pub struct DeviceListNews {
     /// Users with a change after the token's position, up to `position`:
     /// the syncing user, or nobody.
     pub changed: Vec<String>,
+    /// Users the syncing user stopped tracking after the token's position.
+    pub left: Vec<String>,
 }
 
 /// Why a device operation was refused. All but `Store` are the caller's
@@ -276,7 +278,37 @@ impl E2ee {
             }
             _ => Vec::new(),
         };
-        Ok(DeviceListNews { position, changed })
+        Ok(DeviceListNews {
+            position,
+            changed,
+            left: Vec::new(),
+        })
+    }
+
+    /// `GET /keys/changes`: the users with a device-list change in
+    /// `(from, to]` of the change log.
+    ///
+    /// PLACEHOLDER (lane T, for the edges to compile): only the user's own
+    /// changes; lane D's version (tracked users, `left`) replaces it.
+    pub async fn key_changes(
+        &self,
+        user_id: &str,
+        from: i64,
+        to: i64,
+    ) -> Result<DeviceListNews, StoreError> {
+        let changed = if from < to {
+            self.store
+                .users_with_changes(vec![user_id.to_owned()], from, to)
+                .await?
+                .users
+        } else {
+            Vec::new()
+        };
+        Ok(DeviceListNews {
+            position: to,
+            changed,
+            left: Vec::new(),
+        })
     }
 
     /// The user's wanted devices (all with an empty `device_ids`) that
