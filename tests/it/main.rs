@@ -12,6 +12,8 @@ mod bench;
 mod client_api;
 mod crypto;
 mod crypto_ruma;
+mod device_lists_e2e;
+mod device_lists_edges;
 mod discovery;
 mod e2ee_devices;
 mod e2ee_federation;

@@ -1,0 +1,1 @@
+//! Device-list updates end to end between two real relays (issue 16).
