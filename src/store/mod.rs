@@ -264,6 +264,8 @@ pub struct PruneReport {
     /// Tombstones of claimed one-time keys older than
     /// `Retention::claimed_key_ms`.
     pub claimed_one_time_keys: u64,
+    /// Device-list interests whose `expires_ts` has passed.
+    pub expired_device_list_interest: u64,
 }
 
 impl PruneReport {
@@ -278,6 +280,7 @@ impl PruneReport {
             self.expired_server_keys,
             self.retired_destinations,
             self.claimed_one_time_keys,
+            self.expired_device_list_interest,
         ]
         .into_iter()
         .max()
@@ -293,6 +296,7 @@ impl PruneReport {
         self.expired_server_keys += other.expired_server_keys;
         self.retired_destinations += other.retired_destinations;
         self.claimed_one_time_keys += other.claimed_one_time_keys;
+        self.expired_device_list_interest += other.expired_device_list_interest;
     }
 }
 

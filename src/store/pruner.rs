@@ -239,6 +239,7 @@ mod tests {
             expired_server_keys: 4_999,
             retired_destinations: 4_999,
             claimed_one_time_keys: 4_999,
+            expired_device_list_interest: 4_999,
         };
         assert_eq!(after_batch(&all_short, 5_000), AfterBatch::Done);
         assert_eq!(

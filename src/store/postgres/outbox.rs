@@ -474,6 +474,9 @@ pub async fn prune(
             limit,
         )
         .await?,
+        // Expired device-list interests: pruned by the PostgreSQL
+        // device-list store (lane P), not yet here.
+        ..PruneReport::default()
     })
 }
 

@@ -9,6 +9,7 @@ use std::collections::BTreeSet;
 
 use rusqlite::{Connection, OptionalExtension};
 
+use super::device_list_outbox::queue_local_change;
 use crate::store::keys::{DeviceListChanges, NewCrossSigningKey, StoredSignature};
 use crate::store::{StoreError, TimestampMs};
 
@@ -173,28 +174,63 @@ pub fn put_signatures(
 
 // --- the change log -------------------------------------------------------------
 
-/// Appends one change of `user` (a device, or with `None` the user's
-/// cross-signing keys): the next global position and the user's next
-/// stream_id.
+/// Appends one change of a local `user` (a device, or with `None` the
+/// user's cross-signing keys) and queues its EDU for every interested
+/// destination, in the same transaction (`device_list_outbox`). Returns the
+/// change's stream_id.
 pub fn log_change(
     conn: &Connection,
     user: &str,
     device: Option<&str>,
     now_ms: TimestampMs,
+) -> Result<i64, StoreError> {
+    let stream_id = append_change(conn, user, device, now_ms)?;
+    queue_local_change(conn, user, device, stream_id, now_ms)?;
+    Ok(stream_id)
+}
+
+/// Appends one change of `user` to the log, queueing nothing (the remote
+/// cache logs its users' changes with it): the next global position and
+/// the user's next stream_id, which it returns.
+pub fn append_change(
+    conn: &Connection,
+    user: &str,
+    device: Option<&str>,
+    now_ms: TimestampMs,
+) -> Result<i64, StoreError> {
+    Ok(conn
+        .prepare_cached(
+            "INSERT INTO device_list_changes (user_id, stream_id, device_id, changed_ts)
+             VALUES (?1, (SELECT coalesce(max(stream_id), 0) + 1 FROM device_list_changes
+                          WHERE user_id = ?1 AND left_for IS NULL), ?2, ?3)
+             RETURNING stream_id",
+        )?
+        .query_row((user, device, now_ms), |row| row.get(0))?)
+}
+
+/// Logs that `tracker` stopped tracking `user` (a `left` entry): the next
+/// global position, and a negative stream_id (counting down per user) that
+/// leaves the user's stream alone.
+pub fn log_left(
+    conn: &Connection,
+    tracker: &str,
+    user: &str,
+    now_ms: TimestampMs,
 ) -> Result<(), StoreError> {
     conn.prepare_cached(
-        "INSERT INTO device_list_changes (user_id, stream_id, device_id, changed_ts)
-         VALUES (?1, (SELECT coalesce(max(stream_id), 0) + 1 FROM device_list_changes
-                      WHERE user_id = ?1), ?2, ?3)",
+        "INSERT INTO device_list_changes (user_id, stream_id, device_id, changed_ts, left_for)
+         VALUES (?1, (SELECT min(coalesce(min(stream_id), 0), 0) - 1 FROM device_list_changes
+                      WHERE user_id = ?1), NULL, ?3, ?2)",
     )?
-    .execute((user, device, now_ms))?;
+    .execute((user, tracker, now_ms))?;
     Ok(())
 }
 
 pub fn stream_id(conn: &Connection, user: &str) -> Result<i64, StoreError> {
     Ok(conn
         .prepare_cached(
-            "SELECT coalesce(max(stream_id), 0) FROM device_list_changes WHERE user_id = ?1",
+            "SELECT coalesce(max(stream_id), 0) FROM device_list_changes
+             WHERE user_id = ?1 AND left_for IS NULL",
         )?
         .query_row([user], |row| row.get(0))?)
 }
@@ -207,7 +243,8 @@ pub fn users_with_changes(
 ) -> Result<DeviceListChanges, StoreError> {
     let mut stmt = conn.prepare_cached(
         "SELECT 1 FROM device_list_changes
-         WHERE user_id = ?1 AND position > ?2 AND position <= ?3 LIMIT 1",
+         WHERE user_id = ?1 AND position > ?2 AND position <= ?3 AND left_for IS NULL
+         LIMIT 1",
     )?;
     let mut changed = Vec::new();
     let unique: BTreeSet<&str> = users.iter().map(String::as_str).collect();

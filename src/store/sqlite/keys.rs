@@ -18,10 +18,10 @@ use super::device_changes::{
     delete_devices, log_change, put_cross_signing_keys, put_signatures, set_display_name,
     stream_id, users_with_changes,
 };
+use super::device_list_outbox::{cross_signing_keys, signatures_of};
 use crate::store::keys::{
-    ClaimWanted, ClaimedKey, CrossSigningKey, CrossSigningKind, DeviceListChanges, DeviceQuery,
-    DeviceRecord, KeyCounts, KeyStore, KeysUpload, NewCrossSigningKey, StoredSignature,
-    UploadOutcome, UserDevices,
+    ClaimWanted, ClaimedKey, DeviceListChanges, DeviceQuery, DeviceRecord, KeyCounts, KeyStore,
+    KeysUpload, NewCrossSigningKey, StoredSignature, UploadOutcome, UserDevices,
 };
 use crate::store::{StoreError, StoreFuture, TimestampMs};
 
@@ -395,27 +395,7 @@ fn user_devices(conn: &Connection, q: &DeviceQuery) -> Result<UserDevices, Store
         });
     }
 
-    let mut cross_signing = Vec::new();
-    let mut stmt = conn.prepare_cached(
-        "SELECT kind, public_key, key_json FROM cross_signing_keys WHERE user_id = ?1",
-    )?;
-    let keys = stmt
-        .query_map([user], |r| {
-            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get(2)?))
-        })?
-        .collect::<Result<Vec<_>, _>>()?;
-    for (kind, public_key, key_json) in keys {
-        let kind = CrossSigningKind::parse(&kind)
-            .ok_or_else(|| StoreError::Corrupt(format!("cross-signing key kind {kind:?}")))?;
-        let signatures = signatures_of(conn, user, &public_key)?;
-        cross_signing.push(CrossSigningKey {
-            kind,
-            public_key,
-            key_json,
-            signatures,
-        });
-    }
-    cross_signing.sort_by_key(|k| k.kind);
+    let cross_signing = cross_signing_keys(conn, user)?;
 
     Ok(UserDevices {
         user_id: q.user_id.clone(),
@@ -423,25 +403,4 @@ fn user_devices(conn: &Connection, q: &DeviceQuery) -> Result<UserDevices, Store
         devices,
         cross_signing,
     })
-}
-
-fn signatures_of(
-    conn: &Connection,
-    target_user: &str,
-    target_key: &str,
-) -> Result<Vec<StoredSignature>, StoreError> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT signer_user_id, signer_key_id, signature FROM e2ee_signatures
-         WHERE target_user_id = ?1 AND target_key_id = ?2 ORDER BY seq",
-    )?;
-    let rows = stmt.query_map((target_user, target_key), |r| {
-        Ok(StoredSignature {
-            target_user_id: target_user.to_owned(),
-            target_key_id: target_key.to_owned(),
-            signer_user_id: r.get(0)?,
-            signer_key_id: r.get(1)?,
-            signature: r.get(2)?,
-        })
-    })?;
-    Ok(rows.collect::<Result<_, _>>()?)
 }

@@ -1,6 +1,7 @@
 //! SQL of the SQLite backend's remote server key cache and of pruning
 //! (expired dedupe records, expired keys, orphan inbox rows, the retry state
-//! of long-idle destinations, claimed-key tombstones), always in bounded
+//! of long-idle destinations, claimed-key tombstones, expired device-list
+//! interests), always in bounded
 //! batches so that one batch never holds the writer for long.
 
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -90,6 +91,12 @@ pub fn prune(
             "DELETE FROM claimed_one_time_keys WHERE rowid IN
                  (SELECT rowid FROM claimed_one_time_keys WHERE claimed_ts <= ?1 LIMIT ?2)",
             now_ms.saturating_sub(retention.claimed_key_ms),
+        )?,
+        expired_device_list_interest: expire(
+            "DELETE FROM device_list_interest WHERE (user_id, destination) IN
+                 (SELECT user_id, destination FROM device_list_interest
+                  WHERE expires_ts < ?1 LIMIT ?2)",
+            now_ms,
         )?,
     })
 }

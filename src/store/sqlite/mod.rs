@@ -31,12 +31,14 @@ use crate::store::{
 };
 
 mod device_changes;
+mod device_list_outbox;
 mod device_lists;
 mod devices;
 mod inbox;
 mod keys;
 mod maintenance;
 mod outbox;
+mod remote_cache;
 mod schema;
 mod send;
 mod writer;

@@ -1,10 +1,13 @@
 //! SQL of the outbox side of the SQLite backend: queued EDUs per
 //! destination, the one in-flight transaction record, quarantine, and the
-//! persisted retry state and status of destinations. Write functions run on
+//! persisted retry state and status of destinations. Device-list rows
+//! (`device_list_outbox.rs`) get their `prev_id` meta on peek and their
+//! acknowledged `stream_id` recorded on ack. Write functions run on
 //! the writer thread inside the group transaction; reads on a pooled reader.
 
 use rusqlite::{Connection, OptionalExtension, params};
 
+use super::device_list_outbox::{PeekChain, record_acked};
 use crate::store::{
     DestinationStatus, InFlightTxn, OutboxEdu, QuarantinedEdu, RetryState, StoreError, TimestampMs,
 };
@@ -36,8 +39,9 @@ fn parse_seqs(seqs_json: &str) -> Result<Vec<i64>, StoreError> {
         .map_err(|e| StoreError::Corrupt(format!("outbox_txn.seqs_json: {e}")))
 }
 
-const PEEK_SQL: &str = "SELECT seq, edu_json, message_count, queued_ts, refusals FROM outbox
-     WHERE destination = ?1 ORDER BY seq LIMIT ?2";
+const PEEK_SQL: &str =
+    "SELECT seq, edu_json, message_count, queued_ts, refusals, dl_user, dl_stream
+     FROM outbox WHERE destination = ?1 ORDER BY seq LIMIT ?2";
 
 pub fn peek_outbox(
     conn: &Connection,
@@ -49,6 +53,7 @@ pub fn peek_outbox(
     let mut rows = stmt.query((destination, i64::from(max_edus)))?;
     let mut out = Vec::new();
     let mut bytes = 0u64;
+    let mut chain = PeekChain::new(conn, destination);
     while let Some(row) = rows.next()? {
         let edu_json: String = row.get(1)?;
         let len = edu_json.len() as u64;
@@ -56,13 +61,17 @@ pub fn peek_outbox(
             break;
         }
         bytes += len;
+        let device_list = match row.get::<_, Option<String>>(5)? {
+            Some(user) => Some(chain.next(user, row.get(6)?)?),
+            None => None,
+        };
         out.push(OutboxEdu {
             seq: row.get(0)?,
             edu_json,
             message_count: row.get(2)?,
             queued_ts: row.get(3)?,
             refusals: row.get(4)?,
-            device_list: None,
+            device_list,
         });
     }
     Ok(out)
@@ -107,6 +116,7 @@ pub fn ack_txn(
     let Some(seqs) = take_in_flight(conn, destination, txn_id)? else {
         return Ok(());
     };
+    record_acked(conn, destination, &seqs)?;
     let mut delete =
         conn.prepare_cached("DELETE FROM outbox WHERE destination = ?1 AND seq = ?2")?;
     for seq in seqs {

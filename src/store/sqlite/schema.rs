@@ -34,10 +34,17 @@ const MIGRATIONS: &[(u32, &str)] = &[
             "/migrations/sqlite/0003_e2ee.sql"
         )),
     ),
+    (
+        4,
+        include_str!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/migrations/sqlite/0004_device_lists.sql"
+        )),
+    ),
 ];
 
 /// The schema version this build writes.
-pub const LATEST_VERSION: u32 = 3;
+pub const LATEST_VERSION: u32 = 4;
 
 /// Opens the writer connection: creates the file, switches to WAL and sets
 /// the per-connection durability PRAGMAs.

@@ -4,7 +4,7 @@
 //! homeservers and the outbound/sender harnesses (`fake_remote`,
 //! `outbound_env`, `sender_env`, `dns_server`), store wrappers and the shared
 //! store suites (`counting_store`, `inhibiting_store`, `store_suite`,
-//! `store_suite_keys`), the throwaway PostgreSQL cluster (`pg`), the kill-9
+//! `store_suite_keys`, `store_suite_device_lists`), the throwaway PostgreSQL cluster (`pg`), the kill-9
 //! crash harnesses (`crash`, `crash_keys`), running one test in a child
 //! process of this binary (`child`), E2EE test identities with a signed
 //! federation client (`e2ee`), and a matrix-rust-sdk `OlmMachine` driven
@@ -31,6 +31,8 @@ pub mod sender_env;
 pub mod store_suite;
 #[macro_use]
 pub mod store_suite_keys;
+#[macro_use]
+pub mod store_suite_device_lists;
 pub mod tls_client;
 
 pub use relay::{TestRelay, TestRelayOptions};
