@@ -106,6 +106,7 @@ pub async fn run(
         notifier.clone(),
         federation_client.clone(),
         config.e2ee.clone(),
+        Arc::new(sender_handle.clone()),
     ));
     let state = AppState {
         config: config.clone(),
@@ -129,6 +130,10 @@ pub async fn run(
         sender_commands,
     );
     tasks.spawn(sender.run(shutdown.child_token()));
+    // Device-list resyncs of stale remote users (issue 16).
+    if let Some(resync) = state.e2ee.take_resync_scheduler() {
+        tasks.spawn(resync.run(shutdown.child_token()));
+    }
     tasks.spawn(
         crate::store::pruner::Pruner::new(store.clone(), &config.pruning)
             .run(shutdown.child_token()),

@@ -14,6 +14,11 @@ ALTER TABLE outbox ADD COLUMN dl_device TEXT;
 ALTER TABLE outbox ADD COLUMN dl_stream INTEGER;
 CREATE INDEX outbox_device_list ON outbox (destination, dl_user, dl_device)
     WHERE dl_user IS NOT NULL;
+-- Kept with a quarantined row, so that a requeued device-list EDU is still
+-- finished (prev_id, display name policy) and coalesced like any other.
+ALTER TABLE quarantine ADD COLUMN dl_user TEXT;
+ALTER TABLE quarantine ADD COLUMN dl_device TEXT;
+ALTER TABLE quarantine ADD COLUMN dl_stream INTEGER;
 
 -- A `left` entry of the change log: the tracker that stopped tracking
 -- user_id (NULL: an ordinary change). Left entries take negative stream_ids

@@ -8,17 +8,17 @@
 //! identical re-upload need no user-interactive authentication; anything
 //! else once a master key is stored does (`KeysRejected::AuthRequired`).
 
-use ed25519_dalek::VerifyingKey;
 use serde_json::{Map, Value};
 
 use crate::canonical_json::to_canonical_bytes;
-use crate::signing::{decode_verify_key, verify_json};
+use crate::signing::verify_json;
 use crate::store::keys::{CrossSigningKind, DeviceQuery, NewCrossSigningKey};
 
 use super::E2ee;
 use super::error::KeysRejected;
 use super::objects::{
-    CheckedCrossSigningKey, canonical_text, check_cross_signing_key, signature_error, stored_object,
+    CheckedCrossSigningKey, canonical_text, check_cross_signing_key, signature_error,
+    stored_object, stored_public_key,
 };
 
 const FIELDS: [(&str, CrossSigningKind); 3] = [
@@ -30,14 +30,6 @@ const FIELDS: [(&str, CrossSigningKind); 3] = [
 fn canonical(object: &Map<String, Value>) -> Result<Vec<u8>, KeysRejected> {
     to_canonical_bytes(&Value::Object(object.clone()))
         .map_err(|e| KeysRejected::BadJson(format!("cross-signing key is not canonical: {e}")))
-}
-
-/// The public key of a stored cross-signing key object.
-pub fn stored_public_key(object: &Map<String, Value>) -> Option<(String, VerifyingKey)> {
-    let keys = object.get("keys")?.as_object()?;
-    let (key_id, _) = keys.iter().next()?;
-    let public_key = key_id.strip_prefix("ed25519:")?;
-    Some((public_key.to_owned(), decode_verify_key(public_key).ok()?))
 }
 
 impl E2ee {

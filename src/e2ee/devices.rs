@@ -73,9 +73,9 @@ pub struct DeviceListNews {
     /// The log position the answer covers (the next token carries it).
     pub position: i64,
     /// Users with a change after the token's position, up to `position`:
-    /// the syncing user, or nobody.
+    /// the syncing user and the users it tracks, sorted.
     pub changed: Vec<String>,
-    /// Users the syncing user stopped tracking after the token's position.
+    /// Users the syncing user stopped tracking in that range, sorted.
     pub left: Vec<String>,
 }
 
@@ -258,56 +258,70 @@ impl E2ee {
     }
 
     /// The device-list part of a sync: the current log position, and the
-    /// user when one of their devices (or their cross-signing keys)
-    /// changed after `after` (the token's position; `None` for an initial
-    /// sync, which reports nothing). A token position ahead of the log (not
-    /// one Courier minted) finds nothing, and the answer's position is the
-    /// log's.
+    /// users (the syncing user, and the users it tracks) with a change
+    /// after `after` (the token's position; `None` for an initial sync,
+    /// which reports nothing), and the users it stopped tracking. A token
+    /// position ahead of the log (not one Courier minted) finds nothing,
+    /// and the answer's position is the log's.
     pub async fn device_list_news(
         &self,
         user_id: &str,
         after: Option<i64>,
     ) -> Result<DeviceListNews, StoreError> {
         let position = self.store.device_list_position().await?;
-        let changed = match after {
-            Some(after) if after < position => {
-                self.store
-                    .users_with_changes(vec![user_id.to_owned()], after, position)
-                    .await?
-                    .users
-            }
-            _ => Vec::new(),
-        };
-        Ok(DeviceListNews {
-            position,
-            changed,
-            left: Vec::new(),
-        })
+        match after {
+            Some(after) => self.news_between(user_id, after, position).await,
+            None => Ok(DeviceListNews {
+                position,
+                changed: Vec::new(),
+                left: Vec::new(),
+            }),
+        }
     }
 
-    /// `GET /keys/changes`: the users with a device-list change in
-    /// `(from, to]` of the change log.
-    ///
-    /// PLACEHOLDER (lane T, for the edges to compile): only the user's own
-    /// changes; lane D's version (tracked users, `left`) replaces it.
+    /// `GET /keys/changes?from&to`: the changes of the user and the users
+    /// it tracks with a log position in `(from, to]`, `to` capped at the
+    /// log's position (which the answer carries); `from` at or past `to`
+    /// finds nothing.
     pub async fn key_changes(
         &self,
         user_id: &str,
         from: i64,
         to: i64,
     ) -> Result<DeviceListNews, StoreError> {
-        let changed = if from < to {
-            self.store
-                .users_with_changes(vec![user_id.to_owned()], from, to)
-                .await?
-                .users
-        } else {
-            Vec::new()
-        };
+        let position = self.store.device_list_position().await?;
+        let mut news = self.news_between(user_id, from, to.min(position)).await?;
+        news.position = to.min(position);
+        Ok(news)
+    }
+
+    async fn news_between(
+        &self,
+        user_id: &str,
+        after: i64,
+        up_to: i64,
+    ) -> Result<DeviceListNews, StoreError> {
+        if after >= up_to {
+            return Ok(DeviceListNews {
+                position: up_to,
+                changed: Vec::new(),
+                left: Vec::new(),
+            });
+        }
+        let mut users = self.store.tracked_users(user_id).await?;
+        users.push(user_id.to_owned());
+        users.sort();
+        users.dedup();
+        let changed = self
+            .store
+            .users_with_changes(users, after, up_to)
+            .await?
+            .users;
+        let left = self.store.left_users(user_id, after, up_to).await?;
         Ok(DeviceListNews {
-            position: to,
+            position: up_to,
             changed,
-            left: Vec::new(),
+            left,
         })
     }
 

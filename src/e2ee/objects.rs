@@ -313,6 +313,14 @@ pub fn stored_object(json: &str) -> Option<Map<String, Value>> {
     }
 }
 
+/// The public key of a stored cross-signing key object.
+pub fn stored_public_key(object: &Map<String, Value>) -> Option<(String, VerifyingKey)> {
+    let keys = object.get("keys")?.as_object()?;
+    let (key_id, _) = keys.iter().next()?;
+    let public_key = key_id.strip_prefix("ed25519:")?;
+    Some((public_key.to_owned(), decode_verify_key(public_key).ok()?))
+}
+
 /// Adds each of `signatures` to `object.signatures[signer][key_id]`.
 pub fn merge_signatures<'a>(
     object: &mut Map<String, Value>,

@@ -7,6 +7,12 @@
 //! fails lands in `failures` and its users are left out (never `{user: {}}`:
 //! clients would take that as "all devices deleted"). Remote answers are
 //! passed on as received (their signatures cover them).
+//!
+//! Device lists (issue 16): a remote user that the asking local user tracks
+//! and whose cached list is fresh (not stale, `stream_id` known) is answered
+//! from the cache without asking its server; the others are asked live, and
+//! afterwards the asker tracks every user it asked about (remote ones get a
+//! cached list, created stale and resynced). Servers never track.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -14,6 +20,7 @@ use std::time::Duration;
 use serde_json::{Map, Value, json};
 
 use crate::identifiers::{ServerName, UserId};
+use crate::store::device_lists::{RemoteDeviceList, TrackSource, TrackTarget};
 use crate::store::keys::{CrossSigningKind, DeviceQuery, StoredSignature, UserDevices};
 
 use super::E2ee;
@@ -152,7 +159,16 @@ impl E2ee {
     ) -> Result<QueryAnswer, KeysRejected> {
         let mut local = Vec::new();
         let mut remote: BTreeMap<ServerName, RemoteQuery> = BTreeMap::new();
+        let mut targets: Vec<TrackTarget> = Vec::new();
         for (user, devices) in query.users {
+            if let Asker::User(asker) = asker
+                && asker != user.as_str()
+            {
+                targets.push(TrackTarget {
+                    user_id: user.as_str().to_owned(),
+                    remote: user.server_name() != self.server_name.as_str(),
+                });
+            }
             if user.server_name() == self.server_name.as_str() {
                 local.push(DeviceQuery {
                     user_id: user.as_str().to_owned(),
@@ -189,6 +205,10 @@ impl E2ee {
                 self.add_local_user(&mut answer, user, asker);
             }
         }
+        if let Asker::User(asker) = asker {
+            self.answer_from_cache(asker, &mut remote, &mut answer)
+                .await;
+        }
         if !remote.is_empty() {
             metrics::counter!("courier_e2ee_key_queries_total", "kind" => "remote")
                 .increment(remote.values().map(|q| q.device_keys.len() as u64).sum());
@@ -208,7 +228,82 @@ impl E2ee {
             }
             answer.failures = fanout.failures;
         }
+        if let Asker::User(asker) = asker
+            && !targets.is_empty()
+        {
+            self.track_queried(asker, targets).await;
+        }
         Ok(answer)
+    }
+
+    /// Answers the users of `remote` that `asker` tracks and whose cached
+    /// list is fresh from the cache, and takes them out of `remote`. A store
+    /// error leaves everything to the live query.
+    async fn answer_from_cache(
+        &self,
+        asker: &str,
+        remote: &mut BTreeMap<ServerName, RemoteQuery>,
+        answer: &mut QueryAnswer,
+    ) {
+        if remote.is_empty() {
+            return;
+        }
+        let tracked = match self.store.tracked_users(asker).await {
+            Ok(tracked) => tracked,
+            Err(error) => {
+                tracing::warn!(asker, %error, "reading tracked users for a key query");
+                return;
+            }
+        };
+        let candidates: Vec<String> = remote
+            .values()
+            .flat_map(|q| q.device_keys.keys())
+            .filter(|user| tracked.binary_search(user).is_ok())
+            .cloned()
+            .collect();
+        if candidates.is_empty() {
+            return;
+        }
+        let lists = match self.store.remote_device_lists(candidates).await {
+            Ok(lists) => lists,
+            Err(error) => {
+                tracing::warn!(asker, %error, "reading cached device lists for a key query");
+                return;
+            }
+        };
+        let mut served = 0u64;
+        for list in lists {
+            if list.stale || list.stream_id.is_none() {
+                continue;
+            }
+            let Some(query) = remote
+                .values_mut()
+                .find(|q| q.device_keys.contains_key(&list.user_id))
+            else {
+                continue;
+            };
+            let wanted = query.device_keys.remove(&list.user_id).unwrap_or_default();
+            add_cached_user(answer, list, &wanted);
+            served += 1;
+        }
+        remote.retain(|_, q| !q.device_keys.is_empty());
+        if served > 0 {
+            metrics::counter!("courier_e2ee_key_queries_total", "kind" => "cached")
+                .increment(served);
+        }
+    }
+
+    /// After a local user's query: it tracks every user it asked about;
+    /// remote ones left stale get a resync. Best effort.
+    async fn track_queried(&self, asker: &str, targets: Vec<TrackTarget>) {
+        match self
+            .store
+            .track_users(asker, targets, TrackSource::Query, crate::clock::now_ms())
+            .await
+        {
+            Ok(stale) => self.resync.schedule(stale),
+            Err(error) => tracing::warn!(asker, %error, "tracking the users of a key query"),
+        }
     }
 
     fn add_local_user(&self, answer: &mut QueryAnswer, user: UserDevices, asker: Asker<'_>) {
@@ -264,4 +359,41 @@ fn add_remote_answer(answer: &mut QueryAnswer, remote: RemoteQueryAnswer) {
     }
     answer.master_keys.extend(remote.master_keys);
     answer.self_signing_keys.extend(remote.self_signing_keys);
+}
+
+/// A tracked remote user's keys from its fresh cached list (`wanted`: the
+/// device IDs asked for, empty for all).
+fn add_cached_user(answer: &mut QueryAnswer, list: RemoteDeviceList, wanted: &[String]) {
+    let mut devices = Map::new();
+    for device in list.devices {
+        if !wanted.is_empty() && !wanted.contains(&device.device_id) {
+            continue;
+        }
+        let Some(mut object) = device.keys_json.as_deref().and_then(stored_object) else {
+            continue;
+        };
+        let mut unsigned = Map::new();
+        if let Some(name) = device.display_name {
+            unsigned.insert("device_display_name".to_owned(), Value::String(name));
+        }
+        object.insert("unsigned".to_owned(), Value::Object(unsigned));
+        devices.insert(device.device_id, Value::Object(object));
+    }
+    answer
+        .device_keys
+        .insert(list.user_id.clone(), Value::Object(devices));
+    if let Some(master) = list.master_key_json.as_deref().and_then(stored_object) {
+        answer
+            .master_keys
+            .insert(list.user_id.clone(), Value::Object(master));
+    }
+    if let Some(key) = list
+        .self_signing_key_json
+        .as_deref()
+        .and_then(stored_object)
+    {
+        answer
+            .self_signing_keys
+            .insert(list.user_id, Value::Object(key));
+    }
 }

@@ -19,9 +19,9 @@ use crate::signing::{decode_verify_key, verify_json};
 use crate::store::keys::{CrossSigningKind, DeviceQuery, StoredSignature, UserDevices};
 
 use super::E2ee;
-use super::cross_signing::stored_public_key;
 use super::error::KeysRejected;
 use super::fanout::ask_servers;
+use super::objects::stored_public_key;
 use super::objects::{same_signed_content, signature_error, stored_object};
 use super::remote::RemoteQuery;
 

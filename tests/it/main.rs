@@ -12,6 +12,7 @@ mod bench;
 mod client_api;
 mod crypto;
 mod crypto_ruma;
+mod device_list_domain;
 mod device_lists_e2e;
 mod device_lists_edges;
 mod discovery;

@@ -62,6 +62,13 @@ pub struct SenderHandle {
     commands: mpsc::UnboundedSender<SenderCommand>,
 }
 
+/// The E2EE core wakes the sender after a device-list change queued EDUs.
+impl crate::e2ee::DestinationWaker for SenderHandle {
+    fn wake(&self, destination: &str) {
+        SenderHandle::wake(self, destination);
+    }
+}
+
 impl SenderHandle {
     /// A handle and the receiver the `Sender` consumes.
     pub fn channel() -> (SenderHandle, mpsc::UnboundedReceiver<SenderCommand>) {

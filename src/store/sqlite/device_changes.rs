@@ -1,9 +1,12 @@
 //! SQL of the SQLite backend's device changes (`KeyStore`, DESIGN §7):
 //! display names, device deletion (also behind `Store::delete_device`),
 //! cross-signing keys and signatures, and the device-list change log every
-//! one of them appends to in the same transaction (`log_change`), with its
-//! reads (a user's `stream_id`, `users_with_changes`). Called from the
-//! `KeyStore` impl in `keys.rs`, on the writer thread for every write.
+//! one of them appends to in the same transaction (`log_change`, which also
+//! queues the change's device-list EDUs through `device_list_outbox`), with
+//! its reads (a user's `stream_id`, `users_with_changes`) and the entries
+//! that queue nothing (`append_change` for the remote cache, `log_left`).
+//! Called from the `KeyStore` impl in `keys.rs` and from the
+//! `DeviceListStore` impl, on the writer thread for every write.
 
 use std::collections::BTreeSet;
 

@@ -158,8 +158,10 @@ pub fn quarantine_edu(
     let moved = conn
         .prepare_cached(
             "INSERT OR REPLACE INTO quarantine
-                 (destination, seq, edu_json, message_count, queued_ts, reason, quarantined_ts)
-             SELECT destination, seq, edu_json, message_count, queued_ts, ?3, ?4
+                 (destination, seq, edu_json, message_count, queued_ts, reason, quarantined_ts,
+                  dl_user, dl_device, dl_stream)
+             SELECT destination, seq, edu_json, message_count, queued_ts, ?3, ?4,
+                    dl_user, dl_device, dl_stream
              FROM outbox WHERE destination = ?1 AND seq = ?2",
         )?
         .execute((destination, seq, reason, now_ms))?;
@@ -199,8 +201,10 @@ pub fn release_quarantined(
     if requeue {
         // A fresh seq puts it at the end of the queue; refusals start over.
         conn.prepare_cached(
-            "INSERT INTO outbox (destination, edu_json, message_count, queued_ts, refusals)
-             SELECT destination, edu_json, message_count, queued_ts, 0
+            "INSERT INTO outbox (destination, edu_json, message_count, queued_ts, refusals,
+                                 dl_user, dl_device, dl_stream)
+             SELECT destination, edu_json, message_count, queued_ts, 0,
+                    dl_user, dl_device, dl_stream
              FROM quarantine WHERE destination = ?1 AND seq = ?2",
         )?
         .execute((destination, seq))?;

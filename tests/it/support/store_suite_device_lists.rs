@@ -41,7 +41,9 @@ macro_rules! store_device_list_conformance_tests {
             dl_interest_upsert_expiry_and_destinations,
             dl_a_change_queues_one_edu_per_interested_destination,
             dl_signing_key_update_has_no_user_signing_key_and_no_stream,
+            dl_only_real_changes_queue_and_store_delete_device_queues_too,
             dl_to_device_rows_have_no_device_list_meta,
+            dl_a_requeued_quarantined_row_keeps_its_device_list_meta,
             dl_a_thousand_changes_to_a_down_destination_coalesce_to_one_row,
             dl_a_row_in_the_in_flight_txn_is_not_coalesced,
             dl_prev_id_chain_first_none_then_chained_then_acked,
@@ -459,6 +461,39 @@ pub async fn dl_signing_key_update_has_no_user_signing_key_and_no_stream(harness
     assert_eq!(meta(&rows[0]), (ALICE.to_owned(), Some(4), Some(3)));
 }
 
+pub async fn dl_only_real_changes_queue_and_store_delete_device_queues_too(harness: &Harness) {
+    let s = &*harness.store;
+    register(s, ALICE, &["A"]).await;
+    interest(s, ALICE, REMOTE, None).await;
+    let keys = signed_keys(ALICE, "A", 9);
+    upload_keys(s, ALICE, "A", &keys).await;
+    let rows = peek(s, REMOTE).await;
+    assert_eq!(rows.len(), 1);
+    send_txn(s, REMOTE, "t1", &rows, true).await;
+    // The same keys again, the same name again, no signature change: no
+    // change is logged, so nothing is queued.
+    upload_keys(s, ALICE, "A", &keys).await;
+    assert!(
+        s.set_display_name(ALICE, "A", None, NOW)
+            .await
+            .expect("name")
+    );
+    assert!(peek(s, REMOTE).await.is_empty());
+    assert_eq!(stream_id(s, ALICE).await, 1);
+    // Store::delete_device is the same deletion, with the same EDU.
+    assert!(s.delete_device(ALICE, "A").await.expect("delete"));
+    let rows = peek(s, REMOTE).await;
+    assert_eq!(rows.len(), 1);
+    assert_eq!(
+        parsed(&rows[0]),
+        (
+            "m.device_list_update".to_owned(),
+            json!({ "user_id": ALICE, "device_id": "A", "stream_id": 2, "deleted": true })
+        )
+    );
+    assert_eq!(meta(&rows[0]), (ALICE.to_owned(), Some(2), Some(1)));
+}
+
 pub async fn dl_to_device_rows_have_no_device_list_meta(harness: &Harness) {
     let s = &*harness.store;
     register(s, ALICE, &["A"]).await;
@@ -487,6 +522,32 @@ pub async fn dl_to_device_rows_have_no_device_list_meta(harness: &Harness) {
     assert_eq!(meta(&rows[1]), (ALICE.to_owned(), Some(1), None));
     send_txn(s, REMOTE, "t1", &rows, true).await;
     assert!(peek(s, REMOTE).await.is_empty());
+}
+
+pub async fn dl_a_requeued_quarantined_row_keeps_its_device_list_meta(harness: &Harness) {
+    let s = &*harness.store;
+    register(s, ALICE, &["A", "B"]).await;
+    interest(s, ALICE, REMOTE, None).await;
+    rename(s, ALICE, "A", "phone").await;
+    let rows = peek(s, REMOTE).await;
+    s.quarantine_edu(REMOTE, rows[0].seq, "refused", NOW)
+        .await
+        .expect("quarantine");
+    assert!(peek(s, REMOTE).await.is_empty());
+    assert!(
+        s.release_quarantined(REMOTE, rows[0].seq, true)
+            .await
+            .expect("release")
+    );
+    let requeued = peek(s, REMOTE).await;
+    assert_eq!(requeued.len(), 1);
+    assert_eq!(requeued[0].edu_json, rows[0].edu_json);
+    assert_eq!(meta(&requeued[0]), (ALICE.to_owned(), Some(1), None));
+    // And a later change of the device still replaces it.
+    rename(s, ALICE, "A", "laptop").await;
+    let rows = peek(s, REMOTE).await;
+    assert_eq!(rows.len(), 1);
+    assert_eq!(meta(&rows[0]), (ALICE.to_owned(), Some(2), None));
 }
 
 pub async fn dl_a_thousand_changes_to_a_down_destination_coalesce_to_one_row(harness: &Harness) {
