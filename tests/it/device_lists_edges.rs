@@ -4,8 +4,10 @@
 //! recording the asking server's interest, `GET /keys/changes` and its
 //! parameters, and a `/send` transaction mixing a to-device EDU with a
 //! malformed and a spoofed device-list EDU (answered 200, the message
-//! delivered). Federation requests come from a fake origin whose key is put
-//! into the relay's key cache, as in `e2ee_federation`.
+//! delivered), and an untrack over the RPC showing in `/sync`
+//! `device_lists.left` and `/keys/changes`. Federation requests come from a
+//! fake origin whose key is put into the relay's key cache, as in
+//! `e2ee_federation`.
 
 use crate::support::e2ee::{FedClient, TestDevice};
 use crate::support::relay::encode;
@@ -448,4 +450,57 @@ async fn a_send_with_bad_device_list_edus_still_delivers_its_to_device_message()
         .await;
     assert_eq!(reply.status, 200, "{}", reply.json);
     assert_eq!(reply.json, json!({"pdus": {}}));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn untracking_over_the_rpc_shows_in_sync_left_and_keys_changes() {
+    let f = Fixture::new().await;
+    let alice = f.alice.user_id.clone();
+    let bob = "@bob:remote.example";
+    let (status, json) = f
+        .rpc_put(&alice, "tracking", &json!({"track": [bob]}))
+        .await;
+    assert_eq!(status, 200, "{json}");
+    let first = f.relay.sync(&f.alice.token, None, 0).await;
+    let from = first.json["next_batch"].as_str().expect("token").to_owned();
+    // A long-poll from that token answers once bob is untracked.
+    let poll = {
+        let (url, token) = (
+            format!(
+                "{}/_matrix/client/v3/sync?timeout=20000&since={}",
+                f.relay.client_url,
+                encode(&from)
+            ),
+            f.alice.token.clone(),
+        );
+        let http = crate::support::http::HttpClient::new();
+        tokio::spawn(async move { http.get(&url, Some(&token)).await })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let (status, json) = f
+        .rpc_put(&alice, "tracking", &json!({"untrack": [bob]}))
+        .await;
+    assert_eq!(status, 200, "{json}");
+    assert_eq!(json, json!({"tracked": []}));
+    let polled = poll.await.expect("long-poll task");
+    assert_eq!(polled.status, 200, "{}", polled.text);
+    let mut next = polled.json;
+    if next["device_lists"]["left"] == json!([]) {
+        // The long-poll ended for another reason (or before the untrack
+        // committed): a second sync from the same token must show it.
+        next = f.relay.sync(&f.alice.token, Some(&from), 0).await.json;
+    }
+    assert_eq!(next["device_lists"]["left"], json!([bob]), "{next}");
+    let to = next["next_batch"].as_str().expect("token").to_owned();
+    let (status, json) = f
+        .key_changes(&format!("?from={}&to={}", encode(&from), encode(&to)))
+        .await;
+    assert_eq!(status, 200, "{json}");
+    assert_eq!(json["left"], json!([bob]), "{json}");
+    assert!(
+        !json["changed"]
+            .as_array()
+            .is_some_and(|c| c.iter().any(|u| u == bob)),
+        "{json}"
+    );
 }
