@@ -409,6 +409,36 @@ async fn wait_for_failure(a: &TestRelay, destination: &str) {
     }
 }
 
+/// Waits until A has nothing queued or in flight for `destination`.
+async fn wait_for_empty_queue(a: &TestRelay, destination: &str) {
+    let deadline = Instant::now() + WITHIN;
+    loop {
+        let r = a
+            .http
+            .get(
+                &format!("{}/_courier/v1/destinations", a.rpc_url),
+                Some(&a.rpc_secret),
+            )
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text);
+        let pending: u64 = r.json["destinations"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|d| d["destination"] == destination)
+            .map(|d| d["pending_edus"].as_u64().unwrap_or(0))
+            .sum();
+        if pending == 0 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "A still holds {pending} EDUs for {destination}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_remote_device_list_follows_changes_across_downtime_sigkill_and_coalescing() {
     let mut pair = Pair::new().await;
@@ -436,8 +466,11 @@ async fn a_remote_device_list_follows_changes_across_downtime_sigkill_and_coales
     let devices = pair.converge("after B's SIGKILL").await;
     assert_eq!(devices, vec!["A3", "A4", "A5"]);
 
-    // (3) B stopped; A's sender to B held in backoff behind a to-device
-    // message, so no device-list row is in flight; 1,000 renames of A4.
+    // (3) B stopped once A holds nothing for it (every earlier update
+    // acknowledged, so none is resent); A's sender to B held in backoff
+    // behind a to-device message, so no device-list row is in flight;
+    // 1,000 renames of A4.
+    wait_for_empty_queue(&pair.a, &pair.b.server_name).await;
     pair.b.stop();
     let bob = format!("@bob:{}", pair.b.server_name);
     let r = pair
