@@ -35,6 +35,7 @@ async fn make_postgres() -> Option<store_suite::Harness> {
 
 store_conformance_tests!(optional make_postgres);
 store_key_conformance_tests!(optional make_postgres);
+store_device_list_conformance_tests!(optional make_postgres);
 
 /// A fresh database's connection string, or `None` when skipped.
 async fn database() -> Option<String> {
@@ -79,7 +80,7 @@ async fn schema_version_is_recorded_and_tokens_are_hashed() {
         .await
         .expect("version")
         .get(0);
-    assert_eq!(version, 4);
+    assert_eq!(version, 5);
     let rows = client
         .query("SELECT token_hash FROM access_tokens", &[])
         .await
@@ -112,8 +113,8 @@ async fn concurrent_opens_migrate_once() {
         .await
         .expect("count")
         .get(0);
-    // Each of the four migrations, exactly once.
-    assert_eq!(applied, 4);
+    // Each of the five migrations, exactly once.
+    assert_eq!(applied, 5);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -659,4 +660,308 @@ async fn tls_with_sslmode_require_verifies_and_encrypts() {
         .await
         .expect("a read in plaintext")
         .expect("the token written over TLS");
+}
+
+/// Two workers (two store instances on one database) change two devices of
+/// one user at once while a destination is interested: the change log's
+/// lock serializes the queueing, so the outbox holds one coalesced row per
+/// device with that device's latest state, in stream order and chained; a
+/// row in the in-flight transaction survives later changes; and the other
+/// instance hears the destination's wake-up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_workers_changing_one_users_devices_leave_one_chained_row_per_device() {
+    use courier::store::device_lists::NewInterest;
+    use courier::store::keys::DeviceQuery;
+    use courier::store::{DeviceListStore, InFlightTxn, KeyStore};
+
+    const USER: &str = "@alice:local.test";
+    const DEST: &str = "remote.test";
+    const NOW: i64 = 1_700_000_000_000;
+    let Some(conninfo) = database().await else {
+        return;
+    };
+    let a = PostgresStore::open(&conninfo).await.expect("open a");
+    let b = PostgresStore::open(&conninfo).await.expect("open b");
+    let mut heard_by_b = b.subscribe_wakeups().expect("postgres has wake-ups");
+    wait_until_listening(&a, &mut heard_by_b).await;
+    while heard_by_b.try_recv().is_ok() {}
+    for device in ["D1", "D2"] {
+        a.upsert_device(USER, device, None).await.expect("device");
+    }
+    a.add_device_list_interest(
+        vec![NewInterest {
+            user_id: USER.to_owned(),
+            destination: DEST.to_owned(),
+            expires_ts: None,
+        }],
+        NOW,
+    )
+    .await
+    .expect("interest");
+
+    // 2 workers × 2 devices × 10 renames, all at once.
+    let storm = |round: &'static str| {
+        let mut tasks = Vec::new();
+        for (worker, store) in [("a", a.clone()), ("b", b.clone())] {
+            for device in ["D1", "D2"] {
+                let store = store.clone();
+                tasks.push(tokio::spawn(async move {
+                    for i in 0..10 {
+                        let name = format!("{round}-{worker}-{device}-{i}");
+                        let known = store
+                            .set_display_name(USER, device, Some(&name), NOW)
+                            .await
+                            .expect("rename");
+                        assert!(known);
+                    }
+                }));
+            }
+        }
+        tasks
+    };
+    for task in storm("first") {
+        task.await.expect("renames");
+    }
+    let check = |rows: &[courier::store::OutboxEdu], acked: Option<i64>| {
+        let mut last: Option<i64> = acked;
+        let mut names = std::collections::BTreeMap::new();
+        for row in rows {
+            let meta = row.device_list.clone().expect("a device-list row");
+            assert_eq!(meta.user_id, USER);
+            let stream = meta.stream_id.expect("a device update has a stream");
+            assert_eq!(meta.prev_id, last, "chained in seq order");
+            assert!(last.is_none_or(|l| l < stream), "stream ids grow");
+            last = Some(stream);
+            let edu: serde_json::Value = serde_json::from_str(&row.edu_json).expect("json");
+            let content = &edu["content"];
+            assert_eq!(content["stream_id"], stream);
+            let device = content["device_id"].as_str().expect("device").to_owned();
+            let name = content["device_display_name"].clone();
+            assert!(names.insert(device, name).is_none(), "one row per device");
+        }
+        names
+    };
+    let current_names = || async {
+        let answer = a
+            .user_devices(vec![DeviceQuery {
+                user_id: USER.to_owned(),
+                device_ids: vec![],
+            }])
+            .await
+            .expect("devices");
+        answer[0]
+            .devices
+            .iter()
+            .map(|d| (d.device_id.clone(), serde_json::json!(d.display_name)))
+            .collect::<std::collections::BTreeMap<_, _>>()
+    };
+    let first = a.peek_outbox(DEST, 100, 1 << 20).await.expect("peek");
+    assert_eq!(first.len(), 2, "one coalesced row per device: {first:?}");
+    assert_eq!(check(&first, None), current_names().await);
+    // The newest row carries the user's newest stream_id (40 changes).
+    assert_eq!(
+        first
+            .iter()
+            .filter_map(|r| r.device_list.as_ref()?.stream_id)
+            .max(),
+        Some(40)
+    );
+
+    // In flight, then another storm: the in-flight rows stay, and one new
+    // row per device follows them.
+    a.begin_txn(InFlightTxn {
+        destination: DEST.to_owned(),
+        txn_id: "t1".to_owned(),
+        seqs: first.iter().map(|r| r.seq).collect(),
+        body: "{}".to_owned(),
+    })
+    .await
+    .expect("begin");
+    for task in storm("second") {
+        task.await.expect("renames");
+    }
+    let during = a.peek_outbox(DEST, 100, 1 << 20).await.expect("peek");
+    assert_eq!(
+        during.len(),
+        4,
+        "the in-flight rows and one new row per device"
+    );
+    assert_eq!(
+        during[..2].iter().map(|r| r.seq).collect::<Vec<_>>(),
+        first.iter().map(|r| r.seq).collect::<Vec<_>>()
+    );
+    b.ack_txn(DEST, "t1", NOW).await.expect("ack");
+    let after = a.peek_outbox(DEST, 100, 1 << 20).await.expect("peek");
+    assert_eq!(after.len(), 2);
+    assert_eq!(check(&after, Some(40)), current_names().await);
+
+    // B heard A's destination wake-ups (its own are skipped by design).
+    loop {
+        if next_wakeup(&mut heard_by_b).await == Wakeup::Destination(DEST.to_owned()) {
+            break;
+        }
+    }
+}
+
+/// Two workers receive the same remote updates at once (a peer's retried
+/// transaction landing on both): the cached list's row lock makes them take
+/// turns, so each update is applied exactly once and logged once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_workers_applying_the_same_remote_updates_apply_each_once() {
+    use courier::store::DeviceListStore;
+    use courier::store::device_lists::{
+        RemoteDeviceUpdate, RemoteSnapshot, SnapshotOutcome, TrackSource, TrackTarget,
+    };
+    use courier::store::keys::KeyStore;
+
+    const REMOTE_USER: &str = "@bob:remote.test";
+    const NOW: i64 = 1_700_000_000_000;
+    let Some(conninfo) = database().await else {
+        return;
+    };
+    let a = PostgresStore::open(&conninfo).await.expect("open a");
+    let b = PostgresStore::open(&conninfo).await.expect("open b");
+    let target = TrackTarget {
+        user_id: REMOTE_USER.to_owned(),
+        remote: true,
+    };
+    let stale = a
+        .track_users("@alice:local.test", vec![target], TrackSource::Query, NOW)
+        .await
+        .expect("track");
+    assert_eq!(stale, vec![REMOTE_USER.to_owned()]);
+    let snapshot = RemoteSnapshot {
+        user_id: REMOTE_USER.to_owned(),
+        stream_id: 10,
+        devices: vec![],
+        master_key_json: None,
+        self_signing_key_json: None,
+    };
+    let outcome = b
+        .replace_remote_device_list(snapshot, NOW)
+        .await
+        .expect("snapshot");
+    assert!(matches!(
+        outcome,
+        SnapshotOutcome::Stored {
+            still_stale: false,
+            ..
+        }
+    ));
+    let before = a.device_list_position().await.expect("position");
+    let updates: Vec<RemoteDeviceUpdate> = (11..=30)
+        .map(|n| RemoteDeviceUpdate {
+            stream_id: n,
+            prev_ids: vec![n - 1],
+            device_id: format!("D{}", n % 3),
+            deleted: false,
+            keys_json: None,
+            display_name: Some(format!("name {n}")),
+        })
+        .collect();
+    let mut tasks = Vec::new();
+    for store in [a.clone(), b.clone(), a.clone(), b.clone()] {
+        let updates = updates.clone();
+        tasks.push(tokio::spawn(async move {
+            store
+                .apply_remote_device_updates(REMOTE_USER, updates, NOW)
+                .await
+                .expect("apply")
+        }));
+    }
+    let mut applied = 0;
+    for task in tasks {
+        let report = task.await.expect("task");
+        assert!(report.tracked);
+        assert!(!report.needs_resync, "a replay is no gap: {report:?}");
+        assert_eq!(report.applied + report.not_newer, 20);
+        applied += report.applied;
+    }
+    assert_eq!(applied, 20, "each update applied once over all workers");
+    let after = a.device_list_position().await.expect("position");
+    assert_eq!(after - before, 20, "one logged change per applied update");
+    let lists = b
+        .remote_device_lists(vec![REMOTE_USER.to_owned()])
+        .await
+        .expect("lists");
+    assert_eq!(lists[0].stream_id, Some(30));
+    assert!(!lists[0].stale);
+    let names: Vec<Option<String>> = lists[0]
+        .devices
+        .iter()
+        .map(|d| d.display_name.clone())
+        .collect();
+    assert_eq!(
+        names,
+        vec![
+            Some("name 30".to_owned()),
+            Some("name 28".to_owned()),
+            Some("name 29".to_owned())
+        ]
+    );
+}
+
+/// A quarantined device-list row keeps its meta: released with a requeue,
+/// it is peeked as a device-list row again (so the sender still finishes
+/// it: prev_id, and no display name unless allowed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_requeued_device_list_row_keeps_its_meta() {
+    use courier::store::device_lists::NewInterest;
+    use courier::store::{DeviceListStore, KeyStore};
+
+    const USER: &str = "@alice:local.test";
+    const DEST: &str = "remote.test";
+    const NOW: i64 = 1_700_000_000_000;
+    let Some(conninfo) = database().await else {
+        return;
+    };
+    let store = PostgresStore::open(&conninfo).await.expect("open");
+    store.upsert_device(USER, "D1", None).await.expect("device");
+    store
+        .add_device_list_interest(
+            vec![NewInterest {
+                user_id: USER.to_owned(),
+                destination: DEST.to_owned(),
+                expires_ts: None,
+            }],
+            NOW,
+        )
+        .await
+        .expect("interest");
+    store
+        .set_display_name(USER, "D1", Some("phone"), NOW)
+        .await
+        .expect("rename");
+    let queued = store.peek_outbox(DEST, 10, 1 << 20).await.expect("peek");
+    assert_eq!(queued.len(), 1);
+    let meta = queued[0].device_list.clone().expect("a device-list row");
+    store
+        .quarantine_edu(DEST, queued[0].seq, "refused alone", NOW)
+        .await
+        .expect("quarantine");
+    assert!(
+        store
+            .peek_outbox(DEST, 10, 1 << 20)
+            .await
+            .expect("peek")
+            .is_empty()
+    );
+    assert!(
+        store
+            .release_quarantined(DEST, queued[0].seq, true)
+            .await
+            .expect("release")
+    );
+    let requeued = store.peek_outbox(DEST, 10, 1 << 20).await.expect("peek");
+    assert_eq!(requeued.len(), 1);
+    assert_eq!(requeued[0].edu_json, queued[0].edu_json);
+    assert_eq!(requeued[0].device_list, Some(meta));
+    // And a later change of the device coalesces it like any queued row.
+    store
+        .set_display_name(USER, "D1", Some("tablet"), NOW)
+        .await
+        .expect("rename");
+    let latest = store.peek_outbox(DEST, 10, 1 << 20).await.expect("peek");
+    assert_eq!(latest.len(), 1);
+    assert!(latest[0].edu_json.contains("tablet"));
 }

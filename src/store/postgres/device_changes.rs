@@ -1,19 +1,24 @@
 //! SQL of the PostgreSQL backend's device changes (`KeyStore`, DESIGN §7):
 //! display names, device deletion (also behind `Store::delete_device`),
 //! cross-signing keys and signatures, and the device-list change log that
-//! each of them appends to in its own transaction (`log_changes`), with its
-//! reads (`stream_id`, `position`, `users_with_changes`).
+//! each of them appends to in its own transaction (`log_changes`; a local
+//! change through `device_list_outbox::log_local_changes`, which also
+//! queues its outbound EDUs), with its reads (`stream_id`, `position`,
+//! `users_with_changes`, which skips `left` entries) and the `left` entries
+//! of untracking (`log_left`).
 //!
 //! Ordering: `log_changes` takes a transaction-level advisory lock before it
 //! reads the newest position, and it runs as the last step of a write (after
-//! any device-row lock), so change-log writers commit in position order and
-//! a reader that saw position N never later finds a change at or below N.
+//! any device-row lock; only the outbound queueing follows it), so
+//! change-log writers commit in position order and a reader that saw
+//! position N never later finds a change at or below N.
 
 use std::collections::BTreeSet;
 
 use deadpool_postgres::{GenericClient, Object, Transaction};
 
 use super::Fail;
+use super::device_list_outbox::{Queued, log_local_changes};
 use crate::store::TimestampMs;
 use crate::store::keys::{DeviceListChanges, NewCrossSigningKey, StoredSignature};
 
@@ -38,17 +43,16 @@ impl<'a> Change<'a> {
 }
 
 /// Appends `changes` in order: each the next global position and its user's
-/// next stream_id.
+/// next stream_id. Returns the stream_ids, in order.
 pub async fn log_changes(
     tx: &Transaction<'_>,
     changes: &[Change<'_>],
     now_ms: TimestampMs,
-) -> Result<(), Fail> {
+) -> Result<Vec<i64>, Fail> {
     if changes.is_empty() {
-        return Ok(());
+        return Ok(Vec::new());
     }
-    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&CHANGE_LOG_LOCK])
-        .await?;
+    lock_change_log(tx).await?;
     let insert = tx
         .prepare_cached(
             "INSERT INTO device_list_changes (position, user_id, stream_id, device_id, changed_ts)
@@ -56,12 +60,52 @@ pub async fn log_changes(
                      $1::text,
                      (SELECT coalesce(max(stream_id), 0) + 1 FROM device_list_changes
                       WHERE user_id = $1::text),
-                     $2::text, $3::bigint)",
+                     $2::text, $3::bigint)
+             RETURNING stream_id",
         )
         .await?;
+    let mut streams = Vec::with_capacity(changes.len());
     for change in changes {
-        tx.execute(&insert, &[&change.user, &change.device, &now_ms])
+        let row = tx
+            .query_one(&insert, &[&change.user, &change.device, &now_ms])
             .await?;
+        streams.push(row.get(0));
+    }
+    Ok(streams)
+}
+
+/// Takes the change log's lock for the rest of the transaction. Everything
+/// a writer reads after it sees every earlier writer's commit (READ
+/// COMMITTED takes a new snapshot per statement), which is what makes the
+/// outbound coalescing and the remote cache's gap checks race-free.
+pub async fn lock_change_log(tx: &Transaction<'_>) -> Result<(), Fail> {
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&CHANGE_LOG_LOCK])
+        .await?;
+    Ok(())
+}
+
+/// Appends one `left` entry per user: `tracker` stopped tracking it. It
+/// takes a position but no stream_id.
+pub async fn log_left(
+    tx: &Transaction<'_>,
+    tracker: &str,
+    users: &[String],
+    now_ms: TimestampMs,
+) -> Result<(), Fail> {
+    if users.is_empty() {
+        return Ok(());
+    }
+    lock_change_log(tx).await?;
+    let insert = tx
+        .prepare_cached(
+            "INSERT INTO device_list_changes
+                 (position, user_id, stream_id, device_id, changed_ts, left_for)
+             VALUES ((SELECT coalesce(max(position), 0) + 1 FROM device_list_changes),
+                     $1::text, NULL, NULL, $2::bigint, $3::text)",
+        )
+        .await?;
+    for user in users {
+        tx.execute(&insert, &[user, &now_ms, &tracker]).await?;
     }
     Ok(())
 }
@@ -99,7 +143,8 @@ pub async fn users_with_changes(
         .prepare_cached(
             "SELECT u FROM unnest($1::text[]) AS u
              WHERE EXISTS (SELECT 1 FROM device_list_changes
-                           WHERE user_id = u AND position > $2 AND position <= $3)
+                           WHERE user_id = u AND position > $2 AND position <= $3
+                             AND left_for IS NULL)
              ORDER BY u",
         )
         .await?;
@@ -116,7 +161,7 @@ pub async fn set_display_name(
     device: &str,
     name: Option<&str>,
     now_ms: TimestampMs,
-) -> Result<bool, Fail> {
+) -> Result<(bool, Queued), Fail> {
     let tx = c.transaction().await?;
     let stmt = tx
         .prepare_cached(
@@ -125,8 +170,9 @@ pub async fn set_display_name(
         )
         .await?;
     let Some(row) = tx.query_opt(&stmt, &[&user, &device]).await? else {
-        return Ok(false);
+        return Ok((false, Queued::default()));
     };
+    let mut queued = Queued::default();
     if row.get::<_, Option<&str>>(0) != name {
         let update = tx
             .prepare_cached(
@@ -134,10 +180,10 @@ pub async fn set_display_name(
             )
             .await?;
         tx.execute(&update, &[&user, &device, &name]).await?;
-        log_changes(&tx, &[Change::device(user, device)], now_ms).await?;
+        queued = log_local_changes(&tx, &[Change::device(user, device)], now_ms).await?;
     }
     tx.commit().await?;
-    Ok(true)
+    Ok((true, queued))
 }
 
 /// Deletes each listed device that exists with everything that hangs off it
@@ -147,7 +193,7 @@ pub async fn delete_devices(
     user: &str,
     device_ids: &[String],
     now_ms: TimestampMs,
-) -> Result<Vec<String>, Fail> {
+) -> Result<(Vec<String>, Queued), Fail> {
     const DELETES: &[&str] = &[
         "DELETE FROM access_tokens WHERE user_id = $1 AND device_id = ANY($2)",
         "DELETE FROM device_inbox WHERE user_id = $1 AND device_id = ANY($2)",
@@ -185,16 +231,17 @@ pub async fn delete_devices(
             deleted.push(device.clone());
         }
     }
+    let mut queued = Queued::default();
     if !deleted.is_empty() {
         for sql in DELETES {
             let stmt = tx.prepare_cached(sql).await?;
             tx.execute(&stmt, &[&user, &deleted]).await?;
         }
         let changes: Vec<Change<'_>> = deleted.iter().map(|d| Change::device(user, d)).collect();
-        log_changes(&tx, &changes, now_ms).await?;
+        queued = log_local_changes(&tx, &changes, now_ms).await?;
     }
     tx.commit().await?;
-    Ok(deleted)
+    Ok((deleted, queued))
 }
 
 /// Replaces each given kind; the signatures of a replaced public key go with
@@ -204,7 +251,7 @@ pub async fn put_cross_signing_keys(
     user: &str,
     keys: &[NewCrossSigningKey],
     now_ms: TimestampMs,
-) -> Result<(), Fail> {
+) -> Result<Queued, Fail> {
     let tx = c.transaction().await?;
     let select = tx
         .prepare_cached(
@@ -241,11 +288,12 @@ pub async fn put_cross_signing_keys(
             .await?;
         changed = true;
     }
+    let mut queued = Queued::default();
     if changed {
-        log_changes(&tx, &[Change { user, device: None }], now_ms).await?;
+        queued = log_local_changes(&tx, &[Change { user, device: None }], now_ms).await?;
     }
     tx.commit().await?;
-    Ok(())
+    Ok(queued)
 }
 
 /// Stores new or changed signatures (one per signer key and target) and logs
@@ -254,7 +302,7 @@ pub async fn put_signatures(
     c: &mut Object,
     signatures: &[StoredSignature],
     now_ms: TimestampMs,
-) -> Result<(), Fail> {
+) -> Result<Queued, Fail> {
     let tx = c.transaction().await?;
     let upsert = tx
         .prepare_cached(
@@ -298,7 +346,7 @@ pub async fn put_signatures(
             changes.push(change);
         }
     }
-    log_changes(&tx, &changes, now_ms).await?;
+    let queued = log_local_changes(&tx, &changes, now_ms).await?;
     tx.commit().await?;
-    Ok(())
+    Ok(queued)
 }

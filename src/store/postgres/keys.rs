@@ -18,7 +18,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use deadpool_postgres::{GenericClient, Object};
 
 use super::Fail;
-use super::device_changes::{self, Change, log_changes};
+use super::device_changes::{self, Change};
+use super::device_list_outbox::{Queued, log_local_changes};
 use crate::store::keys::{
     ClaimWanted, ClaimedKey, CrossSigningKey, CrossSigningKind, DeviceListChanges, DeviceQuery,
     DeviceRecord, KeyCounts, KeyStore, KeysUpload, NewCrossSigningKey, NewKey, StoredSignature,
@@ -42,7 +43,10 @@ impl KeyStore for super::PostgresStore {
     fn upload_keys(&self, upload: KeysUpload) -> StoreFuture<'_, UploadOutcome> {
         Box::pin(async move {
             let upload = &upload;
-            with_client!(self, |c| upload_keys(&mut c, upload).await).await
+            let (outcome, queued) =
+                with_client!(self, |c| upload_keys(&mut c, upload).await).await?;
+            self.settle(&queued);
+            Ok(outcome)
         })
     }
 
@@ -97,14 +101,19 @@ impl KeyStore for super::PostgresStore {
         display_name: Option<&'a str>,
         now_ms: TimestampMs,
     ) -> StoreFuture<'a, bool> {
-        Box::pin(with_client!(self, |c| device_changes::set_display_name(
-            &mut c,
-            user_id,
-            device_id,
-            display_name,
-            now_ms
-        )
-        .await))
+        Box::pin(async move {
+            let (known, queued) = with_client!(self, |c| device_changes::set_display_name(
+                &mut c,
+                user_id,
+                device_id,
+                display_name,
+                now_ms
+            )
+            .await)
+            .await?;
+            self.settle(&queued);
+            Ok(known)
+        })
     }
 
     fn delete_devices<'a>(
@@ -113,10 +122,15 @@ impl KeyStore for super::PostgresStore {
         device_ids: &'a [String],
         now_ms: TimestampMs,
     ) -> StoreFuture<'a, Vec<String>> {
-        Box::pin(with_client!(self, |c| device_changes::delete_devices(
-            &mut c, user_id, device_ids, now_ms
-        )
-        .await))
+        Box::pin(async move {
+            let (deleted, queued) = with_client!(self, |c| device_changes::delete_devices(
+                &mut c, user_id, device_ids, now_ms
+            )
+            .await)
+            .await?;
+            self.settle(&queued);
+            Ok(deleted)
+        })
     }
 
     fn put_cross_signing_keys<'a>(
@@ -127,11 +141,13 @@ impl KeyStore for super::PostgresStore {
     ) -> StoreFuture<'a, ()> {
         Box::pin(async move {
             let keys = &keys;
-            with_client!(self, |c| device_changes::put_cross_signing_keys(
+            let queued = with_client!(self, |c| device_changes::put_cross_signing_keys(
                 &mut c, user_id, keys, now_ms
             )
             .await)
-            .await
+            .await?;
+            self.settle(&queued);
+            Ok(())
         })
     }
 
@@ -142,11 +158,13 @@ impl KeyStore for super::PostgresStore {
     ) -> StoreFuture<'_, ()> {
         Box::pin(async move {
             let signatures = &signatures;
-            with_client!(self, |c| device_changes::put_signatures(
+            let queued = with_client!(self, |c| device_changes::put_signatures(
                 &mut c, signatures, now_ms
             )
             .await)
-            .await
+            .await?;
+            self.settle(&queued);
+            Ok(())
         })
     }
 
@@ -173,7 +191,7 @@ impl KeyStore for super::PostgresStore {
 
 // --- uploads and counts --------------------------------------------------------
 
-async fn upload_keys(c: &mut Object, up: &KeysUpload) -> Result<UploadOutcome, Fail> {
+async fn upload_keys(c: &mut Object, up: &KeysUpload) -> Result<(UploadOutcome, Queued), Fail> {
     let (user, device) = (up.user_id.as_str(), up.device_id.as_str());
     let tx = c.transaction().await?;
     let lock = tx
@@ -182,7 +200,7 @@ async fn upload_keys(c: &mut Object, up: &KeysUpload) -> Result<UploadOutcome, F
         )
         .await?;
     if tx.query_opt(&lock, &[&user, &device]).await?.is_none() {
-        return Ok(UploadOutcome::UnknownDevice);
+        return Ok((UploadOutcome::UnknownDevice, Queued::default()));
     }
     // Checks first: a refused upload writes nothing (and rolls back).
     let mut keys_changed = false;
@@ -194,7 +212,7 @@ async fn upload_keys(c: &mut Object, up: &KeysUpload) -> Result<UploadOutcome, F
             .await?;
         match tx.query_opt(&stmt, &[&user, &device]).await? {
             Some(row) if row.get::<_, &str>(1) != keys.identity => {
-                return Ok(UploadOutcome::IdentityChanged);
+                return Ok((UploadOutcome::IdentityChanged, Queued::default()));
             }
             Some(row) => keys_changed = row.get::<_, &str>(0) != keys.json,
             None => keys_changed = true,
@@ -204,7 +222,7 @@ async fn upload_keys(c: &mut Object, up: &KeysUpload) -> Result<UploadOutcome, F
     let mut listed: BTreeMap<(&str, &str), &str> = BTreeMap::new();
     for key in &up.one_time_keys {
         match listed.insert((&key.algorithm, &key.key_id), &key.key_json) {
-            Some(value) if value != key.key_json => return Ok(conflict(key)),
+            Some(value) if value != key.key_json => return Ok((conflict(key), Queued::default())),
             Some(_) => {}
             None => unique.push(key),
         }
@@ -240,7 +258,7 @@ async fn upload_keys(c: &mut Object, up: &KeysUpload) -> Result<UploadOutcome, F
             let claimed: bool = row.get(2);
             match stored {
                 Some(value) if value == key.key_json => {}
-                Some(_) => return Ok(conflict(key)),
+                Some(_) => return Ok((conflict(key), Queued::default())),
                 None if claimed => {}
                 None => fresh.push(key),
             }
@@ -295,13 +313,14 @@ async fn upload_keys(c: &mut Object, up: &KeysUpload) -> Result<UploadOutcome, F
         )
         .await?;
     }
-    log_changes(&tx, &changes, up.now_ms).await?;
+    let queued = log_local_changes(&tx, &changes, up.now_ms).await?;
     let one_time_key_counts = one_time_counts(&tx, user, device).await?;
     tx.commit().await?;
-    Ok(UploadOutcome::Stored {
+    let outcome = UploadOutcome::Stored {
         one_time_key_counts,
         device_list_changed: keys_changed,
-    })
+    };
+    Ok((outcome, queued))
 }
 
 fn conflict(key: &NewKey) -> UploadOutcome {
@@ -412,7 +431,12 @@ async fn claim_keys(
 
 // --- queries --------------------------------------------------------------------
 
-async fn user_devices(c: &impl GenericClient, q: &DeviceQuery) -> Result<UserDevices, Fail> {
+/// The wanted devices of a user and its cross-signing keys, with their
+/// signatures (also the content of the outbound device-list EDUs).
+pub(super) async fn user_devices(
+    c: &impl GenericClient,
+    q: &DeviceQuery,
+) -> Result<UserDevices, Fail> {
     let user = q.user_id.as_str();
     let stmt = c
         .prepare_cached(
@@ -441,6 +465,20 @@ async fn user_devices(c: &impl GenericClient, q: &DeviceQuery) -> Result<UserDev
             signatures,
         });
     }
+    let cross_signing = cross_signing_keys(c, user).await?;
+    Ok(UserDevices {
+        user_id: q.user_id.clone(),
+        stream_id: device_changes::stream_id(c, user).await?,
+        devices,
+        cross_signing,
+    })
+}
+
+/// A user's cross-signing keys with their signatures, sorted by kind.
+pub(super) async fn cross_signing_keys(
+    c: &impl GenericClient,
+    user: &str,
+) -> Result<Vec<CrossSigningKey>, Fail> {
     let stmt = c
         .prepare_cached(
             "SELECT kind, public_key, key_json FROM cross_signing_keys WHERE user_id = $1",
@@ -461,12 +499,7 @@ async fn user_devices(c: &impl GenericClient, q: &DeviceQuery) -> Result<UserDev
         });
     }
     cross_signing.sort_by_key(|k| k.kind);
-    Ok(UserDevices {
-        user_id: q.user_id.clone(),
-        stream_id: device_changes::stream_id(c, user).await?,
-        devices,
-        cross_signing,
-    })
+    Ok(cross_signing)
 }
 
 async fn signatures_of(

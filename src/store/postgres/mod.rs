@@ -10,7 +10,9 @@
 //! in stream id order and a `since` can never skip a row committed late. The
 //! SQL is in `postgres/inbox.rs` (devices, inbound transactions, inbox
 //! reads), `postgres/keys.rs` and `postgres/device_changes.rs` (the E2EE
-//! device plane), `postgres/send.rs` (client sends), `postgres/outbox.rs` (outbox,
+//! device plane), `postgres/device_lists.rs`, `postgres/device_list_outbox.rs`
+//! and `postgres/remote_devices.rs` (device-list interest, tracking, the
+//! outbound EDUs and the remote cache), `postgres/send.rs` (client sends), `postgres/outbox.rs` (outbox,
 //! retry state, keys, pruning) and `postgres/lease.rs` (destination leases);
 //! cross-worker wake-ups over LISTEN/NOTIFY are in `postgres/wakeup.rs`; the
 //! schema is in `migrations/postgres/*.sql`, applied by `postgres/schema.rs`.
@@ -40,11 +42,13 @@ use crate::store::{
 };
 
 mod device_changes;
+mod device_list_outbox;
 mod device_lists;
 mod inbox;
 mod keys;
 mod lease;
 mod outbox;
+mod remote_devices;
 mod schema;
 mod send;
 pub mod tls;
@@ -434,13 +438,21 @@ impl Store for PostgresStore {
         txn_id: &'a str,
         now_ms: TimestampMs,
     ) -> StoreFuture<'a, ()> {
-        Box::pin(on_client!(self, |c| outbox::ack_txn(
-            &mut c,
-            destination,
-            txn_id,
-            now_ms
-        )
-        .await))
+        Box::pin(async move {
+            let sent = on_client!(self, |c| outbox::ack_txn(
+                &mut c,
+                destination,
+                txn_id,
+                now_ms
+            )
+            .await)
+            .await?;
+            if sent > 0 {
+                metrics::counter!("courier_device_list_updates_total", "event" => "sent")
+                    .increment(sent);
+            }
+            Ok(())
+        })
     }
 
     fn refuse_txn<'a>(&'a self, destination: &'a str, txn_id: &'a str) -> StoreFuture<'a, ()> {

@@ -1,7 +1,8 @@
 //! SQL of the outbox side of the PostgreSQL backend: queued EDUs per
 //! destination, the one in-flight transaction record, quarantine, the
 //! persisted retry state and status of destinations, the remote server key
-//! cache, and pruning in bounded batches. Each write function is one
+//! cache, and pruning in bounded batches (also of expired device-list
+//! interests). Each write function is one
 //! transaction (or one statement) on the connection given.
 
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -9,6 +10,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use deadpool_postgres::Object;
 
 use super::Fail;
+use super::device_list_outbox::{PrevChain, record_acked};
 use crate::store::{
     DestinationStatus, InFlightTxn, OutboxEdu, PruneReport, QuarantinedEdu, Retention, RetryState,
     StoredServerKey, TimestampMs,
@@ -58,8 +60,12 @@ pub async fn peek_outbox(
 ) -> Result<Vec<OutboxEdu>, Fail> {
     let stmt = c
         .prepare_cached(
-            "SELECT seq, edu_json, message_count, queued_ts, refusals FROM outbox
-             WHERE destination = $1 ORDER BY seq LIMIT $2",
+            "SELECT o.seq, o.edu_json, o.message_count, o.queued_ts, o.refusals,
+                    o.dl_user, o.dl_stream,
+                    (SELECT a.stream_id FROM device_list_acked a
+                     WHERE a.destination = o.destination AND a.user_id = o.dl_user)
+             FROM outbox o
+             WHERE o.destination = $1 ORDER BY o.seq LIMIT $2",
         )
         .await?;
     let rows = c
@@ -67,6 +73,7 @@ pub async fn peek_outbox(
         .await?;
     let mut out = Vec::new();
     let mut bytes = 0u64;
+    let mut chain = PrevChain::default();
     for row in rows {
         let edu_json: String = row.get(1);
         let len = edu_json.len() as u64;
@@ -74,13 +81,16 @@ pub async fn peek_outbox(
             break;
         }
         bytes = bytes.saturating_add(len);
+        let device_list = row
+            .get::<_, Option<String>>(5)
+            .map(|user| chain.next(user, row.get(6), row.get(7)));
         out.push(OutboxEdu {
             seq: row.get(0),
             edu_json,
             message_count: to_u32(row.get(2)),
             queued_ts: row.get(3),
             refusals: to_u32(row.get(4)),
-            device_list: None,
+            device_list,
         });
     }
     Ok(out)
@@ -101,12 +111,14 @@ pub async fn begin_txn(c: &Object, txn: &InFlightTxn) -> Result<(), Fail> {
     Ok(())
 }
 
+/// Returns how many device-list rows the acknowledged transaction carried
+/// (0 for a second ack).
 pub async fn ack_txn(
     c: &mut Object,
     destination: &str,
     txn_id: &str,
     now_ms: TimestampMs,
-) -> Result<(), Fail> {
+) -> Result<u64, Fail> {
     let tx = c.transaction().await?;
     let take = tx
         .prepare_cached(
@@ -116,9 +128,10 @@ pub async fn ack_txn(
     // A second ack of the same txn finds no record and changes nothing.
     let Some(row) = tx.query_opt(&take, &[&destination, &txn_id]).await? else {
         tx.rollback().await?;
-        return Ok(());
+        return Ok(0);
     };
     let seqs: Vec<i64> = row.get(0);
+    let device_list_rows = record_acked(&tx, destination, &seqs).await?;
     let delete = tx
         .prepare_cached("DELETE FROM outbox WHERE destination = $1 AND seq = ANY($2)")
         .await?;
@@ -139,7 +152,7 @@ pub async fn ack_txn(
     )
     .await?;
     tx.commit().await?;
-    Ok(())
+    Ok(device_list_rows)
 }
 
 pub async fn refuse_txn(c: &mut Object, destination: &str, txn_id: &str) -> Result<(), Fail> {
@@ -176,15 +189,20 @@ pub async fn quarantine_edu(
         .prepare_cached(
             "WITH moved AS (
                  DELETE FROM outbox WHERE destination = $1 AND seq = $2
-                 RETURNING destination, seq, edu_json, message_count, queued_ts
+                 RETURNING destination, seq, edu_json, message_count, queued_ts,
+                           dl_user, dl_device, dl_stream
              )
              INSERT INTO quarantine
-                 (destination, seq, edu_json, message_count, queued_ts, reason, quarantined_ts)
-             SELECT destination, seq, edu_json, message_count, queued_ts, $3, $4 FROM moved
+                 (destination, seq, edu_json, message_count, queued_ts, reason, quarantined_ts,
+                  dl_user, dl_device, dl_stream)
+             SELECT destination, seq, edu_json, message_count, queued_ts, $3, $4,
+                    dl_user, dl_device, dl_stream
+             FROM moved
              ON CONFLICT (destination, seq) DO UPDATE SET
                  edu_json = excluded.edu_json, message_count = excluded.message_count,
                  queued_ts = excluded.queued_ts, reason = excluded.reason,
-                 quarantined_ts = excluded.quarantined_ts",
+                 quarantined_ts = excluded.quarantined_ts, dl_user = excluded.dl_user,
+                 dl_device = excluded.dl_device, dl_stream = excluded.dl_stream",
         )
         .await?;
     c.execute(&stmt, &[&destination, &seq, &reason, &now_ms])
@@ -225,7 +243,7 @@ pub async fn release_quarantined(
     let take = tx
         .prepare_cached(
             "DELETE FROM quarantine WHERE destination = $1 AND seq = $2
-             RETURNING edu_json, message_count, queued_ts",
+             RETURNING edu_json, message_count, queued_ts, dl_user, dl_device, dl_stream",
         )
         .await?;
     let Some(row) = tx.query_opt(&take, &[&destination, &seq]).await? else {
@@ -237,14 +255,29 @@ pub async fn release_quarantined(
         let edu_json: String = row.get(0);
         let count: i32 = row.get(1);
         let queued_ts: i64 = row.get(2);
+        let (dl_user, dl_device, dl_stream): (Option<String>, Option<String>, Option<i64>) =
+            (row.get(3), row.get(4), row.get(5));
+        // A device-list row keeps its meta (so it is finished when sent).
         let insert = tx
             .prepare_cached(
-                "INSERT INTO outbox (destination, edu_json, message_count, queued_ts, refusals)
-                 VALUES ($1, $2, $3, $4, 0)",
+                "INSERT INTO outbox (destination, edu_json, message_count, queued_ts, refusals,
+                                     dl_user, dl_device, dl_stream)
+                 VALUES ($1, $2, $3, $4, 0, $5, $6, $7)",
             )
             .await?;
-        tx.execute(&insert, &[&destination, &edu_json, &count, &queued_ts])
-            .await?;
+        tx.execute(
+            &insert,
+            &[
+                &destination,
+                &edu_json,
+                &count,
+                &queued_ts,
+                &dl_user,
+                &dl_device,
+                &dl_stream,
+            ],
+        )
+        .await?;
     }
     tx.commit().await?;
     Ok(true)
@@ -474,9 +507,16 @@ pub async fn prune(
             limit,
         )
         .await?,
-        // Expired device-list interests: pruned by the PostgreSQL
-        // device-list store (lane P), not yet here.
-        ..PruneReport::default()
+        expired_device_list_interest: expire(
+            c,
+            "DELETE FROM device_list_interest WHERE (user_id, destination) IN
+                 (SELECT user_id, destination FROM device_list_interest
+                  WHERE expires_ts < $1 LIMIT $2)
+               AND expires_ts < $1",
+            now_ms,
+            limit,
+        )
+        .await?,
     })
 }
 
