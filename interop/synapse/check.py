@@ -668,7 +668,7 @@ def inbound_checks(r: Runner, cap: CapturePeer, node: Node, rcv: Account) -> Non
 
 
 OLM_TYPE = "org.courier.interop.olm"
-GROUPS = ("to_device", "capture", "olm", "downtime")
+GROUPS = ("to_device", "capture", "olm", "downtime", "device_lists")
 
 
 def olm_checks(r: Runner, a: Node, b: Node, run_id: str) -> None:
@@ -792,6 +792,142 @@ def olm_checks(r: Runner, a: Node, b: Node, run_id: str) -> None:
     r.check("olm_fallback_b_claims_a", lambda: fallback("b", "a"))
 
 
+def device_list_checks(r: Runner, a: Node, b: Node, run_id: str) -> None:
+    """Device lists between Synapse (A) and Courier (B) with no shared room
+    (issue 16). Synapse neither sends device-list EDUs to a server it shares
+    no room with nor accepts them from one, so freshness comes from queries:
+    (a) Synapse's /keys/query of a Courier user after a Courier device change
+    (a device added, one deleted) returns the current list (Synapse asks
+    live); (b) Courier's /keys/query of a Synapse user returns Synapse's
+    current list, also after Synapse adds a device, and /keys/changes
+    answers; (c) a Synapse /user/devices answer is accepted by Courier's
+    resync: Courier is told over the RPC that its user tracks a fresh
+    Synapse user, resyncs it, and then answers from the cache."""
+    if not isinstance(b, CourierNode):
+        return
+
+    def request(method: str, url: str, body: Any, token: str) -> Any:
+        return expect_200(method, url, body=body, token=token)
+
+    def peer_for(node: Node, localpart: str, device_id: str) -> OlmPeer:
+        acct = node.new_user(localpart, [device_id])[0]
+        peer = OlmPeer(request, CheckError, node.client_url, acct.user_id, acct.device_id, acct.token)
+        peer.upload_keys(1, fallback=False)
+        return peer
+
+    def courier_device(user_id: str, device_id: str) -> OlmPeer:
+        token = secrets.token_urlsafe(24)
+        url = f"{b.rpc_url}/_courier/v1/devices/{q(user_id)}/{q(device_id)}"
+        expect_200("PUT", url, body={"access_token": token}, token=b.rpc_secret)
+        peer = OlmPeer(request, CheckError, b.client_url, user_id, device_id, token)
+        peer.upload_keys(1, fallback=False)
+        return peer
+
+    def synapse_device(localpart: str, password: str, device_id: str) -> OlmPeer:
+        login = expect_200(
+            "POST", f"{a.client_url}/_matrix/client/v3/login",
+            body={"type": "m.login.password", "identifier": {"type": "m.id.user", "user": localpart},
+                  "password": password, "device_id": device_id})
+        peer = OlmPeer(request, CheckError, a.client_url, login["user_id"], device_id, login["access_token"])
+        peer.upload_keys(1, fallback=False)
+        return peer
+
+    def expect_devices(asker: OlmPeer, user_id: str, want: set[str], what: str) -> None:
+        got = set(asker.query(user_id))
+        if got != want:
+            raise CheckError(f"{what}: {asker.user_id} sees {user_id}'s devices {sorted(got)}, "
+                             f"expected {sorted(want)}")
+
+    state: dict[str, Any] = {}
+
+    def setup() -> None:
+        state["syn"] = peer_for(a, f"dlsyn-{run_id}", "DLSYN1")
+        state["cou"] = peer_for(b, f"dlcou-{run_id}", "DLCOU1")
+
+    def synapse_sees_courier_change() -> None:
+        syn, cou = state["syn"], state["cou"]
+        expect_devices(syn, cou.user_id, {"DLCOU1"}, "before the change")
+        courier_device(cou.user_id, "DLCOU2")
+        url = f"{b.rpc_url}/_courier/v1/devices/{q(cou.user_id)}/DLCOU1"
+        status, body = http_json("DELETE", url, token=b.rpc_secret)
+        if status != 200:
+            raise CheckError(f"DELETE {url} -> {status} {body}")
+        expect_devices(syn, cou.user_id, {"DLCOU2"}, "after DLCOU2 was added and DLCOU1 deleted")
+
+    def courier_sees_synapse_change() -> None:
+        # A second Courier device of a fresh user asks (its own user's token).
+        asker = peer_for(b, f"dlask-{run_id}", "DLASK1")
+        state["asker"] = asker
+        # A Synapse user with a password we know, to log in a second device.
+        localpart, password = f"dlsyn2-{run_id}", secrets.token_urlsafe(16)
+        url = f"{a.client_url}/_synapse/admin/v1/register"
+        nonce = expect_200("GET", url)["nonce"]
+        msg = b"\x00".join(x.encode() for x in (nonce, localpart, password, "notadmin"))
+        mac = hmac.new(a.secret.encode(), msg, digestmod=hashlib.sha1)
+        expect_200("POST", url, body={"nonce": nonce, "username": localpart, "password": password,
+                                      "admin": False, "mac": mac.hexdigest()})
+        first = synapse_device(localpart, password, "DLS2A")
+        expect_devices(asker, first.user_id, {"DLS2A"}, "first query")
+        sync = expect_200("GET", f"{b.client_url}/_matrix/client/v3/sync?timeout=0", token=asker.token)
+        since = sync["next_batch"]
+        synapse_device(localpart, password, "DLS2B")
+        # Courier tracks the user now (it queried), but Synapse sends it no
+        # update (no shared room): the query must still show the new device.
+        start = time.monotonic()
+        while True:
+            got = set(asker.query(first.user_id))
+            if got == {"DLS2A", "DLS2B"}:
+                break
+            if time.monotonic() - start > DELIVERY_TIMEOUT:
+                raise CheckError(f"Courier still answers {sorted(got)} for {first.user_id} "
+                                 f"{DELIVERY_TIMEOUT:.0f}s after Synapse added DLS2B")
+            time.sleep(2)
+        r.info("dl_courier_sees_synapse_change", f"current list after {time.monotonic() - start:.1f}s")
+        sync = expect_200("GET", f"{b.client_url}/_matrix/client/v3/sync?timeout=0&since={q(since)}",
+                          token=asker.token)
+        to = sync["next_batch"]
+        changes = expect_200("GET", f"{b.client_url}/_matrix/client/v3/keys/changes?from={q(since)}&to={q(to)}",
+                             token=asker.token)
+        if not isinstance(changes, dict) or not isinstance(changes.get("changed"), list) \
+                or not isinstance(changes.get("left"), list):
+            raise CheckError(f"/keys/changes answered {changes!r}")
+        r.info("dl_courier_keys_changes", json.dumps(changes))
+
+    def courier_resyncs_from_synapse() -> None:
+        asker = state["asker"]
+        target = peer_for(a, f"dlsyn3-{run_id}", "DLS3A")
+
+        def resyncs_ok() -> float:
+            status, text = http_json("GET", f"{b.rpc_url}/metrics", token=b.rpc_secret)
+            if status != 200 or not isinstance(text, str):
+                raise CheckError(f"/metrics -> {status}")
+            return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                       if line.startswith('courier_device_list_resyncs_total{outcome="ok"}'))
+
+        before = resyncs_ok()
+        url = f"{b.rpc_url}/_courier/v1/users/{q(asker.user_id)}/device_list/tracking"
+        body = expect_200("PUT", url, body={"track": [target.user_id]}, token=b.rpc_secret)
+        if target.user_id not in (body or {}).get("tracked", []):
+            raise CheckError(f"tracking answered {body!r}")
+        deadline = time.monotonic() + DELIVERY_TIMEOUT
+        while resyncs_ok() <= before:
+            if time.monotonic() > deadline:
+                raise CheckError(f"no successful resync of {target.user_id} within {DELIVERY_TIMEOUT:.0f}s")
+            time.sleep(0.5)
+        # Answered from the resynced cache now; the list is Synapse's.
+        expect_devices(asker, target.user_id, {"DLS3A"}, "after the resync")
+        got = asker.query(target.user_id)["DLS3A"]
+        want = target.device_keys()
+        if {k: v for k, v in got.items() if k != "unsigned"} != want:
+            raise CheckError(f"cached keys {got!r}, Synapse holds {want!r}")
+
+    if not r.check("dl_setup", setup):
+        return
+    r.check("dl_synapse_sees_courier_change", synapse_sees_courier_change)
+    r.check("dl_courier_sees_synapse_change", courier_sees_synapse_change)
+    r.check("dl_courier_resyncs_from_synapse", courier_resyncs_from_synapse)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description="send-to-device interop checks")
     p.add_argument("--work", required=True)
@@ -860,6 +996,9 @@ def main() -> int:
 
         if "olm" in groups:
             olm_checks(r, a, b, run_id)
+
+        if "device_lists" in groups:
+            device_list_checks(r, a, b, run_id)
 
         if "downtime" in groups and args.b_stop and args.b_start:
             downtime_check(r, "downtime_b_down_a_sends", alice[0], bob[0], args.b_stop, args.b_start)

@@ -15,7 +15,7 @@
 #                           retry intervals (gen_config.py)
 #   READY_TIMEOUT           seconds to wait for a server to answer (default 90)
 #   INTEROP_ONLY            comma-separated check groups of check.py to run
-#                           (to_device, capture, olm, downtime; default all)
+#                           (to_device, capture, olm, downtime, device_lists; default all)
 #   SYNAPSE_A_FED_PORT, SYNAPSE_A_CLIENT_PORT, SYNAPSE_B_FED_PORT,
 #   SYNAPSE_B_CLIENT_PORT   ports (default: free ports chosen at run time)
 #   INTEROP_COURIER_CMD             if set, B is Courier, started as `bash -c "$INTEROP_COURIER_CMD"`

@@ -1,6 +1,8 @@
 //! The client API's end-to-end keys endpoints (SPEC-E2EE §2.1–§2.3, §2.7),
 //! under `v3` and `r0`: `POST /keys/upload`, `/keys/query`, `/keys/claim`,
-//! `/keys/device_signing/upload` and `/keys/signatures/upload`. Thin
+//! `/keys/device_signing/upload`, `/keys/signatures/upload` and `GET
+//! /keys/changes?from&to` (SPEC-E2EE §2.6: the users whose device lists
+//! changed between two `/sync` tokens, and those no longer tracked). Thin
 //! handlers: authenticate (`AuthedDevice`), parse the body as a JSON object,
 //! call the `e2ee` core, write its answer. Replacing cross-signing keys
 //! answers the UIA challenge of `uia` until the body completes it. Device
@@ -11,7 +13,7 @@ use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{Query, State};
 use axum::response::Response;
-use axum::routing::post;
+use axum::routing::{get, post};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
@@ -21,6 +23,7 @@ use crate::e2ee::error::KeysRejected;
 use crate::e2ee::query::{Asker, request_timeout};
 use crate::error::MatrixError;
 use crate::state::AppState;
+use crate::todevice::SyncToken;
 
 /// The `/keys/*` routes, for `client_api::router` to merge.
 pub fn routes() -> Router<AppState> {
@@ -38,7 +41,8 @@ pub fn routes() -> Router<AppState> {
             .route(
                 &path("signatures/upload"),
                 post(post_signatures_upload_route),
-            );
+            )
+            .route(&path("changes"), get(get_key_changes_route));
     }
     router
 }
@@ -190,4 +194,45 @@ async fn post_signatures_upload_route(
         }
     }
     Ok(json_response(&json!({ "failures": out })))
+}
+
+/// The query parameters of `/keys/changes`; others are ignored.
+#[derive(Debug, Deserialize)]
+struct ChangesParams {
+    from: Option<String>,
+    to: Option<String>,
+}
+
+/// One `/keys/changes` token: required (`M_MISSING_PARAM`), a `/sync`
+/// token of this server (`M_INVALID_PARAM`); its device-list position.
+fn changes_token(name: &str, raw: Option<&str>) -> Result<i64, MatrixError> {
+    let raw =
+        raw.ok_or_else(|| MatrixError::missing_param(format!("Missing parameter: {name}")))?;
+    SyncToken::parse(raw)
+        .map(|token| token.device_list)
+        .ok_or_else(|| {
+            MatrixError::invalid_param(format!("{name} is not a token this server issued"))
+        })
+}
+
+/// `GET /keys/changes?from=&to=`: `{"changed": [...], "left": [...]}` for
+/// the device-list changes in `(from, to]` (an empty answer when `to` is
+/// not after `from`).
+async fn get_key_changes_route(
+    State(state): State<AppState>,
+    AuthedDevice(device): AuthedDevice,
+    query: Result<Query<ChangesParams>, QueryRejection>,
+) -> Result<Response, MatrixError> {
+    let user_id = device.user_id.as_str();
+    let params = extract::query(query).map_err(|e| refused(e, user_id))?;
+    let from = changes_token("from", params.from.as_deref()).map_err(|e| refused(e, user_id))?;
+    let to = changes_token("to", params.to.as_deref()).map_err(|e| refused(e, user_id))?;
+    let news = state
+        .e2ee
+        .key_changes(user_id, from, to)
+        .await
+        .map_err(|error| MatrixError::internal("reading device-list changes", &error))?;
+    Ok(json_response(
+        &json!({ "changed": news.changed, "left": news.left }),
+    ))
 }

@@ -182,7 +182,8 @@ async fn get_sync_route(
             let lists = e2ee
                 .device_list_news(&device.user_id, device_list_after)
                 .await?;
-            let ready = !page.messages.is_empty() || !lists.changed.is_empty();
+            let ready =
+                !page.messages.is_empty() || !lists.changed.is_empty() || !lists.left.is_empty();
             Ok(((page, lists), ready))
         })
         .await
@@ -202,7 +203,7 @@ async fn get_sync_route(
     out.push_str(",\"to_device\":{\"events\":");
     extract::write_events(&mut out, &page.messages);
     out.push_str("},\"device_lists\":");
-    out.push_str(&json!({ "changed": lists.changed, "left": [] }).to_string());
+    out.push_str(&json!({ "changed": lists.changed, "left": lists.left }).to_string());
     out.push_str(",\"device_one_time_keys_count\":");
     out.push_str(&json!(counts.one_time).to_string());
     out.push_str(",\"device_unused_fallback_key_types\":");

@@ -13,6 +13,8 @@ mod client_api;
 mod crypto;
 mod crypto_ruma;
 mod device_list_domain;
+mod device_lists_e2e;
+mod device_lists_edges;
 mod discovery;
 mod e2ee_devices;
 mod e2ee_federation;

@@ -6,14 +6,19 @@
 //! (its backoff resets: it just proved it is reachable), parse and validate the body
 //! straight from its bytes ([`parse_transaction_json`]), take the per-(origin, txnId) lock (a
 //! concurrent duplicate waits here), replay the stored response if the pair
-//! was already applied, otherwise apply every accepted EDU and the response
-//! in one store transaction ([`Store::apply_inbound_txn`], which also does
-//! the (origin, message_id) dedupe), and answer `200 {"pdus": {...}}` only
-//! after that write is durable. Then wake the affected `/sync` long-polls.
+//! was already applied, otherwise hand the device-list EDUs to
+//! `E2ee::receive_device_list_edus` (before the store write: a crash before
+//! the `200` makes the peer retry, and the replayed updates are then not
+//! newer; it never fails the transaction), apply every accepted to-device
+//! EDU and the response in one store transaction
+//! ([`Store::apply_inbound_txn`], which also does the (origin, message_id)
+//! dedupe), and answer `200 {"pdus": {...}}` only after that write is
+//! durable. Then wake the affected `/sync` long-polls.
 //!
 //! Metrics: `courier_federation_transactions_total{outcome}`,
-//! `courier_federation_edus_total{edu_type}` (`m.direct_to_device`, `other`,
-//! `invalid`), `courier_federation_spoofed_senders_total`,
+//! `courier_federation_edus_total{edu_type}` (`m.direct_to_device`,
+//! `m.device_list_update`, `m.signing_key_update` (its unstable name
+//! included), `other`, `invalid`), `courier_federation_spoofed_senders_total`,
 //! `courier_federation_dedupe_hits_total{kind}` (`txn`, `message_id`).
 //!
 //! [`Store::apply_inbound_txn`]: crate::store::Store::apply_inbound_txn
@@ -48,6 +53,8 @@ fn count_edus(parsed: &ParsedTxn) {
     let report = &parsed.report;
     for (edu_type, count) in [
         ("m.direct_to_device", report.direct_to_device),
+        ("m.device_list_update", report.device_list_update),
+        ("m.signing_key_update", report.signing_key_update),
         ("other", report.other),
         ("invalid", report.invalid),
         ("spoofed", report.spoofed),
@@ -121,6 +128,13 @@ pub async fn put_transaction_route(
 
     count_edus(&parsed);
     let edu_count = parsed.edus.len();
+    if !parsed.device_lists.is_empty() {
+        let report = state
+            .e2ee
+            .receive_device_list_edus(origin.server_name(), parsed.device_lists)
+            .await;
+        tracing::debug!(origin = %origin, txn_id, ?report, "device-list EDUs received");
+    }
     let outcome = state
         .store
         .apply_inbound_txn(InboundTxn {

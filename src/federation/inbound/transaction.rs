@@ -26,6 +26,11 @@
 //! `messages` an object. Inside `messages`, recipients that are not user IDs
 //! of our server, non-object device maps and non-object contents are skipped
 //! one by one with a warning. `*` becomes [`DeviceTarget::All`].
+//! `m.device_list_update`, `m.signing_key_update` and its unstable name
+//! `org.matrix.signing_key_update` (SPEC-E2EE §4.3): the content must be an
+//! object (else the EDU counts as invalid); everything else about them
+//! (origin, fields, signatures, gaps) is judged by
+//! `E2ee::receive_device_list_edus`, which gets them as parsed here.
 //! Other EDU types, and EDUs that are not objects or lack `edu_type`, are
 //! ignored.
 //!
@@ -44,6 +49,7 @@ use serde::Deserialize;
 use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde_json::value::RawValue;
 
+use crate::e2ee::device_lists::InboundDeviceListEdu;
 use crate::error::MatrixError;
 use crate::identifiers::{ServerName, UserId};
 use crate::store::{DeviceTarget, InboundEdu, NewInboxMessage};
@@ -62,14 +68,22 @@ pub const MAX_EVENT_TYPE_BYTES: usize = 255;
 pub const PDU_ERROR: &str = "Courier does not process room events";
 /// The EDU type Courier processes.
 pub const DIRECT_TO_DEVICE: &str = "m.direct_to_device";
+/// The device-list EDU types handed to the E2EE core.
+pub const DEVICE_LIST_UPDATE: &str = "m.device_list_update";
+pub const SIGNING_KEY_UPDATE: &str = "m.signing_key_update";
+/// The unstable name of `m.signing_key_update` some servers still send.
+pub const UNSTABLE_SIGNING_KEY_UPDATE: &str = "org.matrix.signing_key_update";
 
 /// A validated transaction, ready for `Store::apply_inbound_txn`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ParsedTxn {
     /// The `200` response body (`{"pdus": {...}}`), serialized.
     pub response_json: String,
     /// The accepted `m.direct_to_device` EDUs, in the order received.
     pub edus: Vec<InboundEdu>,
+    /// The device-list EDUs with an object `content`, in the order
+    /// received, for `E2ee::receive_device_list_edus`.
+    pub device_lists: Vec<InboundDeviceListEdu>,
     pub report: EduReport,
 }
 
@@ -79,6 +93,11 @@ pub struct EduReport {
     pub pdus: u32,
     /// `m.direct_to_device` EDUs accepted for the store.
     pub direct_to_device: u32,
+    /// `m.device_list_update` EDUs handed to the E2EE core.
+    pub device_list_update: u32,
+    /// `m.signing_key_update` (or `org.matrix.signing_key_update`) EDUs
+    /// handed to the E2EE core.
+    pub signing_key_update: u32,
     /// EDUs of other types (ignored).
     pub other: u32,
     /// EDUs dropped because they are malformed.
@@ -185,6 +204,7 @@ pub fn parse_transaction_json(
     }
 
     let mut accepted = Vec::new();
+    let mut device_lists = Vec::new();
     for (index, edu) in edus.into_iter().enumerate() {
         let Field::Is(edu) = edu else {
             tracing::debug!(%origin, index, "ignoring an EDU that is not an object");
@@ -193,6 +213,26 @@ pub fn parse_transaction_json(
         };
         match &edu.edu_type {
             Field::Is(edu_type) if edu_type == DIRECT_TO_DEVICE => {}
+            Field::Is(edu_type) if is_device_list_type(edu_type) => {
+                match device_list_edu(edu_type, edu.content) {
+                    Some(parsed) => {
+                        match parsed {
+                            InboundDeviceListEdu::DeviceListUpdate(_) => {
+                                report.device_list_update += 1
+                            }
+                            InboundDeviceListEdu::SigningKeyUpdate(_) => {
+                                report.signing_key_update += 1
+                            }
+                        }
+                        device_lists.push(parsed);
+                    }
+                    None => {
+                        tracing::warn!(%origin, index, edu_type = edu_type.as_ref(), "dropping a device-list EDU whose content is not an object");
+                        report.invalid += 1;
+                    }
+                }
+                continue;
+            }
             Field::Is(_) => {
                 report.other += 1;
                 continue;
@@ -203,7 +243,13 @@ pub fn parse_transaction_json(
                 continue;
             }
         }
-        match parse_direct_to_device(origin, our_server_name, edu.content, &mut report) {
+        let content = match edu.content {
+            None => Field::Absent,
+            // The raw text is valid JSON and the shape accepts any value,
+            // so this cannot fail; a failure would count as invalid.
+            Some(raw) => serde_json::from_str(raw.get()).unwrap_or(Field::Mismatch),
+        };
+        match parse_direct_to_device(origin, our_server_name, content, &mut report) {
             Ok(parsed) => {
                 report.direct_to_device += 1;
                 accepted.push(parsed);
@@ -223,7 +269,30 @@ pub fn parse_transaction_json(
     Ok(ParsedTxn {
         response_json: response.to_string(),
         edus: accepted,
+        device_lists,
         report,
+    })
+}
+
+/// Whether an `edu_type` is one of the device-list EDUs.
+pub fn is_device_list_type(edu_type: &str) -> bool {
+    matches!(
+        edu_type,
+        DEVICE_LIST_UPDATE | SIGNING_KEY_UPDATE | UNSTABLE_SIGNING_KEY_UPDATE
+    )
+}
+
+/// A device-list EDU for the E2EE core, or `None` when its `content` is not
+/// an object.
+fn device_list_edu(edu_type: &str, content: Option<&RawValue>) -> Option<InboundDeviceListEdu> {
+    let content = serde_json::from_str::<serde_json::Value>(content?.get()).ok()?;
+    if !content.is_object() {
+        return None;
+    }
+    Some(if edu_type == DEVICE_LIST_UPDATE {
+        InboundDeviceListEdu::DeviceListUpdate(content)
+    } else {
+        InboundDeviceListEdu::SigningKeyUpdate(content)
     })
 }
 
@@ -519,7 +588,9 @@ object_shape!(PduFields {
 #[derive(Default)]
 struct EduFields<'de> {
     edu_type: Field<Cow<'de, str>>,
-    content: Field<ContentFields<'de>>,
+    /// Kept raw: which shape it is read into depends on `edu_type`, which
+    /// may come after it. `None` when absent or null.
+    content: Option<&'de RawValue>,
 }
 object_shape!(EduFields {
     edu_type: "edu_type",
@@ -652,6 +723,37 @@ mod tests {
         assert_eq!(parsed.report.other, 1);
         assert_eq!(parsed.report.invalid, 5);
         assert_eq!(parsed.report.skipped_recipients, 5);
+        assert_eq!(parsed.report.direct_to_device, 1);
+    }
+
+    #[test]
+    fn device_list_edus_are_collected_and_non_object_contents_are_invalid() {
+        let parsed = parse(json!({
+            "origin": "origin.example", "pdus": [],
+            "edus": [
+                {"edu_type": "m.device_list_update", "content": {"user_id": "@a:origin.example"}},
+                {"edu_type": "m.device_list_update", "content": [1]},
+                {"edu_type": "m.device_list_update"},
+                {"edu_type": "m.signing_key_update", "content": {"user_id": "@a:origin.example"}},
+                {"content": {"user_id": "@a:origin.example"},
+                    "edu_type": "org.matrix.signing_key_update"},
+                {"edu_type": "org.matrix.signing_key_update", "content": null},
+                to_device("@a:origin.example", "m", json!({"@b:us.example": {"D": {}}})),
+            ]
+        }))
+        .expect("valid");
+        assert_eq!(
+            parsed.device_lists,
+            vec![
+                InboundDeviceListEdu::DeviceListUpdate(json!({"user_id": "@a:origin.example"})),
+                InboundDeviceListEdu::SigningKeyUpdate(json!({"user_id": "@a:origin.example"})),
+                InboundDeviceListEdu::SigningKeyUpdate(json!({"user_id": "@a:origin.example"})),
+            ]
+        );
+        assert_eq!(parsed.report.device_list_update, 1);
+        assert_eq!(parsed.report.signing_key_update, 2);
+        assert_eq!(parsed.report.invalid, 3);
+        assert_eq!(parsed.edus.len(), 1);
         assert_eq!(parsed.report.direct_to_device, 1);
     }
 

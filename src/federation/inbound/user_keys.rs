@@ -7,6 +7,12 @@
 //! users only (a request naming another server's user is refused whole).
 //! Display names are shared only with `[e2ee] device_names_over_federation`;
 //! user-signing keys never leave the server.
+//!
+//! A server that asked for a user's keys or devices is interested in that
+//! user's device list: after a query or `/user/devices` is answered, the
+//! origin is recorded (`E2ee::record_remote_interest`) and gets the users'
+//! `m.device_list_update` EDUs for `[e2ee] interest_window` days. A claim
+//! records nothing (a claimer has queried first).
 
 use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
@@ -70,11 +76,22 @@ pub async fn post_user_keys_query_route(
         .e2ee
         .parse_key_query(&body, DEFAULT_TIMEOUT)
         .map_err(|e| refused(e.into(), &origin, ENDPOINT))?;
+    let ours = state.config.server_name.as_str();
+    let asked: Vec<String> = query
+        .users
+        .keys()
+        .filter(|user| user.server_name() == ours)
+        .map(|user| user.as_str().to_owned())
+        .collect();
     let answer = state
         .e2ee
         .query_keys(Asker::Server, query)
         .await
         .map_err(|e| refused(e.into(), &origin, ENDPOINT))?;
+    state
+        .e2ee
+        .record_remote_interest(origin.server_name(), &asked)
+        .await;
     answered(ENDPOINT);
     Ok(json_text(answer.into_federation_json().to_string()))
 }
@@ -190,6 +207,10 @@ pub async fn get_user_devices_route(
     }
     out.insert("stream_id".to_owned(), json!(stream_id));
     out.insert("devices".to_owned(), Value::Array(devices));
+    state
+        .e2ee
+        .record_remote_interest(origin.server_name(), &[user_id])
+        .await;
     answered(ENDPOINT);
     Ok(json_text(Value::Object(out).to_string()))
 }

@@ -44,15 +44,17 @@ fn every_send_body_corpus_file_parses_without_panicking() {
 
 /// The `/send` body parser as it was before it read bodies straight from
 /// their bytes (over a `serde_json::Value` tree, one `to_string()` per
-/// message), kept here verbatim as the reference the new parser must match.
+/// message), kept here verbatim as the reference the new parser must match,
+/// plus the device-list EDUs of issue 16 (content an object, else invalid).
 mod value_tree_reference {
     use std::collections::BTreeMap;
 
+    use courier::e2ee::device_lists::InboundDeviceListEdu;
     use courier::error::MatrixError;
     use courier::federation::inbound::ParsedTxn;
     use courier::federation::inbound::transaction::{
-        DIRECT_TO_DEVICE, EduReport, MAX_EDUS, MAX_EVENT_TYPE_BYTES, MAX_MESSAGE_ID_CHARS,
-        MAX_PDUS, PDU_ERROR,
+        DEVICE_LIST_UPDATE, DIRECT_TO_DEVICE, EduReport, MAX_EDUS, MAX_EVENT_TYPE_BYTES,
+        MAX_MESSAGE_ID_CHARS, MAX_PDUS, PDU_ERROR, is_device_list_type,
     };
     use courier::identifiers::{ServerName, UserId};
     use courier::store::{DeviceTarget, InboundEdu, NewInboxMessage};
@@ -128,6 +130,7 @@ mod value_tree_reference {
         }
 
         let mut accepted = Vec::new();
+        let mut device_lists = Vec::new();
         for (index, edu) in edus.iter().enumerate() {
             let Some(edu) = edu.as_object() else {
                 tracing::debug!(%origin, index, "ignoring an EDU that is not an object");
@@ -136,6 +139,23 @@ mod value_tree_reference {
             };
             match edu.get("edu_type").and_then(Value::as_str) {
                 Some(DIRECT_TO_DEVICE) => {}
+                Some(edu_type) if is_device_list_type(edu_type) => {
+                    match edu.get("content") {
+                        Some(content) if content.is_object() => {
+                            if edu_type == DEVICE_LIST_UPDATE {
+                                report.device_list_update += 1;
+                                device_lists
+                                    .push(InboundDeviceListEdu::DeviceListUpdate(content.clone()));
+                            } else {
+                                report.signing_key_update += 1;
+                                device_lists
+                                    .push(InboundDeviceListEdu::SigningKeyUpdate(content.clone()));
+                            }
+                        }
+                        _ => report.invalid += 1,
+                    }
+                    continue;
+                }
                 Some(_) => {
                     report.other += 1;
                     continue;
@@ -166,6 +186,7 @@ mod value_tree_reference {
         Ok(ParsedTxn {
             response_json: response.to_string(),
             edus: accepted,
+            device_lists,
             report,
         })
     }
@@ -510,6 +531,7 @@ fn assert_matches_reference(bytes: &[u8]) -> Option<usize> {
         (Ok(new), Ok(reference)) => {
             assert_eq!(new.response_json, reference.response_json, "{text}");
             assert_eq!(new.report, reference.report, "{text}");
+            assert_eq!(new.device_lists, reference.device_lists, "{text}");
             assert_eq!(new.edus.len(), reference.edus.len(), "{text}");
             for (new, reference) in new.edus.iter().zip(&reference.edus) {
                 assert_eq!(new.message_id, reference.message_id, "{text}");

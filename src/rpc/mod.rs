@@ -5,6 +5,8 @@
 //! calls on the store, `todevice`, `e2ee` and the sender handle; this module holds
 //! no state and no SQL, and never serves clients (no access tokens here).
 
+mod device_lists;
+
 use std::time::Duration;
 
 use axum::Router;
@@ -90,6 +92,7 @@ pub fn router(state: AppState) -> Router {
             post(post_quarantined_retry_route),
         )
         .route("/metrics", get(get_metrics_route))
+        .merge(device_lists::routes())
         // Every route needs the secret; an unknown path is a plain 404.
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
