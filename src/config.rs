@@ -184,6 +184,12 @@ pub struct E2eeConfig {
     pub resync_retry: Duration,
     /// The longest wait between resync attempts to one server.
     pub resync_retry_max: Duration,
+    /// How long a resynced remote list answers key queries by itself when
+    /// its server does not push that user's updates to us (Synapse pushes
+    /// only to servers it shares a room with); after that such a user is
+    /// asked live. A list whose server pushed within half the interest
+    /// window answers from the cache.
+    pub remote_cache_ttl: Duration,
 }
 
 impl E2eeConfig {
@@ -198,6 +204,7 @@ impl E2eeConfig {
         resync_per_server: 2,
         resync_retry: Duration::from_secs(30),
         resync_retry_max: Duration::from_secs(3600),
+        remote_cache_ttl: Duration::from_secs(60),
     };
 }
 
@@ -307,6 +314,7 @@ struct RawE2ee {
     resync_per_server: Option<usize>,
     resync_retry_ms: Option<u64>,
     resync_retry_max_ms: Option<u64>,
+    remote_cache_ttl_ms: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -669,6 +677,9 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             resync_retry_max: e
                 .resync_retry_max_ms
                 .map_or(d.resync_retry_max, Duration::from_millis),
+            remote_cache_ttl: e
+                .remote_cache_ttl_ms
+                .map_or(d.remote_cache_ttl, Duration::from_millis),
         };
         if config.max_query_devices == 0
             || config.max_claim_devices == 0

@@ -68,6 +68,7 @@ CREATE TABLE remote_device_lists (
     seen_stream_id        BIGINT,
     stale_since_ts        BIGINT,
     fetched_ts            BIGINT,
+    pushed_ts             BIGINT,
     master_key_json       TEXT,
     self_signing_key_json TEXT
 );

@@ -71,6 +71,7 @@ CREATE TABLE remote_device_lists (
     seen_stream_id        INTEGER,
     stale_since_ts        INTEGER,
     fetched_ts            INTEGER,
+    pushed_ts             INTEGER,
     master_key_json       TEXT,
     self_signing_key_json TEXT
 ) WITHOUT ROWID;

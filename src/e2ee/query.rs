@@ -205,10 +205,25 @@ impl E2ee {
                 self.add_local_user(&mut answer, user, asker);
             }
         }
-        if let Asker::User(asker) = asker {
-            self.answer_from_cache(asker, &mut remote, &mut answer)
-                .await;
-        }
+        let unconfirmed = match asker {
+            Asker::User(asker) => {
+                self.answer_from_cache(asker, &mut remote, &mut answer)
+                    .await
+            }
+            Asker::Server => Vec::new(),
+        };
+        // Only an answer about all of a user's devices can show the cache
+        // missed one.
+        let unconfirmed: Vec<RemoteDeviceList> = unconfirmed
+            .into_iter()
+            .filter(|list| {
+                remote.values().any(|q| {
+                    q.device_keys
+                        .get(&list.user_id)
+                        .is_some_and(|devices| devices.is_empty())
+                })
+            })
+            .collect();
         if !remote.is_empty() {
             metrics::counter!("courier_e2ee_key_queries_total", "kind" => "remote")
                 .increment(remote.values().map(|q| q.device_keys.len() as u64).sum());
@@ -227,6 +242,7 @@ impl E2ee {
                 add_remote_answer(&mut answer, remote_answer);
             }
             answer.failures = fanout.failures;
+            self.resync_if_diverged(unconfirmed, &answer).await;
         }
         if let Asker::User(asker) = asker
             && !targets.is_empty()
@@ -237,22 +253,25 @@ impl E2ee {
     }
 
     /// Answers the users of `remote` that `asker` tracks and whose cached
-    /// list is fresh from the cache, and takes them out of `remote`. A store
-    /// error leaves everything to the live query.
+    /// list is fresh and trusted (`cache_answers`) from the cache, and takes
+    /// them out of `remote`. Returns the fresh lists that are not trusted
+    /// (their users are asked live, and `resync_if_diverged` compares). A
+    /// store error leaves everything to the live query.
     async fn answer_from_cache(
         &self,
         asker: &str,
         remote: &mut BTreeMap<ServerName, RemoteQuery>,
         answer: &mut QueryAnswer,
-    ) {
+    ) -> Vec<RemoteDeviceList> {
+        let mut unconfirmed = Vec::new();
         if remote.is_empty() {
-            return;
+            return unconfirmed;
         }
         let tracked = match self.store.tracked_users(asker).await {
             Ok(tracked) => tracked,
             Err(error) => {
                 tracing::warn!(asker, %error, "reading tracked users for a key query");
-                return;
+                return unconfirmed;
             }
         };
         let candidates: Vec<String> = remote
@@ -262,18 +281,23 @@ impl E2ee {
             .cloned()
             .collect();
         if candidates.is_empty() {
-            return;
+            return unconfirmed;
         }
         let lists = match self.store.remote_device_lists(candidates).await {
             Ok(lists) => lists,
             Err(error) => {
                 tracing::warn!(asker, %error, "reading cached device lists for a key query");
-                return;
+                return unconfirmed;
             }
         };
+        let now = crate::clock::now_ms();
         let mut served = 0u64;
         for list in lists {
             if list.stale || list.stream_id.is_none() {
+                continue;
+            }
+            if !self.cache_answers(&list, now) {
+                unconfirmed.push(list);
                 continue;
             }
             let Some(query) = remote
@@ -290,6 +314,51 @@ impl E2ee {
         if served > 0 {
             metrics::counter!("courier_e2ee_key_queries_total", "kind" => "cached")
                 .increment(served);
+        }
+        unconfirmed
+    }
+
+    /// Whether a fresh cached list may answer by itself: its server pushes
+    /// the user's updates to us (it sent one within half the interest
+    /// window, so that our live queries renew its interest in time), or it
+    /// was resynced within `remote_cache_ttl`. A server that shares no room
+    /// with us (Synapse) never pushes, and its users are asked live.
+    fn cache_answers(&self, list: &RemoteDeviceList, now: i64) -> bool {
+        let within = |ts: Option<i64>, window: Duration| {
+            let window = i64::try_from(window.as_millis()).unwrap_or(i64::MAX);
+            ts.is_some_and(|ts| now.saturating_sub(ts) < window)
+        };
+        within(list.pushed_ts, self.config.interest_window / 2)
+            || within(list.fetched_ts, self.config.remote_cache_ttl)
+    }
+
+    /// After a live answer for tracked users whose cache was not trusted:
+    /// a user whose live device keys differ from the cached ones has a stale
+    /// cache (its server did not push the change), so it is marked stale and
+    /// resynced, and its trackers then see it in `device_lists.changed`.
+    async fn resync_if_diverged(&self, unconfirmed: Vec<RemoteDeviceList>, answer: &QueryAnswer) {
+        let diverged: Vec<String> = unconfirmed
+            .into_iter()
+            .filter(|list| match answer.device_keys.get(&list.user_id) {
+                Some(Value::Object(live)) => !same_devices(list, live),
+                _ => false,
+            })
+            .map(|list| list.user_id)
+            .collect();
+        if diverged.is_empty() {
+            return;
+        }
+        tracing::info!(
+            users = diverged.len(),
+            "live key answers differ from cached device lists; resyncing"
+        );
+        match self
+            .store
+            .mark_remote_stale(diverged, crate::clock::now_ms())
+            .await
+        {
+            Ok(stale) => self.resync.schedule(stale),
+            Err(error) => tracing::warn!(%error, "marking diverged device lists stale"),
         }
     }
 
@@ -396,4 +465,23 @@ fn add_cached_user(answer: &mut QueryAnswer, list: RemoteDeviceList, wanted: &[S
             .self_signing_keys
             .insert(list.user_id, Value::Object(key));
     }
+}
+
+/// Whether a live answer's devices (device ID → its `keys` map) are the
+/// cached list's devices with keys.
+fn same_devices(list: &RemoteDeviceList, live: &Map<String, Value>) -> bool {
+    let cached: BTreeMap<&str, Option<Value>> = list
+        .devices
+        .iter()
+        .filter_map(|device| {
+            let object = device.keys_json.as_deref().and_then(stored_object)?;
+            Some((device.device_id.as_str(), object.get("keys").cloned()))
+        })
+        .collect();
+    cached.len() == live.len()
+        && live.iter().all(|(device_id, object)| {
+            cached
+                .get(device_id.as_str())
+                .is_some_and(|keys| keys.as_ref() == object.get("keys"))
+        })
 }

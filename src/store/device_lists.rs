@@ -107,6 +107,13 @@ pub struct RemoteDeviceList {
     /// used to answer queries.
     pub stale: bool,
     pub fetched_ts: Option<TimestampMs>,
+    /// The last time the user's server sent an update about them
+    /// (`apply_remote_device_updates` or `put_remote_cross_signing` on a
+    /// tracked user, whatever the outcome): that server pushes this user's
+    /// changes to us, so the cache follows them. `None`: it never did (a
+    /// server that shares no room with us, like Synapse, only answers
+    /// queries), and the cache is only as new as its last resync.
+    pub pushed_ts: Option<TimestampMs>,
     /// Sorted by device ID.
     pub devices: Vec<RemoteDevice>,
     pub master_key_json: Option<String>,

@@ -494,6 +494,87 @@ async fn a_tracked_fresh_user_is_answered_from_the_cache_and_others_live() {
     assert_eq!(env.remote.query_calls.load(Ordering::SeqCst), 1);
 }
 
+/// A server that never pushes (Synapse without a shared room): once the
+/// resync is older than `remote_cache_ttl` its user is asked live; a live
+/// answer that differs from the cache resyncs it, and the tracker sees the
+/// user as changed; once the server pushes an update, the cache answers.
+#[tokio::test]
+async fn an_unpushed_cache_is_asked_live_and_a_divergent_answer_resyncs_it() {
+    let config = E2eeConfig {
+        remote_cache_ttl: Duration::ZERO,
+        ..config()
+    };
+    let env = Env::new(config, true).await;
+    let good = json!({"device_id": "GOOD", "keys": device_keys(ALICE, "GOOD", 1, 1)});
+    let new = json!({"device_id": "NEW", "keys": device_keys(ALICE, "NEW", 2, 2)});
+    env.remote.answer(snapshot(ALICE, 5, vec![good.clone()]));
+    env.track(ALICE).await;
+    let after_track = env
+        .e2ee
+        .key_changes(TRACKER, 0, i64::MAX)
+        .await
+        .expect("changes");
+    let position = after_track.position;
+
+    // Alice's server added a device and told nobody.
+    {
+        let mut live = env.remote.query_answer.lock().expect("query answer");
+        live.device_keys.insert(
+            ALICE.to_owned(),
+            [
+                ("GOOD".to_owned(), good["keys"].clone()),
+                ("NEW".to_owned(), new["keys"].clone()),
+            ]
+            .into_iter()
+            .collect(),
+        );
+    }
+    env.remote
+        .answer(snapshot(ALICE, 6, vec![good.clone(), new.clone()]));
+    let resyncs_before = env.remote.calls();
+    let answer = env
+        .e2ee
+        .query_keys(Asker::User(TRACKER), query(&[ALICE]))
+        .await
+        .expect("query");
+    assert_eq!(
+        env.remote.query_calls.load(Ordering::SeqCst),
+        1,
+        "asked live"
+    );
+    assert!(answer.device_keys[ALICE].get("NEW").is_some());
+    env.settle().await;
+    assert_eq!(env.remote.calls(), resyncs_before + 1, "one resync");
+    let list = env.list(ALICE).await.expect("cached");
+    assert_eq!(device_ids(&list), vec!["GOOD", "NEW"]);
+    let news = env
+        .e2ee
+        .key_changes(TRACKER, position, i64::MAX)
+        .await
+        .expect("changes");
+    assert_eq!(news.changed, vec![ALICE.to_owned()]);
+
+    // The same live answer again changes nothing more.
+    env.e2ee
+        .query_keys(Asker::User(TRACKER), query(&[ALICE]))
+        .await
+        .expect("query");
+    env.settle().await;
+    assert_eq!(env.remote.calls(), resyncs_before + 1, "no second resync");
+
+    // Once the server pushes an update, the cache answers by itself.
+    let report = env
+        .receive(vec![update(json!(7), json!([6]), "NEW", 2)])
+        .await;
+    assert_eq!(report.applied, 1);
+    let queries = env.remote.query_calls.load(Ordering::SeqCst);
+    env.e2ee
+        .query_keys(Asker::User(TRACKER), query(&[ALICE]))
+        .await
+        .expect("query");
+    assert_eq!(env.remote.query_calls.load(Ordering::SeqCst), queries);
+}
+
 fn cross_signing_key(usage: &str, seed: u8, signer: Option<(u8, u8)>) -> Value {
     let public = public_key(&key(seed));
     let mut object = json!({

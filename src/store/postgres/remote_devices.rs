@@ -32,12 +32,13 @@ struct Head {
     seen_stream_id: Option<i64>,
     stale_since_ts: Option<i64>,
     fetched_ts: Option<i64>,
+    pushed_ts: Option<i64>,
     master_key_json: Option<String>,
     self_signing_key_json: Option<String>,
 }
 
 const HEAD_COLUMNS: &str = "stream_id, stale, seen_stream_id, stale_since_ts, fetched_ts,
-                            master_key_json, self_signing_key_json";
+                            master_key_json, self_signing_key_json, pushed_ts";
 
 async fn head(c: &impl GenericClient, user: &str, for_update: bool) -> Result<Option<Head>, Fail> {
     let sql = format!(
@@ -53,6 +54,7 @@ async fn head(c: &impl GenericClient, user: &str, for_update: bool) -> Result<Op
         fetched_ts: r.get(4),
         master_key_json: r.get(5),
         self_signing_key_json: r.get(6),
+        pushed_ts: r.get(7),
     }))
 }
 
@@ -61,7 +63,7 @@ async fn write_head(tx: &Transaction<'_>, user: &str, h: &Head) -> Result<(), Fa
         .prepare_cached(
             "UPDATE remote_device_lists SET stream_id = $2, stale = $3, seen_stream_id = $4,
                  stale_since_ts = $5, fetched_ts = $6, master_key_json = $7,
-                 self_signing_key_json = $8
+                 self_signing_key_json = $8, pushed_ts = $9
              WHERE user_id = $1",
         )
         .await?;
@@ -76,6 +78,7 @@ async fn write_head(tx: &Transaction<'_>, user: &str, h: &Head) -> Result<(), Fa
             &h.fetched_ts,
             &h.master_key_json,
             &h.self_signing_key_json,
+            &h.pushed_ts,
         ],
     )
     .await?;
@@ -124,6 +127,7 @@ pub async fn lists(c: &mut Object, users: &[String]) -> Result<Vec<RemoteDeviceL
             stream_id: h.stream_id,
             stale: h.stale,
             fetched_ts: h.fetched_ts,
+            pushed_ts: h.pushed_ts,
             devices: devices(&tx, user).await?,
             master_key_json: h.master_key_json,
             self_signing_key_json: h.self_signing_key_json,
@@ -158,6 +162,7 @@ pub async fn apply_updates(
     let delete = tx
         .prepare_cached("DELETE FROM remote_devices WHERE user_id = $1 AND device_id = $2")
         .await?;
+    h.pushed_ts = Some(now_ms);
     let mut report = RemoteUpdateReport {
         tracked: true,
         ..RemoteUpdateReport::default()
@@ -243,8 +248,10 @@ pub async fn put_cross_signing(
     let new_self_signing = self_signing
         .map(str::to_owned)
         .or(h.self_signing_key_json.clone());
+    h.pushed_ts = Some(now_ms);
     if new_master == h.master_key_json && new_self_signing == h.self_signing_key_json {
-        tx.rollback().await?;
+        write_head(&tx, user, &h).await?;
+        tx.commit().await?;
         return Ok((false, Vec::new()));
     }
     h.master_key_json = new_master;

@@ -62,7 +62,7 @@ pub fn remote_device_lists(
     users: &[String],
 ) -> Result<Vec<RemoteDeviceList>, StoreError> {
     let mut stmt = conn.prepare_cached(
-        "SELECT stream_id, stale, fetched_ts, master_key_json, self_signing_key_json
+        "SELECT stream_id, stale, fetched_ts, master_key_json, self_signing_key_json, pushed_ts
          FROM remote_device_lists WHERE user_id = ?1",
     )?;
     let mut lists: Vec<RemoteDeviceList> = Vec::new();
@@ -77,6 +77,7 @@ pub fn remote_device_lists(
                     stream_id: row.get(0)?,
                     stale: row.get(1)?,
                     fetched_ts: row.get(2)?,
+                    pushed_ts: row.get(5)?,
                     devices: Vec::new(),
                     master_key_json: row.get(3)?,
                     self_signing_key_json: row.get(4)?,
@@ -112,6 +113,14 @@ fn set_stale(
         .execute((user, seen, now_ms))?)
 }
 
+/// Records that the user's server pushed an update about them
+/// (`RemoteDeviceList::pushed_ts`).
+fn mark_pushed(conn: &Connection, user: &str, now_ms: TimestampMs) -> Result<(), StoreError> {
+    conn.prepare_cached("UPDATE remote_device_lists SET pushed_ts = ?2 WHERE user_id = ?1")?
+        .execute((user, now_ms))?;
+    Ok(())
+}
+
 /// See `DeviceListStore::apply_remote_device_updates`.
 pub fn apply_updates(
     conn: &Connection,
@@ -122,6 +131,7 @@ pub fn apply_updates(
     let Some(state) = list_state(conn, user)? else {
         return Ok(RemoteUpdateReport::default());
     };
+    mark_pushed(conn, user, now_ms)?;
     let mut report = RemoteUpdateReport {
         tracked: true,
         ..RemoteUpdateReport::default()
@@ -195,6 +205,7 @@ pub fn put_cross_signing(
     let Some(state) = list_state(conn, user)? else {
         return Ok(false);
     };
+    mark_pushed(conn, user, now_ms)?;
     let master = master.map(str::to_owned).or(state.master_key_json.clone());
     let self_signing = self_signing
         .map(str::to_owned)

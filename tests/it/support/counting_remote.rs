@@ -35,6 +35,8 @@ pub struct CountingRemote {
     pub max_per_server: AtomicUsize,
     pub gate: Mutex<Option<Arc<Semaphore>>>,
     pub delay: Mutex<Duration>,
+    /// What `query_keys` answers (empty when unset).
+    pub query_answer: Mutex<RemoteQueryAnswer>,
 }
 
 impl CountingRemote {
@@ -76,7 +78,8 @@ impl RemoteKeys for CountingRemote {
         _timeout: Duration,
     ) -> RemoteFuture<'a, RemoteQueryAnswer> {
         self.query_calls.fetch_add(1, Ordering::SeqCst);
-        Box::pin(async { Ok(RemoteQueryAnswer::default()) })
+        let answer = self.query_answer.lock().expect("query answer").clone();
+        Box::pin(async move { Ok(answer) })
     }
 
     fn claim_keys<'a>(

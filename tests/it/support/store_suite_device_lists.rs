@@ -895,6 +895,7 @@ pub async fn dl_track_creates_a_stale_list_and_a_snapshot_clears_it(harness: &Ha
     assert!(cached.stale);
     assert_eq!(cached.stream_id, None);
     assert_eq!(cached.fetched_ts, None);
+    assert_eq!(cached.pushed_ts, None, "a snapshot is not a push");
     assert!(cached.devices.is_empty());
     assert_eq!(
         s.stale_remote_users(10).await.expect("stale"),
@@ -981,6 +982,7 @@ pub async fn dl_updates_apply_in_order_replays_and_backwards_are_not_newer(harne
     );
     let cached = list(s, CAROL).await.expect("cached");
     assert_eq!(cached.stream_id, Some(7));
+    assert_eq!(cached.pushed_ts, Some(NOW), "the server pushes this user");
     assert_eq!(device_ids(&cached.devices), vec!["D2", "D3"]);
     assert_eq!(cached.devices[1], {
         let mut d = remote_device("D3", None);
