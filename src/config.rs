@@ -188,7 +188,8 @@ pub struct E2eeConfig {
     /// its server does not push that user's updates to us (Synapse pushes
     /// only to servers it shares a room with); after that such a user is
     /// asked live. A list whose server pushed within half the interest
-    /// window answers from the cache.
+    /// window answers from the cache. Default 0: such users are always
+    /// asked live, as Synapse does for users it shares no room with.
     pub remote_cache_ttl: Duration,
 }
 
@@ -204,7 +205,7 @@ impl E2eeConfig {
         resync_per_server: 2,
         resync_retry: Duration::from_secs(30),
         resync_retry_max: Duration::from_secs(3600),
-        remote_cache_ttl: Duration::from_secs(60),
+        remote_cache_ttl: Duration::ZERO,
     };
 }
 

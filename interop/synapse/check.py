@@ -802,7 +802,7 @@ def device_list_checks(r: Runner, a: Node, b: Node, run_id: str) -> None:
     current list, also after Synapse adds a device, and /keys/changes
     answers; (c) a Synapse /user/devices answer is accepted by Courier's
     resync: Courier is told over the RPC that its user tracks a fresh
-    Synapse user, resyncs it, and then answers from the cache."""
+    Synapse user, resyncs it from Synapse's /user/devices."""
     if not isinstance(b, CourierNode):
         return
 
@@ -840,6 +840,20 @@ def device_list_checks(r: Runner, a: Node, b: Node, run_id: str) -> None:
 
     state: dict[str, Any] = {}
 
+    def resyncs_ok() -> float:
+        status, text = http_json("GET", f"{b.rpc_url}/metrics", token=b.rpc_secret)
+        if status != 200 or not isinstance(text, str):
+            raise CheckError(f"/metrics -> {status}")
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith('courier_device_list_resyncs_total{outcome="ok"}'))
+
+    def wait_for_resyncs(more_than: float, what: str) -> None:
+        deadline = time.monotonic() + DELIVERY_TIMEOUT
+        while resyncs_ok() <= more_than:
+            if time.monotonic() > deadline:
+                raise CheckError(f"no successful resync of {what} within {DELIVERY_TIMEOUT:.0f}s")
+            time.sleep(0.5)
+
     def setup() -> None:
         state["syn"] = peer_for(a, f"dlsyn-{run_id}", "DLSYN1")
         state["cou"] = peer_for(b, f"dlcou-{run_id}", "DLCOU1")
@@ -867,29 +881,42 @@ def device_list_checks(r: Runner, a: Node, b: Node, run_id: str) -> None:
         expect_200("POST", url, body={"nonce": nonce, "username": localpart, "password": password,
                                       "admin": False, "mac": mac.hexdigest()})
         first = synapse_device(localpart, password, "DLS2A")
+        before = resyncs_ok()
         expect_devices(asker, first.user_id, {"DLS2A"}, "first query")
+        # The query made Courier track the user; its first resync fills the
+        # cache with DLS2A before Synapse changes anything.
+        wait_for_resyncs(before, first.user_id)
         sync = expect_200("GET", f"{b.client_url}/_matrix/client/v3/sync?timeout=0", token=asker.token)
         since = sync["next_batch"]
         synapse_device(localpart, password, "DLS2B")
         # Courier tracks the user now (it queried), but Synapse sends it no
-        # update (no shared room): the query must still show the new device.
+        # update (no shared room): Courier asks Synapse live (its cache of a
+        # user whose server never pushes does not answer by itself), so the
+        # very next query shows the new device.
+        got = set(asker.query(first.user_id))
+        if got != {"DLS2A", "DLS2B"}:
+            raise CheckError(f"Courier answers {sorted(got)} for {first.user_id} right after "
+                             f"Synapse added DLS2B")
+        # The live answer differs from Courier's resynced cache: Courier
+        # resyncs, and the asker sees the Synapse user in device_lists.changed
+        # and /keys/changes.
         start = time.monotonic()
         while True:
-            got = set(asker.query(first.user_id))
-            if got == {"DLS2A", "DLS2B"}:
+            sync = expect_200("GET", f"{b.client_url}/_matrix/client/v3/sync?timeout=0&since={q(since)}",
+                              token=asker.token)
+            changed = (sync.get("device_lists") or {}).get("changed") or []
+            if first.user_id in changed:
                 break
-            if time.monotonic() - start > DELIVERY_TIMEOUT:
-                raise CheckError(f"Courier still answers {sorted(got)} for {first.user_id} "
-                                 f"{DELIVERY_TIMEOUT:.0f}s after Synapse added DLS2B")
-            time.sleep(2)
-        r.info("dl_courier_sees_synapse_change", f"current list after {time.monotonic() - start:.1f}s")
-        sync = expect_200("GET", f"{b.client_url}/_matrix/client/v3/sync?timeout=0&since={q(since)}",
-                          token=asker.token)
+            if time.monotonic() - start > 20:
+                raise CheckError(f"{first.user_id} not in /sync device_lists.changed 20s after "
+                                 f"the live answer showed DLS2B (got {changed!r})")
+            time.sleep(0.5)
+        r.info("dl_courier_sees_synapse_change", f"in device_lists.changed after {time.monotonic() - start:.1f}s")
         to = sync["next_batch"]
         changes = expect_200("GET", f"{b.client_url}/_matrix/client/v3/keys/changes?from={q(since)}&to={q(to)}",
                              token=asker.token)
         if not isinstance(changes, dict) or not isinstance(changes.get("changed"), list) \
-                or not isinstance(changes.get("left"), list):
+                or not isinstance(changes.get("left"), list) or first.user_id not in changes["changed"]:
             raise CheckError(f"/keys/changes answered {changes!r}")
         r.info("dl_courier_keys_changes", json.dumps(changes))
 
@@ -897,24 +924,13 @@ def device_list_checks(r: Runner, a: Node, b: Node, run_id: str) -> None:
         asker = state["asker"]
         target = peer_for(a, f"dlsyn3-{run_id}", "DLS3A")
 
-        def resyncs_ok() -> float:
-            status, text = http_json("GET", f"{b.rpc_url}/metrics", token=b.rpc_secret)
-            if status != 200 or not isinstance(text, str):
-                raise CheckError(f"/metrics -> {status}")
-            return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                       if line.startswith('courier_device_list_resyncs_total{outcome="ok"}'))
-
         before = resyncs_ok()
         url = f"{b.rpc_url}/_courier/v1/users/{q(asker.user_id)}/device_list/tracking"
         body = expect_200("PUT", url, body={"track": [target.user_id]}, token=b.rpc_secret)
         if target.user_id not in (body or {}).get("tracked", []):
             raise CheckError(f"tracking answered {body!r}")
-        deadline = time.monotonic() + DELIVERY_TIMEOUT
-        while resyncs_ok() <= before:
-            if time.monotonic() > deadline:
-                raise CheckError(f"no successful resync of {target.user_id} within {DELIVERY_TIMEOUT:.0f}s")
-            time.sleep(0.5)
-        # Answered from the resynced cache now; the list is Synapse's.
+        wait_for_resyncs(before, target.user_id)
+        # The list is Synapse's (asked live: Synapse never pushes to us).
         expect_devices(asker, target.user_id, {"DLS3A"}, "after the resync")
         got = asker.query(target.user_id)["DLS3A"]
         want = target.device_keys()

@@ -44,6 +44,9 @@ fn config() -> E2eeConfig {
     E2eeConfig {
         resync_retry: Duration::from_millis(50),
         resync_retry_max: Duration::from_millis(200),
+        // A resynced list answers by itself for a minute even when its
+        // server never pushes (the tests that need it live set 0).
+        remote_cache_ttl: Duration::from_secs(60),
         ..E2eeConfig::DEFAULTS
     }
 }
