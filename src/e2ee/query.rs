@@ -363,8 +363,17 @@ impl E2ee {
     }
 
     /// After a local user's query: it tracks every user it asked about;
-    /// remote ones left stale get a resync. Best effort.
-    async fn track_queried(&self, asker: &str, targets: Vec<TrackTarget>) {
+    /// remote ones left stale get a resync. Users it already tracks are
+    /// skipped (a read, not a write, for the common repeated query; their
+    /// stale lists are the scheduler's sweep's). Best effort.
+    async fn track_queried(&self, asker: &str, mut targets: Vec<TrackTarget>) {
+        match self.store.tracked_users(asker).await {
+            Ok(tracked) => targets.retain(|t| tracked.binary_search(&t.user_id).is_err()),
+            Err(error) => tracing::warn!(asker, %error, "reading tracked users for a key query"),
+        }
+        if targets.is_empty() {
+            return;
+        }
         match self
             .store
             .track_users(asker, targets, TrackSource::Query, crate::clock::now_ms())
