@@ -8,7 +8,9 @@
 //! With the `demo-olm` feature (default) it also runs an Olm-encrypted
 //! exchange between a client on each relay (`demo_olm.rs`): keys uploaded,
 //! queried and claimed across the relays, a message and its reply decrypted
-//! on the other side.
+//! on the other side. Last, a device-list row (`demo_device_lists.rs`): a
+//! device Alice adds on A and then deletes reaches Bob on B through his
+//! `/sync` (`device_lists.changed`) and his `/keys/query`.
 //! It fails, with the reason, if any message is missing, duplicated or
 //! altered.
 
@@ -199,6 +201,16 @@ async fn drive(a: &DevRelay, b: &DevRelay, batch: usize) -> Result<Vec<ScenarioR
             elapsed: olm.elapsed,
         });
     }
+    let lists = crate::tools::demo_device_lists::device_list_scenario(&http, a, b)
+        .await
+        .map_err(|e| DemoError::Failed(format!("device lists: {e}")))?;
+    results.push(ScenarioResult {
+        name: "A → B, device list (device added, deleted)".to_owned(),
+        sent: lists.sent,
+        delivered: lists.delivered,
+        duplicates: 0,
+        elapsed: lists.elapsed,
+    });
     Ok(results)
 }
 
