@@ -5,9 +5,10 @@
 //! once, no batch is half written, and retrying an acknowledged batch is a
 //! duplicate. A second test kills a child that claims one-time keys
 //! (`support::crash_keys`): no key is ever handed out twice. A third kills
-//! a child that renames devices (`support::crash_device_lists`): every
-//! committed change has its queued `m.device_list_update` per interested
-//! destination, coalesced to the newest, and nothing else is queued.
+//! a child that renames devices and uploads device keys
+//! (`support::crash_device_lists`): every committed change has its queued
+//! `m.device_list_update` per interested destination, coalesced to the
+//! newest, and nothing else is queued.
 //!
 //! The child is this same test binary, re-executed with `COURIER_CRASH_CHILD`
 //! set to the database path and `--exact store_crash::<this test>`
@@ -143,10 +144,11 @@ fn kill9_never_hands_out_a_key_twice() {
 const DEVICE_LISTS_CHILD_ENV: &str = "COURIER_CRASH_DEVICE_LISTS_CHILD";
 const DEVICE_LISTS_TEST_FN: &str = "kill9_keeps_device_changes_and_their_updates_together";
 
-/// Device renames under kill -9 (`support::crash_device_lists`): after
+/// Device renames and key uploads under kill -9
+/// (`support::crash_device_lists`): after
 /// every kill each destination's queue holds, per device, the update of
-/// its stored name and stream (at most one row besides the in-flight
-/// transaction), no acknowledged rename is lost, no name is queued that
+/// its stored state and stream (at most one row besides the in-flight
+/// transaction), no acknowledged change is lost, nothing is queued that
 /// was not written, and the `prev_id` chain follows what was acknowledged.
 #[test]
 fn kill9_keeps_device_changes_and_their_updates_together() {
@@ -159,7 +161,7 @@ fn kill9_keeps_device_changes_and_their_updates_together() {
         runtime.block_on(async {
             let store: Arc<dyn Store> =
                 Arc::new(SqliteStore::open(Path::new(&db)).await.expect("child open"));
-            crash_device_lists::rename_until_killed(store, Duration::from_secs(120), false).await;
+            crash_device_lists::change_until_killed(store, Duration::from_secs(120), false).await;
         });
         return;
     }

@@ -8,9 +8,10 @@
 //! half written, and retrying an acknowledged batch is a duplicate. A
 //! second test does the same to a child claiming one-time keys
 //! (`support::crash_keys`): no key is ever handed out twice. A third kills
-//! a child renaming devices (`support::crash_device_lists`): every committed
-//! change has its queued `m.device_list_update` per interested destination,
-//! coalesced to the newest, and nothing else is queued.
+//! a child renaming devices and uploading device keys
+//! (`support::crash_device_lists`): every committed change has its queued
+//! `m.device_list_update` per interested destination, coalesced to the
+//! newest, and nothing else is queued.
 //!
 //! The child is this same test binary, re-executed with `COURIER_CRASH_CHILD`
 //! set to the connection string and `--exact
@@ -180,7 +181,7 @@ const DEVICE_LISTS_TEST_FN: &str =
 /// Waits until no other session of the database is running a statement or
 /// inside a transaction: the killed child's server backends may still be
 /// carrying out a COMMIT it sent before it died. Checking before that lands
-/// would see a rename vanish later, and the next child would continue from
+/// would see a change vanish later, and the next child would continue from
 /// a stale counter.
 async fn wait_for_quiet_backends(conninfo: &str) {
     let (client, connection) = tokio_postgres::connect(conninfo, tokio_postgres::NoTls)
@@ -212,7 +213,8 @@ async fn wait_for_quiet_backends(conninfo: &str) {
     let _ = driver.await;
 }
 
-/// Device renames under kill -9 (`support::crash_device_lists`), as on
+/// Device renames and key uploads under kill -9
+/// (`support::crash_device_lists`), as on
 /// SQLite; only the child is killed, never the server.
 #[test]
 fn kill9_keeps_device_changes_and_their_updates_together_on_postgres() {
@@ -225,7 +227,7 @@ fn kill9_keeps_device_changes_and_their_updates_together_on_postgres() {
         runtime.block_on(async {
             let store: Arc<dyn Store> =
                 Arc::new(PostgresStore::open(&conninfo).await.expect("child open"));
-            crash_device_lists::rename_until_killed(store, Duration::from_secs(120), true).await;
+            crash_device_lists::change_until_killed(store, Duration::from_secs(120), true).await;
         });
         return;
     }

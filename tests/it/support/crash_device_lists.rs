@@ -5,8 +5,10 @@
 //! transaction, holding the newest state.
 //!
 //! A child renames each of three devices of one user from its own task,
-//! with a counter in the name (`R0 #17`), and prints `ack <device> <n>`
-//! (flushed) only after `set_display_name` resolved; the parent kills it
+//! with a counter in the name (`R0 #17`), and uploads new device keys for
+//! a fourth (the counter in a field of the signed object), printing
+//! `ack <device> <n>` (flushed) only after `set_display_name` /
+//! `upload_keys` resolved; the parent kills it
 //! at random moments (`crash::kill_round`). Two destinations are
 //! interested in the user for good. Between rounds the parent reopens the
 //! store and checks every destination's queue against the stored devices
@@ -16,29 +18,65 @@
 //! and acknowledges it after. The second destination is never sent to, so
 //! its queue only coalesces.
 //!
-//! One task per device renames it, so each device's names are written in
-//! counter order and at most one rename of it (the counter after its last
+//! One task per device changes it, so each device's counters are written
+//! in order and at most one change of it (the counter after its last
 //! acknowledged one) was under way at the kill: the stored counter is the
-//! last acknowledged one or the next. Names only change by one counter
-//! step and every rename logs one change, so the user's `stream_id` is the
-//! sum of the stored counters.
+//! last acknowledged one or the next. Every change is one counter step and
+//! logs one change, so the user's `stream_id` is the sum of the stored
+//! counters.
 
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::e2ee;
+
 use courier::store::device_lists::{DEVICE_LIST_UPDATE, NewInterest};
-use courier::store::keys::DeviceQuery;
+use courier::store::keys::{DeviceQuery, KeysUpload, UploadOutcome, UploadedDeviceKeys};
 use courier::store::{InFlightTxn, OutboxEdu, Store};
 
 pub const USER: &str = "@renames:local.test";
-pub const DEVICES: [&str; 3] = ["R0", "R1", "R2"];
+/// The first three are renamed; the last gets new device keys instead
+/// (the same identity keys, with the counter in a field of the signed
+/// object), each upload one logged change like a rename.
+pub const DEVICES: [&str; 4] = ["R0", "R1", "R2", KEYED];
+const KEYED: &str = "K0";
 /// The first is sent to by the parent between rounds, the second never.
 pub const DESTINATIONS: [&str; 2] = ["sent.remote.test", "away.remote.test"];
 
 fn name(device: &str, n: u64) -> String {
     format!("{device} #{n}")
+}
+
+/// The signed device keys of `KEYED` carrying counter `n`.
+fn device_keys(n: u64) -> UploadedDeviceKeys {
+    let signing = e2ee::key(41);
+    let key_id = format!("ed25519:{KEYED}");
+    let keys = serde_json::json!({
+        format!("curve25519:{KEYED}"): "Y3Jhc2gtdGVzdC1jdXJ2ZS1rZXktb2YtSzAtMDAwMDA",
+        key_id.clone(): e2ee::public_key(&signing),
+    });
+    let mut object = serde_json::json!({
+        "user_id": USER,
+        "device_id": KEYED,
+        "algorithms": ["m.olm.v1.curve25519-aes-sha2", "m.megolm.v1.aes-sha2"],
+        "keys": keys,
+        "crash_counter": n,
+    });
+    e2ee::sign(&mut object, USER, &key_id, &signing);
+    UploadedDeviceKeys {
+        json: object.to_string(),
+        identity: keys.to_string(),
+    }
+}
+
+/// The counter in a device keys object of `KEYED` (0: no keys yet).
+fn keys_counter(keys: Option<&serde_json::Value>) -> u64 {
+    let Some(keys) = keys else { return 0 };
+    keys["crash_counter"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{KEYED} has keys this test never uploaded: {keys}"))
 }
 
 /// The counter in a name this test wrote (0: no name yet).
@@ -70,7 +108,16 @@ async fn stored(store: &dyn Store) -> (BTreeMap<&'static str, u64>, i64) {
             .iter()
             .find(|d| d.device_id == device)
             .unwrap_or_else(|| panic!("device {device} missing from user_devices"));
-        counters.insert(device, counter(device, record.display_name.as_deref()));
+        let n = if device == KEYED {
+            let keys = record
+                .keys_json
+                .as_deref()
+                .map(|json| serde_json::from_str(json).expect("stored keys JSON"));
+            keys_counter(keys.as_ref())
+        } else {
+            counter(device, record.display_name.as_deref())
+        };
+        counters.insert(device, n);
     }
     (counters, user.stream_id)
 }
@@ -119,7 +166,11 @@ fn parse_row(destination: &str, edu: &OutboxEdu) -> Row {
     Row {
         seq: edu.seq,
         device,
-        counter: counter(device, content["device_display_name"].as_str()),
+        counter: if device == KEYED {
+            keys_counter(content.get("keys"))
+        } else {
+            counter(device, content["device_display_name"].as_str())
+        },
         stream,
         prev_id: meta.prev_id,
     }
@@ -144,9 +195,9 @@ pub struct Ledger {
     /// Per device, the counter stored after the last check (the child
     /// continues from it).
     current: BTreeMap<&'static str, u64>,
-    /// Every acknowledged rename, per device.
+    /// The last acknowledged counter, per device.
     acks: BTreeMap<&'static str, u64>,
-    acked_renames: usize,
+    acked_changes: usize,
     sent: BTreeMap<&'static str, Sent>,
     /// Rows seen queued besides an in-flight row of the same device.
     beside_in_flight: usize,
@@ -198,7 +249,7 @@ impl Ledger {
                 .unwrap_or(self.current[device]);
             assert_eq!(n, last + 1, "{device}: acks go up one step at a time");
             round_max.insert(device, n);
-            self.acked_renames += 1;
+            self.acked_changes += 1;
         }
         let (counters, user_stream) = stored(store).await;
         for device in DEVICES {
@@ -217,11 +268,11 @@ impl Ledger {
             );
             self.acks.insert(device, last);
         }
-        let renames: u64 = counters.values().sum();
+        let changes: u64 = counters.values().sum();
         assert_eq!(
             user_stream,
-            i64::try_from(renames).expect("small"),
-            "one logged change per committed rename"
+            i64::try_from(changes).expect("small"),
+            "one logged change per committed change"
         );
         let mut newest_by_destination = Vec::new();
         for destination in DESTINATIONS {
@@ -317,7 +368,7 @@ impl Ledger {
             assert_eq!(
                 state.1 == 0,
                 state.0 == 0,
-                "{destination}: {device} renamed without a queued update"
+                "{destination}: {device} changed without a queued update"
             );
             newest.insert(device, state);
         }
@@ -369,15 +420,15 @@ impl Ledger {
         }
     }
 
-    /// Ends the run: the child acknowledged renames, the sender sent
+    /// Ends the run: the child acknowledged changes, the sender sent
     /// transactions, and rows were queued beside in-flight ones.
     pub fn summary(&self) -> String {
-        assert!(self.acked_renames > 0, "the children acknowledged renames");
+        assert!(self.acked_changes > 0, "the children acknowledged changes");
         let sent = &self.sent[DESTINATIONS[0]];
         format!(
-            "{} renames acknowledged (last {:?}), {} txns acknowledged carrying {} rows, \
+            "{} changes acknowledged (last {:?}), {} txns acknowledged carrying {} rows, \
              {} times a row queued beside an in-flight one",
-            self.acked_renames, self.acks, self.txns, sent.acked_rows, self.beside_in_flight
+            self.acked_changes, self.acks, self.txns, sent.acked_rows, self.beside_in_flight
         )
     }
 }
@@ -418,11 +469,47 @@ async fn ack(store: &dyn Store, sent: &mut Sent, txn: &InFlightTxn, rows: &[Row]
     }
 }
 
-/// The child's work: one task per device renames it with the next counter
-/// for `run_for`, printing `ack <device> <n>` after each rename resolved.
-/// It continues from the stored names. With `tolerate_failures` a failed
-/// rename ends that task quietly.
-pub async fn rename_until_killed(
+/// One change of `device` to counter `n`: a rename, or for `KEYED` an
+/// upload of its device keys. `Ok(false)`: the device is not registered.
+async fn change(
+    store: &dyn Store,
+    device: &str,
+    n: u64,
+) -> Result<bool, courier::store::StoreError> {
+    let now_ms = courier::clock::now_ms();
+    if device != KEYED {
+        return store
+            .set_display_name(USER, device, Some(&name(device, n)), now_ms)
+            .await;
+    }
+    let outcome = store
+        .upload_keys(KeysUpload {
+            user_id: USER.to_owned(),
+            device_id: KEYED.to_owned(),
+            device_keys: Some(device_keys(n)),
+            one_time_keys: vec![],
+            fallback_keys: vec![],
+            now_ms,
+        })
+        .await?;
+    match outcome {
+        UploadOutcome::Stored {
+            device_list_changed,
+            ..
+        } => {
+            assert!(device_list_changed, "new device keys are a change");
+            Ok(true)
+        }
+        UploadOutcome::UnknownDevice => Ok(false),
+        other => panic!("device keys upload refused: {other:?}"),
+    }
+}
+
+/// The child's work: one task per device changes it to the next counter
+/// for `run_for` (`change`), printing `ack <device> <n>` after each change
+/// resolved. It continues from the stored counters. With
+/// `tolerate_failures` a failed change ends that task quietly.
+pub async fn change_until_killed(
     store: Arc<dyn Store>,
     run_for: Duration,
     tolerate_failures: bool,
@@ -444,11 +531,7 @@ pub async fn rename_until_killed(
         tasks.push(tokio::spawn(async move {
             while Instant::now() < deadline {
                 n += 1;
-                let new = name(device, n);
-                match store
-                    .set_display_name(USER, device, Some(&new), courier::clock::now_ms())
-                    .await
-                {
+                match change(store.as_ref(), device, n).await {
                     Ok(true) => {
                         let mut out = std::io::stdout().lock();
                         if writeln!(out, "ack {device} {n}")
@@ -461,7 +544,7 @@ pub async fn rename_until_killed(
                     }
                     Ok(false) => panic!("device {device} is not registered"),
                     Err(_) if tolerate_failures => return,
-                    Err(e) => panic!("child rename failed: {e}"),
+                    Err(e) => panic!("child change failed: {e}"),
                 }
             }
         }));
