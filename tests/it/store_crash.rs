@@ -4,7 +4,11 @@
 //! checked: every batch the child reported as acknowledged is present exactly
 //! once, no batch is half written, and retrying an acknowledged batch is a
 //! duplicate. A second test kills a child that claims one-time keys
-//! (`support::crash_keys`): no key is ever handed out twice.
+//! (`support::crash_keys`): no key is ever handed out twice. A third kills
+//! a child that renames devices and uploads device keys
+//! (`support::crash_device_lists`): every committed change has its queued
+//! `m.device_list_update` per interested destination, coalesced to the
+//! newest, and nothing else is queued.
 //!
 //! The child is this same test binary, re-executed with `COURIER_CRASH_CHILD`
 //! set to the database path and `--exact store_crash::<this test>`
@@ -12,6 +16,7 @@
 
 use crate::support::child;
 use crate::support::crash;
+use crate::support::crash_device_lists;
 use crate::support::crash_keys;
 
 use std::collections::BTreeSet;
@@ -133,5 +138,64 @@ fn kill9_never_hands_out_a_key_twice() {
     eprintln!(
         "{ROUNDS} kills: {} keys acknowledged by children, {rest} claimed after",
         ledger.printed()
+    );
+}
+
+const DEVICE_LISTS_CHILD_ENV: &str = "COURIER_CRASH_DEVICE_LISTS_CHILD";
+const DEVICE_LISTS_TEST_FN: &str = "kill9_keeps_device_changes_and_their_updates_together";
+
+/// Device renames and key uploads under kill -9
+/// (`support::crash_device_lists`): after
+/// every kill each destination's queue holds, per device, the update of
+/// its stored state and stream (at most one row besides the in-flight
+/// transaction), no acknowledged change is lost, nothing is queued that
+/// was not written, and the `prev_id` chain follows what was acknowledged.
+#[test]
+fn kill9_keeps_device_changes_and_their_updates_together() {
+    if let Ok(db) = std::env::var(DEVICE_LISTS_CHILD_ENV) {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("child runtime");
+        runtime.block_on(async {
+            let store: Arc<dyn Store> =
+                Arc::new(SqliteStore::open(Path::new(&db)).await.expect("child open"));
+            crash_device_lists::change_until_killed(store, Duration::from_secs(120), false).await;
+        });
+        return;
+    }
+    let started = Instant::now();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let db = dir.path().join("device_lists.db");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let mut ledger = crash_device_lists::Ledger::default();
+    runtime.block_on(async {
+        let store = SqliteStore::open(&db).await.expect("open");
+        ledger.setup(&store).await;
+        store.close().await.expect("close");
+    });
+    let test_name = child::exact_test_name(module_path!(), DEVICE_LISTS_TEST_FN);
+    for round in 0..ROUNDS {
+        let round_acks = crash::kill_round(
+            &test_name,
+            (DEVICE_LISTS_CHILD_ENV, db.as_os_str()),
+            round,
+            || {},
+        );
+        runtime.block_on(async {
+            let store = SqliteStore::open(&db).await.expect("reopen after kill");
+            ledger.check_round(&store, round, &round_acks).await;
+            store.close().await.expect("close");
+        });
+    }
+    eprintln!(
+        "{ROUNDS} kills in {:?}: {}",
+        started.elapsed(),
+        ledger.summary()
     );
 }

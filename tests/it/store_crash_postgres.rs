@@ -7,7 +7,11 @@
 //! the child reported as acknowledged is present exactly once, no batch is
 //! half written, and retrying an acknowledged batch is a duplicate. A
 //! second test does the same to a child claiming one-time keys
-//! (`support::crash_keys`): no key is ever handed out twice.
+//! (`support::crash_keys`): no key is ever handed out twice. A third kills
+//! a child renaming devices and uploading device keys
+//! (`support::crash_device_lists`): every committed change has its queued
+//! `m.device_list_update` per interested destination, coalesced to the
+//! newest, and nothing else is queued.
 //!
 //! The child is this same test binary, re-executed with `COURIER_CRASH_CHILD`
 //! set to the connection string and `--exact
@@ -17,6 +21,7 @@ use crate::support::pg;
 
 use crate::support::child;
 use crate::support::crash;
+use crate::support::crash_device_lists;
 use crate::support::crash_keys;
 
 use std::collections::BTreeSet;
@@ -166,5 +171,102 @@ fn kill9_never_hands_out_a_key_twice_on_postgres() {
     eprintln!(
         "{ROUNDS} kills: {} keys acknowledged by children, {rest} claimed after",
         ledger.printed()
+    );
+}
+
+const DEVICE_LISTS_CHILD_ENV: &str = "COURIER_CRASH_DEVICE_LISTS_CHILD";
+const DEVICE_LISTS_TEST_FN: &str =
+    "kill9_keeps_device_changes_and_their_updates_together_on_postgres";
+
+/// Waits until no other session of the database is running a statement or
+/// inside a transaction: the killed child's server backends may still be
+/// carrying out a COMMIT it sent before it died. Checking before that lands
+/// would see a change vanish later, and the next child would continue from
+/// a stale counter.
+async fn wait_for_quiet_backends(conninfo: &str) {
+    let (client, connection) = tokio_postgres::connect(conninfo, tokio_postgres::NoTls)
+        .await
+        .expect("connect to watch the backends");
+    let driver = tokio::spawn(connection);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let row = client
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE datname = current_database() AND pid <> pg_backend_pid()
+                   AND state IS DISTINCT FROM 'idle'",
+                &[],
+            )
+            .await
+            .expect("pg_stat_activity");
+        let busy: i64 = row.get(0);
+        if busy == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{busy} backends of the killed child still busy after 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(client);
+    let _ = driver.await;
+}
+
+/// Device renames and key uploads under kill -9
+/// (`support::crash_device_lists`), as on
+/// SQLite; only the child is killed, never the server.
+#[test]
+fn kill9_keeps_device_changes_and_their_updates_together_on_postgres() {
+    if let Ok(conninfo) = std::env::var(DEVICE_LISTS_CHILD_ENV) {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("child runtime");
+        runtime.block_on(async {
+            let store: Arc<dyn Store> =
+                Arc::new(PostgresStore::open(&conninfo).await.expect("child open"));
+            crash_device_lists::change_until_killed(store, Duration::from_secs(120), true).await;
+        });
+        return;
+    }
+    let Some(cluster) = pg::PgCluster::start() else {
+        return;
+    };
+    let started = Instant::now();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let conninfo = runtime.block_on(cluster.fresh_database());
+    let mut ledger = crash_device_lists::Ledger::default();
+    runtime.block_on(async {
+        let store = PostgresStore::open(&conninfo).await.expect("open");
+        ledger.setup(&store).await;
+        store.close().await.expect("close");
+    });
+    let test_name = child::exact_test_name(module_path!(), DEVICE_LISTS_TEST_FN);
+    for round in 0..ROUNDS {
+        let round_acks = crash::kill_round(
+            &test_name,
+            (DEVICE_LISTS_CHILD_ENV, std::ffi::OsStr::new(&conninfo)),
+            round,
+            || {},
+        );
+        runtime.block_on(async {
+            wait_for_quiet_backends(&conninfo).await;
+            let store = PostgresStore::open(&conninfo)
+                .await
+                .expect("reopen after kill");
+            ledger.check_round(&store, round, &round_acks).await;
+            store.close().await.expect("close");
+        });
+    }
+    eprintln!(
+        "{ROUNDS} kills in {:?}: {}",
+        started.elapsed(),
+        ledger.summary()
     );
 }

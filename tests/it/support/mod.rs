@@ -5,7 +5,7 @@
 //! `outbound_env`, `sender_env`, `dns_server`), store wrappers and the shared
 //! store suites (`counting_store`, `inhibiting_store`, `store_suite`,
 //! `store_suite_keys`, `store_suite_device_lists`), the throwaway PostgreSQL cluster (`pg`), the kill-9
-//! crash harnesses (`crash`, `crash_keys`), running one test in a child
+//! crash harnesses (`crash`, `crash_keys`, `crash_device_lists`), running one test in a child
 //! process of this binary (`child`), E2EE test identities with a signed
 //! federation client (`e2ee`), a counting fake `RemoteKeys` for the
 //! device-list domain (`counting_remote`), and a matrix-rust-sdk `OlmMachine` driven
@@ -17,6 +17,7 @@ pub mod child;
 pub mod counting_remote;
 pub mod counting_store;
 pub mod crash;
+pub mod crash_device_lists;
 pub mod crash_keys;
 pub mod dns_server;
 pub mod e2ee;
