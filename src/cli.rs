@@ -232,8 +232,14 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::CheckConfig { config } => {
             let config = Config::load(&config).map_err(usage_failure)?;
-            ServerSigningKey::load(&config.signing_key_path).map_err(usage_failure)?;
-            println!("configuration is valid for {}", config.server_name);
+            let key = ServerSigningKey::load(&config.signing_key_path).map_err(usage_failure)?;
+            crate::keys::check_key_id_unique(&key, &config.old_verify_keys, &[])
+                .map_err(usage_failure)?;
+            println!(
+                "configuration is valid for {} (signing key {})",
+                config.server_name,
+                key.key_id()
+            );
             Ok(())
         }
         Command::Send {
