@@ -1395,7 +1395,7 @@ mod secret_tests {
         let path = std::env::temp_dir().join(format!(
             "courier-secret-{name}-{}-{}",
             std::process::id(),
-            crate::todevice::new_message_id()
+            crate::keys::random_key_version()
         ));
         std::fs::write(&path, contents).expect("write scratch secret");
         #[cfg(unix)]
