@@ -40,14 +40,25 @@ pub enum Command {
         #[arg(long, env = "COURIER_CONFIG")]
         config: PathBuf,
     },
-    /// Write a new ed25519 signing key in Synapse's key file format.
+    /// Write a new ed25519 signing key in Synapse's key file format, with a
+    /// fresh key id `ed25519:a_<6 random letters and digits>`.
     Keygen {
-        /// Where to write the key (refuses to overwrite).
+        /// Where to write the key (refuses to overwrite unless --rotate).
         #[arg(long)]
         out: PathBuf,
         /// The key version (`ed25519:<version>`), letters, digits and `_`.
-        #[arg(long, default_value = "a_1")]
-        version: String,
+        /// Default: `a_` and six random letters and digits.
+        #[arg(long)]
+        version: Option<String>,
+        /// Replace the key in --out with a new one: the old file is moved to
+        /// `<out>.old-<old version>` and its public key must be published
+        /// under `old_verify_keys` (printed, or appended to --config).
+        #[arg(long)]
+        rotate: bool,
+        /// With --rotate: the configuration file to append the old key's
+        /// `[[old_verify_keys]]` entry to.
+        #[arg(long, requires = "rotate")]
+        config: Option<PathBuf>,
     },
     /// Validate a configuration file and report every problem at once.
     CheckConfig {
@@ -185,30 +196,12 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
                 .await
                 .map_err(runtime_failure)
         }
-        Command::Keygen { out, version } => {
-            if out.exists() {
-                return Err(usage_failure(anyhow::anyhow!(
-                    "{} already exists; refusing to overwrite a signing key",
-                    out.display()
-                )));
-            }
-            if version.is_empty()
-                || !version
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '_')
-            {
-                return Err(usage_failure(anyhow::anyhow!(
-                    "key version {version:?} must be letters, digits and _"
-                )));
-            }
-            let key = ServerSigningKey::generate(&version);
-            if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
-                std::fs::create_dir_all(parent).map_err(runtime_failure)?;
-            }
-            std::fs::write(&out, key.to_file_contents()).map_err(runtime_failure)?;
-            println!("wrote {} ({})", out.display(), key.key_id());
-            Ok(())
-        }
+        Command::Keygen {
+            out,
+            version,
+            rotate,
+            config,
+        } => keygen(&out, version, rotate, config.as_deref()),
         Command::DevCerts { out } => {
             crate::tools::devcerts::write_dev_certs(&out).map_err(runtime_failure)?;
             println!(
@@ -239,8 +232,14 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::CheckConfig { config } => {
             let config = Config::load(&config).map_err(usage_failure)?;
-            ServerSigningKey::load(&config.signing_key_path).map_err(usage_failure)?;
-            println!("configuration is valid for {}", config.server_name);
+            let key = ServerSigningKey::load(&config.signing_key_path).map_err(usage_failure)?;
+            crate::keys::check_key_id_unique(&key, &config.old_verify_keys, &[])
+                .map_err(usage_failure)?;
+            println!(
+                "configuration is valid for {} (signing key {})",
+                config.server_name,
+                key.key_id()
+            );
             Ok(())
         }
         Command::Send {
@@ -275,6 +274,107 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
             Ok(())
         }
     }
+}
+
+/// `courier keygen`: a new key file, or (`rotate`) a new key in place of
+/// the old one, whose public part is printed or appended to `config` as an
+/// `[[old_verify_keys]]` entry.
+fn keygen(
+    out: &std::path::Path,
+    version: Option<String>,
+    rotate: bool,
+    config: Option<&std::path::Path>,
+) -> Result<(), Failure> {
+    use crate::keys::KeyError;
+    let key_failure = |error: KeyError| match error {
+        KeyError::Io { .. } | KeyError::Write { .. } => runtime_failure(error),
+        _ => usage_failure(error),
+    };
+    // Key ids the configuration already lists must not be reused.
+    let listed = match config {
+        Some(path) => listed_old_key_ids(path).map_err(usage_failure)?,
+        None => Vec::new(),
+    };
+    let key = match version {
+        Some(version) => ServerSigningKey::try_generate(&version).map_err(usage_failure)?,
+        None => loop {
+            let key = ServerSigningKey::generate(&crate::keys::random_key_version());
+            if !listed.iter().any(|id| id == key.key_id()) {
+                break key;
+            }
+        },
+    };
+    if listed.iter().any(|id| id == key.key_id()) {
+        return Err(usage_failure(anyhow::anyhow!(
+            "{} is already listed in old_verify_keys; choose another --version",
+            key.key_id()
+        )));
+    }
+    if !rotate {
+        crate::keys::write_new_key_file(out, &key).map_err(key_failure)?;
+        println!("wrote {} ({})", out.display(), key.key_id());
+        return Ok(());
+    }
+    let rotation =
+        crate::keys::rotate_key_file(out, &key, crate::clock::now_ms()).map_err(key_failure)?;
+    println!(
+        "wrote {} ({}); the previous key {} is kept in {}",
+        out.display(),
+        rotation.new_key_id,
+        rotation.old.key_id,
+        rotation.kept_at.display()
+    );
+    let entry = rotation.config_entry();
+    match config {
+        Some(path) => {
+            append_to_config(path, &entry).map_err(runtime_failure)?;
+            println!(
+                "appended to {} (restart the relay to publish it):\n\n{entry}",
+                path.display()
+            );
+        }
+        None => println!(
+            "add this to the configuration (restart the relay to publish it), so peers \
+             can still verify what the old key signed:\n\n{entry}"
+        ),
+    }
+    Ok(())
+}
+
+/// The `old_verify_keys` key ids of a configuration file (read as TOML only,
+/// so a file with other problems can still be rotated into).
+fn listed_old_key_ids(path: &std::path::Path) -> anyhow::Result<Vec<String>> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("cannot read config file {}: {e}", path.display()))?;
+    let table: toml::Table = text
+        .parse()
+        .map_err(|e| anyhow::anyhow!("config file {} is not valid TOML: {e}", path.display()))?;
+    let ids = match table.get("old_verify_keys") {
+        None => Vec::new(),
+        Some(toml::Value::Array(entries)) if entries.iter().all(|e| e.is_table()) => entries
+            .iter()
+            .filter_map(|e| e.get("key_id").and_then(toml::Value::as_str))
+            .map(str::to_owned)
+            .collect(),
+        Some(_) => anyhow::bail!(
+            "{}: old_verify_keys must be written as [[old_verify_keys]] tables to be \
+             appended to",
+            path.display()
+        ),
+    };
+    Ok(ids)
+}
+
+/// Appends `entry` (a `[[old_verify_keys]]` table) to the config file.
+fn append_to_config(path: &std::path::Path, entry: &str) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let mut file = std::fs::OpenOptions::new()
+        .append(true)
+        .open(path)
+        .map_err(|e| anyhow::anyhow!("cannot append to {}: {e}", path.display()))?;
+    write!(file, "\n# Added by `courier keygen --rotate`.\n{entry}")
+        .map_err(|e| anyhow::anyhow!("cannot append to {}: {e}", path.display()))?;
+    Ok(())
 }
 
 /// Cancels `shutdown` on SIGINT or SIGTERM.

@@ -24,11 +24,10 @@ pub use crate::store::{PruneConfig, StoreConfig};
 /// Every problem found in a configuration, reported together.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
+    // The OS error is in the message, not a `source()`, so printing the
+    // error chain shows it once.
+    #[error("cannot read config file {path}: {error}")]
+    Io { path: String, error: std::io::Error },
     #[error("config file {path} is not valid TOML for Courier: {message}")]
     Parse { path: String, message: String },
     #[error("invalid configuration:\n  - {}", .0.join("\n  - "))]
@@ -288,6 +287,7 @@ struct RawClient {
 struct RawRpc {
     bind: Option<String>,
     secret: Option<String>,
+    secret_file: Option<PathBuf>,
     listener: Option<RawListenerLimits>,
 }
 
@@ -337,9 +337,9 @@ pub const DEFAULT_MAX_RECIPIENTS: usize = 10_000;
 impl Config {
     /// Reads, overrides from the process environment, and validates.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Io {
             path: path.display().to_string(),
-            source,
+            error,
         })?;
         Self::from_toml_str(&text, &path.display().to_string(), std::env::vars())
     }
@@ -613,10 +613,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
     let rpc = rpc.map(|r| {
         let bind = bind("rpc", r.bind.as_ref(), &mut problems)
             .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)));
-        let secret = r.secret.unwrap_or_default();
-        if secret.len() < 8 {
-            problems.push("[rpc] secret is required and must be at least 8 characters".to_owned());
-        }
+        let secret = rpc_secret(r.secret, r.secret_file.as_deref(), &mut problems);
         let listener = listener_limits(
             "rpc",
             r.listener,
@@ -743,6 +740,76 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         }),
         _ => Err(ConfigError::Invalid(problems)),
     }
+}
+
+/// The example configuration's placeholder RPC secret, refused everywhere.
+pub const PLACEHOLDER_RPC_SECRET: &str = "change-me-please";
+/// The shortest RPC secret accepted, in bytes.
+pub const MIN_RPC_SECRET_BYTES: usize = 16;
+
+/// The RPC secret: `[rpc] secret`, or the contents of `[rpc] secret_file`
+/// (trailing newline ignored), which must not be readable by group or
+/// others. The placeholder of the example and secrets shorter than
+/// [`MIN_RPC_SECRET_BYTES`] are refused. Each problem is pushed once.
+fn rpc_secret(
+    secret: Option<String>,
+    secret_file: Option<&Path>,
+    problems: &mut Vec<String>,
+) -> String {
+    let secret = match (secret, secret_file) {
+        (Some(_), Some(_)) => {
+            problems.push("[rpc] set exactly one of secret and secret_file, not both".to_owned());
+            return String::new();
+        }
+        (None, None) => {
+            problems.push("[rpc] secret (or secret_file) is required".to_owned());
+            return String::new();
+        }
+        (Some(secret), None) => secret,
+        (None, Some(path)) => match read_secret_file(path) {
+            Ok(secret) => secret,
+            Err(problem) => {
+                problems.push(problem);
+                return String::new();
+            }
+        },
+    };
+    if secret.trim() == PLACEHOLDER_RPC_SECRET {
+        problems.push(format!(
+            "[rpc] secret is the example's placeholder {PLACEHOLDER_RPC_SECRET:?}; replace it \
+             with a random secret (e.g. `openssl rand -hex 32`)"
+        ));
+    } else if secret.len() < MIN_RPC_SECRET_BYTES {
+        problems.push(format!(
+            "[rpc] secret must be at least {MIN_RPC_SECRET_BYTES} bytes (it is {})",
+            secret.len()
+        ));
+    }
+    secret
+}
+
+/// Reads an RPC secret file, refusing one that group or others may read.
+fn read_secret_file(path: &Path) -> Result<String, String> {
+    let shown = path.display();
+    let metadata = std::fs::metadata(path)
+        .map_err(|e| format!("[rpc] secret_file {shown}: cannot read it: {e}"))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = metadata.permissions().mode();
+        if mode & 0o077 != 0 {
+            return Err(format!(
+                "[rpc] secret_file {shown} is readable by group or others (mode {:o}); \
+                 chmod 600 it",
+                mode & 0o777
+            ));
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = metadata;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("[rpc] secret_file {shown}: cannot read it: {e}"))?;
+    Ok(text.trim_end_matches(['\n', '\r']).to_owned())
 }
 
 /// The development CA that `courier dev-certs` made for this repository;
@@ -1019,7 +1086,7 @@ ip_allow = ["127.0.0.0/8", "::1/128"]
 bind = "127.0.0.1:38008"
 [rpc]
 bind = "127.0.0.1:38009"
-secret = "change-me-please"
+secret = "a-test-secret-of-24-bytes"
 [store]
 sqlite = "data/courier.db"
 "#;
@@ -1083,7 +1150,7 @@ sqlite = "data/courier.db"
             GOOD,
             &[
                 ("COURIER_SERVER_NAME", "example.org"),
-                ("COURIER_RPC__SECRET", "another-secret"),
+                ("COURIER_RPC__SECRET", "another-long-secret"),
                 ("COURIER_FEDERATION__RETRY_MAX_MS", "5000"),
                 ("UNRELATED", "x"),
                 ("COURIER_BIN", "/usr/bin/courier"),
@@ -1093,7 +1160,7 @@ sqlite = "data/courier.db"
         )
         .expect("valid config");
         assert_eq!(c.server_name.as_str(), "example.org");
-        assert_eq!(c.rpc.secret, "another-secret");
+        assert_eq!(c.rpc.secret, "another-long-secret");
         assert_eq!(c.federation.retry.max, Duration::from_millis(5000));
     }
 
@@ -1284,8 +1351,107 @@ mod example_tests {
         ] {
             let full = Path::new(env!("CARGO_MANIFEST_DIR")).join(path);
             let text = std::fs::read_to_string(&full).expect("shipped config exists");
+            // The example's placeholder secret is refused on purpose (an
+            // operator must replace it); with a real one the rest is valid.
+            let placeholder = format!("secret = \"{PLACEHOLDER_RPC_SECRET}\"");
+            let is_example = text.contains(&placeholder);
+            let text = text.replace(
+                &placeholder,
+                "secret = \"a-real-secret-of-32-bytes-length\"",
+            );
             let parsed = Config::from_toml_str(&text, path, std::iter::empty());
             assert!(parsed.is_ok(), "{path}: {:?}", parsed.err());
+            assert_eq!(is_example, path.ends_with("example.toml"), "{path}");
+        }
+    }
+
+    /// The example as shipped fails on its placeholder secret, and on that
+    /// alone, named once.
+    #[test]
+    fn the_example_placeholder_secret_is_refused_once() {
+        let full = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/courier.example.toml");
+        let text = std::fs::read_to_string(&full).expect("example exists");
+        let Err(ConfigError::Invalid(problems)) =
+            Config::from_toml_str(&text, "example", std::iter::empty())
+        else {
+            panic!("the placeholder secret must be refused");
+        };
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(problems[0].contains("placeholder"), "{problems:?}");
+    }
+}
+
+#[cfg(test)]
+mod secret_tests {
+    use super::*;
+
+    fn problems_for(secret: Option<&str>, file: Option<&Path>) -> Vec<String> {
+        let mut problems = Vec::new();
+        rpc_secret(secret.map(str::to_owned), file, &mut problems);
+        problems
+    }
+
+    fn scratch_file(name: &str, contents: &str, mode: u32) -> PathBuf {
+        let path = std::env::temp_dir().join(format!(
+            "courier-secret-{name}-{}-{}",
+            std::process::id(),
+            crate::keys::random_key_version()
+        ));
+        std::fs::write(&path, contents).expect("write scratch secret");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+        }
+        #[cfg(not(unix))]
+        let _ = mode;
+        path
+    }
+
+    #[test]
+    fn placeholder_and_short_secrets_are_refused_with_one_message_each() {
+        assert!(problems_for(Some("sixteen-bytes-ok"), None).is_empty());
+        let placeholder = problems_for(Some(PLACEHOLDER_RPC_SECRET), None);
+        assert_eq!(placeholder.len(), 1, "{placeholder:?}");
+        assert!(placeholder[0].contains("placeholder"));
+        let short = problems_for(Some("fifteen-bytes-x"), None);
+        assert_eq!(short.len(), 1, "{short:?}");
+        assert!(
+            short[0].contains("at least 16 bytes (it is 15)"),
+            "{short:?}"
+        );
+        let missing = problems_for(None, None);
+        assert_eq!(missing.len(), 1, "{missing:?}");
+        assert!(missing[0].contains("required"));
+    }
+
+    #[test]
+    fn a_secret_file_must_be_private_and_long_enough() {
+        let good = scratch_file("good", "a-secret-read-from-a-file\n", 0o600);
+        let mut problems = Vec::new();
+        let secret = rpc_secret(None, Some(&good), &mut problems);
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(secret, "a-secret-read-from-a-file");
+        let both = problems_for(Some("sixteen-bytes-ok"), Some(&good));
+        assert_eq!(both.len(), 1, "{both:?}");
+        assert!(both[0].contains("not both"));
+        let short = scratch_file("short", "short\n", 0o600);
+        let problems = problems_for(None, Some(&short));
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(problems[0].contains("at least 16 bytes"));
+        let missing = problems_for(None, Some(Path::new("/nonexistent/courier-secret")));
+        assert_eq!(missing.len(), 1, "{missing:?}");
+        assert_eq!(missing[0].matches("No such file").count(), 1, "{missing:?}");
+        #[cfg(unix)]
+        {
+            let open = scratch_file("open", "a-secret-read-from-a-file\n", 0o644);
+            let problems = problems_for(None, Some(&open));
+            assert_eq!(problems.len(), 1, "{problems:?}");
+            assert!(problems[0].contains("readable by group or others (mode 644)"));
+            let _ = std::fs::remove_file(open);
+        }
+        for path in [good, short] {
+            let _ = std::fs::remove_file(path);
         }
     }
 }

@@ -82,6 +82,17 @@ pub async fn run(
         config.worker.lease_duration,
     )
     .await?;
+    // A key id must never name two keys: peers that cached the other one
+    // would reject everything we sign (issue 18). Courier does not record
+    // its own keys; it checks the config's old keys and, should the key
+    // cache hold our own name, that too.
+    let own_cached: Vec<(String, String)> = store
+        .server_keys(config.server_name.as_str())
+        .await?
+        .into_iter()
+        .map(|k| (k.key_id, k.public_key))
+        .collect();
+    crate::keys::check_key_id_unique(&signing_key, &config.old_verify_keys, &own_cached)?;
 
     let notifier = Arc::new(Notifier::new());
     let (sender_handle, sender_commands) = SenderHandle::channel();

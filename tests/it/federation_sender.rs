@@ -418,3 +418,63 @@ async fn a_refused_recorded_transaction_without_edus_does_not_stop_the_destinati
     h.wait_store_drained(Duration::from_secs(10)).await;
     h.stop().await;
 }
+
+/// A peer answering 401 about our signing key is recorded as that, not as
+/// an outage, and gets the queue once it accepts the key again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_rejecting_our_signing_key_is_named_in_last_error() {
+    let mut h = Harness::new(|_| {}).await;
+    h.fake.script(
+        &Harness::hostname(0),
+        Script {
+            reject_signing_key: true,
+            ..Script::default()
+        },
+    );
+    h.enqueue(0, 0..3, &[]).await;
+    assert!(
+        h.fake
+            .wait_for(Duration::from_secs(30), |r| r
+                .iter()
+                .any(|x| x.status == 401))
+            .await,
+        "the peer was asked"
+    );
+    // The failure is persisted after the answer; poll the store for it.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let last_error = loop {
+        let retry = h.store.retry_state(&h.dest(0)).await.expect("retry state");
+        if let Some(error) = retry.last_error {
+            break error;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no last_error recorded"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(
+        last_error.starts_with("peer rejects our signing key"),
+        "{last_error}"
+    );
+    let statuses = h.store.destination_statuses().await.expect("statuses");
+    let status = statuses
+        .iter()
+        .find(|s| s.destination == h.dest(0))
+        .expect("a status row");
+    assert!(
+        format!("{status:?}").contains("peer rejects our signing key"),
+        "{status:?}"
+    );
+    h.fake.script(&Harness::hostname(0), Script::default());
+    h.handle.peer_is_up(&h.dest(0));
+    assert!(
+        h.fake
+            .wait_for(Duration::from_secs(60), |r| delivered(r, "d0.fed.test")
+                .len()
+                >= 3)
+            .await,
+        "delivered once the key is accepted"
+    );
+    h.stop().await;
+}

@@ -24,6 +24,7 @@ mod federation_inbound;
 mod federation_sender;
 mod federation_sender_timing;
 mod forged_origins;
+mod key_rotation;
 mod listener_limits;
 mod olm;
 mod outbound_client;

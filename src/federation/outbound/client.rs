@@ -108,6 +108,11 @@ pub struct FederationClient {
 }
 
 impl FederationClient {
+    /// The id of the key our requests are signed with (`ed25519:<version>`).
+    pub fn key_id(&self) -> &str {
+        self.signing_key.key_id()
+    }
+
     /// A client resolving through hickory: `federation.nameservers` if set,
     /// else the system resolver.
     pub fn new(

@@ -22,9 +22,10 @@ use tracing::Instrument;
 
 use crate::config::Config;
 use crate::federation::outbound::client::FederationClient;
+use crate::federation::outbound::client_error::ClientError;
 use crate::federation::sender::backoff;
 use crate::federation::sender::transaction::{
-    MAX_EDU_BYTES, MAX_EDUS, TxnFailure, TxnIds, build_body,
+    MAX_EDU_BYTES, MAX_EDUS, TxnFailure, TxnIds, build_body, rejects_our_key,
 };
 use crate::identifiers::ServerName;
 use crate::store::device_lists::finish_outbound_edu;
@@ -104,7 +105,13 @@ pub struct DestinationTask {
     /// a transaction recorded by an earlier run or another worker is always
     /// found (and `begin_txn` refuses a second one in any case).
     settled: bool,
+    /// When this task last warned that the peer rejects our signing key.
+    key_rejected_warned: Option<Instant>,
 }
+
+/// The least time between two "peer rejects our signing key" warnings for
+/// one destination.
+const KEY_REJECTED_WARN_EVERY: Duration = Duration::from_secs(60);
 
 impl DestinationTask {
     pub fn new(
@@ -124,6 +131,7 @@ impl DestinationTask {
             narrowing: Narrowing::default(),
             clean: false,
             settled: false,
+            key_rejected_warned: None,
         }
     }
 
@@ -400,7 +408,13 @@ impl DestinationTask {
                 }
                 return Ok(Step::Continue);
             }
-            Err(error) => TxnFailure::from_client(&error),
+            Err(error) => {
+                let failure = TxnFailure::from_client(&error, shared.client.key_id());
+                if rejects_our_key(&error, shared.client.key_id()) {
+                    self.warn_key_rejected(&error);
+                }
+                failure
+            }
         };
         metrics::counter!("courier_federation_transactions_total", "outcome" => error.outcome())
             .increment(1);
@@ -409,6 +423,25 @@ impl DestinationTask {
             TxnFailure::RetryAfter { after, reason } => self.back_off(reason, Some(after)).await,
             TxnFailure::Refused { status, reason } => self.refused(&txn, status, reason).await,
         }
+    }
+
+    /// Warns that the peer rejects our signing key, at most once a minute
+    /// for this destination (every retry would otherwise say it again).
+    fn warn_key_rejected(&mut self, error: &ClientError) {
+        let now = Instant::now();
+        if self
+            .key_rejected_warned
+            .is_some_and(|at| now.duration_since(at) < KEY_REJECTED_WARN_EVERY)
+        {
+            return;
+        }
+        self.key_rejected_warned = Some(now);
+        tracing::warn!(
+            key_id = self.shared.client.key_id(),
+            %error,
+            "peer rejects our signing key (it may have cached another key under this id; \
+             see `courier keygen --rotate`)"
+        );
     }
 
     /// Persists the failure and the time of the next attempt.

@@ -102,8 +102,20 @@ pub enum TxnFailure {
 }
 
 impl TxnFailure {
-    /// The decision for a client error.
-    pub fn from_client(error: &ClientError) -> TxnFailure {
+    /// The decision for a client error. A 401/403 naming `our_key_id` is
+    /// retried like any failure, with a reason saying the peer rejects our
+    /// signing key (it is not an outage: the peer holds another key under
+    /// that id, or none).
+    pub fn from_client(error: &ClientError, our_key_id: &str) -> TxnFailure {
+        if rejects_our_key(error, our_key_id) {
+            let body = match error {
+                ClientError::Status { body, .. } => short(body),
+                other => other.to_string(),
+            };
+            return TxnFailure::Retry {
+                reason: format!("{KEY_REJECTED}: {body}"),
+            };
+        }
         match error {
             ClientError::Status {
                 status: status @ (400 | 413),
@@ -144,6 +156,29 @@ impl TxnFailure {
             TxnFailure::Refused { .. } => "refused",
         }
     }
+}
+
+/// How a failure reason of a peer that refuses our signing key starts.
+pub const KEY_REJECTED: &str = "peer rejects our signing key";
+
+/// Whether `error` is a 401 or 403 whose body names `our_key_id` (Synapse:
+/// `Invalid signature for server X with key ed25519:a_1: ...`). The id must
+/// stand alone: `ed25519:a_1` is not named by `ed25519:a_12`.
+pub fn rejects_our_key(error: &ClientError, our_key_id: &str) -> bool {
+    let ClientError::Status {
+        status: 401 | 403,
+        body,
+        ..
+    } = error
+    else {
+        return false;
+    };
+    body.match_indices(our_key_id).any(|(at, _)| {
+        !body[at + our_key_id.len()..]
+            .bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_alphanumeric() || b == b'_')
+    })
 }
 
 fn short(text: &str) -> String {
@@ -271,6 +306,42 @@ mod tests {
         assert_ne!(first.next(), second.next());
     }
 
+    const KEY: &str = "ed25519:a_Zx9Q2w";
+
+    #[test]
+    fn a_401_naming_our_key_is_a_rejected_key_not_an_outage() {
+        let status = |status: u16, body: &str| ClientError::Status {
+            destination: "d".into(),
+            status,
+            body: body.into(),
+            retry_after_ms: None,
+        };
+        let synapse = r#"{"errcode":"M_UNAUTHORIZED","error":"Invalid signature for server localhost:38448 with key ed25519:a_Zx9Q2w: Unable to verify signature for localhost:38448"}"#;
+        for code in [401, 403] {
+            assert!(rejects_our_key(&status(code, synapse), KEY), "{code}");
+            let TxnFailure::Retry { reason } = TxnFailure::from_client(&status(code, synapse), KEY)
+            else {
+                panic!("a rejected key is retried");
+            };
+            assert!(reason.starts_with(KEY_REJECTED), "{reason}");
+        }
+        // Other statuses, other keys, a longer id, no key named: not ours.
+        assert!(!rejects_our_key(&status(500, synapse), KEY));
+        assert!(!rejects_our_key(&status(401, synapse), "ed25519:a_1"));
+        assert!(!rejects_our_key(
+            &status(401, "with key ed25519:a_Zx9Q2wX"),
+            KEY
+        ));
+        assert!(!rejects_our_key(
+            &status(401, r#"{"errcode":"M_UNAUTHORIZED"}"#),
+            KEY
+        ));
+        let TxnFailure::Retry { reason } = TxnFailure::from_client(&status(401, "{}"), KEY) else {
+            panic!("a 401 is retried");
+        };
+        assert!(!reason.starts_with(KEY_REJECTED), "{reason}");
+    }
+
     #[test]
     fn client_errors_map_to_decisions() {
         let status = |status: u16, retry_after_ms: Option<u64>| ClientError::Status {
@@ -280,38 +351,44 @@ mod tests {
             retry_after_ms,
         };
         assert!(matches!(
-            TxnFailure::from_client(&status(400, None)),
+            TxnFailure::from_client(&status(400, None), KEY),
             TxnFailure::Refused { status: 400, .. }
         ));
         assert!(matches!(
-            TxnFailure::from_client(&status(413, None)),
+            TxnFailure::from_client(&status(413, None), KEY),
             TxnFailure::Refused { status: 413, .. }
         ));
         assert_eq!(
-            TxnFailure::from_client(&status(429, Some(1500))),
+            TxnFailure::from_client(&status(429, Some(1500)), KEY),
             TxnFailure::RetryAfter {
                 after: Duration::from_millis(1500),
                 reason: "429 {}".into()
             }
         );
         assert!(matches!(
-            TxnFailure::from_client(&status(500, None)),
+            TxnFailure::from_client(&status(500, None), KEY),
             TxnFailure::Retry { .. }
         ));
         assert!(matches!(
-            TxnFailure::from_client(&status(401, None)),
+            TxnFailure::from_client(&status(401, None), KEY),
             TxnFailure::Retry { .. }
         ));
         assert!(matches!(
-            TxnFailure::from_client(&ClientError::Timeout {
-                destination: "d".into()
-            }),
+            TxnFailure::from_client(
+                &ClientError::Timeout {
+                    destination: "d".into()
+                },
+                KEY
+            ),
             TxnFailure::Retry { .. }
         ));
         assert!(matches!(
-            TxnFailure::from_client(&ClientError::Denied {
-                destination: "d".into()
-            }),
+            TxnFailure::from_client(
+                &ClientError::Denied {
+                    destination: "d".into()
+                },
+                KEY
+            ),
             TxnFailure::Retry { .. }
         ));
     }

@@ -97,6 +97,9 @@ pub struct Script {
     /// The body of a 200 answer instead of `{"pdus":{}}` (say, empty or
     /// HTML).
     pub ok_body: Option<String>,
+    /// Answer 401 as Synapse does when it holds another key under the id
+    /// our request was signed with (`... with key ed25519:<id>`).
+    pub reject_signing_key: bool,
 }
 
 /// One `/send` the fake received.
@@ -461,6 +464,8 @@ async fn send_route(
         };
         let decision = if script.hang {
             None
+        } else if script.reject_signing_key {
+            Some((401, None))
         } else if let Some(seconds) = script.rate_limit_next.take() {
             Some((429, Some(seconds)))
         } else if script.fail_next > 0 {
@@ -515,6 +520,21 @@ async fn send_route(
     drop(guard);
     let status = StatusCode::from_u16(status).expect("valid status");
     let mut response = match status.as_u16() {
+        401 => {
+            let key_id = header(&headers, "authorization")
+                .and_then(|auth| {
+                    let start = auth.find("key=\"")? + 5;
+                    let len = auth[start..].find('"')?;
+                    Some(auth[start..start + len].to_owned())
+                })
+                .unwrap_or_default();
+            let error = format!(
+                "Invalid signature for server {host} with key {key_id}: Unable to verify \
+                 signature for {host}"
+            );
+            let body = serde_json::json!({"errcode": "M_UNAUTHORIZED", "error": error});
+            (status, body.to_string()).into_response()
+        }
         200 => match ok_body {
             Some(body) => (status, body).into_response(),
             None => (status, r#"{"pdus":{}}"#).into_response(),

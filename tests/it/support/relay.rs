@@ -87,7 +87,7 @@ impl TestRelay {
             federation_addr: ([127, 0, 0, 1], ports.0).into(),
             client_url: format!("http://127.0.0.1:{}", ports.1),
             rpc_url: format!("http://127.0.0.1:{}", ports.2),
-            rpc_secret: "test-rpc-secret".to_owned(),
+            rpc_secret: "test-rpc-secret-long".to_owned(),
             dir,
             http: HttpClient::new(),
             options,
