@@ -9,7 +9,7 @@ use serde_json::{Map, Value};
 
 use crate::canonical_json::to_canonical_string;
 use crate::signing::{SigningError, decode_base64, decode_verify_key, signed_bytes, verify_json};
-use crate::store::keys::{CrossSigningKind, StoredSignature};
+use crate::store::keys::CrossSigningKind;
 
 use super::error::KeysRejected;
 
@@ -321,36 +321,15 @@ pub fn stored_public_key(object: &Map<String, Value>) -> Option<(String, Verifyi
     Some((public_key.to_owned(), decode_verify_key(public_key).ok()?))
 }
 
-/// Adds each of `signatures` to `object.signatures[signer][key_id]`.
-pub fn merge_signatures<'a>(
-    object: &mut Map<String, Value>,
-    signatures: impl IntoIterator<Item = &'a StoredSignature>,
-) {
-    for signature in signatures {
-        let all = object
-            .entry("signatures")
-            .or_insert_with(|| Value::Object(Map::new()));
-        if !all.is_object() {
-            *all = Value::Object(Map::new());
-        }
-        if let Value::Object(all) = all {
-            let by_signer = all
-                .entry(signature.signer_user_id.clone())
-                .or_insert_with(|| Value::Object(Map::new()));
-            if let Value::Object(by_signer) = by_signer {
-                by_signer.insert(
-                    signature.signer_key_id.clone(),
-                    Value::String(signature.signature.clone()),
-                );
-            }
-        }
-    }
-}
+/// Adds each stored signature to `object.signatures[signer][key_id]` (the
+/// store's builder of outbound device-list EDUs uses the same function).
+pub use crate::store::device_lists::merge_signatures;
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::signing::encode_base64;
+    use crate::store::keys::StoredSignature;
     use ed25519_dalek::{Signer, SigningKey};
     use serde_json::json;
 
