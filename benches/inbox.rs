@@ -45,6 +45,7 @@ async fn fill(store: &SqliteStore, devices: usize, rows: usize) {
                     .map(|_| NewInboxMessage {
                         user_id: user(d),
                         device: DeviceTarget::One("DEV".to_owned()),
+                        message_id: format!("fill{txn}"),
                         sender: "@sender:bench.test".to_owned(),
                         event_type: "m.bench".to_owned(),
                         content_json: content.clone(),

@@ -37,6 +37,7 @@ fn send(recipients: usize, first_user: usize) -> SendBatch {
             .map(|r| NewInboxMessage {
                 user_id: user((first_user + r) % USERS),
                 device: DeviceTarget::One("DEV".to_owned()),
+                message_id: format!("t{txn}"),
                 sender: "@sender:bench.test".to_owned(),
                 event_type: "m.bench".to_owned(),
                 content_json: format!(

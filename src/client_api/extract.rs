@@ -228,6 +228,7 @@ mod tests {
             &mut out,
             &[crate::store::InboxMessage {
                 stream_id: 1,
+                message_id: "abc".into(),
                 sender: "@a:x".into(),
                 event_type: "m.\"t\"".into(),
                 content_json: "{\"k\":[1,2]}".into(),

@@ -74,6 +74,10 @@ pub enum DeviceTarget {
 pub struct NewInboxMessage {
     pub user_id: String,
     pub device: DeviceTarget,
+    /// The id that follows the message through logs, traces and expiry: the
+    /// federation EDU's `message_id`, or one minted per client send for
+    /// local recipients (`todevice::new_message_id`).
+    pub message_id: String,
     pub sender: String,
     pub event_type: String,
     /// The message content as serialized JSON (an object).
@@ -84,6 +88,9 @@ pub struct NewInboxMessage {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InboxMessage {
     pub stream_id: i64,
+    /// As written (`NewInboxMessage::message_id`); empty for rows written
+    /// before the column existed. Never sent to clients.
+    pub message_id: String,
     pub sender: String,
     pub event_type: String,
     pub content_json: String,

@@ -415,6 +415,9 @@ fn split_recipients(
         });
     }
     let mut split = Recipients::default();
+    // One id for every local recipient of this send: the handle by which
+    // logs, traces and expiry name it (remote EDUs mint their own).
+    let local_message_id = new_message_id();
     let mut unparsable = 0usize;
     for (user_id, devices) in messages {
         let Value::Object(devices) = devices else {
@@ -474,6 +477,7 @@ fn split_recipients(
                 split.local.push(NewInboxMessage {
                     user_id: user_id.clone(),
                     device,
+                    message_id: local_message_id.clone(),
                     sender: sender.to_owned(),
                     event_type: event_type.to_owned(),
                     content_json: String::from_utf8(encoded)
@@ -552,6 +556,32 @@ mod tests {
         ] {
             assert_eq!(SyncToken::parse(bad), None, "{bad:?}");
         }
+    }
+
+    #[test]
+    fn local_recipients_of_one_send_share_one_fresh_message_id() {
+        let limits = crate::config::SendLimits {
+            max_destinations: 10,
+            max_recipients: 10,
+        };
+        let messages = |body: serde_json::Value| match body {
+            Value::Object(map) => map,
+            _ => unreachable!("an object literal"),
+        };
+        let body = serde_json::json!({
+            "@a:here": {"D1": {"k": 1}, "*": {"k": 2}},
+            "@b:here": {"D2": {"k": 3}},
+            "@c:there": {"D3": {"k": 4}},
+        });
+        let split = split_recipients("here", "@s:here", "m.t", messages(body.clone()), limits)
+            .expect("valid send");
+        assert_eq!(split.local.len(), 3);
+        let id = &split.local[0].message_id;
+        assert_eq!(id.len(), MESSAGE_ID_LEN);
+        assert!(split.local.iter().all(|m| &m.message_id == id));
+        let again =
+            split_recipients("here", "@s:here", "m.t", messages(body), limits).expect("valid send");
+        assert_ne!(&again.local[0].message_id, id);
     }
 
     #[test]

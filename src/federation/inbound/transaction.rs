@@ -388,6 +388,7 @@ fn parse_direct_to_device(
             out.push(NewInboxMessage {
                 user_id: user.as_str().to_owned(),
                 device,
+                message_id: message_id.as_ref().to_owned(),
                 sender: sender.as_ref().to_owned(),
                 event_type: event_type.as_ref().to_owned(),
                 content_json,

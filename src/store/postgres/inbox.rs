@@ -95,7 +95,7 @@ pub(super) async fn write_inbox(
     for row in tx.query(&lock, &[&users]).await? {
         registered.entry(row.get(0)).or_default().push(row.get(1));
     }
-    let mut cols: [Vec<&str>; 5] = Default::default();
+    let mut cols: [Vec<&str>; 6] = Default::default();
     let mut woken: Vec<DeviceKey> = Vec::new();
     let mut seen: HashSet<(&str, &str)> = HashSet::new();
     for msg in messages {
@@ -123,20 +123,26 @@ pub(super) async fn write_inbox(
             cols[2].push(&msg.sender);
             cols[3].push(&msg.event_type);
             cols[4].push(&msg.content_json);
+            cols[5].push(&msg.message_id);
         }
     }
     if !cols[0].is_empty() {
         let insert = tx
             .prepare_cached(
-                "INSERT INTO device_inbox (user_id, device_id, sender, event_type, content_json)
-                 SELECT u, d, s, t, c
-                 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[])
-                      WITH ORDINALITY AS r (u, d, s, t, c, o)
+                "INSERT INTO device_inbox
+                     (user_id, device_id, sender, event_type, content_json, message_id)
+                 SELECT u, d, s, t, c, m
+                 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
+                             $6::text[])
+                      WITH ORDINALITY AS r (u, d, s, t, c, m, o)
                  ORDER BY o",
             )
             .await?;
-        tx.execute(&insert, &[&cols[0], &cols[1], &cols[2], &cols[3], &cols[4]])
-            .await?;
+        tx.execute(
+            &insert,
+            &[&cols[0], &cols[1], &cols[2], &cols[3], &cols[4], &cols[5]],
+        )
+        .await?;
     }
     Ok(woken)
 }
@@ -244,7 +250,7 @@ pub async fn fetch_inbox(
                  DELETE FROM device_inbox
                  WHERE user_id = $1 AND device_id = $2 AND stream_id <= $3
              )
-             SELECT stream_id, sender, event_type, content_json FROM device_inbox
+             SELECT stream_id, sender, event_type, content_json, message_id FROM device_inbox
              WHERE user_id = $1 AND device_id = $2 AND stream_id > $3
              ORDER BY stream_id LIMIT $4",
         )
@@ -264,6 +270,7 @@ pub async fn fetch_inbox(
             sender: r.get(1),
             event_type: r.get(2),
             content_json: r.get(3),
+            message_id: r.get(4),
         })
         .collect();
     let next_batch = messages.last().map_or(since, |m| m.stream_id);

@@ -17,23 +17,25 @@ use crate::store::{
 };
 
 /// Rows per multi-row INSERT: fewer statement executions per row on the
-/// hot path (5 parameters each, far below SQLite's parameter limit).
+/// hot path (6 parameters each, far below SQLite's parameter limit).
 const CHUNK: usize = 32;
 
 const INSERT_ONE: &str = "INSERT INTO device_inbox
-    (user_id, device_id, sender, event_type, content_json) VALUES (?, ?, ?, ?, ?)";
+    (user_id, device_id, sender, event_type, content_json, message_id)
+    VALUES (?, ?, ?, ?, ?, ?)";
 
 /// `INSERT ... VALUES (...), (...)` with `CHUNK` rows; rows get increasing
 /// stream ids in the order of the VALUES list.
 static INSERT_CHUNK: LazyLock<String> = LazyLock::new(|| {
     let mut sql = String::from(
-        "INSERT INTO device_inbox (user_id, device_id, sender, event_type, content_json) VALUES ",
+        "INSERT INTO device_inbox \
+         (user_id, device_id, sender, event_type, content_json, message_id) VALUES ",
     );
     for i in 0..CHUNK {
         if i > 0 {
             sql.push_str(", ");
         }
-        sql.push_str("(?, ?, ?, ?, ?)");
+        sql.push_str("(?, ?, ?, ?, ?, ?)");
     }
     sql
 });
@@ -143,7 +145,8 @@ impl<'c, 'm> InboxWriter<'c, 'm> {
                 stmt.raw_bind_parameter(index + 2, &msg.sender)?;
                 stmt.raw_bind_parameter(index + 3, &msg.event_type)?;
                 stmt.raw_bind_parameter(index + 4, &msg.content_json)?;
-                index += 5;
+                stmt.raw_bind_parameter(index + 5, &msg.message_id)?;
+                index += 6;
             }
             stmt.raw_execute()?;
             rows = &rows[CHUNK..];
@@ -157,6 +160,7 @@ impl<'c, 'm> InboxWriter<'c, 'm> {
                     &msg.sender,
                     &msg.event_type,
                     &msg.content_json,
+                    &msg.message_id,
                 ))?;
             }
         }
@@ -260,7 +264,7 @@ pub fn inbox_page(
     limit: u32,
 ) -> Result<InboxPage, StoreError> {
     let mut stmt = conn.prepare_cached(
-        "SELECT stream_id, sender, event_type, content_json FROM device_inbox
+        "SELECT stream_id, sender, event_type, content_json, message_id FROM device_inbox
          WHERE user_id = ?1 AND device_id = ?2 AND stream_id > ?3
          ORDER BY stream_id LIMIT ?4",
     )?;
@@ -277,6 +281,7 @@ pub fn inbox_page(
             sender: row.get(1)?,
             event_type: row.get(2)?,
             content_json: row.get(3)?,
+            message_id: row.get(4)?,
         });
     }
     let next_batch = messages.last().map_or(since, |m| m.stream_id);

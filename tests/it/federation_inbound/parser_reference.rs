@@ -256,6 +256,7 @@ mod value_tree_reference {
                 out.push(NewInboxMessage {
                     user_id: user.as_str().to_owned(),
                     device,
+                    message_id: message_id.to_owned(),
                     sender: sender.to_owned(),
                     event_type: event_type.to_owned(),
                     content_json: message.to_string(),

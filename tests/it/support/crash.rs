@@ -35,6 +35,7 @@ pub fn batch(txn_id: &str) -> SendBatch {
         .map(|(part, device)| NewInboxMessage {
             user_id: USER.to_owned(),
             device: DeviceTarget::One((*device).to_owned()),
+            message_id: format!("{txn_id}-{part}"),
             sender: USER.to_owned(),
             event_type: "m.crash".to_owned(),
             content_json: content(part),
@@ -43,6 +44,7 @@ pub fn batch(txn_id: &str) -> SendBatch {
     local.push(NewInboxMessage {
         user_id: USER.to_owned(),
         device: DeviceTarget::All,
+        message_id: format!("{txn_id}-all"),
         sender: USER.to_owned(),
         event_type: "m.crash".to_owned(),
         content_json: content(99),

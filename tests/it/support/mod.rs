@@ -39,3 +39,22 @@ pub mod store_suite_device_lists;
 pub mod tls_client;
 
 pub use relay::{TestRelay, TestRelayOptions};
+
+/// The version numbers of the migration files of a backend
+/// (`migrations/<backend>/NNNN_*.sql`), sorted: what a fresh store must
+/// have applied.
+pub fn migration_files(backend: &str) -> Vec<u32> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("migrations")
+        .join(backend);
+    let mut versions: Vec<u32> = std::fs::read_dir(&dir)
+        .expect("the migrations directory")
+        .filter_map(|entry| {
+            let name = entry.ok()?.file_name().into_string().ok()?;
+            let (number, _) = name.strip_suffix(".sql")?.split_once('_')?;
+            number.parse().ok()
+        })
+        .collect();
+    versions.sort_unstable();
+    versions
+}

@@ -41,6 +41,12 @@ pub async fn inbox_order_and_next_batch(harness: &Harness) {
             .iter()
             .all(|m| m.sender == SENDER && m.event_type == "m.test")
     );
+    // Each row keeps the message_id it was written with.
+    assert!(
+        page.messages
+            .iter()
+            .all(|m| m.message_id == format!("msg{}", n_of(&m.content_json)))
+    );
     // Acknowledge everything: the next fetch is empty and keeps `since`.
     let after = s
         .fetch_inbox(ALICE, "A", page.next_batch, 100)

@@ -125,6 +125,7 @@ fn msg(user: &str, device: DeviceTarget, n: u64) -> NewInboxMessage {
     NewInboxMessage {
         user_id: user.to_owned(),
         device,
+        message_id: format!("msg{n}"),
         sender: SENDER.to_owned(),
         event_type: "m.test".to_owned(),
         content_json: json!({ "n": n }).to_string(),
@@ -144,6 +145,7 @@ pub fn send(txn_id: &str, user: &str, device: &str, n: u32) -> SendBatch {
         local: vec![NewInboxMessage {
             user_id: user.to_owned(),
             device: DeviceTarget::One(device.to_owned()),
+            message_id: txn_id.to_owned(),
             sender: user.to_owned(),
             event_type: "m.test".to_owned(),
             content_json: format!("{{\"n\":{n}}}"),
