@@ -76,8 +76,15 @@ pub struct FederationConfig {
     pub origin_allow: Vec<String>,
     /// Origins refused with 403.
     pub origin_deny: Vec<String>,
-    /// Inbound requests per second per origin (burst = 2 × rate).
+    /// Inbound requests per second per origin (0: no limit).
     pub inbound_rate_per_origin: u32,
+    /// The burst window and the longest shaping wait of that limit.
+    pub inbound_rate_shape: RateShape,
+    /// An unknown or expired key id makes the key ring fetch a server's
+    /// keys again at most once per this long.
+    pub key_refetch_interval: Duration,
+    /// A failed key fetch is remembered (lookups fail at once) this long.
+    pub key_failure_cache: Duration,
     /// Notary servers tried when an origin cannot be reached for its keys.
     pub notary_servers: Vec<ServerName>,
     pub retry: RetryConfig,
@@ -118,11 +125,30 @@ pub struct ClientConfig {
     pub max_sync_timeout: Duration,
     /// Limits on what one send may ask for.
     pub send_limits: SendLimits,
-    /// Sends (`PUT /sendToDevice`) per second per user, burst 2 × rate;
-    /// 0 turns the limit off. The RPC is never limited.
+    /// Sends (`PUT /sendToDevice`) per second per user; 0 turns the limit
+    /// off. The RPC is never limited.
     pub sends_per_user_per_sec: u32,
+    /// The burst window and the longest shaping wait of that limit.
+    pub send_rate_shape: RateShape,
     /// Timeouts and caps of the client listener.
     pub listener: ListenerLimits,
+}
+
+/// How a rate limit (a token bucket per origin or per user) treats bursts:
+/// the bucket holds rate × `burst` tokens (at least one), and a request
+/// that finds it empty waits for the next token if that comes within
+/// `max_delay`, else it is refused with 429 `M_LIMIT_EXCEEDED`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateShape {
+    pub burst: Duration,
+    pub max_delay: Duration,
+}
+
+impl RateShape {
+    pub const DEFAULT: RateShape = RateShape {
+        burst: Duration::from_secs(2),
+        max_delay: Duration::from_millis(500),
+    };
 }
 
 /// What one to-device send (client or RPC) may fan out to; past either
@@ -256,6 +282,10 @@ struct RawFederation {
     #[serde(default)]
     origin_deny: Vec<String>,
     inbound_rate_per_origin: Option<u32>,
+    inbound_rate_burst_ms: Option<u64>,
+    inbound_rate_max_delay_ms: Option<u64>,
+    key_refetch_interval_ms: Option<u64>,
+    key_failure_cache_ms: Option<u64>,
     #[serde(default)]
     notary_servers: Vec<String>,
     retry_initial_ms: Option<u64>,
@@ -279,6 +309,8 @@ struct RawClient {
     max_destinations_per_send: Option<usize>,
     max_recipients_per_send: Option<usize>,
     sends_per_user_per_sec: Option<u32>,
+    send_rate_burst_ms: Option<u64>,
+    send_rate_max_delay_ms: Option<u64>,
     listener: Option<RawListenerLimits>,
 }
 
@@ -546,6 +578,26 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         if quarantine_after == 0 {
             problems.push("[federation] quarantine_after must be at least 1".to_owned());
         }
+        let inbound_rate_shape = rate_shape(
+            "[federation] inbound_rate",
+            f.inbound_rate_burst_ms,
+            f.inbound_rate_max_delay_ms,
+            &mut problems,
+        );
+        let key_refetch_interval = bounded_ms(
+            "[federation] key_refetch_interval_ms",
+            f.key_refetch_interval_ms,
+            Duration::from_secs(60),
+            1_000..=86_400_000,
+            &mut problems,
+        );
+        let key_failure_cache = bounded_ms(
+            "[federation] key_failure_cache_ms",
+            f.key_failure_cache_ms,
+            Duration::from_secs(30),
+            1_000..=3_600_000,
+            &mut problems,
+        );
         let discovery_timeout = Duration::from_millis(f.discovery_timeout_ms.unwrap_or(15_000));
         if discovery_timeout.is_zero() || discovery_timeout > Duration::from_secs(600) {
             problems.push("[federation] discovery_timeout_ms must be in 1..=600000".to_owned());
@@ -565,6 +617,9 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             origin_allow: f.origin_allow,
             origin_deny: f.origin_deny,
             inbound_rate_per_origin: f.inbound_rate_per_origin.unwrap_or(200),
+            inbound_rate_shape,
+            key_refetch_interval,
+            key_failure_cache,
             notary_servers,
             retry,
             quarantine_after,
@@ -601,6 +656,12 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             max_sync_timeout: Duration::from_millis(c.max_sync_timeout_ms.unwrap_or(60_000)),
             send_limits,
             sends_per_user_per_sec: c.sends_per_user_per_sec.unwrap_or(0),
+            send_rate_shape: rate_shape(
+                "[client] send_rate",
+                c.send_rate_burst_ms,
+                c.send_rate_max_delay_ms,
+                &mut problems,
+            ),
             listener: listener_limits(
                 "client",
                 c.listener,
@@ -965,6 +1026,55 @@ struct RawListenerLimits {
     h2_keep_alive_interval_ms: Option<u64>,
     max_header_bytes: Option<usize>,
     max_body_bytes_in_flight: Option<usize>,
+}
+
+/// A duration key in milliseconds: `default` when absent; a value outside
+/// `range` is a problem (and the default stands in for it).
+fn bounded_ms(
+    key: &str,
+    value: Option<u64>,
+    default: Duration,
+    range: std::ops::RangeInclusive<u64>,
+    problems: &mut Vec<String>,
+) -> Duration {
+    match value {
+        None => default,
+        Some(ms) if range.contains(&ms) => Duration::from_millis(ms),
+        Some(_) => {
+            problems.push(format!(
+                "{key} must be in {}..={}",
+                range.start(),
+                range.end()
+            ));
+            default
+        }
+    }
+}
+
+/// `<prefix>_burst_ms` (100..=600000) and `<prefix>_max_delay_ms`
+/// (0..=10000) of a rate limit.
+fn rate_shape(
+    prefix: &str,
+    burst_ms: Option<u64>,
+    max_delay_ms: Option<u64>,
+    problems: &mut Vec<String>,
+) -> RateShape {
+    RateShape {
+        burst: bounded_ms(
+            &format!("{prefix}_burst_ms"),
+            burst_ms,
+            RateShape::DEFAULT.burst,
+            100..=600_000,
+            problems,
+        ),
+        max_delay: bounded_ms(
+            &format!("{prefix}_max_delay_ms"),
+            max_delay_ms,
+            RateShape::DEFAULT.max_delay,
+            0..=10_000,
+            problems,
+        ),
+    }
 }
 
 /// Validates one `[<section>.listener]` table over the section's defaults.
@@ -1334,6 +1444,58 @@ postgres = "b"
         assert!(text.contains("max_destinations_per_send"), "{text}");
         assert!(text.contains("key_fetch_concurrency"), "{text}");
         assert!(text.contains("origin_deny"), "{text}");
+    }
+
+    #[test]
+    fn rate_shapes_and_key_intervals_have_defaults_and_bounds() {
+        let c = parse(GOOD, &[]).expect("valid config");
+        assert_eq!(c.federation.inbound_rate_shape, RateShape::DEFAULT);
+        assert_eq!(c.client.send_rate_shape, RateShape::DEFAULT);
+        assert_eq!(c.federation.key_refetch_interval, Duration::from_secs(60));
+        assert_eq!(c.federation.key_failure_cache, Duration::from_secs(30));
+        let c = parse(
+            GOOD,
+            &[
+                ("COURIER_FEDERATION__INBOUND_RATE_BURST_MS", "5000"),
+                ("COURIER_FEDERATION__INBOUND_RATE_MAX_DELAY_MS", "0"),
+                ("COURIER_CLIENT__SEND_RATE_BURST_MS", "1000"),
+                ("COURIER_FEDERATION__KEY_REFETCH_INTERVAL_MS", "300000"),
+                ("COURIER_FEDERATION__KEY_FAILURE_CACHE_MS", "5000"),
+            ],
+        )
+        .expect("valid overrides");
+        assert_eq!(
+            c.federation.inbound_rate_shape,
+            RateShape {
+                burst: Duration::from_secs(5),
+                max_delay: Duration::ZERO
+            }
+        );
+        assert_eq!(c.client.send_rate_shape.burst, Duration::from_secs(1));
+        assert_eq!(c.federation.key_refetch_interval, Duration::from_secs(300));
+        assert_eq!(c.federation.key_failure_cache, Duration::from_secs(5));
+        // Every bad value is reported, each once, in one error.
+        let error = parse(
+            GOOD,
+            &[
+                ("COURIER_FEDERATION__INBOUND_RATE_BURST_MS", "10"),
+                ("COURIER_FEDERATION__INBOUND_RATE_MAX_DELAY_MS", "60000"),
+                ("COURIER_CLIENT__SEND_RATE_MAX_DELAY_MS", "20000"),
+                ("COURIER_FEDERATION__KEY_REFETCH_INTERVAL_MS", "0"),
+                ("COURIER_FEDERATION__KEY_FAILURE_CACHE_MS", "999999999"),
+            ],
+        )
+        .expect_err("refused");
+        let text = error.to_string();
+        for key in [
+            "[federation] inbound_rate_burst_ms",
+            "[federation] inbound_rate_max_delay_ms",
+            "[client] send_rate_max_delay_ms",
+            "[federation] key_refetch_interval_ms",
+            "[federation] key_failure_cache_ms",
+        ] {
+            assert_eq!(text.matches(key).count(), 1, "{key} in {text}");
+        }
     }
 }
 

@@ -46,12 +46,14 @@ const SUPPORTED_VERSIONS: &[&str] = &[
 struct SendRateLimit {
     limiter: Arc<OriginRateLimiter>,
     rate: u32,
+    shape: crate::config::RateShape,
 }
 
 pub fn router(state: AppState) -> Router {
     let send_rate = SendRateLimit {
         limiter: Arc::new(OriginRateLimiter::new()),
         rate: state.config.client.sends_per_user_per_sec,
+        shape: state.config.client.send_rate_shape,
     };
     Router::new()
         .route("/_matrix/client/versions", get(get_versions_route))
@@ -96,7 +98,7 @@ async fn put_send_to_device_route(
 ) -> Result<Response, MatrixError> {
     let user_id = device.user_id.as_str();
     // Before the body is parsed: a user over the rate costs a bucket check.
-    admit(&send_rate.limiter, user_id, send_rate.rate)
+    admit(&send_rate.limiter, user_id, send_rate.rate, send_rate.shape)
         .await
         .map_err(|e| refused(e, user_id))?;
     let (event_type, txn_id) = extract::path(path).map_err(|e| refused(e, user_id))?;

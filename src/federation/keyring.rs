@@ -5,8 +5,9 @@
 //! It owns when keys are fetched and how long they are trusted: a key is used
 //! only until its effective expiry (`min(valid_until_ts, fetched + 7 days)`,
 //! computed by [`validate_server_key_response`]); an unknown or expired
-//! key id triggers at most one fetch per server per `REFETCH_INTERVAL`; a
-//! failed fetch is remembered for `FAILURE_TTL` so that a flood of bad
+//! key id triggers at most one fetch per server per refetch interval; a
+//! failed fetch is remembered for the failure cache time (both configured,
+//! defaults `REFETCH_INTERVAL` and `FAILURE_TTL`) so that a flood of bad
 //! requests does not become a flood of outbound fetches; concurrent lookups
 //! for the same server share one fetch (single flight, through a per-server
 //! async lock). It does not verify requests (the inbound extractor does) and
@@ -42,9 +43,11 @@ use crate::signing::{decode_verify_key, encode_base64, verify_json};
 use crate::store::{Store, StoredServerKey};
 
 /// After a fetch, the same server is not fetched again for an unknown or
-/// expired key id before this much time has passed.
+/// expired key id before this much time has passed (the default of
+/// `[federation] key_refetch_interval_ms`).
 pub const REFETCH_INTERVAL: Duration = Duration::from_secs(60);
-/// After a failed fetch, lookups for that server fail at once for this long.
+/// After a failed fetch, lookups for that server fail at once for this long
+/// (the default of `[federation] key_failure_cache_ms`).
 pub const FAILURE_TTL: Duration = Duration::from_secs(30);
 /// The most servers kept in memory; past it, entries without a usable key
 /// are evicted (their keys, if any, stay in the store).
@@ -182,6 +185,10 @@ pub struct KeyRing {
     /// Fetches in flight over all servers (`key_fetch_concurrency`).
     fetch_permits: Semaphore,
     max_servers: usize,
+    /// `REFETCH_INTERVAL` unless configured.
+    refetch_interval: Duration,
+    /// `FAILURE_TTL` unless configured.
+    failure_ttl: Duration,
 }
 
 /// Removes a normalized name from `KeyRing::fetching` when its fetch ends,
@@ -202,6 +209,18 @@ impl KeyRing {
         Self::with_fetcher(store, client, config.federation.key_fetch_timeout)
             .with_notaries(config.federation.notary_servers.clone())
             .with_fetch_concurrency(config.federation.key_fetch_concurrency)
+            .with_intervals(
+                config.federation.key_refetch_interval,
+                config.federation.key_failure_cache,
+            )
+    }
+
+    /// Fetches a server again for an unknown key id at most once per
+    /// `refetch`, and remembers a failed fetch for `failure_ttl`.
+    pub fn with_intervals(mut self, refetch: Duration, failure_ttl: Duration) -> Self {
+        self.refetch_interval = refetch;
+        self.failure_ttl = failure_ttl;
+        self
     }
 
     /// At most `permits` fetches in flight at once over all servers.
@@ -249,6 +268,8 @@ impl KeyRing {
             fetching: Mutex::new(HashSet::new()),
             fetch_permits: Semaphore::new(DEFAULT_FETCH_CONCURRENCY),
             max_servers: MAX_SERVERS,
+            refetch_interval: REFETCH_INTERVAL,
+            failure_ttl: FAILURE_TTL,
         }
     }
 
@@ -381,7 +402,7 @@ impl KeyRing {
                 let entry = servers
                     .entry(server_name.to_owned())
                     .or_insert_with(ServerEntry::new);
-                entry.quiet_until = Some(now + REFETCH_INTERVAL);
+                entry.quiet_until = Some(now + self.refetch_interval);
                 entry.last_failure = None;
                 match key {
                     Some(key) => Ok(key),
@@ -404,7 +425,7 @@ impl KeyRing {
                 let entry = servers
                     .entry(server_name.to_owned())
                     .or_insert_with(ServerEntry::new);
-                entry.quiet_until = Some(now + FAILURE_TTL);
+                entry.quiet_until = Some(now + self.failure_ttl);
                 entry.last_failure = Some(format!("fetching keys failed: {reason}"));
                 drop(servers);
                 self.record_failure(&normalized, format!("fetching keys failed: {reason}"));
@@ -578,7 +599,7 @@ impl KeyRing {
         failures.insert(
             normalized.to_owned(),
             Failure {
-                until: now + FAILURE_TTL,
+                until: now + self.failure_ttl,
                 reason,
             },
         );

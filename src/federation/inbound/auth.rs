@@ -338,6 +338,7 @@ impl FromRequest<AppState> for SignedRequest {
                             &state.inbound.rate_limiter,
                             &lookup_key,
                             config.federation.inbound_rate_per_origin,
+                            config.federation.inbound_rate_shape,
                         )
                         .await?;
                         lookup_paid = true;

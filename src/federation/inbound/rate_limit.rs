@@ -1,10 +1,12 @@
 //! Per-origin rate limiting of authenticated inbound federation requests: a
-//! token bucket per origin server holding up to 2 × rate tokens, refilled at
+//! token bucket per origin server holding up to rate × burst tokens (the
+//! burst window, `RateShape::burst`, 2 s unless configured), refilled at
 //! `rate` tokens per second. It is keyed by the *authenticated* origin only,
 //! so nobody can spend another server's budget by forging its name.
 //!
 //! A request that finds the bucket empty is not refused at once: when a
-//! token will be there within [`MAX_SHAPING_DELAY`], the token is reserved
+//! token will be there within `RateShape::max_delay` ([`MAX_SHAPING_DELAY`]
+//! unless configured), the token is reserved
 //! (the bucket goes into debt) and the caller waits that long, so a busy but
 //! honest peer is slowed to the rate instead of being bounced for a whole
 //! `Retry-After` second. Only a request that would wait longer is refused.
@@ -23,12 +25,14 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+pub use crate::config::RateShape;
+
 /// Most origins tracked at once.
 const MAX_ORIGINS: usize = 10_000;
 
-/// The longest a request over the rate is held before it is let through;
-/// one that would have to wait longer is refused.
-pub const MAX_SHAPING_DELAY: Duration = Duration::from_millis(500);
+/// The longest a request over the rate is held before it is let through,
+/// unless configured; one that would have to wait longer is refused.
+pub const MAX_SHAPING_DELAY: Duration = RateShape::DEFAULT.max_delay;
 
 /// What the limiter decided for one request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,16 +75,18 @@ impl OriginRateLimiter {
         }
     }
 
-    /// Takes one token for `origin` at `rate_per_sec` (burst 2 × rate). When
-    /// the bucket is empty but a token will be there within `max_delay`, the
-    /// token is reserved and the answer says how long to wait first. A rate
-    /// of 0 disables limiting.
-    pub fn admit(&self, origin: &str, rate_per_sec: u32, max_delay: Duration) -> Admission {
+    /// Takes one token for `origin` at `rate_per_sec` (the bucket holds
+    /// rate × `shape.burst`, at least one token). When the bucket is empty
+    /// but a token will be there within `shape.max_delay`, the token is
+    /// reserved and the answer says how long to wait first. A rate of 0
+    /// disables limiting.
+    pub fn admit(&self, origin: &str, rate_per_sec: u32, shape: RateShape) -> Admission {
         if rate_per_sec == 0 {
             return Admission::Now;
         }
+        let max_delay = shape.max_delay;
         let rate = f64::from(rate_per_sec);
-        let capacity = 2.0 * rate;
+        let capacity = (rate * shape.burst.as_secs_f64()).max(1.0);
         let now = Instant::now();
         let mut buckets = crate::sync::lock(&self.buckets);
         if !buckets.contains_key(origin) && buckets.len() >= self.max_origins {
@@ -113,15 +119,16 @@ impl OriginRateLimiter {
 }
 
 /// One token for `key` at `rate_per_sec` from `limiter`: `Ok` now or after
-/// a wait of at most [`MAX_SHAPING_DELAY`], else a 429 `M_LIMIT_EXCEEDED`
+/// a wait of at most `shape.max_delay`, else a 429 `M_LIMIT_EXCEEDED`
 /// whose Retry-After is the time until the next token. Counted in
 /// `courier_rate_limit_total{outcome="delayed"|"refused"}`.
 pub async fn admit(
     limiter: &OriginRateLimiter,
     key: &str,
     rate_per_sec: u32,
+    shape: RateShape,
 ) -> Result<(), crate::error::MatrixError> {
-    match limiter.admit(key, rate_per_sec, MAX_SHAPING_DELAY) {
+    match limiter.admit(key, rate_per_sec, shape) {
         Admission::Now => Ok(()),
         Admission::After(delay) => {
             metrics::counter!("courier_rate_limit_total", "outcome" => "delayed").increment(1);
@@ -166,7 +173,11 @@ mod tests {
 
     /// One request that may not wait: `Err` is how long until a token.
     fn check(limiter: &OriginRateLimiter, origin: &str, rate: u32) -> Result<(), Duration> {
-        match limiter.admit(origin, rate, Duration::ZERO) {
+        let shape = RateShape {
+            max_delay: Duration::ZERO,
+            ..RateShape::DEFAULT
+        };
+        match limiter.admit(origin, rate, shape) {
             Admission::Now => Ok(()),
             Admission::After(wait) | Admission::Refused(wait) => Err(wait),
         }
@@ -191,14 +202,18 @@ mod tests {
     async fn a_request_just_over_the_rate_waits_instead_of_being_refused() {
         let limiter = OriginRateLimiter::new();
         let max = Duration::from_millis(500);
+        let shape = RateShape {
+            burst: Duration::from_secs(2),
+            max_delay: max,
+        };
         // Rate 10/s: the burst of 20 goes at once.
         for _ in 0..20 {
-            assert_eq!(limiter.admit("a.example", 10, max), Admission::Now);
+            assert_eq!(limiter.admit("a.example", 10, shape), Admission::Now);
         }
         // Then tokens are reserved 100 ms apart, while they are within the
         // longest delay: 5 of them (100 … 500 ms).
         let mut waits = Vec::new();
-        while let Admission::After(wait) = limiter.admit("a.example", 10, max) {
+        while let Admission::After(wait) = limiter.admit("a.example", 10, shape) {
             waits.push(wait.as_millis());
         }
         assert_eq!(waits.len(), 5, "{waits:?}");
@@ -208,14 +223,37 @@ mod tests {
         }
         // The next would wait 600 ms: refused, and the refusal reserves
         // nothing.
-        match limiter.admit("a.example", 10, max) {
+        match limiter.admit("a.example", 10, shape) {
             Admission::Refused(wait) => assert!(wait > max, "{wait:?}"),
             other => panic!("expected a refusal, got {other:?}"),
         }
         tokio::time::advance(Duration::from_millis(100)).await;
         assert!(matches!(
-            limiter.admit("a.example", 10, max),
+            limiter.admit("a.example", 10, shape),
             Admission::After(wait) if wait <= max
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_burst_window_sizes_the_bucket() {
+        let limiter = OriginRateLimiter::new();
+        let shape = |burst_ms| RateShape {
+            burst: Duration::from_millis(burst_ms),
+            max_delay: Duration::ZERO,
+        };
+        // 10/s over a 5 s window: 50 at once, then empty.
+        for _ in 0..50 {
+            assert_eq!(limiter.admit("a.example", 10, shape(5000)), Admission::Now);
+        }
+        assert!(matches!(
+            limiter.admit("a.example", 10, shape(5000)),
+            Admission::Refused(_)
+        ));
+        // A window shorter than one token's worth still holds one token.
+        assert_eq!(limiter.admit("b.example", 1, shape(100)), Admission::Now);
+        assert!(matches!(
+            limiter.admit("b.example", 1, shape(100)),
+            Admission::Refused(_)
         ));
     }
 

@@ -82,6 +82,7 @@ pub async fn put_transaction_route(
         &inbound.rate_limiter,
         &origin.server_name().normalized(),
         state.config.federation.inbound_rate_per_origin,
+        state.config.federation.inbound_rate_shape,
     )
     .await?;
     state.sender.peer_is_up(origin.as_str());

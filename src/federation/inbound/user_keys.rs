@@ -47,6 +47,7 @@ async fn admitted(state: &AppState, origin: &Origin) -> Result<(), MatrixError> 
         &state.inbound.rate_limiter,
         &origin.server_name().normalized(),
         state.config.federation.inbound_rate_per_origin,
+        state.config.federation.inbound_rate_shape,
     )
     .await
 }

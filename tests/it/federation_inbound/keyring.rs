@@ -293,6 +293,38 @@ async fn keyring_refetches_unknown_keys_and_failed_servers_only_after_a_while() 
     assert_eq!(fetcher.fetches(), 4);
 }
 
+/// `[federation] key_refetch_interval_ms` and `key_failure_cache_ms`, set
+/// through `with_intervals`, replace the defaults.
+#[tokio::test(start_paused = true)]
+async fn keyring_intervals_are_configurable() {
+    let (_dir, store) = temp_store().await;
+    let fetcher = MemoryFetcher::new(Duration::ZERO);
+    let key = ServerSigningKey::from_seed("a", [1; 32]);
+    let later = courier::clock::now_ms() + 86_400_000;
+    let ring = KeyRing::with_fetcher(store.clone(), fetcher.clone(), Duration::from_secs(5))
+        .with_intervals(Duration::from_secs(300), Duration::from_secs(2));
+    // A failure is remembered for 2 s, not the default 30 s.
+    assert!(ring.verify_key("down.example", "ed25519:a").await.is_err());
+    assert!(ring.verify_key("down.example", "ed25519:a").await.is_err());
+    assert_eq!(fetcher.fetches(), 1);
+    tokio::time::advance(Duration::from_millis(2_100)).await;
+    fetcher.publish(
+        "down.example",
+        server_key_document("down.example", &key, &[], later),
+    );
+    assert!(ring.verify_key("down.example", "ed25519:a").await.is_ok());
+    assert_eq!(fetcher.fetches(), 2);
+    // An unknown key id is not fetched again after the default 60 s, only
+    // after the configured 300 s.
+    assert!(ring.verify_key("down.example", "ed25519:b").await.is_err());
+    tokio::time::advance(Duration::from_secs(61)).await;
+    assert!(ring.verify_key("down.example", "ed25519:b").await.is_err());
+    assert_eq!(fetcher.fetches(), 2, "the configured interval holds");
+    tokio::time::advance(Duration::from_secs(240)).await;
+    assert!(ring.verify_key("down.example", "ed25519:b").await.is_err());
+    assert_eq!(fetcher.fetches(), 3);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keyring_falls_back_to_notaries_and_checks_both_signatures() {
     let (_dir, store) = temp_store().await;
