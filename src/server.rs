@@ -34,11 +34,13 @@ pub enum ServerError {
     Tls(#[from] crate::tls::TlsError),
     #[error("federation client: {0}")]
     Client(#[from] crate::federation::outbound::client_error::ClientError),
-    #[error("binding {what} on {addr}: {source}")]
+    // Not `source`: a caller printing the error chain would show the OS
+    // error twice.
+    #[error("binding {what} on {addr}: {error}")]
     Bind {
         what: &'static str,
         addr: std::net::SocketAddr,
-        source: std::io::Error,
+        error: std::io::Error,
     },
 }
 
@@ -55,7 +57,7 @@ impl Listeners {
         let bind = |what: &'static str, addr: std::net::SocketAddr| async move {
             TcpListener::bind(addr)
                 .await
-                .map_err(|source| ServerError::Bind { what, addr, source })
+                .map_err(|error| ServerError::Bind { what, addr, error })
         };
         Ok(Listeners {
             federation: bind("federation", config.federation.bind).await?,

@@ -126,10 +126,10 @@ impl DevPair {
             let token = shutdown.clone();
             pair.handles.push(runtime.spawn(async move {
                 let from_std = |l: std::net::TcpListener| {
-                    tokio::net::TcpListener::from_std(l).map_err(|source| ServerError::Bind {
+                    tokio::net::TcpListener::from_std(l).map_err(|error| ServerError::Bind {
                         what: "listener handover",
                         addr: ([127, 0, 0, 1], 0).into(),
-                        source,
+                        error,
                     })
                 };
                 let listeners = Listeners {

@@ -195,6 +195,31 @@ fn check_config_prints_each_problem_once() {
     assert_eq!(stderr.matches("No such file").count(), 1, "{stderr}");
 }
 
+#[test]
+fn serve_prints_a_bind_error_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key = dir.path().join("signing.key");
+    let out = courier(&["keygen", "--out", key.to_str().expect("utf-8")]);
+    assert!(out.status.success());
+    // Hold a loopback port so that the federation listener cannot bind it.
+    let held = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = held.local_addr().expect("addr").port();
+    let config = config_text(dir.path(), SECRET, "").replacen(
+        "bind = \"127.0.0.1:0\"",
+        &format!("bind = \"127.0.0.1:{port}\""),
+        1,
+    );
+    let config_path = dir.path().join("courier.toml");
+    std::fs::write(&config_path, config).expect("config");
+    let out = courier(&["serve", "--config", config_path.to_str().expect("utf-8")]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains(&format!("127.0.0.1:{port}")), "{stderr}");
+    assert!(stderr.contains("in use"), "{stderr}");
+    assert_eq!(stderr.matches("os error").count(), 1, "{stderr}");
+    drop(held);
+}
+
 /// An `old_verify_keys` entry with our key's id and other key material.
 fn conflicting_entry(key: &ServerSigningKey) -> String {
     let other = ServerSigningKey::generate(key.version());
