@@ -276,7 +276,10 @@ impl DestinationTask {
                         }
                     },
                 };
-                match store.set_retry_state(&fence, &self.destination, &reset).await {
+                match store
+                    .set_retry_state(&fence, &self.destination, &reset)
+                    .await
+                {
                     Ok(()) => self.clean = true,
                     Err(StoreError::Fenced { epoch, .. }) => {
                         self.fenced_out(epoch);

@@ -36,9 +36,9 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::store::{
-    DestinationStatus, DeviceKey, Fence, InFlightTxn, InboundOutcome, InboundTxn, InboxPage, KeyStore,
-    OutboxEdu, PruneReport, QuarantinedEdu, Retention, RetryState, SendBatch, SendOutcome, Store,
-    StoreError, StoreFuture, StoredServerKey, TimestampMs, Wakeup,
+    DestinationStatus, DeviceKey, Fence, InFlightTxn, InboundOutcome, InboundTxn, InboxPage,
+    KeyStore, OutboxEdu, PruneReport, QuarantinedEdu, Retention, RetryState, SendBatch,
+    SendOutcome, Store, StoreError, StoreFuture, StoredServerKey, TimestampMs, Wakeup,
 };
 
 mod device_changes;

@@ -16,8 +16,8 @@ use super::Fail;
 use super::device_list_outbox::{PrevChain, record_acked};
 use super::lease::check_fence;
 use crate::store::{
-    DestinationStatus, Fence, InFlightTxn, OutboxEdu, PruneReport, QuarantinedEdu, Retention, RetryState,
-    StoredServerKey, TimestampMs,
+    DestinationStatus, Fence, InFlightTxn, OutboxEdu, PruneReport, QuarantinedEdu, Retention,
+    RetryState, StoredServerKey, TimestampMs,
 };
 
 /// Destinations with queued EDUs, found by skipping through the

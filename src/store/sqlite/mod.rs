@@ -25,9 +25,9 @@ use rusqlite::Connection;
 use tokio::sync::{Semaphore, oneshot};
 
 use crate::store::{
-    DestinationStatus, DeviceKey, Fence, InFlightTxn, InboundOutcome, InboundTxn, InboxPage, KeyStore,
-    OutboxEdu, PruneReport, QuarantinedEdu, Retention, RetryState, SendBatch, SendOutcome, Store,
-    StoreError, StoreFuture, StoredServerKey, TimestampMs,
+    DestinationStatus, DeviceKey, Fence, InFlightTxn, InboundOutcome, InboundTxn, InboxPage,
+    KeyStore, OutboxEdu, PruneReport, QuarantinedEdu, Retention, RetryState, SendBatch,
+    SendOutcome, Store, StoreError, StoreFuture, StoredServerKey, TimestampMs,
 };
 
 mod device_changes;
