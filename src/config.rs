@@ -1195,6 +1195,52 @@ sqlite = "data/courier.db"
     }
 
     #[test]
+    fn worker_lease_timings_have_defaults_and_checked_bounds() {
+        let c = parse(GOOD, &[]).expect("valid config");
+        assert_eq!(c.worker.lease_duration, Duration::from_secs(30));
+        assert_eq!(c.worker.renew_interval, Duration::from_secs(10));
+        assert_eq!(c.worker.recheck_after, Duration::from_secs(10));
+        assert_eq!(c.worker.claim_limit, DEFAULT_CLAIM_LIMIT);
+        let tuned = format!(
+            "{GOOD}[worker]\nname = \"w1\"\nlease_ms = 1500\nrenew_ms = 300\nrecheck_ms = 700\nclaim_limit = 8\n"
+        );
+        let c = parse(&tuned, &[]).expect("valid config");
+        assert_eq!(c.worker.lease_duration, Duration::from_millis(1500));
+        assert_eq!(c.worker.renew_interval, Duration::from_millis(300));
+        assert_eq!(c.worker.recheck_after, Duration::from_millis(700));
+        assert_eq!(c.worker.claim_limit, 8);
+        // A lease of 1500 ms defaults the other two to a third of it.
+        let short = format!("{GOOD}[worker]\nlease_ms = 1500\n");
+        let c = parse(&short, &[]).expect("valid config");
+        assert_eq!(c.worker.renew_interval, Duration::from_millis(500));
+        let bad = format!(
+            "{GOOD}[worker]\nlease_ms = 1000\nrenew_ms = 1000\nrecheck_ms = 5\nclaim_limit = 0\n"
+        );
+        match parse(&bad, &[]) {
+            Err(ConfigError::Invalid(problems)) => {
+                assert_eq!(problems.len(), 3, "{problems:?}");
+                for key in ["renew_ms", "recheck_ms", "claim_limit"] {
+                    assert!(
+                        problems.iter().any(|p| p.contains(key)),
+                        "{key}: {problems:?}"
+                    );
+                }
+            }
+            other => panic!("expected three problems, got {other:?}"),
+        }
+        let tiny = format!("{GOOD}[worker]\nlease_ms = 50\n");
+        match parse(&tiny, &[]) {
+            Err(ConfigError::Invalid(problems)) => {
+                assert!(
+                    problems.iter().any(|p| p.contains("lease_ms must be")),
+                    "{problems:?}"
+                );
+            }
+            other => panic!("expected a lease_ms problem, got {other:?}"),
+        }
+    }
+
+    #[test]
     fn environment_overrides_keys_and_sections() {
         let c = parse(
             GOOD,

@@ -712,8 +712,9 @@ pub async fn open(
 /// Claims the worker name at start-up. A holder whose last heartbeat is
 /// younger than the lease may be a process that just died (a crash and an
 /// immediate restart): wait until that heartbeat would have lapsed and try
-/// once more. A live holder heartbeats every `[worker] renew_ms` (less than the lease), so the second try
-/// fails with `StoreError::WorkerNameTaken` for it, within one lease.
+/// once more. A live holder heartbeats every `[worker] renew_ms` (less than
+/// the lease), so the second try fails with `StoreError::WorkerNameTaken`
+/// for it, within one lease.
 pub async fn claim_worker_name_at_start(
     store: &dyn Store,
     name: &str,
