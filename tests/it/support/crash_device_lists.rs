@@ -413,7 +413,7 @@ impl Ledger {
         };
         store
             .begin_txn(
-                &crate::support::lease_fence(&*store, &txn.destination).await,
+                &crate::support::lease_fence(store, &txn.destination).await,
                 txn.clone(),
             )
             .await
@@ -452,7 +452,7 @@ async fn peek(store: &dyn Store, destination: &str) -> Vec<Row> {
 async fn ack(store: &dyn Store, sent: &mut Sent, txn: &InFlightTxn, rows: &[Row]) {
     store
         .ack_txn(
-            &crate::support::lease_fence(&*store, &txn.destination).await,
+            &crate::support::lease_fence(store, &txn.destination).await,
             &txn.destination,
             &txn.txn_id,
             courier::clock::now_ms(),

@@ -197,7 +197,7 @@ async fn send_txn(
 ) {
     store
         .begin_txn(
-            &crate::support::lease_fence(&*store, destination).await,
+            &crate::support::lease_fence(store, destination).await,
             InFlightTxn {
                 destination: destination.to_owned(),
                 txn_id: txn_id.to_owned(),
@@ -210,7 +210,7 @@ async fn send_txn(
     if ack {
         store
             .ack_txn(
-                &crate::support::lease_fence(&*store, destination).await,
+                &crate::support::lease_fence(store, destination).await,
                 destination,
                 txn_id,
                 NOW,
@@ -542,7 +542,7 @@ pub async fn dl_a_requeued_quarantined_row_keeps_its_device_list_meta(harness: &
     rename(s, ALICE, "A", "phone").await;
     let rows = peek(s, REMOTE).await;
     s.quarantine_edu(
-        &crate::support::lease_fence(&*s, REMOTE).await,
+        &crate::support::lease_fence(s, REMOTE).await,
         REMOTE,
         rows[0].seq,
         "refused",
@@ -606,7 +606,7 @@ pub async fn dl_a_row_in_the_in_flight_txn_is_not_coalesced(harness: &Harness) {
     assert_eq!(rows[0].seq, first[0].seq);
     assert_eq!(parsed(&rows[1]).1["device_display_name"], json!("three"));
     s.ack_txn(
-        &crate::support::lease_fence(&*s, REMOTE).await,
+        &crate::support::lease_fence(s, REMOTE).await,
         REMOTE,
         "t1",
         NOW,
@@ -741,7 +741,7 @@ pub async fn dl_coalescing_keeps_every_sent_chain_consistent(harness: &Harness) 
             2 => {
                 if let Some((txn_id, rows)) = in_flight.remove(destination) {
                     s.ack_txn(
-                        &crate::support::lease_fence(&*s, destination).await,
+                        &crate::support::lease_fence(s, destination).await,
                         destination,
                         &txn_id,
                         NOW,
@@ -766,7 +766,7 @@ pub async fn dl_coalescing_keeps_every_sent_chain_consistent(harness: &Harness) 
     for destination in [REMOTE, OTHER] {
         if let Some((txn_id, rows)) = in_flight.remove(destination) {
             s.ack_txn(
-                &crate::support::lease_fence(&*s, destination).await,
+                &crate::support::lease_fence(s, destination).await,
                 destination,
                 &txn_id,
                 NOW,
