@@ -1,6 +1,7 @@
 //! Several workers on one database (DESIGN §4), as seen from one worker:
 //! the lease loop that claims destinations with pending work, renews this
-//! worker's leases every third of the lease duration and wakes newly
+//! worker's leases every `[worker] renew_ms` (a third of the lease by
+//! default) and wakes newly
 //! claimed destinations; the forwarder that turns other workers' wake-ups
 //! (`Store::subscribe_wakeups`) into local ones; and releasing every lease
 //! on a clean shutdown. The lease loop also heartbeats this process's claim
@@ -9,7 +10,9 @@
 //!
 //! The lease is only a permission: the destination task checks it
 //! (`Store::acquire_lease`) right before each send, and a worker that lost
-//! it simply stops sending there. With a single-process store (SQLite) the
+//! it simply stops sending there. Each claim gives the lease a new epoch
+//! (its fence), which the task's outbox writes carry: a worker paused past
+//! its lease can change nothing once another worker claimed it. With a single-process store (SQLite) the
 //! store's defaults make this worker own everything, there is nothing to
 //! forward, and both loops are cheap no-ops.
 //!
@@ -25,12 +28,9 @@ use crate::federation::sender::SenderHandle;
 use crate::notify::Notifier;
 use crate::store::{Store, Wakeup};
 
-/// The most destinations one claim round takes, so that workers starting
-/// together spread the destinations between them.
-pub const CLAIM_LIMIT: u32 = 64;
-
 /// Claims and renews leases until `shutdown`. Runs one round at once, then
-/// every `lease_duration / 3`.
+/// every `worker.renew_interval`, claiming at most `worker.claim_limit`
+/// destinations a round.
 pub async fn run_leases(
     store: Arc<dyn Store>,
     worker: WorkerConfig,
@@ -38,7 +38,7 @@ pub async fn run_leases(
     shutdown: CancellationToken,
 ) {
     let lease_ms = i64::try_from(worker.lease_duration.as_millis()).unwrap_or(i64::MAX);
-    let period = (worker.lease_duration / 3).max(Duration::from_millis(10));
+    let period = worker.renew_interval.max(Duration::from_millis(10));
     let mut ticker = tokio::time::interval(period);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -69,7 +69,7 @@ pub async fn run_leases(
             tracing::warn!(worker = %worker.name, %error, "renewing leases failed");
         }
         match store
-            .claim_destinations(&worker.name, now, lease_ms, CLAIM_LIMIT)
+            .claim_destinations(&worker.name, now, lease_ms, worker.claim_limit)
             .await
         {
             Ok(claimed) => {

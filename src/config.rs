@@ -175,6 +175,16 @@ pub struct WorkerConfig {
     pub name: String,
     /// How long a destination lease lasts without renewal.
     pub lease_duration: Duration,
+    /// How often the lease loop renews this worker's leases, heartbeats its
+    /// name and claims free destinations (`renew_ms`, below the lease).
+    pub renew_interval: Duration,
+    /// A destination task checks its lease again right before a send when
+    /// resolving the peer and waiting for a send permit took longer than
+    /// this since the last check (`recheck_ms`, below the lease).
+    pub recheck_after: Duration,
+    /// The most destinations one claim round takes (`claim_limit`), so that
+    /// workers starting together spread the destinations between them.
+    pub claim_limit: u32,
 }
 
 /// The E2EE device plane (`[e2ee]`, DESIGN §7).
@@ -355,6 +365,9 @@ struct RawE2ee {
 struct RawWorker {
     name: Option<String>,
     lease_ms: Option<u64>,
+    renew_ms: Option<u64>,
+    recheck_ms: Option<u64>,
+    claim_limit: Option<u32>,
 }
 
 /// Default inbound body limit: Synapse's 200 × 64 KiB.
@@ -702,16 +715,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         }
     });
 
-    let worker = raw.worker.map_or_else(
-        || WorkerConfig {
-            name: "main".to_owned(),
-            lease_duration: Duration::from_secs(30),
-        },
-        |w| WorkerConfig {
-            name: w.name.unwrap_or_else(|| "main".to_owned()),
-            lease_duration: Duration::from_millis(w.lease_ms.unwrap_or(30_000)),
-        },
-    );
+    let worker = worker_config(raw.worker, &mut problems);
 
     let e2ee = raw.e2ee.map_or(E2eeConfig::DEFAULTS, |e| {
         let d = E2eeConfig::DEFAULTS;
@@ -902,6 +906,52 @@ pub const DEFAULT_PRUNE_BATCH: u32 = 5_000;
 pub const DEFAULT_PRUNE_INTERVAL_MS: u64 = 300_000;
 /// Default of `[store] destination_retention_hours` (30 days).
 pub const DEFAULT_DESTINATION_RETENTION_HOURS: u64 = 30 * 24;
+
+/// Default `[worker] lease_ms`.
+pub const DEFAULT_LEASE_MS: u64 = 30_000;
+/// Default `[worker] claim_limit`.
+pub const DEFAULT_CLAIM_LIMIT: u32 = 64;
+
+/// `[worker]`: the name and the lease timings. `renew_ms` and `recheck_ms`
+/// default to a third of the lease and must stay below it (a renewal period
+/// as long as the lease would let every lease lapse between renewals).
+fn worker_config(raw: Option<RawWorker>, problems: &mut Vec<String>) -> WorkerConfig {
+    let (name, lease_ms, renew_ms, recheck_ms, claim_limit) = match raw {
+        Some(w) => (w.name, w.lease_ms, w.renew_ms, w.recheck_ms, w.claim_limit),
+        None => (None, None, None, None, None),
+    };
+    let lease_ms = lease_ms.unwrap_or(DEFAULT_LEASE_MS);
+    if !(100..=3_600_000).contains(&lease_ms) {
+        problems.push(format!(
+            "[worker] lease_ms must be between 100 and 3600000 (1 hour), not {lease_ms}"
+        ));
+    }
+    let third = (lease_ms / 3).max(10);
+    let mut below_lease = |key: &str, value: Option<u64>| {
+        let value = value.unwrap_or(third);
+        if value < 10 || value >= lease_ms {
+            problems.push(format!(
+                "[worker] {key} must be at least 10 and less than lease_ms ({lease_ms}), not {value}"
+            ));
+        }
+        Duration::from_millis(value.max(10))
+    };
+    let renew_interval = below_lease("renew_ms", renew_ms);
+    let recheck_after = below_lease("recheck_ms", recheck_ms);
+    let claim_limit = claim_limit.unwrap_or(DEFAULT_CLAIM_LIMIT);
+    if !(1..=10_000).contains(&claim_limit) {
+        problems.push(format!(
+            "[worker] claim_limit must be between 1 and 10000, not {claim_limit}"
+        ));
+    }
+    WorkerConfig {
+        name: name.unwrap_or_else(|| "main".to_owned()),
+        lease_duration: Duration::from_millis(lease_ms),
+        renew_interval,
+        recheck_after,
+        claim_limit: claim_limit.max(1),
+    }
+}
 
 fn prune_config(store: Option<&RawStore>, problems: &mut Vec<String>) -> PruneConfig {
     let batch = store
@@ -1251,6 +1301,52 @@ sqlite = "data/courier.db"
                 );
             }
             other => panic!("expected three problems, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn worker_lease_timings_have_defaults_and_checked_bounds() {
+        let c = parse(GOOD, &[]).expect("valid config");
+        assert_eq!(c.worker.lease_duration, Duration::from_secs(30));
+        assert_eq!(c.worker.renew_interval, Duration::from_secs(10));
+        assert_eq!(c.worker.recheck_after, Duration::from_secs(10));
+        assert_eq!(c.worker.claim_limit, DEFAULT_CLAIM_LIMIT);
+        let tuned = format!(
+            "{GOOD}[worker]\nname = \"w1\"\nlease_ms = 1500\nrenew_ms = 300\nrecheck_ms = 700\nclaim_limit = 8\n"
+        );
+        let c = parse(&tuned, &[]).expect("valid config");
+        assert_eq!(c.worker.lease_duration, Duration::from_millis(1500));
+        assert_eq!(c.worker.renew_interval, Duration::from_millis(300));
+        assert_eq!(c.worker.recheck_after, Duration::from_millis(700));
+        assert_eq!(c.worker.claim_limit, 8);
+        // A lease of 1500 ms defaults the other two to a third of it.
+        let short = format!("{GOOD}[worker]\nlease_ms = 1500\n");
+        let c = parse(&short, &[]).expect("valid config");
+        assert_eq!(c.worker.renew_interval, Duration::from_millis(500));
+        let bad = format!(
+            "{GOOD}[worker]\nlease_ms = 1000\nrenew_ms = 1000\nrecheck_ms = 5\nclaim_limit = 0\n"
+        );
+        match parse(&bad, &[]) {
+            Err(ConfigError::Invalid(problems)) => {
+                assert_eq!(problems.len(), 3, "{problems:?}");
+                for key in ["renew_ms", "recheck_ms", "claim_limit"] {
+                    assert!(
+                        problems.iter().any(|p| p.contains(key)),
+                        "{key}: {problems:?}"
+                    );
+                }
+            }
+            other => panic!("expected three problems, got {other:?}"),
+        }
+        let tiny = format!("{GOOD}[worker]\nlease_ms = 50\n");
+        match parse(&tiny, &[]) {
+            Err(ConfigError::Invalid(problems)) => {
+                assert!(
+                    problems.iter().any(|p| p.contains("lease_ms must be")),
+                    "{problems:?}"
+                );
+            }
+            other => panic!("expected a lease_ms problem, got {other:?}"),
         }
     }
 

@@ -58,6 +58,37 @@ pub enum StoreError {
         holder: String,
         heartbeat_age_ms: i64,
     },
+    /// A fenced outbox write (`begin_txn`, `ack_txn`, `refuse_txn`,
+    /// `quarantine_edu`, `set_retry_state`) found that the destination's
+    /// lease no longer carries the caller's fence: another claim happened
+    /// since (PostgreSQL, DESIGN §4). The write changed nothing; the caller
+    /// has lost the destination and stops sending to it.
+    #[error(
+        "lease on {destination} is no longer held by worker {worker:?} at epoch {epoch}: \
+         the write was fenced out"
+    )]
+    Fenced {
+        destination: String,
+        worker: String,
+        epoch: i64,
+    },
+}
+
+/// The fencing token of a destination lease (PostgreSQL, DESIGN §4): the
+/// worker that holds it and the lease's epoch, which grows on every claim of
+/// the destination (by another worker, or after the lease lapsed or was
+/// released) and stays the same while the holder renews it.
+/// `Store::acquire_lease` hands it out; every outbox write a destination
+/// task makes passes it, and is applied only if the lease row still names
+/// this worker and this epoch, that is, if no claim happened since. A lapsed
+/// lease that nobody claimed yet still admits its holder's writes: nobody
+/// else can have written under a newer epoch, and the write locks the lease
+/// row, so a claim waits until it committed. A single-process store hands
+/// out epoch 0 and checks nothing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fence {
+    pub worker: String,
+    pub epoch: i64,
 }
 
 /// Which devices of a local user a message is for.
@@ -431,14 +462,19 @@ pub trait Store: KeyStore + DeviceListStore + Send + Sync + 'static {
         max_bytes: u64,
     ) -> StoreFuture<'a, Vec<OutboxEdu>>;
 
+    // The five outbox writes of a destination task are fenced: each takes
+    // the `Fence` of the caller's lease and, if the lease has been claimed
+    // since, changes nothing and fails with `StoreError::Fenced`.
+
     /// Records the transaction about to be sent. Fails if another is already
     /// recorded for the destination.
-    fn begin_txn(&self, txn: InFlightTxn) -> StoreFuture<'_, ()>;
+    fn begin_txn<'a>(&'a self, fence: &'a Fence, txn: InFlightTxn) -> StoreFuture<'a, ()>;
 
     /// The peer answered 200: deletes the transaction's rows and record and
     /// records the success (resetting the retry state), atomically.
     fn ack_txn<'a>(
         &'a self,
+        fence: &'a Fence,
         destination: &'a str,
         txn_id: &'a str,
         now_ms: TimestampMs,
@@ -446,11 +482,17 @@ pub trait Store: KeyStore + DeviceListStore + Send + Sync + 'static {
 
     /// The peer refused the transaction's payload: drops the in-flight record
     /// (its rows stay queued) and counts one refusal on each of its rows.
-    fn refuse_txn<'a>(&'a self, destination: &'a str, txn_id: &'a str) -> StoreFuture<'a, ()>;
+    fn refuse_txn<'a>(
+        &'a self,
+        fence: &'a Fence,
+        destination: &'a str,
+        txn_id: &'a str,
+    ) -> StoreFuture<'a, ()>;
 
     /// Moves one queued EDU to quarantine.
     fn quarantine_edu<'a>(
         &'a self,
+        fence: &'a Fence,
         destination: &'a str,
         seq: i64,
         reason: &'a str,
@@ -478,6 +520,7 @@ pub trait Store: KeyStore + DeviceListStore + Send + Sync + 'static {
 
     fn set_retry_state<'a>(
         &'a self,
+        fence: &'a Fence,
         destination: &'a str,
         state: &'a RetryState,
     ) -> StoreFuture<'a, ()>;
@@ -525,7 +568,9 @@ pub trait Store: KeyStore + DeviceListStore + Send + Sync + 'static {
     /// Claims up to `limit` destinations with pending work whose lease is
     /// free or expired, for `lease_ms` from `now_ms`. Returns only the
     /// destinations newly claimed by this call (leases the worker already
-    /// held are not listed; `renew_leases` extends those).
+    /// held are not listed; `renew_leases` extends those). Each claim gives
+    /// its lease a new epoch; the destination task learns it from its next
+    /// `acquire_lease`, which extends the claimed lease and keeps the epoch.
     fn claim_destinations<'a>(
         &'a self,
         worker: &'a str,
@@ -538,21 +583,30 @@ pub trait Store: KeyStore + DeviceListStore + Send + Sync + 'static {
     }
 
     /// Claims (or extends) the lease of one destination if it is free,
-    /// expired or already held by `worker`. Returns whether `worker` holds it
-    /// now, until `now_ms + lease_ms`. Senders call this before every send.
+    /// expired or already held by `worker`. Returns the lease's `Fence` if
+    /// `worker` holds it now, until `now_ms + lease_ms`, or `None` when
+    /// another worker does. Extending an unexpired lease keeps its epoch;
+    /// any other claim (also this worker's own after a lapse) gives it a
+    /// new, higher one. Senders call this before every send and pass the
+    /// fence to their outbox writes. The default (one process) always holds
+    /// the lease, at epoch 0.
     fn acquire_lease<'a>(
         &'a self,
         worker: &'a str,
         destination: &'a str,
         now_ms: TimestampMs,
         lease_ms: i64,
-    ) -> StoreFuture<'a, bool> {
-        let _ = (worker, destination, now_ms, lease_ms);
-        Box::pin(async { Ok(true) })
+    ) -> StoreFuture<'a, Option<Fence>> {
+        let _ = (destination, now_ms, lease_ms);
+        let fence = Fence {
+            worker: worker.to_owned(),
+            epoch: 0,
+        };
+        Box::pin(async move { Ok(Some(fence)) })
     }
 
-    /// Extends every unexpired lease `worker` holds to `now_ms + lease_ms`.
-    /// Returns how many it still holds.
+    /// Extends every unexpired lease `worker` holds to `now_ms + lease_ms`,
+    /// keeping their epochs. Returns how many it still holds.
     fn renew_leases<'a>(
         &'a self,
         worker: &'a str,
@@ -665,8 +719,9 @@ pub async fn open(
 /// Claims the worker name at start-up. A holder whose last heartbeat is
 /// younger than the lease may be a process that just died (a crash and an
 /// immediate restart): wait until that heartbeat would have lapsed and try
-/// once more. A live holder heartbeats every lease / 3, so the second try
-/// fails with `StoreError::WorkerNameTaken` for it, within one lease.
+/// once more. A live holder heartbeats every `[worker] renew_ms` (less than
+/// the lease), so the second try fails with `StoreError::WorkerNameTaken`
+/// for it, within one lease.
 pub async fn claim_worker_name_at_start(
     store: &dyn Store,
     name: &str,

@@ -394,7 +394,7 @@ async fn a_refused_recorded_transaction_without_edus_does_not_stop_the_destinati
     );
     let dest = h.dest(0);
     h.store
-        .begin_txn(courier::store::InFlightTxn {
+        .begin_txn(&crate::support::lease_fence(&*h.store, &dest).await, courier::store::InFlightTxn {
             destination: dest.clone(),
             txn_id: "corrupt-1".to_owned(),
             seqs: vec![],

@@ -283,6 +283,7 @@ async fn a_restarted_task_waits_at_most_the_cap_whatever_was_persisted() {
     let thirty_days_ms = 30 * 24 * 3600 * 1000;
     h.store
         .set_retry_state(
+            &crate::support::lease_fence(&*h.store, &dest).await,
             &dest,
             &courier::store::RetryState {
                 failures: 3,

@@ -537,6 +537,7 @@ async fn quarantined_edus_are_listed_retried_and_dropped() {
     for row in &queued {
         store
             .quarantine_edu(
+                &crate::support::lease_fence(&store, destination).await,
                 destination,
                 row.seq,
                 "refused 3 times",

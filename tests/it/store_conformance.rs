@@ -148,7 +148,13 @@ async fn a_failing_write_rolls_back_alone() {
         seqs: vec![],
         body: "{}".to_owned(),
     };
-    store.begin_txn(txn.clone()).await.expect("begin");
+    store
+        .begin_txn(
+            &crate::support::lease_fence(&store, &txn.destination).await,
+            txn.clone(),
+        )
+        .await
+        .expect("begin");
     // Many writes in flight together, one of which fails (second begin).
     let mut handles = Vec::new();
     for i in 0..50u32 {
@@ -156,7 +162,13 @@ async fn a_failing_write_rolls_back_alone() {
         let txn = txn.clone();
         handles.push(tokio::spawn(async move {
             if i == 25 {
-                store.begin_txn(txn).await.map(|_| false)
+                store
+                    .begin_txn(
+                        &crate::support::lease_fence(&store, &txn.destination).await,
+                        txn,
+                    )
+                    .await
+                    .map(|_| false)
             } else {
                 store
                     .enqueue_send(send(&format!("t{i}"), "@a:x", "A", i))

@@ -243,10 +243,11 @@ async fn leases_give_each_destination_one_owner() {
         assert!(store.holds_lease("w1", d, t0 + 1).await.expect("holds"));
         assert!(!store.holds_lease("w2", d, t0 + 1).await.expect("holds"));
         assert!(
-            !store
+            store
                 .acquire_lease("w2", d, t0 + 1, LEASE)
                 .await
                 .expect("acquire")
+                .is_none()
         );
     }
     // Nothing is left to claim; a held lease is not listed again.
@@ -304,18 +305,21 @@ async fn leases_give_each_destination_one_owner() {
             .acquire_lease("w1", "new.test", after, LEASE)
             .await
             .expect("acquire new")
+            .is_some()
     );
     assert!(
-        !store
+        store
             .acquire_lease("w2", "new.test", after + 1, LEASE)
             .await
             .expect("acquire held")
+            .is_none()
     );
     assert!(
         store
             .acquire_lease("w2", "new.test", after + LEASE, LEASE)
             .await
             .expect("acquire lapsed")
+            .is_some()
     );
 }
 
@@ -468,6 +472,7 @@ async fn inbound_txn_from_a_backing_off_origin_publishes_peer_up() {
     };
     writer
         .set_retry_state(
+            &crate::support::lease_fence(&writer, "failing.test").await,
             "failing.test",
             &courier::store::RetryState {
                 failures: 3,
@@ -778,12 +783,15 @@ async fn two_workers_changing_one_users_devices_leave_one_chained_row_per_device
 
     // In flight, then another storm: the in-flight rows stay, and one new
     // row per device follows them.
-    a.begin_txn(InFlightTxn {
-        destination: DEST.to_owned(),
-        txn_id: "t1".to_owned(),
-        seqs: first.iter().map(|r| r.seq).collect(),
-        body: "{}".to_owned(),
-    })
+    a.begin_txn(
+        &crate::support::lease_fence(&a, DEST).await,
+        InFlightTxn {
+            destination: DEST.to_owned(),
+            txn_id: "t1".to_owned(),
+            seqs: first.iter().map(|r| r.seq).collect(),
+            body: "{}".to_owned(),
+        },
+    )
     .await
     .expect("begin");
     for task in storm("second") {
@@ -799,7 +807,14 @@ async fn two_workers_changing_one_users_devices_leave_one_chained_row_per_device
         during[..2].iter().map(|r| r.seq).collect::<Vec<_>>(),
         first.iter().map(|r| r.seq).collect::<Vec<_>>()
     );
-    b.ack_txn(DEST, "t1", NOW).await.expect("ack");
+    b.ack_txn(
+        &crate::support::lease_fence(&b, DEST).await,
+        DEST,
+        "t1",
+        NOW,
+    )
+    .await
+    .expect("ack");
     let after = a.peek_outbox(DEST, 100, 1 << 20).await.expect("peek");
     assert_eq!(after.len(), 2);
     assert_eq!(check(&after, Some(40)), current_names().await);
@@ -945,7 +960,13 @@ async fn a_requeued_device_list_row_keeps_its_meta() {
     assert_eq!(queued.len(), 1);
     let meta = queued[0].device_list.clone().expect("a device-list row");
     store
-        .quarantine_edu(DEST, queued[0].seq, "refused alone", NOW)
+        .quarantine_edu(
+            &crate::support::lease_fence(&store, DEST).await,
+            DEST,
+            queued[0].seq,
+            "refused alone",
+            NOW,
+        )
         .await
         .expect("quarantine");
     assert!(

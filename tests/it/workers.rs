@@ -14,7 +14,10 @@
 //! - a `/sync` long-poll on worker 2 wakes for a message accepted on
 //!   worker 1 (LISTEN/NOTIFY), long before its timeout;
 //! - a second worker started with the name of a live one exits at start-up
-//!   with an error naming the conflict, and starts once the first stopped.
+//!   with an error naming the conflict, and starts once the first stopped;
+//! - fenced leases: a lease holder SIGSTOPped mid-send past its lease, while
+//!   another worker takes the destination over and delivers, changes
+//!   nothing in the outbox once resumed (its writes are fenced out).
 
 use crate::support::child;
 use crate::support::fake_remote;
@@ -137,6 +140,16 @@ impl Worker {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// Sends `signal` (`STOP`, `CONT`) to the running process.
+    fn signal(&self, signal: &str) {
+        let child = self.child.as_ref().expect("the worker is running");
+        let status = Command::new("kill")
+            .args([format!("-{signal}"), child.id().to_string()])
+            .status()
+            .expect("send a signal");
+        assert!(status.success(), "kill -{signal} failed");
     }
 
     fn kill(&mut self) {
@@ -806,4 +819,200 @@ async fn a_second_worker_with_a_live_name_is_refused() {
     workers.workers[0].terminate();
     workers.workers[1].spawn();
     workers.workers[1].wait_ready().await;
+}
+
+/// What the outbox holds for one destination, as a resumed stale worker's
+/// writes could change it: queued and in-flight rows, quarantine, and the
+/// retry state with its activity stamp.
+async fn outbox_state(db: &tokio_postgres::Client, destination: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for (table, sql) in [
+        (
+            "outbox",
+            "SELECT seq::text || ' ' || refusals::text FROM outbox WHERE destination = $1
+             ORDER BY seq",
+        ),
+        (
+            "outbox_txn",
+            "SELECT txn_id || ' ' || seqs::text FROM outbox_txn WHERE destination = $1",
+        ),
+        (
+            "quarantine",
+            "SELECT seq::text || ' ' || reason FROM quarantine WHERE destination = $1 ORDER BY seq",
+        ),
+        (
+            "destinations",
+            "SELECT concat_ws(' ', failures, retry_after_ts, last_success_ts, last_error, updated_ts)
+             FROM destinations WHERE destination = $1",
+        ),
+    ] {
+        for row in db.query(sql, &[&destination]).await.expect(table) {
+            out.push(format!("{table}: {}", row.get::<_, String>(0)));
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_paused_past_its_lease_changes_nothing_after_takeover() {
+    let Some(cluster) = pg::shared() else {
+        return;
+    };
+    courier::tls::install_crypto_provider();
+    let conninfo = cluster.fresh_database().await;
+    let ca = TestCa::new();
+    let ca_dir = tempfile::tempdir().expect("temp dir");
+    let ca_pem = ca.write_pem(ca_dir.path());
+    let remote = FakeRemote::start(&ca, &["localhost"]).await;
+    let destination = format!("localhost:{}", remote.port());
+    // The first /send is held for a while and then fails: its sender will
+    // be paused meanwhile, and when it resumes it sees the failure and
+    // would back off (a retry-state write) on a destination it lost.
+    remote.script_default(Script {
+        fail_next: 1,
+        respond_after: Some(Duration::from_secs(2)),
+        ..Script::default()
+    });
+    const LEASE_MS: u64 = 1_500;
+    let workers = Workers::start(2, &conninfo, Some(&ca_pem), LEASE_MS).await;
+    let sender = workers.user("sender");
+    let (db, connection) = tokio_postgres::connect(&conninfo, tokio_postgres::NoTls)
+        .await
+        .expect("connect to the workers' database");
+    tokio::spawn(connection);
+    let message = |n: u64| json!({ format!("@user:{destination}"): { "DEV": { "n": n } } });
+
+    assert_eq!(
+        workers.rpc_send(0, &sender, "m0", &message(0)).await,
+        Some(200)
+    );
+    assert!(
+        remote
+            .wait_for(Duration::from_secs(30), |r| !r.is_empty())
+            .await,
+        "no /send arrived:\n{}",
+        workers.logs()
+    );
+    // Later sends get a 200 at once.
+    remote.script_default(Script::default());
+    // The sender holds the lease: pause it while its /send is in flight.
+    let holder: String = db
+        .query_one(
+            "SELECT owner FROM destination_leases WHERE destination = $1",
+            &[&destination],
+        )
+        .await
+        .expect("lease owner")
+        .get(0);
+    let stale = workers
+        .workers
+        .iter()
+        .position(|w| w.name == holder)
+        .expect("the holder is one of the workers");
+    let other = 1 - stale;
+    workers.workers[stale].signal("STOP");
+    const MESSAGES: u64 = 10;
+    for n in 1..MESSAGES {
+        assert_eq!(
+            workers
+                .rpc_send(other, &sender, &format!("m{n}"), &message(n))
+                .await,
+            Some(200)
+        );
+    }
+
+    // The other worker takes over once the lease lapses, resends the
+    // recorded transaction and delivers everything.
+    let all: BTreeSet<u64> = (0..MESSAGES).collect();
+    let done = remote
+        .wait_for(Duration::from_secs(60), |received| {
+            delivered(received).keys().copied().collect::<BTreeSet<_>>() == all
+        })
+        .await;
+    assert!(done, "not all delivered:\n{}", workers.logs());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let before = loop {
+        let state = outbox_state(&db, &destination).await;
+        // ("outbox" also matches the "outbox_txn" rows.)
+        if !state.iter().any(|row| row.starts_with("outbox")) {
+            break state;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the outbox did not drain: {state:?}\n{}",
+            workers.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let owner: Option<(String, i64)> = db
+        .query_opt(
+            "SELECT owner, epoch FROM destination_leases WHERE destination = $1",
+            &[&destination],
+        )
+        .await
+        .expect("lease")
+        .map(|row| (row.get(0), row.get(1)));
+    assert!(
+        owner.as_ref().is_none_or(|(o, _)| *o != holder),
+        "the paused worker still holds the lease: {owner:?}"
+    );
+
+    // Resume the stale worker: it reads its failed /send and tries to
+    // back off; the write is fenced out and changes nothing. (Unfenced, it
+    // would overwrite the new holder's retry state.)
+    workers.workers[stale].signal("CONT");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let fenced = workers
+            .metric(stale, "courier_lease_fenced_writes_total")
+            .await;
+        let state = outbox_state(&db, &destination).await;
+        assert_eq!(
+            state,
+            before,
+            "the stale worker changed the outbox:\n{}",
+            workers.logs()
+        );
+        if fenced >= 1.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the resumed worker made no fenced-out write:\n{}",
+            workers.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        outbox_state(&db, &destination).await,
+        before,
+        "the stale worker changed the outbox after its fenced write:\n{}",
+        workers.logs()
+    );
+    let stale_log = std::fs::read_to_string(&workers.workers[stale].log).unwrap_or_default();
+    assert!(stale_log.contains("write fenced out"), "{stale_log}");
+
+    // Every message once; nothing both delivered and quarantined; a txnId
+    // that went out twice (the takeover's resend) carried the same bytes
+    // (`delivered` checks that for the answered ones, this for all).
+    let received = remote.received();
+    let counts = delivered(&received);
+    assert_eq!(counts.keys().copied().collect::<BTreeSet<_>>(), all);
+    assert!(
+        counts.values().all(|c| *c == 1),
+        "delivered twice: {counts:?}"
+    );
+    assert!(
+        !before.iter().any(|row| row.starts_with("quarantine")),
+        "delivered rows in quarantine: {before:?}"
+    );
+    let mut bodies: BTreeMap<&str, &str> = BTreeMap::new();
+    for r in &received {
+        let first = *bodies.entry(&r.txn_id).or_insert(&r.body);
+        assert_eq!(first, r.body, "txn {} sent with other bytes", r.txn_id);
+    }
+    assert!(
+        received.len() > bodies.len(),
+        "the recorded transaction was resent by the new holder: {received:?}"
+    );
 }

@@ -8,6 +8,12 @@
 //! down to single EDUs, and an EDU refused alone `quarantine_after` times is
 //! quarantined so the rows behind it still go.
 //!
+//! With several workers, every outbox write the task makes carries the
+//! fence of the lease it acquired last (`Store::acquire_lease`); a write
+//! fenced out (another worker claimed the destination meanwhile) changed
+//! nothing, and the task stops sending there as if the lease check had
+//! failed (`courier_lease_fenced_writes_total`).
+//!
 //! It does not decide when a destination task exists (sender) and does not
 //! know HTTP (client).
 
@@ -29,7 +35,7 @@ use crate::federation::sender::transaction::{
 };
 use crate::identifiers::ServerName;
 use crate::store::device_lists::finish_outbound_edu;
-use crate::store::{InFlightTxn, OutboxEdu, RetryState, Store, StoreError};
+use crate::store::{Fence, InFlightTxn, OutboxEdu, RetryState, Store, StoreError};
 
 /// An idle task ends after this long without work.
 pub const IDLE_EXIT: Duration = Duration::from_secs(60);
@@ -107,6 +113,10 @@ pub struct DestinationTask {
     settled: bool,
     /// When this task last warned that the peer rejects our signing key.
     key_rejected_warned: Option<Instant>,
+    /// The fence of the lease this task acquired last (`holds_lease`), which
+    /// a backoff reset outside a send step writes under. None before the
+    /// first check and once the lease is lost.
+    fence: Option<Fence>,
 }
 
 /// The least time between two "peer rejects our signing key" warnings for
@@ -132,6 +142,7 @@ impl DestinationTask {
             clean: false,
             settled: false,
             key_rejected_warned: None,
+            fence: None,
         }
     }
 
@@ -252,8 +263,28 @@ impl DestinationTask {
                     retry_after_ms: 0,
                     ..retry
                 };
-                match store.set_retry_state(&self.destination, &reset).await {
+                // Written under this task's lease; a destination leased by
+                // another worker is that worker's to reset.
+                let fence = match self.fence.clone() {
+                    Some(fence) => fence,
+                    None => match self.holds_lease().await {
+                        Ok(Some(fence)) => fence,
+                        Ok(None) => return,
+                        Err(error) => {
+                            tracing::warn!(%error, "checking the lease failed");
+                            return;
+                        }
+                    },
+                };
+                match store
+                    .set_retry_state(&fence, &self.destination, &reset)
+                    .await
+                {
                     Ok(()) => self.clean = true,
+                    Err(StoreError::Fenced { epoch, .. }) => {
+                        self.fenced_out(epoch);
+                        return;
+                    }
                     Err(error) => tracing::warn!(%error, "resetting the retry state failed"),
                 }
                 tracing::info!("peer is up: backoff reset");
@@ -266,6 +297,10 @@ impl DestinationTask {
     async fn send_step(&mut self) -> Step {
         match self.try_send_step().await {
             Ok(step) => step,
+            Err(StoreError::Fenced { epoch, .. }) => {
+                self.fenced_out(epoch);
+                Step::Drained
+            }
             Err(error) => {
                 self.settled = false;
                 tracing::warn!(%error, "store error while sending");
@@ -285,9 +320,9 @@ impl DestinationTask {
         // the permits bound sends in flight, and a destination whose
         // discovery is slow (bounded by `discovery_timeout`) must not hold
         // one while healthy destinations wait.
-        if !self.holds_lease().await? {
+        let Some(fence) = self.holds_lease().await? else {
             return Ok(Step::Drained);
-        }
+        };
         let leased_at = Instant::now();
         let recorded = if self.settled {
             None
@@ -318,23 +353,24 @@ impl DestinationTask {
                     body,
                 };
                 self.settled = false;
-                store.begin_txn(txn.clone()).await?;
+                store.begin_txn(&fence, txn.clone()).await?;
                 txn
             }
         };
         let span = tracing::info_span!("txn", txn_id = %txn.txn_id, edus = txn.seqs.len());
-        self.deliver(&server_name, txn, leased_at)
+        self.deliver(&server_name, txn, fence, leased_at)
             .instrument(span)
             .await
     }
 
-    /// Whether this worker holds (and has just extended) the lease on the
-    /// destination. Several workers on one database: a task sends only
-    /// under its worker's lease (always held with a single-process store).
-    async fn holds_lease(&mut self) -> Result<bool, StoreError> {
+    /// The fence of the lease on the destination if this worker holds (and
+    /// has just extended) it. Several workers on one database: a task sends
+    /// only under its worker's lease (always held with a single-process
+    /// store), and writes the outbox only under its fence.
+    async fn holds_lease(&mut self) -> Result<Option<Fence>, StoreError> {
         let worker = &self.shared.config.worker;
         let lease_ms = i64::try_from(worker.lease_duration.as_millis()).unwrap_or(i64::MAX);
-        let held = self
+        let fence = self
             .shared
             .store
             .acquire_lease(
@@ -344,21 +380,38 @@ impl DestinationTask {
                 lease_ms,
             )
             .await?;
-        if !held {
+        if fence.is_none() {
             tracing::debug!(worker = %worker.name, "destination leased by another worker");
             // The owner may record transactions meanwhile.
             self.settled = false;
         }
-        Ok(held)
+        self.fence.clone_from(&fence);
+        Ok(fence)
+    }
+
+    /// A write under the fence of `epoch` was fenced out: another worker
+    /// claimed the destination since, and the write changed nothing. The
+    /// task stops sending here, as when the lease check fails.
+    fn fenced_out(&mut self, epoch: i64) {
+        tracing::info!(
+            worker = %self.shared.config.worker.name,
+            epoch,
+            "destination claimed by another worker meanwhile; write fenced out, not sending"
+        );
+        metrics::counter!("courier_lease_fenced_writes_total").increment(1);
+        self.settled = false;
+        self.fence = None;
     }
 
     /// Resolves the destination, then sends `txn` under a send permit. The
     /// lease, checked at `leased_at`, is checked again first if resolving
-    /// and waiting for the permit took a third of its duration.
+    /// and waiting for the permit took longer than `[worker] recheck_ms`
+    /// (its fence then replaces `fence`).
     async fn deliver(
         &mut self,
         server_name: &ServerName,
         txn: InFlightTxn,
+        mut fence: Fence,
         leased_at: Instant,
     ) -> Result<Step, StoreError> {
         let shared = self.shared.clone();
@@ -370,10 +423,11 @@ impl DestinationTask {
                     .acquire()
                     .await
                     .expect("the semaphore is never closed");
-                if leased_at.elapsed() > shared.config.worker.lease_duration / 3
-                    && !self.holds_lease().await?
-                {
-                    return Ok(Step::Drained);
+                if leased_at.elapsed() > shared.config.worker.recheck_after {
+                    match self.holds_lease().await? {
+                        Some(renewed) => fence = renewed,
+                        None => return Ok(Step::Drained),
+                    }
                 }
                 shared
                     .client
@@ -387,7 +441,12 @@ impl DestinationTask {
         let error = match result {
             Ok(_) => {
                 store
-                    .ack_txn(&self.destination, &txn.txn_id, crate::clock::now_ms())
+                    .ack_txn(
+                        &fence,
+                        &self.destination,
+                        &txn.txn_id,
+                        crate::clock::now_ms(),
+                    )
                     .await?;
                 // ack_txn also reset the persisted retry state.
                 self.clean = true;
@@ -419,9 +478,13 @@ impl DestinationTask {
         metrics::counter!("courier_federation_transactions_total", "outcome" => error.outcome())
             .increment(1);
         match error {
-            TxnFailure::Retry { reason } => self.back_off(reason, None).await,
-            TxnFailure::RetryAfter { after, reason } => self.back_off(reason, Some(after)).await,
-            TxnFailure::Refused { status, reason } => self.refused(&txn, status, reason).await,
+            TxnFailure::Retry { reason } => self.back_off(&fence, reason, None).await,
+            TxnFailure::RetryAfter { after, reason } => {
+                self.back_off(&fence, reason, Some(after)).await
+            }
+            TxnFailure::Refused { status, reason } => {
+                self.refused(&fence, &txn, status, reason).await
+            }
         }
     }
 
@@ -447,6 +510,7 @@ impl DestinationTask {
     /// Persists the failure and the time of the next attempt.
     async fn back_off(
         &mut self,
+        fence: &Fence,
         reason: String,
         after: Option<Duration>,
     ) -> Result<Step, StoreError> {
@@ -473,7 +537,9 @@ impl DestinationTask {
             last_error: Some(reason.clone()),
         };
         self.clean = false;
-        store.set_retry_state(&self.destination, &state).await?;
+        store
+            .set_retry_state(fence, &self.destination, &state)
+            .await?;
         metrics::counter!("courier_federation_retries_total").increment(1);
         tracing::info!(failures, ?delay, %reason, "send failed; backing off");
         Ok(Step::Wait(delay))
@@ -482,12 +548,15 @@ impl DestinationTask {
     /// The peer refused the payload: split, or count a solo refusal.
     async fn refused(
         &mut self,
+        fence: &Fence,
         txn: &InFlightTxn,
         status: u16,
         reason: String,
     ) -> Result<Step, StoreError> {
         let store = &self.shared.store;
-        store.refuse_txn(&self.destination, &txn.txn_id).await?;
+        store
+            .refuse_txn(fence, &self.destination, &txn.txn_id)
+            .await?;
         self.settled = true;
         let seq = match txn.seqs.as_slice() {
             [] => {
@@ -514,7 +583,7 @@ impl DestinationTask {
         if refusals >= self.shared.config.federation.quarantine_after {
             let why = format!("refused {refusals} times alone, last with {status}: {reason}");
             store
-                .quarantine_edu(&self.destination, seq, &why, crate::clock::now_ms())
+                .quarantine_edu(fence, &self.destination, seq, &why, crate::clock::now_ms())
                 .await?;
             self.narrowing.solo_refusals.remove(&seq);
             self.narrowing.limit = None;
@@ -523,7 +592,7 @@ impl DestinationTask {
             return Ok(Step::Continue);
         }
         tracing::warn!(seq, refusals, status, %reason, "single EDU refused");
-        self.back_off(format!("{status} refused: {reason}"), None)
+        self.back_off(fence, format!("{status} refused: {reason}"), None)
             .await
     }
 }

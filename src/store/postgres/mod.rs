@@ -36,9 +36,9 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::store::{
-    DestinationStatus, DeviceKey, InFlightTxn, InboundOutcome, InboundTxn, InboxPage, KeyStore,
-    OutboxEdu, PruneReport, QuarantinedEdu, Retention, RetryState, SendBatch, SendOutcome, Store,
-    StoreError, StoreFuture, StoredServerKey, TimestampMs, Wakeup,
+    DestinationStatus, DeviceKey, Fence, InFlightTxn, InboundOutcome, InboundTxn, InboxPage,
+    KeyStore, OutboxEdu, PruneReport, QuarantinedEdu, Retention, RetryState, SendBatch,
+    SendOutcome, Store, StoreError, StoreFuture, StoredServerKey, TimestampMs, Wakeup,
 };
 
 mod device_changes;
@@ -425,15 +425,16 @@ impl Store for PostgresStore {
         .await))
     }
 
-    fn begin_txn(&self, txn: InFlightTxn) -> StoreFuture<'_, ()> {
+    fn begin_txn<'a>(&'a self, fence: &'a Fence, txn: InFlightTxn) -> StoreFuture<'a, ()> {
         Box::pin(async move {
             let txn = &txn;
-            on_client!(self, |c| outbox::begin_txn(&c, txn).await).await
+            on_client!(self, |c| outbox::begin_txn(&mut c, fence, txn).await).await
         })
     }
 
     fn ack_txn<'a>(
         &'a self,
+        fence: &'a Fence,
         destination: &'a str,
         txn_id: &'a str,
         now_ms: TimestampMs,
@@ -441,6 +442,7 @@ impl Store for PostgresStore {
         Box::pin(async move {
             let sent = on_client!(self, |c| outbox::ack_txn(
                 &mut c,
+                fence,
                 destination,
                 txn_id,
                 now_ms
@@ -455,9 +457,15 @@ impl Store for PostgresStore {
         })
     }
 
-    fn refuse_txn<'a>(&'a self, destination: &'a str, txn_id: &'a str) -> StoreFuture<'a, ()> {
+    fn refuse_txn<'a>(
+        &'a self,
+        fence: &'a Fence,
+        destination: &'a str,
+        txn_id: &'a str,
+    ) -> StoreFuture<'a, ()> {
         Box::pin(on_client!(self, |c| outbox::refuse_txn(
             &mut c,
+            fence,
             destination,
             txn_id
         )
@@ -466,13 +474,15 @@ impl Store for PostgresStore {
 
     fn quarantine_edu<'a>(
         &'a self,
+        fence: &'a Fence,
         destination: &'a str,
         seq: i64,
         reason: &'a str,
         now_ms: TimestampMs,
     ) -> StoreFuture<'a, ()> {
         Box::pin(on_client!(self, |c| outbox::quarantine_edu(
-            &c,
+            &mut c,
+            fence,
             destination,
             seq,
             reason,
@@ -520,6 +530,7 @@ impl Store for PostgresStore {
 
     fn set_retry_state<'a>(
         &'a self,
+        fence: &'a Fence,
         destination: &'a str,
         state: &'a RetryState,
     ) -> StoreFuture<'a, ()> {
@@ -527,7 +538,8 @@ impl Store for PostgresStore {
         // wall clock at the write.
         let now_ms = crate::clock::now_ms();
         Box::pin(on_client!(self, |c| outbox::set_retry_state(
-            &c,
+            &mut c,
+            fence,
             destination,
             state,
             now_ms
@@ -593,7 +605,7 @@ impl Store for PostgresStore {
         destination: &'a str,
         now_ms: TimestampMs,
         lease_ms: i64,
-    ) -> StoreFuture<'a, bool> {
+    ) -> StoreFuture<'a, Option<Fence>> {
         Box::pin(on_client!(self, |c| lease::acquire_lease(
             &c,
             worker,

@@ -3,7 +3,10 @@
 //! persisted retry state and status of destinations, the remote server key
 //! cache, and pruning in bounded batches (also of expired device-list
 //! interests). Each write function is one
-//! transaction (or one statement) on the connection given.
+//! transaction (or one statement) on the connection given. The writes of a
+//! destination task (`begin_txn`, `ack_txn`, `refuse_txn`, `quarantine_edu`,
+//! `set_retry_state`) first check the caller's lease fence in the same
+//! transaction (`lease::check_fence`): fenced out, they change nothing.
 
 use std::sync::atomic::{AtomicI64, Ordering};
 
@@ -11,9 +14,10 @@ use deadpool_postgres::Object;
 
 use super::Fail;
 use super::device_list_outbox::{PrevChain, record_acked};
+use super::lease::check_fence;
 use crate::store::{
-    DestinationStatus, InFlightTxn, OutboxEdu, PruneReport, QuarantinedEdu, Retention, RetryState,
-    StoredServerKey, TimestampMs,
+    DestinationStatus, Fence, InFlightTxn, OutboxEdu, PruneReport, QuarantinedEdu, Retention,
+    RetryState, StoredServerKey, TimestampMs,
 };
 
 /// Destinations with queued EDUs, found by skipping through the
@@ -96,18 +100,21 @@ pub async fn peek_outbox(
     Ok(out)
 }
 
-pub async fn begin_txn(c: &Object, txn: &InFlightTxn) -> Result<(), Fail> {
+pub async fn begin_txn(c: &mut Object, fence: &Fence, txn: &InFlightTxn) -> Result<(), Fail> {
+    let tx = c.transaction().await?;
+    check_fence(&tx, &txn.destination, fence).await?;
     // The primary key on destination makes a second in-flight txn fail.
-    let stmt = c
+    let stmt = tx
         .prepare_cached(
             "INSERT INTO outbox_txn (destination, txn_id, seqs, body) VALUES ($1, $2, $3, $4)",
         )
         .await?;
-    c.execute(
+    tx.execute(
         &stmt,
         &[&txn.destination, &txn.txn_id, &txn.seqs, &txn.body],
     )
     .await?;
+    tx.commit().await?;
     Ok(())
 }
 
@@ -115,11 +122,13 @@ pub async fn begin_txn(c: &Object, txn: &InFlightTxn) -> Result<(), Fail> {
 /// (0 for a second ack).
 pub async fn ack_txn(
     c: &mut Object,
+    fence: &Fence,
     destination: &str,
     txn_id: &str,
     now_ms: TimestampMs,
 ) -> Result<u64, Fail> {
     let tx = c.transaction().await?;
+    check_fence(&tx, destination, fence).await?;
     let take = tx
         .prepare_cached(
             "DELETE FROM outbox_txn WHERE destination = $1 AND txn_id = $2 RETURNING seqs",
@@ -155,8 +164,14 @@ pub async fn ack_txn(
     Ok(device_list_rows)
 }
 
-pub async fn refuse_txn(c: &mut Object, destination: &str, txn_id: &str) -> Result<(), Fail> {
+pub async fn refuse_txn(
+    c: &mut Object,
+    fence: &Fence,
+    destination: &str,
+    txn_id: &str,
+) -> Result<(), Fail> {
     let tx = c.transaction().await?;
+    check_fence(&tx, destination, fence).await?;
     let take = tx
         .prepare_cached(
             "DELETE FROM outbox_txn WHERE destination = $1 AND txn_id = $2 RETURNING seqs",
@@ -178,14 +193,17 @@ pub async fn refuse_txn(c: &mut Object, destination: &str, txn_id: &str) -> Resu
 }
 
 pub async fn quarantine_edu(
-    c: &Object,
+    c: &mut Object,
+    fence: &Fence,
     destination: &str,
     seq: i64,
     reason: &str,
     now_ms: TimestampMs,
 ) -> Result<(), Fail> {
-    // One statement: the move is atomic without an explicit transaction.
-    let stmt = c
+    let tx = c.transaction().await?;
+    check_fence(&tx, destination, fence).await?;
+    // One statement moves the row.
+    let stmt = tx
         .prepare_cached(
             "WITH moved AS (
                  DELETE FROM outbox WHERE destination = $1 AND seq = $2
@@ -205,8 +223,9 @@ pub async fn quarantine_edu(
                  dl_device = excluded.dl_device, dl_stream = excluded.dl_stream",
         )
         .await?;
-    c.execute(&stmt, &[&destination, &seq, &reason, &now_ms])
+    tx.execute(&stmt, &[&destination, &seq, &reason, &now_ms])
         .await?;
+    tx.commit().await?;
     Ok(())
 }
 
@@ -316,13 +335,16 @@ const UPSERT_RETRY_STATE: &str = "INSERT INTO destinations
          updated_ts = greatest(destinations.updated_ts, excluded.updated_ts)";
 
 pub async fn set_retry_state(
-    c: &Object,
+    c: &mut Object,
+    fence: &Fence,
     destination: &str,
     state: &RetryState,
     now_ms: TimestampMs,
 ) -> Result<(), Fail> {
-    let stmt = c.prepare_cached(UPSERT_RETRY_STATE).await?;
-    c.execute(
+    let tx = c.transaction().await?;
+    check_fence(&tx, destination, fence).await?;
+    let stmt = tx.prepare_cached(UPSERT_RETRY_STATE).await?;
+    tx.execute(
         &stmt,
         &[
             &destination,
@@ -334,6 +356,7 @@ pub async fn set_retry_state(
         ],
     )
     .await?;
+    tx.commit().await?;
     Ok(())
 }
 

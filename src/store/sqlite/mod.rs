@@ -25,9 +25,9 @@ use rusqlite::Connection;
 use tokio::sync::{Semaphore, oneshot};
 
 use crate::store::{
-    DestinationStatus, DeviceKey, InFlightTxn, InboundOutcome, InboundTxn, InboxPage, KeyStore,
-    OutboxEdu, PruneReport, QuarantinedEdu, Retention, RetryState, SendBatch, SendOutcome, Store,
-    StoreError, StoreFuture, StoredServerKey, TimestampMs,
+    DestinationStatus, DeviceKey, Fence, InFlightTxn, InboundOutcome, InboundTxn, InboxPage,
+    KeyStore, OutboxEdu, PruneReport, QuarantinedEdu, Retention, RetryState, SendBatch,
+    SendOutcome, Store, StoreError, StoreFuture, StoredServerKey, TimestampMs,
 };
 
 mod device_changes;
@@ -359,12 +359,16 @@ impl Store for SqliteStore {
         Box::pin(self.read(move |c| outbox::peek_outbox(c, &destination, max_edus, max_bytes)))
     }
 
-    fn begin_txn(&self, txn: InFlightTxn) -> StoreFuture<'_, ()> {
+    // One process owns every destination: the fence of the outbox writes is
+    // always valid here (`Store::acquire_lease`'s default hands out epoch 0).
+
+    fn begin_txn<'a>(&'a self, _fence: &'a Fence, txn: InFlightTxn) -> StoreFuture<'a, ()> {
         Box::pin(self.write(move |c| outbox::begin_txn(c, &txn)))
     }
 
     fn ack_txn<'a>(
         &'a self,
+        _fence: &'a Fence,
         destination: &'a str,
         txn_id: &'a str,
         now_ms: TimestampMs,
@@ -373,13 +377,19 @@ impl Store for SqliteStore {
         Box::pin(self.write(move |c| outbox::ack_txn(c, &destination, &txn_id, now_ms)))
     }
 
-    fn refuse_txn<'a>(&'a self, destination: &'a str, txn_id: &'a str) -> StoreFuture<'a, ()> {
+    fn refuse_txn<'a>(
+        &'a self,
+        _fence: &'a Fence,
+        destination: &'a str,
+        txn_id: &'a str,
+    ) -> StoreFuture<'a, ()> {
         let (destination, txn_id) = (destination.to_owned(), txn_id.to_owned());
         Box::pin(self.write(move |c| outbox::refuse_txn(c, &destination, &txn_id)))
     }
 
     fn quarantine_edu<'a>(
         &'a self,
+        _fence: &'a Fence,
         destination: &'a str,
         seq: i64,
         reason: &'a str,
@@ -414,6 +424,7 @@ impl Store for SqliteStore {
 
     fn set_retry_state<'a>(
         &'a self,
+        _fence: &'a Fence,
         destination: &'a str,
         state: &'a RetryState,
     ) -> StoreFuture<'a, ()> {

@@ -75,28 +75,36 @@ impl Store for CountingStore {
         self.peeks.fetch_add(1, Ordering::SeqCst);
         self.inner.peek_outbox(destination, max_edus, max_bytes)
     }
-    fn begin_txn(&self, txn: InFlightTxn) -> StoreFuture<'_, ()> {
-        self.inner.begin_txn(txn)
+    fn begin_txn<'a>(&'a self, fence: &'a Fence, txn: InFlightTxn) -> StoreFuture<'a, ()> {
+        self.inner.begin_txn(fence, txn)
     }
     fn ack_txn<'a>(
         &'a self,
+        fence: &'a Fence,
         destination: &'a str,
         txn_id: &'a str,
         now_ms: TimestampMs,
     ) -> StoreFuture<'a, ()> {
-        self.inner.ack_txn(destination, txn_id, now_ms)
+        self.inner.ack_txn(fence, destination, txn_id, now_ms)
     }
-    fn refuse_txn<'a>(&'a self, destination: &'a str, txn_id: &'a str) -> StoreFuture<'a, ()> {
-        self.inner.refuse_txn(destination, txn_id)
+    fn refuse_txn<'a>(
+        &'a self,
+        fence: &'a Fence,
+        destination: &'a str,
+        txn_id: &'a str,
+    ) -> StoreFuture<'a, ()> {
+        self.inner.refuse_txn(fence, destination, txn_id)
     }
     fn quarantine_edu<'a>(
         &'a self,
+        fence: &'a Fence,
         destination: &'a str,
         seq: i64,
         reason: &'a str,
         now_ms: TimestampMs,
     ) -> StoreFuture<'a, ()> {
-        self.inner.quarantine_edu(destination, seq, reason, now_ms)
+        self.inner
+            .quarantine_edu(fence, destination, seq, reason, now_ms)
     }
     fn list_quarantined<'a>(
         &'a self,
@@ -117,10 +125,11 @@ impl Store for CountingStore {
     }
     fn set_retry_state<'a>(
         &'a self,
+        fence: &'a Fence,
         destination: &'a str,
         state: &'a RetryState,
     ) -> StoreFuture<'a, ()> {
-        self.inner.set_retry_state(destination, state)
+        self.inner.set_retry_state(fence, destination, state)
     }
     fn destinations_with_pending(&self) -> StoreFuture<'_, Vec<String>> {
         self.inner.destinations_with_pending()

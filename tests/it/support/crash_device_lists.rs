@@ -411,7 +411,13 @@ impl Ledger {
             seqs: rows.iter().map(|r| r.seq).collect(),
             body: format!("{{\"round\":{round}}}"),
         };
-        store.begin_txn(txn.clone()).await.expect("begin_txn");
+        store
+            .begin_txn(
+                &crate::support::lease_fence(store, &txn.destination).await,
+                txn.clone(),
+            )
+            .await
+            .expect("begin_txn");
         if choice == 1 {
             ack(store, sent, &txn, &rows).await;
             self.txns += 1;
@@ -445,7 +451,12 @@ async fn peek(store: &dyn Store, destination: &str) -> Vec<Row> {
 
 async fn ack(store: &dyn Store, sent: &mut Sent, txn: &InFlightTxn, rows: &[Row]) {
     store
-        .ack_txn(&txn.destination, &txn.txn_id, courier::clock::now_ms())
+        .ack_txn(
+            &crate::support::lease_fence(store, &txn.destination).await,
+            &txn.destination,
+            &txn.txn_id,
+            courier::clock::now_ms(),
+        )
         .await
         .expect("ack_txn");
     for row in rows {

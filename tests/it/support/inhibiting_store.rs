@@ -81,27 +81,37 @@ impl Store for InhibitingStore {
         owned!(destination);
         blocking(async move { s.peek_outbox(&destination, max_edus, max_bytes).await })
     }
-    fn begin_txn(&self, txn: InFlightTxn) -> StoreFuture<'_, ()> {
+    fn begin_txn<'a>(&'a self, fence: &'a Fence, txn: InFlightTxn) -> StoreFuture<'a, ()> {
         let s = self.0.clone();
-        blocking(async move { s.begin_txn(txn).await })
+        let fence = fence.clone();
+        blocking(async move { s.begin_txn(&fence, txn).await })
     }
     fn ack_txn<'a>(
         &'a self,
+        fence: &'a Fence,
         destination: &'a str,
         txn_id: &'a str,
         now_ms: TimestampMs,
     ) -> StoreFuture<'a, ()> {
         let s = self.0.clone();
         owned!(destination, txn_id);
-        blocking(async move { s.ack_txn(&destination, &txn_id, now_ms).await })
+        let fence = fence.clone();
+        blocking(async move { s.ack_txn(&fence, &destination, &txn_id, now_ms).await })
     }
-    fn refuse_txn<'a>(&'a self, destination: &'a str, txn_id: &'a str) -> StoreFuture<'a, ()> {
+    fn refuse_txn<'a>(
+        &'a self,
+        fence: &'a Fence,
+        destination: &'a str,
+        txn_id: &'a str,
+    ) -> StoreFuture<'a, ()> {
         let s = self.0.clone();
         owned!(destination, txn_id);
-        blocking(async move { s.refuse_txn(&destination, &txn_id).await })
+        let fence = fence.clone();
+        blocking(async move { s.refuse_txn(&fence, &destination, &txn_id).await })
     }
     fn quarantine_edu<'a>(
         &'a self,
+        fence: &'a Fence,
         destination: &'a str,
         seq: i64,
         reason: &'a str,
@@ -109,7 +119,11 @@ impl Store for InhibitingStore {
     ) -> StoreFuture<'a, ()> {
         let s = self.0.clone();
         owned!(destination, reason);
-        blocking(async move { s.quarantine_edu(&destination, seq, &reason, now_ms).await })
+        let fence = fence.clone();
+        blocking(async move {
+            s.quarantine_edu(&fence, &destination, seq, &reason, now_ms)
+                .await
+        })
     }
     fn list_quarantined<'a>(
         &'a self,
@@ -132,13 +146,14 @@ impl Store for InhibitingStore {
     }
     fn set_retry_state<'a>(
         &'a self,
+        fence: &'a Fence,
         destination: &'a str,
         state: &'a RetryState,
     ) -> StoreFuture<'a, ()> {
         let s = self.0.clone();
         owned!(destination);
-        let state = state.clone();
-        blocking(async move { s.set_retry_state(&destination, &state).await })
+        let (fence, state) = (fence.clone(), state.clone());
+        blocking(async move { s.set_retry_state(&fence, &destination, &state).await })
     }
     fn destinations_with_pending(&self) -> StoreFuture<'_, Vec<String>> {
         let s = self.0.clone();

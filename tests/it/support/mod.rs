@@ -58,3 +58,17 @@ pub fn migration_files(backend: &str) -> Vec<u32> {
     versions.sort_unstable();
     versions
 }
+
+/// The fence of a lease on `destination` for the test worker `"tests"`,
+/// taken (or extended) for an hour: what a destination task holds when it
+/// makes its outbox writes. Any store; with SQLite it is always epoch 0.
+pub async fn lease_fence(
+    store: &dyn courier::store::Store,
+    destination: &str,
+) -> courier::store::Fence {
+    store
+        .acquire_lease("tests", destination, courier::clock::now_ms(), 3_600_000)
+        .await
+        .expect("acquire lease")
+        .expect("the test worker holds the lease")
+}

@@ -196,16 +196,27 @@ async fn send_txn(
     ack: bool,
 ) {
     store
-        .begin_txn(InFlightTxn {
-            destination: destination.to_owned(),
-            txn_id: txn_id.to_owned(),
-            seqs: rows.iter().map(|r| r.seq).collect(),
-            body: "{}".to_owned(),
-        })
+        .begin_txn(
+            &crate::support::lease_fence(store, destination).await,
+            InFlightTxn {
+                destination: destination.to_owned(),
+                txn_id: txn_id.to_owned(),
+                seqs: rows.iter().map(|r| r.seq).collect(),
+                body: "{}".to_owned(),
+            },
+        )
         .await
         .expect("begin");
     if ack {
-        store.ack_txn(destination, txn_id, NOW).await.expect("ack");
+        store
+            .ack_txn(
+                &crate::support::lease_fence(store, destination).await,
+                destination,
+                txn_id,
+                NOW,
+            )
+            .await
+            .expect("ack");
     }
 }
 
@@ -530,9 +541,15 @@ pub async fn dl_a_requeued_quarantined_row_keeps_its_device_list_meta(harness: &
     interest(s, ALICE, REMOTE, None).await;
     rename(s, ALICE, "A", "phone").await;
     let rows = peek(s, REMOTE).await;
-    s.quarantine_edu(REMOTE, rows[0].seq, "refused", NOW)
-        .await
-        .expect("quarantine");
+    s.quarantine_edu(
+        &crate::support::lease_fence(s, REMOTE).await,
+        REMOTE,
+        rows[0].seq,
+        "refused",
+        NOW,
+    )
+    .await
+    .expect("quarantine");
     assert!(peek(s, REMOTE).await.is_empty());
     assert!(
         s.release_quarantined(REMOTE, rows[0].seq, true)
@@ -588,7 +605,14 @@ pub async fn dl_a_row_in_the_in_flight_txn_is_not_coalesced(harness: &Harness) {
     assert_eq!(rows.len(), 2);
     assert_eq!(rows[0].seq, first[0].seq);
     assert_eq!(parsed(&rows[1]).1["device_display_name"], json!("three"));
-    s.ack_txn(REMOTE, "t1", NOW).await.expect("ack");
+    s.ack_txn(
+        &crate::support::lease_fence(s, REMOTE).await,
+        REMOTE,
+        "t1",
+        NOW,
+    )
+    .await
+    .expect("ack");
     let rows = peek(s, REMOTE).await;
     assert_eq!(rows.len(), 1);
     assert_eq!(meta(&rows[0]), (ALICE.to_owned(), Some(3), Some(1)));
@@ -716,7 +740,14 @@ pub async fn dl_coalescing_keeps_every_sent_chain_consistent(harness: &Harness) 
             }
             2 => {
                 if let Some((txn_id, rows)) = in_flight.remove(destination) {
-                    s.ack_txn(destination, &txn_id, NOW).await.expect("ack");
+                    s.ack_txn(
+                        &crate::support::lease_fence(s, destination).await,
+                        destination,
+                        &txn_id,
+                        NOW,
+                    )
+                    .await
+                    .expect("ack");
                     step(destination, rows);
                 } else {
                     let rows = s.peek_outbox(destination, 3, u64::MAX).await.expect("peek");
@@ -734,7 +765,14 @@ pub async fn dl_coalescing_keeps_every_sent_chain_consistent(harness: &Harness) 
     // Drain both destinations.
     for destination in [REMOTE, OTHER] {
         if let Some((txn_id, rows)) = in_flight.remove(destination) {
-            s.ack_txn(destination, &txn_id, NOW).await.expect("ack");
+            s.ack_txn(
+                &crate::support::lease_fence(s, destination).await,
+                destination,
+                &txn_id,
+                NOW,
+            )
+            .await
+            .expect("ack");
             step(destination, rows);
         }
         loop {

@@ -47,6 +47,7 @@ pub async fn begin_ack_txn(harness: &Harness) {
     accepted(s, batch("t", vec![], remote)).await;
     accepted(s, batch("t2", vec![], vec![edu("e.test", 9, 1)])).await;
     s.set_retry_state(
+        &crate::support::lease_fence(s, "d.test").await,
         "d.test",
         &RetryState {
             failures: 3,
@@ -60,31 +61,54 @@ pub async fn begin_ack_txn(harness: &Harness) {
     assert_eq!(s.in_flight("d.test").await.expect("in flight"), None);
     let rows = s.peek_outbox("d.test", 3, u64::MAX).await.expect("peek");
     let txn = in_flight_for("d.test", "tx-1", rows.iter().map(|e| e.seq).collect());
-    s.begin_txn(txn.clone()).await.expect("begin");
+    s.begin_txn(
+        &crate::support::lease_fence(s, &txn.destination).await,
+        txn.clone(),
+    )
+    .await
+    .expect("begin");
     assert_eq!(
         s.in_flight("d.test").await.expect("in flight"),
         Some(txn.clone())
     );
     // A second transaction for the same destination is refused...
     assert!(
-        s.begin_txn(in_flight_for("d.test", "tx-2", vec![]))
-            .await
-            .is_err()
+        s.begin_txn(
+            &crate::support::lease_fence(s, "d.test").await,
+            in_flight_for("d.test", "tx-2", vec![])
+        )
+        .await
+        .is_err()
     );
     assert_eq!(
         s.in_flight("d.test").await.expect("in flight"),
         Some(txn.clone())
     );
     // ...but other destinations are independent.
-    s.begin_txn(in_flight_for("e.test", "tx-e", vec![]))
-        .await
-        .expect("begin other");
+    s.begin_txn(
+        &crate::support::lease_fence(s, "e.test").await,
+        in_flight_for("e.test", "tx-e", vec![]),
+    )
+    .await
+    .expect("begin other");
     // An ack of another txn id changes nothing.
-    s.ack_txn("d.test", "tx-unknown", NOW)
-        .await
-        .expect("ack other");
+    s.ack_txn(
+        &crate::support::lease_fence(s, "d.test").await,
+        "d.test",
+        "tx-unknown",
+        NOW,
+    )
+    .await
+    .expect("ack other");
     assert_eq!(queued_ns(s, "d.test").await, vec![0, 1, 2, 3, 4]);
-    s.ack_txn("d.test", "tx-1", NOW + 10).await.expect("ack");
+    s.ack_txn(
+        &crate::support::lease_fence(s, "d.test").await,
+        "d.test",
+        "tx-1",
+        NOW + 10,
+    )
+    .await
+    .expect("ack");
     assert_eq!(queued_ns(s, "d.test").await, vec![3, 4]);
     assert_eq!(s.in_flight("d.test").await.expect("in flight"), None);
     let expected = RetryState {
@@ -95,32 +119,50 @@ pub async fn begin_ack_txn(harness: &Harness) {
     };
     assert_eq!(s.retry_state("d.test").await.expect("retry"), expected);
     // Acking twice is harmless.
-    s.ack_txn("d.test", "tx-1", NOW + 20)
-        .await
-        .expect("ack twice");
+    s.ack_txn(
+        &crate::support::lease_fence(s, "d.test").await,
+        "d.test",
+        "tx-1",
+        NOW + 20,
+    )
+    .await
+    .expect("ack twice");
     assert_eq!(queued_ns(s, "d.test").await, vec![3, 4]);
     assert_eq!(s.retry_state("d.test").await.expect("retry"), expected);
     // A new transaction can begin now.
     let rest = s.peek_outbox("d.test", 100, u64::MAX).await.expect("peek");
-    s.begin_txn(in_flight_for(
-        "d.test",
-        "tx-3",
-        rest.iter().map(|e| e.seq).collect(),
-    ))
+    s.begin_txn(
+        &crate::support::lease_fence(s, "d.test").await,
+        in_flight_for("d.test", "tx-3", rest.iter().map(|e| e.seq).collect()),
+    )
     .await
     .expect("begin next");
     assert_eq!(
         s.destinations_with_pending().await.expect("pending"),
         vec!["d.test", "e.test"]
     );
-    s.ack_txn("d.test", "tx-3", NOW + 30).await.expect("ack");
+    s.ack_txn(
+        &crate::support::lease_fence(s, "d.test").await,
+        "d.test",
+        "tx-3",
+        NOW + 30,
+    )
+    .await
+    .expect("ack");
     assert_eq!(queued_ns(s, "d.test").await, Vec::<u64>::new());
     // e.test still has a queued row and an in-flight record.
     assert_eq!(
         s.destinations_with_pending().await.expect("pending"),
         vec!["e.test"]
     );
-    s.ack_txn("e.test", "tx-e", NOW).await.expect("ack e");
+    s.ack_txn(
+        &crate::support::lease_fence(s, "e.test").await,
+        "e.test",
+        "tx-e",
+        NOW,
+    )
+    .await
+    .expect("ack e");
     // tx-e carried no seqs: the row queued for e.test stays.
     assert_eq!(queued_ns(s, "e.test").await, vec![9]);
 }
@@ -132,17 +174,41 @@ pub async fn refuse_txn_counts_refusals(harness: &Harness) {
     accepted(s, batch("t", vec![], remote)).await;
     let rows = s.peek_outbox("d.test", 100, u64::MAX).await.expect("peek");
     let first_two: Vec<i64> = rows[..2].iter().map(|e| e.seq).collect();
-    s.begin_txn(in_flight_for("d.test", "tx-1", first_two.clone()))
-        .await
-        .expect("begin");
-    s.refuse_txn("d.test", "tx-1").await.expect("refuse");
+    s.begin_txn(
+        &crate::support::lease_fence(s, "d.test").await,
+        in_flight_for("d.test", "tx-1", first_two.clone()),
+    )
+    .await
+    .expect("begin");
+    s.refuse_txn(
+        &crate::support::lease_fence(s, "d.test").await,
+        "d.test",
+        "tx-1",
+    )
+    .await
+    .expect("refuse");
     assert_eq!(s.in_flight("d.test").await.expect("in flight"), None);
-    s.begin_txn(in_flight_for("d.test", "tx-2", first_two[..1].to_vec()))
-        .await
-        .expect("begin");
-    s.refuse_txn("d.test", "tx-2").await.expect("refuse");
+    s.begin_txn(
+        &crate::support::lease_fence(s, "d.test").await,
+        in_flight_for("d.test", "tx-2", first_two[..1].to_vec()),
+    )
+    .await
+    .expect("begin");
+    s.refuse_txn(
+        &crate::support::lease_fence(s, "d.test").await,
+        "d.test",
+        "tx-2",
+    )
+    .await
+    .expect("refuse");
     // Refusing an unknown txn changes nothing.
-    s.refuse_txn("d.test", "tx-2").await.expect("refuse again");
+    s.refuse_txn(
+        &crate::support::lease_fence(s, "d.test").await,
+        "d.test",
+        "tx-2",
+    )
+    .await
+    .expect("refuse again");
     let after = s.peek_outbox("d.test", 100, u64::MAX).await.expect("peek");
     let refusals: Vec<u32> = after.iter().map(|e| e.refusals).collect();
     assert_eq!(refusals, vec![2, 1, 0, 0]);
@@ -158,13 +224,25 @@ pub async fn quarantine_and_release(harness: &Harness) {
     let remote = (0..3).map(|n| edu("d.test", n, 2)).collect();
     accepted(s, batch("t", vec![], remote)).await;
     let rows = s.peek_outbox("d.test", 100, u64::MAX).await.expect("peek");
-    s.quarantine_edu("d.test", rows[0].seq, "refused 3 times", NOW + 1)
-        .await
-        .expect("quarantine");
+    s.quarantine_edu(
+        &crate::support::lease_fence(s, "d.test").await,
+        "d.test",
+        rows[0].seq,
+        "refused 3 times",
+        NOW + 1,
+    )
+    .await
+    .expect("quarantine");
     // Quarantining a row that does not exist is a no-op.
-    s.quarantine_edu("d.test", 999_999, "nope", NOW)
-        .await
-        .expect("quarantine missing");
+    s.quarantine_edu(
+        &crate::support::lease_fence(s, "d.test").await,
+        "d.test",
+        999_999,
+        "nope",
+        NOW,
+    )
+    .await
+    .expect("quarantine missing");
     assert_eq!(queued_ns(s, "d.test").await, vec![1, 2]);
     let q = s.list_quarantined(Some("d.test")).await.expect("list");
     assert_eq!(q.len(), 1);
@@ -202,9 +280,15 @@ pub async fn quarantine_and_release(harness: &Harness) {
     assert_eq!(after[2].refusals, 0);
     assert!(s.list_quarantined(None).await.expect("list").is_empty());
     // Delete: gone for good.
-    s.quarantine_edu("d.test", after[0].seq, "bad", NOW)
-        .await
-        .expect("quarantine");
+    s.quarantine_edu(
+        &crate::support::lease_fence(s, "d.test").await,
+        "d.test",
+        after[0].seq,
+        "bad",
+        NOW,
+    )
+    .await
+    .expect("quarantine");
     assert!(
         s.release_quarantined("d.test", after[0].seq, false)
             .await
@@ -215,9 +299,15 @@ pub async fn quarantine_and_release(harness: &Harness) {
     // A destination whose only row is quarantined has nothing pending.
     accepted(s, batch("t2", vec![], vec![edu("q.test", 5, 1)])).await;
     let q_rows = s.peek_outbox("q.test", 1, u64::MAX).await.expect("peek");
-    s.quarantine_edu("q.test", q_rows[0].seq, "bad", NOW)
-        .await
-        .expect("quarantine");
+    s.quarantine_edu(
+        &crate::support::lease_fence(s, "q.test").await,
+        "q.test",
+        q_rows[0].seq,
+        "bad",
+        NOW,
+    )
+    .await
+    .expect("quarantine");
     assert_eq!(
         s.destinations_with_pending().await.expect("pending"),
         vec!["d.test"]

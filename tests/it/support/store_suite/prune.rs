@@ -228,7 +228,13 @@ pub async fn idle_destinations_are_retired(harness: &Harness) {
         last_error: Some("connection refused".to_owned()),
     };
     for destination in ["idle.test", "queued.test", "flight.test", "held.test"] {
-        s.set_retry_state(destination, &failing).await.expect("set");
+        s.set_retry_state(
+            &crate::support::lease_fence(s, destination).await,
+            destination,
+            &failing,
+        )
+        .await
+        .expect("set");
     }
     accepted(
         s,
@@ -250,13 +256,22 @@ pub async fn idle_destinations_are_retired(harness: &Harness) {
             .await
             .expect("peek"),
     );
-    s.begin_txn(in_flight_for("flight.test", "tx-f", vec![flight]))
-        .await
-        .expect("begin");
+    s.begin_txn(
+        &crate::support::lease_fence(s, "flight.test").await,
+        in_flight_for("flight.test", "tx-f", vec![flight]),
+    )
+    .await
+    .expect("begin");
     let held = seq_of(s.peek_outbox("held.test", 1, u64::MAX).await.expect("peek"));
-    s.quarantine_edu("held.test", held, "refused", now)
-        .await
-        .expect("quarantine");
+    s.quarantine_edu(
+        &crate::support::lease_fence(s, "held.test").await,
+        "held.test",
+        held,
+        "refused",
+        now,
+    )
+    .await
+    .expect("quarantine");
     let retention = Retention::DEFAULT;
     let expiry = now + 60_000 + retention.destination_ms;
     // recent.test was delivered just before the expiry: still active.
@@ -265,12 +280,20 @@ pub async fn idle_destinations_are_retired(harness: &Harness) {
             .await
             .expect("peek"),
     );
-    s.begin_txn(in_flight_for("recent.test", "tx-r", vec![recent]))
-        .await
-        .expect("begin");
-    s.ack_txn("recent.test", "tx-r", expiry - 1000)
-        .await
-        .expect("ack");
+    s.begin_txn(
+        &crate::support::lease_fence(s, "recent.test").await,
+        in_flight_for("recent.test", "tx-r", vec![recent]),
+    )
+    .await
+    .expect("begin");
+    s.ack_txn(
+        &crate::support::lease_fence(s, "recent.test").await,
+        "recent.test",
+        "tx-r",
+        expiry - 1000,
+    )
+    .await
+    .expect("ack");
     let names = |statuses: Vec<courier::store::DestinationStatus>| -> Vec<String> {
         statuses.into_iter().map(|d| d.destination).collect()
     };
@@ -305,13 +328,23 @@ pub async fn idle_destinations_are_retired(harness: &Harness) {
     );
     assert_eq!(s.retry_state("queued.test").await.expect("state"), failing);
     // A retired destination starts over when it is used again.
-    s.set_retry_state("idle.test", &failing).await.expect("set");
+    s.set_retry_state(
+        &crate::support::lease_fence(s, "idle.test").await,
+        "idle.test",
+        &failing,
+    )
+    .await
+    .expect("set");
     assert_eq!(s.retry_state("idle.test").await.expect("state"), failing);
     // The batch bounds retirements too.
     for i in 0..5 {
-        s.set_retry_state(&format!("gone{i}.test"), &failing)
-            .await
-            .expect("set");
+        s.set_retry_state(
+            &crate::support::lease_fence(s, &format!("gone{i}.test")).await,
+            &format!("gone{i}.test"),
+            &failing,
+        )
+        .await
+        .expect("set");
     }
     let far = expiry + retention.destination_ms;
     let counts: Vec<u64> = {

@@ -20,7 +20,13 @@ pub async fn retry_state_round_trip(harness: &Harness) {
         last_success_ms: None,
         last_error: Some("tls handshake failed".to_owned()),
     };
-    s.set_retry_state("d.test", &state).await.expect("set");
+    s.set_retry_state(
+        &crate::support::lease_fence(s, "d.test").await,
+        "d.test",
+        &state,
+    )
+    .await
+    .expect("set");
     assert_eq!(s.retry_state("d.test").await.expect("retry"), state);
     let state2 = RetryState {
         failures: 0,
@@ -28,7 +34,13 @@ pub async fn retry_state_round_trip(harness: &Harness) {
         last_success_ms: Some(NOW),
         last_error: None,
     };
-    s.set_retry_state("d.test", &state2).await.expect("set");
+    s.set_retry_state(
+        &crate::support::lease_fence(s, "d.test").await,
+        "d.test",
+        &state2,
+    )
+    .await
+    .expect("set");
     assert_eq!(s.retry_state("d.test").await.expect("retry"), state2);
     assert_eq!(
         s.retry_state("other.test").await.expect("retry"),
@@ -67,7 +79,13 @@ pub async fn destination_statuses_report_queues(harness: &Harness) {
         last_success_ms: None,
         last_error: Some("timeout".to_owned()),
     };
-    s.set_retry_state("b.test", &failing).await.expect("set");
+    s.set_retry_state(
+        &crate::support::lease_fence(s, "b.test").await,
+        "b.test",
+        &failing,
+    )
+    .await
+    .expect("set");
     let status = s.destination_statuses().await.expect("status");
     let by_name: BTreeMap<&str, _> = status.iter().map(|d| (d.destination.as_str(), d)).collect();
     assert_eq!(by_name.len(), 2);
