@@ -81,8 +81,12 @@ pub struct FederationConfig {
     /// Notary servers tried when an origin cannot be reached for its keys.
     pub notary_servers: Vec<ServerName>,
     pub retry: RetryConfig,
-    /// A lone EDU refused this many times is quarantined.
+    /// A lone EDU refused this many times is quarantined (once the peer is
+    /// seen to accept other EDUs).
     pub quarantine_after: u32,
+    /// After this many refused transactions in a row, none accepted, the
+    /// destination is marked refusing: every refusal then backs off.
+    pub refusing_after: u32,
     /// Delay between waking successive destinations at start-up.
     pub startup_stagger: Duration,
     /// Idle pooled connections kept per destination.
@@ -98,16 +102,26 @@ pub struct FederationConfig {
 
 /// The per-destination backoff schedule (persisted failures × this policy).
 /// `federation::sender::backoff` turns it into delays: exponential from `initial`
-/// by `multiplier`, held at 25 s (with jitter) during the first five
-/// minutes of an outage so that a returning peer is reached within 30 s,
-/// then growing to `max`, which jitter never exceeds.
+/// by `multiplier`, held at `quick_return - send_margin` (jitter included)
+/// during the first `quick_phase` of an outage so that a returning peer is
+/// reached within `quick_return`, then growing to `max`, which jitter never
+/// exceeds. No delay is shorter than `initial`.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RetryConfig {
     pub initial: Duration,
     pub multiplier: f64,
     pub max: Duration,
-    /// Relative jitter: a delay d becomes uniform in [d(1−j), d(1+j)].
+    /// Relative jitter: a delay d becomes uniform in [d(1−j), d(1+j)]
+    /// (and at least `initial`).
     pub jitter: f64,
+    /// How long an outage counts as short (`retry_quick_phase_ms`).
+    pub quick_phase: Duration,
+    /// A peer back from a short outage is reached within this time
+    /// (`retry_quick_return_ms`).
+    pub quick_return: Duration,
+    /// The part of `quick_return` left for connecting and sending
+    /// (`retry_send_margin_ms`).
+    pub send_margin: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -262,7 +276,11 @@ struct RawFederation {
     retry_multiplier: Option<f64>,
     retry_max_ms: Option<u64>,
     retry_jitter: Option<f64>,
+    retry_quick_phase_ms: Option<u64>,
+    retry_quick_return_ms: Option<u64>,
+    retry_send_margin_ms: Option<u64>,
     quarantine_after: Option<u32>,
+    refusing_after: Option<u32>,
     startup_stagger_ms: Option<u64>,
     pool_idle_per_host: Option<usize>,
     key_fetch_concurrency: Option<usize>,
@@ -517,7 +535,27 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             multiplier: f.retry_multiplier.unwrap_or(2.0),
             max: Duration::from_millis(f.retry_max_ms.unwrap_or(600_000)),
             jitter: f.retry_jitter.unwrap_or(0.2),
+            quick_phase: Duration::from_millis(f.retry_quick_phase_ms.unwrap_or(300_000)),
+            quick_return: Duration::from_millis(f.retry_quick_return_ms.unwrap_or(5_000)),
+            send_margin: Duration::from_millis(f.retry_send_margin_ms.unwrap_or(1_000)),
         };
+        if retry.quick_phase > Duration::from_secs(24 * 3600) {
+            problems.push("[federation] retry_quick_phase_ms must be at most 86400000".to_owned());
+        }
+        if retry.send_margin >= retry.quick_return {
+            problems.push(
+                "[federation] retry_send_margin_ms must be less than retry_quick_return_ms"
+                    .to_owned(),
+            );
+        } else if retry.initial.as_secs_f64() * (1.0 + retry.jitter.clamp(0.0, 1.0))
+            > (retry.quick_return - retry.send_margin).as_secs_f64()
+        {
+            problems.push(
+                "[federation] retry_quick_return_ms - retry_send_margin_ms must be at least \
+                 retry_initial_ms × (1 + retry_jitter), or the quick return cannot be kept"
+                    .to_owned(),
+            );
+        }
         if !(retry.multiplier >= 1.0 && retry.multiplier <= 16.0) {
             problems.push("[federation] retry_multiplier must be in 1..=16".to_owned());
         }
@@ -546,6 +584,10 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         if quarantine_after == 0 {
             problems.push("[federation] quarantine_after must be at least 1".to_owned());
         }
+        let refusing_after = f.refusing_after.unwrap_or(10);
+        if !(1..=1000).contains(&refusing_after) {
+            problems.push("[federation] refusing_after must be in 1..=1000".to_owned());
+        }
         let discovery_timeout = Duration::from_millis(f.discovery_timeout_ms.unwrap_or(15_000));
         if discovery_timeout.is_zero() || discovery_timeout > Duration::from_secs(600) {
             problems.push("[federation] discovery_timeout_ms must be in 1..=600000".to_owned());
@@ -568,6 +610,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             notary_servers,
             retry,
             quarantine_after,
+            refusing_after,
             startup_stagger: Duration::from_millis(f.startup_stagger_ms.unwrap_or(5)),
             pool_idle_per_host: f.pool_idle_per_host.unwrap_or(4),
             key_fetch_concurrency,
