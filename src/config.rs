@@ -84,8 +84,9 @@ pub struct FederationConfig {
     /// A lone EDU refused this many times is quarantined (once the peer is
     /// seen to accept other EDUs).
     pub quarantine_after: u32,
-    /// After this many refused transactions in a row, none accepted, the
-    /// destination is marked refusing: every refusal then backs off.
+    /// How many EDUs refused alone may wait on probation (set aside before
+    /// the peer is seen to accept anything); one more marks the destination
+    /// refusing (`federation::sender::destination`).
     pub refusing_after: u32,
     /// Delay between waking successive destinations at start-up.
     pub startup_stagger: Duration,
@@ -584,7 +585,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         if quarantine_after == 0 {
             problems.push("[federation] quarantine_after must be at least 1".to_owned());
         }
-        let refusing_after = f.refusing_after.unwrap_or(10);
+        let refusing_after = f.refusing_after.unwrap_or(1);
         if !(1..=1000).contains(&refusing_after) {
             problems.push("[federation] refusing_after must be in 1..=1000".to_owned());
         }
@@ -1238,6 +1239,54 @@ postgres = "b"
         ] {
             assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
         }
+    }
+
+    #[test]
+    fn quick_return_and_refusing_keys_have_defaults_and_are_checked_together() {
+        let c = parse(GOOD, &[]).expect("valid config");
+        let retry = c.federation.retry;
+        assert_eq!(retry.quick_phase, Duration::from_secs(300));
+        assert_eq!(retry.quick_return, Duration::from_secs(5));
+        assert_eq!(retry.send_margin, Duration::from_secs(1));
+        assert_eq!(c.federation.refusing_after, 1);
+        let c = parse(
+            GOOD,
+            &[
+                ("COURIER_FEDERATION__RETRY_QUICK_RETURN_MS", "10000"),
+                ("COURIER_FEDERATION__REFUSING_AFTER", "3"),
+            ],
+        )
+        .expect("valid config");
+        assert_eq!(c.federation.retry.quick_return, Duration::from_secs(10));
+        assert_eq!(c.federation.refusing_after, 3);
+        // Three problems, all reported at once.
+        let r = parse(
+            GOOD,
+            &[
+                ("COURIER_FEDERATION__RETRY_QUICK_PHASE_MS", "90000000"),
+                ("COURIER_FEDERATION__RETRY_SEND_MARGIN_MS", "5000"),
+                ("COURIER_FEDERATION__REFUSING_AFTER", "0"),
+            ],
+        );
+        let Err(ConfigError::Invalid(problems)) = r else {
+            panic!("expected an invalid config, got {r:?}");
+        };
+        let all = problems.join("\n");
+        for needle in ["retry_quick_phase_ms", "retry_send_margin_ms", "refusing_after"] {
+            assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
+        }
+        // A quick return the first delay (with jitter) cannot keep.
+        let r = parse(
+            GOOD,
+            &[
+                ("COURIER_FEDERATION__RETRY_INITIAL_MS", "4000"),
+                ("COURIER_FEDERATION__RETRY_QUICK_RETURN_MS", "5000"),
+            ],
+        );
+        let Err(ConfigError::Invalid(problems)) = r else {
+            panic!("expected an invalid config, got {r:?}");
+        };
+        assert!(problems.iter().any(|p| p.contains("cannot be kept")));
     }
 
     #[test]
