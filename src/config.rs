@@ -1272,7 +1272,11 @@ postgres = "b"
             panic!("expected an invalid config, got {r:?}");
         };
         let all = problems.join("\n");
-        for needle in ["retry_quick_phase_ms", "retry_send_margin_ms", "refusing_after"] {
+        for needle in [
+            "retry_quick_phase_ms",
+            "retry_send_margin_ms",
+            "refusing_after",
+        ] {
             assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
         }
         // A quick return the first delay (with jitter) cannot keep.
