@@ -43,6 +43,10 @@ async fn every_route_requires_the_secret() {
             "POST",
             "/_courier/v1/destinations/example.org/wake".to_owned(),
         ),
+        (
+            "POST",
+            "/_courier/v1/quarantine/example.org/requeue_all".to_owned(),
+        ),
         ("GET", "/metrics".to_owned()),
     ];
     for (method, path) in &routes {
