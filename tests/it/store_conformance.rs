@@ -46,7 +46,7 @@ async fn schema_version_is_recorded_and_tokens_are_hashed() {
     let version: u32 = conn
         .query_row("SELECT max(version) FROM schema_version", [], |r| r.get(0))
         .expect("version");
-    assert_eq!(version, 4);
+    assert_eq!(version, 6);
     let mode: String = conn
         .query_row("PRAGMA journal_mode", [], |r| r.get(0))
         .expect("journal mode");

@@ -80,7 +80,7 @@ async fn schema_version_is_recorded_and_tokens_are_hashed() {
         .await
         .expect("version")
         .get(0);
-    assert_eq!(version, 5);
+    assert_eq!(version, 8);
     let rows = client
         .query("SELECT token_hash FROM access_tokens", &[])
         .await
@@ -113,8 +113,8 @@ async fn concurrent_opens_migrate_once() {
         .await
         .expect("count")
         .get(0);
-    // Each of the five migrations, exactly once.
-    assert_eq!(applied, 5);
+    // Each of the six migrations (1 to 5 and 8), exactly once.
+    assert_eq!(applied, 6);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
