@@ -104,11 +104,31 @@ pub enum Command {
         #[arg(long, env = "COURIER_RPC_SECRET", hide_env_values = true)]
         secret: String,
     },
+    /// Quarantined EDUs (those a destination refused on their own).
+    #[command(subcommand)]
+    Quarantine(QuarantineCommand),
     /// Load generator: measure to-device throughput and latency between two
     /// servers over the client-server API (by default the two config/dev/
     /// relays, started in this process). Exits non-zero if any accepted
     /// message is not delivered exactly once.
     Bench(Box<crate::tools::bench::BenchArgs>),
+}
+
+/// `courier quarantine ...`.
+#[derive(Debug, Subcommand)]
+pub enum QuarantineCommand {
+    /// Put every quarantined EDU of a destination back at the end of its
+    /// queue, in their original order, and wake the destination.
+    Requeue {
+        /// The destination server name, as `courier status` shows it.
+        destination: String,
+        /// The relay's RPC base URL, e.g. http://127.0.0.1:8009.
+        #[arg(long, env = "COURIER_RPC_URL")]
+        rpc: String,
+        /// The RPC shared secret.
+        #[arg(long, env = "COURIER_RPC_SECRET", hide_env_values = true)]
+        secret: String,
+    },
 }
 
 impl Cli {
@@ -271,6 +291,20 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
                 "{}",
                 crate::tools::rpc_client::status_table(&rows, crate::clock::now_ms())
             );
+            Ok(())
+        }
+        Command::Quarantine(QuarantineCommand::Requeue {
+            destination,
+            rpc,
+            secret,
+        }) => {
+            let client =
+                crate::tools::rpc_client::RpcClient::new(&rpc, &secret).map_err(usage_failure)?;
+            let requeued = client
+                .requeue_quarantined(&destination)
+                .await
+                .map_err(runtime_failure)?;
+            println!("requeued {requeued} quarantined EDUs for {destination}");
             Ok(())
         }
     }

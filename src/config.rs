@@ -88,8 +88,13 @@ pub struct FederationConfig {
     /// Notary servers tried when an origin cannot be reached for its keys.
     pub notary_servers: Vec<ServerName>,
     pub retry: RetryConfig,
-    /// A lone EDU refused this many times is quarantined.
+    /// A lone EDU refused this many times is quarantined (once the peer is
+    /// seen to accept other EDUs).
     pub quarantine_after: u32,
+    /// How many EDUs refused alone may wait on probation (set aside before
+    /// the peer is seen to accept anything); one more marks the destination
+    /// refusing (`federation::sender::destination`).
+    pub refusing_after: u32,
     /// Delay between waking successive destinations at start-up.
     pub startup_stagger: Duration,
     /// Idle pooled connections kept per destination.
@@ -105,16 +110,26 @@ pub struct FederationConfig {
 
 /// The per-destination backoff schedule (persisted failures × this policy).
 /// `federation::sender::backoff` turns it into delays: exponential from `initial`
-/// by `multiplier`, held at 25 s (with jitter) during the first five
-/// minutes of an outage so that a returning peer is reached within 30 s,
-/// then growing to `max`, which jitter never exceeds.
+/// by `multiplier`, held at `quick_return - send_margin` (jitter included)
+/// during the first `quick_phase` of an outage so that a returning peer is
+/// reached within `quick_return`, then growing to `max`, which jitter never
+/// exceeds. No delay is shorter than `initial`.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RetryConfig {
     pub initial: Duration,
     pub multiplier: f64,
     pub max: Duration,
-    /// Relative jitter: a delay d becomes uniform in [d(1−j), d(1+j)].
+    /// Relative jitter: a delay d becomes uniform in [d(1−j), d(1+j)]
+    /// (and at least `initial`).
     pub jitter: f64,
+    /// How long an outage counts as short (`retry_quick_phase_ms`).
+    pub quick_phase: Duration,
+    /// A peer back from a short outage is reached within this time
+    /// (`retry_quick_return_ms`).
+    pub quick_return: Duration,
+    /// The part of `quick_return` left for connecting and sending
+    /// (`retry_send_margin_ms`).
+    pub send_margin: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -302,7 +317,11 @@ struct RawFederation {
     retry_multiplier: Option<f64>,
     retry_max_ms: Option<u64>,
     retry_jitter: Option<f64>,
+    retry_quick_phase_ms: Option<u64>,
+    retry_quick_return_ms: Option<u64>,
+    retry_send_margin_ms: Option<u64>,
     quarantine_after: Option<u32>,
+    refusing_after: Option<u32>,
     startup_stagger_ms: Option<u64>,
     pool_idle_per_host: Option<usize>,
     key_fetch_concurrency: Option<usize>,
@@ -562,7 +581,27 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             multiplier: f.retry_multiplier.unwrap_or(2.0),
             max: Duration::from_millis(f.retry_max_ms.unwrap_or(600_000)),
             jitter: f.retry_jitter.unwrap_or(0.2),
+            quick_phase: Duration::from_millis(f.retry_quick_phase_ms.unwrap_or(300_000)),
+            quick_return: Duration::from_millis(f.retry_quick_return_ms.unwrap_or(5_000)),
+            send_margin: Duration::from_millis(f.retry_send_margin_ms.unwrap_or(1_000)),
         };
+        if retry.quick_phase > Duration::from_secs(24 * 3600) {
+            problems.push("[federation] retry_quick_phase_ms must be at most 86400000".to_owned());
+        }
+        if retry.send_margin >= retry.quick_return {
+            problems.push(
+                "[federation] retry_send_margin_ms must be less than retry_quick_return_ms"
+                    .to_owned(),
+            );
+        } else if retry.initial.as_secs_f64() * (1.0 + retry.jitter.clamp(0.0, 1.0))
+            > (retry.quick_return - retry.send_margin).as_secs_f64()
+        {
+            problems.push(
+                "[federation] retry_quick_return_ms - retry_send_margin_ms must be at least \
+                 retry_initial_ms × (1 + retry_jitter), or the quick return cannot be kept"
+                    .to_owned(),
+            );
+        }
         if !(retry.multiplier >= 1.0 && retry.multiplier <= 16.0) {
             problems.push("[federation] retry_multiplier must be in 1..=16".to_owned());
         }
@@ -611,6 +650,10 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             1_000..=3_600_000,
             &mut problems,
         );
+        let refusing_after = f.refusing_after.unwrap_or(1);
+        if !(1..=1000).contains(&refusing_after) {
+            problems.push("[federation] refusing_after must be in 1..=1000".to_owned());
+        }
         let discovery_timeout = Duration::from_millis(f.discovery_timeout_ms.unwrap_or(15_000));
         if discovery_timeout.is_zero() || discovery_timeout > Duration::from_secs(600) {
             problems.push("[federation] discovery_timeout_ms must be in 1..=600000".to_owned());
@@ -636,6 +679,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             notary_servers,
             retry,
             quarantine_after,
+            refusing_after,
             startup_stagger: Duration::from_millis(f.startup_stagger_ms.unwrap_or(5)),
             pool_idle_per_host: f.pool_idle_per_host.unwrap_or(4),
             key_fetch_concurrency,
@@ -1401,6 +1445,58 @@ postgres = "b"
         ] {
             assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
         }
+    }
+
+    #[test]
+    fn quick_return_and_refusing_keys_have_defaults_and_are_checked_together() {
+        let c = parse(GOOD, &[]).expect("valid config");
+        let retry = c.federation.retry;
+        assert_eq!(retry.quick_phase, Duration::from_secs(300));
+        assert_eq!(retry.quick_return, Duration::from_secs(5));
+        assert_eq!(retry.send_margin, Duration::from_secs(1));
+        assert_eq!(c.federation.refusing_after, 1);
+        let c = parse(
+            GOOD,
+            &[
+                ("COURIER_FEDERATION__RETRY_QUICK_RETURN_MS", "10000"),
+                ("COURIER_FEDERATION__REFUSING_AFTER", "3"),
+            ],
+        )
+        .expect("valid config");
+        assert_eq!(c.federation.retry.quick_return, Duration::from_secs(10));
+        assert_eq!(c.federation.refusing_after, 3);
+        // Three problems, all reported at once.
+        let r = parse(
+            GOOD,
+            &[
+                ("COURIER_FEDERATION__RETRY_QUICK_PHASE_MS", "90000000"),
+                ("COURIER_FEDERATION__RETRY_SEND_MARGIN_MS", "5000"),
+                ("COURIER_FEDERATION__REFUSING_AFTER", "0"),
+            ],
+        );
+        let Err(ConfigError::Invalid(problems)) = r else {
+            panic!("expected an invalid config, got {r:?}");
+        };
+        let all = problems.join("\n");
+        for needle in [
+            "retry_quick_phase_ms",
+            "retry_send_margin_ms",
+            "refusing_after",
+        ] {
+            assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
+        }
+        // A quick return the first delay (with jitter) cannot keep.
+        let r = parse(
+            GOOD,
+            &[
+                ("COURIER_FEDERATION__RETRY_INITIAL_MS", "4000"),
+                ("COURIER_FEDERATION__RETRY_QUICK_RETURN_MS", "5000"),
+            ],
+        );
+        let Err(ConfigError::Invalid(problems)) = r else {
+            panic!("expected an invalid config, got {r:?}");
+        };
+        assert!(problems.iter().any(|p| p.contains("cannot be kept")));
     }
 
     #[test]

@@ -49,6 +49,10 @@ pub struct DestinationRow {
     pub last_error: Option<String>,
     /// EDUs set aside after repeated refusals.
     pub quarantined: u64,
+    /// Unix ms since which the destination refuses every EDU (F6): it is
+    /// backed off and nothing more of it is quarantined. Absent: it is not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refusing_since_ms: Option<i64>,
 }
 
 /// The body of `GET /_courier/v1/destinations`.
@@ -90,6 +94,10 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/_courier/v1/quarantine/{destination}/{seq}/retry",
             post(post_quarantined_retry_route),
+        )
+        .route(
+            "/_courier/v1/quarantine/{destination}/requeue_all",
+            post(post_quarantine_requeue_all_route),
         )
         .route("/metrics", get(get_metrics_route))
         .merge(device_lists::routes())
@@ -376,6 +384,7 @@ async fn get_destinations_route(State(state): State<AppState>) -> Result<Respons
             last_success_ms: status.retry.last_success_ms,
             last_error: status.retry.last_error,
             quarantined: status.quarantined,
+            refusing_since_ms: status.refusing_since_ms,
         })
         .collect();
     let body = serde_json::to_string(&DestinationsResponse { destinations })
@@ -448,6 +457,32 @@ async fn post_quarantined_retry_route(
     state.sender.peer_is_up(&destination);
     tracing::info!(destination, seq, "quarantined EDU requeued by operator");
     Ok(extract::empty_object())
+}
+
+/// Puts every quarantined EDU of a destination back at the end of its
+/// queue, in their original order, and wakes the destination. Answers
+/// `{"requeued": n}` (0 when nothing was quarantined).
+async fn post_quarantine_requeue_all_route(
+    State(state): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Response, MatrixError> {
+    let destination = extract::path(path)?;
+    let requeued = state
+        .store
+        .requeue_quarantined(&destination)
+        .await
+        .map_err(|error| MatrixError::internal("quarantine requeue", &error))?;
+    if requeued > 0 {
+        state.sender.peer_is_up(&destination);
+    }
+    tracing::info!(
+        destination,
+        requeued,
+        "quarantined EDUs requeued by operator"
+    );
+    let body = serde_json::to_string(&json!({ "requeued": requeued }))
+        .map_err(|error| MatrixError::internal("quarantine requeue", &error))?;
+    Ok(extract::json_text(body))
 }
 
 /// Deletes a quarantined EDU for good.

@@ -226,7 +226,9 @@ pub struct OutboxEdu {
     pub edu_json: String,
     pub message_count: u32,
     pub queued_ts: TimestampMs,
-    /// How many times a transaction holding this EDU was refused (4xx).
+    /// How many times a transaction carrying this EDU alone was refused
+    /// (4xx): its solo refusals. A refused batch of several EDUs counts on
+    /// none of them (it is split instead).
     pub refusals: u32,
     /// Set for a device-list EDU (`m.device_list_update` or
     /// `m.signing_key_update`): the sender finishes it with
@@ -257,6 +259,32 @@ pub struct RetryState {
     pub last_error: Option<String>,
 }
 
+/// A destination's persisted refusal history (SECURITY-REVIEW F6, F14), kept
+/// in its `destinations` row so that a restart or a lease move resumes it:
+/// how far a refused batch has been narrowed, whether the peer accepted
+/// anything since, whether the destination is marked refusing, and the EDUs
+/// on probation. The default is "no refusals".
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RefusalState {
+    /// The batch size in force while narrowing a refused batch (None: not
+    /// narrowing, the full limit).
+    pub split_limit: Option<u32>,
+    /// Last seq of the refused batch: once delivered past it, narrowing ends.
+    pub split_upto: i64,
+    /// A transaction was accepted since the narrowing began: the peer takes
+    /// other EDUs, so an EDU it keeps refusing alone is a bad one.
+    pub split_accepted: bool,
+    /// When the destination was marked refusing (None: it is not).
+    pub refusing_since_ms: Option<TimestampMs>,
+    /// EDUs refused alone `quarantine_after` times before the peer was seen
+    /// to accept anything, in order: they wait in `quarantine` while the
+    /// EDUs behind them are tried. The next accepted transaction leaves
+    /// them quarantined for good; if instead the peer refuses more EDUs
+    /// than `refusing_after` allows on probation, they go back to their
+    /// places (`restore_quarantined`).
+    pub probation_seqs: Vec<i64>,
+}
+
 /// One row of `GET /_courier/v1/destinations`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DestinationStatus {
@@ -266,6 +294,8 @@ pub struct DestinationStatus {
     pub oldest_queued_ts: Option<TimestampMs>,
     pub retry: RetryState,
     pub quarantined: u64,
+    /// When the destination was marked refusing (`RefusalState`), if it is.
+    pub refusing_since_ms: Option<TimestampMs>,
 }
 
 /// A quarantined EDU: refused alone too often, kept for an operator.
@@ -462,7 +492,8 @@ pub trait Store: KeyStore + DeviceListStore + Send + Sync + 'static {
         max_bytes: u64,
     ) -> StoreFuture<'a, Vec<OutboxEdu>>;
 
-    // The five outbox writes of a destination task are fenced: each takes
+    // The outbox writes of a destination task are fenced (these five, and
+    // `restore_quarantined` and `set_refusal_state` below): each takes
     // the `Fence` of the caller's lease and, if the lease has been claimed
     // since, changes nothing and fails with `StoreError::Fenced`.
 
@@ -481,7 +512,8 @@ pub trait Store: KeyStore + DeviceListStore + Send + Sync + 'static {
     ) -> StoreFuture<'a, ()>;
 
     /// The peer refused the transaction's payload: drops the in-flight record
-    /// (its rows stay queued) and counts one refusal on each of its rows.
+    /// (its rows stay queued) and, if it carried exactly one EDU, counts a
+    /// solo refusal on that row (`OutboxEdu::refusals`).
     fn refuse_txn<'a>(
         &'a self,
         fence: &'a Fence,
@@ -514,7 +546,41 @@ pub trait Store: KeyStore + DeviceListStore + Send + Sync + 'static {
         requeue: bool,
     ) -> StoreFuture<'a, bool>;
 
+    /// The solo refusals of a queued EDU (`OutboxEdu::refusals`), or None
+    /// if it is not queued.
+    fn edu_refusals<'a>(&'a self, destination: &'a str, seq: i64) -> StoreFuture<'a, Option<u32>>;
+
+    /// Moves a quarantined EDU back into its destination's queue under its
+    /// own seq (so at its old place, not at the end) with `refusals` solo
+    /// refusals. Returns whether it was quarantined. Fenced like the other
+    /// writes of a destination task.
+    fn restore_quarantined<'a>(
+        &'a self,
+        fence: &'a Fence,
+        destination: &'a str,
+        seq: i64,
+        refusals: u32,
+    ) -> StoreFuture<'a, bool>;
+
+    /// Puts every quarantined EDU of the destination back at the end of its
+    /// queue, in their original order (fresh seqs, refusals 0), in one
+    /// transaction. Returns how many.
+    fn requeue_quarantined<'a>(&'a self, destination: &'a str) -> StoreFuture<'a, u64>;
+
     // --- destination retry state ----------------------------------------
+
+    /// The destination's refusal history (default if it has none).
+    fn refusal_state<'a>(&'a self, destination: &'a str) -> StoreFuture<'a, RefusalState>;
+
+    /// Writes the destination's refusal history, stamped `now_ms` as its
+    /// last activity. Fenced like the other writes of a destination task.
+    fn set_refusal_state<'a>(
+        &'a self,
+        fence: &'a Fence,
+        destination: &'a str,
+        state: &'a RefusalState,
+        now_ms: TimestampMs,
+    ) -> StoreFuture<'a, ()>;
 
     fn retry_state<'a>(&'a self, destination: &'a str) -> StoreFuture<'a, RetryState>;
 

@@ -179,6 +179,23 @@ impl RpcClient {
             .await
             .map(drop)
     }
+
+    /// `POST /_courier/v1/quarantine/{destination}/requeue_all`: how many
+    /// quarantined EDUs went back to the queue.
+    pub async fn requeue_quarantined(&self, destination: &str) -> Result<u64, RpcClientError> {
+        let path = format!(
+            "/_courier/v1/quarantine/{}/requeue_all",
+            segment(destination)
+        );
+        let value = self.request("POST", &path, Some(&json!({}))).await?;
+        value
+            .get("requeued")
+            .and_then(Value::as_u64)
+            .ok_or_else(|| RpcClientError::BadResponse {
+                status: 200,
+                detail: format!("no \"requeued\" count in {value}"),
+            })
+    }
 }
 
 /// Why `courier send` arguments were refused.
@@ -221,8 +238,15 @@ pub fn status_table(rows: &[DestinationRow], now_ms: i64) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<32} {:>7} {:>9} {:>10} {:>8} {:>10} {:>11}  LAST_ERROR",
-        "DESTINATION", "EDUS", "MESSAGES", "OLDEST", "FAILURES", "RETRY_IN", "QUARANTINED"
+        "{:<32} {:>7} {:>9} {:>10} {:>8} {:>10} {:>11} {:>9}  LAST_ERROR",
+        "DESTINATION",
+        "EDUS",
+        "MESSAGES",
+        "OLDEST",
+        "FAILURES",
+        "RETRY_IN",
+        "QUARANTINED",
+        "REFUSING"
     );
     for row in rows {
         let oldest = row
@@ -234,9 +258,14 @@ pub fn status_table(rows: &[DestinationRow], now_ms: i64) -> String {
         } else {
             "-".to_owned()
         };
+        // How long the destination has refused every EDU, if it does.
+        let refusing = row
+            .refusing_since_ms
+            .map(|since| format!("{:.0}s", (now_ms - since).max(0) as f64 / 1000.0))
+            .unwrap_or_else(|| "-".to_owned());
         let _ = writeln!(
             out,
-            "{:<32} {:>7} {:>9} {:>10} {:>8} {:>10} {:>11}  {}",
+            "{:<32} {:>7} {:>9} {:>10} {:>8} {:>10} {:>11} {:>9}  {}",
             row.destination,
             row.pending_edus,
             row.pending_messages,
@@ -244,6 +273,7 @@ pub fn status_table(rows: &[DestinationRow], now_ms: i64) -> String {
             row.failures,
             retry_in,
             row.quarantined,
+            refusing,
             row.last_error.as_deref().unwrap_or("-"),
         );
     }
@@ -293,12 +323,22 @@ mod tests {
             last_success_ms: None,
             last_error: Some("connection refused".into()),
             quarantined: 0,
+            refusing_since_ms: None,
         }];
         let table = status_table(&rows, 10_000);
         let lines: Vec<&str> = table.lines().collect();
         assert_eq!(lines.len(), 2);
         assert!(lines[1].starts_with("remote.example"));
         assert!(lines[1].contains("1.5s") && lines[1].contains("connection refused"));
+        let refusing = DestinationRow {
+            refusing_since_ms: Some(4_000),
+            ..rows[0].clone()
+        };
+        let table = status_table(&[refusing], 10_000);
+        assert!(
+            table.contains("REFUSING") && table.contains(" 6s "),
+            "{table}"
+        );
     }
 
     #[test]

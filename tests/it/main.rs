@@ -21,6 +21,7 @@ mod e2ee_federation;
 mod e2ee_keys;
 mod edge_parsers;
 mod federation_inbound;
+mod federation_refusals;
 mod federation_sender;
 mod federation_sender_timing;
 mod forged_origins;

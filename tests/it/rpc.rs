@@ -43,6 +43,10 @@ async fn every_route_requires_the_secret() {
             "POST",
             "/_courier/v1/destinations/example.org/wake".to_owned(),
         ),
+        (
+            "POST",
+            "/_courier/v1/quarantine/example.org/requeue_all".to_owned(),
+        ),
         ("GET", "/metrics".to_owned()),
     ];
     for (method, path) in &routes {
@@ -627,4 +631,130 @@ async fn quarantined_edus_are_listed_retried_and_dropped() {
         .post_json(&url("/not%20a%20name/1/retry"), secret, &json!({}))
         .await;
     assert_eq!(r.status, 404);
+}
+
+/// Bulk requeue: `POST /_courier/v1/quarantine/{destination}/requeue_all`
+/// (authenticated like the other quarantine routes) and `courier quarantine
+/// requeue <destination>` put every quarantined EDU of the destination back
+/// at the end of its queue, in their original order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quarantined_edus_are_requeued_in_bulk_in_order_at_the_end() {
+    use courier::store::{ClientTxnKey, NewOutboxEdu, SendBatch, Store};
+    let relay = TestRelay::spawn().await;
+    // A destination nothing answers on: its rows stay queued.
+    let destination = "127.0.0.1:9";
+    let store = courier::store::sqlite::SqliteStore::open(&relay.db_path())
+        .await
+        .expect("the relay's store opens a second time");
+    let edu = |n: u32| NewOutboxEdu {
+        destination: destination.to_owned(),
+        edu_json: format!(r#"{{"content":{{"n":{n}}},"edu_type":"m.direct_to_device"}}"#),
+        message_count: 1,
+    };
+    let batch = SendBatch {
+        txn: ClientTxnKey {
+            user_id: format!("@q:{}", relay.server_name),
+            device_id: String::new(),
+            event_type: "t".to_owned(),
+            txn_id: "requeue-all-test".to_owned(),
+        },
+        local: Vec::new(),
+        remote: (1..=5).map(edu).collect(),
+        now_ms: courier::clock::now_ms(),
+    };
+    store.enqueue_send(batch).await.expect("queued");
+    let queued = store
+        .peek_outbox(destination, 10, 1 << 20)
+        .await
+        .expect("peek");
+    assert_eq!(queued.len(), 5);
+    // Quarantine n = 3, then n = 1: the requeue follows the original order,
+    // not the order of quarantine.
+    for index in [2, 0] {
+        store
+            .quarantine_edu(
+                &crate::support::lease_fence(&store, destination).await,
+                destination,
+                queued[index].seq,
+                "refused",
+                courier::clock::now_ms(),
+            )
+            .await
+            .expect("quarantined");
+    }
+    let order = || async {
+        store
+            .peek_outbox(destination, 10, 1 << 20)
+            .await
+            .expect("peek")
+            .iter()
+            .map(|e| {
+                let v: serde_json::Value = serde_json::from_str(&e.edu_json).expect("json");
+                v["content"]["n"].as_u64().expect("n")
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(order().await, vec![2, 4, 5]);
+
+    let url = format!(
+        "{}/_courier/v1/quarantine/{destination}/requeue_all",
+        relay.rpc_url
+    );
+    let r = relay.http.post_json(&url, None, &json!({})).await;
+    assert_eq!(r.status, 401, "{}", r.text);
+    assert_eq!(
+        order().await,
+        vec![2, 4, 5],
+        "nothing changed without the secret"
+    );
+
+    let exe = env!("CARGO_BIN_EXE_courier");
+    let output = tokio::process::Command::new(exe)
+        .args([
+            "quarantine",
+            "requeue",
+            destination,
+            "--rpc",
+            &relay.rpc_url,
+            "--secret",
+            &relay.rpc_secret,
+        ])
+        .output();
+    let output = tokio::time::timeout(Duration::from_secs(30), output)
+        .await
+        .expect("courier quarantine requeue finished")
+        .expect("courier quarantine requeue ran");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&output.stdout).contains("requeued 2 quarantined EDUs"),
+        "{}",
+        String::from_utf8_lossy(&output.stdout)
+    );
+    assert_eq!(
+        order().await,
+        vec![2, 4, 5, 1, 3],
+        "at the end, in original order"
+    );
+    assert!(
+        store
+            .list_quarantined(Some(destination))
+            .await
+            .expect("list")
+            .is_empty()
+    );
+    // Nothing left to requeue: a count of 0, not an error.
+    let r = relay
+        .http
+        .post_json(&url, Some(relay.rpc_secret.as_str()), &json!({}))
+        .await;
+    assert_eq!(
+        (r.status, r.json["requeued"].as_u64()),
+        (200, Some(0)),
+        "{}",
+        r.text
+    );
 }

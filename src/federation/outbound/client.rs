@@ -89,8 +89,9 @@ enum Answer {
     /// A JSON object, else `BadResponse`.
     JsonObject,
     /// Anything: the 2xx is what counts (`/send`: the peer applied the
-    /// transaction whatever its body says); a non-object body is logged and
-    /// read as `{}`.
+    /// transaction whatever its body says); a body that is not a JSON
+    /// object, or cannot be read to its end, is logged, counted in
+    /// `courier_federation_send_bad_body_total` and read as `{}`.
     Accepted,
 }
 
@@ -463,11 +464,8 @@ impl FederationClient {
             let bytes = Limited::new(response.into_body(), MAX_RESPONSE_BYTES)
                 .collect()
                 .await
-                .map_err(|e| ClientError::BadResponse {
-                    destination: dest.to_owned(),
-                    reason: format!("reading the body: {e}"),
-                })?
-                .to_bytes();
+                .map(|body| body.to_bytes())
+                .map_err(|e| format!("reading the body: {e}"));
             Ok::<_, ClientError>((status, retry_after_header, bytes))
         };
         let mut until = Instant::now() + self.request_timeout;
@@ -483,13 +481,24 @@ impl FederationClient {
                     });
                 }
             };
-        if !status.is_success() {
-            return Err(status_error(dest, status, retry_after_header, &bytes));
-        }
-        let value = match serde_json::from_slice::<Value>(&bytes) {
-            Ok(value) if value.is_object() => return Ok(value),
-            Ok(_) => "body is not a JSON object".to_owned(),
-            Err(error) => format!("body is not JSON: {error}"),
+        let value = match bytes {
+            Err(reason) if status.is_success() && answer == Answer::Accepted => reason,
+            Err(reason) => {
+                return Err(ClientError::BadResponse {
+                    destination: dest.to_owned(),
+                    reason,
+                });
+            }
+            Ok(bytes) => {
+                if !status.is_success() {
+                    return Err(status_error(dest, status, retry_after_header, &bytes));
+                }
+                match serde_json::from_slice::<Value>(&bytes) {
+                    Ok(value) if value.is_object() => return Ok(value),
+                    Ok(_) => "body is not a JSON object".to_owned(),
+                    Err(error) => format!("body is not JSON: {error}"),
+                }
+            }
         };
         match answer {
             Answer::JsonObject => Err(ClientError::BadResponse {
@@ -497,6 +506,10 @@ impl FederationClient {
                 reason: value,
             }),
             Answer::Accepted => {
+                // The rule for `/send` (SECURITY-REVIEW F16): the 2xx means
+                // the peer applied the transaction; the body is only a
+                // report, so a bad one is logged and counted, not retried.
+                metrics::counter!("courier_federation_send_bad_body_total").increment(1);
                 tracing::warn!(
                     destination = dest,
                     status = status.as_u16(),

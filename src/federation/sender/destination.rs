@@ -8,6 +8,22 @@
 //! down to single EDUs, and an EDU refused alone `quarantine_after` times is
 //! quarantined so the rows behind it still go.
 //!
+//! Refusals (SECURITY-REVIEW F6, F14) are persisted (`store::RefusalState`
+//! and `outbox.refusals`, the solo refusals of each row), so a restart or a
+//! lease move resumes the narrowing and the counts. An EDU is quarantined
+//! for good only once the peer is seen to accept other EDUs: a transaction
+//! accepted since the narrowing began. Before that, it is set aside *on
+//! probation* (in quarantine, `probation_seqs`) while the EDUs behind it
+//! are tried: the next accepted transaction confirms it. A peer that goes
+//! on refusing until more than `refusing_after` EDUs would be on probation
+//! refuses everything (a proxy, a bug): the destination is marked
+//! *refusing*, the EDUs on probation go back to their places in the queue
+//! (requeued in bulk, order kept), and the head of the queue is resent,
+//! unsplit, on the normal backoff schedule; the first accepted transaction
+//! clears the mark, so the whole queue then goes in order. Once that
+//! backoff reaches `retry.max` the mark is cleared and narrowing starts
+//! afresh, so a bad EDU at the head is still found after a recovery.
+//!
 //! With several workers, every outbox write the task makes carries the
 //! fence of the lease it acquired last (`Store::acquire_lease`); a write
 //! fenced out (another worker claimed the destination meanwhile) changed
@@ -17,7 +33,6 @@
 //! It does not decide when a destination task exists (sender) and does not
 //! know HTTP (client).
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -35,7 +50,7 @@ use crate::federation::sender::transaction::{
 };
 use crate::identifiers::ServerName;
 use crate::store::device_lists::finish_outbound_edu;
-use crate::store::{Fence, InFlightTxn, OutboxEdu, RetryState, Store, StoreError};
+use crate::store::{Fence, InFlightTxn, OutboxEdu, RefusalState, RetryState, Store, StoreError};
 
 /// An idle task ends after this long without work.
 pub const IDLE_EXIT: Duration = Duration::from_secs(60);
@@ -83,17 +98,6 @@ enum Step {
     Wait(Duration),
 }
 
-/// Narrowing a refused batch down to the EDU the peer will not take.
-#[derive(Debug, Default)]
-struct Narrowing {
-    /// The batch size in force while narrowing (None: the full limit).
-    limit: Option<u32>,
-    /// Last seq of the refused batch: once delivered past it, narrowing ends.
-    refused_upto: i64,
-    /// Solo refusals per seq in this run.
-    solo_refusals: HashMap<i64, u32>,
-}
-
 pub struct DestinationTask {
     destination: String,
     server_name: Option<ServerName>,
@@ -101,7 +105,11 @@ pub struct DestinationTask {
     signals: mpsc::UnboundedReceiver<Signal>,
     retire: mpsc::UnboundedSender<(String, u64)>,
     id: u64,
-    narrowing: Narrowing,
+    /// The destination's persisted refusal history, as last read or written
+    /// by this task; `refusals_loaded` is false until it is read, and again
+    /// after a store error or while another worker holds the lease.
+    refusals: RefusalState,
+    refusals_loaded: bool,
     /// The last attempt succeeded and the outbox was empty: a `PeerIsUp`
     /// while idle has nothing to reset or send, and costs no store access.
     clean: bool,
@@ -113,9 +121,9 @@ pub struct DestinationTask {
     settled: bool,
     /// When this task last warned that the peer rejects our signing key.
     key_rejected_warned: Option<Instant>,
-    /// The fence of the lease this task acquired last (`holds_lease`), which
-    /// a backoff reset outside a send step writes under. None before the
-    /// first check and once the lease is lost.
+    /// The fence of the lease this task acquired last (`holds_lease`),
+    /// which every outbox write passes. None before the first check and
+    /// once the lease is lost.
     fence: Option<Fence>,
 }
 
@@ -138,7 +146,8 @@ impl DestinationTask {
             signals,
             retire,
             id,
-            narrowing: Narrowing::default(),
+            refusals: RefusalState::default(),
+            refusals_loaded: false,
             clean: false,
             settled: false,
             key_rejected_warned: None,
@@ -303,6 +312,7 @@ impl DestinationTask {
             }
             Err(error) => {
                 self.settled = false;
+                self.refusals_loaded = false;
                 tracing::warn!(%error, "store error while sending");
                 Step::Wait(STORE_RETRY)
             }
@@ -321,9 +331,14 @@ impl DestinationTask {
         // discovery is slow (bounded by `discovery_timeout`) must not hold
         // one while healthy destinations wait.
         let Some(fence) = self.holds_lease().await? else {
+            self.refusals_loaded = false;
             return Ok(Step::Drained);
         };
         let leased_at = Instant::now();
+        if !self.refusals_loaded {
+            self.refusals = store.refusal_state(&self.destination).await?;
+            self.refusals_loaded = true;
+        }
         let recorded = if self.settled {
             None
         } else {
@@ -332,14 +347,17 @@ impl DestinationTask {
         let txn = match recorded {
             Some(txn) => txn,
             None => {
-                let limit = self.narrowing.limit.unwrap_or(MAX_EDUS);
+                let limit = self
+                    .refusals
+                    .split_limit
+                    .unwrap_or(MAX_EDUS)
+                    .clamp(1, MAX_EDUS);
                 let mut edus = store
                     .peek_outbox(&self.destination, limit, MAX_EDU_BYTES)
                     .await?;
                 finish_device_list_edus(&mut edus, shared.config.e2ee.device_names_over_federation);
                 if edus.is_empty() {
-                    self.narrowing = Narrowing::default();
-                    return Ok(Step::Drained);
+                    return self.nothing_queued().await;
                 }
                 let body = build_body(
                     shared.config.server_name.as_str(),
@@ -358,7 +376,7 @@ impl DestinationTask {
             }
         };
         let span = tracing::info_span!("txn", txn_id = %txn.txn_id, edus = txn.seqs.len());
-        self.deliver(&server_name, txn, fence, leased_at)
+        self.deliver(&server_name, txn, leased_at)
             .instrument(span)
             .await
     }
@@ -389,6 +407,17 @@ impl DestinationTask {
         Ok(fence)
     }
 
+    /// The fence the task's outbox writes pass: the one `holds_lease` got
+    /// last. Without one (the lease was lost since) the write is treated as
+    /// fenced out and changes nothing.
+    fn fence(&self) -> Result<Fence, StoreError> {
+        self.fence.clone().ok_or_else(|| StoreError::Fenced {
+            destination: self.destination.clone(),
+            worker: self.shared.config.worker.name.clone(),
+            epoch: -1,
+        })
+    }
+
     /// A write under the fence of `epoch` was fenced out: another worker
     /// claimed the destination since, and the write changed nothing. The
     /// task stops sending here, as when the lease check fails.
@@ -400,18 +429,18 @@ impl DestinationTask {
         );
         metrics::counter!("courier_lease_fenced_writes_total").increment(1);
         self.settled = false;
+        self.refusals_loaded = false;
         self.fence = None;
     }
 
     /// Resolves the destination, then sends `txn` under a send permit. The
     /// lease, checked at `leased_at`, is checked again first if resolving
     /// and waiting for the permit took longer than `[worker] recheck_ms`
-    /// (its fence then replaces `fence`).
+    /// (and the task's fence is then the renewed one).
     async fn deliver(
         &mut self,
         server_name: &ServerName,
         txn: InFlightTxn,
-        mut fence: Fence,
         leased_at: Instant,
     ) -> Result<Step, StoreError> {
         let shared = self.shared.clone();
@@ -423,11 +452,11 @@ impl DestinationTask {
                     .acquire()
                     .await
                     .expect("the semaphore is never closed");
-                if leased_at.elapsed() > shared.config.worker.recheck_after {
-                    match self.holds_lease().await? {
-                        Some(renewed) => fence = renewed,
-                        None => return Ok(Step::Drained),
-                    }
+                if leased_at.elapsed() > shared.config.worker.recheck_after
+                    && self.holds_lease().await?.is_none()
+                {
+                    self.refusals_loaded = false;
+                    return Ok(Step::Drained);
                 }
                 shared
                     .client
@@ -442,7 +471,7 @@ impl DestinationTask {
             Ok(_) => {
                 store
                     .ack_txn(
-                        &fence,
+                        &self.fence()?,
                         &self.destination,
                         &txn.txn_id,
                         crate::clock::now_ms(),
@@ -456,15 +485,7 @@ impl DestinationTask {
                     .increment(1);
                 metrics::counter!("courier_federation_edus_sent_total")
                     .increment(txn.seqs.len() as u64);
-                for seq in &txn.seqs {
-                    self.narrowing.solo_refusals.remove(seq);
-                }
-                if let Some(&last) = txn.seqs.last()
-                    && self.narrowing.limit.is_some()
-                    && last >= self.narrowing.refused_upto
-                {
-                    self.narrowing.limit = None;
-                }
+                self.accepted(&txn).await?;
                 return Ok(Step::Continue);
             }
             Err(error) => {
@@ -478,13 +499,9 @@ impl DestinationTask {
         metrics::counter!("courier_federation_transactions_total", "outcome" => error.outcome())
             .increment(1);
         match error {
-            TxnFailure::Retry { reason } => self.back_off(&fence, reason, None).await,
-            TxnFailure::RetryAfter { after, reason } => {
-                self.back_off(&fence, reason, Some(after)).await
-            }
-            TxnFailure::Refused { status, reason } => {
-                self.refused(&fence, &txn, status, reason).await
-            }
+            TxnFailure::Retry { reason } => self.back_off(reason, None).await,
+            TxnFailure::RetryAfter { after, reason } => self.back_off(reason, Some(after)).await,
+            TxnFailure::Refused { status, reason } => self.refused(&txn, status, reason).await,
         }
     }
 
@@ -510,7 +527,6 @@ impl DestinationTask {
     /// Persists the failure and the time of the next attempt.
     async fn back_off(
         &mut self,
-        fence: &Fence,
         reason: String,
         after: Option<Duration>,
     ) -> Result<Step, StoreError> {
@@ -538,26 +554,137 @@ impl DestinationTask {
         };
         self.clean = false;
         store
-            .set_retry_state(fence, &self.destination, &state)
+            .set_retry_state(&self.fence()?, &self.destination, &state)
             .await?;
         metrics::counter!("courier_federation_retries_total").increment(1);
         tracing::info!(failures, ?delay, %reason, "send failed; backing off");
         Ok(Step::Wait(delay))
     }
 
+    /// Writes the refusal history if `next` differs from what is stored.
+    async fn save_refusals(&mut self, next: RefusalState) -> Result<(), StoreError> {
+        if next != self.refusals {
+            self.shared
+                .store
+                .set_refusal_state(
+                    &self.fence()?,
+                    &self.destination,
+                    &next,
+                    crate::clock::now_ms(),
+                )
+                .await?;
+            self.refusals = next;
+        }
+        Ok(())
+    }
+
+    /// The outbox has nothing to send. EDUs on probation with nothing behind
+    /// them to test the peer with go back to their places, and the
+    /// destination backs off (they are not quarantined without proof that
+    /// the peer accepts other EDUs); otherwise narrowing ends.
+    async fn nothing_queued(&mut self) -> Result<Step, StoreError> {
+        let mut next = self.refusals.clone();
+        next.split_limit = None;
+        next.split_upto = 0;
+        next.split_accepted = false;
+        let on_probation = std::mem::take(&mut next.probation_seqs);
+        if on_probation.is_empty() {
+            self.save_refusals(next).await?;
+            return Ok(Step::Drained);
+        }
+        self.restore_probation(&on_probation).await?;
+        self.save_refusals(next).await?;
+        tracing::warn!(
+            edus = on_probation.len(),
+            "refused alone, and nothing else queued to show the peer accepts other EDUs: kept queued"
+        );
+        self.back_off(
+            "EDUs refused alone; nothing else queued to test the peer with".to_owned(),
+            None,
+        )
+        .await
+    }
+
+    /// Puts EDUs on probation back at their places in the queue, with
+    /// `quarantine_after` solo refusals (so one more refusal alone puts them
+    /// on probation again).
+    async fn restore_probation(&self, seqs: &[i64]) -> Result<(), StoreError> {
+        let refusals = self.shared.config.federation.quarantine_after;
+        for &seq in seqs {
+            self.shared
+                .store
+                .restore_quarantined(&self.fence()?, &self.destination, seq, refusals)
+                .await?;
+        }
+        metrics::counter!("courier_federation_requeued_edus_total", "reason" => "refusing")
+            .increment(seqs.len() as u64);
+        Ok(())
+    }
+
+    /// The peer accepted `txn`: EDUs on probation are quarantined for good,
+    /// a refusing mark ends, and narrowing ends once past the refused batch.
+    async fn accepted(&mut self, txn: &InFlightTxn) -> Result<(), StoreError> {
+        let mut next = self.refusals.clone();
+        let confirmed = std::mem::take(&mut next.probation_seqs);
+        if !confirmed.is_empty() {
+            metrics::counter!("courier_federation_quarantined_edus_total")
+                .increment(confirmed.len() as u64);
+            tracing::warn!(
+                seqs = ?confirmed,
+                "the peer accepts other EDUs: EDUs refused alone stay quarantined"
+            );
+        }
+        if let Some(since) = next.refusing_since_ms.take() {
+            tracing::info!(
+                refusing_ms = crate::clock::now_ms().saturating_sub(since),
+                "destination accepts again"
+            );
+        }
+        if next.split_limit.is_some() {
+            next.split_accepted = true;
+            if txn.seqs.last().is_some_and(|&last| last >= next.split_upto) {
+                next.split_limit = None;
+                next.split_upto = 0;
+                next.split_accepted = false;
+            }
+        }
+        self.save_refusals(next).await
+    }
+
     /// The peer refused the payload: split, or count a solo refusal.
     async fn refused(
         &mut self,
-        fence: &Fence,
         txn: &InFlightTxn,
         status: u16,
         reason: String,
     ) -> Result<Step, StoreError> {
-        let store = &self.shared.store;
+        let shared = self.shared.clone();
+        let store = &shared.store;
         store
-            .refuse_txn(fence, &self.destination, &txn.txn_id)
+            .refuse_txn(&self.fence()?, &self.destination, &txn.txn_id)
             .await?;
         self.settled = true;
+        let mut next = self.refusals.clone();
+        let why = format!("{status} refused: {reason}");
+        if next.refusing_since_ms.is_some() {
+            // A refusing peer is neither narrowed nor probed (which could
+            // set EDUs aside, or deliver them out of order, the moment it
+            // recovers): the head of the queue is resent on the backoff
+            // schedule. Once that schedule has grown to `retry.max` the mark
+            // is cleared, so the next attempts narrow and probe afresh: a
+            // bad EDU at the head is still found after the peer recovers.
+            next.split_limit = None;
+            next.split_upto = 0;
+            next.split_accepted = false;
+            let policy = shared.config.federation.retry;
+            let failures = store.retry_state(&self.destination).await?.failures;
+            if backoff::nominal_delay(&policy, failures.saturating_add(1)) >= policy.max {
+                next.refusing_since_ms = None;
+                tracing::info!("refusing destination at the longest backoff: narrowing afresh");
+            }
+            self.save_refusals(next).await?;
+            return self.back_off(format!("refusing: {why}"), None).await;
+        }
         let seq = match txn.seqs.as_slice() {
             [] => {
                 // Only a corrupt store records a transaction of no EDUs:
@@ -570,30 +697,76 @@ impl DestinationTask {
                 let count = u32::try_from(txn.seqs.len()).unwrap_or(u32::MAX);
                 let half = (count / 2).max(1);
                 tracing::warn!(status, %reason, edus = count, next = half, "batch refused; splitting");
-                self.narrowing.limit = Some(half);
-                self.narrowing.refused_upto = self.narrowing.refused_upto.max(*last);
+                next.split_limit = Some(half);
+                next.split_upto = next.split_upto.max(*last);
+                self.save_refusals(next).await?;
                 return Ok(Step::Continue);
             }
         };
-        self.narrowing.limit = Some(1);
-        self.narrowing.refused_upto = self.narrowing.refused_upto.max(seq);
-        let refusals = self.narrowing.solo_refusals.entry(seq).or_insert(0);
-        *refusals = refusals.saturating_add(1);
-        let refusals = *refusals;
-        if refusals >= self.shared.config.federation.quarantine_after {
-            let why = format!("refused {refusals} times alone, last with {status}: {reason}");
+        next.split_limit = Some(1);
+        next.split_upto = next.split_upto.max(seq);
+        let refusals = store
+            .edu_refusals(&self.destination, seq)
+            .await?
+            .unwrap_or(0);
+        if refusals < shared.config.federation.quarantine_after {
+            self.save_refusals(next).await?;
+            tracing::warn!(seq, refusals, status, %reason, "single EDU refused");
+            return self.back_off(why, None).await;
+        }
+        let now = crate::clock::now_ms();
+        if next.split_accepted {
+            // The peer accepted a transaction since the narrowing began: it
+            // takes other EDUs, and this one is bad.
+            let note = format!("refused {refusals} times alone, last with {status}: {reason}");
             store
-                .quarantine_edu(fence, &self.destination, seq, &why, crate::clock::now_ms())
+                .quarantine_edu(&self.fence()?, &self.destination, seq, &note, now)
                 .await?;
-            self.narrowing.solo_refusals.remove(&seq);
-            self.narrowing.limit = None;
+            next.split_limit = None;
+            next.split_upto = 0;
+            next.split_accepted = false;
+            self.save_refusals(next).await?;
             metrics::counter!("courier_federation_quarantined_edus_total").increment(1);
             tracing::warn!(seq, refusals, %reason, "EDU quarantined");
             return Ok(Step::Continue);
         }
-        tracing::warn!(seq, refusals, status, %reason, "single EDU refused");
-        self.back_off(fence, format!("{status} refused: {reason}"), None)
-            .await
+        if next.probation_seqs.len() < shared.config.federation.refusing_after as usize {
+            // Nothing accepted yet: set it aside on probation and try the
+            // EDUs behind it.
+            let note = format!(
+                "refused {refusals} times alone, last with {status}: {reason} \
+                 (on probation until the peer accepts another EDU)"
+            );
+            store
+                .quarantine_edu(&self.fence()?, &self.destination, seq, &note, now)
+                .await?;
+            next.probation_seqs.push(seq);
+            next.split_limit = None;
+            next.split_upto = 0;
+            self.save_refusals(next).await?;
+            tracing::warn!(seq, refusals, %reason, "EDU on probation; trying the EDUs behind it");
+            return Ok(Step::Continue);
+        }
+        // More EDUs refused alone than may wait on probation, and nothing
+        // accepted: the peer refuses everything. The EDUs on probation go
+        // back to their places; the destination is marked refusing.
+        let on_probation = std::mem::take(&mut next.probation_seqs);
+        self.restore_probation(&on_probation).await?;
+        next.split_limit = None;
+        next.split_upto = 0;
+        next.split_accepted = false;
+        if next.refusing_since_ms.is_none() {
+            next.refusing_since_ms = Some(now);
+            metrics::counter!("courier_federation_refusing_total").increment(1);
+            tracing::warn!(
+                status,
+                %reason,
+                requeued = on_probation.len(),
+                "destination refuses every EDU: marked refusing, nothing quarantined"
+            );
+        }
+        self.save_refusals(next).await?;
+        self.back_off(format!("refusing: {why}"), None).await
     }
 }
 

@@ -295,6 +295,11 @@ async fn refresh_gauges(
     match shared.store.destination_statuses().await {
         Ok(statuses) => {
             let now = crate::clock::now_ms();
+            let refusing = statuses
+                .iter()
+                .filter(|status| status.refusing_since_ms.is_some())
+                .count();
+            metrics::gauge!("courier_federation_refusing_destinations").set(refusing as f64);
             let mut current = HashSet::new();
             for status in statuses {
                 if status.pending_edus == 0 {

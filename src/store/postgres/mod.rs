@@ -37,8 +37,8 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::store::{
     DestinationStatus, DeviceKey, Fence, InFlightTxn, InboundOutcome, InboundTxn, InboxPage,
-    KeyStore, OutboxEdu, PruneReport, QuarantinedEdu, Retention, RetryState, SendBatch,
-    SendOutcome, Store, StoreError, StoreFuture, StoredServerKey, TimestampMs, Wakeup,
+    KeyStore, OutboxEdu, PruneReport, QuarantinedEdu, RefusalState, Retention, RetryState,
+    SendBatch, SendOutcome, Store, StoreError, StoreFuture, StoredServerKey, TimestampMs, Wakeup,
 };
 
 mod device_changes;
@@ -522,6 +522,72 @@ impl Store for PostgresStore {
             }
             Ok(released)
         })
+    }
+
+    fn edu_refusals<'a>(&'a self, destination: &'a str, seq: i64) -> StoreFuture<'a, Option<u32>> {
+        Box::pin(on_client!(self, |c| outbox::edu_refusals(
+            &c,
+            destination,
+            seq
+        )
+        .await))
+    }
+
+    fn restore_quarantined<'a>(
+        &'a self,
+        fence: &'a Fence,
+        destination: &'a str,
+        seq: i64,
+        refusals: u32,
+    ) -> StoreFuture<'a, bool> {
+        Box::pin(async move {
+            let restored = on_client!(self, |c| outbox::restore_quarantined(
+                &mut c,
+                fence,
+                destination,
+                seq,
+                refusals
+            )
+            .await)
+            .await?;
+            if restored {
+                self.publish(vec![Wakeup::Destination(destination.to_owned())]);
+            }
+            Ok(restored)
+        })
+    }
+
+    fn requeue_quarantined<'a>(&'a self, destination: &'a str) -> StoreFuture<'a, u64> {
+        Box::pin(async move {
+            let requeued = on_client!(self, |c| outbox::requeue_quarantined(&mut c, destination)
+                .await)
+            .await?;
+            if requeued > 0 {
+                self.publish(vec![Wakeup::Destination(destination.to_owned())]);
+            }
+            Ok(requeued)
+        })
+    }
+
+    fn refusal_state<'a>(&'a self, destination: &'a str) -> StoreFuture<'a, RefusalState> {
+        Box::pin(on_client!(self, |c| outbox::refusal_state(&c, destination).await))
+    }
+
+    fn set_refusal_state<'a>(
+        &'a self,
+        fence: &'a Fence,
+        destination: &'a str,
+        state: &'a RefusalState,
+        now_ms: TimestampMs,
+    ) -> StoreFuture<'a, ()> {
+        Box::pin(on_client!(self, |c| outbox::set_refusal_state(
+            &mut c,
+            fence,
+            destination,
+            state,
+            now_ms
+        )
+        .await))
     }
 
     fn retry_state<'a>(&'a self, destination: &'a str) -> StoreFuture<'a, RetryState> {

@@ -26,8 +26,8 @@ use tokio::sync::{Semaphore, oneshot};
 
 use crate::store::{
     DestinationStatus, DeviceKey, Fence, InFlightTxn, InboundOutcome, InboundTxn, InboxPage,
-    KeyStore, OutboxEdu, PruneReport, QuarantinedEdu, Retention, RetryState, SendBatch,
-    SendOutcome, Store, StoreError, StoreFuture, StoredServerKey, TimestampMs,
+    KeyStore, OutboxEdu, PruneReport, QuarantinedEdu, RefusalState, Retention, RetryState,
+    SendBatch, SendOutcome, Store, StoreError, StoreFuture, StoredServerKey, TimestampMs,
 };
 
 mod device_changes;
@@ -415,6 +415,43 @@ impl Store for SqliteStore {
     ) -> StoreFuture<'a, bool> {
         let destination = destination.to_owned();
         Box::pin(self.write(move |c| outbox::release_quarantined(c, &destination, seq, requeue)))
+    }
+
+    fn edu_refusals<'a>(&'a self, destination: &'a str, seq: i64) -> StoreFuture<'a, Option<u32>> {
+        let destination = destination.to_owned();
+        Box::pin(self.read(move |c| outbox::edu_refusals(c, &destination, seq)))
+    }
+
+    fn restore_quarantined<'a>(
+        &'a self,
+        _fence: &'a Fence,
+        destination: &'a str,
+        seq: i64,
+        refusals: u32,
+    ) -> StoreFuture<'a, bool> {
+        let destination = destination.to_owned();
+        Box::pin(self.write(move |c| outbox::restore_quarantined(c, &destination, seq, refusals)))
+    }
+
+    fn requeue_quarantined<'a>(&'a self, destination: &'a str) -> StoreFuture<'a, u64> {
+        let destination = destination.to_owned();
+        Box::pin(self.write(move |c| outbox::requeue_quarantined(c, &destination)))
+    }
+
+    fn refusal_state<'a>(&'a self, destination: &'a str) -> StoreFuture<'a, RefusalState> {
+        let destination = destination.to_owned();
+        Box::pin(self.read(move |c| outbox::refusal_state(c, &destination)))
+    }
+
+    fn set_refusal_state<'a>(
+        &'a self,
+        _fence: &'a Fence,
+        destination: &'a str,
+        state: &'a RefusalState,
+        now_ms: TimestampMs,
+    ) -> StoreFuture<'a, ()> {
+        let (destination, state) = (destination.to_owned(), state.clone());
+        Box::pin(self.write(move |c| outbox::set_refusal_state(c, &destination, &state, now_ms)))
     }
 
     fn retry_state<'a>(&'a self, destination: &'a str) -> StoreFuture<'a, RetryState> {

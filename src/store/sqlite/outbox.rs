@@ -9,7 +9,8 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use super::device_list_outbox::{PeekChain, record_acked};
 use crate::store::{
-    DestinationStatus, InFlightTxn, OutboxEdu, QuarantinedEdu, RetryState, StoreError, TimestampMs,
+    DestinationStatus, InFlightTxn, OutboxEdu, QuarantinedEdu, RefusalState, RetryState,
+    StoreError, TimestampMs,
 };
 
 pub fn in_flight(conn: &Connection, destination: &str) -> Result<Option<InFlightTxn>, StoreError> {
@@ -139,12 +140,126 @@ pub fn refuse_txn(conn: &Connection, destination: &str, txn_id: &str) -> Result<
     let Some(seqs) = take_in_flight(conn, destination, txn_id)? else {
         return Ok(());
     };
-    let mut bump = conn.prepare_cached(
-        "UPDATE outbox SET refusals = refusals + 1 WHERE destination = ?1 AND seq = ?2",
-    )?;
-    for seq in seqs {
-        bump.execute((destination, seq))?;
+    // Only a refusal of the EDU alone counts (`OutboxEdu::refusals`).
+    if let [seq] = seqs.as_slice() {
+        conn.prepare_cached(
+            "UPDATE outbox SET refusals = refusals + 1 WHERE destination = ?1 AND seq = ?2",
+        )?
+        .execute((destination, seq))?;
     }
+    Ok(())
+}
+
+pub fn edu_refusals(
+    conn: &Connection,
+    destination: &str,
+    seq: i64,
+) -> Result<Option<u32>, StoreError> {
+    Ok(conn
+        .prepare_cached("SELECT refusals FROM outbox WHERE destination = ?1 AND seq = ?2")?
+        .query_row((destination, seq), |row| row.get(0))
+        .optional()?)
+}
+
+pub fn restore_quarantined(
+    conn: &Connection,
+    destination: &str,
+    seq: i64,
+    refusals: u32,
+) -> Result<bool, StoreError> {
+    // The seq is kept: AUTOINCREMENT never hands it out again, so the row
+    // goes back to its old place in the queue.
+    let moved = conn
+        .prepare_cached(
+            "INSERT OR IGNORE INTO outbox (seq, destination, edu_json, message_count, queued_ts,
+                                           refusals, dl_user, dl_device, dl_stream)
+             SELECT seq, destination, edu_json, message_count, queued_ts, ?3,
+                    dl_user, dl_device, dl_stream
+             FROM quarantine WHERE destination = ?1 AND seq = ?2",
+        )?
+        .execute((destination, seq, refusals))?;
+    let n = conn
+        .prepare_cached("DELETE FROM quarantine WHERE destination = ?1 AND seq = ?2")?
+        .execute((destination, seq))?;
+    Ok(moved > 0 || n > 0)
+}
+
+pub fn requeue_quarantined(conn: &Connection, destination: &str) -> Result<u64, StoreError> {
+    // Fresh seqs, assigned in the old seqs' order: the end of the queue, in
+    // the original order.
+    conn.prepare_cached(
+        "INSERT INTO outbox (destination, edu_json, message_count, queued_ts, refusals,
+                             dl_user, dl_device, dl_stream)
+         SELECT destination, edu_json, message_count, queued_ts, 0,
+                dl_user, dl_device, dl_stream
+         FROM quarantine WHERE destination = ?1 ORDER BY seq",
+    )?
+    .execute([destination])?;
+    let n = conn
+        .prepare_cached("DELETE FROM quarantine WHERE destination = ?1")?
+        .execute([destination])?;
+    Ok(n as u64)
+}
+
+pub fn refusal_state(conn: &Connection, destination: &str) -> Result<RefusalState, StoreError> {
+    let row = conn
+        .prepare_cached(
+            "SELECT split_limit, split_upto, split_accepted, refusing_since_ts, probation_seqs
+             FROM destinations WHERE destination = ?1",
+        )?
+        .query_row([destination], |row| {
+            Ok((
+                RefusalState {
+                    split_limit: row.get(0)?,
+                    split_upto: row.get(1)?,
+                    split_accepted: row.get(2)?,
+                    refusing_since_ms: row.get(3)?,
+                    probation_seqs: Vec::new(),
+                },
+                row.get::<_, String>(4)?,
+            ))
+        })
+        .optional()?;
+    match row {
+        None => Ok(RefusalState::default()),
+        Some((mut state, probation)) => {
+            state.probation_seqs = serde_json::from_str(&probation)
+                .map_err(|e| StoreError::Corrupt(format!("destinations.probation_seqs: {e}")))?;
+            Ok(state)
+        }
+    }
+}
+
+pub fn set_refusal_state(
+    conn: &Connection,
+    destination: &str,
+    state: &RefusalState,
+    now_ms: TimestampMs,
+) -> Result<(), StoreError> {
+    let probation = serde_json::to_string(&state.probation_seqs)
+        .map_err(|e| StoreError::Corrupt(format!("seqs not serializable: {e}")))?;
+    conn.prepare_cached(
+        "INSERT INTO destinations
+             (destination, split_limit, split_upto, split_accepted, refusing_since_ts,
+              probation_seqs, updated_ts)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+         ON CONFLICT (destination) DO UPDATE SET
+             split_limit = excluded.split_limit,
+             split_upto = excluded.split_upto,
+             split_accepted = excluded.split_accepted,
+             refusing_since_ts = excluded.refusing_since_ts,
+             probation_seqs = excluded.probation_seqs,
+             updated_ts = max(updated_ts, excluded.updated_ts)",
+    )?
+    .execute(params![
+        destination,
+        state.split_limit,
+        state.split_upto,
+        state.split_accepted,
+        state.refusing_since_ms,
+        probation,
+        now_ms
+    ])?;
     Ok(())
 }
 
@@ -289,7 +404,7 @@ pub fn destination_statuses(conn: &Connection) -> Result<Vec<DestinationStatus>,
          held AS (SELECT destination, count(*) AS n FROM quarantine GROUP BY destination)
          SELECT n.destination, coalesce(q.edus, 0), coalesce(q.messages, 0), q.oldest,
                 coalesce(d.failures, 0), coalesce(d.retry_after_ts, 0), d.last_success_ts,
-                d.last_error, coalesce(h.n, 0)
+                d.last_error, coalesce(h.n, 0), d.refusing_since_ts
          FROM names n
          LEFT JOIN queued q ON q.destination = n.destination
          LEFT JOIN held h ON h.destination = n.destination
@@ -309,6 +424,7 @@ pub fn destination_statuses(conn: &Connection) -> Result<Vec<DestinationStatus>,
                 last_error: row.get(7)?,
             },
             quarantined: row.get::<_, i64>(8)? as u64,
+            refusing_since_ms: row.get(9)?,
         })
     })?;
     Ok(rows.collect::<Result<_, _>>()?)

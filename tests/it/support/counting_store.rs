@@ -120,6 +120,35 @@ impl Store for CountingStore {
     ) -> StoreFuture<'a, bool> {
         self.inner.release_quarantined(destination, seq, requeue)
     }
+    fn edu_refusals<'a>(&'a self, destination: &'a str, seq: i64) -> StoreFuture<'a, Option<u32>> {
+        self.inner.edu_refusals(destination, seq)
+    }
+    fn restore_quarantined<'a>(
+        &'a self,
+        fence: &'a Fence,
+        destination: &'a str,
+        seq: i64,
+        refusals: u32,
+    ) -> StoreFuture<'a, bool> {
+        self.inner
+            .restore_quarantined(fence, destination, seq, refusals)
+    }
+    fn requeue_quarantined<'a>(&'a self, destination: &'a str) -> StoreFuture<'a, u64> {
+        self.inner.requeue_quarantined(destination)
+    }
+    fn refusal_state<'a>(&'a self, destination: &'a str) -> StoreFuture<'a, RefusalState> {
+        self.inner.refusal_state(destination)
+    }
+    fn set_refusal_state<'a>(
+        &'a self,
+        fence: &'a Fence,
+        destination: &'a str,
+        state: &'a RefusalState,
+        now_ms: TimestampMs,
+    ) -> StoreFuture<'a, ()> {
+        self.inner
+            .set_refusal_state(fence, destination, state, now_ms)
+    }
     fn retry_state<'a>(&'a self, destination: &'a str) -> StoreFuture<'a, RetryState> {
         self.inner.retry_state(destination)
     }

@@ -139,6 +139,51 @@ impl Store for InhibitingStore {
     ) -> StoreFuture<'a, bool> {
         self.0.release_quarantined(destination, seq, requeue)
     }
+    fn edu_refusals<'a>(&'a self, destination: &'a str, seq: i64) -> StoreFuture<'a, Option<u32>> {
+        let s = self.0.clone();
+        owned!(destination);
+        blocking(async move { s.edu_refusals(&destination, seq).await })
+    }
+    fn restore_quarantined<'a>(
+        &'a self,
+        fence: &'a Fence,
+        destination: &'a str,
+        seq: i64,
+        refusals: u32,
+    ) -> StoreFuture<'a, bool> {
+        let s = self.0.clone();
+        owned!(destination);
+        let fence = fence.clone();
+        blocking(async move {
+            s.restore_quarantined(&fence, &destination, seq, refusals)
+                .await
+        })
+    }
+    fn requeue_quarantined<'a>(&'a self, destination: &'a str) -> StoreFuture<'a, u64> {
+        let s = self.0.clone();
+        owned!(destination);
+        blocking(async move { s.requeue_quarantined(&destination).await })
+    }
+    fn refusal_state<'a>(&'a self, destination: &'a str) -> StoreFuture<'a, RefusalState> {
+        let s = self.0.clone();
+        owned!(destination);
+        blocking(async move { s.refusal_state(&destination).await })
+    }
+    fn set_refusal_state<'a>(
+        &'a self,
+        fence: &'a Fence,
+        destination: &'a str,
+        state: &'a RefusalState,
+        now_ms: TimestampMs,
+    ) -> StoreFuture<'a, ()> {
+        let s = self.0.clone();
+        owned!(destination);
+        let (fence, state) = (fence.clone(), state.clone());
+        blocking(async move {
+            s.set_refusal_state(&fence, &destination, &state, now_ms)
+                .await
+        })
+    }
     fn retry_state<'a>(&'a self, destination: &'a str) -> StoreFuture<'a, RetryState> {
         let s = self.0.clone();
         owned!(destination);

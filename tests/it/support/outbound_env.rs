@@ -182,6 +182,8 @@ pub struct TestConfig {
     pub retry_jitter: f64,
     pub quarantine_after: u32,
     pub startup_stagger_ms: u64,
+    /// More `[federation]` lines, verbatim (say, `refusing_after = 2`).
+    pub federation_extra: String,
     pub sqlite: PathBuf,
 }
 
@@ -202,6 +204,7 @@ impl TestConfig {
             retry_jitter: 0.2,
             quarantine_after: 3,
             startup_stagger_ms: 0,
+            federation_extra: String::new(),
             sqlite,
         }
     }
@@ -241,6 +244,7 @@ retry_multiplier = {multiplier:?}
 retry_jitter = {jitter:?}
 quarantine_after = {quarantine}
 startup_stagger_ms = {stagger}
+{federation_extra}
 [client]
 bind = "127.0.0.1:0"
 [rpc]
@@ -262,6 +266,7 @@ sqlite = {sqlite:?}
             jitter = self.retry_jitter,
             quarantine = self.quarantine_after,
             stagger = self.startup_stagger_ms,
+            federation_extra = self.federation_extra,
             sqlite = self.sqlite.display().to_string(),
         );
         courier::config::Config::from_toml_str(&text, "test config", std::iter::empty())

@@ -64,6 +64,7 @@ macro_rules! suite_cases {
             send: [client_txn_dedupe_writes_nothing, outbox_rows_and_destinations_in_order, concurrent_writers_each_row_once],
             inbound: [inbound_txn_dedupe_replays_response, inbound_message_id_dedupe_inside_new_txn],
             outbox: [peek_outbox_respects_limits, begin_ack_txn, refuse_txn_counts_refusals, quarantine_and_release],
+            refusals: [refusal_state_round_trips_beside_the_retry_state, restore_quarantined_returns_an_edu_to_its_place, requeue_quarantined_puts_all_back_in_order_at_the_end],
             retry: [retry_state_round_trip, destination_statuses_report_queues],
             server_keys: [server_keys_round_trip],
             prune: [prune_expires_dedupe_records, prune_is_bounded_by_batch, prune_pass_clears_a_backlog_while_writes_proceed, idle_destinations_are_retired],

@@ -210,8 +210,12 @@ pub async fn refuse_txn_counts_refusals(harness: &Harness) {
     .await
     .expect("refuse again");
     let after = s.peek_outbox("d.test", 100, u64::MAX).await.expect("peek");
+    // Only the refusal of the EDU alone counts (`OutboxEdu::refusals`).
     let refusals: Vec<u32> = after.iter().map(|e| e.refusals).collect();
-    assert_eq!(refusals, vec![2, 1, 0, 0]);
+    assert_eq!(refusals, vec![1, 0, 0, 0]);
+    assert_eq!(s.edu_refusals("d.test", rows[0].seq).await.expect("count"), Some(1));
+    assert_eq!(s.edu_refusals("d.test", rows[1].seq).await.expect("count"), Some(0));
+    assert_eq!(s.edu_refusals("d.test", 999_999).await.expect("count"), None);
     assert_eq!(
         after.iter().map(|e| e.seq).collect::<Vec<_>>(),
         rows.iter().map(|e| e.seq).collect::<Vec<_>>()
