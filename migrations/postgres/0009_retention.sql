@@ -3,12 +3,12 @@
 -- every version above the recorded one, so a gap is harmless.
 --
 -- When each inbox row arrived, for the per event-type TTL. Rows that exist
--- when this runs count as arrived now, so they get a full TTL; new rows
--- must name their time (no default).
+-- when this runs count as arrived now, so they get a full TTL. Courier's
+-- writers name the time (the operation's now_ms); the default covers any
+-- other writer.
 ALTER TABLE device_inbox
     ADD COLUMN received_ts BIGINT NOT NULL
     DEFAULT (extract(epoch FROM now()) * 1000)::bigint;
-ALTER TABLE device_inbox ALTER COLUMN received_ts DROP DEFAULT;
 
 -- The first failure after the last success (NULL while the destination has
 -- not failed since): a destination failing since longer than

@@ -312,7 +312,7 @@ pub async fn retry_state(c: &Object, destination: &str) -> Result<RetryState, Fa
 const UPSERT_RETRY_STATE: &str = "INSERT INTO destinations
          (destination, failures, retry_after_ts, last_success_ts, last_error, updated_ts,
           failing_since_ts)
-     VALUES ($1, $2, $3, $4, $5, $6, CASE WHEN $2 > 0 THEN $6 END)
+     VALUES ($1, $2, $3, $4, $5, $6, CASE WHEN $2::int4 > 0 THEN $6::int8 END)
      ON CONFLICT (destination) DO UPDATE SET
          failures = excluded.failures,
          retry_after_ts = excluded.retry_after_ts,
