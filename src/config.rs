@@ -1242,6 +1242,74 @@ sqlite = "data/courier.db"
     }
 
     #[test]
+    fn retention_has_defaults_and_every_bad_key_is_reported() {
+        let c = parse(GOOD, &[]).expect("valid config");
+        assert_eq!(c.retention.inbox_ttl(), &[]);
+        assert_eq!(c.retention.inbox_cap, Some(DEFAULT_INBOX_MAX_PER_DEVICE));
+        assert_eq!(c.retention.dead_destination_ms, Some(30 * 24 * 3_600_000));
+        let tuned = format!(
+            "{GOOD}\n[retention]\n\
+             inbox_ttl_hours = {{ \"m.room_key_request\" = 168, \"m.key.verification.*\" = 24 }}\n\
+             inbox_max_per_device = 0\ndead_destination_days = 0\n"
+        );
+        let c = parse(&tuned, &[]).expect("valid config");
+        assert_eq!(
+            c.retention.ttl_for("m.room_key_request"),
+            Some(168 * 3_600_000)
+        );
+        assert_eq!(
+            c.retention.ttl_for("m.key.verification.start"),
+            Some(24 * 3_600_000)
+        );
+        assert_eq!(c.retention.ttl_for("m.room.encrypted"), None);
+        assert_eq!(c.retention.inbox_cap, None);
+        assert_eq!(c.retention.dead_destination_ms, None);
+        // An override reaches the section like any other.
+        let c = parse(GOOD, &[("COURIER_RETENTION__DEAD_DESTINATION_DAYS", "7")])
+            .expect("valid config");
+        assert_eq!(c.retention.dead_destination_ms, Some(7 * 24 * 3_600_000));
+
+        let bad = format!(
+            "{GOOD}\n[retention]\n\
+             inbox_ttl_hours = {{ \"m.*.x\" = 24, \"\" = 1, \"m.ok\" = 0 }}\n\
+             inbox_max_per_device = 5\ndead_destination_days = 4000\n"
+        );
+        match parse(&bad, &[]) {
+            Err(ConfigError::Invalid(problems)) => {
+                assert_eq!(problems.len(), 5, "{problems:?}");
+                assert!(
+                    problems
+                        .iter()
+                        .any(|p| p.contains("\"m.*.x\"") && p.contains("only at the end"))
+                );
+                assert!(
+                    problems
+                        .iter()
+                        .any(|p| p.contains("empty event type pattern"))
+                );
+                assert!(
+                    problems
+                        .iter()
+                        .any(|p| p.contains("\"m.ok\"") && p.contains("between 1 and"))
+                );
+                assert!(
+                    problems
+                        .iter()
+                        .any(|p| p.contains("inbox_max_per_device") && p.contains("not 5"))
+                );
+                assert!(
+                    problems
+                        .iter()
+                        .any(|p| p.contains("dead_destination_days") && p.contains("not 4000"))
+                );
+            }
+            other => panic!("expected five problems, got {other:?}"),
+        }
+        let typo = format!("{GOOD}\n[retention]\ninbox_ttl = 3\n");
+        assert!(matches!(parse(&typo, &[]), Err(ConfigError::Parse { .. })));
+    }
+
+    #[test]
     fn environment_overrides_keys_and_sections() {
         let c = parse(
             GOOD,

@@ -414,7 +414,7 @@ async fn get_destinations_route(State(state): State<AppState>) -> Result<Respons
         destinations,
         expired,
     })
-        .map_err(|error| MatrixError::internal("destination listing", &error))?;
+    .map_err(|error| MatrixError::internal("destination listing", &error))?;
     Ok(extract::json_text(body))
 }
 

@@ -24,8 +24,7 @@ pub mod sqlite;
 pub use device_lists::DeviceListStore;
 pub use keys::KeyStore;
 pub use retention::{
-    ExpiredMessage, ExpiryKind, ExpiryPolicy, ExpiryReason, ExpiryTotal, EventTypePattern,
-    InboxTtl,
+    EventTypePattern, ExpiredMessage, ExpiryKind, ExpiryPolicy, ExpiryReason, ExpiryTotal, InboxTtl,
 };
 
 /// The future every store operation returns: boxed so that `Store` is usable

@@ -318,7 +318,10 @@ pub fn outbox_edu_id(
     dl_stream: Option<i64>,
 ) -> (String, OutboxEduId) {
     let head = serde_json::from_str::<EduHead>(edu_json).ok();
-    let edu_type = head.as_ref().map(|h| h.edu_type.clone()).unwrap_or_default();
+    let edu_type = head
+        .as_ref()
+        .map(|h| h.edu_type.clone())
+        .unwrap_or_default();
     if let Some(user_id) = dl_user {
         return (
             edu_type,
@@ -499,7 +502,8 @@ mod tests {
 
     #[test]
     fn outbox_ids_come_from_the_device_list_columns_or_the_message_id() {
-        let to_device = r#"{"edu_type":"m.direct_to_device","content":{"message_id":"abc","messages":{}}}"#;
+        let to_device =
+            r#"{"edu_type":"m.direct_to_device","content":{"message_id":"abc","messages":{}}}"#;
         assert_eq!(
             outbox_edu_id(to_device, None, None, None),
             (

@@ -36,9 +36,10 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::store::{
-    DestinationStatus, DeviceKey, ExpiredMessage, ExpiryPolicy, ExpiryTotal, InFlightTxn, InboundOutcome, InboundTxn, InboxPage, KeyStore,
-    OutboxEdu, PruneReport, QuarantinedEdu, Retention, RetryState, SendBatch, SendOutcome, Store,
-    StoreError, StoreFuture, StoredServerKey, TimestampMs, Wakeup,
+    DestinationStatus, DeviceKey, ExpiredMessage, ExpiryPolicy, ExpiryTotal, InFlightTxn,
+    InboundOutcome, InboundTxn, InboxPage, KeyStore, OutboxEdu, PruneReport, QuarantinedEdu,
+    Retention, RetryState, SendBatch, SendOutcome, Store, StoreError, StoreFuture, StoredServerKey,
+    TimestampMs, Wakeup,
 };
 
 mod device_changes;

@@ -12,11 +12,11 @@ use deadpool_postgres::{Object, Transaction};
 use tokio_postgres::types::ToSql;
 
 use super::Fail;
+use crate::store::TimestampMs;
 use crate::store::retention::{
     EventTypePattern, ExpiredInboxMessage, ExpiredMessage, ExpiredOutboxEdu, ExpiryPolicy,
     ExpiryReason, ExpiryTotal, OutboxHold, outbox_edu_id, totals_of,
 };
-use crate::store::TimestampMs;
 
 /// One batch of each rule of `policy` as of `now_ms`, in one transaction;
 /// returns what it deleted.
@@ -118,8 +118,11 @@ async fn retire_rows(
         .await?;
     for total in totals_of(&deleted) {
         let count = i64::try_from(total.count).unwrap_or(i64::MAX);
-        tx.execute(&add, &[&total.kind.as_str(), &total.reason.as_str(), &count])
-            .await?;
+        tx.execute(
+            &add,
+            &[&total.kind.as_str(), &total.reason.as_str(), &count],
+        )
+        .await?;
     }
     Ok(deleted)
 }

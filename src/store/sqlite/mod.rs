@@ -28,8 +28,8 @@ use tokio::sync::{Semaphore, oneshot};
 use crate::store::{
     DestinationStatus, DeviceKey, ExpiredMessage, ExpiryPolicy, ExpiryTotal, InFlightTxn,
     InboundOutcome, InboundTxn, InboxPage, KeyStore, OutboxEdu, PruneReport, QuarantinedEdu,
-    Retention, RetryState, SendBatch, SendOutcome, Store, StoreError, StoreFuture,
-    StoredServerKey, TimestampMs,
+    Retention, RetryState, SendBatch, SendOutcome, Store, StoreError, StoreFuture, StoredServerKey,
+    TimestampMs,
 };
 
 mod device_changes;

@@ -159,7 +159,9 @@ fn inbox_over_cap(
             "SELECT user_id, device_id, count(*) FROM device_inbox
              GROUP BY user_id, device_id HAVING count(*) > ?1 LIMIT ?2",
         )?
-        .query_map((cap, batch), |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?
+        .query_map((cap, batch), |row| {
+            Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+        })?
         .collect::<Result<_, _>>()?;
     let mut out = Vec::new();
     let mut oldest = conn.prepare_cached(
@@ -283,7 +285,9 @@ pub fn expiry_totals(conn: &Connection) -> Result<Vec<ExpiryTotal>, StoreError> 
     let mut stmt = conn.prepare_cached(
         "SELECT reason, count FROM expiry_totals WHERE count > 0 ORDER BY kind, reason",
     )?;
-    let rows = stmt.query_map([], |row| Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?)))?;
+    let rows = stmt.query_map([], |row| {
+        Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?))
+    })?;
     let mut out = Vec::new();
     for row in rows {
         let (reason, count) = row?;
