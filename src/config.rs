@@ -890,15 +890,13 @@ fn prune_config(store: Option<&RawStore>, problems: &mut Vec<String>) -> PruneCo
 
 // ---- retention ------------------------------------------------------------------
 
-/// `[retention]`: what the pruner may expire of undelivered messages
-/// (`store::retention`), validated into an `ExpiryPolicy`:
-///
-/// ```toml
-/// [retention]
-/// inbox_ttl_hours = { "m.room_key_request" = 168, "m.key.verification.*" = 24 }
-/// inbox_max_per_device = 10000
-/// dead_destination_days = 30
-/// ```
+// `[retention]`: what the pruner may expire of undelivered messages
+// (`store::retention`), validated into an `ExpiryPolicy`:
+//
+//     [retention]
+//     inbox_ttl_hours = { "m.room_key_request" = 168, "m.key.verification.*" = 24 }
+//     inbox_max_per_device = 10000
+//     dead_destination_days = 30
 
 /// Default of `inbox_max_per_device`: 100 `/sync` pages.
 pub const DEFAULT_INBOX_MAX_PER_DEVICE: u32 = 10_000;

@@ -194,7 +194,12 @@ impl ExpiryPolicy {
         inbox_cap: Option<u32>,
         dead_destination_ms: Option<i64>,
     ) -> ExpiryPolicy {
-        inbox_ttl.sort_by(|a, b| b.pattern.specificity().cmp(&a.pattern.specificity()));
+        inbox_ttl.sort_by_key(|r| {
+            (
+                std::cmp::Reverse(r.pattern.specificity()),
+                r.pattern.to_string(),
+            )
+        });
         inbox_ttl.dedup_by(|a, b| a.pattern == b.pattern);
         ExpiryPolicy {
             inbox_ttl,
