@@ -286,10 +286,14 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Status { rpc, secret } => {
             let client =
                 crate::tools::rpc_client::RpcClient::new(&rpc, &secret).map_err(usage_failure)?;
-            let rows = client.destinations().await.map_err(runtime_failure)?;
+            let status = client.status().await.map_err(runtime_failure)?;
             print!(
-                "{}",
-                crate::tools::rpc_client::status_table(&rows, crate::clock::now_ms())
+                "{}{}",
+                crate::tools::rpc_client::status_table(
+                    &status.destinations,
+                    crate::clock::now_ms()
+                ),
+                crate::tools::rpc_client::expired_table(&status.expired)
             );
             Ok(())
         }

@@ -19,7 +19,9 @@ use crate::identifiers::ServerName;
 use crate::keys::OldVerifyKey;
 // The store's own settings live in `store` (which must not import this
 // module); the configuration builds them and re-exports them.
-pub use crate::store::{PruneConfig, StoreConfig};
+pub use crate::store::{ExpiryPolicy, PruneConfig, StoreConfig};
+
+use crate::store::retention::{EventTypePattern, InboxTtl};
 
 /// Every problem found in a configuration, reported together.
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +51,8 @@ pub struct Config {
     pub store: StoreConfig,
     /// The pruner's schedule (`[store] prune_*`, `destination_retention_hours`).
     pub pruning: PruneConfig,
+    /// What the pruner expires of undelivered messages (`[retention]`).
+    pub retention: ExpiryPolicy,
     pub worker: WorkerConfig,
     pub e2ee: E2eeConfig,
 }
@@ -275,6 +279,7 @@ struct RawConfig {
     store: Option<RawStore>,
     worker: Option<RawWorker>,
     e2ee: Option<RawE2ee>,
+    retention: Option<RawRetention>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -469,7 +474,14 @@ fn apply_env_overrides(
 /// Top-level keys that take a plain value.
 const TOP_LEVEL_KEYS: &[&str] = &["server_name", "signing_key_path", "key_validity_hours"];
 /// The sections of the file.
-const SECTIONS: &[&str] = &["federation", "client", "rpc", "store", "worker"];
+const SECTIONS: &[&str] = &[
+    "federation",
+    "client",
+    "rpc",
+    "store",
+    "worker",
+    "retention",
+];
 
 /// Whether an override path names a config key: a known top-level key, or
 /// anything inside a known section (a typo there is still reported, loudly,
@@ -746,6 +758,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
     });
 
     let pruning = prune_config(store.as_ref(), &mut problems);
+    let retention = expiry_policy(raw.retention, &mut problems);
     let store = store.and_then(|s| match (s.sqlite, s.postgres) {
         (Some(path), None) => Some(StoreConfig::Sqlite(path)),
         (None, Some(url)) => Some(StoreConfig::Postgres(url)),
@@ -844,6 +857,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             rpc,
             store,
             pruning,
+            retention,
             worker,
             e2ee,
         }),
@@ -1027,6 +1041,87 @@ fn prune_config(store: Option<&RawStore>, problems: &mut Vec<String>) -> PruneCo
         interval: Duration::from_millis(interval_ms),
         destination_retention: Duration::from_secs(retention_hours.saturating_mul(3600)),
     }
+}
+
+// ---- retention ------------------------------------------------------------------
+
+// `[retention]`: what the pruner may expire of undelivered messages
+// (`store::retention`), validated into an `ExpiryPolicy`:
+//
+//     [retention]
+//     inbox_ttl_hours = { "m.room_key_request" = 168, "m.key.verification.*" = 24 }
+//     inbox_max_per_device = 10000
+//     dead_destination_days = 30
+
+/// Default of `inbox_max_per_device`: 100 `/sync` pages.
+pub const DEFAULT_INBOX_MAX_PER_DEVICE: u32 = 10_000;
+/// The smallest cap accepted (one `/sync` page is 100 messages).
+pub const MIN_INBOX_MAX_PER_DEVICE: u32 = 100;
+/// Default of `dead_destination_days`.
+pub const DEFAULT_DEAD_DESTINATION_DAYS: u64 = 30;
+/// The longest TTL or dead-destination period accepted: 10 years.
+const MAX_RETENTION_HOURS: u64 = 24 * 3650;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRetention {
+    /// Event type pattern → hours.
+    #[serde(default)]
+    inbox_ttl_hours: std::collections::BTreeMap<String, u64>,
+    /// 0: no cap.
+    inbox_max_per_device: Option<u32>,
+    /// 0: never.
+    dead_destination_days: Option<u64>,
+}
+
+/// The policy of `raw` (defaults when the section is absent); problems are
+/// pushed to `problems`.
+fn expiry_policy(raw: Option<RawRetention>, problems: &mut Vec<String>) -> ExpiryPolicy {
+    let raw = raw.unwrap_or_default();
+    let mut rules = Vec::new();
+    for (pattern, hours) in raw.inbox_ttl_hours {
+        let parsed = EventTypePattern::parse(&pattern)
+            .map_err(|e| problems.push(format!("[retention] inbox_ttl_hours: {e}")))
+            .ok();
+        if !(1..=MAX_RETENTION_HOURS).contains(&hours) {
+            problems.push(format!(
+                "[retention] inbox_ttl_hours {pattern:?} must be between 1 and {MAX_RETENTION_HOURS} (10 years), not {hours}"
+            ));
+            continue;
+        }
+        if let Some(pattern) = parsed {
+            rules.push(InboxTtl {
+                pattern,
+                ttl_ms: retention_hours_ms(hours),
+            });
+        }
+    }
+    let cap = raw
+        .inbox_max_per_device
+        .unwrap_or(DEFAULT_INBOX_MAX_PER_DEVICE);
+    if cap != 0 && cap < MIN_INBOX_MAX_PER_DEVICE {
+        problems.push(format!(
+            "[retention] inbox_max_per_device must be 0 (no cap) or at least {MIN_INBOX_MAX_PER_DEVICE} (one /sync page), not {cap}"
+        ));
+    }
+    let days = raw
+        .dead_destination_days
+        .unwrap_or(DEFAULT_DEAD_DESTINATION_DAYS);
+    if days > MAX_RETENTION_HOURS / 24 {
+        problems.push(format!(
+            "[retention] dead_destination_days must be between 0 (never) and {} (10 years), not {days}",
+            MAX_RETENTION_HOURS / 24
+        ));
+    }
+    ExpiryPolicy::new(
+        rules,
+        (cap != 0).then_some(cap),
+        (days != 0).then(|| retention_hours_ms(days.saturating_mul(24))),
+    )
+}
+
+fn retention_hours_ms(hours: u64) -> i64 {
+    i64::try_from(hours.saturating_mul(3_600_000)).unwrap_or(i64::MAX)
 }
 
 // ---- listener limits ---------------------------------------------------------
@@ -1392,6 +1487,74 @@ sqlite = "data/courier.db"
             }
             other => panic!("expected a lease_ms problem, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn retention_has_defaults_and_every_bad_key_is_reported() {
+        let c = parse(GOOD, &[]).expect("valid config");
+        assert_eq!(c.retention.inbox_ttl(), &[]);
+        assert_eq!(c.retention.inbox_cap, Some(DEFAULT_INBOX_MAX_PER_DEVICE));
+        assert_eq!(c.retention.dead_destination_ms, Some(30 * 24 * 3_600_000));
+        let tuned = format!(
+            "{GOOD}\n[retention]\n\
+             inbox_ttl_hours = {{ \"m.room_key_request\" = 168, \"m.key.verification.*\" = 24 }}\n\
+             inbox_max_per_device = 0\ndead_destination_days = 0\n"
+        );
+        let c = parse(&tuned, &[]).expect("valid config");
+        assert_eq!(
+            c.retention.ttl_for("m.room_key_request"),
+            Some(168 * 3_600_000)
+        );
+        assert_eq!(
+            c.retention.ttl_for("m.key.verification.start"),
+            Some(24 * 3_600_000)
+        );
+        assert_eq!(c.retention.ttl_for("m.room.encrypted"), None);
+        assert_eq!(c.retention.inbox_cap, None);
+        assert_eq!(c.retention.dead_destination_ms, None);
+        // An override reaches the section like any other.
+        let c = parse(GOOD, &[("COURIER_RETENTION__DEAD_DESTINATION_DAYS", "7")])
+            .expect("valid config");
+        assert_eq!(c.retention.dead_destination_ms, Some(7 * 24 * 3_600_000));
+
+        let bad = format!(
+            "{GOOD}\n[retention]\n\
+             inbox_ttl_hours = {{ \"m.*.x\" = 24, \"\" = 1, \"m.ok\" = 0 }}\n\
+             inbox_max_per_device = 5\ndead_destination_days = 4000\n"
+        );
+        match parse(&bad, &[]) {
+            Err(ConfigError::Invalid(problems)) => {
+                assert_eq!(problems.len(), 5, "{problems:?}");
+                assert!(
+                    problems
+                        .iter()
+                        .any(|p| p.contains("\"m.*.x\"") && p.contains("only at the end"))
+                );
+                assert!(
+                    problems
+                        .iter()
+                        .any(|p| p.contains("empty event type pattern"))
+                );
+                assert!(
+                    problems
+                        .iter()
+                        .any(|p| p.contains("\"m.ok\"") && p.contains("between 1 and"))
+                );
+                assert!(
+                    problems
+                        .iter()
+                        .any(|p| p.contains("inbox_max_per_device") && p.contains("not 5"))
+                );
+                assert!(
+                    problems
+                        .iter()
+                        .any(|p| p.contains("dead_destination_days") && p.contains("not 4000"))
+                );
+            }
+            other => panic!("expected five problems, got {other:?}"),
+        }
+        let typo = format!("{GOOD}\n[retention]\ninbox_ttl = 3\n");
+        assert!(matches!(parse(&typo, &[]), Err(ConfigError::Parse { .. })));
     }
 
     #[test]

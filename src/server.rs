@@ -149,6 +149,7 @@ pub async fn run(
     }
     tasks.spawn(
         crate::store::pruner::Pruner::new(store.clone(), &config.pruning)
+            .with_expiry(config.retention.clone())
             .run(shutdown.child_token()),
     );
     // Several workers on one database: leases and cross-worker wake-ups.
@@ -217,6 +218,11 @@ pub async fn run(
         tracing::warn!("some tasks did not stop in time");
     }
     crate::cluster::release(&*store, &config.worker).await;
+    // Last: the queued writes finish and (SQLite) the WAL is checkpointed.
+    // Handles still held elsewhere (a test's) see `StoreError::Closed`.
+    if let Err(error) = store.close().await {
+        tracing::warn!(%error, "closing the store failed");
+    }
     Ok(())
 }
 

@@ -55,10 +55,25 @@ pub struct DestinationRow {
     pub refusing_since_ms: Option<i64>,
 }
 
+/// How many undelivered messages were expired for one reason, over the
+/// store's life (`store::retention`; persisted, so it survives restarts).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExpiredRow {
+    /// `inbox` or `outbox` (the `kind` label of `courier_expired_messages_total`).
+    pub kind: String,
+    /// `ttl`, `inbox_cap` or `dead_destination`.
+    pub reason: String,
+    /// Rows expired: inbox messages, or outbox EDUs (one `message_id` each).
+    pub count: u64,
+}
+
 /// The body of `GET /_courier/v1/destinations`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DestinationsResponse {
     pub destinations: Vec<DestinationRow>,
+    /// Every expiry reason with its persisted total (0 when none yet).
+    #[serde(default)]
+    pub expired: Vec<ExpiredRow>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -387,8 +402,28 @@ async fn get_destinations_route(State(state): State<AppState>) -> Result<Respons
             refusing_since_ms: status.refusing_since_ms,
         })
         .collect();
-    let body = serde_json::to_string(&DestinationsResponse { destinations })
-        .map_err(|error| MatrixError::internal("destination listing", &error))?;
+    let totals = state
+        .store
+        .expiry_totals()
+        .await
+        .map_err(|error| MatrixError::internal("expiry totals", &error))?;
+    let expired = crate::store::ExpiryReason::ALL
+        .into_iter()
+        .map(|reason| ExpiredRow {
+            kind: reason.kind().as_str().to_owned(),
+            reason: reason.as_str().to_owned(),
+            count: totals
+                .iter()
+                .filter(|t| t.reason == reason)
+                .map(|t| t.count)
+                .sum(),
+        })
+        .collect();
+    let body = serde_json::to_string(&DestinationsResponse {
+        destinations,
+        expired,
+    })
+    .map_err(|error| MatrixError::internal("destination listing", &error))?;
     Ok(extract::json_text(body))
 }
 

@@ -18,10 +18,14 @@ pub mod device_lists;
 pub mod keys;
 pub mod postgres;
 pub mod pruner;
+pub mod retention;
 pub mod sqlite;
 
 pub use device_lists::DeviceListStore;
 pub use keys::KeyStore;
+pub use retention::{
+    EventTypePattern, ExpiredMessage, ExpiryKind, ExpiryPolicy, ExpiryReason, ExpiryTotal, InboxTtl,
+};
 
 /// The future every store operation returns: boxed so that `Store` is usable
 /// as `Arc<dyn Store>` by the server, which picks a backend from config.
@@ -617,11 +621,31 @@ pub trait Store: KeyStore + DeviceListStore + Send + Sync + 'static {
         batch: u32,
     ) -> StoreFuture<'_, PruneReport>;
 
+    /// Expires undelivered rows as `policy` says (`store::retention`): at
+    /// most `batch` inbox rows past their TTL, `batch` rows beyond device
+    /// inbox caps and `batch` outbox rows of dead destinations (queued, in
+    /// flight or quarantined), all as of `now_ms`, in one transaction that
+    /// also adds them to the persisted totals. Returns the rows it deleted;
+    /// the caller (`store::pruner`) logs and counts them and calls again
+    /// while a reason reached `batch`.
+    fn expire<'a>(
+        &'a self,
+        now_ms: TimestampMs,
+        policy: &'a ExpiryPolicy,
+        batch: u32,
+    ) -> StoreFuture<'a, Vec<ExpiredMessage>>;
+
+    /// The persisted totals of expired rows per (kind, reason), over the
+    /// store's life (only those with a count).
+    fn expiry_totals(&self) -> StoreFuture<'_, Vec<ExpiryTotal>>;
+
     /// Finishes queued writes and stops the backend's background work (for a
     /// clean shutdown). Later writes may fail with `StoreError::Closed`.
     /// Backends without background work keep the default, which does nothing.
-    /// Nothing in `src/` calls it yet (the server's shutdown drops the
-    /// store); the store tests, the crash tests and the store bench do.
+    /// `server::run` calls it last in its shutdown, after the listeners,
+    /// the sender and the other tasks stopped (SQLite: the writer finishes
+    /// its queue, checkpoints the WAL and stops; PostgreSQL: the pool
+    /// closes), after the leases and worker name were released.
     fn close(&self) -> StoreFuture<'_, ()> {
         Box::pin(async { Ok(()) })
     }

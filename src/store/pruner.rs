@@ -8,16 +8,26 @@
 //! the pass pauses briefly between batches, so other writes are queued
 //! behind at most one batch, never behind the whole pass.
 //!
+//! With an `ExpiryPolicy` (`[retention]`, `store::retention`) each batch
+//! also runs `Store::expire`, and every row it expired is logged here (one
+//! info line per row with its `message_id`, one warn line per batch) and
+//! counted in `courier_expired_messages_total{kind, reason}`; the store
+//! keeps the persisted totals.
+//!
 //! Whether to run another batch is the pure `after_batch` decision. Not
-//! here: what is expired (the backends' `prune`), the retention periods
-//! (`store::Retention`, `store::PruneConfig`).
+//! here: what is expired (the backends' `prune` and `expire`), the
+//! retention periods (`store::Retention`, `store::PruneConfig`).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::store::{PruneConfig, PruneReport, Retention, Store, StoreError, TimestampMs};
+use crate::store::retention::count_for;
+use crate::store::{
+    ExpiredMessage, ExpiryPolicy, ExpiryReason, PruneConfig, PruneReport, Retention, Store,
+    StoreError, TimestampMs,
+};
 
 /// The pause between two batches of one pass: long enough for the writes
 /// that queued during a batch to be committed before the next one.
@@ -72,14 +82,81 @@ pub fn after_batch(report: &PruneReport, batch: u32) -> AfterBatch {
     }
 }
 
+/// The decision after a batch of `Store::expire` that removed `expired`:
+/// a reason that filled the batch may have more.
+pub fn after_expiry_batch(expired: &[ExpiredMessage], batch: u32) -> AfterBatch {
+    let full = ExpiryReason::ALL
+        .into_iter()
+        .any(|reason| count_for(expired, reason) >= u64::from(batch.max(1)));
+    if full {
+        AfterBatch::Continue
+    } else {
+        AfterBatch::Done
+    }
+}
+
+/// Logs every expired row (info, with its ids) and one summary (warn),
+/// and counts them in `courier_expired_messages_total{kind, reason}`.
+pub fn record_expired(expired: &[ExpiredMessage], now_ms: TimestampMs) {
+    for row in expired {
+        match row {
+            ExpiredMessage::Inbox(m) => tracing::info!(
+                kind = "inbox",
+                reason = m.reason.as_str(),
+                message_id = %m.message_id,
+                user_id = %m.user_id,
+                device_id = %m.device_id,
+                event_type = %m.event_type,
+                sender = %m.sender,
+                age_ms = now_ms.saturating_sub(m.received_ts),
+                "expired an undelivered inbox message"
+            ),
+            ExpiredMessage::Outbox(e) => tracing::info!(
+                kind = "outbox",
+                reason = ExpiryReason::DeadDestination.as_str(),
+                destination = %e.destination,
+                message_id = %e.id,
+                seq = e.seq,
+                held = e.held.as_str(),
+                edu_type = %e.edu_type,
+                message_count = e.message_count,
+                age_ms = now_ms.saturating_sub(e.queued_ts),
+                failing_for_ms = now_ms.saturating_sub(e.failing_since_ts),
+                "expired an outbox EDU of a dead destination"
+            ),
+        }
+    }
+    for reason in ExpiryReason::ALL {
+        let count = count_for(expired, reason);
+        if count > 0 {
+            metrics::counter!(
+                "courier_expired_messages_total",
+                "kind" => reason.kind().as_str(),
+                "reason" => reason.as_str()
+            )
+            .increment(count);
+            tracing::warn!(
+                kind = reason.kind().as_str(),
+                reason = reason.as_str(),
+                count,
+                "expired undelivered messages (see the info lines for their ids)"
+            );
+        }
+    }
+}
+
 /// One pruning pass, driven batch by batch with `step` (the periodic task
 /// pauses between steps; tests interleave other writes).
 pub struct PrunePass<'a> {
     store: &'a dyn Store,
     now_ms: TimestampMs,
     settings: PruneSettings,
+    /// What `Store::expire` may expire (None: nothing).
+    expiry: Option<&'a ExpiryPolicy>,
     /// Everything removed so far.
     total: PruneReport,
+    /// Rows expired so far, per reason (`ExpiryReason::ALL` order).
+    expired: [u64; 3],
     batches: u32,
     done: bool,
 }
@@ -91,10 +168,18 @@ impl<'a> PrunePass<'a> {
             store,
             now_ms,
             settings,
+            expiry: None,
             total: PruneReport::default(),
+            expired: [0; 3],
             batches: 0,
             done: false,
         }
+    }
+
+    /// The same pass, also expiring what `policy` says in each batch.
+    pub fn with_expiry(mut self, policy: &'a ExpiryPolicy) -> Self {
+        self.expiry = Some(policy).filter(|p| p.expires_anything());
+        self
     }
 
     /// Runs one batch (nothing once the pass is done) and says whether
@@ -108,8 +193,22 @@ impl<'a> PrunePass<'a> {
             .prune(self.now_ms, self.settings.retention, self.settings.batch)
             .await?;
         self.total.add(&report);
+        let mut next = after_batch(&report, self.settings.batch);
+        if let Some(policy) = self.expiry {
+            let expired = self
+                .store
+                .expire(self.now_ms, policy, self.settings.batch)
+                .await?;
+            record_expired(&expired, self.now_ms);
+            for (i, reason) in ExpiryReason::ALL.into_iter().enumerate() {
+                self.expired[i] += count_for(&expired, reason);
+            }
+            if after_expiry_batch(&expired, self.settings.batch) == AfterBatch::Continue {
+                next = AfterBatch::Continue;
+            }
+        }
         self.batches += 1;
-        let next = match after_batch(&report, self.settings.batch) {
+        let next = match next {
             AfterBatch::Continue if self.batches >= MAX_BATCHES_PER_PASS => {
                 tracing::warn!(
                     batches = self.batches,
@@ -126,6 +225,14 @@ impl<'a> PrunePass<'a> {
     /// What the pass removed so far.
     pub fn total(&self) -> &PruneReport {
         &self.total
+    }
+
+    /// Rows expired so far for `reason`.
+    pub fn expired(&self, reason: ExpiryReason) -> u64 {
+        ExpiryReason::ALL
+            .into_iter()
+            .position(|r| r == reason)
+            .map_or(0, |i| self.expired[i])
     }
 
     /// Batches run so far.
@@ -161,6 +268,7 @@ pub async fn run_pass(
 pub struct Pruner {
     store: Arc<dyn Store>,
     settings: PruneSettings,
+    expiry: ExpiryPolicy,
 }
 
 impl Pruner {
@@ -168,7 +276,14 @@ impl Pruner {
         Pruner {
             store,
             settings: PruneSettings::from_config(config),
+            expiry: ExpiryPolicy::KEEP,
         }
+    }
+
+    /// The same task, also expiring what `policy` says (`[retention]`).
+    pub fn with_expiry(mut self, policy: ExpiryPolicy) -> Pruner {
+        self.expiry = policy;
+        self
     }
 
     /// Runs passes until `shutdown`. A failed pass is logged; the next
@@ -181,7 +296,8 @@ impl Pruner {
                 _ = shutdown.cancelled() => return,
                 _ = interval.tick() => {}
             }
-            let mut pass = PrunePass::new(&*self.store, crate::clock::now_ms(), self.settings);
+            let mut pass = PrunePass::new(&*self.store, crate::clock::now_ms(), self.settings)
+                .with_expiry(&self.expiry);
             match pass.finish(&shutdown).await {
                 Ok(()) if pass.batches() > 1 => tracing::info!(
                     batches = pass.batches(),

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::rpc::{DestinationRow, DestinationsResponse};
+use crate::rpc::{DestinationRow, DestinationsResponse, ExpiredRow};
 use crate::tools::plain_http::{HttpError, JsonClient, encode_segment as segment};
 
 /// How long one RPC call may take.
@@ -161,15 +161,21 @@ impl RpcClient {
 
     /// `GET /_courier/v1/destinations`.
     pub async fn destinations(&self) -> Result<Vec<DestinationRow>, RpcClientError> {
+        Ok(self.status().await?.destinations)
+    }
+
+    /// `GET /_courier/v1/destinations`, whole: the destinations and the
+    /// expiry totals.
+    pub async fn status(&self) -> Result<DestinationsResponse, RpcClientError> {
         let value = self
             .request("GET", "/_courier/v1/destinations", None)
             .await?;
-        serde_json::from_value::<DestinationsResponse>(value)
-            .map(|body| body.destinations)
-            .map_err(|error| RpcClientError::BadResponse {
+        serde_json::from_value::<DestinationsResponse>(value).map_err(|error| {
+            RpcClientError::BadResponse {
                 status: 200,
                 detail: error.to_string(),
-            })
+            }
+        })
     }
 
     /// `POST /_courier/v1/destinations/{destination}/wake`.
@@ -279,6 +285,17 @@ pub fn status_table(rows: &[DestinationRow], now_ms: i64) -> String {
     }
     if rows.is_empty() {
         out.push_str("(no destinations)\n");
+    }
+    out
+}
+
+/// The expiry totals `courier status` prints under the destinations.
+pub fn expired_table(rows: &[ExpiredRow]) -> String {
+    use std::fmt::Write;
+    let mut out = String::from("\nEXPIRED (undelivered, since the store was created)\n");
+    let _ = writeln!(out, "{:<8} {:<18} {:>10}", "KIND", "REASON", "COUNT");
+    for row in rows {
+        let _ = writeln!(out, "{:<8} {:<18} {:>10}", row.kind, row.reason, row.count);
     }
     out
 }

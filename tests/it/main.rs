@@ -31,6 +31,7 @@ mod olm;
 mod outbound_client;
 mod relay_lifecycle;
 mod remote_keys;
+mod retention;
 mod rpc;
 mod scenarios;
 mod sender_metrics;

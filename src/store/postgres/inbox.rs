@@ -17,7 +17,7 @@ use deadpool_postgres::{Object, Transaction};
 use super::Fail;
 use crate::store::{
     DeviceKey, DeviceTarget, InboundOutcome, InboundTxn, InboxMessage, InboxPage, NewInboxMessage,
-    hash_token,
+    TimestampMs, hash_token,
 };
 
 pub async fn upsert_device(
@@ -78,6 +78,7 @@ pub async fn lookup_token(c: &Object, token: &str) -> Result<Option<DeviceKey>, 
 pub(super) async fn write_inbox(
     tx: &Transaction<'_>,
     messages: &[&NewInboxMessage],
+    now_ms: TimestampMs,
 ) -> Result<Vec<DeviceKey>, Fail> {
     if messages.is_empty() {
         return Ok(Vec::new());
@@ -130,8 +131,9 @@ pub(super) async fn write_inbox(
         let insert = tx
             .prepare_cached(
                 "INSERT INTO device_inbox
-                     (user_id, device_id, sender, event_type, content_json, message_id)
-                 SELECT u, d, s, t, c, m
+                     (user_id, device_id, sender, event_type, content_json, message_id,
+                      received_ts)
+                 SELECT u, d, s, t, c, m, $7
                  FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
                              $6::text[])
                       WITH ORDINALITY AS r (u, d, s, t, c, m, o)
@@ -140,7 +142,9 @@ pub(super) async fn write_inbox(
             .await?;
         tx.execute(
             &insert,
-            &[&cols[0], &cols[1], &cols[2], &cols[3], &cols[4], &cols[5]],
+            &[
+                &cols[0], &cols[1], &cols[2], &cols[3], &cols[4], &cols[5], &now_ms,
+            ],
         )
         .await?;
     }
@@ -213,7 +217,7 @@ pub async fn apply_inbound_txn(
             duplicate_message_ids += 1;
         }
     }
-    let woken_devices = write_inbox(&tx, &messages).await?;
+    let woken_devices = write_inbox(&tx, &messages, txn.now_ms).await?;
     tx.commit().await?;
     let outcome = InboundOutcome::Accepted {
         woken_devices,

@@ -36,9 +36,10 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::store::{
-    DestinationStatus, DeviceKey, Fence, InFlightTxn, InboundOutcome, InboundTxn, InboxPage,
-    KeyStore, OutboxEdu, PruneReport, QuarantinedEdu, RefusalState, Retention, RetryState,
-    SendBatch, SendOutcome, Store, StoreError, StoreFuture, StoredServerKey, TimestampMs, Wakeup,
+    DestinationStatus, DeviceKey, ExpiredMessage, ExpiryPolicy, ExpiryTotal, Fence, InFlightTxn,
+    InboundOutcome, InboundTxn, InboxPage, KeyStore, OutboxEdu, PruneReport, QuarantinedEdu,
+    RefusalState, Retention, RetryState, SendBatch, SendOutcome, Store, StoreError, StoreFuture,
+    StoredServerKey, TimestampMs, Wakeup,
 };
 
 mod device_changes;
@@ -49,6 +50,7 @@ mod keys;
 mod lease;
 mod outbox;
 mod remote_devices;
+mod retention;
 mod schema;
 mod send;
 pub mod tls;
@@ -643,6 +645,22 @@ impl Store for PostgresStore {
             &c, now_ms, retention, batch, cursor
         )
         .await))
+    }
+
+    fn expire<'a>(
+        &'a self,
+        now_ms: TimestampMs,
+        policy: &'a ExpiryPolicy,
+        batch: u32,
+    ) -> StoreFuture<'a, Vec<ExpiredMessage>> {
+        Box::pin(on_client!(self, |c| retention::expire(
+            &mut c, now_ms, policy, batch
+        )
+        .await))
+    }
+
+    fn expiry_totals(&self) -> StoreFuture<'_, Vec<ExpiryTotal>> {
+        Box::pin(on_client!(self, |c| retention::expiry_totals(&c).await))
     }
 
     fn close(&self) -> StoreFuture<'_, ()> {

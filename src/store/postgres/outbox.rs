@@ -473,16 +473,27 @@ pub async fn retry_state(c: &Object, destination: &str) -> Result<RetryState, Fa
 }
 
 /// Writes a destination's retry state; `$6` stamps its last activity (see
-/// `RETIRE_DESTINATIONS`).
+/// `RETIRE_DESTINATIONS`). It also keeps `failing_since_ts`, the first
+/// failure after the last success (for the dead-destination expiry,
+/// `retention.rs`): a newer `last_success_ts` clears it, a failure
+/// (`failures > 0`) sets it if unset, anything else (a backoff reset
+/// because the peer talked to us) leaves it.
 const UPSERT_RETRY_STATE: &str = "INSERT INTO destinations
-         (destination, failures, retry_after_ts, last_success_ts, last_error, updated_ts)
-     VALUES ($1, $2, $3, $4, $5, $6)
+         (destination, failures, retry_after_ts, last_success_ts, last_error, updated_ts,
+          failing_since_ts)
+     VALUES ($1, $2, $3, $4, $5, $6, CASE WHEN $2::int4 > 0 THEN $6::int8 END)
      ON CONFLICT (destination) DO UPDATE SET
          failures = excluded.failures,
          retry_after_ts = excluded.retry_after_ts,
          last_success_ts = excluded.last_success_ts,
          last_error = excluded.last_error,
-         updated_ts = greatest(destinations.updated_ts, excluded.updated_ts)";
+         updated_ts = greatest(destinations.updated_ts, excluded.updated_ts),
+         failing_since_ts = CASE
+             WHEN excluded.last_success_ts > coalesce(destinations.last_success_ts, -1) THEN NULL
+             WHEN excluded.failures > 0
+                 THEN coalesce(destinations.failing_since_ts, excluded.updated_ts)
+             ELSE destinations.failing_since_ts
+         END";
 
 pub async fn set_retry_state(
     c: &mut Object,

@@ -67,10 +67,17 @@ const MIGRATIONS: &[(u32, &str)] = &[
             "/migrations/postgres/0008_refusals.sql"
         )),
     ),
+    (
+        9,
+        include_str!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/migrations/postgres/0009_retention.sql"
+        )),
+    ),
 ];
 
 /// The schema version this build writes.
-pub const LATEST_VERSION: u32 = 8;
+pub const LATEST_VERSION: u32 = 9;
 
 /// The advisory lock key that serializes migrations ("courier" in ASCII).
 const MIGRATION_LOCK: i64 = 0x0063_6f75_7269_6572;

@@ -37,7 +37,7 @@ pub async fn enqueue_send(c: &mut Object, batch: &SendBatch) -> Result<SendOutco
         return Ok(SendOutcome::Duplicate);
     }
     let local: Vec<&NewInboxMessage> = batch.local.iter().collect();
-    let woken_devices = write_inbox(&tx, &local).await?;
+    let woken_devices = write_inbox(&tx, &local, batch.now_ms).await?;
     let mut destinations: Vec<String> = Vec::new();
     if !batch.remote.is_empty() {
         let mut dests: Vec<&str> = Vec::with_capacity(batch.remote.len());

@@ -13,29 +13,30 @@ use rusqlite::{CachedStatement, Connection, OptionalExtension};
 
 use crate::store::{
     DeviceKey, DeviceTarget, InboundOutcome, InboundTxn, InboxMessage, InboxPage, NewInboxMessage,
-    StoreError,
+    StoreError, TimestampMs,
 };
 
 /// Rows per multi-row INSERT: fewer statement executions per row on the
-/// hot path (6 parameters each, far below SQLite's parameter limit).
+/// hot path (7 parameters each, far below SQLite's parameter limit).
 const CHUNK: usize = 32;
 
 const INSERT_ONE: &str = "INSERT INTO device_inbox
-    (user_id, device_id, sender, event_type, content_json, message_id)
-    VALUES (?, ?, ?, ?, ?, ?)";
+    (user_id, device_id, sender, event_type, content_json, message_id, received_ts)
+    VALUES (?, ?, ?, ?, ?, ?, ?)";
 
 /// `INSERT ... VALUES (...), (...)` with `CHUNK` rows; rows get increasing
 /// stream ids in the order of the VALUES list.
 static INSERT_CHUNK: LazyLock<String> = LazyLock::new(|| {
     let mut sql = String::from(
         "INSERT INTO device_inbox \
-         (user_id, device_id, sender, event_type, content_json, message_id) VALUES ",
+         (user_id, device_id, sender, event_type, content_json, message_id, received_ts) \
+         VALUES ",
     );
     for i in 0..CHUNK {
         if i > 0 {
             sql.push_str(", ");
         }
-        sql.push_str("(?, ?, ?, ?, ?, ?)");
+        sql.push_str("(?, ?, ?, ?, ?, ?, ?)");
     }
     sql
 });
@@ -48,6 +49,8 @@ static INSERT_CHUNK: LazyLock<String> = LazyLock::new(|| {
 pub(super) struct InboxWriter<'c, 'm> {
     conn: &'c Connection,
     list: CachedStatement<'c>,
+    /// The rows' `received_ts` (for the inbox TTL).
+    now_ms: TimestampMs,
     /// Registered devices per user (sorted), loaded on first use.
     devices: HashMap<&'m str, Vec<Rc<str>>>,
     /// Rows not yet inserted, in order.
@@ -83,9 +86,10 @@ impl Woken {
 }
 
 impl<'c, 'm> InboxWriter<'c, 'm> {
-    pub(super) fn new(conn: &'c Connection) -> Result<Self, StoreError> {
+    pub(super) fn new(conn: &'c Connection, now_ms: TimestampMs) -> Result<Self, StoreError> {
         Ok(InboxWriter {
             conn,
+            now_ms,
             list: conn.prepare_cached(
                 "SELECT device_id FROM devices WHERE user_id = ?1 ORDER BY device_id",
             )?,
@@ -146,7 +150,8 @@ impl<'c, 'm> InboxWriter<'c, 'm> {
                 stmt.raw_bind_parameter(index + 3, &msg.event_type)?;
                 stmt.raw_bind_parameter(index + 4, &msg.content_json)?;
                 stmt.raw_bind_parameter(index + 5, &msg.message_id)?;
-                index += 6;
+                stmt.raw_bind_parameter(index + 6, self.now_ms)?;
+                index += 7;
             }
             stmt.raw_execute()?;
             rows = &rows[CHUNK..];
@@ -161,6 +166,7 @@ impl<'c, 'm> InboxWriter<'c, 'm> {
                     &msg.event_type,
                     &msg.content_json,
                     &msg.message_id,
+                    self.now_ms,
                 ))?;
             }
         }
@@ -192,7 +198,7 @@ pub fn apply_inbound_txn(
             })?;
         return Ok(InboundOutcome::Duplicate { response_json });
     }
-    let mut inbox = InboxWriter::new(conn)?;
+    let mut inbox = InboxWriter::new(conn, txn.now_ms)?;
     let mut duplicate_message_ids = 0u32;
     for edu in &txn.edus {
         let fresh = conn

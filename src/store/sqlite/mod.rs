@@ -8,7 +8,8 @@
 //! The database is in WAL mode with `synchronous=FULL`, so a write future
 //! resolves only after its commit is durable. The SQL of each operation is in
 //! `sqlite/devices.rs`, `sqlite/send.rs`, `sqlite/inbox.rs`,
-//! `sqlite/outbox.rs` and `sqlite/maintenance.rs`; the schema is in
+//! `sqlite/outbox.rs`, `sqlite/maintenance.rs` and `sqlite/retention.rs`;
+//! the schema is in
 //! `migrations/sqlite/*.sql`.
 //!
 //! Not here: deciding what to write (`todevice`), waking long-polls or
@@ -25,9 +26,10 @@ use rusqlite::Connection;
 use tokio::sync::{Semaphore, oneshot};
 
 use crate::store::{
-    DestinationStatus, DeviceKey, Fence, InFlightTxn, InboundOutcome, InboundTxn, InboxPage,
-    KeyStore, OutboxEdu, PruneReport, QuarantinedEdu, RefusalState, Retention, RetryState,
-    SendBatch, SendOutcome, Store, StoreError, StoreFuture, StoredServerKey, TimestampMs,
+    DestinationStatus, DeviceKey, ExpiredMessage, ExpiryPolicy, ExpiryTotal, Fence, InFlightTxn,
+    InboundOutcome, InboundTxn, InboxPage, KeyStore, OutboxEdu, PruneReport, QuarantinedEdu,
+    RefusalState, Retention, RetryState, SendBatch, SendOutcome, Store, StoreError, StoreFuture,
+    StoredServerKey, TimestampMs,
 };
 
 mod device_changes;
@@ -39,6 +41,7 @@ mod keys;
 mod maintenance;
 mod outbox;
 mod remote_cache;
+mod retention;
 mod schema;
 mod send;
 mod writer;
@@ -501,6 +504,20 @@ impl Store for SqliteStore {
                 maintenance::prune(c, now_ms, retention, batch, &inner.orphan_cursor)
             }),
         )
+    }
+
+    fn expire<'a>(
+        &'a self,
+        now_ms: TimestampMs,
+        policy: &'a ExpiryPolicy,
+        batch: u32,
+    ) -> StoreFuture<'a, Vec<ExpiredMessage>> {
+        let policy = policy.clone();
+        Box::pin(self.write(move |c| retention::expire(c, now_ms, &policy, batch)))
+    }
+
+    fn expiry_totals(&self) -> StoreFuture<'_, Vec<ExpiryTotal>> {
+        Box::pin(self.read(retention::expiry_totals))
     }
 
     fn close(&self) -> StoreFuture<'_, ()> {

@@ -351,7 +351,11 @@ pub fn retry_state(conn: &Connection, destination: &str) -> Result<RetryState, S
 }
 
 /// Writes a destination's retry state, stamped `now_ms` as its last
-/// activity (see `maintenance::retire_destinations`).
+/// activity (see `maintenance::retire_destinations`). It also keeps
+/// `failing_since_ts`, the first failure after the last success (for the
+/// dead-destination expiry, `retention.rs`): a newer `last_success_ts`
+/// clears it, a failure (`failures > 0`) sets it if unset, anything else
+/// (a backoff reset because the peer talked to us) leaves it.
 pub fn set_retry_state(
     conn: &Connection,
     destination: &str,
@@ -360,14 +364,20 @@ pub fn set_retry_state(
 ) -> Result<(), StoreError> {
     conn.prepare_cached(
         "INSERT INTO destinations
-             (destination, failures, retry_after_ts, last_success_ts, last_error, updated_ts)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+             (destination, failures, retry_after_ts, last_success_ts, last_error, updated_ts,
+              failing_since_ts)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, CASE WHEN ?2 > 0 THEN ?6 END)
          ON CONFLICT (destination) DO UPDATE SET
              failures = excluded.failures,
              retry_after_ts = excluded.retry_after_ts,
              last_success_ts = excluded.last_success_ts,
              last_error = excluded.last_error,
-             updated_ts = max(updated_ts, excluded.updated_ts)",
+             updated_ts = max(updated_ts, excluded.updated_ts),
+             failing_since_ts = CASE
+                 WHEN excluded.last_success_ts > coalesce(last_success_ts, -1) THEN NULL
+                 WHEN excluded.failures > 0 THEN coalesce(failing_since_ts, excluded.updated_ts)
+                 ELSE failing_since_ts
+             END",
     )?
     .execute(params![
         destination,

@@ -20,7 +20,7 @@ pub fn enqueue_send(conn: &Connection, batch: &SendBatch) -> Result<SendOutcome,
     if recorded == 0 {
         return Ok(SendOutcome::Duplicate);
     }
-    let mut inbox = InboxWriter::new(conn)?;
+    let mut inbox = InboxWriter::new(conn, batch.now_ms)?;
     for msg in &batch.local {
         inbox.write(msg)?;
     }

@@ -180,6 +180,17 @@ impl Store for CountingStore {
     ) -> StoreFuture<'_, PruneReport> {
         self.inner.prune(now_ms, retention, batch)
     }
+    fn expire<'a>(
+        &'a self,
+        now_ms: TimestampMs,
+        policy: &'a ExpiryPolicy,
+        batch: u32,
+    ) -> StoreFuture<'a, Vec<ExpiredMessage>> {
+        self.inner.expire(now_ms, policy, batch)
+    }
+    fn expiry_totals(&self) -> StoreFuture<'_, Vec<ExpiryTotal>> {
+        self.inner.expiry_totals()
+    }
 }
 
 crate::delegate_key_store!(CountingStore, |s| s.inner);

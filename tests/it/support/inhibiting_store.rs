@@ -222,6 +222,17 @@ impl Store for InhibitingStore {
     ) -> StoreFuture<'_, PruneReport> {
         self.0.prune(now_ms, retention, batch)
     }
+    fn expire<'a>(
+        &'a self,
+        now_ms: TimestampMs,
+        policy: &'a ExpiryPolicy,
+        batch: u32,
+    ) -> StoreFuture<'a, Vec<ExpiredMessage>> {
+        self.0.expire(now_ms, policy, batch)
+    }
+    fn expiry_totals(&self) -> StoreFuture<'_, Vec<ExpiryTotal>> {
+        self.0.expiry_totals()
+    }
 }
 
 crate::delegate_key_store!(InhibitingStore, |s| s.0);
