@@ -8,11 +8,9 @@
 //! down to single EDUs, and an EDU refused alone `quarantine_after` times is
 //! quarantined so the rows behind it still go.
 //!
-//! With several workers, every outbox write the task makes carries the
-//! fence of the lease it acquired last (`Store::acquire_lease`); a write
-//! fenced out (another worker claimed the destination meanwhile) changed
-//! nothing, and the task stops sending there as if the lease check had
-//! failed (`courier_lease_fenced_writes_total`).
+//! Every outbox write carries the fence of the lease the task holds; a write
+//! fenced out (another worker claimed the destination since) changed nothing,
+//! and the task stops sending there as on a failed lease check.
 //!
 //! It does not decide when a destination task exists (sender) and does not
 //! know HTTP (client).
@@ -113,9 +111,8 @@ pub struct DestinationTask {
     settled: bool,
     /// When this task last warned that the peer rejects our signing key.
     key_rejected_warned: Option<Instant>,
-    /// The fence of the lease this task acquired last (`holds_lease`), which
-    /// a backoff reset outside a send step writes under. None before the
-    /// first check and once the lease is lost.
+    /// The fence of the lease acquired last (`holds_lease`), for a backoff
+    /// reset outside a send step. None before the first and once lost.
     fence: Option<Fence>,
 }
 
@@ -270,10 +267,7 @@ impl DestinationTask {
                     None => match self.holds_lease().await {
                         Ok(Some(fence)) => fence,
                         Ok(None) => return,
-                        Err(error) => {
-                            tracing::warn!(%error, "checking the lease failed");
-                            return;
-                        }
+                        Err(error) => return tracing::warn!(%error, "checking the lease failed"),
                     },
                 };
                 match store
@@ -281,10 +275,7 @@ impl DestinationTask {
                     .await
                 {
                     Ok(()) => self.clean = true,
-                    Err(StoreError::Fenced { epoch, .. }) => {
-                        self.fenced_out(epoch);
-                        return;
-                    }
+                    Err(StoreError::Fenced { epoch, .. }) => return self.fenced_out(epoch),
                     Err(error) => tracing::warn!(%error, "resetting the retry state failed"),
                 }
                 tracing::info!("peer is up: backoff reset");
@@ -363,10 +354,9 @@ impl DestinationTask {
             .await
     }
 
-    /// The fence of the lease on the destination if this worker holds (and
-    /// has just extended) it. Several workers on one database: a task sends
-    /// only under its worker's lease (always held with a single-process
-    /// store), and writes the outbox only under its fence.
+    /// The lease's fence if this worker holds (and has just extended) it.
+    /// A task sends only under its worker's lease (always held with a
+    /// single-process store), and writes the outbox only under its fence.
     async fn holds_lease(&mut self) -> Result<Option<Fence>, StoreError> {
         let worker = &self.shared.config.worker;
         let lease_ms = i64::try_from(worker.lease_duration.as_millis()).unwrap_or(i64::MAX);
@@ -389,9 +379,8 @@ impl DestinationTask {
         Ok(fence)
     }
 
-    /// A write under the fence of `epoch` was fenced out: another worker
-    /// claimed the destination since, and the write changed nothing. The
-    /// task stops sending here, as when the lease check fails.
+    /// A write under the fence of `epoch` changed nothing: another worker
+    /// claimed the destination since. The task stops sending here.
     fn fenced_out(&mut self, epoch: i64) {
         tracing::info!(
             worker = %self.shared.config.worker.name,
