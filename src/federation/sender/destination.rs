@@ -279,10 +279,7 @@ impl DestinationTask {
                     None => match self.holds_lease().await {
                         Ok(Some(fence)) => fence,
                         Ok(None) => return,
-                        Err(error) => {
-                            tracing::warn!(%error, "checking the lease failed");
-                            return;
-                        }
+                        Err(error) => return tracing::warn!(%error, "checking the lease failed"),
                     },
                 };
                 match store
@@ -290,10 +287,7 @@ impl DestinationTask {
                     .await
                 {
                     Ok(()) => self.clean = true,
-                    Err(StoreError::Fenced { epoch, .. }) => {
-                        self.fenced_out(epoch);
-                        return;
-                    }
+                    Err(StoreError::Fenced { epoch, .. }) => return self.fenced_out(epoch),
                     Err(error) => tracing::warn!(%error, "resetting the retry state failed"),
                 }
                 tracing::info!("peer is up: backoff reset");
@@ -381,10 +375,9 @@ impl DestinationTask {
             .await
     }
 
-    /// The fence of the lease on the destination if this worker holds (and
-    /// has just extended) it. Several workers on one database: a task sends
-    /// only under its worker's lease (always held with a single-process
-    /// store), and writes the outbox only under its fence.
+    /// The lease's fence if this worker holds (and has just extended) it.
+    /// A task sends only under its worker's lease (always held with a
+    /// single-process store), and writes the outbox only under its fence.
     async fn holds_lease(&mut self) -> Result<Option<Fence>, StoreError> {
         let worker = &self.shared.config.worker;
         let lease_ms = i64::try_from(worker.lease_duration.as_millis()).unwrap_or(i64::MAX);

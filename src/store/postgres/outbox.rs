@@ -2,11 +2,9 @@
 //! destination, the one in-flight transaction record, quarantine, the
 //! persisted retry state and status of destinations, the remote server key
 //! cache, and pruning in bounded batches (also of expired device-list
-//! interests). Each write function is one
-//! transaction (or one statement) on the connection given. The writes of a
-//! destination task (`begin_txn`, `ack_txn`, `refuse_txn`, `quarantine_edu`,
-//! `set_retry_state`) first check the caller's lease fence in the same
-//! transaction (`lease::check_fence`): fenced out, they change nothing.
+//! interests). Each write function is one transaction (or one statement) on
+//! the connection given; a destination task's writes first check its lease
+//! fence in that transaction (`lease::check_fence`).
 
 use std::sync::atomic::{AtomicI64, Ordering};
 
@@ -352,7 +350,6 @@ pub async fn quarantine_edu(
 ) -> Result<(), Fail> {
     let tx = c.transaction().await?;
     check_fence(&tx, destination, fence).await?;
-    // One statement moves the row.
     let stmt = tx
         .prepare_cached(
             "WITH moved AS (
