@@ -46,8 +46,6 @@ use crate::identifiers::ServerName;
 use crate::store::device_lists::finish_outbound_edu;
 use crate::store::{InFlightTxn, OutboxEdu, RefusalState, RetryState, Store, StoreError};
 
-mod refusals;
-
 /// An idle task ends after this long without work.
 pub const IDLE_EXIT: Duration = Duration::from_secs(60);
 /// Wait after a store error before trying again.
@@ -85,7 +83,7 @@ enum State {
 }
 
 /// How one send attempt ended.
-enum Step {
+pub(super) enum Step {
     /// The outbox is empty.
     Drained,
     /// A transaction was delivered (or split); look for more at once.
@@ -95,16 +93,16 @@ enum Step {
 }
 
 pub struct DestinationTask {
-    destination: String,
+    pub(super) destination: String,
     server_name: Option<ServerName>,
-    shared: Arc<SenderShared>,
+    pub(super) shared: Arc<SenderShared>,
     signals: mpsc::UnboundedReceiver<Signal>,
     retire: mpsc::UnboundedSender<(String, u64)>,
     id: u64,
     /// The destination's persisted refusal history, as last read or written
     /// by this task; `refusals_loaded` is false until it is read, and again
     /// after a store error or while another worker holds the lease.
-    refusals: RefusalState,
+    pub(super) refusals: RefusalState,
     refusals_loaded: bool,
     /// The last attempt succeeded and the outbox was empty: a `PeerIsUp`
     /// while idle has nothing to reset or send, and costs no store access.
@@ -114,7 +112,7 @@ pub struct DestinationTask {
     /// in-flight record back. False at start and after any store error, so
     /// a transaction recorded by an earlier run or another worker is always
     /// found (and `begin_txn` refuses a second one in any case).
-    settled: bool,
+    pub(super) settled: bool,
     /// When this task last warned that the peer rejects our signing key.
     key_rejected_warned: Option<Instant>,
 }
@@ -458,7 +456,7 @@ impl DestinationTask {
     }
 
     /// Persists the failure and the time of the next attempt.
-    async fn back_off(
+    pub(super) async fn back_off(
         &mut self,
         reason: String,
         after: Option<Duration>,

@@ -3,12 +3,13 @@
 //! count a solo refusal, quarantine, set aside on probation, mark the
 //! destination refusing) and what an accepted one does (confirm probation,
 //! end the mark and the narrowing). The rules are in `destination.rs`'s
-//! module doc; this file only applies them.
+//! module doc; this file only applies them, as more methods of
+//! `DestinationTask`.
 //!
 //! It does not send anything or choose what to send next.
 
-use super::{DestinationTask, Step};
 use crate::federation::sender::backoff;
+use crate::federation::sender::destination::{DestinationTask, Step};
 use crate::store::{InFlightTxn, RefusalState, StoreError};
 
 impl DestinationTask {
