@@ -48,6 +48,7 @@ mod inbox;
 mod keys;
 mod lease;
 mod outbox;
+mod refusals;
 mod remote_devices;
 mod schema;
 mod send;
@@ -515,7 +516,7 @@ impl Store for PostgresStore {
     }
 
     fn edu_refusals<'a>(&'a self, destination: &'a str, seq: i64) -> StoreFuture<'a, Option<u32>> {
-        Box::pin(on_client!(self, |c| outbox::edu_refusals(
+        Box::pin(on_client!(self, |c| refusals::edu_refusals(
             &c,
             destination,
             seq
@@ -530,7 +531,7 @@ impl Store for PostgresStore {
         refusals: u32,
     ) -> StoreFuture<'a, bool> {
         Box::pin(async move {
-            let restored = on_client!(self, |c| outbox::restore_quarantined(
+            let restored = on_client!(self, |c| refusals::restore_quarantined(
                 &c,
                 destination,
                 seq,
@@ -547,7 +548,7 @@ impl Store for PostgresStore {
 
     fn requeue_quarantined<'a>(&'a self, destination: &'a str) -> StoreFuture<'a, u64> {
         Box::pin(async move {
-            let requeued = on_client!(self, |c| outbox::requeue_quarantined(&mut c, destination)
+            let requeued = on_client!(self, |c| refusals::requeue_quarantined(&mut c, destination)
                 .await)
             .await?;
             if requeued > 0 {
@@ -558,7 +559,11 @@ impl Store for PostgresStore {
     }
 
     fn refusal_state<'a>(&'a self, destination: &'a str) -> StoreFuture<'a, RefusalState> {
-        Box::pin(on_client!(self, |c| outbox::refusal_state(&c, destination).await))
+        Box::pin(on_client!(self, |c| refusals::refusal_state(
+            &c,
+            destination
+        )
+        .await))
     }
 
     fn set_refusal_state<'a>(
@@ -567,7 +572,7 @@ impl Store for PostgresStore {
         state: &'a RefusalState,
         now_ms: TimestampMs,
     ) -> StoreFuture<'a, ()> {
-        Box::pin(on_client!(self, |c| outbox::set_refusal_state(
+        Box::pin(on_client!(self, |c| refusals::set_refusal_state(
             &c,
             destination,
             state,

@@ -12,8 +12,8 @@ use deadpool_postgres::Object;
 use super::Fail;
 use super::device_list_outbox::{PrevChain, record_acked};
 use crate::store::{
-    DestinationStatus, InFlightTxn, OutboxEdu, PruneReport, QuarantinedEdu, RefusalState,
-    Retention, RetryState, StoredServerKey, TimestampMs,
+    DestinationStatus, InFlightTxn, OutboxEdu, PruneReport, QuarantinedEdu, Retention, RetryState,
+    StoredServerKey, TimestampMs,
 };
 
 /// Destinations with queued EDUs, found by skipping through the
@@ -177,145 +177,6 @@ pub async fn refuse_txn(c: &mut Object, destination: &str, txn_id: &str) -> Resu
         tx.execute(&bump, &[&destination, seq]).await?;
     }
     tx.commit().await?;
-    Ok(())
-}
-
-pub async fn edu_refusals(c: &Object, destination: &str, seq: i64) -> Result<Option<u32>, Fail> {
-    let stmt = c
-        .prepare_cached("SELECT refusals FROM outbox WHERE destination = $1 AND seq = $2")
-        .await?;
-    Ok(c.query_opt(&stmt, &[&destination, &seq])
-        .await?
-        .map(|r| to_u32(r.get(0))))
-}
-
-pub async fn restore_quarantined(
-    c: &Object,
-    destination: &str,
-    seq: i64,
-    refusals: u32,
-) -> Result<bool, Fail> {
-    // One statement. The seq is kept (an identity column hands out only
-    // larger values), so the row goes back to its old place in the queue.
-    let stmt = c
-        .prepare_cached(
-            "WITH moved AS (
-                 DELETE FROM quarantine WHERE destination = $1 AND seq = $2
-                 RETURNING destination, seq, edu_json, message_count, queued_ts,
-                           dl_user, dl_device, dl_stream
-             ), restored AS (
-                 INSERT INTO outbox (seq, destination, edu_json, message_count, queued_ts,
-                                     refusals, dl_user, dl_device, dl_stream)
-                 OVERRIDING SYSTEM VALUE
-                 SELECT seq, destination, edu_json, message_count, queued_ts, $3,
-                        dl_user, dl_device, dl_stream
-                 FROM moved
-                 ON CONFLICT (seq) DO NOTHING
-                 RETURNING 1
-             )
-             SELECT (SELECT count(*) FROM moved)::bigint",
-        )
-        .await?;
-    let row = c
-        .query_one(&stmt, &[&destination, &seq, &to_i32(refusals)])
-        .await?;
-    Ok(row.get::<_, i64>(0) > 0)
-}
-
-pub async fn requeue_quarantined(c: &mut Object, destination: &str) -> Result<u64, Fail> {
-    let tx = c.transaction().await?;
-    // Fresh seqs, assigned in the old seqs' order: the end of the queue, in
-    // the original order.
-    let take = tx
-        .prepare_cached(
-            "DELETE FROM quarantine WHERE destination = $1
-             RETURNING seq, edu_json, message_count, queued_ts, dl_user, dl_device, dl_stream",
-        )
-        .await?;
-    let mut rows = tx.query(&take, &[&destination]).await?;
-    rows.sort_by_key(|r| r.get::<_, i64>(0));
-    let insert = tx
-        .prepare_cached(
-            "INSERT INTO outbox (destination, edu_json, message_count, queued_ts, refusals,
-                                 dl_user, dl_device, dl_stream)
-             VALUES ($1, $2, $3, $4, 0, $5, $6, $7)",
-        )
-        .await?;
-    for row in &rows {
-        let (edu_json, count, queued_ts): (String, i32, i64) = (row.get(1), row.get(2), row.get(3));
-        let (dl_user, dl_device, dl_stream): (Option<String>, Option<String>, Option<i64>) =
-            (row.get(4), row.get(5), row.get(6));
-        tx.execute(
-            &insert,
-            &[
-                &destination,
-                &edu_json,
-                &count,
-                &queued_ts,
-                &dl_user,
-                &dl_device,
-                &dl_stream,
-            ],
-        )
-        .await?;
-    }
-    tx.commit().await?;
-    Ok(rows.len() as u64)
-}
-
-pub async fn refusal_state(c: &Object, destination: &str) -> Result<RefusalState, Fail> {
-    let stmt = c
-        .prepare_cached(
-            "SELECT split_limit, split_upto, split_accepted, refusing_since_ts, probation_seqs
-             FROM destinations WHERE destination = $1",
-        )
-        .await?;
-    Ok(c.query_opt(&stmt, &[&destination])
-        .await?
-        .map(|r| RefusalState {
-            split_limit: r.get::<_, Option<i32>>(0).map(to_u32),
-            split_upto: r.get(1),
-            split_accepted: r.get(2),
-            refusing_since_ms: r.get(3),
-            probation_seqs: r.get(4),
-        })
-        .unwrap_or_default())
-}
-
-pub async fn set_refusal_state(
-    c: &Object,
-    destination: &str,
-    state: &RefusalState,
-    now_ms: TimestampMs,
-) -> Result<(), Fail> {
-    let stmt = c
-        .prepare_cached(
-            "INSERT INTO destinations
-                 (destination, split_limit, split_upto, split_accepted, refusing_since_ts,
-                  probation_seqs, updated_ts)
-             VALUES ($1, $2, $3, $4, $5, $6, $7)
-             ON CONFLICT (destination) DO UPDATE SET
-                 split_limit = excluded.split_limit,
-                 split_upto = excluded.split_upto,
-                 split_accepted = excluded.split_accepted,
-                 refusing_since_ts = excluded.refusing_since_ts,
-                 probation_seqs = excluded.probation_seqs,
-                 updated_ts = greatest(destinations.updated_ts, excluded.updated_ts)",
-        )
-        .await?;
-    c.execute(
-        &stmt,
-        &[
-            &destination,
-            &state.split_limit.map(to_i32),
-            &state.split_upto,
-            &state.split_accepted,
-            &state.refusing_since_ms,
-            &state.probation_seqs,
-            &now_ms,
-        ],
-    )
-    .await?;
     Ok(())
 }
 
