@@ -26,9 +26,9 @@
 //!
 //! With several workers, every outbox write the task makes carries the
 //! fence of the lease it acquired last (`Store::acquire_lease`); a write
-//! fenced out (another worker claimed the destination meanwhile) changed
-//! nothing, and the task stops sending there as if the lease check had
-//! failed (`courier_lease_fenced_writes_total`).
+//! fenced out (another worker claimed the destination since) changed
+//! nothing, and the task stops sending there as on a failed lease check
+//! (`courier_lease_fenced_writes_total`).
 //!
 //! It does not decide when a destination task exists (sender) and does not
 //! know HTTP (client).
@@ -89,7 +89,7 @@ enum State {
 }
 
 /// How one send attempt ended.
-enum Step {
+pub(super) enum Step {
     /// The outbox is empty.
     Drained,
     /// A transaction was delivered (or split); look for more at once.
@@ -99,16 +99,16 @@ enum Step {
 }
 
 pub struct DestinationTask {
-    destination: String,
+    pub(super) destination: String,
     server_name: Option<ServerName>,
-    shared: Arc<SenderShared>,
+    pub(super) shared: Arc<SenderShared>,
     signals: mpsc::UnboundedReceiver<Signal>,
     retire: mpsc::UnboundedSender<(String, u64)>,
     id: u64,
     /// The destination's persisted refusal history, as last read or written
     /// by this task; `refusals_loaded` is false until it is read, and again
     /// after a store error or while another worker holds the lease.
-    refusals: RefusalState,
+    pub(super) refusals: RefusalState,
     refusals_loaded: bool,
     /// The last attempt succeeded and the outbox was empty: a `PeerIsUp`
     /// while idle has nothing to reset or send, and costs no store access.
@@ -118,12 +118,11 @@ pub struct DestinationTask {
     /// in-flight record back. False at start and after any store error, so
     /// a transaction recorded by an earlier run or another worker is always
     /// found (and `begin_txn` refuses a second one in any case).
-    settled: bool,
+    pub(super) settled: bool,
     /// When this task last warned that the peer rejects our signing key.
     key_rejected_warned: Option<Instant>,
-    /// The fence of the lease this task acquired last (`holds_lease`),
-    /// which every outbox write passes. None before the first check and
-    /// once the lease is lost.
+    /// The fence of the lease acquired last (`holds_lease`), which every
+    /// outbox write passes. None before the first check and once lost.
     fence: Option<Fence>,
 }
 
@@ -272,14 +271,16 @@ impl DestinationTask {
                     retry_after_ms: 0,
                     ..retry
                 };
-                // Written under this task's lease; a destination leased by
-                // another worker is that worker's to reset.
+                // Under this task's lease; another worker's is its own.
                 let fence = match self.fence.clone() {
                     Some(fence) => fence,
                     None => match self.holds_lease().await {
                         Ok(Some(fence)) => fence,
                         Ok(None) => return,
-                        Err(error) => return tracing::warn!(%error, "checking the lease failed"),
+                        Err(error) => {
+                            tracing::warn!(%error, "checking the lease failed");
+                            return;
+                        }
                     },
                 };
                 match store
@@ -375,9 +376,10 @@ impl DestinationTask {
             .await
     }
 
-    /// The lease's fence if this worker holds (and has just extended) it.
-    /// A task sends only under its worker's lease (always held with a
-    /// single-process store), and writes the outbox only under its fence.
+    /// The fence of the lease on the destination if this worker holds (and
+    /// has just extended) it. Several workers on one database: a task sends
+    /// only under its worker's lease (always held with a single-process
+    /// store), and writes the outbox only under its fence.
     async fn holds_lease(&mut self) -> Result<Option<Fence>, StoreError> {
         let worker = &self.shared.config.worker;
         let lease_ms = i64::try_from(worker.lease_duration.as_millis()).unwrap_or(i64::MAX);
@@ -400,10 +402,9 @@ impl DestinationTask {
         Ok(fence)
     }
 
-    /// The fence the task's outbox writes pass: the one `holds_lease` got
-    /// last. Without one (the lease was lost since) the write is treated as
-    /// fenced out and changes nothing.
-    fn fence(&self) -> Result<Fence, StoreError> {
+    /// The fence every outbox write passes: the one `holds_lease` got last.
+    /// Without one (the lease was lost since) a write is fenced out.
+    pub(super) fn fence(&self) -> Result<Fence, StoreError> {
         self.fence.clone().ok_or_else(|| StoreError::Fenced {
             destination: self.destination.clone(),
             worker: self.shared.config.worker.name.clone(),
@@ -411,15 +412,11 @@ impl DestinationTask {
         })
     }
 
-    /// A write under the fence of `epoch` was fenced out: another worker
-    /// claimed the destination since, and the write changed nothing. The
-    /// task stops sending here, as when the lease check fails.
+    /// A write under the fence of `epoch` changed nothing: another worker
+    /// claimed the destination since. The task stops sending here.
     fn fenced_out(&mut self, epoch: i64) {
-        tracing::info!(
-            worker = %self.shared.config.worker.name,
-            epoch,
-            "destination claimed by another worker meanwhile; write fenced out, not sending"
-        );
+        let worker = &self.shared.config.worker.name;
+        tracing::info!(%worker, epoch, "write fenced out (destination claimed by another worker)");
         metrics::counter!("courier_lease_fenced_writes_total").increment(1);
         self.settled = false;
         self.refusals_loaded = false;
@@ -428,8 +425,7 @@ impl DestinationTask {
 
     /// Resolves the destination, then sends `txn` under a send permit. The
     /// lease, checked at `leased_at`, is checked again first if resolving
-    /// and waiting for the permit took longer than `[worker] recheck_ms`
-    /// (and the task's fence is then the renewed one).
+    /// and waiting for the permit took longer than `[worker] recheck_ms`.
     async fn deliver(
         &mut self,
         server_name: &ServerName,
@@ -518,7 +514,7 @@ impl DestinationTask {
     }
 
     /// Persists the failure and the time of the next attempt.
-    async fn back_off(
+    pub(super) async fn back_off(
         &mut self,
         reason: String,
         after: Option<Duration>,
@@ -552,214 +548,6 @@ impl DestinationTask {
         metrics::counter!("courier_federation_retries_total").increment(1);
         tracing::info!(failures, ?delay, %reason, "send failed; backing off");
         Ok(Step::Wait(delay))
-    }
-
-    /// Writes the refusal history if `next` differs from what is stored.
-    async fn save_refusals(&mut self, next: RefusalState) -> Result<(), StoreError> {
-        if next != self.refusals {
-            self.shared
-                .store
-                .set_refusal_state(
-                    &self.fence()?,
-                    &self.destination,
-                    &next,
-                    crate::clock::now_ms(),
-                )
-                .await?;
-            self.refusals = next;
-        }
-        Ok(())
-    }
-
-    /// The outbox has nothing to send. EDUs on probation with nothing behind
-    /// them to test the peer with go back to their places, and the
-    /// destination backs off (they are not quarantined without proof that
-    /// the peer accepts other EDUs); otherwise narrowing ends.
-    async fn nothing_queued(&mut self) -> Result<Step, StoreError> {
-        let mut next = self.refusals.clone();
-        next.split_limit = None;
-        next.split_upto = 0;
-        next.split_accepted = false;
-        let on_probation = std::mem::take(&mut next.probation_seqs);
-        if on_probation.is_empty() {
-            self.save_refusals(next).await?;
-            return Ok(Step::Drained);
-        }
-        self.restore_probation(&on_probation).await?;
-        self.save_refusals(next).await?;
-        tracing::warn!(
-            edus = on_probation.len(),
-            "refused alone, and nothing else queued to show the peer accepts other EDUs: kept queued"
-        );
-        self.back_off(
-            "EDUs refused alone; nothing else queued to test the peer with".to_owned(),
-            None,
-        )
-        .await
-    }
-
-    /// Puts EDUs on probation back at their places in the queue, with
-    /// `quarantine_after` solo refusals (so one more refusal alone puts them
-    /// on probation again).
-    async fn restore_probation(&self, seqs: &[i64]) -> Result<(), StoreError> {
-        let refusals = self.shared.config.federation.quarantine_after;
-        for &seq in seqs {
-            self.shared
-                .store
-                .restore_quarantined(&self.fence()?, &self.destination, seq, refusals)
-                .await?;
-        }
-        metrics::counter!("courier_federation_requeued_edus_total", "reason" => "refusing")
-            .increment(seqs.len() as u64);
-        Ok(())
-    }
-
-    /// The peer accepted `txn`: EDUs on probation are quarantined for good,
-    /// a refusing mark ends, and narrowing ends once past the refused batch.
-    async fn accepted(&mut self, txn: &InFlightTxn) -> Result<(), StoreError> {
-        let mut next = self.refusals.clone();
-        let confirmed = std::mem::take(&mut next.probation_seqs);
-        if !confirmed.is_empty() {
-            metrics::counter!("courier_federation_quarantined_edus_total")
-                .increment(confirmed.len() as u64);
-            tracing::warn!(
-                seqs = ?confirmed,
-                "the peer accepts other EDUs: EDUs refused alone stay quarantined"
-            );
-        }
-        if let Some(since) = next.refusing_since_ms.take() {
-            tracing::info!(
-                refusing_ms = crate::clock::now_ms().saturating_sub(since),
-                "destination accepts again"
-            );
-        }
-        if next.split_limit.is_some() {
-            next.split_accepted = true;
-            if txn.seqs.last().is_some_and(|&last| last >= next.split_upto) {
-                next.split_limit = None;
-                next.split_upto = 0;
-                next.split_accepted = false;
-            }
-        }
-        self.save_refusals(next).await
-    }
-
-    /// The peer refused the payload: split, or count a solo refusal.
-    async fn refused(
-        &mut self,
-        txn: &InFlightTxn,
-        status: u16,
-        reason: String,
-    ) -> Result<Step, StoreError> {
-        let shared = self.shared.clone();
-        let store = &shared.store;
-        store
-            .refuse_txn(&self.fence()?, &self.destination, &txn.txn_id)
-            .await?;
-        self.settled = true;
-        let mut next = self.refusals.clone();
-        let why = format!("{status} refused: {reason}");
-        if next.refusing_since_ms.is_some() {
-            // A refusing peer is neither narrowed nor probed (which could
-            // set EDUs aside, or deliver them out of order, the moment it
-            // recovers): the head of the queue is resent on the backoff
-            // schedule. Once that schedule has grown to `retry.max` the mark
-            // is cleared, so the next attempts narrow and probe afresh: a
-            // bad EDU at the head is still found after the peer recovers.
-            next.split_limit = None;
-            next.split_upto = 0;
-            next.split_accepted = false;
-            let policy = shared.config.federation.retry;
-            let failures = store.retry_state(&self.destination).await?.failures;
-            if backoff::nominal_delay(&policy, failures.saturating_add(1)) >= policy.max {
-                next.refusing_since_ms = None;
-                tracing::info!("refusing destination at the longest backoff: narrowing afresh");
-            }
-            self.save_refusals(next).await?;
-            return self.back_off(format!("refusing: {why}"), None).await;
-        }
-        let seq = match txn.seqs.as_slice() {
-            [] => {
-                // Only a corrupt store records a transaction of no EDUs:
-                // nothing to split or quarantine, look for more.
-                tracing::warn!(status, %reason, "a recorded transaction with no EDUs was refused");
-                return Ok(Step::Continue);
-            }
-            [seq] => *seq,
-            [.., last] => {
-                let count = u32::try_from(txn.seqs.len()).unwrap_or(u32::MAX);
-                let half = (count / 2).max(1);
-                tracing::warn!(status, %reason, edus = count, next = half, "batch refused; splitting");
-                next.split_limit = Some(half);
-                next.split_upto = next.split_upto.max(*last);
-                self.save_refusals(next).await?;
-                return Ok(Step::Continue);
-            }
-        };
-        next.split_limit = Some(1);
-        next.split_upto = next.split_upto.max(seq);
-        let refusals = store
-            .edu_refusals(&self.destination, seq)
-            .await?
-            .unwrap_or(0);
-        if refusals < shared.config.federation.quarantine_after {
-            self.save_refusals(next).await?;
-            tracing::warn!(seq, refusals, status, %reason, "single EDU refused");
-            return self.back_off(why, None).await;
-        }
-        let now = crate::clock::now_ms();
-        if next.split_accepted {
-            // The peer accepted a transaction since the narrowing began: it
-            // takes other EDUs, and this one is bad.
-            let note = format!("refused {refusals} times alone, last with {status}: {reason}");
-            store
-                .quarantine_edu(&self.fence()?, &self.destination, seq, &note, now)
-                .await?;
-            next.split_limit = None;
-            next.split_upto = 0;
-            next.split_accepted = false;
-            self.save_refusals(next).await?;
-            metrics::counter!("courier_federation_quarantined_edus_total").increment(1);
-            tracing::warn!(seq, refusals, %reason, "EDU quarantined");
-            return Ok(Step::Continue);
-        }
-        if next.probation_seqs.len() < shared.config.federation.refusing_after as usize {
-            // Nothing accepted yet: set it aside on probation and try the
-            // EDUs behind it.
-            let note = format!(
-                "refused {refusals} times alone, last with {status}: {reason} \
-                 (on probation until the peer accepts another EDU)"
-            );
-            store
-                .quarantine_edu(&self.fence()?, &self.destination, seq, &note, now)
-                .await?;
-            next.probation_seqs.push(seq);
-            next.split_limit = None;
-            next.split_upto = 0;
-            self.save_refusals(next).await?;
-            tracing::warn!(seq, refusals, %reason, "EDU on probation; trying the EDUs behind it");
-            return Ok(Step::Continue);
-        }
-        // More EDUs refused alone than may wait on probation, and nothing
-        // accepted: the peer refuses everything. The EDUs on probation go
-        // back to their places; the destination is marked refusing.
-        let on_probation = std::mem::take(&mut next.probation_seqs);
-        self.restore_probation(&on_probation).await?;
-        next.split_limit = None;
-        next.split_upto = 0;
-        next.split_accepted = false;
-        if next.refusing_since_ms.is_none() {
-            next.refusing_since_ms = Some(now);
-            metrics::counter!("courier_federation_refusing_total").increment(1);
-            tracing::warn!(
-                status,
-                %reason,
-                requeued = on_probation.len(),
-                "destination refuses every EDU: marked refusing, nothing quarantined"
-            );
-        }
-        self.save_refusals(next).await?;
-        self.back_off(format!("refusing: {why}"), None).await
     }
 }
 

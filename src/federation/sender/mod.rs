@@ -17,6 +17,7 @@
 
 pub mod backoff;
 pub mod destination;
+mod refusals;
 pub mod transaction;
 
 use std::collections::{HashMap, HashSet};

@@ -49,6 +49,7 @@ mod inbox;
 mod keys;
 mod lease;
 mod outbox;
+mod refusals;
 mod remote_devices;
 mod retention;
 mod schema;
@@ -527,7 +528,7 @@ impl Store for PostgresStore {
     }
 
     fn edu_refusals<'a>(&'a self, destination: &'a str, seq: i64) -> StoreFuture<'a, Option<u32>> {
-        Box::pin(on_client!(self, |c| outbox::edu_refusals(
+        Box::pin(on_client!(self, |c| refusals::edu_refusals(
             &c,
             destination,
             seq
@@ -543,7 +544,7 @@ impl Store for PostgresStore {
         refusals: u32,
     ) -> StoreFuture<'a, bool> {
         Box::pin(async move {
-            let restored = on_client!(self, |c| outbox::restore_quarantined(
+            let restored = on_client!(self, |c| refusals::restore_quarantined(
                 &mut c,
                 fence,
                 destination,
@@ -561,7 +562,7 @@ impl Store for PostgresStore {
 
     fn requeue_quarantined<'a>(&'a self, destination: &'a str) -> StoreFuture<'a, u64> {
         Box::pin(async move {
-            let requeued = on_client!(self, |c| outbox::requeue_quarantined(&mut c, destination)
+            let requeued = on_client!(self, |c| refusals::requeue_quarantined(&mut c, destination)
                 .await)
             .await?;
             if requeued > 0 {
@@ -572,7 +573,11 @@ impl Store for PostgresStore {
     }
 
     fn refusal_state<'a>(&'a self, destination: &'a str) -> StoreFuture<'a, RefusalState> {
-        Box::pin(on_client!(self, |c| outbox::refusal_state(&c, destination).await))
+        Box::pin(on_client!(self, |c| refusals::refusal_state(
+            &c,
+            destination
+        )
+        .await))
     }
 
     fn set_refusal_state<'a>(
@@ -582,7 +587,7 @@ impl Store for PostgresStore {
         state: &'a RefusalState,
         now_ms: TimestampMs,
     ) -> StoreFuture<'a, ()> {
-        Box::pin(on_client!(self, |c| outbox::set_refusal_state(
+        Box::pin(on_client!(self, |c| refusals::set_refusal_state(
             &mut c,
             fence,
             destination,
