@@ -21,7 +21,9 @@
 
 use serde::Deserialize;
 
-use super::TimestampMs;
+/// Unix milliseconds (`store::TimestampMs`; this file imports nothing of
+/// `store`, which re-exports it).
+type TimestampMs = i64;
 
 /// Which table an expired row left.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]

@@ -143,6 +143,23 @@ async fn courier_status_shows_expiry_totals_across_a_restart() {
         Some("0".to_owned()),
         "{text}"
     );
+    // The pass counted into the process's recorder, which /metrics renders
+    // (other tests in this process may have added to it: at least 2).
+    let metrics = relay
+        .http
+        .get(
+            &format!("{}/metrics", relay.rpc_url),
+            Some(&relay.rpc_secret),
+        )
+        .await;
+    let ttl_count = metrics
+        .text
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("courier_expired_messages_total{kind=\"inbox\",reason=\"ttl\"} ")
+        })
+        .and_then(|v| v.trim().parse::<f64>().ok());
+    assert!(ttl_count.is_some_and(|n| n >= 2.0), "{}", metrics.text);
     // The message no rule matches is still there for Bob.
     let page = rpc_inbox(&relay, &bob, "B").await;
     assert_eq!(page["events"].as_array().map(Vec::len), Some(1), "{page}");
