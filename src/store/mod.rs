@@ -19,6 +19,7 @@ pub mod keys;
 pub mod postgres;
 pub mod pruner;
 pub mod sqlite;
+pub mod trace;
 
 pub use device_lists::DeviceListStore;
 pub use keys::KeyStore;
@@ -273,6 +274,8 @@ pub struct PruneReport {
     pub claimed_one_time_keys: u64,
     /// Device-list interests whose `expires_ts` has passed.
     pub expired_device_list_interest: u64,
+    /// Trace journal rows older than `Retention::trace_ms`.
+    pub trace_events: u64,
 }
 
 impl PruneReport {
@@ -288,6 +291,7 @@ impl PruneReport {
             self.retired_destinations,
             self.claimed_one_time_keys,
             self.expired_device_list_interest,
+            self.trace_events,
         ]
         .into_iter()
         .max()
@@ -304,6 +308,7 @@ impl PruneReport {
         self.retired_destinations += other.retired_destinations;
         self.claimed_one_time_keys += other.claimed_one_time_keys;
         self.expired_device_list_interest += other.expired_device_list_interest;
+        self.trace_events += other.trace_events;
     }
 }
 
@@ -323,6 +328,9 @@ pub struct Retention {
     /// key a no-op, so it is never handed out twice) is deleted once it is
     /// this old (SPEC-E2EE §7.4: at least 7 days).
     pub claimed_key_ms: i64,
+    /// Trace journal rows are deleted once they are this old (`[store]
+    /// trace_retention_hours`; with the journal off, 0: every row goes).
+    pub trace_ms: i64,
 }
 
 impl Retention {
@@ -332,6 +340,7 @@ impl Retention {
         inbound_message_id_ms: 7 * 24 * 3600 * 1000,
         destination_ms: 30 * 24 * 3600 * 1000,
         claimed_key_ms: 7 * 24 * 3600 * 1000,
+        trace_ms: 7 * 24 * 3600 * 1000,
     };
 }
 
@@ -493,6 +502,16 @@ pub trait Store: KeyStore + DeviceListStore + Send + Sync + 'static {
     fn server_keys<'a>(&'a self, server_name: &'a str) -> StoreFuture<'a, Vec<StoredServerKey>>;
 
     fn put_server_keys(&self, keys: Vec<StoredServerKey>) -> StoreFuture<'_, ()>;
+
+    // --- the trace journal (issue 18, `store::trace`) -------------------------
+
+    /// The journal rows about the messages `query` names, with their inbox
+    /// rows still pending and EDUs still queued, in one read.
+    fn trace_journal<'a>(&'a self, query: &'a trace::TraceQuery) -> StoreFuture<'a, trace::TraceRecords>;
+
+    /// Turns the journal on or off for every writer of this store (from
+    /// `[store] trace_retention_hours`; on by default).
+    fn set_trace_journal(&self, enabled: bool) -> StoreFuture<'_, ()>;
 
     // --- housekeeping -------------------------------------------------------
 

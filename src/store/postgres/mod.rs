@@ -52,6 +52,7 @@ mod remote_devices;
 mod schema;
 mod send;
 pub mod tls;
+mod trace;
 mod wakeup;
 mod workers;
 
@@ -274,6 +275,30 @@ macro_rules! on_client {
 }
 
 impl PostgresStore {
+    /// Records one `expired` journal row in a transaction of its own: for
+    /// tests and operator tools. The retention rules call
+    /// `trace::record_expired` inside the transaction that drops the
+    /// message instead.
+    pub async fn record_expired(
+        &self,
+        message_id: &str,
+        place: &str,
+        reason: &str,
+        now_ms: TimestampMs,
+    ) -> Result<(), StoreError> {
+        on_client!(self, |c| {
+            let result: Result<(), Fail> = async {
+                let tx = c.transaction().await?;
+                trace::record_expired(&tx, now_ms, message_id, place, reason).await?;
+                tx.commit().await?;
+                Ok(())
+            }
+            .await;
+            result
+        })
+        .await
+    }
+
     /// Test support, not part of `Store`: whether `worker` holds an
     /// unexpired lease on `destination`, read without taking or extending
     /// it. The sender asks `Store::acquire_lease` instead; only
@@ -400,8 +425,9 @@ impl Store for PostgresStore {
         since: i64,
         limit: u32,
     ) -> StoreFuture<'a, InboxPage> {
+        let now_ms = crate::clock::now_ms();
         Box::pin(on_client!(self, |c| inbox::fetch_inbox(
-            &c, user_id, device_id, since, limit
+            &c, user_id, device_id, since, limit, now_ms
         )
         .await))
     }
@@ -565,6 +591,17 @@ impl Store for PostgresStore {
             &c, now_ms, retention, batch, cursor
         )
         .await))
+    }
+
+    fn trace_journal<'a>(
+        &'a self,
+        query: &'a crate::store::trace::TraceQuery,
+    ) -> StoreFuture<'a, crate::store::trace::TraceRecords> {
+        Box::pin(on_client!(self, |c| trace::trace_journal(&c, query).await))
+    }
+
+    fn set_trace_journal(&self, enabled: bool) -> StoreFuture<'_, ()> {
+        Box::pin(on_client!(self, |c| trace::set_enabled(&c, enabled).await))
     }
 
     fn close(&self) -> StoreFuture<'_, ()> {

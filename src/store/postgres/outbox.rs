@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use deadpool_postgres::Object;
 
 use super::Fail;
+use super::trace;
 use super::device_list_outbox::{PrevChain, record_acked};
 use crate::store::{
     DestinationStatus, InFlightTxn, OutboxEdu, PruneReport, QuarantinedEdu, Retention, RetryState,
@@ -98,14 +99,28 @@ pub async fn peek_outbox(
 
 pub async fn begin_txn(c: &Object, txn: &InFlightTxn) -> Result<(), Fail> {
     // The primary key on destination makes a second in-flight txn fail.
+    // Its journal row (`txn`) is a CTE of the same statement.
     let stmt = c
-        .prepare_cached(
-            "INSERT INTO outbox_txn (destination, txn_id, seqs, body) VALUES ($1, $2, $3, $4)",
-        )
+        .prepare_cached(&format!(
+            "WITH traced AS (
+                 INSERT INTO trace_events (ts, kind, txn_id, peer, first_id, last_id, detail)
+                 SELECT $5, 'txn', $2, $1, $3[1], $3[cardinality($3)],
+                        json_build_object('edus', cardinality($3))::text
+                 WHERE {}
+             )
+             INSERT INTO outbox_txn (destination, txn_id, seqs, body) VALUES ($1, $2, $3, $4)",
+            trace::ENABLED
+        ))
         .await?;
     c.execute(
         &stmt,
-        &[&txn.destination, &txn.txn_id, &txn.seqs, &txn.body],
+        &[
+            &txn.destination,
+            &txn.txn_id,
+            &txn.seqs,
+            &txn.body,
+            &crate::clock::now_ms(),
+        ],
     )
     .await?;
     Ok(())
@@ -120,13 +135,12 @@ pub async fn ack_txn(
     now_ms: TimestampMs,
 ) -> Result<u64, Fail> {
     let tx = c.transaction().await?;
-    let take = tx
-        .prepare_cached(
-            "DELETE FROM outbox_txn WHERE destination = $1 AND txn_id = $2 RETURNING seqs",
-        )
-        .await?;
+    let take = tx.prepare_cached(&take_in_flight("ok")).await?;
     // A second ack of the same txn finds no record and changes nothing.
-    let Some(row) = tx.query_opt(&take, &[&destination, &txn_id]).await? else {
+    let Some(row) = tx
+        .query_opt(&take, &[&destination, &txn_id, &now_ms])
+        .await?
+    else {
         tx.rollback().await?;
         return Ok(0);
     };
@@ -155,14 +169,32 @@ pub async fn ack_txn(
     Ok(device_list_rows)
 }
 
+/// Removes the in-flight record `$1`/`$2`, returning its seqs, and writes
+/// the attempt's journal row with `outcome` at `$3`, in one statement.
+fn take_in_flight(outcome: &str) -> String {
+    format!(
+        "WITH taken AS (
+             DELETE FROM outbox_txn WHERE destination = $1 AND txn_id = $2 RETURNING seqs
+         ),
+         traced AS (
+             INSERT INTO trace_events (ts, kind, txn_id, peer, detail)
+             SELECT $3, 'attempt', $2, $1,
+                    json_build_object('outcome', '{outcome}', 'reason', NULL)::text
+             FROM taken WHERE {}
+         )
+         SELECT seqs FROM taken",
+        trace::ENABLED
+    )
+}
+
 pub async fn refuse_txn(c: &mut Object, destination: &str, txn_id: &str) -> Result<(), Fail> {
     let tx = c.transaction().await?;
-    let take = tx
-        .prepare_cached(
-            "DELETE FROM outbox_txn WHERE destination = $1 AND txn_id = $2 RETURNING seqs",
-        )
-        .await?;
-    let Some(row) = tx.query_opt(&take, &[&destination, &txn_id]).await? else {
+    let take = tx.prepare_cached(&take_in_flight("refused")).await?;
+    let now_ms = crate::clock::now_ms();
+    let Some(row) = tx
+        .query_opt(&take, &[&destination, &txn_id, &now_ms])
+        .await?
+    else {
         tx.rollback().await?;
         return Ok(());
     };
@@ -184,13 +216,22 @@ pub async fn quarantine_edu(
     reason: &str,
     now_ms: TimestampMs,
 ) -> Result<(), Fail> {
-    // One statement: the move is atomic without an explicit transaction.
+    // One statement: the move (and its journal row) is atomic without an
+    // explicit transaction.
     let stmt = c
-        .prepare_cached(
+        .prepare_cached(&format!(
             "WITH moved AS (
                  DELETE FROM outbox WHERE destination = $1 AND seq = $2
                  RETURNING destination, seq, edu_json, message_count, queued_ts,
                            dl_user, dl_device, dl_stream
+             ),
+             traced AS (
+                 INSERT INTO trace_events (ts, kind, message_id, peer, first_id, detail)
+                 SELECT $4, 'quarantined',
+                        substring(edu_json from '^\\{{\"content\":\\{{\"message_id\":\"([^\"\\\\]*)\"'),
+                        destination, seq,
+                        json_build_object('where', destination, 'reason', $3::text)::text
+                 FROM moved WHERE {enabled}
              )
              INSERT INTO quarantine
                  (destination, seq, edu_json, message_count, queued_ts, reason, quarantined_ts,
@@ -203,7 +244,8 @@ pub async fn quarantine_edu(
                  queued_ts = excluded.queued_ts, reason = excluded.reason,
                  quarantined_ts = excluded.quarantined_ts, dl_user = excluded.dl_user,
                  dl_device = excluded.dl_device, dl_stream = excluded.dl_stream",
-        )
+            enabled = trace::ENABLED,
+        ))
         .await?;
     c.execute(&stmt, &[&destination, &seq, &reason, &now_ms])
         .await?;
@@ -321,7 +363,27 @@ pub async fn set_retry_state(
     state: &RetryState,
     now_ms: TimestampMs,
 ) -> Result<(), Fail> {
-    let stmt = c.prepare_cached(UPSERT_RETRY_STATE).await?;
+    // A failure while a transaction is in flight ends an attempt: its
+    // journal row is a CTE of the same statement (`rate_limited` when the
+    // failure count did not grow: the peer asked to wait).
+    let stmt = c
+        .prepare_cached(&format!(
+            "WITH traced AS (
+                 INSERT INTO trace_events (ts, kind, txn_id, peer, detail)
+                 SELECT $6, 'attempt', t.txn_id, $1,
+                        json_build_object(
+                            'outcome',
+                            CASE WHEN $2 > coalesce((SELECT failures FROM destinations
+                                                     WHERE destination = $1), 0)
+                                 THEN 'retry' ELSE 'rate_limited' END,
+                            'reason', $5::text)::text
+                 FROM outbox_txn t
+                 WHERE t.destination = $1 AND $5::text IS NOT NULL AND $3 > 0 AND {}
+             )
+             {UPSERT_RETRY_STATE}",
+            trace::ENABLED
+        ))
+        .await?;
     c.execute(
         &stmt,
         &[
@@ -517,6 +579,8 @@ pub async fn prune(
             limit,
         )
         .await?,
+        trace_events: expire(c, super::trace::PRUNE, now_ms.saturating_sub(retention.trace_ms), limit)
+            .await?,
     })
 }
 

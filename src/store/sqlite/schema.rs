@@ -48,10 +48,17 @@ const MIGRATIONS: &[(u32, &str)] = &[
             "/migrations/sqlite/0005_inbox_message_id.sql"
         )),
     ),
+    (
+        8,
+        include_str!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/migrations/sqlite/0008_trace.sql"
+        )),
+    ),
 ];
 
 /// The schema version this build writes.
-pub const LATEST_VERSION: u32 = 5;
+pub const LATEST_VERSION: u32 = 8;
 
 /// Opens the writer connection: creates the file, switches to WAL and sets
 /// the per-connection durability PRAGMAs.
