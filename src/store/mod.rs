@@ -507,7 +507,10 @@ pub trait Store: KeyStore + DeviceListStore + Send + Sync + 'static {
 
     /// The journal rows about the messages `query` names, with their inbox
     /// rows still pending and EDUs still queued, in one read.
-    fn trace_journal<'a>(&'a self, query: &'a trace::TraceQuery) -> StoreFuture<'a, trace::TraceRecords>;
+    fn trace_journal<'a>(
+        &'a self,
+        query: &'a trace::TraceQuery,
+    ) -> StoreFuture<'a, trace::TraceRecords>;
 
     /// Turns the journal on or off for every writer of this store (from
     /// `[store] trace_retention_hours`; on by default).
@@ -652,6 +655,9 @@ pub struct PruneConfig {
     /// A destination with nothing queued, in flight or quarantined and no
     /// send, failure or retry-state change for this long is forgotten.
     pub destination_retention: std::time::Duration,
+    /// How long trace journal rows are kept (`[store]
+    /// trace_retention_hours`); zero turns the journal off.
+    pub trace_retention: std::time::Duration,
 }
 
 /// Opens the backend `store` names for this worker. With PostgreSQL it

@@ -42,6 +42,8 @@ pub enum TraceQuery {
     MessageId(String),
     /// A client txnId or a federation transaction id (either direction).
     TxnId(String),
+    /// Either of the two: what an operator types without saying which.
+    Id(String),
     /// A local user as sender or recipient, optionally one device.
     User {
         user_id: String,
@@ -188,7 +190,8 @@ mod tests {
 
     #[test]
     fn the_message_id_of_a_packed_edu_is_read_from_its_head() {
-        let edu = r#"{"content":{"message_id":"AbC","messages":{}},"edu_type":"m.direct_to_device"}"#;
+        let edu =
+            r#"{"content":{"message_id":"AbC","messages":{}},"edu_type":"m.direct_to_device"}"#;
         assert_eq!(edu_message_id(edu).as_deref(), Some("AbC"));
         let other = r#"{"edu_type":"m.direct_to_device","content":{"message_id":"x\"y"}}"#;
         assert_eq!(edu_message_id(other).as_deref(), Some("x\"y"));

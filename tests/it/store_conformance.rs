@@ -324,6 +324,7 @@ async fn the_pruner_task_clears_a_backlog_in_its_first_pass() {
         batch: 5_000,
         interval: Duration::from_secs(3600),
         destination_retention: Duration::from_secs(30 * 24 * 3600),
+        trace_retention: Duration::from_secs(7 * 24 * 3600),
     };
     let shutdown = tokio_util::sync::CancellationToken::new();
     let pruner = tokio::spawn(Pruner::new(store.clone(), &config).run(shutdown.clone()));

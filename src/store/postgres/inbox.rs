@@ -350,7 +350,13 @@ pub async fn fetch_inbox(
     let rows = c
         .query(
             &stmt,
-            &[&user_id, &device_id, &since, &(i64::from(limit) + 1), &now_ms],
+            &[
+                &user_id,
+                &device_id,
+                &since,
+                &(i64::from(limit) + 1),
+                &now_ms,
+            ],
         )
         .await?;
     let more = rows.len() > limit as usize;

@@ -10,8 +10,8 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use deadpool_postgres::Object;
 
 use super::Fail;
-use super::trace;
 use super::device_list_outbox::{PrevChain, record_acked};
+use super::trace;
 use crate::store::{
     DestinationStatus, InFlightTxn, OutboxEdu, PruneReport, QuarantinedEdu, Retention, RetryState,
     StoredServerKey, TimestampMs,
@@ -579,8 +579,13 @@ pub async fn prune(
             limit,
         )
         .await?,
-        trace_events: expire(c, super::trace::PRUNE, now_ms.saturating_sub(retention.trace_ms), limit)
-            .await?,
+        trace_events: expire(
+            c,
+            super::trace::PRUNE,
+            now_ms.saturating_sub(retention.trace_ms),
+            limit,
+        )
+        .await?,
     })
 }
 

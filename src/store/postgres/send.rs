@@ -8,8 +8,8 @@
 use deadpool_postgres::Object;
 
 use super::Fail;
-use super::trace;
 use super::inbox::write_inbox;
+use super::trace;
 use crate::store::{NewInboxMessage, SendBatch, SendOutcome};
 
 pub async fn enqueue_send(c: &mut Object, batch: &SendBatch) -> Result<SendOutcome, Fail> {

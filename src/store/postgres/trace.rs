@@ -190,7 +190,10 @@ pub(super) async fn trace_journal(
     let mut out = TraceRecords::default();
     match query {
         TraceQuery::MessageId(m) => out.message_ids.push(m.clone()),
-        TraceQuery::TxnId(t) => {
+        TraceQuery::TxnId(t) | TraceQuery::Id(t) => {
+            if matches!(query, TraceQuery::Id(_)) {
+                out.message_ids.push(t.clone());
+            }
             let rows = select(c, "txn_id = $1 ORDER BY id", &[t]).await?;
             for row in &rows {
                 if let Some(m) = &row.message_id {

@@ -352,7 +352,13 @@ impl Store for SqliteStore {
                 InboxRead::Page(page) => Ok(page),
                 InboxRead::NeedsDelete => {
                     self.write(move |c| {
-                        trace::record_delivered(c, &user_id, &device_id, since, crate::clock::now_ms())?;
+                        trace::record_delivered(
+                            c,
+                            &user_id,
+                            &device_id,
+                            since,
+                            crate::clock::now_ms(),
+                        )?;
                         inbox::delete_acked(c, &user_id, &device_id, since)?;
                         inbox::inbox_page(c, &user_id, &device_id, since, limit)
                     })

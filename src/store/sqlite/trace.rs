@@ -276,7 +276,10 @@ pub(super) fn trace_journal(
     let mut out = TraceRecords::default();
     match query {
         TraceQuery::MessageId(m) => out.message_ids.push(m.clone()),
-        TraceQuery::TxnId(t) => {
+        TraceQuery::TxnId(t) | TraceQuery::Id(t) => {
+            if matches!(query, TraceQuery::Id(_)) {
+                out.message_ids.push(t.clone());
+            }
             let rows = select(conn, "txn_id = ?1 ORDER BY id", [t])?;
             for row in &rows {
                 if let Some(m) = &row.message_id {
@@ -540,8 +543,9 @@ impl InboundJournal {
             Some((before, after)) => {
                 let offset = i64::try_from(before).unwrap_or(i64::MAX);
                 let (first_id, last_id) = span(self.base.saturating_add(offset), after - before);
-                let recipients =
-                    crate::store::trace::recipients(edu.messages.iter().map(|m| m.user_id.as_str()));
+                let recipients = crate::store::trace::recipients(
+                    edu.messages.iter().map(|m| m.user_id.as_str()),
+                );
                 let detail = serde_json::json!({
                     "event_type": event_type,
                     "rows": after - before,
@@ -549,7 +553,12 @@ impl InboundJournal {
                 });
                 ("applied", first_id, last_id, detail)
             }
-            None => ("deduped", None, None, serde_json::json!({"event_type": event_type})),
+            None => (
+                "deduped",
+                None,
+                None,
+                serde_json::json!({"event_type": event_type}),
+            ),
         };
         insert(
             conn,
@@ -629,7 +638,9 @@ pub(super) fn record_quarantined(
         .prepare_cached("SELECT edu_json FROM quarantine WHERE destination = ?1 AND seq = ?2")?
         .query_row((destination, seq), |row| row.get(0))
         .optional()?;
-    let message_id = edu_json.as_deref().and_then(crate::store::trace::edu_message_id);
+    let message_id = edu_json
+        .as_deref()
+        .and_then(crate::store::trace::edu_message_id);
     insert(
         conn,
         &Row {

@@ -162,6 +162,15 @@ impl Store for InhibitingStore {
     ) -> StoreFuture<'_, PruneReport> {
         self.0.prune(now_ms, retention, batch)
     }
+    fn trace_journal<'a>(
+        &'a self,
+        query: &'a courier::store::trace::TraceQuery,
+    ) -> StoreFuture<'a, courier::store::trace::TraceRecords> {
+        self.0.trace_journal(query)
+    }
+    fn set_trace_journal(&self, enabled: bool) -> StoreFuture<'_, ()> {
+        self.0.set_trace_journal(enabled)
+    }
 }
 
 crate::delegate_key_store!(InhibitingStore, |s| s.0);
