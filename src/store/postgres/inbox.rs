@@ -282,6 +282,7 @@ pub async fn apply_inbound_txn(
             applied.insert(&edu.message_id);
         } else {
             duplicate_message_ids += 1;
+            tracing::debug!(origin = %txn.origin, txn_id = %txn.txn_id, message_id = %edu.message_id, "deduped a message_id seen before");
         }
     }
     let (woken_devices, spans) = write_inbox(&tx, &messages).await?;

@@ -217,6 +217,7 @@ pub fn apply_inbound_txn(
             .execute((&txn.origin, &edu.message_id, txn.now_ms))?;
         if fresh == 0 {
             duplicate_message_ids += 1;
+            tracing::debug!(origin = %txn.origin, txn_id = %txn.txn_id, message_id = %edu.message_id, "deduped a message_id seen before");
             if let Some(journal) = &journal {
                 journal.edu(conn, txn, edu, None)?;
             }
