@@ -37,4 +37,5 @@ mod store_conformance;
 mod store_crash;
 mod store_crash_postgres;
 mod store_postgres;
+mod trace;
 mod workers;

@@ -5,8 +5,8 @@
 //! (`inbox.rs`), client sends (`send.rs`), inbound transactions
 //! (`inbound.rs`), the outbox and its transactions (`outbox.rs`), retry
 //! state and destination statuses (`retry.rs`), the server key cache
-//! (`server_keys.rs`), pruning (`prune.rs`), and worker names and reopening
-//! (`lifecycle.rs`). This file holds the harness, the helpers the cases
+//! (`server_keys.rs`), pruning (`prune.rs`), worker names and reopening
+//! (`lifecycle.rs`), and the trace journal (`trace.rs`). This file holds the harness, the helpers the cases
 //! share and the macro that instantiates the suite.
 //!
 //! It knows no backend; a backend's test module supplies a constructor and
@@ -68,6 +68,7 @@ macro_rules! suite_cases {
             server_keys: [server_keys_round_trip],
             prune: [prune_expires_dedupe_records, prune_is_bounded_by_batch, prune_pass_clears_a_backlog_while_writes_proceed, idle_destinations_are_retired],
             lifecycle: [worker_name_claims_by_one_instance, reopen_keeps_data_and_stream_ids_never_repeat],
+            trace: [trace_follows_a_remote_message_through_attempts_and_ack, trace_follows_an_inbound_message_to_the_sync_that_acked_it, trace_shows_local_sends_and_quarantined_edus, trace_journal_off_writes_nothing_and_prune_ages_it_out],
         }
     };
 }
