@@ -88,7 +88,10 @@ async fn a_message_is_traced_on_both_relays() {
         "{sent:?}"
     );
     let text = render_text(&sent);
-    assert!(text.contains(&format!("message {}", m.message_id)), "{text}");
+    assert!(
+        text.contains(&format!("message {}", m.message_id)),
+        "{text}"
+    );
     assert!(text.contains("txnId client-txn-1"), "{text}");
     assert!(text.contains("acknowledged by the peer"), "{text}");
 
@@ -102,7 +105,10 @@ async fn a_message_is_traced_on_both_relays() {
     assert_eq!(r.received[0].sender.as_deref(), Some(alice.as_str()));
     assert_eq!(r.inboxes.len(), 1);
     let inbox = &r.inboxes[0];
-    assert_eq!((inbox.user_id.as_str(), inbox.device_id.as_str()), (bob.as_str(), "BDEV"));
+    assert_eq!(
+        (inbox.user_id.as_str(), inbox.device_id.as_str()),
+        (bob.as_str(), "BDEV")
+    );
     assert_eq!(inbox.state, "delivered");
     assert_eq!(inbox.since, Some(inbox_position(&since)));
     assert_eq!(inbox.stream_id, inbox_position(&since));
@@ -176,7 +182,10 @@ async fn a_retried_message_shows_each_attempt() {
     assert_eq!(outcomes, vec!["retry", "retry", "ok"], "{report:?}");
     for failed in &attempts[..2] {
         let reason = failed.reason.as_deref().unwrap_or_default();
-        assert!(reason.contains("500"), "the reason names the status: {reason}");
+        assert!(
+            reason.contains("500"),
+            "the reason names the status: {reason}"
+        );
     }
     assert!(attempts.windows(2).all(|w| w[0].ts <= w[1].ts));
     // Each attempt went out under that txnId.
@@ -213,10 +222,12 @@ async fn a_quarantined_message_shows_where_and_why() {
     assert_eq!(end.place.as_deref(), Some(h.dest(0).as_str()));
     assert_eq!(end.seq, Some(m.edus[0].seq));
     let reason = end.reason.as_deref().unwrap_or_default();
-    assert!(reason.starts_with("refused 2 times alone, last with 400"), "{reason}");
+    assert!(
+        reason.starts_with("refused 2 times alone, last with 400"),
+        "{reason}"
+    );
     assert!(!m.edus[0].acknowledged);
-    let refused = m
-        .edus[0]
+    let refused = m.edus[0]
         .transactions
         .iter()
         .flat_map(|t| &t.attempts)

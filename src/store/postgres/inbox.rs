@@ -329,7 +329,7 @@ pub async fn fetch_inbox(
              ),
              traced AS (
                  INSERT INTO trace_events (ts, kind, user_id, device_id, first_id, last_id, detail)
-                 SELECT $5, 'delivered', $1, $2, min(stream_id), max(stream_id),
+                 SELECT $5::int8, 'delivered', $1::text, $2::text, min(stream_id), max(stream_id),
                         json_build_object(
                             'since', $3::int8,
                             'rows', (SELECT coalesce(json_agg(json_build_array(a.stream_id,

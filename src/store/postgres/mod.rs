@@ -597,7 +597,23 @@ impl Store for PostgresStore {
         &'a self,
         query: &'a crate::store::trace::TraceQuery,
     ) -> StoreFuture<'a, crate::store::trace::TraceRecords> {
-        Box::pin(on_client!(self, |c| trace::trace_journal(&c, query).await))
+        // One read-only REPEATABLE READ transaction: every row from one
+        // snapshot.
+        Box::pin(on_client!(self, |c| {
+            let result: Result<_, Fail> = async {
+                let tx = c
+                    .build_transaction()
+                    .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+                    .read_only(true)
+                    .start()
+                    .await?;
+                let records = trace::trace_journal(&tx, query).await?;
+                tx.commit().await?;
+                Ok(records)
+            }
+            .await;
+            result
+        }))
     }
 
     fn set_trace_journal(&self, enabled: bool) -> StoreFuture<'_, ()> {

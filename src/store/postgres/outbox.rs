@@ -104,8 +104,9 @@ pub async fn begin_txn(c: &Object, txn: &InFlightTxn) -> Result<(), Fail> {
         .prepare_cached(&format!(
             "WITH traced AS (
                  INSERT INTO trace_events (ts, kind, txn_id, peer, first_id, last_id, detail)
-                 SELECT $5, 'txn', $2, $1, $3[1], $3[cardinality($3)],
-                        json_build_object('edus', cardinality($3))::text
+                 SELECT $5::int8, 'txn', $2::text, $1::text, ($3::int8[])[1],
+                        ($3::int8[])[cardinality($3::int8[])],
+                        json_build_object('edus', cardinality($3::int8[]))::text
                  WHERE {}
              )
              INSERT INTO outbox_txn (destination, txn_id, seqs, body) VALUES ($1, $2, $3, $4)",
@@ -178,8 +179,8 @@ fn take_in_flight(outcome: &str) -> String {
          ),
          traced AS (
              INSERT INTO trace_events (ts, kind, txn_id, peer, detail)
-             SELECT $3, 'attempt', $2, $1,
-                    json_build_object('outcome', '{outcome}', 'reason', NULL)::text
+             SELECT $3::int8, 'attempt', $2::text, $1::text,
+                    json_build_object('outcome', '{outcome}'::text, 'reason', NULL::text)::text
              FROM taken WHERE {}
          )
          SELECT seqs FROM taken",
@@ -227,7 +228,7 @@ pub async fn quarantine_edu(
              ),
              traced AS (
                  INSERT INTO trace_events (ts, kind, message_id, peer, first_id, detail)
-                 SELECT $4, 'quarantined',
+                 SELECT $4::int8, 'quarantined',
                         substring(edu_json from '^\\{{\"content\":\\{{\"message_id\":\"([^\"\\\\]*)\"'),
                         destination, seq,
                         json_build_object('where', destination, 'reason', $3::text)::text
@@ -370,15 +371,15 @@ pub async fn set_retry_state(
         .prepare_cached(&format!(
             "WITH traced AS (
                  INSERT INTO trace_events (ts, kind, txn_id, peer, detail)
-                 SELECT $6, 'attempt', t.txn_id, $1,
+                 SELECT $6::int8, 'attempt', t.txn_id, $1::text,
                         json_build_object(
                             'outcome',
-                            CASE WHEN $2 > coalesce((SELECT failures FROM destinations
+                            CASE WHEN $2::int4 > coalesce((SELECT failures FROM destinations
                                                      WHERE destination = $1), 0)
                                  THEN 'retry' ELSE 'rate_limited' END,
                             'reason', $5::text)::text
                  FROM outbox_txn t
-                 WHERE t.destination = $1 AND $5::text IS NOT NULL AND $3 > 0 AND {}
+                 WHERE t.destination = $1 AND $5::text IS NOT NULL AND $3::int8 > 0 AND {}
              )
              {UPSERT_RETRY_STATE}",
             trace::ENABLED

@@ -488,7 +488,13 @@ impl Store for SqliteStore {
         query: &'a crate::store::trace::TraceQuery,
     ) -> StoreFuture<'a, crate::store::trace::TraceRecords> {
         let query = query.clone();
-        Box::pin(self.read(move |c| trace::trace_journal(c, &query)))
+        // One read transaction: every row from one snapshot.
+        Box::pin(self.read(move |c| {
+            let tx = c.unchecked_transaction()?;
+            let records = trace::trace_journal(&tx, &query)?;
+            tx.commit()?;
+            Ok(records)
+        }))
     }
 
     fn set_trace_journal(&self, enabled: bool) -> StoreFuture<'_, ()> {
