@@ -14,6 +14,25 @@ use serde_json::Value;
 
 use crate::store::trace::{TraceEvent, TraceQuery, TraceRecords};
 
+/// The ids that follow one client send through the logs and `courier
+/// trace`: its local recipients' message_id and each EDU's, comma-joined.
+pub fn send_message_ids(
+    local: &[crate::store::NewInboxMessage],
+    remote: &[crate::store::NewOutboxEdu],
+) -> String {
+    let ids: Vec<String> = local
+        .first()
+        .map(|m| m.message_id.clone())
+        .into_iter()
+        .chain(
+            remote
+                .iter()
+                .filter_map(|e| crate::store::trace::edu_message_id(&e.edu_json)),
+        )
+        .collect();
+    ids.join(",")
+}
+
 /// Why a trace query was refused before reaching the store.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum TraceQueryError {

@@ -29,8 +29,6 @@
 //! - `quarantined` / `expired`: `message_id`, `peer` (or where), `first_id`
 //!   (the outbox seq, if any), detail `reason` (and `where`).
 
-use crate::store::TimestampMs;
-
 /// The most `[stream_id, message_id]` pairs one `delivered` row lists; the
 /// rest are counted in its `rows_total`.
 pub const MAX_DELIVERED_PAIRS: usize = 1_000;
@@ -55,7 +53,8 @@ pub enum TraceQuery {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TraceEvent {
     pub id: i64,
-    pub ts: TimestampMs,
+    /// Unix ms.
+    pub ts: i64,
     pub kind: String,
     pub message_id: Option<String>,
     pub txn_id: Option<String>,

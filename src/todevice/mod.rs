@@ -196,29 +196,10 @@ impl ToDevice {
         }
         let local_messages = split.local.len();
         let edus = remote.len();
-        // The ids that follow this send through the logs and `courier
-        // trace`: the local recipients' one and each EDU's.
-        let message_ids: Vec<String> = if tracing::enabled!(tracing::Level::DEBUG) {
-            split
-                .local
-                .first()
-                .map(|m| m.message_id.clone())
-                .into_iter()
-                .chain(
-                    remote
-                        .iter()
-                        .filter_map(|e| crate::store::trace::edu_message_id(&e.edu_json)),
-                )
-                .collect()
-        } else {
-            Vec::new()
-        };
+        let logged = tracing::enabled!(tracing::Level::DEBUG);
+        let message_ids = logged.then(|| crate::trace::send_message_ids(&split.local, &remote));
 
-        let batch_txn_id = if tracing::enabled!(tracing::Level::DEBUG) {
-            txn_id.clone()
-        } else {
-            String::new()
-        };
+        let batch_txn_id = logged.then(|| txn_id.clone());
         let batch = SendBatch {
             txn: ClientTxnKey {
                 user_id: sender.as_str().to_owned(),
@@ -253,8 +234,8 @@ impl ToDevice {
                     .increment(remote_messages as u64);
                 tracing::debug!(
                     sender = %sender,
-                    txn_id = %batch_txn_id,
-                    message_ids = %message_ids.join(","),
+                    txn_id = batch_txn_id.as_deref(),
+                    message_ids = message_ids.as_deref(),
                     local_messages,
                     remote_messages,
                     edus,

@@ -99,20 +99,7 @@ pub async fn peek_outbox(
 
 pub async fn begin_txn(c: &Object, txn: &InFlightTxn) -> Result<(), Fail> {
     // The primary key on destination makes a second in-flight txn fail.
-    // Its journal row (`txn`) is a CTE of the same statement.
-    let stmt = c
-        .prepare_cached(&format!(
-            "WITH traced AS (
-                 INSERT INTO trace_events (ts, kind, txn_id, peer, first_id, last_id, detail)
-                 SELECT $5::int8, 'txn', $2::text, $1::text, ($3::int8[])[1],
-                        ($3::int8[])[cardinality($3::int8[])],
-                        json_build_object('edus', cardinality($3::int8[]))::text
-                 WHERE {}
-             )
-             INSERT INTO outbox_txn (destination, txn_id, seqs, body) VALUES ($1, $2, $3, $4)",
-            trace::ENABLED
-        ))
-        .await?;
+    let stmt = c.prepare_cached(&trace::begin_txn_sql()).await?;
     c.execute(
         &stmt,
         &[
@@ -136,7 +123,7 @@ pub async fn ack_txn(
     now_ms: TimestampMs,
 ) -> Result<u64, Fail> {
     let tx = c.transaction().await?;
-    let take = tx.prepare_cached(&take_in_flight("ok")).await?;
+    let take = tx.prepare_cached(&trace::take_in_flight("ok")).await?;
     // A second ack of the same txn finds no record and changes nothing.
     let Some(row) = tx
         .query_opt(&take, &[&destination, &txn_id, &now_ms])
@@ -170,27 +157,9 @@ pub async fn ack_txn(
     Ok(device_list_rows)
 }
 
-/// Removes the in-flight record `$1`/`$2`, returning its seqs, and writes
-/// the attempt's journal row with `outcome` at `$3`, in one statement.
-fn take_in_flight(outcome: &str) -> String {
-    format!(
-        "WITH taken AS (
-             DELETE FROM outbox_txn WHERE destination = $1 AND txn_id = $2 RETURNING seqs
-         ),
-         traced AS (
-             INSERT INTO trace_events (ts, kind, txn_id, peer, detail)
-             SELECT $3::int8, 'attempt', $2::text, $1::text,
-                    json_build_object('outcome', '{outcome}'::text, 'reason', NULL::text)::text
-             FROM taken WHERE {}
-         )
-         SELECT seqs FROM taken",
-        trace::ENABLED
-    )
-}
-
 pub async fn refuse_txn(c: &mut Object, destination: &str, txn_id: &str) -> Result<(), Fail> {
     let tx = c.transaction().await?;
-    let take = tx.prepare_cached(&take_in_flight("refused")).await?;
+    let take = tx.prepare_cached(&trace::take_in_flight("refused")).await?;
     let now_ms = crate::clock::now_ms();
     let Some(row) = tx
         .query_opt(&take, &[&destination, &txn_id, &now_ms])
@@ -217,8 +186,7 @@ pub async fn quarantine_edu(
     reason: &str,
     now_ms: TimestampMs,
 ) -> Result<(), Fail> {
-    // One statement: the move (and its journal row) is atomic without an
-    // explicit transaction.
+    // One statement: the move and its journal row are atomic without an explicit transaction.
     let stmt = c
         .prepare_cached(&format!(
             "WITH moved AS (
@@ -364,26 +332,9 @@ pub async fn set_retry_state(
     state: &RetryState,
     now_ms: TimestampMs,
 ) -> Result<(), Fail> {
-    // A failure while a transaction is in flight ends an attempt: its
-    // journal row is a CTE of the same statement (`rate_limited` when the
-    // failure count did not grow: the peer asked to wait).
+    // With its `attempt` row, if a failure ends one (`trace.rs`).
     let stmt = c
-        .prepare_cached(&format!(
-            "WITH traced AS (
-                 INSERT INTO trace_events (ts, kind, txn_id, peer, detail)
-                 SELECT $6::int8, 'attempt', t.txn_id, $1::text,
-                        json_build_object(
-                            'outcome',
-                            CASE WHEN $2::int4 > coalesce((SELECT failures FROM destinations
-                                                     WHERE destination = $1), 0)
-                                 THEN 'retry' ELSE 'rate_limited' END,
-                            'reason', $5::text)::text
-                 FROM outbox_txn t
-                 WHERE t.destination = $1 AND $5::text IS NOT NULL AND $3::int8 > 0 AND {}
-             )
-             {UPSERT_RETRY_STATE}",
-            trace::ENABLED
-        ))
+        .prepare_cached(&trace::set_retry_state_sql(UPSERT_RETRY_STATE))
         .await?;
     c.execute(
         &stmt,

@@ -24,6 +24,61 @@ pub const PRUNE: &str = "DELETE FROM trace_events WHERE id IN
      (SELECT id FROM (SELECT id, ts FROM trace_events ORDER BY id LIMIT $2) AS oldest
       WHERE ts <= $1)";
 
+/// Removes the in-flight record `$1`/`$2`, returning its seqs, and writes
+/// the attempt's journal row with `outcome` at `$3`, in one statement.
+pub(super) fn take_in_flight(outcome: &str) -> String {
+    format!(
+        "WITH taken AS (
+             DELETE FROM outbox_txn WHERE destination = $1 AND txn_id = $2 RETURNING seqs
+         ),
+         traced AS (
+             INSERT INTO trace_events (ts, kind, txn_id, peer, detail)
+             SELECT $3::int8, 'attempt', $2::text, $1::text,
+                    json_build_object('outcome', '{outcome}'::text, 'reason', NULL::text)::text
+             FROM taken WHERE {}
+         )
+         SELECT seqs FROM taken",
+        ENABLED
+    )
+}
+
+/// `begin_txn`'s statement: the record and its `txn` row (a CTE).
+pub(super) fn begin_txn_sql() -> String {
+    format!(
+        "WITH traced AS (
+                 INSERT INTO trace_events (ts, kind, txn_id, peer, first_id, last_id, detail)
+                 SELECT $5::int8, 'txn', $2::text, $1::text, ($3::int8[])[1],
+                        ($3::int8[])[cardinality($3::int8[])],
+                        json_build_object('edus', cardinality($3::int8[]))::text
+                 WHERE {}
+             )
+             INSERT INTO outbox_txn (destination, txn_id, seqs, body) VALUES ($1, $2, $3, $4)",
+        ENABLED
+    )
+}
+
+/// `set_retry_state`'s statement: `upsert` (`$1`..`$6`) and, when a
+/// transaction is in flight and the state is a failure, its `attempt` row
+/// (a CTE; `rate_limited` when the failure count did not grow).
+pub(super) fn set_retry_state_sql(upsert: &str) -> String {
+    format!(
+        "WITH traced AS (
+                 INSERT INTO trace_events (ts, kind, txn_id, peer, detail)
+                 SELECT $6::int8, 'attempt', t.txn_id, $1::text,
+                        json_build_object(
+                            'outcome',
+                            CASE WHEN $2::int4 > coalesce((SELECT failures FROM destinations
+                                                     WHERE destination = $1), 0)
+                                 THEN 'retry' ELSE 'rate_limited' END,
+                            'reason', $5::text)::text
+                 FROM outbox_txn t
+                 WHERE t.destination = $1 AND $5::text IS NOT NULL AND $3::int8 > 0 AND {}
+             )
+             {upsert}",
+        ENABLED
+    )
+}
+
 /// Journal rows to write with one statement.
 #[derive(Debug, Default)]
 pub(super) struct Rows<'a> {

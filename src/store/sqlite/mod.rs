@@ -42,6 +42,7 @@ mod remote_cache;
 mod schema;
 mod send;
 pub mod trace;
+mod trace_read;
 mod writer;
 
 use writer::{ClosureJob, Message, Writer, WriterStats};
@@ -491,7 +492,7 @@ impl Store for SqliteStore {
         // One read transaction: every row from one snapshot.
         Box::pin(self.read(move |c| {
             let tx = c.unchecked_transaction()?;
-            let records = trace::trace_journal(&tx, &query)?;
+            let records = trace_read::trace_journal(&tx, &query)?;
             tx.commit()?;
             Ok(records)
         }))
