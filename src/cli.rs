@@ -107,6 +107,26 @@ pub enum Command {
     /// Quarantined EDUs (those a destination refused on their own).
     #[command(subcommand)]
     Quarantine(QuarantineCommand),
+    /// Trace messages: when accepted, which EDU and transactions carried
+    /// them (each attempt and its outcome), which inbox and which /sync
+    /// delivered them, or where they were quarantined or expired. Exits 1
+    /// when the relay has no record of it.
+    Trace {
+        /// The relay's RPC base URL, e.g. http://127.0.0.1:8009.
+        #[arg(long, env = "COURIER_RPC_URL")]
+        rpc: String,
+        /// The RPC shared secret.
+        #[arg(long, env = "COURIER_RPC_SECRET", hide_env_values = true)]
+        secret: String,
+        /// A message_id, a txn_id (a client's txnId or a federation
+        /// transaction id) or a user ID (@user:server: its recent messages).
+        target: String,
+        /// With a user ID: only this device.
+        device: Option<String>,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Load generator: measure to-device throughput and latency between two
     /// servers over the client-server API (by default the two config/dev/
     /// relays, started in this process). Exits non-zero if any accepted
@@ -248,6 +268,41 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
                 Err(runtime_failure(anyhow::anyhow!(
                     "bench: not every accepted message was delivered exactly once"
                 )))
+            }
+        }
+        Command::Trace {
+            rpc,
+            secret,
+            target,
+            device,
+            json,
+        } => {
+            crate::trace::parse_query(&target, device.as_deref()).map_err(usage_failure)?;
+            let client =
+                crate::tools::rpc_client::RpcClient::new(&rpc, &secret).map_err(usage_failure)?;
+            match client
+                .trace(&target, device.as_deref())
+                .await
+                .map_err(runtime_failure)?
+            {
+                Some(report) if json => {
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&report).map_err(runtime_failure)?
+                    );
+                    Ok(())
+                }
+                Some(report) => {
+                    print!("{}", crate::trace::render_text(&report));
+                    Ok(())
+                }
+                None => {
+                    let what = match &device {
+                        Some(device) => format!("{target} {device}"),
+                        None => target.clone(),
+                    };
+                    Err(runtime_failure(anyhow::anyhow!("no record of {what}")))
+                }
             }
         }
         Command::CheckConfig { config } => {

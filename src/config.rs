@@ -366,6 +366,7 @@ struct RawStore {
     prune_batch: Option<u32>,
     prune_interval_ms: Option<u64>,
     destination_retention_hours: Option<u64>,
+    trace_retention_hours: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -964,6 +965,9 @@ pub const DEFAULT_PRUNE_BATCH: u32 = 5_000;
 pub const DEFAULT_PRUNE_INTERVAL_MS: u64 = 300_000;
 /// Default of `[store] destination_retention_hours` (30 days).
 pub const DEFAULT_DESTINATION_RETENTION_HOURS: u64 = 30 * 24;
+/// Default of `[store] trace_retention_hours` (7 days, as long as inbound
+/// message_ids are remembered).
+pub const DEFAULT_TRACE_RETENTION_HOURS: u64 = 7 * 24;
 
 /// Default `[worker] lease_ms`.
 pub const DEFAULT_LEASE_MS: u64 = 30_000;
@@ -1036,10 +1040,19 @@ fn prune_config(store: Option<&RawStore>, problems: &mut Vec<String>) -> PruneCo
             "[store] destination_retention_hours must be between 1 and 87600 (10 years), not {retention_hours}"
         ));
     }
+    let trace_hours = store
+        .and_then(|s| s.trace_retention_hours)
+        .unwrap_or(DEFAULT_TRACE_RETENTION_HOURS);
+    if trace_hours > 24 * 365 {
+        problems.push(format!(
+            "[store] trace_retention_hours must be between 0 (journal off) and 8760 (1 year), not {trace_hours}"
+        ));
+    }
     PruneConfig {
         batch: batch.max(1),
         interval: Duration::from_millis(interval_ms),
         destination_retention: Duration::from_secs(retention_hours.saturating_mul(3600)),
+        trace_retention: Duration::from_secs(trace_hours.min(24 * 365) * 3600),
     }
 }
 
@@ -1414,23 +1427,26 @@ sqlite = "data/courier.db"
                 batch: 5_000,
                 interval: Duration::from_secs(300),
                 destination_retention: Duration::from_secs(30 * 24 * 3600),
+                trace_retention: Duration::from_secs(7 * 24 * 3600),
             }
         );
         let tuned = GOOD.replace(
             "sqlite = \"data/courier.db\"",
-            "sqlite = \"data/courier.db\"\nprune_batch = 100\nprune_interval_ms = 2000\ndestination_retention_hours = 1",
+            "sqlite = \"data/courier.db\"\nprune_batch = 100\nprune_interval_ms = 2000\ndestination_retention_hours = 1\ntrace_retention_hours = 0",
         );
         let c = parse(&tuned, &[]).expect("valid config");
+        assert_eq!(c.pruning.trace_retention, Duration::ZERO);
         assert_eq!(c.pruning.batch, 100);
         assert_eq!(c.pruning.interval, Duration::from_secs(2));
         assert_eq!(c.pruning.destination_retention, Duration::from_secs(3600));
         let bad = GOOD.replace(
             "sqlite = \"data/courier.db\"",
-            "sqlite = \"data/courier.db\"\nprune_batch = 0\nprune_interval_ms = 10\ndestination_retention_hours = 0",
+            "sqlite = \"data/courier.db\"\nprune_batch = 0\nprune_interval_ms = 10\ndestination_retention_hours = 0\ntrace_retention_hours = 9000",
         );
         match parse(&bad, &[]) {
             Err(ConfigError::Invalid(problems)) => {
-                assert_eq!(problems.len(), 3, "{problems:?}");
+                assert_eq!(problems.len(), 4, "{problems:?}");
+                assert!(problems.iter().any(|p| p.contains("trace_retention_hours")));
                 assert!(problems.iter().any(|p| p.contains("prune_batch")));
                 assert!(problems.iter().any(|p| p.contains("prune_interval_ms")));
                 assert!(

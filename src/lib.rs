@@ -38,6 +38,9 @@ pub mod rpc;
 /// local inbox rows and remote outbox EDUs, one store write, wake-ups.
 pub mod todevice;
 
+/// Message tracing: one story per message from the trace journal.
+pub mod trace;
+
 /// The E2EE device plane's domain core (no HTTP): device keys, one-time and
 /// fallback keys, cross-signing keys and device management of local users,
 /// and the fan-out of key queries and claims to other servers.

@@ -84,6 +84,10 @@ pub async fn run(
         config.worker.lease_duration,
     )
     .await?;
+    // The trace journal is on unless `[store] trace_retention_hours = 0`.
+    store
+        .set_trace_journal(!config.pruning.trace_retention.is_zero())
+        .await?;
     // A key id must never name two keys: peers that cached the other one
     // would reject everything we sign (issue 18). Courier does not record
     // its own keys; it checks the config's old keys and, should the key

@@ -199,6 +199,23 @@ async fn get_sync_route(
         inbox: page.next_batch,
         device_list: lists.position,
     };
+    if !page.messages.is_empty() && tracing::enabled!(tracing::Level::DEBUG) {
+        // The messages this answer hands out; the next `since` (this
+        // `next_batch`) acknowledges them, which the trace journal records.
+        let message_ids: Vec<&str> = page
+            .messages
+            .iter()
+            .map(|m| m.message_id.as_str())
+            .collect();
+        tracing::debug!(
+            user_id = %device.user_id,
+            device_id = %device.device_id,
+            since = since.inbox,
+            next_batch = page.next_batch,
+            message_ids = %message_ids.join(","),
+            "sync hands out to-device messages"
+        );
+    }
     let mut out = String::with_capacity(256 + page.messages.len() * 256);
     out.push_str("{\"next_batch\":");
     extract::push_json_string(&mut out, &next_batch.format());

@@ -114,6 +114,7 @@ pub fn router(state: AppState) -> Router {
             "/_courier/v1/quarantine/{destination}/requeue_all",
             post(post_quarantine_requeue_all_route),
         )
+        .route("/_courier/v1/trace", get(get_trace_route))
         .route("/metrics", get(get_metrics_route))
         .merge(device_lists::routes())
         // Every route needs the secret; an unknown path is a plain 404.
@@ -125,6 +126,63 @@ pub fn router(state: AppState) -> Router {
         .method_not_allowed_fallback(crate::error::method_not_allowed_route)
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(state)
+}
+
+/// The query of `GET /_courier/v1/trace`: `id` (a message_id or txn_id)
+/// or `user` (with an optional `device`).
+#[derive(Debug, Deserialize)]
+struct TraceParams {
+    id: Option<String>,
+    user: Option<String>,
+    device: Option<String>,
+}
+
+/// What the trace journal knows about a message, a transaction or a user's
+/// recent messages (`crate::trace::TraceReport`); 404 `M_NOT_FOUND` "no
+/// record of …" when nothing.
+async fn get_trace_route(
+    State(state): State<AppState>,
+    query: Result<Query<TraceParams>, QueryRejection>,
+) -> Result<Response, MatrixError> {
+    let params = extract::query(query)?;
+    let (target, device) = match (&params.id, &params.user) {
+        (Some(id), None) => (id.as_str(), params.device.as_deref()),
+        (None, Some(user)) => (user.as_str(), params.device.as_deref()),
+        _ => {
+            return Err(MatrixError::invalid_param(
+                "give exactly one of id and user",
+            ));
+        }
+    };
+    if params.user.is_some() && !target.starts_with('@') {
+        return Err(MatrixError::invalid_param(format!(
+            "{target:?} is not a user ID"
+        )));
+    }
+    let trace_query = crate::trace::parse_query(target, device)
+        .map_err(|e| MatrixError::invalid_param(e.to_string()))?;
+    let records = state
+        .store
+        .trace_journal(&trace_query)
+        .await
+        .map_err(|error| MatrixError::internal("trace", &error))?;
+    let described = match &trace_query {
+        crate::store::trace::TraceQuery::User {
+            user_id,
+            device_id: Some(device_id),
+        } => format!("{user_id} {device_id}"),
+        _ => target.to_owned(),
+    };
+    let txn_query = !matches!(trace_query, crate::store::trace::TraceQuery::User { .. });
+    let report = crate::trace::assemble(&described, &records, txn_query);
+    if !report.found {
+        return Err(MatrixError::not_found_resource(format!(
+            "no record of {described}"
+        )));
+    }
+    let body =
+        serde_json::to_string(&report).map_err(|error| MatrixError::internal("trace", &error))?;
+    Ok(extract::json_text(body))
 }
 
 /// Refuses any request without the shared secret.

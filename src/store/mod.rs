@@ -20,6 +20,7 @@ pub mod postgres;
 pub mod pruner;
 pub mod retention;
 pub mod sqlite;
+pub mod trace;
 
 pub use device_lists::DeviceListStore;
 pub use keys::KeyStore;
@@ -338,6 +339,8 @@ pub struct PruneReport {
     pub claimed_one_time_keys: u64,
     /// Device-list interests whose `expires_ts` has passed.
     pub expired_device_list_interest: u64,
+    /// Trace journal rows older than `Retention::trace_ms`.
+    pub trace_events: u64,
 }
 
 impl PruneReport {
@@ -353,6 +356,7 @@ impl PruneReport {
             self.retired_destinations,
             self.claimed_one_time_keys,
             self.expired_device_list_interest,
+            self.trace_events,
         ]
         .into_iter()
         .max()
@@ -369,6 +373,7 @@ impl PruneReport {
         self.retired_destinations += other.retired_destinations;
         self.claimed_one_time_keys += other.claimed_one_time_keys;
         self.expired_device_list_interest += other.expired_device_list_interest;
+        self.trace_events += other.trace_events;
     }
 }
 
@@ -388,6 +393,9 @@ pub struct Retention {
     /// key a no-op, so it is never handed out twice) is deleted once it is
     /// this old (SPEC-E2EE §7.4: at least 7 days).
     pub claimed_key_ms: i64,
+    /// Trace journal rows are deleted once they are this old (`[store]
+    /// trace_retention_hours`; with the journal off, 0: every row goes).
+    pub trace_ms: i64,
 }
 
 impl Retention {
@@ -397,6 +405,7 @@ impl Retention {
         inbound_message_id_ms: 7 * 24 * 3600 * 1000,
         destination_ms: 30 * 24 * 3600 * 1000,
         claimed_key_ms: 7 * 24 * 3600 * 1000,
+        trace_ms: 7 * 24 * 3600 * 1000,
     };
 }
 
@@ -607,6 +616,19 @@ pub trait Store: KeyStore + DeviceListStore + Send + Sync + 'static {
 
     fn put_server_keys(&self, keys: Vec<StoredServerKey>) -> StoreFuture<'_, ()>;
 
+    // --- the trace journal (issue 18, `store::trace`) -------------------------
+
+    /// The journal rows about the messages `query` names, with their inbox
+    /// rows still pending and EDUs still queued, in one read.
+    fn trace_journal<'a>(
+        &'a self,
+        query: &'a trace::TraceQuery,
+    ) -> StoreFuture<'a, trace::TraceRecords>;
+
+    /// Turns the journal on or off for every writer of this store (from
+    /// `[store] trace_retention_hours`; on by default).
+    fn set_trace_journal(&self, enabled: bool) -> StoreFuture<'_, ()>;
+
     // --- housekeeping -------------------------------------------------------
 
     /// Removes expired dedupe records, expired server keys, inbox rows of
@@ -777,6 +799,9 @@ pub struct PruneConfig {
     /// A destination with nothing queued, in flight or quarantined and no
     /// send, failure or retry-state change for this long is forgotten.
     pub destination_retention: std::time::Duration,
+    /// How long trace journal rows are kept (`[store]
+    /// trace_retention_hours`); zero turns the journal off.
+    pub trace_retention: std::time::Duration,
 }
 
 /// Opens the backend `store` names for this worker. With PostgreSQL it

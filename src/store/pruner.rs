@@ -58,6 +58,8 @@ impl PruneSettings {
             retention: Retention {
                 destination_ms: i64::try_from(config.destination_retention.as_millis())
                     .unwrap_or(i64::MAX),
+                // Zero (journal off): whatever an earlier run wrote goes.
+                trace_ms: i64::try_from(config.trace_retention.as_millis()).unwrap_or(i64::MAX),
                 ..Retention::DEFAULT
             },
         }
@@ -356,6 +358,7 @@ mod tests {
             retired_destinations: 4_999,
             claimed_one_time_keys: 4_999,
             expired_device_list_interest: 4_999,
+            trace_events: 4_999,
         };
         assert_eq!(after_batch(&all_short, 5_000), AfterBatch::Done);
         assert_eq!(
@@ -376,7 +379,9 @@ mod tests {
             batch: 0,
             interval: Duration::from_secs(60),
             destination_retention: Duration::from_secs(3600),
+            trace_retention: Duration::ZERO,
         });
+        assert_eq!(settings.retention.trace_ms, 0);
         assert_eq!(settings.batch, 1);
         assert_eq!(settings.interval, Duration::from_secs(60));
         assert_eq!(settings.retention.destination_ms, 3_600_000);

@@ -196,7 +196,10 @@ impl ToDevice {
         }
         let local_messages = split.local.len();
         let edus = remote.len();
+        let logged = tracing::enabled!(tracing::Level::DEBUG);
+        let message_ids = logged.then(|| crate::trace::send_message_ids(&split.local, &remote));
 
+        let batch_txn_id = logged.then(|| txn_id.clone());
         let batch = SendBatch {
             txn: ClientTxnKey {
                 user_id: sender.as_str().to_owned(),
@@ -231,6 +234,8 @@ impl ToDevice {
                     .increment(remote_messages as u64);
                 tracing::debug!(
                     sender = %sender,
+                    txn_id = batch_txn_id.as_deref(),
+                    message_ids = message_ids.as_deref(),
                     local_messages,
                     remote_messages,
                     edus,

@@ -178,6 +178,37 @@ impl RpcClient {
         })
     }
 
+    /// `GET /_courier/v1/trace?id=…` or `?user=…&device=…`: `Ok(None)`
+    /// when the relay has no record of it.
+    pub async fn trace(
+        &self,
+        target: &str,
+        device: Option<&str>,
+    ) -> Result<Option<crate::trace::TraceReport>, RpcClientError> {
+        let mut path = if target.starts_with('@') {
+            format!("/_courier/v1/trace?user={}", segment(target))
+        } else {
+            format!("/_courier/v1/trace?id={}", segment(target))
+        };
+        if let Some(device) = device {
+            path.push_str(&format!("&device={}", segment(device)));
+        }
+        match self.request("GET", &path, None).await {
+            Ok(value) => serde_json::from_value(value).map(Some).map_err(|error| {
+                RpcClientError::BadResponse {
+                    status: 200,
+                    detail: error.to_string(),
+                }
+            }),
+            Err(RpcClientError::Matrix {
+                status: 404,
+                errcode,
+                ..
+            }) if errcode == "M_NOT_FOUND" => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// `POST /_courier/v1/destinations/{destination}/wake`.
     pub async fn wake_destination(&self, destination: &str) -> Result<(), RpcClientError> {
         let path = format!("/_courier/v1/destinations/{}/wake", segment(destination));

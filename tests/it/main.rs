@@ -40,4 +40,5 @@ mod store_crash;
 mod store_crash_postgres;
 mod store_postgres;
 mod store_postgres_fence;
+mod trace;
 mod workers;

@@ -995,3 +995,34 @@ async fn a_requeued_device_list_row_keeps_its_meta() {
     assert_eq!(latest.len(), 1);
     assert!(latest[0].edu_json.contains("tablet"));
 }
+
+/// The retention rules' `expired` journal row (`postgres::trace::record_expired`,
+/// here in a transaction of its own) shows in the message's trace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_message_shows_in_its_trace() {
+    let Some(conninfo) = database().await else {
+        return;
+    };
+    let store = PostgresStore::open(&conninfo).await.expect("open");
+    store
+        .record_expired(
+            "EXP1",
+            "outbox of dead.test",
+            "destination failing for 30 days",
+            1_000,
+        )
+        .await
+        .expect("record");
+    let query = courier::store::trace::TraceQuery::Id("EXP1".into());
+    let records = store.trace_journal(&query).await.expect("trace");
+    let report = courier::trace::assemble("EXP1", &records, true);
+    assert!(report.found);
+    let end = &report.messages[0].ends[0];
+    assert_eq!(end.kind, "expired");
+    assert_eq!(end.ts, 1_000);
+    assert_eq!(end.place.as_deref(), Some("outbox of dead.test"));
+    assert_eq!(
+        end.reason.as_deref(),
+        Some("destination failing for 30 days")
+    );
+}

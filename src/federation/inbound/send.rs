@@ -129,6 +129,14 @@ pub async fn put_transaction_route(
 
     count_edus(&parsed);
     let edu_count = parsed.edus.len();
+    // One line per transaction with every message_id it carries (whether
+    // each was applied or deduped: the store logs dedupes at debug, and
+    // `courier trace` shows both).
+    let message_ids: Vec<String> = if tracing::enabled!(tracing::Level::INFO) {
+        parsed.edus.iter().map(|e| e.message_id.clone()).collect()
+    } else {
+        Vec::new()
+    };
     if !parsed.device_lists.is_empty() {
         let report = state
             .e2ee
@@ -165,12 +173,13 @@ pub async fn put_transaction_route(
                     .increment(u64::from(duplicate_message_ids));
             }
             state.notifier.wake(&woken_devices);
-            tracing::debug!(
+            tracing::info!(
                 origin = %origin,
                 txn_id,
                 edus = edu_count,
                 duplicate_message_ids,
                 devices = woken_devices.len(),
+                message_ids = %message_ids.join(","),
                 "applied a federation transaction"
             );
             count_transaction("accepted");

@@ -371,6 +371,13 @@ impl DestinationTask {
             }
         };
         let span = tracing::info_span!("txn", txn_id = %txn.txn_id, edus = txn.seqs.len());
+        if tracing::enabled!(tracing::Level::INFO) {
+            tracing::info!(
+                txn_id = %txn.txn_id,
+                message_ids = %carried_message_ids(&txn.body).join(","),
+                "sending a transaction"
+            );
+        }
         self.deliver(&server_name, txn, leased_at)
             .instrument(span)
             .await
@@ -560,4 +567,32 @@ fn finish_device_list_edus(edus: &mut [OutboxEdu], names_over_federation: bool) 
             edu.edu_json = finish_outbound_edu(&edu.edu_json, meta, names_over_federation);
         }
     }
+}
+
+/// The `message_id`s of the to-device EDUs in a transaction body, in order
+/// (for the log line of each attempt; device-list EDUs have none). A body
+/// that does not parse (only a corrupt store records one) names none.
+fn carried_message_ids(body: &str) -> Vec<String> {
+    #[derive(serde::Deserialize)]
+    struct Body {
+        #[serde(default)]
+        edus: Vec<Edu>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Edu {
+        #[serde(default)]
+        content: Content,
+    }
+    #[derive(serde::Deserialize, Default)]
+    struct Content {
+        message_id: Option<String>,
+    }
+    serde_json::from_str::<Body>(body)
+        .map(|b| {
+            b.edus
+                .into_iter()
+                .filter_map(|e| e.content.message_id)
+                .collect()
+        })
+        .unwrap_or_default()
 }

@@ -15,6 +15,7 @@ use std::collections::{HashMap, HashSet};
 use deadpool_postgres::{Object, Transaction};
 
 use super::Fail;
+use super::trace;
 use crate::store::{
     DeviceKey, DeviceTarget, InboundOutcome, InboundTxn, InboxMessage, InboxPage, NewInboxMessage,
     TimestampMs, hash_token,
@@ -74,14 +75,16 @@ pub async fn lookup_token(c: &Object, token: &str) -> Result<Option<DeviceKey>, 
 /// Locks the device rows of every user named in `messages`, expands the
 /// targets (dropping unknown devices) and inserts the rows in the order
 /// given with one multi-row INSERT. Returns the devices that got a row, in
-/// first-seen order.
+/// first-seen order, and the stream id range and row count written per
+/// message_id (for the trace journal).
 pub(super) async fn write_inbox(
     tx: &Transaction<'_>,
     messages: &[&NewInboxMessage],
     now_ms: TimestampMs,
-) -> Result<Vec<DeviceKey>, Fail> {
+) -> Result<(Vec<DeviceKey>, StreamSpans), Fail> {
+    let mut spans = StreamSpans::new();
     if messages.is_empty() {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), spans));
     }
     let mut users: Vec<&str> = messages.iter().map(|m| m.user_id.as_str()).collect();
     users.sort_unstable();
@@ -137,18 +140,84 @@ pub(super) async fn write_inbox(
                  FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
                              $6::text[])
                       WITH ORDINALITY AS r (u, d, s, t, c, m, o)
-                 ORDER BY o",
+                 ORDER BY o
+                 RETURNING stream_id, message_id",
             )
             .await?;
-        tx.execute(
-            &insert,
-            &[
-                &cols[0], &cols[1], &cols[2], &cols[3], &cols[4], &cols[5], &now_ms,
-            ],
-        )
-        .await?;
+        let written = tx
+            .query(
+                &insert,
+                &[
+                    &cols[0], &cols[1], &cols[2], &cols[3], &cols[4], &cols[5], &now_ms,
+                ],
+            )
+            .await?;
+        for row in written {
+            let (stream_id, message_id): (i64, String) = (row.get(0), row.get(1));
+            let span = spans.entry(message_id).or_insert((stream_id, stream_id, 0));
+            span.0 = span.0.min(stream_id);
+            span.1 = span.1.max(stream_id);
+            span.2 += 1;
+        }
     }
-    Ok(woken)
+    Ok((woken, spans))
+}
+
+/// Per message_id: the lowest and highest stream id written and the rows.
+pub(super) type StreamSpans = HashMap<String, (i64, i64, u64)>;
+
+/// The journal rows of an inbound transaction: one per EDU (`applied`
+/// with its stream range, or `deduped`) and its `received` row.
+async fn journal_inbound(
+    tx: &Transaction<'_>,
+    txn: &InboundTxn,
+    applied: &HashSet<&str>,
+    spans: &StreamSpans,
+    duplicates: u32,
+) -> Result<(), Fail> {
+    let mut rows = trace::Rows::default();
+    for edu in &txn.edus {
+        let event_type = edu.messages.first().map(|m| m.event_type.as_str());
+        let sender = edu.messages.first().map(|m| m.sender.as_str());
+        let row = if applied.contains(edu.message_id.as_str()) {
+            let span = spans.get(&edu.message_id).copied();
+            let recipients =
+                crate::store::trace::recipients(edu.messages.iter().map(|m| m.user_id.as_str()));
+            trace::Row {
+                kind: "applied",
+                first_id: span.map(|s| s.0),
+                last_id: span.map(|s| s.1),
+                detail: serde_json::json!({
+                    "event_type": event_type,
+                    "rows": span.map_or(0, |s| s.2),
+                    "recipients": recipients,
+                })
+                .to_string(),
+                ..trace::Row::default()
+            }
+        } else {
+            trace::Row {
+                kind: "deduped",
+                detail: serde_json::json!({"event_type": event_type}).to_string(),
+                ..trace::Row::default()
+            }
+        };
+        rows.push(trace::Row {
+            message_id: Some(&edu.message_id),
+            txn_id: Some(&txn.txn_id),
+            peer: Some(&txn.origin),
+            user_id: sender,
+            ..row
+        });
+    }
+    rows.push(trace::Row {
+        kind: "received",
+        txn_id: Some(&txn.txn_id),
+        peer: Some(&txn.origin),
+        detail: serde_json::json!({"edus": txn.edus.len(), "duplicates": duplicates}).to_string(),
+        ..trace::Row::default()
+    });
+    rows.write(tx, txn.now_ms).await
 }
 
 /// Applies the transaction; also says whether the origin, as a destination,
@@ -210,14 +279,18 @@ pub async fn apply_inbound_txn(
     }
     let mut duplicate_message_ids = 0u32;
     let mut messages: Vec<&NewInboxMessage> = Vec::new();
+    let mut applied: HashSet<&str> = HashSet::new();
     for edu in &txn.edus {
         if fresh.remove(&edu.message_id) {
             messages.extend(edu.messages.iter());
+            applied.insert(&edu.message_id);
         } else {
             duplicate_message_ids += 1;
+            tracing::debug!(origin = %txn.origin, txn_id = %txn.txn_id, message_id = %edu.message_id, "deduped a message_id seen before");
         }
     }
-    let woken_devices = write_inbox(&tx, &messages, txn.now_ms).await?;
+    let (woken_devices, spans) = write_inbox(&tx, &messages, txn.now_ms).await?;
+    journal_inbound(&tx, txn, &applied, &spans, duplicate_message_ids).await?;
     tx.commit().await?;
     let outcome = InboundOutcome::Accepted {
         woken_devices,
@@ -247,22 +320,48 @@ pub async fn fetch_inbox(
     device_id: &str,
     since: i64,
     limit: u32,
+    now_ms: i64,
 ) -> Result<InboxPage, Fail> {
+    // The acknowledgement's journal row (`delivered`) is a CTE of the same
+    // statement: it lists the (stream id, message_id) pairs deleted.
     let stmt = c
-        .prepare_cached(
+        .prepare_cached(&format!(
             "WITH acked AS (
                  DELETE FROM device_inbox
                  WHERE user_id = $1 AND device_id = $2 AND stream_id <= $3
+                 RETURNING stream_id, message_id
+             ),
+             traced AS (
+                 INSERT INTO trace_events (ts, kind, user_id, device_id, first_id, last_id, detail)
+                 SELECT $5::int8, 'delivered', $1::text, $2::text, min(stream_id), max(stream_id),
+                        json_build_object(
+                            'since', $3::int8,
+                            'rows', (SELECT coalesce(json_agg(json_build_array(a.stream_id,
+                                                                               a.message_id)
+                                                              ORDER BY a.stream_id), '[]')
+                                     FROM (SELECT stream_id, message_id FROM acked
+                                           ORDER BY stream_id LIMIT {pairs}) a),
+                            'rows_total', count(*))::text
+                 FROM acked
+                 HAVING count(*) > 0 AND {enabled}
              )
              SELECT stream_id, sender, event_type, content_json, message_id FROM device_inbox
              WHERE user_id = $1 AND device_id = $2 AND stream_id > $3
              ORDER BY stream_id LIMIT $4",
-        )
+            pairs = crate::store::trace::MAX_DELIVERED_PAIRS,
+            enabled = trace::ENABLED,
+        ))
         .await?;
     let rows = c
         .query(
             &stmt,
-            &[&user_id, &device_id, &since, &(i64::from(limit) + 1)],
+            &[
+                &user_id,
+                &device_id,
+                &since,
+                &(i64::from(limit) + 1),
+                &now_ms,
+            ],
         )
         .await?;
     let more = rows.len() > limit as usize;

@@ -55,6 +55,7 @@ mod retention;
 mod schema;
 mod send;
 pub mod tls;
+mod trace;
 mod wakeup;
 mod workers;
 
@@ -277,6 +278,30 @@ macro_rules! on_client {
 }
 
 impl PostgresStore {
+    /// Records one `expired` journal row in a transaction of its own: for
+    /// tests and operator tools. The retention rules call
+    /// `trace::record_expired` inside the transaction that drops the
+    /// message instead.
+    pub async fn record_expired(
+        &self,
+        message_id: &str,
+        place: &str,
+        reason: &str,
+        now_ms: TimestampMs,
+    ) -> Result<(), StoreError> {
+        on_client!(self, |c| {
+            let result: Result<(), Fail> = async {
+                let tx = c.transaction().await?;
+                trace::record_expired(&tx, now_ms, message_id, place, reason).await?;
+                tx.commit().await?;
+                Ok(())
+            }
+            .await;
+            result
+        })
+        .await
+    }
+
     /// Test support, not part of `Store`: whether `worker` holds an
     /// unexpired lease on `destination`, read without taking or extending
     /// it. The sender asks `Store::acquire_lease` instead; only
@@ -403,8 +428,9 @@ impl Store for PostgresStore {
         since: i64,
         limit: u32,
     ) -> StoreFuture<'a, InboxPage> {
+        let now_ms = crate::clock::now_ms();
         Box::pin(on_client!(self, |c| inbox::fetch_inbox(
-            &c, user_id, device_id, since, limit
+            &c, user_id, device_id, since, limit, now_ms
         )
         .await))
     }
@@ -666,6 +692,33 @@ impl Store for PostgresStore {
 
     fn expiry_totals(&self) -> StoreFuture<'_, Vec<ExpiryTotal>> {
         Box::pin(on_client!(self, |c| retention::expiry_totals(&c).await))
+    }
+
+    fn trace_journal<'a>(
+        &'a self,
+        query: &'a crate::store::trace::TraceQuery,
+    ) -> StoreFuture<'a, crate::store::trace::TraceRecords> {
+        // One read-only REPEATABLE READ transaction: every row from one
+        // snapshot.
+        Box::pin(on_client!(self, |c| {
+            let result: Result<_, Fail> = async {
+                let tx = c
+                    .build_transaction()
+                    .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+                    .read_only(true)
+                    .start()
+                    .await?;
+                let records = trace::trace_journal(&tx, query).await?;
+                tx.commit().await?;
+                Ok(records)
+            }
+            .await;
+            result
+        }))
+    }
+
+    fn set_trace_journal(&self, enabled: bool) -> StoreFuture<'_, ()> {
+        Box::pin(on_client!(self, |c| trace::set_enabled(&c, enabled).await))
     }
 
     fn close(&self) -> StoreFuture<'_, ()> {

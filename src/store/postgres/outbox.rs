@@ -13,6 +13,7 @@ use deadpool_postgres::Object;
 use super::Fail;
 use super::device_list_outbox::{PrevChain, record_acked};
 use super::lease::check_fence;
+use super::trace;
 use crate::store::{
     DestinationStatus, Fence, InFlightTxn, OutboxEdu, PruneReport, QuarantinedEdu, Retention,
     RetryState, StoredServerKey, TimestampMs,
@@ -102,14 +103,16 @@ pub async fn begin_txn(c: &mut Object, fence: &Fence, txn: &InFlightTxn) -> Resu
     let tx = c.transaction().await?;
     check_fence(&tx, &txn.destination, fence).await?;
     // The primary key on destination makes a second in-flight txn fail.
-    let stmt = tx
-        .prepare_cached(
-            "INSERT INTO outbox_txn (destination, txn_id, seqs, body) VALUES ($1, $2, $3, $4)",
-        )
-        .await?;
+    let stmt = tx.prepare_cached(&trace::begin_txn_sql()).await?;
     tx.execute(
         &stmt,
-        &[&txn.destination, &txn.txn_id, &txn.seqs, &txn.body],
+        &[
+            &txn.destination,
+            &txn.txn_id,
+            &txn.seqs,
+            &txn.body,
+            &crate::clock::now_ms(),
+        ],
     )
     .await?;
     tx.commit().await?;
@@ -127,13 +130,12 @@ pub async fn ack_txn(
 ) -> Result<u64, Fail> {
     let tx = c.transaction().await?;
     check_fence(&tx, destination, fence).await?;
-    let take = tx
-        .prepare_cached(
-            "DELETE FROM outbox_txn WHERE destination = $1 AND txn_id = $2 RETURNING seqs",
-        )
-        .await?;
+    let take = tx.prepare_cached(&trace::take_in_flight("ok")).await?;
     // A second ack of the same txn finds no record and changes nothing.
-    let Some(row) = tx.query_opt(&take, &[&destination, &txn_id]).await? else {
+    let Some(row) = tx
+        .query_opt(&take, &[&destination, &txn_id, &now_ms])
+        .await?
+    else {
         tx.rollback().await?;
         return Ok(0);
     };
@@ -170,12 +172,12 @@ pub async fn refuse_txn(
 ) -> Result<(), Fail> {
     let tx = c.transaction().await?;
     check_fence(&tx, destination, fence).await?;
-    let take = tx
-        .prepare_cached(
-            "DELETE FROM outbox_txn WHERE destination = $1 AND txn_id = $2 RETURNING seqs",
-        )
-        .await?;
-    let Some(row) = tx.query_opt(&take, &[&destination, &txn_id]).await? else {
+    let take = tx.prepare_cached(&trace::take_in_flight("refused")).await?;
+    let now_ms = crate::clock::now_ms();
+    let Some(row) = tx
+        .query_opt(&take, &[&destination, &txn_id, &now_ms])
+        .await?
+    else {
         tx.rollback().await?;
         return Ok(());
     };
@@ -203,12 +205,21 @@ pub async fn quarantine_edu(
 ) -> Result<(), Fail> {
     let tx = c.transaction().await?;
     check_fence(&tx, destination, fence).await?;
+    // One statement: the move and its journal row.
     let stmt = tx
-        .prepare_cached(
+        .prepare_cached(&format!(
             "WITH moved AS (
                  DELETE FROM outbox WHERE destination = $1 AND seq = $2
                  RETURNING destination, seq, edu_json, message_count, queued_ts,
                            dl_user, dl_device, dl_stream
+             ),
+             traced AS (
+                 INSERT INTO trace_events (ts, kind, message_id, peer, first_id, detail)
+                 SELECT $4::int8, 'quarantined',
+                        substring(edu_json from '^\\{{\"content\":\\{{\"message_id\":\"([^\"\\\\]*)\"'),
+                        destination, seq,
+                        json_build_object('where', destination, 'reason', $3::text)::text
+                 FROM moved WHERE {enabled}
              )
              INSERT INTO quarantine
                  (destination, seq, edu_json, message_count, queued_ts, reason, quarantined_ts,
@@ -221,7 +232,8 @@ pub async fn quarantine_edu(
                  queued_ts = excluded.queued_ts, reason = excluded.reason,
                  quarantined_ts = excluded.quarantined_ts, dl_user = excluded.dl_user,
                  dl_device = excluded.dl_device, dl_stream = excluded.dl_stream",
-        )
+            enabled = trace::ENABLED,
+        ))
         .await?;
     tx.execute(&stmt, &[&destination, &seq, &reason, &now_ms])
         .await?;
@@ -354,7 +366,10 @@ pub async fn set_retry_state(
 ) -> Result<(), Fail> {
     let tx = c.transaction().await?;
     check_fence(&tx, destination, fence).await?;
-    let stmt = tx.prepare_cached(UPSERT_RETRY_STATE).await?;
+    // With its `attempt` row, if a failure ends one (`trace.rs`).
+    let stmt = tx
+        .prepare_cached(&trace::set_retry_state_sql(UPSERT_RETRY_STATE))
+        .await?;
     tx.execute(
         &stmt,
         &[
@@ -550,6 +565,13 @@ pub async fn prune(
                   WHERE expires_ts < $1 LIMIT $2)
                AND expires_ts < $1",
             now_ms,
+            limit,
+        )
+        .await?,
+        trace_events: expire(
+            c,
+            super::trace::PRUNE,
+            now_ms.saturating_sub(retention.trace_ms),
             limit,
         )
         .await?,

@@ -9,6 +9,7 @@ use deadpool_postgres::Object;
 
 use super::Fail;
 use super::inbox::write_inbox;
+use super::trace;
 use crate::store::{NewInboxMessage, SendBatch, SendOutcome};
 
 pub async fn enqueue_send(c: &mut Object, batch: &SendBatch) -> Result<SendOutcome, Fail> {
@@ -37,7 +38,35 @@ pub async fn enqueue_send(c: &mut Object, batch: &SendBatch) -> Result<SendOutco
         return Ok(SendOutcome::Duplicate);
     }
     let local: Vec<&NewInboxMessage> = batch.local.iter().collect();
-    let woken_devices = write_inbox(&tx, &local, batch.now_ms).await?;
+    let (woken_devices, spans) = write_inbox(&tx, &local, batch.now_ms).await?;
+    let mut journal = trace::Rows::default();
+    let t = &batch.txn;
+    if let Some(first) = batch.local.first() {
+        let span = spans.get(&first.message_id).copied();
+        let recipients =
+            crate::store::trace::recipients(batch.local.iter().map(|m| m.user_id.as_str()));
+        journal.push(trace::Row {
+            kind: "accepted",
+            message_id: Some(&first.message_id),
+            txn_id: Some(&t.txn_id),
+            user_id: Some(&t.user_id),
+            device_id: Some(&t.device_id),
+            first_id: span.map(|s| s.0),
+            last_id: span.map(|s| s.1),
+            detail: serde_json::json!({
+                "event_type": t.event_type,
+                "rows": span.map_or(0, |s| s.2),
+                "recipients": recipients,
+            })
+            .to_string(),
+            ..trace::Row::default()
+        });
+    }
+    let ids: Vec<Option<String>> = batch
+        .remote
+        .iter()
+        .map(|e| crate::store::trace::edu_message_id(&e.edu_json))
+        .collect();
     let mut destinations: Vec<String> = Vec::new();
     if !batch.remote.is_empty() {
         let mut dests: Vec<&str> = Vec::with_capacity(batch.remote.len());
@@ -56,12 +85,36 @@ pub async fn enqueue_send(c: &mut Object, batch: &SendBatch) -> Result<SendOutco
                 "INSERT INTO outbox (destination, edu_json, message_count, queued_ts)
                  SELECT d, e, n, $4
                  FROM unnest($1::text[], $2::text[], $3::int4[]) WITH ORDINALITY AS r (d, e, n, o)
-                 ORDER BY o",
+                 ORDER BY o
+                 RETURNING seq",
             )
             .await?;
-        tx.execute(&insert, &[&dests, &edus, &counts, &batch.now_ms])
+        let seqs = tx
+            .query(&insert, &[&dests, &edus, &counts, &batch.now_ms])
             .await?;
+        // Identity values are taken in insertion order: sorted, they match
+        // the EDUs in order.
+        let mut seqs: Vec<i64> = seqs.iter().map(|r| r.get(0)).collect();
+        seqs.sort_unstable();
+        for ((edu, seq), id) in batch.remote.iter().zip(&seqs).zip(&ids) {
+            journal.push(trace::Row {
+                kind: "queued",
+                message_id: id.as_deref(),
+                txn_id: Some(&t.txn_id),
+                peer: Some(&edu.destination),
+                user_id: Some(&t.user_id),
+                device_id: Some(&t.device_id),
+                first_id: Some(*seq),
+                detail: serde_json::json!({
+                    "event_type": t.event_type,
+                    "messages": edu.message_count,
+                })
+                .to_string(),
+                ..trace::Row::default()
+            });
+        }
     }
+    journal.write(&tx, batch.now_ms).await?;
     tx.commit().await?;
     Ok(SendOutcome::Accepted {
         woken_devices,

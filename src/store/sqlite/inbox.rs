@@ -11,6 +11,8 @@ use std::sync::LazyLock;
 
 use rusqlite::{CachedStatement, Connection, OptionalExtension};
 
+use super::trace;
+
 use crate::store::{
     DeviceKey, DeviceTarget, InboundOutcome, InboundTxn, InboxMessage, InboxPage, NewInboxMessage,
     StoreError, TimestampMs,
@@ -56,6 +58,9 @@ pub(super) struct InboxWriter<'c, 'm> {
     /// Rows not yet inserted, in order.
     pending: Vec<(&'m NewInboxMessage, Rc<str>)>,
     woken: Woken,
+    /// Rows taken so far (written or buffered), in order: the trace journal
+    /// derives each message's stream ids from it.
+    rows: u64,
 }
 
 /// Devices that got a row, in first-seen order, without repeats.
@@ -96,6 +101,7 @@ impl<'c, 'm> InboxWriter<'c, 'm> {
             devices: HashMap::new(),
             pending: Vec::with_capacity(CHUNK),
             woken: Woken::default(),
+            rows: 0,
         })
     }
 
@@ -122,12 +128,14 @@ impl<'c, 'm> InboxWriter<'c, 'm> {
                 if let Ok(i) = registered.binary_search_by(|d| (**d).cmp(device_id.as_str())) {
                     self.woken.add(&msg.user_id, device_id);
                     self.pending.push((msg, registered[i].clone()));
+                    self.rows += 1;
                 }
             }
             DeviceTarget::All => {
                 for device_id in registered {
                     self.woken.add(&msg.user_id, device_id);
                     self.pending.push((msg, device_id.clone()));
+                    self.rows += 1;
                 }
             }
         }
@@ -174,6 +182,11 @@ impl<'c, 'm> InboxWriter<'c, 'm> {
         Ok(())
     }
 
+    /// Rows taken so far (written or still buffered).
+    pub(super) fn rows(&self) -> u64 {
+        self.rows
+    }
+
     /// Writes what is still buffered; returns the woken devices.
     pub(super) fn finish(mut self) -> Result<Vec<DeviceKey>, StoreError> {
         self.flush()?;
@@ -200,6 +213,7 @@ pub fn apply_inbound_txn(
     }
     let mut inbox = InboxWriter::new(conn, txn.now_ms)?;
     let mut duplicate_message_ids = 0u32;
+    let journal = trace::InboundJournal::start(conn)?;
     for edu in &txn.edus {
         let fresh = conn
             .prepare_cached(
@@ -209,11 +223,22 @@ pub fn apply_inbound_txn(
             .execute((&txn.origin, &edu.message_id, txn.now_ms))?;
         if fresh == 0 {
             duplicate_message_ids += 1;
+            tracing::debug!(origin = %txn.origin, txn_id = %txn.txn_id, message_id = %edu.message_id, "deduped a message_id seen before");
+            if let Some(journal) = &journal {
+                journal.edu(conn, txn, edu, None)?;
+            }
             continue;
         }
+        let before = inbox.rows();
         for msg in &edu.messages {
             inbox.write(msg)?;
         }
+        if let Some(journal) = &journal {
+            journal.edu(conn, txn, edu, Some((before, inbox.rows())))?;
+        }
+    }
+    if let Some(journal) = &journal {
+        journal.finish(conn, txn, duplicate_message_ids)?;
     }
     Ok(InboundOutcome::Accepted {
         woken_devices: inbox.finish()?,

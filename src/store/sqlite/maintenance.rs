@@ -98,6 +98,7 @@ pub fn prune(
                   WHERE expires_ts < ?1 LIMIT ?2)",
             now_ms,
         )?,
+        trace_events: super::trace::prune(conn, now_ms.saturating_sub(retention.trace_ms), limit)?,
     })
 }
 

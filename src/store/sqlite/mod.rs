@@ -44,6 +44,8 @@ mod remote_cache;
 mod retention;
 mod schema;
 mod send;
+pub mod trace;
+mod trace_read;
 mod writer;
 
 use writer::{ClosureJob, Message, Writer, WriterStats};
@@ -175,6 +177,22 @@ impl SqliteStore {
     /// Write requests answered so far.
     pub fn write_count(&self) -> u64 {
         self.inner.stats.jobs.load(Ordering::Relaxed)
+    }
+
+    /// Records one `expired` journal row in a write of its own: for tests
+    /// and operator tools. The retention rules call `trace::record_expired`
+    /// inside the transaction that drops the message instead.
+    pub async fn record_expired(
+        &self,
+        message_id: &str,
+        place: &str,
+        reason: &str,
+        now_ms: TimestampMs,
+    ) -> Result<(), StoreError> {
+        let (message_id, place, reason) =
+            (message_id.to_owned(), place.to_owned(), reason.to_owned());
+        self.write(move |c| trace::record_expired(c, now_ms, &message_id, &place, &reason))
+            .await
     }
 
     /// The database file.
@@ -338,6 +356,13 @@ impl Store for SqliteStore {
                 InboxRead::Page(page) => Ok(page),
                 InboxRead::NeedsDelete => {
                     self.write(move |c| {
+                        trace::record_delivered(
+                            c,
+                            &user_id,
+                            &device_id,
+                            since,
+                            crate::clock::now_ms(),
+                        )?;
                         inbox::delete_acked(c, &user_id, &device_id, since)?;
                         inbox::inbox_page(c, &user_id, &device_id, since, limit)
                     })
@@ -522,5 +547,23 @@ impl Store for SqliteStore {
 
     fn close(&self) -> StoreFuture<'_, ()> {
         Box::pin(SqliteStore::close(self))
+    }
+
+    fn trace_journal<'a>(
+        &'a self,
+        query: &'a crate::store::trace::TraceQuery,
+    ) -> StoreFuture<'a, crate::store::trace::TraceRecords> {
+        let query = query.clone();
+        // One read transaction: every row from one snapshot.
+        Box::pin(self.read(move |c| {
+            let tx = c.unchecked_transaction()?;
+            let records = trace_read::trace_journal(&tx, &query)?;
+            tx.commit()?;
+            Ok(records)
+        }))
+    }
+
+    fn set_trace_journal(&self, enabled: bool) -> StoreFuture<'_, ()> {
+        Box::pin(self.write(move |c| trace::set_enabled(c, enabled)))
     }
 }

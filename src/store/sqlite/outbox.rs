@@ -8,6 +8,7 @@
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::device_list_outbox::{PeekChain, record_acked};
+use super::trace;
 use crate::store::{
     DestinationStatus, InFlightTxn, OutboxEdu, QuarantinedEdu, RefusalState, RetryState,
     StoreError, TimestampMs,
@@ -86,7 +87,7 @@ pub fn begin_txn(conn: &Connection, txn: &InFlightTxn) -> Result<(), StoreError>
         "INSERT INTO outbox_txn (destination, txn_id, seqs_json, body) VALUES (?1, ?2, ?3, ?4)",
     )?
     .execute((&txn.destination, &txn.txn_id, seqs_json, &txn.body))?;
-    Ok(())
+    trace::record_txn(conn, txn, crate::clock::now_ms())
 }
 
 /// The seqs of the recorded txn if it is `txn_id`; removes the record.
@@ -117,6 +118,7 @@ pub fn ack_txn(
     let Some(seqs) = take_in_flight(conn, destination, txn_id)? else {
         return Ok(());
     };
+    trace::record_attempt(conn, destination, txn_id, now_ms, "ok", None)?;
     record_acked(conn, destination, &seqs)?;
     let mut delete =
         conn.prepare_cached("DELETE FROM outbox WHERE destination = ?1 AND seq = ?2")?;
@@ -140,6 +142,14 @@ pub fn refuse_txn(conn: &Connection, destination: &str, txn_id: &str) -> Result<
     let Some(seqs) = take_in_flight(conn, destination, txn_id)? else {
         return Ok(());
     };
+    trace::record_attempt(
+        conn,
+        destination,
+        txn_id,
+        crate::clock::now_ms(),
+        "refused",
+        None,
+    )?;
     // Only a refusal of the EDU alone counts (`OutboxEdu::refusals`).
     if let [seq] = seqs.as_slice() {
         conn.prepare_cached(
@@ -283,6 +293,7 @@ pub fn quarantine_edu(
     if moved > 0 {
         conn.prepare_cached("DELETE FROM outbox WHERE destination = ?1 AND seq = ?2")?
             .execute((destination, seq))?;
+        trace::record_quarantined(conn, destination, seq, reason, now_ms)?;
     }
     Ok(())
 }
@@ -362,6 +373,14 @@ pub fn set_retry_state(
     state: &RetryState,
     now_ms: TimestampMs,
 ) -> Result<(), StoreError> {
+    trace::record_failed_attempt(
+        conn,
+        destination,
+        state.failures,
+        state.retry_after_ms,
+        state.last_error.as_deref(),
+        now_ms,
+    )?;
     conn.prepare_cached(
         "INSERT INTO destinations
              (destination, failures, retry_after_ts, last_success_ts, last_error, updated_ts,

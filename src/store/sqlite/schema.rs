@@ -62,10 +62,17 @@ const MIGRATIONS: &[(u32, &str)] = &[
             "/migrations/sqlite/0007_retention.sql"
         )),
     ),
+    (
+        8,
+        include_str!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/migrations/sqlite/0008_trace.sql"
+        )),
+    ),
 ];
 
 /// The schema version this build writes.
-pub const LATEST_VERSION: u32 = 7;
+pub const LATEST_VERSION: u32 = 8;
 
 /// Opens the writer connection: creates the file, switches to WAL and sets
 /// the per-connection durability PRAGMAs.

@@ -7,6 +7,7 @@
 use rusqlite::Connection;
 
 use super::inbox::InboxWriter;
+use super::trace;
 use crate::store::{SendBatch, SendOutcome, StoreError};
 
 pub fn enqueue_send(conn: &Connection, batch: &SendBatch) -> Result<SendOutcome, StoreError> {
@@ -20,11 +21,16 @@ pub fn enqueue_send(conn: &Connection, batch: &SendBatch) -> Result<SendOutcome,
     if recorded == 0 {
         return Ok(SendOutcome::Duplicate);
     }
+    let journal = trace::SendJournal::start(conn)?;
     let mut inbox = InboxWriter::new(conn, batch.now_ms)?;
     for msg in &batch.local {
         inbox.write(msg)?;
     }
+    let rows = inbox.rows();
     let woken_devices = inbox.finish()?;
+    if let Some(journal) = &journal {
+        journal.accepted(conn, batch, rows)?;
+    }
     let mut destinations: Vec<String> = Vec::new();
     {
         let mut stmt = conn.prepare_cached(
@@ -38,6 +44,9 @@ pub fn enqueue_send(conn: &Connection, batch: &SendBatch) -> Result<SendOutcome,
                 edu.message_count,
                 batch.now_ms,
             ))?;
+            if let Some(journal) = &journal {
+                journal.queued(conn, batch, edu, conn.last_insert_rowid())?;
+            }
             if !destinations.contains(&edu.destination) {
                 destinations.push(edu.destination.clone());
             }

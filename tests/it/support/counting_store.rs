@@ -191,6 +191,15 @@ impl Store for CountingStore {
     fn expiry_totals(&self) -> StoreFuture<'_, Vec<ExpiryTotal>> {
         self.inner.expiry_totals()
     }
+    fn trace_journal<'a>(
+        &'a self,
+        query: &'a courier::store::trace::TraceQuery,
+    ) -> StoreFuture<'a, courier::store::trace::TraceRecords> {
+        self.inner.trace_journal(query)
+    }
+    fn set_trace_journal(&self, enabled: bool) -> StoreFuture<'_, ()> {
+        self.inner.set_trace_journal(enabled)
+    }
 }
 
 crate::delegate_key_store!(CountingStore, |s| s.inner);

@@ -233,6 +233,15 @@ impl Store for InhibitingStore {
     fn expiry_totals(&self) -> StoreFuture<'_, Vec<ExpiryTotal>> {
         self.0.expiry_totals()
     }
+    fn trace_journal<'a>(
+        &'a self,
+        query: &'a courier::store::trace::TraceQuery,
+    ) -> StoreFuture<'a, courier::store::trace::TraceRecords> {
+        self.0.trace_journal(query)
+    }
+    fn set_trace_journal(&self, enabled: bool) -> StoreFuture<'_, ()> {
+        self.0.set_trace_journal(enabled)
+    }
 }
 
 crate::delegate_key_store!(InhibitingStore, |s| s.0);

@@ -6,8 +6,9 @@
 //! (`inbound.rs`), the outbox and its transactions (`outbox.rs`), retry
 //! state and destination statuses (`retry.rs`), the server key cache
 //! (`server_keys.rs`), pruning (`prune.rs`), worker names and reopening
-//! (`lifecycle.rs`), and retention: TTLs, inbox caps, dead destinations
-//! and the expiry totals (`retention.rs`). This file holds the harness, the helpers the cases
+//! (`lifecycle.rs`), retention: TTLs, inbox caps, dead destinations
+//! and the expiry totals (`retention.rs`), and the trace journal
+//! (`trace.rs`). This file holds the harness, the helpers the cases
 //! share and the macro that instantiates the suite.
 //!
 //! It knows no backend; a backend's test module supplies a constructor and
@@ -71,6 +72,7 @@ macro_rules! suite_cases {
             prune: [prune_expires_dedupe_records, prune_is_bounded_by_batch, prune_pass_clears_a_backlog_while_writes_proceed, idle_destinations_are_retired],
             lifecycle: [worker_name_claims_by_one_instance, reopen_keeps_data_and_stream_ids_never_repeat],
             retention: [inbox_ttl_per_pattern_keeps_unmatched_types, inbox_cap_drops_the_oldest_beyond_it, dead_destinations_lose_queued_in_flight_and_quarantined_rows, dead_destination_expiry_is_bounded_by_batch, expiry_totals_survive_reopen],
+            trace: [trace_follows_a_remote_message_through_attempts_and_ack, trace_follows_an_inbound_message_to_the_sync_that_acked_it, trace_shows_local_sends_and_quarantined_edus, trace_journal_off_writes_nothing_and_prune_ages_it_out],
         }
     };
 }

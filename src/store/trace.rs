@@ -1,0 +1,207 @@
+//! The trace journal's part of the store contract (issue 18): the rows each
+//! backend writes inside the transactions of the events they record, and
+//! what `Store::trace_journal` reads back for one query. Assembling the rows
+//! into one story per message is `crate::trace`'s job; this module holds no
+//! SQL and no policy.
+//!
+//! The rows, by `kind` (columns not named are NULL):
+//! - `accepted`: a client (or RPC) send with local recipients: `message_id`
+//!   (minted for the send), `txn_id` (the client's txnId), `user_id` and
+//!   `device_id` (the sender), `first_id..=last_id` (the stream ids of the
+//!   inbox rows written), detail `event_type`, `rows`, `recipients`.
+//! - `queued`: one remote EDU of a client send: `message_id`, `txn_id` (the
+//!   client's txnId), `peer` (destination), `user_id`/`device_id` (sender),
+//!   `first_id` (the outbox seq), detail `event_type`, `messages`.
+//! - `txn`: a federation transaction recorded before it is sent: `txn_id`,
+//!   `peer`, `first_id..=last_id` (its outbox seqs), detail `edus`.
+//! - `attempt`: how one send of a transaction ended: `txn_id`, `peer`,
+//!   detail `outcome` (`ok`, `retry`, `rate_limited`, `refused`), `reason`.
+//! - `received`: an inbound federation transaction applied: `txn_id`,
+//!   `peer` (origin), detail `edus`, `duplicates`.
+//! - `applied` / `deduped`: one inbound EDU, stored or skipped as seen
+//!   before: `message_id`, `txn_id`, `peer`, `user_id` (sender),
+//!   `first_id..=last_id` (stream ids written), detail `event_type`, `rows`,
+//!   `recipients`.
+//! - `delivered`: one `/sync` acknowledgement of a device: `user_id`,
+//!   `device_id`, `first_id..=last_id` (stream ids deleted), detail `since`
+//!   and `rows` (`[stream_id, message_id]` pairs, at most
+//!   `MAX_DELIVERED_PAIRS`).
+//! - `quarantined` / `expired`: `message_id`, `peer` (or where), `first_id`
+//!   (the outbox seq, if any), detail `reason` (and `where`).
+
+/// The most `[stream_id, message_id]` pairs one `delivered` row lists; the
+/// rest are counted in its `rows_total`.
+pub const MAX_DELIVERED_PAIRS: usize = 1_000;
+
+/// What an operator asked about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TraceQuery {
+    /// A message_id (an EDU's, or one minted for a local send).
+    MessageId(String),
+    /// A client txnId or a federation transaction id (either direction).
+    TxnId(String),
+    /// Either of the two: what an operator types without saying which.
+    Id(String),
+    /// A local user as sender or recipient, optionally one device.
+    User {
+        user_id: String,
+        device_id: Option<String>,
+    },
+}
+
+/// One journal row, as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TraceEvent {
+    pub id: i64,
+    /// Unix ms.
+    pub ts: i64,
+    pub kind: String,
+    pub message_id: Option<String>,
+    pub txn_id: Option<String>,
+    pub peer: Option<String>,
+    pub user_id: Option<String>,
+    pub device_id: Option<String>,
+    pub first_id: Option<i64>,
+    pub last_id: Option<i64>,
+    /// A JSON object (see the module doc for its keys per kind).
+    pub detail: String,
+}
+
+/// An inbox row still waiting for its device's `/sync` acknowledgement.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingInboxRow {
+    pub user_id: String,
+    pub device_id: String,
+    pub stream_id: i64,
+    pub message_id: String,
+}
+
+/// An EDU still queued for its destination.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueuedEdu {
+    pub destination: String,
+    pub seq: i64,
+}
+
+/// Everything the journal and the live tables hold about a query's messages.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TraceRecords {
+    /// The message ids the query matched, most recent first.
+    pub message_ids: Vec<String>,
+    /// Every journal row about them (and rows matching the query that name
+    /// no message, e.g. a transaction whose EDUs' rows were pruned), by id.
+    pub events: Vec<TraceEvent>,
+    /// Their inbox rows not yet acknowledged.
+    pub pending: Vec<PendingInboxRow>,
+    /// Their EDUs still in the outbox.
+    pub queued: Vec<QueuedEdu>,
+}
+
+/// The most messages one query traces (a user query: the most recent).
+pub const MAX_TRACED_MESSAGES: usize = 20;
+
+/// The `message_id` of a stored `m.direct_to_device` EDU. Courier's own
+/// EDUs are canonical JSON that starts with it (`todevice::pack`), so this is
+/// a prefix check; anything else is parsed.
+pub fn edu_message_id(edu_json: &str) -> Option<String> {
+    const HEAD: &str = "{\"content\":{\"message_id\":\"";
+    if let Some(rest) = edu_json.strip_prefix(HEAD)
+        && let Some(end) = rest.find('"')
+        && !rest[..end].contains('\\')
+    {
+        return Some(rest[..end].to_owned());
+    }
+    let value: serde_json::Value = serde_json::from_str(edu_json).ok()?;
+    value
+        .get("content")?
+        .get("message_id")?
+        .as_str()
+        .map(str::to_owned)
+}
+
+/// The detail of a `delivered` row: the acknowledging `since` and the
+/// `(stream_id, message_id)` pairs deleted, at most `MAX_DELIVERED_PAIRS`.
+pub fn delivered_detail(since: i64, rows: &[(i64, String)]) -> String {
+    let pairs: Vec<serde_json::Value> = rows
+        .iter()
+        .take(MAX_DELIVERED_PAIRS)
+        .map(|(stream_id, message_id)| serde_json::json!([stream_id, message_id]))
+        .collect();
+    serde_json::json!({"since": since, "rows": pairs, "rows_total": rows.len()}).to_string()
+}
+
+/// The distinct recipients of a list of local messages, sorted.
+pub fn recipients<'a>(users: impl Iterator<Item = &'a str>) -> Vec<&'a str> {
+    let mut users: Vec<&str> = users.collect();
+    users.sort_unstable();
+    users.dedup();
+    users
+}
+
+/// The users named in an `accepted` or `applied` row's detail.
+pub fn detail_recipients(detail: &str) -> Vec<String> {
+    serde_json::from_str::<serde_json::Value>(detail)
+        .ok()
+        .and_then(|v| {
+            v.get("recipients").and_then(|r| r.as_array()).map(|a| {
+                a.iter()
+                    .filter_map(|u| u.as_str().map(str::to_owned))
+                    .collect()
+            })
+        })
+        .unwrap_or_default()
+}
+
+/// Whether a `delivered` row's detail lists `message_id`.
+pub fn delivered_lists(detail: &str, message_id: &str) -> bool {
+    serde_json::from_str::<serde_json::Value>(detail)
+        .ok()
+        .and_then(|v| {
+            v.get("rows").and_then(|r| r.as_array()).map(|rows| {
+                rows.iter()
+                    .any(|pair| pair.get(1).and_then(|m| m.as_str()) == Some(message_id))
+            })
+        })
+        .unwrap_or(false)
+}
+
+/// The message ids a `delivered` row lists, in order, without repeats.
+pub fn delivered_message_ids(detail: &str) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    if let Ok(v) = serde_json::from_str::<serde_json::Value>(detail)
+        && let Some(rows) = v.get("rows").and_then(|r| r.as_array())
+    {
+        for pair in rows {
+            if let Some(m) = pair.get(1).and_then(|m| m.as_str())
+                && !m.is_empty()
+                && !out.iter().any(|o| o == m)
+            {
+                out.push(m.to_owned());
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_message_id_of_a_packed_edu_is_read_from_its_head() {
+        let edu =
+            r#"{"content":{"message_id":"AbC","messages":{}},"edu_type":"m.direct_to_device"}"#;
+        assert_eq!(edu_message_id(edu).as_deref(), Some("AbC"));
+        let other = r#"{"edu_type":"m.direct_to_device","content":{"message_id":"x\"y"}}"#;
+        assert_eq!(edu_message_id(other).as_deref(), Some("x\"y"));
+        assert_eq!(edu_message_id("{}"), None);
+    }
+
+    #[test]
+    fn a_delivered_detail_lists_its_pairs() {
+        let detail = delivered_detail(9, &[(8, "m1".into()), (9, "m2".into())]);
+        assert!(delivered_lists(&detail, "m2"));
+        assert!(!delivered_lists(&detail, "m3"));
+        assert_eq!(delivered_message_ids(&detail), vec!["m1", "m2"]);
+    }
+}
