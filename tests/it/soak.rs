@@ -797,3 +797,54 @@ async fn soak_faults_and_kills_lose_and_duplicate_nothing() {
     }
     relays.clear();
 }
+
+/// The checker itself: a loss, a duplicate, a message out of order and one
+/// never sent to the device are each found; a clean run has no problem.
+#[test]
+fn the_checker_finds_loss_duplicates_disorder_and_strangers() {
+    let devices: Vec<Device> = ["D0", "D1"]
+        .iter()
+        .map(|d| Device {
+            relay: 1,
+            user: "@u0:b".to_owned(),
+            device: (*d).to_owned(),
+            token: String::new(),
+        })
+        .collect();
+    let sent: Vec<Sent> = [
+        (1, Target::Device("D0".to_owned())),
+        (2, Target::All),
+        (3, Target::Device("D1".to_owned())),
+        (4, Target::Device("D0".to_owned())),
+    ]
+    .into_iter()
+    .map(|(seq, target)| Sent {
+        from: "@s:a/S".to_owned(),
+        to_user: "@u0:b".to_owned(),
+        target,
+        seq,
+    })
+    .collect();
+    let want = expected(&sent, &devices);
+    let s = |seq: u64| ("@s:a/S".to_owned(), seq);
+    let clean = BTreeMap::from([
+        ("@u0:b/D0".to_owned(), vec![s(1), s(2), s(4)]),
+        ("@u0:b/D1".to_owned(), vec![s(2), s(3)]),
+    ]);
+    assert_eq!(problems(&want, &clean), Vec::<String>::new());
+    let bad = BTreeMap::from([
+        ("@u0:b/D0".to_owned(), vec![s(2), s(1), s(3), s(1)]),
+        ("@u0:b/D1".to_owned(), vec![s(2)]),
+    ]);
+    assert_eq!(
+        problems(&want, &bad),
+        vec![
+            "@u0:b/D0: @s:a/S #1 after #2",
+            "@u0:b/D0: never sent to it: @s:a/S #3",
+            "@u0:b/D0: duplicate @s:a/S #1",
+            "@u0:b/D0: @s:a/S #1 after #3",
+            "@u0:b/D0: lost @s:a/S #4",
+            "@u0:b/D1: lost @s:a/S #3",
+        ]
+    );
+}
