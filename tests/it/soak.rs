@@ -25,6 +25,10 @@
 //! (sender, device); and neither relay's RSS (`VmRSS`, sampled every half
 //! second) passed [`RSS_LIMIT_KIB`].
 //!
+//! Two small tests keep the harness honest: the proxy passes TLS, answers
+//! its own `503` and stalls when told to; the checker finds each kind of
+//! problem in a made-up delivery.
+//!
 //! `COURIER_SOAK_SEED` replays a seed (it fixes the faults, the kills and
 //! the load; the timing is the machine's); `COURIER_SOAK_MINUTES=N` makes the
 //! storm last N minutes instead of [`SHORT_STORM`] (see README's "Tests").
@@ -826,6 +830,48 @@ async fn soak_faults_and_kills_lose_and_duplicate_nothing() {
         );
     }
     relays.clear();
+}
+
+/// The proxy itself, in front of a relay's federation listener: with faults
+/// off the key document passes over TLS; a forced `503` is the proxy's own
+/// answer over TLS (its body, not the relay's); a stalled connection gets
+/// no answer within a second; after `force(None)` requests pass again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fault_proxy_passes_tls_and_answers_its_own_503() {
+    use crate::support::fault_proxy::Fault;
+    use crate::support::tls_client::https_get_json;
+    let relay = crate::support::TestRelay::spawn().await;
+    let proxy = FaultProxy::start(relay.federation_addr, 1).await;
+    let get = || {
+        https_get_json(
+            proxy.addr,
+            "localhost",
+            &relay.server_name,
+            "/_matrix/key/v2/server",
+        )
+    };
+    let (status, doc) = get().await;
+    assert_eq!(status, 200, "{doc}");
+    assert_eq!(doc["server_name"], relay.server_name.as_str());
+    proxy.force(Some(Fault::Inject503));
+    let (status, body) = get().await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"], "injected by the soak's fault proxy");
+    proxy.force(Some(Fault::Stall));
+    assert!(
+        tokio::time::timeout(Duration::from_secs(1), get())
+            .await
+            .is_err(),
+        "a stalled connection answers nothing"
+    );
+    proxy.force(None);
+    let (status, _) = get().await;
+    assert_eq!(status, 200);
+    let counts: BTreeMap<&str, u64> = proxy.counts.snapshot().into_iter().collect();
+    assert_eq!(
+        (counts["passed"], counts["injected_503"], counts["stalled"]),
+        (2, 1, 1)
+    );
 }
 
 /// The checker itself: a loss, a duplicate, a message out of order and one

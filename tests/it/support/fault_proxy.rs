@@ -14,8 +14,8 @@
 //! TLS for anything but the `503`, or bind anything outside 127.0.0.1.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -168,6 +168,9 @@ pub struct FaultProxy {
     pub addr: SocketAddr,
     pub counts: Arc<FaultCounts>,
     faults_on: Arc<AtomicBool>,
+    /// A fault for every new connection instead of the drawn one (tests of
+    /// the proxy itself).
+    forced: Arc<Mutex<Option<Fault>>>,
     shutdown: CancellationToken,
 }
 
@@ -194,8 +197,10 @@ impl FaultProxy {
             addr,
             counts: Arc::new(FaultCounts::default()),
             faults_on: Arc::new(AtomicBool::new(false)),
+            forced: Arc::new(Mutex::new(None)),
             shutdown: CancellationToken::new(),
         };
+        let forced = proxy.forced.clone();
         let counts = proxy.counts.clone();
         let faults_on = proxy.faults_on.clone();
         let shutdown = proxy.shutdown.clone();
@@ -213,10 +218,11 @@ impl FaultProxy {
                 // Drawn whether or not faults are on, so the sequence
                 // depends only on the seed and the connection count.
                 let drawn = draw_fault(&mut rng);
-                let fault = if faults_on.load(Ordering::Relaxed) {
-                    drawn
-                } else {
-                    Fault::None
+                let forced = *forced.lock().unwrap_or_else(PoisonError::into_inner);
+                let fault = match forced {
+                    Some(fault) => fault,
+                    None if faults_on.load(Ordering::Relaxed) => drawn,
+                    None => Fault::None,
                 };
                 counts.count(fault);
                 let connection = Connection {
@@ -238,6 +244,12 @@ impl FaultProxy {
     /// on (connections already open keep the fault they got).
     pub fn set_faults(&self, on: bool) {
         self.faults_on.store(on, Ordering::Relaxed);
+    }
+
+    /// Gives every connection accepted from now on `fault` (`None`: back to
+    /// drawing). The draws go on, so the seed's sequence is kept.
+    pub fn force(&self, fault: Option<Fault>) {
+        *self.forced.lock().unwrap_or_else(PoisonError::into_inner) = fault;
     }
 }
 
