@@ -35,6 +35,7 @@ mod retention;
 mod rpc;
 mod scenarios;
 mod sender_metrics;
+mod soak;
 mod store_conformance;
 mod store_crash;
 mod store_crash_postgres;

@@ -2,7 +2,8 @@
 //! relays on loopback over real TLS (`relay`, `tls_client`), a plain-HTTP
 //! JSON client for the client and RPC listeners (`http`), fake remote
 //! homeservers and the outbound/sender harnesses (`fake_remote`,
-//! `outbound_env`, `sender_env`, `dns_server`), store wrappers and the shared
+//! `outbound_env`, `sender_env`, `dns_server`), the soak's TCP fault proxy
+//! (`fault_proxy`), store wrappers and the shared
 //! store suites (`counting_store`, `inhibiting_store`, `store_suite`,
 //! `store_suite_keys`, `store_suite_device_lists`), the throwaway PostgreSQL cluster (`pg`), the kill-9
 //! crash harnesses (`crash`, `crash_keys`, `crash_device_lists`), running one test in a child
@@ -22,6 +23,7 @@ pub mod crash_keys;
 pub mod dns_server;
 pub mod e2ee;
 pub mod fake_remote;
+pub mod fault_proxy;
 pub mod http;
 pub mod inhibiting_store;
 pub mod key_store_delegate;
