@@ -6,6 +6,7 @@
 //! no state and no SQL, and never serves clients (no access tokens here).
 
 mod device_lists;
+mod quarantine;
 
 use std::time::Duration;
 
@@ -101,18 +102,21 @@ pub fn router(state: AppState) -> Router {
             "/_courier/v1/destinations/{destination}/wake",
             post(post_destination_wake_route),
         )
-        .route("/_courier/v1/quarantine", get(get_quarantine_route))
+        .route(
+            "/_courier/v1/quarantine",
+            get(quarantine::get_quarantine_route),
+        )
         .route(
             "/_courier/v1/quarantine/{destination}/{seq}",
-            axum::routing::delete(delete_quarantined_route),
+            axum::routing::delete(quarantine::delete_quarantined_route),
         )
         .route(
             "/_courier/v1/quarantine/{destination}/{seq}/retry",
-            post(post_quarantined_retry_route),
+            post(quarantine::post_quarantined_retry_route),
         )
         .route(
             "/_courier/v1/quarantine/{destination}/requeue_all",
-            post(post_quarantine_requeue_all_route),
+            post(quarantine::post_quarantine_requeue_all_route),
         )
         .route("/_courier/v1/trace", get(get_trace_route))
         .route("/metrics", get(get_metrics_route))
@@ -495,118 +499,6 @@ async fn post_destination_wake_route(
     state.sender.peer_is_up(destination.as_str());
     tracing::info!(destination = %destination, "destination woken by operator");
     Ok(extract::empty_object())
-}
-
-/// `?destination=` narrows `GET /_courier/v1/quarantine`.
-#[derive(Debug, Deserialize)]
-struct QuarantineQuery {
-    destination: Option<String>,
-}
-
-/// One quarantined EDU as listed by the RPC.
-#[derive(Debug, Serialize)]
-struct QuarantinedRow {
-    destination: String,
-    seq: i64,
-    reason: String,
-    quarantined_ts: i64,
-    /// The EDU as it would have been sent.
-    edu: Value,
-}
-
-async fn get_quarantine_route(
-    State(state): State<AppState>,
-    query: Result<Query<QuarantineQuery>, QueryRejection>,
-) -> Result<Response, MatrixError> {
-    let query = extract::query(query)?;
-    let rows = state
-        .store
-        .list_quarantined(query.destination.as_deref())
-        .await
-        .map_err(|error| MatrixError::internal("quarantine listing", &error))?;
-    let quarantined: Vec<QuarantinedRow> = rows
-        .into_iter()
-        .map(|row| QuarantinedRow {
-            edu: serde_json::from_str(&row.edu_json).unwrap_or(Value::String(row.edu_json)),
-            destination: row.destination,
-            seq: row.seq,
-            reason: row.reason,
-            quarantined_ts: row.quarantined_ts,
-        })
-        .collect();
-    let body = serde_json::to_string(&json!({ "quarantined": quarantined }))
-        .map_err(|error| MatrixError::internal("quarantine listing", &error))?;
-    Ok(extract::json_text(body))
-}
-
-/// Puts a quarantined EDU back at the end of its destination's queue and
-/// wakes the destination.
-async fn post_quarantined_retry_route(
-    State(state): State<AppState>,
-    path: Result<Path<(String, i64)>, PathRejection>,
-) -> Result<Response, MatrixError> {
-    let (destination, seq) = extract::path(path)?;
-    release_quarantined(&state, &destination, seq, true).await?;
-    state.sender.peer_is_up(&destination);
-    tracing::info!(destination, seq, "quarantined EDU requeued by operator");
-    Ok(extract::empty_object())
-}
-
-/// Puts every quarantined EDU of a destination back at the end of its
-/// queue, in their original order, and wakes the destination. Answers
-/// `{"requeued": n}` (0 when nothing was quarantined).
-async fn post_quarantine_requeue_all_route(
-    State(state): State<AppState>,
-    path: Result<Path<String>, PathRejection>,
-) -> Result<Response, MatrixError> {
-    let destination = extract::path(path)?;
-    let requeued = state
-        .store
-        .requeue_quarantined(&destination)
-        .await
-        .map_err(|error| MatrixError::internal("quarantine requeue", &error))?;
-    if requeued > 0 {
-        state.sender.peer_is_up(&destination);
-    }
-    tracing::info!(
-        destination,
-        requeued,
-        "quarantined EDUs requeued by operator"
-    );
-    let body = serde_json::to_string(&json!({ "requeued": requeued }))
-        .map_err(|error| MatrixError::internal("quarantine requeue", &error))?;
-    Ok(extract::json_text(body))
-}
-
-/// Deletes a quarantined EDU for good.
-async fn delete_quarantined_route(
-    State(state): State<AppState>,
-    path: Result<Path<(String, i64)>, PathRejection>,
-) -> Result<Response, MatrixError> {
-    let (destination, seq) = extract::path(path)?;
-    release_quarantined(&state, &destination, seq, false).await?;
-    tracing::info!(destination, seq, "quarantined EDU dropped by operator");
-    Ok(extract::empty_object())
-}
-
-async fn release_quarantined(
-    state: &AppState,
-    destination: &str,
-    seq: i64,
-    requeue: bool,
-) -> Result<(), MatrixError> {
-    let existed = state
-        .store
-        .release_quarantined(destination, seq, requeue)
-        .await
-        .map_err(|error| MatrixError::internal("quarantine release", &error))?;
-    if existed {
-        Ok(())
-    } else {
-        Err(MatrixError::not_found_resource(format!(
-            "no quarantined EDU {seq} for {destination}"
-        )))
-    }
 }
 
 async fn get_metrics_route(State(state): State<AppState>) -> Response {

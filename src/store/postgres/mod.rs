@@ -54,6 +54,7 @@ mod remote_devices;
 mod retention;
 mod schema;
 mod send;
+mod server_keys;
 pub mod tls;
 mod trace;
 mod wakeup;
@@ -655,13 +656,17 @@ impl Store for PostgresStore {
     }
 
     fn server_keys<'a>(&'a self, server_name: &'a str) -> StoreFuture<'a, Vec<StoredServerKey>> {
-        Box::pin(on_client!(self, |c| outbox::server_keys(&c, server_name).await))
+        Box::pin(on_client!(self, |c| server_keys::server_keys(
+            &c,
+            server_name
+        )
+        .await))
     }
 
     fn put_server_keys(&self, keys: Vec<StoredServerKey>) -> StoreFuture<'_, ()> {
         Box::pin(async move {
             let keys = &keys;
-            on_client!(self, |c| outbox::put_server_keys(&mut c, keys).await).await
+            on_client!(self, |c| server_keys::put_server_keys(&mut c, keys).await).await
         })
     }
 
