@@ -383,6 +383,34 @@ pub enum ExpiredMessage {
 }
 
 impl ExpiredMessage {
+    /// What the trace journal records for this row, if it has a
+    /// `message_id` to be traced by: the id, where it was, and why it went
+    /// (`courier trace` shows it as expired).
+    pub fn trace_entry(&self) -> Option<(&str, String, &'static str)> {
+        match self {
+            ExpiredMessage::Inbox(m) if !m.message_id.is_empty() => Some((
+                m.message_id.as_str(),
+                format!(
+                    "inbox of {} {} (stream {})",
+                    m.user_id, m.device_id, m.stream_id
+                ),
+                m.reason.as_str(),
+            )),
+            ExpiredMessage::Outbox(ExpiredOutboxEdu {
+                id: OutboxEduId::ToDevice { message_id },
+                destination,
+                seq,
+                held,
+                ..
+            }) => Some((
+                message_id.as_str(),
+                format!("outbox of {destination} (seq {seq}, {})", held.as_str()),
+                ExpiryReason::DeadDestination.as_str(),
+            )),
+            _ => None,
+        }
+    }
+
     pub fn reason(&self) -> ExpiryReason {
         match self {
             ExpiredMessage::Inbox(m) => m.reason,

@@ -65,8 +65,22 @@ async fn a_message_is_traced_on_both_relays() {
     let ack = b.sync("tok-bob", Some(&since), 0).await;
     assert_eq!(ack.status, 200);
 
-    // The sender's side, by the client's txnId.
-    let sent = trace_of(&a, "client-txn-1").await;
+    // The sender's side, by the client's txnId. B may hand the message to
+    // its client before A has read B's 200 and acknowledged the
+    // transaction: wait (bounded) until A's journal has the ack.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let sent = loop {
+        let sent = trace_of(&a, "client-txn-1").await;
+        let acked = sent
+            .messages
+            .first()
+            .and_then(|m| m.edus.first())
+            .is_some_and(|e| e.acknowledged);
+        if acked || std::time::Instant::now() > deadline {
+            break sent;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     assert_eq!(sent.messages.len(), 1);
     let m = &sent.messages[0];
     let send = m.accepted.as_ref().expect("accepted from a client send");

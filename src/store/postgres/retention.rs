@@ -30,14 +30,14 @@ pub async fn expire(
     let tx = c.transaction().await?;
     let mut expired = Vec::new();
     let ttl = inbox_past_ttl(&tx, now_ms, policy, batch).await?;
-    expired.extend(retire_rows(&tx, ttl).await?);
+    expired.extend(retire_rows(&tx, now_ms, ttl).await?);
     if let Some(cap) = policy.inbox_cap {
         let over = inbox_over_cap(&tx, cap, batch).await?;
-        expired.extend(retire_rows(&tx, over).await?);
+        expired.extend(retire_rows(&tx, now_ms, over).await?);
     }
     if let Some(dead_ms) = policy.dead_destination_ms {
         let dead = dead_destination_rows(&tx, now_ms.saturating_sub(dead_ms), batch).await?;
-        expired.extend(retire_rows(&tx, dead).await?);
+        expired.extend(retire_rows(&tx, now_ms, dead).await?);
     }
     tx.commit().await?;
     Ok(expired)
@@ -48,6 +48,7 @@ pub async fn expire(
 /// them (a row another worker deleted meanwhile is left out).
 async fn retire_rows(
     tx: &Transaction<'_>,
+    now_ms: TimestampMs,
     expired: Vec<ExpiredMessage>,
 ) -> Result<Vec<ExpiredMessage>, Fail> {
     if expired.is_empty() {
@@ -109,6 +110,12 @@ async fn retire_rows(
             ExpiredMessage::Outbox(e) => gone_outbox.contains(&e.seq),
         })
         .collect();
+    // In the same transaction: `courier trace` shows why each went.
+    for row in &deleted {
+        if let Some((message_id, place, reason)) = row.trace_entry() {
+            super::trace::record_expired(tx, now_ms, message_id, &place, reason).await?;
+        }
+    }
     let add = tx
         .prepare_cached(
             "INSERT INTO expiry_totals (kind, reason, count) VALUES ($1, $2, $3)

@@ -27,16 +27,16 @@ pub fn expire(
     let batch = u64::from(batch.max(1));
     let mut expired = Vec::new();
     let ttl = inbox_past_ttl(conn, now_ms, policy, batch)?;
-    retire_rows(conn, &ttl)?;
+    retire_rows(conn, now_ms, &ttl)?;
     expired.extend(ttl);
     if let Some(cap) = policy.inbox_cap {
         let over = inbox_over_cap(conn, cap, batch)?;
-        retire_rows(conn, &over)?;
+        retire_rows(conn, now_ms, &over)?;
         expired.extend(over);
     }
     if let Some(dead_ms) = policy.dead_destination_ms {
         let dead = dead_destination_rows(conn, now_ms.saturating_sub(dead_ms), batch)?;
-        retire_rows(conn, &dead)?;
+        retire_rows(conn, now_ms, &dead)?;
         expired.extend(dead);
     }
     Ok(expired)
@@ -45,7 +45,11 @@ pub fn expire(
 /// The one place an expired row leaves the store: deletes each row named
 /// in `expired` and adds them to `expiry_totals`, in the caller's
 /// transaction.
-fn retire_rows(conn: &Connection, expired: &[ExpiredMessage]) -> Result<(), StoreError> {
+fn retire_rows(
+    conn: &Connection,
+    now_ms: TimestampMs,
+    expired: &[ExpiredMessage],
+) -> Result<(), StoreError> {
     let mut inbox = conn.prepare_cached("DELETE FROM device_inbox WHERE stream_id = ?1")?;
     let mut outbox =
         conn.prepare_cached("DELETE FROM outbox WHERE destination = ?1 AND seq = ?2")?;
@@ -59,6 +63,10 @@ fn retire_rows(conn: &Connection, expired: &[ExpiredMessage]) -> Result<(), Stor
             }
             ExpiredMessage::Outbox(e) => outbox.execute((&e.destination, e.seq))?,
         };
+        // In the same transaction: `courier trace` shows why it went.
+        if let Some((message_id, place, reason)) = row.trace_entry() {
+            super::trace::record_expired(conn, now_ms, message_id, &place, reason)?;
+        }
     }
     let mut add = conn.prepare_cached(
         "INSERT INTO expiry_totals (kind, reason, count) VALUES (?1, ?2, ?3)

@@ -139,6 +139,24 @@ pub async fn inbox_ttl_per_pattern_keeps_unmatched_types(harness: &Harness) {
         })]
     );
     assert_eq!(inbox_ids(s, ALICE, "A").await, vec!["req", "done", "olm"]);
+    // The trace journal says where it was and why it went, written in the
+    // expiry's own transaction.
+    let query = courier::store::trace::TraceQuery::Id("start".into());
+    let records = s.trace_journal(&query).await.expect("trace");
+    let report = courier::trace::assemble("start", &records, true);
+    assert!(report.found);
+    let ends = &report.messages[0].ends;
+    assert_eq!(ends.len(), 1, "{ends:?}");
+    assert_eq!(ends[0].kind, "expired");
+    assert_eq!(ends[0].ts, NOW + DAY);
+    assert_eq!(ends[0].reason.as_deref(), Some("ttl"));
+    assert!(
+        ends[0]
+            .place
+            .as_deref()
+            .is_some_and(|p| p.starts_with(&format!("inbox of {ALICE} A"))),
+        "{ends:?}"
+    );
     let expired = s
         .expire(NOW + 7 * DAY + 1, &policy, 100)
         .await
