@@ -25,6 +25,14 @@ fn has_series(text: &str, name: &str, destination: &str) -> bool {
         .any(|line| line.starts_with(&format!("{name}{{")) && line.contains(&label))
 }
 
+/// The value of the series `name` for `destination`, if present.
+fn series_value(text: &str, name: &str, destination: &str) -> Option<f64> {
+    let label = format!("destination=\"{destination}\"");
+    text.lines()
+        .find(|line| line.starts_with(&format!("{name}{{")) && line.contains(&label))
+        .and_then(|line| line.rsplit(' ').next()?.parse().ok())
+}
+
 /// Set in the child process that runs the test alone.
 const CHILD_ENV: &str = "IT_SENDER_METRICS_CHILD";
 
@@ -83,6 +91,8 @@ async fn series_retire_when_nothing_is_queued() {
         let both = [&d0, &d1].iter().all(|d| {
             has_series(&text, "courier_outbox_pending_edus", d)
                 && has_series(&text, "courier_outbox_oldest_age_seconds", d)
+                && has_series(&text, "courier_federation_destination_failures", d)
+                && has_series(&text, "courier_federation_backoff_seconds", d)
         });
         if both || start.elapsed() > Duration::from_secs(44) {
             break both;
@@ -104,7 +114,9 @@ async fn series_retire_when_nothing_is_queued() {
     let retired = loop {
         let text = metrics.render();
         let d0_gone = !has_series(&text, "courier_outbox_pending_edus", &d0)
-            && !has_series(&text, "courier_outbox_oldest_age_seconds", &d0);
+            && !has_series(&text, "courier_outbox_oldest_age_seconds", &d0)
+            && !has_series(&text, "courier_federation_destination_failures", &d0)
+            && !has_series(&text, "courier_federation_backoff_seconds", &d0);
         if d0_gone && has_series(&text, "courier_outbox_pending_edus", &d1) {
             break true;
         }
@@ -117,6 +129,19 @@ async fn series_retire_when_nothing_is_queued() {
     assert!(
         retired,
         "d0's series retired while d1 (still queued) keeps its own"
+    );
+    // d1, down for good, shows its backoff state: failures counted and a
+    // wait until its next attempt.
+    let text = metrics.render();
+    assert!(
+        series_value(&text, "courier_federation_destination_failures", &d1)
+            .is_some_and(|failures| failures >= 1.0),
+        "{text}"
+    );
+    assert!(
+        series_value(&text, "courier_federation_backoff_seconds", &d1)
+            .is_some_and(|wait| (0.0..=10.0).contains(&wait)),
+        "{text}"
     );
     h.stop().await;
 }

@@ -314,12 +314,23 @@ async fn refresh_gauges(
                     .map_or(0.0, |ts| (now.saturating_sub(ts).max(0) as f64) / 1000.0);
                 metrics::gauge!("courier_outbox_oldest_age_seconds", "destination" => destination.clone())
                     .set(age);
+                // The backoff state: consecutive failures, and how long
+                // until the next attempt may go (0 when not backing off).
+                metrics::gauge!("courier_federation_destination_failures", "destination" => destination.clone())
+                    .set(f64::from(status.retry.failures));
+                let wait = status.retry.retry_after_ms.saturating_sub(now).max(0) as f64 / 1000.0;
+                metrics::gauge!("courier_federation_backoff_seconds", "destination" => destination.clone())
+                    .set(wait);
                 current.insert(destination);
             }
             for gone in reported.difference(&current) {
                 metrics::gauge!("courier_outbox_pending_edus", "destination" => gone.clone())
                     .set(0.0);
                 metrics::gauge!("courier_outbox_oldest_age_seconds", "destination" => gone.clone())
+                    .set(0.0);
+                metrics::gauge!("courier_federation_destination_failures", "destination" => gone.clone())
+                    .set(0.0);
+                metrics::gauge!("courier_federation_backoff_seconds", "destination" => gone.clone())
                     .set(0.0);
             }
             *reported = current;
