@@ -253,6 +253,45 @@ pub struct InFlightTxn {
     pub body: String,
 }
 
+/// The transaction `Store::advance` records next: the destination's oldest
+/// queued rows (at most `max_edus`, stopping before `max_bytes` as
+/// `peek_outbox` does) under `txn_id`, with the body `build` makes of them.
+pub struct NextTxn {
+    pub txn_id: String,
+    pub max_edus: u32,
+    pub max_bytes: u64,
+    /// Makes the exact request body from the rows peeked, in order; it may
+    /// rewrite their `edu_json` first (device-list `prev_id`). It runs
+    /// inside the store's transaction, so it must be cheap and must not
+    /// touch the store. It may run more than once (a PostgreSQL
+    /// transaction retried after a serialization failure) and must give
+    /// the same bytes for the same rows.
+    pub build: Box<dyn Fn(&mut [OutboxEdu]) -> String + Send + Sync>,
+}
+
+impl NextTxn {
+    /// The record of `edus` (non-empty) for `destination`, body built.
+    pub fn record(&self, destination: &str, mut edus: Vec<OutboxEdu>) -> InFlightTxn {
+        let body = (self.build)(&mut edus);
+        InFlightTxn {
+            destination: destination.to_owned(),
+            txn_id: self.txn_id.clone(),
+            seqs: edus.iter().map(|e| e.seq).collect(),
+            body,
+        }
+    }
+}
+
+impl std::fmt::Debug for NextTxn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NextTxn")
+            .field("txn_id", &self.txn_id)
+            .field("max_edus", &self.max_edus)
+            .field("max_bytes", &self.max_bytes)
+            .finish_non_exhaustive()
+    }
+}
+
 /// Persisted retry state of a destination.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct RetryState {
@@ -505,10 +544,11 @@ pub trait Store: KeyStore + DeviceListStore + Send + Sync + 'static {
         max_bytes: u64,
     ) -> StoreFuture<'a, Vec<OutboxEdu>>;
 
-    // The outbox writes of a destination task are fenced (these five, and
-    // `restore_quarantined` and `set_refusal_state` below): each takes
-    // the `Fence` of the caller's lease and, if the lease has been claimed
-    // since, changes nothing and fails with `StoreError::Fenced`.
+    // The outbox writes of a destination task are fenced (these five,
+    // `advance`, and `restore_quarantined` and `set_refusal_state` below):
+    // each takes the `Fence` of the caller's lease and, if the lease has
+    // been claimed since, changes nothing and fails with
+    // `StoreError::Fenced`.
 
     /// Records the transaction about to be sent. Fails if another is already
     /// recorded for the destination.
@@ -523,6 +563,40 @@ pub trait Store: KeyStore + DeviceListStore + Send + Sync + 'static {
         txn_id: &'a str,
         now_ms: TimestampMs,
     ) -> StoreFuture<'a, ()>;
+
+    /// One step of a destination's pipeline as one atomic write: if
+    /// `acked` is `(txn_id, now_ms)`, acknowledges it exactly as `ack_txn`
+    /// does; then records the next transaction from the oldest queued rows
+    /// (`peek_outbox` + `begin_txn`) and returns it, or `None` when nothing
+    /// is queued. A crash keeps either all of it or none of it, so the
+    /// transaction returned is recorded before anyone can send it. An ack
+    /// of a txn that is no longer recorded deletes nothing; if another
+    /// transaction is recorded, recording the next fails and the whole step
+    /// changes nothing. Fenced like the writes below. The default composes
+    /// the three operations (each atomic on its own, which the sender also
+    /// tolerates); the backends do it in one commit.
+    fn advance<'a>(
+        &'a self,
+        fence: &'a Fence,
+        destination: &'a str,
+        acked: Option<(&'a str, TimestampMs)>,
+        next: NextTxn,
+    ) -> StoreFuture<'a, Option<InFlightTxn>> {
+        Box::pin(async move {
+            if let Some((txn_id, now_ms)) = acked {
+                self.ack_txn(fence, destination, txn_id, now_ms).await?;
+            }
+            let edus = self
+                .peek_outbox(destination, next.max_edus, next.max_bytes)
+                .await?;
+            if edus.is_empty() {
+                return Ok(None);
+            }
+            let txn = next.record(destination, edus);
+            self.begin_txn(fence, txn.clone()).await?;
+            Ok(Some(txn))
+        })
+    }
 
     /// The peer refused the transaction's payload: drops the in-flight record
     /// (its rows stay queued) and, if it carried exactly one EDU, counts a

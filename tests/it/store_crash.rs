@@ -18,6 +18,7 @@ use crate::support::child;
 use crate::support::crash;
 use crate::support::crash_device_lists;
 use crate::support::crash_keys;
+use crate::support::crash_outbox;
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -198,4 +199,54 @@ fn kill9_keeps_device_changes_and_their_updates_together() {
         started.elapsed(),
         ledger.summary()
     );
+}
+
+const PIPELINE_CHILD_ENV: &str = "COURIER_CRASH_PIPELINE_CHILD";
+const PIPELINE_TEST_FN: &str = "kill9_keeps_the_sender_pipeline_exact";
+
+/// The sender's store step under kill -9 (`support::crash_outbox`): a
+/// child enqueues and advances (ack + next record in one commit) until
+/// killed; after every kill no acknowledged row is lost, reordered or
+/// deleted unacknowledged, and the recorded transaction is the last one
+/// reported (same bytes) or, if its ack committed unseen, its successor.
+#[test]
+fn kill9_keeps_the_sender_pipeline_exact() {
+    if let Ok(db) = std::env::var(PIPELINE_CHILD_ENV) {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("child runtime");
+        runtime.block_on(async {
+            let store: Arc<dyn Store> =
+                Arc::new(SqliteStore::open(Path::new(&db)).await.expect("child open"));
+            crash_outbox::pipeline_until_killed(store, Duration::from_secs(60), false).await;
+        });
+        return;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let db = dir.path().join("pipeline.db");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let mut ledger = crash_outbox::Ledger::default();
+    let test_name = child::exact_test_name(module_path!(), PIPELINE_TEST_FN);
+    for round in 0..ROUNDS {
+        let lines = crash::kill_round(
+            &test_name,
+            (PIPELINE_CHILD_ENV, db.as_os_str()),
+            round,
+            || {},
+        );
+        ledger.take(&lines);
+        runtime.block_on(async {
+            let store = SqliteStore::open(&db).await.expect("reopen after kill");
+            ledger.check(&store).await;
+            store.close().await.expect("close");
+        });
+    }
+    assert!(ledger.steps > ROUNDS, "the children advanced the pipeline");
+    eprintln!("{ROUNDS} kills, {} pipeline steps checked", ledger.steps);
 }

@@ -43,14 +43,11 @@ use tracing::Instrument;
 
 use crate::config::Config;
 use crate::federation::outbound::client::FederationClient;
-use crate::federation::outbound::client_error::ClientError;
-use crate::federation::sender::backoff;
 use crate::federation::sender::transaction::{
-    MAX_EDU_BYTES, MAX_EDUS, TxnFailure, TxnIds, build_body, rejects_our_key,
+    MAX_EDUS, TxnFailure, TxnIds, carried_message_ids, next_txn, rejects_our_key,
 };
 use crate::identifiers::ServerName;
-use crate::store::device_lists::finish_outbound_edu;
-use crate::store::{Fence, InFlightTxn, OutboxEdu, RefusalState, RetryState, Store, StoreError};
+use crate::store::{Fence, InFlightTxn, RefusalState, RetryState, Store, StoreError};
 
 /// An idle task ends after this long without work.
 pub const IDLE_EXIT: Duration = Duration::from_secs(60);
@@ -112,7 +109,7 @@ pub struct DestinationTask {
     refusals_loaded: bool,
     /// The last attempt succeeded and the outbox was empty: a `PeerIsUp`
     /// while idle has nothing to reset or send, and costs no store access.
-    clean: bool,
+    pub(super) clean: bool,
     /// This task settled the last recorded transaction (acked or refused)
     /// and has not recorded another: the next step need not read the
     /// in-flight record back. False at start and after any store error, so
@@ -120,15 +117,19 @@ pub struct DestinationTask {
     /// found (and `begin_txn` refuses a second one in any case).
     pub(super) settled: bool,
     /// When this task last warned that the peer rejects our signing key.
-    key_rejected_warned: Option<Instant>,
+    pub(super) key_rejected_warned: Option<Instant>,
     /// The fence of the lease acquired last (`holds_lease`), which every
     /// outbox write passes. None before the first check and once lost.
     fence: Option<Fence>,
+    /// The next transaction, recorded by `advance` together with the ack
+    /// of the last one: sent without another store read.
+    prepared: Option<InFlightTxn>,
+    /// When `holds_lease` last found the lease held.
+    lease_checked: Option<Instant>,
+    /// A `PeerIsUp` taken from the channel while sending (wakes are
+    /// drained before each outbox read); honoured once the step ends.
+    peer_up_pending: bool,
 }
-
-/// The least time between two "peer rejects our signing key" warnings for
-/// one destination.
-const KEY_REJECTED_WARN_EVERY: Duration = Duration::from_secs(60);
 
 impl DestinationTask {
     pub fn new(
@@ -151,6 +152,9 @@ impl DestinationTask {
             settled: false,
             key_rejected_warned: None,
             fence: None,
+            prepared: None,
+            lease_checked: None,
+            peer_up_pending: false,
         }
     }
 
@@ -178,6 +182,12 @@ impl DestinationTask {
                         // the last transaction was in flight) is answered by
                         // this one look at the store.
                         let signal = signal.map(|first| self.coalesce(first));
+                        if std::mem::take(&mut self.peer_up_pending)
+                            && signal == Some(Signal::Wake)
+                            && !self.clean
+                        {
+                            self.reset_backoff().await;
+                        }
                         match signal {
                             None => return,
                             Some(Signal::PeerIsUp) if self.clean => State::Idle,
@@ -187,6 +197,10 @@ impl DestinationTask {
                             }
                             Some(Signal::Wake) => State::Sending,
                         }
+                    }
+                    State::BackingOff { .. } if std::mem::take(&mut self.peer_up_pending) => {
+                        self.reset_backoff().await;
+                        State::Sending
                     }
                     State::BackingOff { until } => {
                         tokio::select! {
@@ -325,19 +339,30 @@ impl DestinationTask {
         // the permits bound sends in flight, and a destination whose
         // discovery is slow (bounded by `discovery_timeout`) must not hold
         // one while healthy destinations wait.
-        let Some(fence) = self.holds_lease().await? else {
-            self.refusals_loaded = false;
-            return Ok(Step::Drained);
+        // A transaction `advance` just recorded under a lease checked less
+        // than `recheck_ms` ago goes out under that check: its record's
+        // commit checked the fence in the same transaction.
+        let recent = self.lease_checked.filter(|at| {
+            self.prepared.is_some() && at.elapsed() < shared.config.worker.recheck_after
+        });
+        let (fence, leased_at) = match (recent, self.fence.clone()) {
+            (Some(at), Some(fence)) => (fence, at),
+            _ => {
+                let Some(fence) = self.holds_lease().await? else {
+                    self.refusals_loaded = false;
+                    return Ok(Step::Drained);
+                };
+                (fence, Instant::now())
+            }
         };
-        let leased_at = Instant::now();
         if !self.refusals_loaded {
             self.refusals = store.refusal_state(&self.destination).await?;
             self.refusals_loaded = true;
         }
-        let recorded = if self.settled {
-            None
-        } else {
-            store.in_flight(&self.destination).await?
+        let recorded = match self.prepared.take() {
+            Some(txn) => Some(txn),
+            None if self.settled => None,
+            None => store.in_flight(&self.destination).await?,
         };
         let txn = match recorded {
             Some(txn) => txn,
@@ -347,27 +372,17 @@ impl DestinationTask {
                     .split_limit
                     .unwrap_or(MAX_EDUS)
                     .clamp(1, MAX_EDUS);
-                let mut edus = store
-                    .peek_outbox(&self.destination, limit, MAX_EDU_BYTES)
-                    .await?;
-                finish_device_list_edus(&mut edus, shared.config.e2ee.device_names_over_federation);
-                if edus.is_empty() {
-                    return self.nothing_queued().await;
-                }
-                let body = build_body(
-                    shared.config.server_name.as_str(),
-                    crate::clock::now_ms(),
-                    &edus,
-                );
-                let txn = InFlightTxn {
-                    destination: self.destination.clone(),
-                    txn_id: shared.txn_ids.next(),
-                    seqs: edus.iter().map(|e| e.seq).collect(),
-                    body,
-                };
+                self.take_wakes();
                 self.settled = false;
-                store.begin_txn(&fence, txn.clone()).await?;
-                txn
+                let next = next_txn(&shared.config, &shared.txn_ids, limit);
+                match store.advance(&fence, &self.destination, None, next).await? {
+                    Some(txn) => txn,
+                    None => {
+                        // Nothing was recorded.
+                        self.settled = true;
+                        return self.nothing_queued().await;
+                    }
+                }
             }
         };
         let span = tracing::info_span!("txn", txn_id = %txn.txn_id, edus = txn.seqs.len());
@@ -402,11 +417,27 @@ impl DestinationTask {
             .await?;
         if fence.is_none() {
             tracing::debug!(worker = %worker.name, "destination leased by another worker");
-            // The owner may record transactions meanwhile.
+            // The owner may record transactions meanwhile (and send the
+            // one prepared here).
             self.settled = false;
+            self.prepared = None;
+            self.lease_checked = None;
+        } else {
+            self.lease_checked = Some(Instant::now());
         }
         self.fence.clone_from(&fence);
         Ok(fence)
+    }
+
+    /// Empties the signal channel just before an outbox read: every wake
+    /// sent so far is answered by that read. A `PeerIsUp` among them is
+    /// kept for when the step ends.
+    fn take_wakes(&mut self) {
+        while let Ok(signal) = self.signals.try_recv() {
+            if signal == Signal::PeerIsUp {
+                self.peer_up_pending = true;
+            }
+        }
     }
 
     /// The fence every outbox write passes: the one `holds_lease` got last.
@@ -428,6 +459,8 @@ impl DestinationTask {
         self.settled = false;
         self.refusals_loaded = false;
         self.fence = None;
+        self.prepared = None;
+        self.lease_checked = None;
     }
 
     /// Resolves the destination, then sends `txn` under a send permit. The
@@ -465,24 +498,41 @@ impl DestinationTask {
         };
         let error = match result {
             Ok(_) => {
-                store
-                    .ack_txn(
-                        &self.fence()?,
-                        &self.destination,
-                        &txn.txn_id,
-                        crate::clock::now_ms(),
-                    )
-                    .await?;
-                // ack_txn also reset the persisted retry state.
+                let acked = Some((txn.txn_id.as_str(), crate::clock::now_ms()));
+                if self.refusals == RefusalState::default() {
+                    // Not narrowing: the ack and the next transaction's
+                    // record are one commit, and the next send needs no
+                    // further read.
+                    self.take_wakes();
+                    self.settled = false;
+                    let next = next_txn(&shared.config, &shared.txn_ids, MAX_EDUS);
+                    self.prepared = store
+                        .advance(&self.fence()?, &self.destination, acked, next)
+                        .await?;
+                    self.settled = self.prepared.is_none();
+                } else {
+                    // Narrowing: `accepted` decides what the next batch is.
+                    let (txn_id, now_ms) = acked.unwrap_or_default();
+                    store
+                        .ack_txn(&self.fence()?, &self.destination, txn_id, now_ms)
+                        .await?;
+                    self.settled = true;
+                }
+                // The ack also reset the persisted retry state.
                 self.clean = true;
-                self.settled = true;
                 tracing::debug!("delivered");
                 metrics::counter!("courier_federation_transactions_total", "outcome" => "ok")
                     .increment(1);
                 metrics::counter!("courier_federation_edus_sent_total")
                     .increment(txn.seqs.len() as u64);
                 self.accepted(&txn).await?;
-                return Ok(Step::Continue);
+                return Ok(match self.prepared {
+                    Some(_) => Step::Continue,
+                    // Nothing more was queued when the ack committed: a
+                    // wake for anything newer is still in the channel.
+                    None if self.refusals == RefusalState::default() => Step::Drained,
+                    None => Step::Continue,
+                });
             }
             Err(error) => {
                 let failure = TxnFailure::from_client(&error, shared.client.key_id());
@@ -500,99 +550,4 @@ impl DestinationTask {
             TxnFailure::Refused { status, reason } => self.refused(&txn, status, reason).await,
         }
     }
-
-    /// Warns that the peer rejects our signing key, at most once a minute
-    /// for this destination (every retry would otherwise say it again).
-    fn warn_key_rejected(&mut self, error: &ClientError) {
-        let now = Instant::now();
-        if self
-            .key_rejected_warned
-            .is_some_and(|at| now.duration_since(at) < KEY_REJECTED_WARN_EVERY)
-        {
-            return;
-        }
-        self.key_rejected_warned = Some(now);
-        tracing::warn!(
-            key_id = self.shared.client.key_id(),
-            %error,
-            "peer rejects our signing key (it may have cached another key under this id; \
-             see `courier keygen --rotate`)"
-        );
-    }
-
-    /// Persists the failure and the time of the next attempt.
-    pub(super) async fn back_off(
-        &mut self,
-        reason: String,
-        after: Option<Duration>,
-    ) -> Result<Step, StoreError> {
-        let store = &self.shared.store;
-        let policy = self.shared.config.federation.retry;
-        let previous = store.retry_state(&self.destination).await?;
-        let (failures, delay) = match after {
-            // A peer's Retry-After is honoured (up to the cap) and is not a
-            // failure of the peer.
-            Some(after) => (previous.failures, after.min(policy.max)),
-            None => {
-                let failures = previous.failures.saturating_add(1);
-                (
-                    failures,
-                    backoff::delay(&policy, failures, backoff::jitter_sample()),
-                )
-            }
-        };
-        let state = RetryState {
-            failures,
-            retry_after_ms: crate::clock::now_ms()
-                .saturating_add(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX)),
-            last_success_ms: previous.last_success_ms,
-            last_error: Some(reason.clone()),
-        };
-        self.clean = false;
-        store
-            .set_retry_state(&self.fence()?, &self.destination, &state)
-            .await?;
-        metrics::counter!("courier_federation_retries_total").increment(1);
-        tracing::info!(failures, ?delay, %reason, "send failed; backing off");
-        Ok(Step::Wait(delay))
-    }
-}
-
-/// Gives each device-list EDU of a peek its `prev_id` and the display-name
-/// rule (`store::device_lists::finish_outbound_edu`), before the body is
-/// built and recorded: a retry resends these exact bytes.
-fn finish_device_list_edus(edus: &mut [OutboxEdu], names_over_federation: bool) {
-    for edu in edus.iter_mut() {
-        if let Some(meta) = &edu.device_list {
-            edu.edu_json = finish_outbound_edu(&edu.edu_json, meta, names_over_federation);
-        }
-    }
-}
-
-/// The `message_id`s of the to-device EDUs in a transaction body, in order
-/// (for the log line of each attempt; device-list EDUs have none). A body
-/// that does not parse (only a corrupt store records one) names none.
-fn carried_message_ids(body: &str) -> Vec<String> {
-    #[derive(serde::Deserialize)]
-    struct Body {
-        #[serde(default)]
-        edus: Vec<Edu>,
-    }
-    #[derive(serde::Deserialize)]
-    struct Edu {
-        #[serde(default)]
-        content: Content,
-    }
-    #[derive(serde::Deserialize, Default)]
-    struct Content {
-        message_id: Option<String>,
-    }
-    serde_json::from_str::<Body>(body)
-        .map(|b| {
-            b.edus
-                .into_iter()
-                .filter_map(|e| e.content.message_id)
-                .collect()
-        })
-        .unwrap_or_default()
 }

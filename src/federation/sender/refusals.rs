@@ -4,15 +4,81 @@
 //! destination refusing) and what an accepted one does (confirm probation,
 //! end the mark and the narrowing). The rules are in `destination.rs`'s
 //! module doc; this file only applies them, as more methods of
-//! `DestinationTask`.
+//! `DestinationTask`. Also the plain failure: `back_off` on the persisted
+//! schedule, and the warning for a peer that rejects our signing key.
 //!
 //! It does not send anything or choose what to send next.
 
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::federation::outbound::client_error::ClientError;
 use crate::federation::sender::backoff;
 use crate::federation::sender::destination::{DestinationTask, Step};
-use crate::store::{InFlightTxn, RefusalState, StoreError};
+use crate::store::{InFlightTxn, RefusalState, RetryState, StoreError};
+
+/// The least time between two "peer rejects our signing key" warnings for
+/// one destination.
+const KEY_REJECTED_WARN_EVERY: Duration = Duration::from_secs(60);
 
 impl DestinationTask {
+    /// Warns that the peer rejects our signing key, at most once a minute
+    /// for this destination (every retry would otherwise say it again).
+    pub(super) fn warn_key_rejected(&mut self, error: &ClientError) {
+        let now = Instant::now();
+        if self
+            .key_rejected_warned
+            .is_some_and(|at| now.duration_since(at) < KEY_REJECTED_WARN_EVERY)
+        {
+            return;
+        }
+        self.key_rejected_warned = Some(now);
+        tracing::warn!(
+            key_id = self.shared.client.key_id(),
+            %error,
+            "peer rejects our signing key (it may have cached another key under this id; \
+             see `courier keygen --rotate`)"
+        );
+    }
+
+    /// Persists the failure and the time of the next attempt.
+    pub(super) async fn back_off(
+        &mut self,
+        reason: String,
+        after: Option<Duration>,
+    ) -> Result<Step, StoreError> {
+        let store = &self.shared.store;
+        let policy = self.shared.config.federation.retry;
+        let previous = store.retry_state(&self.destination).await?;
+        let (failures, delay) = match after {
+            // A peer's Retry-After is honoured (up to the cap) and is not a
+            // failure of the peer.
+            Some(after) => (previous.failures, after.min(policy.max)),
+            None => {
+                let failures = previous.failures.saturating_add(1);
+                (
+                    failures,
+                    backoff::delay(&policy, failures, backoff::jitter_sample()),
+                )
+            }
+        };
+        let state = RetryState {
+            failures,
+            retry_after_ms: crate::clock::now_ms()
+                .saturating_add(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX)),
+            last_success_ms: previous.last_success_ms,
+            last_error: Some(reason.clone()),
+        };
+        self.clean = false;
+        store
+            .set_retry_state(&self.fence()?, &self.destination, &state)
+            .await?;
+        metrics::counter!("courier_federation_retries_total").increment(1);
+        tracing::info!(failures, ?delay, %reason, "send failed; backing off");
+        Ok(Step::Wait(delay))
+    }
+
     /// Writes the refusal history if `next` differs from what is stored.
     async fn save_refusals(&mut self, next: RefusalState) -> Result<(), StoreError> {
         if next != self.refusals {

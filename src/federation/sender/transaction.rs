@@ -3,13 +3,17 @@
 //! (verbatim, by concatenation, never re-serialized), the limits, and the
 //! `TxnFailure` enum whose variants are the sender's decisions.
 //!
-//! Nothing here does I/O; the destination task does.
+//! Also what a destination task records next (`next_txn`: the body builder
+//! `Store::advance` runs on the rows it peeks) and the message ids a body
+//! carries, for the log. Nothing here does I/O; the destination task does.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use crate::config::Config;
 use crate::federation::outbound::client_error::ClientError;
-use crate::store::{OutboxEdu, TimestampMs};
+use crate::store::device_lists::finish_outbound_edu;
+use crate::store::{NextTxn, OutboxEdu, TimestampMs};
 
 /// EDUs per transaction (spec limit).
 pub const MAX_EDUS: u32 = 100;
@@ -82,6 +86,64 @@ const CANONICAL_PREFIX: &str = "{\"edus\":[";
 /// canonical order) are signed over their parsed form instead.
 pub fn is_canonical_layout(body: &[u8]) -> bool {
     body.starts_with(CANONICAL_PREFIX.as_bytes())
+}
+
+/// What `Store::advance` records next for a destination: at most `limit`
+/// of its oldest rows under a fresh txnId, the body made of them by
+/// `build_body` (device-list EDUs finished first) with this moment as
+/// `origin_server_ts`, so the same rows always give the same bytes.
+pub fn next_txn(config: &Config, txn_ids: &TxnIds, limit: u32) -> NextTxn {
+    let origin = config.server_name.as_str().to_owned();
+    let names_over_federation = config.e2ee.device_names_over_federation;
+    let origin_server_ts = crate::clock::now_ms();
+    NextTxn {
+        txn_id: txn_ids.next(),
+        max_edus: limit,
+        max_bytes: MAX_EDU_BYTES,
+        build: Box::new(move |edus: &mut [OutboxEdu]| {
+            finish_device_list_edus(edus, names_over_federation);
+            build_body(&origin, origin_server_ts, edus)
+        }),
+    }
+}
+
+/// Gives each device-list EDU of a peek its `prev_id` and the display-name
+/// rule (`store::device_lists::finish_outbound_edu`), before the body is
+/// built and recorded: a retry resends these exact bytes.
+pub fn finish_device_list_edus(edus: &mut [OutboxEdu], names_over_federation: bool) {
+    for edu in edus.iter_mut() {
+        if let Some(meta) = &edu.device_list {
+            edu.edu_json = finish_outbound_edu(&edu.edu_json, meta, names_over_federation);
+        }
+    }
+}
+
+/// The `message_id`s of the to-device EDUs in a transaction body, in order
+/// (for the log line of each attempt; device-list EDUs have none). A body
+/// that does not parse (only a corrupt store records one) names none.
+pub fn carried_message_ids(body: &str) -> Vec<String> {
+    #[derive(serde::Deserialize)]
+    struct Body {
+        #[serde(default)]
+        edus: Vec<Edu>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Edu {
+        #[serde(default)]
+        content: Content,
+    }
+    #[derive(serde::Deserialize, Default)]
+    struct Content {
+        message_id: Option<String>,
+    }
+    serde_json::from_str::<Body>(body)
+        .map(|b| {
+            b.edus
+                .into_iter()
+                .filter_map(|e| e.content.message_id)
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// What a failed send means for the destination task.

@@ -37,9 +37,9 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::store::{
     DestinationStatus, DeviceKey, ExpiredMessage, ExpiryPolicy, ExpiryTotal, Fence, InFlightTxn,
-    InboundOutcome, InboundTxn, InboxPage, KeyStore, OutboxEdu, PruneReport, QuarantinedEdu,
-    RefusalState, Retention, RetryState, SendBatch, SendOutcome, Store, StoreError, StoreFuture,
-    StoredServerKey, TimestampMs, Wakeup,
+    InboundOutcome, InboundTxn, InboxPage, KeyStore, NextTxn, OutboxEdu, PruneReport,
+    QuarantinedEdu, RefusalState, Retention, RetryState, SendBatch, SendOutcome, Store, StoreError,
+    StoreFuture, StoredServerKey, TimestampMs, Wakeup,
 };
 
 mod device_changes;
@@ -487,6 +487,32 @@ impl Store for PostgresStore {
         })
     }
 
+    fn advance<'a>(
+        &'a self,
+        fence: &'a Fence,
+        destination: &'a str,
+        acked: Option<(&'a str, TimestampMs)>,
+        next: NextTxn,
+    ) -> StoreFuture<'a, Option<InFlightTxn>> {
+        Box::pin(async move {
+            let next = &next;
+            let (txn, sent) = on_client!(self, |c| outbox::advance(
+                &mut c,
+                fence,
+                destination,
+                acked,
+                next
+            )
+            .await)
+            .await?;
+            if sent > 0 {
+                metrics::counter!("courier_device_list_updates_total", "event" => "sent")
+                    .increment(sent);
+            }
+            Ok(txn)
+        })
+    }
+
     fn refuse_txn<'a>(
         &'a self,
         fence: &'a Fence,
@@ -510,7 +536,7 @@ impl Store for PostgresStore {
         reason: &'a str,
         now_ms: TimestampMs,
     ) -> StoreFuture<'a, ()> {
-        Box::pin(on_client!(self, |c| outbox::quarantine_edu(
+        Box::pin(on_client!(self, |c| refusals::quarantine_edu(
             &mut c,
             fence,
             destination,
@@ -525,7 +551,7 @@ impl Store for PostgresStore {
         &'a self,
         destination: Option<&'a str>,
     ) -> StoreFuture<'a, Vec<QuarantinedEdu>> {
-        Box::pin(on_client!(self, |c| outbox::list_quarantined(
+        Box::pin(on_client!(self, |c| refusals::list_quarantined(
             &c,
             destination
         )
@@ -539,7 +565,7 @@ impl Store for PostgresStore {
         requeue: bool,
     ) -> StoreFuture<'a, bool> {
         Box::pin(async move {
-            let released = on_client!(self, |c| outbox::release_quarantined(
+            let released = on_client!(self, |c| refusals::release_quarantined(
                 &mut c,
                 destination,
                 seq,

@@ -8,15 +8,15 @@
 
 use std::sync::atomic::{AtomicI64, Ordering};
 
-use deadpool_postgres::Object;
+use deadpool_postgres::{GenericClient, Object, Transaction};
 
 use super::Fail;
 use super::device_list_outbox::{PrevChain, record_acked};
 use super::lease::check_fence;
 use super::trace;
 use crate::store::{
-    DestinationStatus, Fence, InFlightTxn, OutboxEdu, PruneReport, QuarantinedEdu, Retention,
-    RetryState, TimestampMs,
+    DestinationStatus, Fence, InFlightTxn, NextTxn, OutboxEdu, PruneReport, Retention, RetryState,
+    TimestampMs,
 };
 
 /// Destinations with queued EDUs, found by skipping through the
@@ -56,7 +56,7 @@ pub async fn in_flight(c: &Object, destination: &str) -> Result<Option<InFlightT
 }
 
 pub async fn peek_outbox(
-    c: &Object,
+    c: &impl GenericClient,
     destination: &str,
     max_edus: u32,
     max_bytes: u64,
@@ -102,6 +102,13 @@ pub async fn peek_outbox(
 pub async fn begin_txn(c: &mut Object, fence: &Fence, txn: &InFlightTxn) -> Result<(), Fail> {
     let tx = c.transaction().await?;
     check_fence(&tx, &txn.destination, fence).await?;
+    record_txn(&tx, txn).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Inserts the in-flight record (and its journal row).
+async fn record_txn(tx: &Transaction<'_>, txn: &InFlightTxn) -> Result<(), Fail> {
     // The primary key on destination makes a second in-flight txn fail.
     let stmt = tx.prepare_cached(&trace::begin_txn_sql()).await?;
     tx.execute(
@@ -115,8 +122,35 @@ pub async fn begin_txn(c: &mut Object, fence: &Fence, txn: &InFlightTxn) -> Resu
         ],
     )
     .await?;
-    tx.commit().await?;
     Ok(())
+}
+
+/// `Store::advance` as one transaction: the fence check, the ack, the peek
+/// and the new record. Returns the new record and how many device-list rows
+/// the acknowledged transaction carried.
+pub async fn advance(
+    c: &mut Object,
+    fence: &Fence,
+    destination: &str,
+    acked: Option<(&str, TimestampMs)>,
+    next: &NextTxn,
+) -> Result<(Option<InFlightTxn>, u64), Fail> {
+    let tx = c.transaction().await?;
+    check_fence(&tx, destination, fence).await?;
+    let mut sent = 0;
+    if let Some((txn_id, now_ms)) = acked {
+        sent = ack_in(&tx, destination, txn_id, now_ms).await?.unwrap_or(0);
+    }
+    let edus = peek_outbox(&tx, destination, next.max_edus, next.max_bytes).await?;
+    let txn = if edus.is_empty() {
+        None
+    } else {
+        let txn = next.record(destination, edus);
+        record_txn(&tx, &txn).await?;
+        Some(txn)
+    };
+    tx.commit().await?;
+    Ok((txn, sent))
 }
 
 /// Returns how many device-list rows the acknowledged transaction carried
@@ -130,17 +164,35 @@ pub async fn ack_txn(
 ) -> Result<u64, Fail> {
     let tx = c.transaction().await?;
     check_fence(&tx, destination, fence).await?;
+    match ack_in(&tx, destination, txn_id, now_ms).await? {
+        Some(sent) => {
+            tx.commit().await?;
+            Ok(sent)
+        }
+        None => {
+            tx.rollback().await?;
+            Ok(0)
+        }
+    }
+}
+
+/// The ack inside the caller's transaction: `None` if `txn_id` is not the
+/// recorded transaction (a second ack), which changes nothing.
+async fn ack_in(
+    tx: &Transaction<'_>,
+    destination: &str,
+    txn_id: &str,
+    now_ms: TimestampMs,
+) -> Result<Option<u64>, Fail> {
     let take = tx.prepare_cached(&trace::take_in_flight("ok")).await?;
-    // A second ack of the same txn finds no record and changes nothing.
     let Some(row) = tx
         .query_opt(&take, &[&destination, &txn_id, &now_ms])
         .await?
     else {
-        tx.rollback().await?;
-        return Ok(0);
+        return Ok(None);
     };
     let seqs: Vec<i64> = row.get(0);
-    let device_list_rows = record_acked(&tx, destination, &seqs).await?;
+    let device_list_rows = record_acked(tx, destination, &seqs).await?;
     let delete = tx
         .prepare_cached("DELETE FROM outbox WHERE destination = $1 AND seq = ANY($2)")
         .await?;
@@ -160,8 +212,7 @@ pub async fn ack_txn(
         ],
     )
     .await?;
-    tx.commit().await?;
-    Ok(device_list_rows)
+    Ok(Some(device_list_rows))
 }
 
 pub async fn refuse_txn(
@@ -194,127 +245,6 @@ pub async fn refuse_txn(
     tx.commit().await?;
     Ok(())
 }
-
-pub async fn quarantine_edu(
-    c: &mut Object,
-    fence: &Fence,
-    destination: &str,
-    seq: i64,
-    reason: &str,
-    now_ms: TimestampMs,
-) -> Result<(), Fail> {
-    let tx = c.transaction().await?;
-    check_fence(&tx, destination, fence).await?;
-    // One statement: the move and its journal row.
-    let stmt = tx
-        .prepare_cached(&format!(
-            "WITH moved AS (
-                 DELETE FROM outbox WHERE destination = $1 AND seq = $2
-                 RETURNING destination, seq, edu_json, message_count, queued_ts,
-                           dl_user, dl_device, dl_stream
-             ),
-             traced AS (
-                 INSERT INTO trace_events (ts, kind, message_id, peer, first_id, detail)
-                 SELECT $4::int8, 'quarantined',
-                        substring(edu_json from '^\\{{\"content\":\\{{\"message_id\":\"([^\"\\\\]*)\"'),
-                        destination, seq,
-                        json_build_object('where', destination, 'reason', $3::text)::text
-                 FROM moved WHERE {enabled}
-             )
-             INSERT INTO quarantine
-                 (destination, seq, edu_json, message_count, queued_ts, reason, quarantined_ts,
-                  dl_user, dl_device, dl_stream)
-             SELECT destination, seq, edu_json, message_count, queued_ts, $3, $4,
-                    dl_user, dl_device, dl_stream
-             FROM moved
-             ON CONFLICT (destination, seq) DO UPDATE SET
-                 edu_json = excluded.edu_json, message_count = excluded.message_count,
-                 queued_ts = excluded.queued_ts, reason = excluded.reason,
-                 quarantined_ts = excluded.quarantined_ts, dl_user = excluded.dl_user,
-                 dl_device = excluded.dl_device, dl_stream = excluded.dl_stream",
-            enabled = trace::ENABLED,
-        ))
-        .await?;
-    tx.execute(&stmt, &[&destination, &seq, &reason, &now_ms])
-        .await?;
-    tx.commit().await?;
-    Ok(())
-}
-
-pub async fn list_quarantined(
-    c: &Object,
-    destination: Option<&str>,
-) -> Result<Vec<QuarantinedEdu>, Fail> {
-    let stmt = c
-        .prepare_cached(
-            "SELECT destination, seq, edu_json, reason, quarantined_ts FROM quarantine
-             WHERE $1::text IS NULL OR destination = $1 ORDER BY destination, seq",
-        )
-        .await?;
-    Ok(c.query(&stmt, &[&destination])
-        .await?
-        .iter()
-        .map(|r| QuarantinedEdu {
-            destination: r.get(0),
-            seq: r.get(1),
-            edu_json: r.get(2),
-            reason: r.get(3),
-            quarantined_ts: r.get(4),
-        })
-        .collect())
-}
-
-pub async fn release_quarantined(
-    c: &mut Object,
-    destination: &str,
-    seq: i64,
-    requeue: bool,
-) -> Result<bool, Fail> {
-    let tx = c.transaction().await?;
-    let take = tx
-        .prepare_cached(
-            "DELETE FROM quarantine WHERE destination = $1 AND seq = $2
-             RETURNING edu_json, message_count, queued_ts, dl_user, dl_device, dl_stream",
-        )
-        .await?;
-    let Some(row) = tx.query_opt(&take, &[&destination, &seq]).await? else {
-        tx.rollback().await?;
-        return Ok(false);
-    };
-    if requeue {
-        // A fresh seq puts it at the end of the queue; refusals start over.
-        let edu_json: String = row.get(0);
-        let count: i32 = row.get(1);
-        let queued_ts: i64 = row.get(2);
-        let (dl_user, dl_device, dl_stream): (Option<String>, Option<String>, Option<i64>) =
-            (row.get(3), row.get(4), row.get(5));
-        // A device-list row keeps its meta (so it is finished when sent).
-        let insert = tx
-            .prepare_cached(
-                "INSERT INTO outbox (destination, edu_json, message_count, queued_ts, refusals,
-                                     dl_user, dl_device, dl_stream)
-                 VALUES ($1, $2, $3, $4, 0, $5, $6, $7)",
-            )
-            .await?;
-        tx.execute(
-            &insert,
-            &[
-                &destination,
-                &edu_json,
-                &count,
-                &queued_ts,
-                &dl_user,
-                &dl_device,
-                &dl_stream,
-            ],
-        )
-        .await?;
-    }
-    tx.commit().await?;
-    Ok(true)
-}
-
-// --- destinations -----------------------------------------------------------------
 
 pub async fn retry_state(c: &Object, destination: &str) -> Result<RetryState, Fail> {
     let stmt = c

@@ -1,7 +1,9 @@
 //! SQL of the PostgreSQL backend for a destination's refusal history
 //! (`store::RefusalState`, columns of `destinations`, migration 0008), the
-//! solo refusal count of a queued EDU, and the two ways quarantined EDUs go
-//! back to the queue: under their own seq, and in bulk at the end. Each
+//! solo refusal count of a queued EDU, quarantine itself (moving an EDU
+//! there, listing and releasing quarantined EDUs), and the two ways
+//! quarantined EDUs go back to the queue: under their own seq, and in bulk
+//! at the end. Each
 //! write function is one transaction (or one statement); the two a
 //! destination task makes (`restore_quarantined`, `set_refusal_state`)
 //! check its lease fence first, in that transaction.
@@ -10,7 +12,8 @@ use deadpool_postgres::Object;
 
 use super::Fail;
 use super::lease::check_fence;
-use crate::store::{Fence, RefusalState, TimestampMs};
+use super::trace;
+use crate::store::{Fence, QuarantinedEdu, RefusalState, TimestampMs};
 
 fn to_u32(n: i32) -> u32 {
     u32::try_from(n).unwrap_or(0)
@@ -166,3 +169,124 @@ pub async fn set_refusal_state(
     tx.commit().await?;
     Ok(())
 }
+
+pub async fn quarantine_edu(
+    c: &mut Object,
+    fence: &Fence,
+    destination: &str,
+    seq: i64,
+    reason: &str,
+    now_ms: TimestampMs,
+) -> Result<(), Fail> {
+    let tx = c.transaction().await?;
+    check_fence(&tx, destination, fence).await?;
+    // One statement: the move and its journal row.
+    let stmt = tx
+        .prepare_cached(&format!(
+            "WITH moved AS (
+                 DELETE FROM outbox WHERE destination = $1 AND seq = $2
+                 RETURNING destination, seq, edu_json, message_count, queued_ts,
+                           dl_user, dl_device, dl_stream
+             ),
+             traced AS (
+                 INSERT INTO trace_events (ts, kind, message_id, peer, first_id, detail)
+                 SELECT $4::int8, 'quarantined',
+                        substring(edu_json from '^\\{{\"content\":\\{{\"message_id\":\"([^\"\\\\]*)\"'),
+                        destination, seq,
+                        json_build_object('where', destination, 'reason', $3::text)::text
+                 FROM moved WHERE {enabled}
+             )
+             INSERT INTO quarantine
+                 (destination, seq, edu_json, message_count, queued_ts, reason, quarantined_ts,
+                  dl_user, dl_device, dl_stream)
+             SELECT destination, seq, edu_json, message_count, queued_ts, $3, $4,
+                    dl_user, dl_device, dl_stream
+             FROM moved
+             ON CONFLICT (destination, seq) DO UPDATE SET
+                 edu_json = excluded.edu_json, message_count = excluded.message_count,
+                 queued_ts = excluded.queued_ts, reason = excluded.reason,
+                 quarantined_ts = excluded.quarantined_ts, dl_user = excluded.dl_user,
+                 dl_device = excluded.dl_device, dl_stream = excluded.dl_stream",
+            enabled = trace::ENABLED,
+        ))
+        .await?;
+    tx.execute(&stmt, &[&destination, &seq, &reason, &now_ms])
+        .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+pub async fn list_quarantined(
+    c: &Object,
+    destination: Option<&str>,
+) -> Result<Vec<QuarantinedEdu>, Fail> {
+    let stmt = c
+        .prepare_cached(
+            "SELECT destination, seq, edu_json, reason, quarantined_ts FROM quarantine
+             WHERE $1::text IS NULL OR destination = $1 ORDER BY destination, seq",
+        )
+        .await?;
+    Ok(c.query(&stmt, &[&destination])
+        .await?
+        .iter()
+        .map(|r| QuarantinedEdu {
+            destination: r.get(0),
+            seq: r.get(1),
+            edu_json: r.get(2),
+            reason: r.get(3),
+            quarantined_ts: r.get(4),
+        })
+        .collect())
+}
+
+pub async fn release_quarantined(
+    c: &mut Object,
+    destination: &str,
+    seq: i64,
+    requeue: bool,
+) -> Result<bool, Fail> {
+    let tx = c.transaction().await?;
+    let take = tx
+        .prepare_cached(
+            "DELETE FROM quarantine WHERE destination = $1 AND seq = $2
+             RETURNING edu_json, message_count, queued_ts, dl_user, dl_device, dl_stream",
+        )
+        .await?;
+    let Some(row) = tx.query_opt(&take, &[&destination, &seq]).await? else {
+        tx.rollback().await?;
+        return Ok(false);
+    };
+    if requeue {
+        // A fresh seq puts it at the end of the queue; refusals start over.
+        let edu_json: String = row.get(0);
+        let count: i32 = row.get(1);
+        let queued_ts: i64 = row.get(2);
+        let (dl_user, dl_device, dl_stream): (Option<String>, Option<String>, Option<i64>) =
+            (row.get(3), row.get(4), row.get(5));
+        // A device-list row keeps its meta (so it is finished when sent).
+        let insert = tx
+            .prepare_cached(
+                "INSERT INTO outbox (destination, edu_json, message_count, queued_ts, refusals,
+                                     dl_user, dl_device, dl_stream)
+                 VALUES ($1, $2, $3, $4, 0, $5, $6, $7)",
+            )
+            .await?;
+        tx.execute(
+            &insert,
+            &[
+                &destination,
+                &edu_json,
+                &count,
+                &queued_ts,
+                &dl_user,
+                &dl_device,
+                &dl_stream,
+            ],
+        )
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(true)
+}
+
+// --- destinations -----------------------------------------------------------------

@@ -27,9 +27,9 @@ use tokio::sync::{Semaphore, oneshot};
 
 use crate::store::{
     DestinationStatus, DeviceKey, ExpiredMessage, ExpiryPolicy, ExpiryTotal, Fence, InFlightTxn,
-    InboundOutcome, InboundTxn, InboxPage, KeyStore, OutboxEdu, PruneReport, QuarantinedEdu,
-    RefusalState, Retention, RetryState, SendBatch, SendOutcome, Store, StoreError, StoreFuture,
-    StoredServerKey, TimestampMs,
+    InboundOutcome, InboundTxn, InboxPage, KeyStore, NextTxn, OutboxEdu, PruneReport,
+    QuarantinedEdu, RefusalState, Retention, RetryState, SendBatch, SendOutcome, Store, StoreError,
+    StoreFuture, StoredServerKey, TimestampMs,
 };
 
 mod device_changes;
@@ -403,6 +403,21 @@ impl Store for SqliteStore {
     ) -> StoreFuture<'a, ()> {
         let (destination, txn_id) = (destination.to_owned(), txn_id.to_owned());
         Box::pin(self.write(move |c| outbox::ack_txn(c, &destination, &txn_id, now_ms)))
+    }
+
+    fn advance<'a>(
+        &'a self,
+        _fence: &'a Fence,
+        destination: &'a str,
+        acked: Option<(&'a str, TimestampMs)>,
+        next: NextTxn,
+    ) -> StoreFuture<'a, Option<InFlightTxn>> {
+        let destination = destination.to_owned();
+        let acked = acked.map(|(txn_id, now_ms)| (txn_id.to_owned(), now_ms));
+        Box::pin(self.write(move |c| {
+            let acked = acked.as_ref().map(|(id, now)| (id.as_str(), *now));
+            outbox::advance(c, &destination, acked, next)
+        }))
     }
 
     fn refuse_txn<'a>(

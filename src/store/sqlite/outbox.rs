@@ -10,7 +10,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use super::device_list_outbox::{PeekChain, record_acked};
 use super::trace;
 use crate::store::{
-    DestinationStatus, InFlightTxn, OutboxEdu, QuarantinedEdu, RefusalState, RetryState,
+    DestinationStatus, InFlightTxn, NextTxn, OutboxEdu, QuarantinedEdu, RefusalState, RetryState,
     StoreError, TimestampMs,
 };
 
@@ -120,11 +120,7 @@ pub fn ack_txn(
     };
     trace::record_attempt(conn, destination, txn_id, now_ms, "ok", None)?;
     record_acked(conn, destination, &seqs)?;
-    let mut delete =
-        conn.prepare_cached("DELETE FROM outbox WHERE destination = ?1 AND seq = ?2")?;
-    for seq in seqs {
-        delete.execute((destination, seq))?;
-    }
+    delete_rows(conn, destination, &seqs)?;
     set_retry_state(
         conn,
         destination,
@@ -136,6 +132,47 @@ pub fn ack_txn(
         },
         now_ms,
     )
+}
+
+/// `Store::advance` in the writer's transaction: the ack, the peek and the
+/// new record in one commit.
+pub fn advance(
+    conn: &Connection,
+    destination: &str,
+    acked: Option<(&str, TimestampMs)>,
+    next: NextTxn,
+) -> Result<Option<InFlightTxn>, StoreError> {
+    if let Some((txn_id, now_ms)) = acked {
+        ack_txn(conn, destination, txn_id, now_ms)?;
+    }
+    let edus = peek_outbox(conn, destination, next.max_edus, next.max_bytes)?;
+    if edus.is_empty() {
+        return Ok(None);
+    }
+    let txn = next.record(destination, edus);
+    begin_txn(conn, &txn)?;
+    Ok(Some(txn))
+}
+
+/// Deletes the acknowledged rows: one range statement when their seqs are
+/// consecutive (as the rows of one busy destination are), else one
+/// statement per row.
+fn delete_rows(conn: &Connection, destination: &str, seqs: &[i64]) -> Result<(), StoreError> {
+    let (Some(&first), Some(&last)) = (seqs.first(), seqs.last()) else {
+        return Ok(());
+    };
+    let consecutive = seqs.windows(2).all(|w| w[1] == w[0] + 1);
+    if consecutive && seqs.len() > 1 {
+        conn.prepare_cached("DELETE FROM outbox WHERE destination = ?1 AND seq BETWEEN ?2 AND ?3")?
+            .execute((destination, first, last))?;
+        return Ok(());
+    }
+    let mut delete =
+        conn.prepare_cached("DELETE FROM outbox WHERE destination = ?1 AND seq = ?2")?;
+    for seq in seqs {
+        delete.execute((destination, seq))?;
+    }
+    Ok(())
 }
 
 pub fn refuse_txn(conn: &Connection, destination: &str, txn_id: &str) -> Result<(), StoreError> {

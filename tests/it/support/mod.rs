@@ -6,7 +6,7 @@
 //! (`fault_proxy`), store wrappers and the shared
 //! store suites (`counting_store`, `inhibiting_store`, `store_suite`,
 //! `store_suite_keys`, `store_suite_device_lists`), the throwaway PostgreSQL cluster (`pg`), the kill-9
-//! crash harnesses (`crash`, `crash_keys`, `crash_device_lists`), running one test in a child
+//! crash harnesses (`crash`, `crash_keys`, `crash_device_lists`, `crash_outbox`), running one test in a child
 //! process of this binary (`child`), E2EE test identities with a signed
 //! federation client (`e2ee`), a counting fake `RemoteKeys` for the
 //! device-list domain (`counting_remote`), and a matrix-rust-sdk `OlmMachine` driven
@@ -20,6 +20,7 @@ pub mod counting_store;
 pub mod crash;
 pub mod crash_device_lists;
 pub mod crash_keys;
+pub mod crash_outbox;
 pub mod dns_server;
 pub mod e2ee;
 pub mod fake_remote;
