@@ -1,18 +1,18 @@
 //! Fenced leases on `PostgresStore` (issue 18, SECURITY-REVIEW F15): every
 //! claim of a destination gives its lease a higher epoch, renewal keeps it,
 //! and each outbox write of a destination task (`begin_txn`, `ack_txn`,
-//! `refuse_txn`, `quarantine_edu`, `set_retry_state`) made under a fence
-//! that another claim superseded changes nothing (rows, in-flight record,
-//! quarantine, retry state) and fails with `StoreError::Fenced`, while the
-//! current holder's writes go through.
+//! `refuse_txn`, `quarantine_edu`, `set_retry_state`, `advance`) made under
+//! a fence that another claim superseded changes nothing (rows, in-flight
+//! record, quarantine, retry state) and fails with `StoreError::Fenced`,
+//! while the current holder's writes go through.
 
 use crate::support::pg;
 use crate::support::store_suite::send;
 
 use courier::store::postgres::PostgresStore;
 use courier::store::{
-    Fence, InFlightTxn, NewOutboxEdu, OutboxEdu, QuarantinedEdu, RetryState, SendBatch, Store,
-    StoreError,
+    Fence, InFlightTxn, NewOutboxEdu, NextTxn, OutboxEdu, QuarantinedEdu, RetryState, SendBatch,
+    Store, StoreError,
 };
 
 const LEASE: i64 = 10_000;
@@ -76,6 +76,19 @@ fn assert_fenced(result: Result<(), StoreError>, what: &str, stale: &Fence) {
             );
         }
         other => panic!("{what} under a superseded fence: {other:?}, not Fenced"),
+    }
+}
+
+/// A next transaction of every queued row, its body their EDUs.
+fn body_of_rows(txn_id: &str) -> NextTxn {
+    NextTxn {
+        txn_id: txn_id.to_owned(),
+        max_edus: 50,
+        max_bytes: u64::MAX,
+        build: Box::new(|edus: &mut [OutboxEdu]| {
+            let parts: Vec<&str> = edus.iter().map(|e| e.edu_json.as_str()).collect();
+            format!("{{\"edus\":[{}]}}", parts.join(","))
+        }),
     }
 }
 
@@ -161,6 +174,17 @@ async fn stale_epoch_writes_change_nothing_once_another_worker_claimed() {
         before,
         "after a stale retry state"
     );
+    for acked in [Some(("t1", T0)), None] {
+        assert_fenced(
+            store
+                .advance(&stale, D, acked, body_of_rows("t9"))
+                .await
+                .map(|_| ()),
+            "advance",
+            &stale,
+        );
+        assert_eq!(snapshot(&store, D).await, before, "after a stale advance");
+    }
 
     // The holder's writes work: it resends and acks w1's transaction,
     // quarantines one row and records its own failure.

@@ -2,7 +2,7 @@
 //! flight transaction, refusal counts, and quarantine and release of refused
 //! EDUs.
 
-use courier::store::RetryState;
+use courier::store::{NextTxn, OutboxEdu, RetryState};
 
 use super::{Harness, NOW, edu, batch, accepted, queued_ns, in_flight_for};
 
@@ -322,4 +322,120 @@ pub async fn quarantine_and_release(harness: &Harness) {
             .expect("peek")
             .is_empty()
     );
+}
+
+/// A `NextTxn` whose body lists the rows' EDUs, as the sender's does.
+fn next_txn(txn_id: &str, max_edus: u32) -> NextTxn {
+    NextTxn {
+        txn_id: txn_id.to_owned(),
+        max_edus,
+        max_bytes: u64::MAX,
+        build: Box::new(|edus: &mut [OutboxEdu]| {
+            let parts: Vec<&str> = edus.iter().map(|e| e.edu_json.as_str()).collect();
+            format!("{{\"edus\":[{}]}}", parts.join(","))
+        }),
+    }
+}
+
+pub async fn advance_acks_and_records_the_next_in_one_step(harness: &Harness) {
+    let store = harness.store.clone();
+    let s = &*store;
+    let fence = crate::support::lease_fence(s, "d.test").await;
+    // Nothing queued: nothing recorded.
+    assert_eq!(
+        s.advance(&fence, "d.test", None, next_txn("tx-0", 3))
+            .await
+            .expect("advance on an empty queue"),
+        None
+    );
+    assert_eq!(s.in_flight("d.test").await.expect("in flight"), None);
+
+    let remote = (0..5).map(|n| edu("d.test", n, 1)).collect();
+    accepted(s, batch("t", vec![], remote)).await;
+    accepted(s, batch("t2", vec![], vec![edu("e.test", 9, 1)])).await;
+    let failing = RetryState {
+        failures: 3,
+        retry_after_ms: NOW + 60_000,
+        last_success_ms: None,
+        last_error: Some("connection refused".to_owned()),
+    };
+    s.set_retry_state(&fence, "d.test", &failing)
+        .await
+        .expect("set retry");
+    let rows = s.peek_outbox("d.test", 100, u64::MAX).await.expect("peek");
+
+    // The first step records the oldest three rows, with build's body.
+    let first = s
+        .advance(&fence, "d.test", None, next_txn("tx-1", 3))
+        .await
+        .expect("advance")
+        .expect("a transaction is recorded");
+    let mut head = rows[..3].to_vec();
+    assert_eq!(first.txn_id, "tx-1");
+    assert_eq!(first.seqs, head.iter().map(|e| e.seq).collect::<Vec<_>>());
+    assert_eq!(first.body, (next_txn("tx-1", 3).build)(&mut head));
+    assert_eq!(
+        s.in_flight("d.test").await.expect("in flight"),
+        Some(first.clone())
+    );
+    // Not acknowledged yet: the retry state stands.
+    assert_eq!(s.retry_state("d.test").await.expect("retry"), failing);
+
+    // Acking it and recording the rest is one step.
+    let second = s
+        .advance(&fence, "d.test", Some(("tx-1", NOW + 10)), next_txn("tx-2", 3))
+        .await
+        .expect("advance")
+        .expect("the rest is recorded");
+    assert_eq!(second.txn_id, "tx-2");
+    assert_eq!(
+        second.seqs,
+        rows[3..].iter().map(|e| e.seq).collect::<Vec<_>>()
+    );
+    assert_eq!(queued_ns(s, "d.test").await, vec![3, 4]);
+    assert_eq!(
+        s.in_flight("d.test").await.expect("in flight"),
+        Some(second.clone())
+    );
+    let succeeded = RetryState {
+        failures: 0,
+        retry_after_ms: 0,
+        last_success_ms: Some(NOW + 10),
+        last_error: None,
+    };
+    assert_eq!(s.retry_state("d.test").await.expect("retry"), succeeded);
+
+    // A stale ack while another transaction is recorded: the step fails
+    // and changes nothing.
+    assert!(
+        s.advance(&fence, "d.test", Some(("tx-1", NOW + 20)), next_txn("tx-3", 3))
+            .await
+            .is_err()
+    );
+    assert_eq!(
+        s.in_flight("d.test").await.expect("in flight"),
+        Some(second.clone())
+    );
+    assert_eq!(queued_ns(s, "d.test").await, vec![3, 4]);
+    assert_eq!(s.retry_state("d.test").await.expect("retry"), succeeded);
+
+    // The last ack empties the queue and records nothing.
+    assert_eq!(
+        s.advance(&fence, "d.test", Some(("tx-2", NOW + 30)), next_txn("tx-4", 3))
+            .await
+            .expect("advance"),
+        None
+    );
+    assert_eq!(queued_ns(s, "d.test").await, Vec::<u64>::new());
+    assert_eq!(s.in_flight("d.test").await.expect("in flight"), None);
+    assert_eq!(
+        s.retry_state("d.test")
+            .await
+            .expect("retry")
+            .last_success_ms,
+        Some(NOW + 30)
+    );
+    // Other destinations are untouched.
+    assert_eq!(queued_ns(s, "e.test").await, vec![9]);
+    assert_eq!(s.in_flight("e.test").await.expect("in flight"), None);
 }
