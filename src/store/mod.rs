@@ -20,6 +20,7 @@ pub mod postgres;
 pub mod pruner;
 pub mod retention;
 pub mod sqlite;
+pub mod token_cache;
 pub mod trace;
 
 pub use device_lists::DeviceListStore;
@@ -266,8 +267,11 @@ pub struct NextTxn {
     /// touch the store. It may run more than once (a PostgreSQL
     /// transaction retried after a serialization failure) and must give
     /// the same bytes for the same rows.
-    pub build: Box<dyn Fn(&mut [OutboxEdu]) -> String + Send + Sync>,
+    pub build: BuildBody,
 }
+
+/// How `NextTxn` makes a request body of its rows.
+pub type BuildBody = Box<dyn Fn(&mut [OutboxEdu]) -> String + Send + Sync>;
 
 impl NextTxn {
     /// The record of `edus` (non-empty) for `destination`, body built.

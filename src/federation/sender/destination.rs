@@ -498,7 +498,7 @@ impl DestinationTask {
         };
         let error = match result {
             Ok(_) => {
-                let acked = Some((txn.txn_id.as_str(), crate::clock::now_ms()));
+                let (txn_id, now_ms) = (txn.txn_id.as_str(), crate::clock::now_ms());
                 if self.refusals == RefusalState::default() {
                     // Not narrowing: the ack and the next transaction's
                     // record are one commit, and the next send needs no
@@ -507,12 +507,16 @@ impl DestinationTask {
                     self.settled = false;
                     let next = next_txn(&shared.config, &shared.txn_ids, MAX_EDUS);
                     self.prepared = store
-                        .advance(&self.fence()?, &self.destination, acked, next)
+                        .advance(
+                            &self.fence()?,
+                            &self.destination,
+                            Some((txn_id, now_ms)),
+                            next,
+                        )
                         .await?;
                     self.settled = self.prepared.is_none();
                 } else {
                     // Narrowing: `accepted` decides what the next batch is.
-                    let (txn_id, now_ms) = acked.unwrap_or_default();
                     store
                         .ack_txn(&self.fence()?, &self.destination, txn_id, now_ms)
                         .await?;

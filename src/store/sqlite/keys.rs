@@ -81,7 +81,14 @@ impl KeyStore for super::SqliteStore {
         now_ms: TimestampMs,
     ) -> StoreFuture<'a, Vec<String>> {
         let (user_id, device_ids) = (user_id.to_owned(), device_ids.to_vec());
-        Box::pin(self.write(move |c| delete_devices(c, &user_id, &device_ids, now_ms)))
+        Box::pin(async move {
+            let result = self
+                .write(move |c| delete_devices(c, &user_id, &device_ids, now_ms))
+                .await;
+            // Their tokens are gone (or, on an error, may be).
+            self.inner.tokens.invalidate();
+            result
+        })
     }
 
     fn put_cross_signing_keys<'a>(

@@ -48,6 +48,7 @@ pub mod trace;
 mod trace_read;
 mod writer;
 
+use crate::store::token_cache::TokenCache;
 use writer::{ClosureJob, Message, Writer, WriterStats};
 
 /// Tuning of a `SqliteStore`. `SqliteOptions::default()` suits production.
@@ -88,6 +89,8 @@ struct Inner {
     reader_permits: Arc<Semaphore>,
     /// Where the next prune pass continues its orphan-row scan (stream id).
     orphan_cursor: AtomicI64,
+    /// Tokens confirmed by `lookup_token`; every token write invalidates.
+    tokens: TokenCache<DeviceKey>,
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -165,6 +168,7 @@ impl SqliteStore {
                 readers: Mutex::new(readers),
                 reader_permits: Arc::new(Semaphore::new(count)),
                 orphan_cursor: AtomicI64::new(0),
+                tokens: TokenCache::new(),
             }),
         })
     }
@@ -284,11 +288,7 @@ impl Store for SqliteStore {
         device_id: &'a str,
         access_token: Option<&'a str>,
     ) -> StoreFuture<'a, ()> {
-        let (user_id, device_id) = (user_id.to_owned(), device_id.to_owned());
-        let token = access_token.map(str::to_owned);
-        Box::pin(
-            self.write(move |c| devices::upsert_device(c, &user_id, &device_id, token.as_deref())),
-        )
+        Box::pin(self.upsert_device_and_token(user_id, device_id, access_token))
     }
 
     fn delete_device<'a>(&'a self, user_id: &'a str, device_id: &'a str) -> StoreFuture<'a, bool> {
@@ -310,8 +310,7 @@ impl Store for SqliteStore {
     }
 
     fn lookup_token<'a>(&'a self, access_token: &'a str) -> StoreFuture<'a, Option<DeviceKey>> {
-        let token = access_token.to_owned();
-        Box::pin(self.read(move |c| devices::lookup_token(c, &token)))
+        Box::pin(self.cached_lookup_token(access_token))
     }
 
     fn enqueue_send(&self, batch: SendBatch) -> StoreFuture<'_, SendOutcome> {

@@ -66,6 +66,11 @@ pub async fn delete_device_removes_tokens_and_inbox(harness: &Harness) {
         ),
     )
     .await;
+    // Looked up first, so a store that caches tokens has this one cached.
+    assert_eq!(
+        s.lookup_token("tok").await.expect("lookup"),
+        Some(key(ALICE, "A"))
+    );
     assert!(s.delete_device(ALICE, "A").await.expect("delete"));
     assert!(!s.delete_device(ALICE, "A").await.expect("delete twice"));
     assert_eq!(s.lookup_token("tok").await.expect("lookup"), None);
