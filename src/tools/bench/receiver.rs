@@ -149,6 +149,7 @@ pub(super) struct Samples {
 
 /// One receiving device's `/sync` loop.
 pub(super) struct ReceiverTask {
+    /// This device's own client: one keep-alive connection, nobody else's.
     pub(super) http: JsonClient,
     pub(super) recipient: Recipient,
     /// Index among bulk receivers; `None` for the probe device.
@@ -234,6 +235,12 @@ impl ReceiverTask {
             };
             match polled {
                 Ok(body) => {
+                    if self.index.is_some() {
+                        self.shared
+                            .progress
+                            .sync_responses
+                            .fetch_add(1, Ordering::Relaxed);
+                    }
                     self.take(body.to_device, &clock, &mut samples);
                     since = body.next_batch;
                 }
