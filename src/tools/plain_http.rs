@@ -62,7 +62,7 @@ pub struct JsonClient {
 
 #[derive(Clone)]
 enum Transport {
-    Pool(Client<HttpConnector, Full<Bytes>>),
+    Pool(Box<Client<HttpConnector, Full<Bytes>>>),
     One(Arc<OneConnection>),
 }
 
@@ -87,7 +87,7 @@ impl JsonClient {
             .pool_max_idle_per_host(256)
             .build(connector);
         JsonClient {
-            transport: Transport::Pool(client),
+            transport: Transport::Pool(Box::new(client)),
             timeout,
         }
     }
@@ -280,4 +280,88 @@ async fn connect(host: &str, port: u16) -> Result<http1::SendRequest<Full<Bytes>
 /// Percent-encodes one path segment.
 pub fn encode_segment(segment: &str) -> String {
     percent_encoding::utf8_percent_encode(segment, percent_encoding::NON_ALPHANUMERIC).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    /// A plain HTTP/1.1 server on loopback answering `{}` to everything,
+    /// with `Connection: close` on each connection's `close_at`-th answer;
+    /// returns its URL and the count of connections it accepted.
+    async fn counting_server(close_at: Option<usize>) -> (String, Arc<AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("loopback binds");
+        let url = format!("http://{}", listener.local_addr().expect("bound address"));
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counter = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                counter.fetch_add(1, Ordering::SeqCst);
+                let answered = Arc::new(AtomicUsize::new(0));
+                let service = hyper::service::service_fn(move |_request| {
+                    let n = answered.fetch_add(1, Ordering::SeqCst) + 1;
+                    async move {
+                        let mut response =
+                            hyper::Response::new(Full::new(Bytes::from_static(b"{}")));
+                        if close_at == Some(n) {
+                            response.headers_mut().insert(
+                                hyper::header::CONNECTION,
+                                hyper::header::HeaderValue::from_static("close"),
+                            );
+                        }
+                        Ok::<_, std::convert::Infallible>(response)
+                    }
+                });
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service),
+                );
+            }
+        });
+        (url, accepted)
+    }
+
+    #[tokio::test]
+    async fn a_one_connection_client_and_its_clones_keep_one_connection() {
+        let (url, accepted) = counting_server(None).await;
+        let client = JsonClient::one_connection(Duration::from_secs(10));
+        for i in 0..5 {
+            let r = client
+                .request("GET", &format!("{url}/sync?since={i}"), Some("t"), None)
+                .await
+                .expect("answered");
+            assert_eq!((r.status, r.body.clone()), (200, serde_json::json!({})));
+        }
+        let mut turns = tokio::task::JoinSet::new();
+        for _ in 0..4 {
+            let (client, url) = (client.clone(), url.clone());
+            turns.spawn(async move {
+                let body = serde_json::json!({ "messages": {} });
+                client.request("PUT", &url, None, Some(&body)).await
+            });
+        }
+        while let Some(turn) = turns.join_next().await {
+            assert_eq!(turn.expect("joins").expect("answered").status, 200);
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_one_connection_client_reopens_a_connection_the_server_closed() {
+        let (url, accepted) = counting_server(Some(2)).await;
+        let client = JsonClient::one_connection(Duration::from_secs(10));
+        for _ in 0..4 {
+            let r = client.request("GET", &url, None, None).await;
+            assert_eq!(r.expect("answered").status, 200);
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+        let refused = JsonClient::one_connection(Duration::from_secs(10))
+            .request("GET", "https://127.0.0.1:1/", None, None)
+            .await;
+        assert!(matches!(refused, Err(HttpError::Transport { .. })));
+    }
 }

@@ -443,6 +443,86 @@ impl BenchReport {
 mod tests {
     use super::*;
 
+    /// A report of `delivered` messages, `sync_responses` answers and the
+    /// relays' CPU; every other figure zero.
+    fn report(delivered: u64, sync_responses: Option<u64>, relay_cpu: RelayCpu) -> BenchReport {
+        BenchReport {
+            label: "test".into(),
+            mode: "test".into(),
+            workload: Workload {
+                messages: delivered,
+                per_call: 1,
+                concurrency: 1,
+                payload_bytes: 0,
+                duration: Duration::ZERO,
+                probe_interval: None,
+                drain_timeout: Duration::ZERO,
+                event_type: "t".into(),
+            },
+            receivers: 100,
+            outcome: Outcome {
+                attempted: delivered,
+                accepted: delivered,
+                failed: 0,
+                delivered,
+                duplicates: 0,
+                misdelivered: 0,
+                stale: 0,
+                undelivered: 0,
+                probes_sent: 0,
+                probes_accepted: 0,
+                probes_delivered: 0,
+                sync_responses,
+                accept_span: Duration::ZERO,
+                delivery_span: Duration::ZERO,
+                capped: false,
+                drain_timed_out: false,
+                resumed_at: None,
+                latencies_us: Vec::new(),
+                probe_latencies_us: Vec::new(),
+                first_error: None,
+            },
+            latency: None,
+            probe_latency: None,
+            usage: Vec::new(),
+            relay_cpu,
+            wall: Duration::ZERO,
+            load: LoadAverage {
+                before: None,
+                after: None,
+            },
+        }
+    }
+
+    #[test]
+    fn per_message_figures_divide_by_the_delivered_messages() {
+        let cpu = RelayCpu {
+            a: Some(Duration::from_millis(250)),
+            b: Some(Duration::from_millis(125)),
+            store_writers: None,
+        };
+        let json = report(2_000, Some(500), cpu).to_json();
+        assert_eq!(json["cpu_us_per_delivered_a"], 125.0);
+        assert_eq!(json["cpu_us_per_delivered_b"], 62.5);
+        assert_eq!(json["cpu_us_per_delivered_store_writers"], Value::Null);
+        assert_eq!(json["sync_responses"], 500);
+        assert_eq!(json["sync_responses_per_delivered"], 0.25);
+        let line = report(2_000, Some(500), cpu).per_message_line();
+        assert_eq!(
+            line.as_deref(),
+            Some("  cpu per msg relay A 125.0 µs  relay B 62.5 µs  per delivered message")
+        );
+
+        // Nothing delivered, or a sink run: no figures rather than infinities.
+        let empty = report(0, Some(3), cpu);
+        assert_eq!(empty.to_json()["cpu_us_per_delivered_a"], Value::Null);
+        assert_eq!(empty.to_json()["sync_responses_per_delivered"], Value::Null);
+        assert_eq!(empty.per_message_line(), None);
+        let sink = report(10, None, cpu).to_json();
+        assert_eq!(sink["sync_responses"], Value::Null);
+        assert_eq!(sink["sync_responses_per_delivered"], Value::Null);
+    }
+
     #[test]
     fn an_rss_sample_prints_as_memory_and_keeps_its_json_figures() {
         let sample = Usage {
