@@ -2,7 +2,9 @@
 //! base URL and access tokens (`--sender-url`, `--sender-token`,
 //! `--receiver-url`, `--receiver-tokens-file`, `--probe-token`); the devices
 //! are named by `/account/whoami`, and the servers' CPU and peak RSS are read
-//! from `/proc/<pid>` (`--sender-pid`, `--receiver-pid`).
+//! from `/proc/<pid>` (`--sender-pid`, `--receiver-pid`) and give the
+//! per-message CPU figures of relay A and relay B. The connections have the
+//! same shape as in-process (one per receiving device, the senders' own).
 //!
 //! It starts nothing and registers nothing: the devices must exist.
 
@@ -13,7 +15,8 @@ use serde::Deserialize;
 use super::procfs::{ProcSample, sample_process};
 use super::workload::{Delivery, Endpoints, Recipient};
 use super::{
-    BenchArgs, BenchError, BenchReport, Measured, Usage, UsageReading, run_workload, workload_of,
+    BenchArgs, BenchError, BenchReport, Measured, RelayCpu, Usage, UsageReading, run_workload,
+    workload_of,
 };
 use crate::tools::plain_http::JsonClient;
 
@@ -115,15 +118,25 @@ pub(super) async fn run_external(
     }
     let self_before = sample_process("self")?;
     let started = Instant::now();
-    let (outcome, load) = run_workload(args, http, &endpoints, Delivery::Sync).await?;
+    let (outcome, load) = run_workload(args, &endpoints, Delivery::Sync).await?;
     let wall = started.elapsed();
     let mut usage = Vec::new();
+    let mut relay_cpu = RelayCpu {
+        a: None,
+        b: None,
+        store_writers: None,
+    };
     for (role, pid, sample) in before {
         let after = sample_process(&pid.to_string())?;
+        let cpu = after.cpu.saturating_sub(sample.cpu);
+        match role {
+            "sender" => relay_cpu.a = Some(cpu),
+            _ => relay_cpu.b = Some(cpu),
+        }
         usage.push(Usage {
             what: format!("{role} server (pid {pid})"),
             reading: UsageReading::Cpu {
-                cpu: after.cpu.saturating_sub(sample.cpu),
+                cpu,
                 peak_rss_kib: Some(after.peak_rss_kib),
             },
             note: Some("peak RSS over the process lifetime".into()),
@@ -146,6 +159,7 @@ pub(super) async fn run_external(
         Measured {
             outcome,
             usage,
+            relay_cpu,
             wall,
             load,
         },

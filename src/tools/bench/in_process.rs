@@ -5,7 +5,8 @@
 //! federation sink's destinations and names the receiving users on them
 //! (opening the sink and waking every destination after the sends for a
 //! catch-up run); then runs the workload and measures CPU per relay from the
-//! relays' thread groups.
+//! relays' thread groups (each relay's runtime threads; the two relays'
+//! SQLite writer threads share a name, so they are one group).
 //!
 //! It does not parse or check the arguments (`mod.rs`), run the load
 //! (`workload.rs`) or read `/proc` itself (`procfs.rs`).
@@ -14,24 +15,77 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use tokio::task::JoinSet;
+
 use super::procfs::{sample_process, sample_threads, thread_cpu_by_group};
 use super::workload::{self, Delivery, Endpoints, Recipient};
 use super::{
-    BenchArgs, BenchError, BenchReport, Measured, Usage, UsageReading, run_workload, sink,
-    workload_of,
+    BenchArgs, BenchError, BenchReport, Measured, RelayCpu, Usage, UsageReading, receiving_devices,
+    run_workload, sink, workload_of,
 };
-use crate::tools::dev_pair::{DevPair, DevPairOptions, register_device};
+use crate::tools::dev_pair::{DevPair, DevPairOptions, DevRelay, register_device};
 use crate::tools::plain_http::JsonClient;
+
+const RELAY_A: &str = "relay A (runtime threads)";
+const RELAY_B: &str = "relay B (runtime threads)";
+const STORE_WRITERS: &str = "SQLite writer threads (A and B)";
 
 /// Thread-name prefixes of the in-process mode and the group each counts
 /// towards. Order matters: the first match wins.
 const THREAD_GROUPS: &[(&str, &str)] = &[
-    ("relay-a", "relay A (runtime threads)"),
-    ("relay-b", "relay B (runtime threads)"),
-    ("courier-sqlite", "SQLite writer threads (A and B)"),
+    ("relay-a", RELAY_A),
+    ("relay-b", RELAY_B),
+    ("courier-sqlite", STORE_WRITERS),
     ("tokio-r", "load generator (and sink, if any)"),
     ("courier", "load generator (and sink, if any)"),
 ];
+
+/// Device registrations in flight at once while setting up.
+const REGISTRATIONS_IN_FLIGHT: usize = 16;
+
+/// Registers `count` receiving devices `@bench<i>:<server>` / `BENCH` on
+/// `relay`, a few at a time, and returns them in index order.
+async fn register_receivers(
+    http: &JsonClient,
+    relay: &DevRelay,
+    count: usize,
+) -> Result<Vec<Recipient>, BenchError> {
+    let mut registered: Vec<Option<Recipient>> = vec![None; count];
+    let mut in_flight = JoinSet::new();
+    let mut next = 0;
+    while next < count || !in_flight.is_empty() {
+        if next < count && in_flight.len() < REGISTRATIONS_IN_FLIGHT {
+            let (http, relay, i) = (http.clone(), relay.clone(), next);
+            in_flight.spawn(async move {
+                let user = format!("@bench{i:05}:{}", relay.server_name);
+                let token = register_device(&http, &relay, &user, "BENCH").await?;
+                Ok::<_, BenchError>((
+                    i,
+                    Recipient {
+                        user_id: user,
+                        device_id: "BENCH".into(),
+                        access_token: token,
+                        client_url: relay.client_url.clone(),
+                    },
+                ))
+            });
+            next += 1;
+            continue;
+        }
+        match in_flight.join_next().await {
+            Some(Ok(Ok((i, recipient)))) => registered[i] = Some(recipient),
+            Some(Ok(Err(error))) => return Err(error),
+            Some(Err(error)) => {
+                return Err(BenchError::Setup(format!("registering a device: {error}")));
+            }
+            None => break,
+        }
+    }
+    registered
+        .into_iter()
+        .map(|r| r.ok_or_else(|| BenchError::Setup("a receiving device went unregistered".into())))
+        .collect()
+}
 
 /// Registers the receiving devices (and the probe) on relay B, or on A
 /// with `--local`.
@@ -42,18 +96,7 @@ async fn pair_endpoints(
     sender_token: String,
 ) -> Result<(Endpoints, String), BenchError> {
     let receiving = if args.local { &pair.a } else { &pair.b };
-    let count = args.receivers.unwrap_or(args.per_call.max(16));
-    let mut receivers = Vec::with_capacity(count);
-    for i in 0..count {
-        let user = format!("@bench{i:05}:{}", receiving.server_name);
-        let token = register_device(http, receiving, &user, "BENCH").await?;
-        receivers.push(Recipient {
-            user_id: user,
-            device_id: "BENCH".into(),
-            access_token: token,
-            client_url: receiving.client_url.clone(),
-        });
-    }
+    let receivers = register_receivers(http, receiving, receiving_devices(args)).await?;
     let probe = if args.probe_ms > 0 {
         let user = format!("@bench-probe:{}", receiving.server_name);
         let token = register_device(http, receiving, &user, "PROBE").await?;
@@ -86,7 +129,7 @@ async fn pair_endpoints(
 }
 
 /// Asks relay A over the RPC to retry every destination now, 32 at a time.
-async fn wake_all(http: &JsonClient, relay: &crate::tools::dev_pair::DevRelay, names: &[String]) {
+async fn wake_all(http: &JsonClient, relay: &DevRelay, names: &[String]) {
     let mut in_flight = tokio::task::JoinSet::new();
     for name in names {
         let url = format!(
@@ -225,7 +268,7 @@ async fn drive_in_process(
     let process_before = sample_process("self")?;
     let threads_before = sample_threads()?;
     let started = Instant::now();
-    let (outcome, load) = run_workload(args, http, &endpoints, delivery).await?;
+    let (outcome, load) = run_workload(args, &endpoints, delivery).await?;
     let wall = started.elapsed();
     let process_after = sample_process("self")?;
     if let Some(sink) = &sink {
@@ -257,6 +300,14 @@ async fn drive_in_process(
         });
     }
     let groups = thread_cpu_by_group(&threads_before, &threads_after, THREAD_GROUPS);
+    // Only a relay that received over `/sync` or sent has a per-message
+    // cost: B is idle in a local or sink run.
+    let relay_cpu = RelayCpu {
+        a: Some(groups.get(RELAY_A).copied().unwrap_or_default()),
+        b: (!args.local && args.destinations.is_none())
+            .then(|| groups.get(RELAY_B).copied().unwrap_or_default()),
+        store_writers: Some(groups.get(STORE_WRITERS).copied().unwrap_or_default()),
+    };
     let mut listed = Duration::ZERO;
     for (group, cpu) in &groups {
         listed += *cpu;
@@ -286,6 +337,7 @@ async fn drive_in_process(
         Measured {
             outcome,
             usage,
+            relay_cpu,
             wall,
             load,
         },

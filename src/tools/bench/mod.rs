@@ -10,6 +10,12 @@
 //! tally and percentiles, `procfs.rs` reads CPU and memory from `/proc`,
 //! `report.rs` prints the result.
 //!
+//! The default shape is a realistic one: at least 100 receiving devices
+//! (`--receivers`, default max(K, 100)), each with its own HTTP/1.1
+//! keep-alive connection and long-poll loop, the senders on connections of
+//! their own; next to the rates the report gives each relay's CPU time and
+//! the `/sync` answers per delivered message.
+//!
 //! This module owns the command line (`BenchArgs`), its checks, the choice
 //! of mode and the progress bar around a run; it never decides what a relay
 //! does.
@@ -31,7 +37,7 @@ use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-pub use report::{BenchReport, LoadAverage, Measured, Usage, UsageReading};
+pub use report::{BenchReport, LoadAverage, Measured, RelayCpu, Usage, UsageReading};
 use workload::{Delivery, Endpoints, Progress, Workload};
 
 use crate::tools::dev_pair::DevPairError;
@@ -54,7 +60,10 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 256)]
     pub payload: usize,
     /// Receiving devices the messages rotate over (in-process mode; at least
-    /// K). Default: the larger of K and 16.
+    /// K), each long-polling `/sync` on its own keep-alive connection.
+    /// Default: the larger of K and 100. With --destinations: receiving
+    /// users over the destinations, default the larger of K and the
+    /// destination count.
     #[arg(long)]
     pub receivers: Option<usize>,
     /// Cap on the sending phase, in seconds (the whole run when N is 0).
@@ -165,6 +174,8 @@ pub enum BenchError {
 /// Runs one benchmark as `args` describe and returns its report.
 pub async fn run_bench(args: &BenchArgs) -> Result<BenchReport, BenchError> {
     validate(args)?;
+    // For the setup (registrations, whoami, wakes) only: the run opens its
+    // own connections (workload.rs).
     let http = JsonClient::new(Duration::from_secs(120));
     match &args.sender_url {
         Some(sender_url) => external::run_external(args, &http, sender_url).await,
@@ -208,6 +219,18 @@ fn validate(args: &BenchArgs) -> Result<(), BenchError> {
     Ok(())
 }
 
+/// Receiving devices when `--receivers` is not given: enough that a K=1 run
+/// rotates over as many devices, each on its own connection, as a K=100 run
+/// addresses in one call.
+const DEFAULT_RECEIVERS: usize = 100;
+
+/// The receiving devices of an in-process `/sync` run: `--receivers`, or the
+/// larger of K and `DEFAULT_RECEIVERS`.
+fn receiving_devices(args: &BenchArgs) -> usize {
+    args.receivers
+        .unwrap_or_else(|| args.per_call.max(DEFAULT_RECEIVERS))
+}
+
 fn workload_of(args: &BenchArgs) -> Workload {
     Workload {
         messages: args.messages,
@@ -230,7 +253,6 @@ fn run_id() -> String {
 /// not a terminal).
 async fn run_workload(
     args: &BenchArgs,
-    http: &JsonClient,
     endpoints: &Endpoints,
     delivery: Delivery,
 ) -> Result<(workload::Outcome, LoadAverage), BenchError> {
@@ -257,7 +279,7 @@ async fn run_workload(
             p.failed.load(Ordering::Relaxed),
         ));
     };
-    let outcome = workload::run(http, endpoints, &workload, &run_id(), delivery, &tick).await;
+    let outcome = workload::run(endpoints, &workload, &run_id(), delivery, &tick).await;
     bar.finish_and_clear();
     let load = LoadAverage {
         before: load_before,
@@ -292,6 +314,16 @@ mod tests {
         validate(&args).expect("defaults are valid");
         let w = workload_of(&args);
         assert_eq!(w.probe_interval, Some(Duration::from_millis(100)));
+    }
+
+    #[test]
+    fn receiving_devices_default_to_at_least_a_hundred() {
+        let count = |argv: &[&str]| receiving_devices(&parse(argv).expect("parses"));
+        assert_eq!(count(&[]), 100);
+        assert_eq!(count(&["-k", "100"]), 100);
+        assert_eq!(count(&["-k", "250"]), 250);
+        assert_eq!(count(&["--receivers", "1"]), 1);
+        assert_eq!(count(&["-k", "4", "--receivers", "7"]), 7);
     }
 
     #[test]

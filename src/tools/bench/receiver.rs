@@ -1,9 +1,10 @@
 //! The receiving side of a run: the recorder every arrival is reported to
 //! (`Shared`: each message id counted once in the tally, duplicates,
 //! misdelivered and stale events flagged, latencies kept) and the
-//! per-device long-poll `GET /sync` loops that feed it, acknowledging as
-//! they go (the next `since`). A federation sink (`sink.rs`) reports to the
-//! same recorder.
+//! per-device long-poll `GET /sync` loops that feed it (`timeout=30000`,
+//! each on the device's own keep-alive connection), acknowledging as they
+//! go (the next `since`) and counting the bulk devices' answers, empty ones
+//! included. A federation sink (`sink.rs`) reports to the same recorder.
 //!
 //! It does not send anything (`sender.rs`) and does not decide when the run
 //! starts or ends (`workload.rs` sets the epoch and stops the loops).
@@ -149,6 +150,7 @@ pub(super) struct Samples {
 
 /// One receiving device's `/sync` loop.
 pub(super) struct ReceiverTask {
+    /// This device's own client: one keep-alive connection, nobody else's.
     pub(super) http: JsonClient,
     pub(super) recipient: Recipient,
     /// Index among bulk receivers; `None` for the probe device.
@@ -234,6 +236,12 @@ impl ReceiverTask {
             };
             match polled {
                 Ok(body) => {
+                    if self.index.is_some() {
+                        self.shared
+                            .progress
+                            .sync_responses
+                            .fetch_add(1, Ordering::Relaxed);
+                    }
                     self.take(body.to_device, &clock, &mut samples);
                     since = body.next_batch;
                 }

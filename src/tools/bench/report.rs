@@ -1,6 +1,8 @@
-//! The benchmark's result: rates, latency percentiles, resource use and the
-//! delivery check, printed as a short human summary or as one JSON object
-//! (`--json`) whose keys are the figures BENCHMARKS.md quotes.
+//! The benchmark's result: rates, latency percentiles, resource use, the
+//! cost per delivered message (each relay's CPU microseconds, the receivers'
+//! `/sync` answers) and the delivery check, printed as a short human summary
+//! or as one JSON object (`--json`) whose keys are the figures BENCHMARKS.md
+//! quotes.
 
 use std::time::Duration;
 
@@ -51,10 +53,25 @@ pub struct LoadAverage {
     pub after: Option<f64>,
 }
 
+/// CPU time of each relay over the run, as the mode could attribute it,
+/// for the per-message figures.
+#[derive(Debug, Clone, Copy)]
+pub struct RelayCpu {
+    /// The sending relay (A): its runtime threads in-process, the sender
+    /// process in external mode (with `--sender-pid`).
+    pub a: Option<Duration>,
+    /// The receiving relay (B), likewise; `None` for a local or sink run.
+    pub b: Option<Duration>,
+    /// In-process: the SQLite writer threads of both relays, which cannot
+    /// be told apart by thread name; counted in neither `a` nor `b`.
+    pub store_writers: Option<Duration>,
+}
+
 /// What one run measured, before summarizing.
 pub struct Measured {
     pub outcome: Outcome,
     pub usage: Vec<Usage>,
+    pub relay_cpu: RelayCpu,
     /// Wall time of the workload (setup excluded).
     pub wall: Duration,
     pub load: LoadAverage,
@@ -69,6 +86,7 @@ pub struct BenchReport {
     pub latency: Option<LatencySummary>,
     pub probe_latency: Option<LatencySummary>,
     pub usage: Vec<Usage>,
+    pub relay_cpu: RelayCpu,
     pub wall: Duration,
     pub load: LoadAverage,
 }
@@ -79,6 +97,17 @@ fn per_second(count: u64, span: Duration) -> f64 {
     } else {
         count as f64 / span.as_secs_f64()
     }
+}
+
+/// `count` per delivered message, `None` when nothing was delivered.
+fn per_delivered(count: f64, delivered: u64) -> Option<f64> {
+    (delivered > 0).then(|| count / delivered as f64)
+}
+
+/// Rounds to `places` decimals, for the JSON figures.
+fn round_to(value: f64, places: i32) -> f64 {
+    let scale = 10f64.powi(places);
+    (value * scale).round() / scale
 }
 
 fn ms(d: Duration) -> f64 {
@@ -137,6 +166,7 @@ impl BenchReport {
         let Measured {
             mut outcome,
             usage,
+            relay_cpu,
             wall,
             load,
         } = measured;
@@ -159,9 +189,21 @@ impl BenchReport {
             latency,
             probe_latency,
             usage,
+            relay_cpu,
             wall,
             load,
         }
+    }
+
+    /// CPU microseconds per delivered bulk message of a CPU figure (the
+    /// probe's few messages are not counted, their cost is).
+    pub fn cpu_us_per_delivered(&self, cpu: Option<Duration>) -> Option<f64> {
+        per_delivered(cpu?.as_secs_f64() * 1e6, self.outcome.delivered)
+    }
+
+    /// The bulk receivers' `/sync` answers per delivered bulk message.
+    pub fn sync_responses_per_delivered(&self) -> Option<f64> {
+        per_delivered(self.outcome.sync_responses? as f64, self.outcome.delivered)
     }
 
     /// Probe messages accepted but never delivered.
@@ -235,6 +277,12 @@ impl BenchReport {
             "delivery_span_s": o.delivery_span.as_secs_f64(),
             "accepted_per_s": self.accepted_per_second().round(),
             "delivered_per_s": self.delivered_per_second().round(),
+            "cpu_us_per_delivered_a": self.cpu_us_per_delivered(self.relay_cpu.a).map(|v| round_to(v, 1)),
+            "cpu_us_per_delivered_b": self.cpu_us_per_delivered(self.relay_cpu.b).map(|v| round_to(v, 1)),
+            "cpu_us_per_delivered_store_writers":
+                self.cpu_us_per_delivered(self.relay_cpu.store_writers).map(|v| round_to(v, 1)),
+            "sync_responses": o.sync_responses,
+            "sync_responses_per_delivered": self.sync_responses_per_delivered().map(|v| round_to(v, 4)),
             "latency": latency_json(&self.latency),
             "probe": {
                 "sent": o.probes_sent,
@@ -288,6 +336,14 @@ impl BenchReport {
             o.delivery_span.as_secs_f64(),
             self.delivered_per_second()
         );
+        if let Some(line) = self.per_message_line() {
+            println!("{line}");
+        }
+        if let (Some(n), Some(per)) = (o.sync_responses, self.sync_responses_per_delivered()) {
+            println!(
+                "  /sync       {n} responses to bulk receivers = {per:.3} per delivered message"
+            );
+        }
         if let (Some(resumed), Some(rate)) = (o.resumed_at, self.catch_up_per_second()) {
             println!(
                 "  catch-up    destinations back at {:.2} s; {} delivered by {:.2} s = {:.0} msgs/s",
@@ -359,11 +415,113 @@ impl BenchReport {
             }
         );
     }
+
+    /// The text report's line of CPU microseconds per delivered message, if
+    /// any figure is known.
+    fn per_message_line(&self) -> Option<String> {
+        let figures: Vec<String> = [
+            ("relay A", self.relay_cpu.a),
+            ("relay B", self.relay_cpu.b),
+            ("SQLite writers (A and B)", self.relay_cpu.store_writers),
+        ]
+        .into_iter()
+        .filter_map(|(what, cpu)| {
+            self.cpu_us_per_delivered(cpu)
+                .map(|us| format!("{what} {us:.1} µs"))
+        })
+        .collect();
+        (!figures.is_empty()).then(|| {
+            format!(
+                "  cpu per msg {}  per delivered message",
+                figures.join("  ")
+            )
+        })
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A report of `delivered` messages, `sync_responses` answers and the
+    /// relays' CPU; every other figure zero.
+    fn report(delivered: u64, sync_responses: Option<u64>, relay_cpu: RelayCpu) -> BenchReport {
+        BenchReport {
+            label: "test".into(),
+            mode: "test".into(),
+            workload: Workload {
+                messages: delivered,
+                per_call: 1,
+                concurrency: 1,
+                payload_bytes: 0,
+                duration: Duration::ZERO,
+                probe_interval: None,
+                drain_timeout: Duration::ZERO,
+                event_type: "t".into(),
+            },
+            receivers: 100,
+            outcome: Outcome {
+                attempted: delivered,
+                accepted: delivered,
+                failed: 0,
+                delivered,
+                duplicates: 0,
+                misdelivered: 0,
+                stale: 0,
+                undelivered: 0,
+                probes_sent: 0,
+                probes_accepted: 0,
+                probes_delivered: 0,
+                sync_responses,
+                accept_span: Duration::ZERO,
+                delivery_span: Duration::ZERO,
+                capped: false,
+                drain_timed_out: false,
+                resumed_at: None,
+                latencies_us: Vec::new(),
+                probe_latencies_us: Vec::new(),
+                first_error: None,
+            },
+            latency: None,
+            probe_latency: None,
+            usage: Vec::new(),
+            relay_cpu,
+            wall: Duration::ZERO,
+            load: LoadAverage {
+                before: None,
+                after: None,
+            },
+        }
+    }
+
+    #[test]
+    fn per_message_figures_divide_by_the_delivered_messages() {
+        let cpu = RelayCpu {
+            a: Some(Duration::from_millis(250)),
+            b: Some(Duration::from_millis(125)),
+            store_writers: None,
+        };
+        let json = report(2_000, Some(500), cpu).to_json();
+        assert_eq!(json["cpu_us_per_delivered_a"], 125.0);
+        assert_eq!(json["cpu_us_per_delivered_b"], 62.5);
+        assert_eq!(json["cpu_us_per_delivered_store_writers"], Value::Null);
+        assert_eq!(json["sync_responses"], 500);
+        assert_eq!(json["sync_responses_per_delivered"], 0.25);
+        let line = report(2_000, Some(500), cpu).per_message_line();
+        assert_eq!(
+            line.as_deref(),
+            Some("  cpu per msg relay A 125.0 µs  relay B 62.5 µs  per delivered message")
+        );
+
+        // Nothing delivered, or a sink run: no figures rather than infinities.
+        let empty = report(0, Some(3), cpu);
+        assert_eq!(empty.to_json()["cpu_us_per_delivered_a"], Value::Null);
+        assert_eq!(empty.to_json()["sync_responses_per_delivered"], Value::Null);
+        assert_eq!(empty.per_message_line(), None);
+        let sink = report(10, None, cpu).to_json();
+        assert_eq!(sink["sync_responses"], Value::Null);
+        assert_eq!(sink["sync_responses_per_delivered"], Value::Null);
+    }
 
     #[test]
     fn an_rss_sample_prints_as_memory_and_keeps_its_json_figures() {

@@ -8,6 +8,12 @@
 //! receiver's `/sync` returned it" (or the sink received it), measured on one
 //! clock.
 //!
+//! The connections have the shape real clients give them: every receiving
+//! device (and the probe device) has its own client holding one HTTP/1.1
+//! keep-alive connection for its own long-poll loop, and the senders share
+//! a pool of their own, so no sender and no other device ever rides on a
+//! receiver's connection.
+//!
 //! This module knows nothing of how the relays were started.
 
 use std::future::Future;
@@ -22,6 +28,9 @@ use tokio_util::sync::CancellationToken;
 use super::receiver::{ReceiverTask, Shared};
 use super::sender::{ProbeTask, SenderTask};
 use crate::tools::plain_http::JsonClient;
+
+/// The bound on every request of a run; a long-poll asks for 30 s.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// One receiving device and how to reach it.
 #[derive(Debug, Clone)]
@@ -75,6 +84,10 @@ pub struct Progress {
     pub probes_sent: AtomicU64,
     pub probes_accepted: AtomicU64,
     pub probes_delivered: AtomicU64,
+    /// `/sync` answers the bulk receivers' long-poll loops got after the
+    /// clock started, empty ones included (not the initial sync before it,
+    /// nor the closing syncs after the receivers are stopped).
+    pub sync_responses: AtomicU64,
     /// Microseconds since `epoch` of the last accepted bulk send.
     pub last_accept_us: AtomicU64,
     /// Microseconds since `epoch` of the last first-time bulk delivery.
@@ -96,6 +109,7 @@ impl Progress {
             probes_sent: AtomicU64::new(0),
             probes_accepted: AtomicU64::new(0),
             probes_delivered: AtomicU64::new(0),
+            sync_responses: AtomicU64::new(0),
             last_accept_us: AtomicU64::new(0),
             last_delivery_us: AtomicU64::new(0),
             sending_done: AtomicBool::new(false),
@@ -141,6 +155,9 @@ pub struct Outcome {
     pub probes_sent: u64,
     pub probes_accepted: u64,
     pub probes_delivered: u64,
+    /// `/sync` answers of the bulk receivers' long-poll loops (see
+    /// `Progress::sync_responses`); `None` when a sink received instead.
+    pub sync_responses: Option<u64>,
     /// First send start → last accepted send.
     pub accept_span: Duration,
     /// First send start → last first-time delivery.
@@ -169,9 +186,9 @@ pub enum WorkloadError {
 
 /// Runs the workload. `on_tick` is called about every 100 ms with the shared
 /// counters (for a progress bar). Receivers do an initial sync first, so
-/// the clock starts with every long-poll in place.
+/// the clock starts with every long-poll in place. The run opens its own
+/// connections (see the module doc).
 pub async fn run(
-    http: &JsonClient,
     endpoints: &Endpoints,
     workload: &Workload,
     run_id: &str,
@@ -220,7 +237,7 @@ pub async fn run(
     let epoch_set = Arc::new(tokio::sync::Notify::new());
     for (index, recipient) in receiving {
         let task = ReceiverTask {
-            http: http.clone(),
+            http: JsonClient::one_connection(REQUEST_TIMEOUT),
             recipient,
             index,
             shared: shared.clone(),
@@ -241,6 +258,9 @@ pub async fn run(
             None => break,
         }
     }
+
+    // The senders' pool, shared by the C senders and the probe's sends.
+    let http = JsonClient::new(REQUEST_TIMEOUT);
 
     // Start the clock.
     let epoch = *shared.epoch.get_or_init(Instant::now);
@@ -379,6 +399,7 @@ pub async fn run(
         probes_sent: progress.probes_sent.load(Ordering::Relaxed),
         probes_accepted: progress.probes_accepted.load(Ordering::Relaxed),
         probes_delivered: progress.probes_delivered.load(Ordering::Relaxed),
+        sync_responses: syncing.then(|| progress.sync_responses.load(Ordering::Relaxed)),
         accept_span: Duration::from_micros(progress.last_accept_us.load(Ordering::Relaxed)),
         delivery_span: Duration::from_micros(progress.last_delivery_us.load(Ordering::Relaxed)),
         capped: capped.load(Ordering::Relaxed),
