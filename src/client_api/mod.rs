@@ -26,6 +26,7 @@ use axum::routing::{get, put};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use crate::e2ee::devices::sync_counts;
 use crate::error::MatrixError;
 use crate::federation::inbound::rate_limit::{OriginRateLimiter, admit};
 use crate::identifiers::UserId;
@@ -170,11 +171,13 @@ async fn get_sync_route(
     // Both the inbox and the device-list log are read on every pass, so a
     // long-poll woken by a device change (`E2ee::device_list_changed`)
     // answers with it, and one woken by a message does too.
-    let (page, lists) = state
+    // One store hop per pass reads the inbox, the log's position and the
+    // key counts (`Store::sync_read`).
+    let (page, lists, counts) = state
         .todevice
         .long_poll(device, timeout, move || async move {
-            let page = store
-                .fetch_inbox(
+            let read = store
+                .sync_read(
                     &device.user_id,
                     &device.device_id,
                     since.inbox,
@@ -182,19 +185,19 @@ async fn get_sync_route(
                 )
                 .await?;
             let lists = e2ee
-                .device_list_news(&device.user_id, device_list_after)
+                .device_list_news_at(
+                    &device.user_id,
+                    device_list_after,
+                    read.device_list_position,
+                )
                 .await?;
+            let page = read.page;
             let ready =
                 !page.messages.is_empty() || !lists.changed.is_empty() || !lists.left.is_empty();
-            Ok(((page, lists), ready))
+            Ok(((page, lists, sync_counts(read.key_counts)), ready))
         })
         .await
         .map_err(|error| MatrixError::internal("sync read", &error))?;
-    let counts = state
-        .e2ee
-        .sync_key_counts(&device.user_id, &device.device_id)
-        .await
-        .map_err(|error| MatrixError::internal("sync key counts", &error))?;
     let next_batch = SyncToken {
         inbox: page.next_batch,
         device_list: lists.position,

@@ -249,12 +249,9 @@ impl E2ee {
         user_id: &str,
         device_id: &str,
     ) -> Result<KeyCounts, StoreError> {
-        let mut counts = self.store.key_counts(user_id, device_id).await?;
-        counts
-            .one_time
-            .entry(SIGNED_CURVE25519.to_owned())
-            .or_insert(0);
-        Ok(counts)
+        Ok(sync_counts(
+            self.store.key_counts(user_id, device_id).await?,
+        ))
     }
 
     /// The device-list part of a sync: the current log position, and the
@@ -269,6 +266,17 @@ impl E2ee {
         after: Option<i64>,
     ) -> Result<DeviceListNews, StoreError> {
         let position = self.store.device_list_position().await?;
+        self.device_list_news_at(user_id, after, position).await
+    }
+
+    /// `device_list_news` with the log's position already read (by
+    /// `Store::sync_read`).
+    pub async fn device_list_news_at(
+        &self,
+        user_id: &str,
+        after: Option<i64>,
+        position: i64,
+    ) -> Result<DeviceListNews, StoreError> {
         match after {
             Some(after) => self.news_between(user_id, after, position).await,
             None => Ok(DeviceListNews {
@@ -348,6 +356,16 @@ impl E2ee {
             })
             .collect())
     }
+}
+
+/// Key counts as `/sync` and the RPC report them: `signed_curve25519` is
+/// present even when none is left.
+pub fn sync_counts(mut counts: KeyCounts) -> KeyCounts {
+    counts
+        .one_time
+        .entry(SIGNED_CURVE25519.to_owned())
+        .or_insert(0);
+    counts
 }
 
 #[cfg(test)]

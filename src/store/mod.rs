@@ -144,6 +144,17 @@ pub struct InboxPage {
     pub more: bool,
 }
 
+/// What one pass of a `/sync` reads (`Store::sync_read`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SyncRead {
+    /// The inbox page, as `fetch_inbox` returns it.
+    pub page: InboxPage,
+    /// The device-list change log's position (`device_list_position`).
+    pub device_list_position: i64,
+    /// The device's key counts (`key_counts`).
+    pub key_counts: keys::KeyCounts,
+}
+
 /// A device that received at least one new inbox row (for waking long-polls).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct DeviceKey {
@@ -532,6 +543,29 @@ pub trait Store: KeyStore + DeviceListStore + Send + Sync + 'static {
         since: i64,
         limit: u32,
     ) -> StoreFuture<'a, InboxPage>;
+
+    /// One pass of a `/sync`: `fetch_inbox`, then the device-list log's
+    /// position and the device's key counts. The default makes the three
+    /// calls; SQLite answers them in one hop to its reader pool (or to the
+    /// writer, when `since` acknowledges rows).
+    fn sync_read<'a>(
+        &'a self,
+        user_id: &'a str,
+        device_id: &'a str,
+        since: i64,
+        limit: u32,
+    ) -> StoreFuture<'a, SyncRead> {
+        Box::pin(async move {
+            let page = self.fetch_inbox(user_id, device_id, since, limit).await?;
+            let device_list_position = self.device_list_position().await?;
+            let key_counts = self.key_counts(user_id, device_id).await?;
+            Ok(SyncRead {
+                page,
+                device_list_position,
+                key_counts,
+            })
+        })
+    }
 
     // --- the outbox -------------------------------------------------------
 

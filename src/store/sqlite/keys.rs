@@ -110,12 +110,7 @@ impl KeyStore for super::SqliteStore {
     }
 
     fn device_list_position(&self) -> StoreFuture<'_, i64> {
-        Box::pin(self.read(|c| {
-            Ok(
-                c.prepare_cached("SELECT coalesce(max(position), 0) FROM device_list_changes")?
-                    .query_row([], |row| row.get(0))?,
-            )
-        }))
+        Box::pin(self.read(device_list_position))
     }
 
     fn users_with_changes(
@@ -283,7 +278,17 @@ fn one_time_counts(
     Ok(counts)
 }
 
-fn key_counts(conn: &Connection, user: &str, device: &str) -> Result<KeyCounts, StoreError> {
+pub(super) fn device_list_position(conn: &Connection) -> Result<i64, StoreError> {
+    Ok(conn
+        .prepare_cached("SELECT coalesce(max(position), 0) FROM device_list_changes")?
+        .query_row([], |row| row.get(0))?)
+}
+
+pub(super) fn key_counts(
+    conn: &Connection,
+    user: &str,
+    device: &str,
+) -> Result<KeyCounts, StoreError> {
     let mut stmt = conn.prepare_cached(
         "SELECT algorithm FROM fallback_keys
          WHERE user_id = ?1 AND device_id = ?2 AND used = 0 ORDER BY algorithm",

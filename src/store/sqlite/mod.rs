@@ -29,7 +29,7 @@ use crate::store::{
     DestinationStatus, DeviceKey, ExpiredMessage, ExpiryPolicy, ExpiryTotal, Fence, InFlightTxn,
     InboundOutcome, InboundTxn, InboxPage, KeyStore, NextTxn, OutboxEdu, PruneReport,
     QuarantinedEdu, RefusalState, Retention, RetryState, SendBatch, SendOutcome, Store, StoreError,
-    StoreFuture, StoredServerKey, TimestampMs,
+    StoreFuture, StoredServerKey, SyncRead, TimestampMs,
 };
 
 mod device_changes;
@@ -44,6 +44,7 @@ mod remote_cache;
 mod retention;
 mod schema;
 mod send;
+mod sync_read;
 pub mod trace;
 mod trace_read;
 mod writer;
@@ -273,14 +274,6 @@ fn join_error(e: tokio::task::JoinError) -> StoreError {
     )))
 }
 
-/// What the reader decided for a `fetch_inbox`.
-enum InboxRead {
-    /// Nothing to acknowledge: the page read from the pool.
-    Page(InboxPage),
-    /// Rows at or below `since` exist: the writer must delete them.
-    NeedsDelete,
-}
-
 impl Store for SqliteStore {
     fn upsert_device<'a>(
         &'a self,
@@ -337,37 +330,32 @@ impl Store for SqliteStore {
         since: i64,
         limit: u32,
     ) -> StoreFuture<'a, InboxPage> {
-        let (user_id, device_id) = (user_id.to_owned(), device_id.to_owned());
         Box::pin(async move {
-            // Idle long-polls re-fetch with an already-applied `since`: keep
-            // them on the reader pool, away from the writer.
-            let (u, d) = (user_id.clone(), device_id.clone());
-            let first = self
-                .read(move |c| {
-                    if inbox::inbox_has_acked(c, &u, &d, since)? {
-                        Ok(InboxRead::NeedsDelete)
-                    } else {
-                        Ok(InboxRead::Page(inbox::inbox_page(c, &u, &d, since, limit)?))
-                    }
+            let (page, ()) = self
+                .read_inbox(user_id, device_id, since, limit, |_, _, _| Ok(()))
+                .await?;
+            Ok(page)
+        })
+    }
+
+    fn sync_read<'a>(
+        &'a self,
+        user_id: &'a str,
+        device_id: &'a str,
+        since: i64,
+        limit: u32,
+    ) -> StoreFuture<'a, SyncRead> {
+        Box::pin(async move {
+            let (page, (device_list_position, key_counts)) = self
+                .read_inbox(user_id, device_id, since, limit, |c, u, d| {
+                    Ok((keys::device_list_position(c)?, keys::key_counts(c, u, d)?))
                 })
                 .await?;
-            match first {
-                InboxRead::Page(page) => Ok(page),
-                InboxRead::NeedsDelete => {
-                    self.write(move |c| {
-                        trace::record_delivered(
-                            c,
-                            &user_id,
-                            &device_id,
-                            since,
-                            crate::clock::now_ms(),
-                        )?;
-                        inbox::delete_acked(c, &user_id, &device_id, since)?;
-                        inbox::inbox_page(c, &user_id, &device_id, since, limit)
-                    })
-                    .await
-                }
-            }
+            Ok(SyncRead {
+                page,
+                device_list_position,
+                key_counts,
+            })
         })
     }
 
