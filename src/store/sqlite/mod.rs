@@ -39,6 +39,7 @@ mod devices;
 mod inbox;
 mod keys;
 mod maintenance;
+mod multirow;
 mod outbox;
 mod remote_cache;
 mod retention;
@@ -88,6 +89,8 @@ struct Inner {
     reader_permits: Arc<Semaphore>,
     /// Where the next prune pass continues its orphan-row scan (stream id).
     orphan_cursor: AtomicI64,
+    /// Whether the trace journal is on (`trace_settings`, mirrored).
+    journal: trace::Switch,
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -115,6 +118,8 @@ impl SqliteStore {
         let thread_stats = stats.clone();
         let busy_timeout = options.busy_timeout;
         let max_batch = options.max_batch.max(1);
+        let journal = trace::Switch::default();
+        let thread_journal = journal.clone();
         std::thread::Builder::new()
             .name("courier-sqlite-writer".to_owned())
             .spawn(move || {
@@ -126,6 +131,7 @@ impl SqliteStore {
                     }
                     let mut conn = schema::open_writer(&thread_path, busy_timeout)?;
                     schema::migrate(&mut conn, crate::clock::now_ms())?;
+                    thread_journal.set(trace::enabled(&conn)?);
                     Ok::<_, StoreError>(conn)
                 })();
                 match setup {
@@ -165,6 +171,7 @@ impl SqliteStore {
                 readers: Mutex::new(readers),
                 reader_permits: Arc::new(Semaphore::new(count)),
                 orphan_cursor: AtomicI64::new(0),
+                journal,
             }),
         })
     }
@@ -315,11 +322,13 @@ impl Store for SqliteStore {
     }
 
     fn enqueue_send(&self, batch: SendBatch) -> StoreFuture<'_, SendOutcome> {
-        Box::pin(self.write(move |c| send::enqueue_send(c, &batch)))
+        let journal = self.inner.journal.clone();
+        Box::pin(self.write(move |c| send::enqueue_send(c, &batch, journal.on())))
     }
 
     fn apply_inbound_txn(&self, txn: InboundTxn) -> StoreFuture<'_, InboundOutcome> {
-        Box::pin(self.write(move |c| inbox::apply_inbound_txn(c, &txn)))
+        let journal = self.inner.journal.clone();
+        Box::pin(self.write(move |c| inbox::apply_inbound_txn(c, &txn, journal.on())))
     }
 
     fn inbound_txn_response<'a>(
@@ -355,15 +364,10 @@ impl Store for SqliteStore {
             match first {
                 InboxRead::Page(page) => Ok(page),
                 InboxRead::NeedsDelete => {
+                    let journal = self.inner.journal.clone();
                     self.write(move |c| {
-                        trace::record_delivered(
-                            c,
-                            &user_id,
-                            &device_id,
-                            since,
-                            crate::clock::now_ms(),
-                        )?;
-                        inbox::delete_acked(c, &user_id, &device_id, since)?;
+                        let now_ms = crate::clock::now_ms();
+                        inbox::acknowledge(c, &user_id, &device_id, since, now_ms, journal.on())?;
                         inbox::inbox_page(c, &user_id, &device_id, since, limit)
                     })
                     .await
@@ -579,6 +583,18 @@ impl Store for SqliteStore {
     }
 
     fn set_trace_journal(&self, enabled: bool) -> StoreFuture<'_, ()> {
-        Box::pin(self.write(move |c| trace::set_enabled(c, enabled)))
+        let (journal, restore) = (self.inner.journal.clone(), self.inner.journal.clone());
+        Box::pin(async move {
+            let result = self
+                .write(move |c| trace::set_enabled(c, &journal, enabled))
+                .await;
+            if result.is_err() {
+                // The group may have failed after the switch was set: put
+                // back what the table holds (best effort; the error stands).
+                let reload = move |c: &Connection| trace::enabled(c).map(|on| restore.set(on));
+                let _ = self.write(reload).await;
+            }
+            result
+        })
     }
 }
