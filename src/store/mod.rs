@@ -738,7 +738,10 @@ pub trait Store: KeyStore + DeviceListStore + Send + Sync + 'static {
     ) -> StoreFuture<'a, trace::TraceRecords>;
 
     /// Turns the journal on or off for every writer of this store (from
-    /// `[store] trace_retention_hours`; on by default).
+    /// `[store] trace_retention_hours`; on by default). Persisted, and in
+    /// effect for this store's next write; on PostgreSQL another worker's
+    /// client sends, inbound transactions and acknowledgements follow a
+    /// switch to on within 2 s (`postgres::trace::Switch`).
     fn set_trace_journal(&self, enabled: bool) -> StoreFuture<'_, ()>;
 
     // --- housekeeping -------------------------------------------------------

@@ -122,12 +122,141 @@ pub fn edu_message_id(edu_json: &str) -> Option<String> {
 /// The detail of a `delivered` row: the acknowledging `since` and the
 /// `(stream_id, message_id)` pairs deleted, at most `MAX_DELIVERED_PAIRS`.
 pub fn delivered_detail(since: i64, rows: &[(i64, String)]) -> String {
-    let pairs: Vec<serde_json::Value> = rows
-        .iter()
-        .take(MAX_DELIVERED_PAIRS)
-        .map(|(stream_id, message_id)| serde_json::json!([stream_id, message_id]))
-        .collect();
-    serde_json::json!({"since": since, "rows": pairs, "rows_total": rows.len()}).to_string()
+    let mut detail = Detail::with_capacity(32 + rows.len().min(MAX_DELIVERED_PAIRS) * 32);
+    detail.key("rows");
+    detail.out.push('[');
+    for (i, (stream_id, message_id)) in rows.iter().take(MAX_DELIVERED_PAIRS).enumerate() {
+        if i > 0 {
+            detail.out.push(',');
+        }
+        detail.out.push('[');
+        detail.number(*stream_id);
+        detail.out.push(',');
+        detail.string(message_id);
+        detail.out.push(']');
+    }
+    detail.out.push(']');
+    detail.int("rows_total", rows.len() as u64);
+    detail.int("since", since);
+    detail.finish()
+}
+
+/// A journal row's `detail` object, written directly as the text
+/// `serde_json` gives for the same object (its maps are sorted, so callers
+/// add the keys in sorted order; the unit tests hold each row kind's detail
+/// against `serde_json::json!`). The journal writes one per row, on the
+/// writer's hot path, where building a `serde_json::Value` first cost an
+/// allocation per key and value.
+#[derive(Debug)]
+pub struct Detail {
+    out: String,
+}
+
+impl Default for Detail {
+    fn default() -> Self {
+        Detail::with_capacity(64)
+    }
+}
+
+impl Detail {
+    pub fn with_capacity(capacity: usize) -> Detail {
+        let mut out = String::with_capacity(capacity);
+        out.push('{');
+        Detail { out }
+    }
+
+    fn key(&mut self, key: &str) {
+        if self.out.len() > 1 {
+            self.out.push(',');
+        }
+        self.string(key);
+        self.out.push(':');
+    }
+
+    fn number(&mut self, n: impl std::fmt::Display) {
+        use std::fmt::Write as _;
+        // Writing to a String cannot fail.
+        let _ = write!(self.out, "{n}");
+    }
+
+    /// A JSON string, escaped as `serde_json` escapes it: `"`, `\` and
+    /// the control characters below U+0020, nothing else.
+    fn string(&mut self, s: &str) {
+        self.out.push('"');
+        let mut start = 0;
+        for (i, b) in s.bytes().enumerate() {
+            let escape: &str = match b {
+                b'"' => "\\\"",
+                b'\\' => "\\\\",
+                b'\n' => "\\n",
+                b'\r' => "\\r",
+                b'\t' => "\\t",
+                0x08 => "\\b",
+                0x0c => "\\f",
+                0x00..=0x1f => "",
+                _ => continue,
+            };
+            self.out.push_str(&s[start..i]);
+            if escape.is_empty() {
+                const HEX: &[u8; 16] = b"0123456789abcdef";
+                self.out.push_str("\\u00");
+                self.out.push(char::from(HEX[usize::from(b >> 4)]));
+                self.out.push(char::from(HEX[usize::from(b & 0xf)]));
+            } else {
+                self.out.push_str(escape);
+            }
+            start = i + 1;
+        }
+        self.out.push_str(&s[start..]);
+        self.out.push('"');
+    }
+
+    /// `"key":"value"`.
+    pub fn str(&mut self, key: &str, value: &str) -> &mut Detail {
+        self.key(key);
+        self.string(value);
+        self
+    }
+
+    /// `"key":"value"`, or `"key":null`.
+    pub fn opt_str(&mut self, key: &str, value: Option<&str>) -> &mut Detail {
+        match value {
+            Some(value) => self.str(key, value),
+            None => {
+                self.key(key);
+                self.out.push_str("null");
+                self
+            }
+        }
+    }
+
+    /// `"key":n`.
+    pub fn int(&mut self, key: &str, n: impl Into<i128>) -> &mut Detail {
+        self.key(key);
+        self.number(n.into());
+        self
+    }
+
+    /// `"key":["a","b"]`.
+    pub fn strs(&mut self, key: &str, values: &[&str]) -> &mut Detail {
+        self.key(key);
+        self.out.push('[');
+        for (i, value) in values.iter().enumerate() {
+            if i > 0 {
+                self.out.push(',');
+            }
+            self.string(value);
+        }
+        self.out.push(']');
+        self
+    }
+
+    /// The object's text.
+    pub fn finish(&mut self) -> String {
+        let mut out = std::mem::take(&mut self.out);
+        out.push('}');
+        out
+    }
 }
 
 /// The distinct recipients of a list of local messages, sorted.
@@ -195,6 +324,80 @@ mod tests {
         let other = r#"{"edu_type":"m.direct_to_device","content":{"message_id":"x\"y"}}"#;
         assert_eq!(edu_message_id(other).as_deref(), Some("x\"y"));
         assert_eq!(edu_message_id("{}"), None);
+    }
+
+    /// Every row kind's detail, as `Detail` writes it, is the text
+    /// `serde_json::json!` gave for it (the journal's content did not
+    /// change when the writers stopped building `Value`s).
+    #[test]
+    fn details_match_serde_json() {
+        let odd = "m.t\"e\\s\nt\r\t\u{8}\u{c}\u{0}\u{1f}\u{7f}/é😀";
+        let recipients = ["@a:x", odd];
+        let pairs = [
+            (
+                Detail::default()
+                    .str("event_type", odd)
+                    .strs("recipients", &recipients)
+                    .int("rows", 7u64)
+                    .finish(),
+                serde_json::json!({"event_type": odd, "rows": 7u64, "recipients": recipients}),
+            ),
+            (
+                Detail::default()
+                    .str("event_type", odd)
+                    .int("messages", u32::MAX)
+                    .finish(),
+                serde_json::json!({"event_type": odd, "messages": u32::MAX}),
+            ),
+            (
+                Detail::default()
+                    .opt_str("event_type", None)
+                    .strs("recipients", &[])
+                    .int("rows", 0u64)
+                    .finish(),
+                serde_json::json!({"event_type": None::<&str>, "rows": 0, "recipients": Vec::<&str>::new()}),
+            ),
+            (
+                Detail::default()
+                    .int("duplicates", 3u32)
+                    .int("edus", 100u64)
+                    .finish(),
+                serde_json::json!({"edus": 100, "duplicates": 3}),
+            ),
+            (
+                Detail::default()
+                    .str("outcome", "ok")
+                    .opt_str("reason", Some(odd))
+                    .finish(),
+                serde_json::json!({"outcome": "ok", "reason": odd}),
+            ),
+            (
+                Detail::default().int("edus", i64::MIN).finish(),
+                serde_json::json!({"edus": i64::MIN}),
+            ),
+        ];
+        for (written, expected) in pairs {
+            assert_eq!(written, expected.to_string());
+        }
+        for c in (0u32..0x100).filter_map(char::from_u32) {
+            let s = c.to_string();
+            assert_eq!(
+                Detail::default().str("k", &s).finish(),
+                serde_json::json!({ "k": s }).to_string()
+            );
+        }
+        let rows: Vec<(i64, String)> = (0..1_002).map(|i| (i, format!("m{i}{odd}"))).collect();
+        let legacy = serde_json::json!({
+            "since": -4,
+            "rows": rows.iter().take(MAX_DELIVERED_PAIRS)
+                .map(|(s, m)| serde_json::json!([s, m])).collect::<Vec<_>>(),
+            "rows_total": rows.len(),
+        });
+        assert_eq!(delivered_detail(-4, &rows), legacy.to_string());
+        assert_eq!(
+            delivered_detail(1, &[]),
+            serde_json::json!({"since": 1, "rows": [], "rows_total": 0}).to_string()
+        );
     }
 
     #[test]

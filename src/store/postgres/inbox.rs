@@ -13,9 +13,11 @@
 use std::collections::{HashMap, HashSet};
 
 use deadpool_postgres::{Object, Transaction};
+use tokio_postgres::types::ToSql;
 
 use super::Fail;
 use super::trace;
+use crate::store::trace::Detail;
 use crate::store::{
     DeviceKey, DeviceTarget, InboundOutcome, InboundTxn, InboxMessage, InboxPage, NewInboxMessage,
     TimestampMs, hash_token,
@@ -187,18 +189,17 @@ async fn journal_inbound(
                 kind: "applied",
                 first_id: span.map(|s| s.0),
                 last_id: span.map(|s| s.1),
-                detail: serde_json::json!({
-                    "event_type": event_type,
-                    "rows": span.map_or(0, |s| s.2),
-                    "recipients": recipients,
-                })
-                .to_string(),
+                detail: Detail::default()
+                    .opt_str("event_type", event_type)
+                    .strs("recipients", &recipients)
+                    .int("rows", span.map_or(0, |s| s.2))
+                    .finish(),
                 ..trace::Row::default()
             }
         } else {
             trace::Row {
                 kind: "deduped",
-                detail: serde_json::json!({"event_type": event_type}).to_string(),
+                detail: Detail::default().opt_str("event_type", event_type).finish(),
                 ..trace::Row::default()
             }
         };
@@ -214,7 +215,10 @@ async fn journal_inbound(
         kind: "received",
         txn_id: Some(&txn.txn_id),
         peer: Some(&txn.origin),
-        detail: serde_json::json!({"edus": txn.edus.len(), "duplicates": duplicates}).to_string(),
+        detail: Detail::default()
+            .int("duplicates", duplicates)
+            .int("edus", txn.edus.len() as u64)
+            .finish(),
         ..trace::Row::default()
     });
     rows.write(tx, txn.now_ms).await
@@ -225,7 +229,9 @@ async fn journal_inbound(
 pub async fn apply_inbound_txn(
     c: &mut Object,
     txn: &InboundTxn,
+    switch: &trace::Switch,
 ) -> Result<(InboundOutcome, bool), Fail> {
+    let journal_on = switch.on(&*c).await?;
     let tx = c.transaction().await?;
     let backoff = tx
         .prepare_cached(
@@ -290,7 +296,9 @@ pub async fn apply_inbound_txn(
         }
     }
     let (woken_devices, spans) = write_inbox(&tx, &messages, txn.now_ms).await?;
-    journal_inbound(&tx, txn, &applied, &spans, duplicate_message_ids).await?;
+    if journal_on {
+        journal_inbound(&tx, txn, &applied, &spans, duplicate_message_ids).await?;
+    }
     tx.commit().await?;
     let outcome = InboundOutcome::Accepted {
         woken_devices,
@@ -321,49 +329,18 @@ pub async fn fetch_inbox(
     since: i64,
     limit: u32,
     now_ms: i64,
+    switch: &trace::Switch,
 ) -> Result<InboxPage, Fail> {
-    // The acknowledgement's journal row (`delivered`) is a CTE of the same
-    // statement: it lists the (stream id, message_id) pairs deleted.
-    let stmt = c
-        .prepare_cached(&format!(
-            "WITH acked AS (
-                 DELETE FROM device_inbox
-                 WHERE user_id = $1 AND device_id = $2 AND stream_id <= $3
-                 RETURNING stream_id, message_id
-             ),
-             traced AS (
-                 INSERT INTO trace_events (ts, kind, user_id, device_id, first_id, last_id, detail)
-                 SELECT $5::int8, 'delivered', $1::text, $2::text, min(stream_id), max(stream_id),
-                        json_build_object(
-                            'since', $3::int8,
-                            'rows', (SELECT coalesce(json_agg(json_build_array(a.stream_id,
-                                                                               a.message_id)
-                                                              ORDER BY a.stream_id), '[]')
-                                     FROM (SELECT stream_id, message_id FROM acked
-                                           ORDER BY stream_id LIMIT {pairs}) a),
-                            'rows_total', count(*))::text
-                 FROM acked
-                 HAVING count(*) > 0 AND {enabled}
-             )
-             SELECT stream_id, sender, event_type, content_json, message_id FROM device_inbox
-             WHERE user_id = $1 AND device_id = $2 AND stream_id > $3
-             ORDER BY stream_id LIMIT $4",
-            pairs = crate::store::trace::MAX_DELIVERED_PAIRS,
-            enabled = trace::ENABLED,
-        ))
-        .await?;
-    let rows = c
-        .query(
-            &stmt,
-            &[
-                &user_id,
-                &device_id,
-                &since,
-                &(i64::from(limit) + 1),
-                &now_ms,
-            ],
-        )
-        .await?;
+    let rows_limit = i64::from(limit) + 1;
+    let rows = if switch.on(c).await? {
+        let stmt = c.prepare_cached(&fetch_inbox_journaled_sql()).await?;
+        let params: [&(dyn ToSql + Sync); 5] = [&user_id, &device_id, &since, &rows_limit, &now_ms];
+        c.query(&stmt, &params).await?
+    } else {
+        let stmt = c.prepare_cached(FETCH_INBOX).await?;
+        c.query(&stmt, &[&user_id, &device_id, &since, &rows_limit])
+            .await?
+    };
     let more = rows.len() > limit as usize;
     let messages: Vec<InboxMessage> = rows
         .iter()
@@ -382,4 +359,46 @@ pub async fn fetch_inbox(
         next_batch,
         more,
     })
+}
+
+/// `fetch_inbox`'s statement with the journal off: the acknowledgement and
+/// the next page (a data-modifying CTE runs whether or not it is read).
+const FETCH_INBOX: &str = "WITH acked AS (
+         DELETE FROM device_inbox
+         WHERE user_id = $1 AND device_id = $2 AND stream_id <= $3
+     )
+     SELECT stream_id, sender, event_type, content_json, message_id FROM device_inbox
+     WHERE user_id = $1 AND device_id = $2 AND stream_id > $3
+     ORDER BY stream_id LIMIT $4";
+
+/// `fetch_inbox`'s statement with the journal on: the acknowledgement's
+/// journal row (`delivered`) is a CTE of the same statement, listing the
+/// (stream id, message_id) pairs deleted.
+fn fetch_inbox_journaled_sql() -> String {
+    format!(
+        "WITH acked AS (
+             DELETE FROM device_inbox
+             WHERE user_id = $1 AND device_id = $2 AND stream_id <= $3
+             RETURNING stream_id, message_id
+         ),
+         traced AS (
+             INSERT INTO trace_events (ts, kind, user_id, device_id, first_id, last_id, detail)
+             SELECT $5::int8, 'delivered', $1::text, $2::text, min(stream_id), max(stream_id),
+                    json_build_object(
+                        'since', $3::int8,
+                        'rows', (SELECT coalesce(json_agg(json_build_array(a.stream_id,
+                                                                           a.message_id)
+                                                          ORDER BY a.stream_id), '[]')
+                                 FROM (SELECT stream_id, message_id FROM acked
+                                       ORDER BY stream_id LIMIT {pairs}) a),
+                        'rows_total', count(*))::text
+             FROM acked
+             HAVING count(*) > 0 AND {enabled}
+         )
+         SELECT stream_id, sender, event_type, content_json, message_id FROM device_inbox
+         WHERE user_id = $1 AND device_id = $2 AND stream_id > $3
+         ORDER BY stream_id LIMIT $4",
+        pairs = crate::store::trace::MAX_DELIVERED_PAIRS,
+        enabled = trace::ENABLED,
+    )
 }

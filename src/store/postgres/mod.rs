@@ -104,6 +104,8 @@ struct Inner {
     instance: String,
     /// Feeds the publisher task (None when publishing is off).
     publisher: Option<tokio::sync::mpsc::UnboundedSender<Wakeup>>,
+    /// This worker's copy of whether the trace journal is on.
+    journal: trace::Switch,
 }
 
 impl std::fmt::Debug for PostgresStore {
@@ -203,6 +205,7 @@ impl PostgresStore {
             orphan_cursor: AtomicI64::new(0),
             instance,
             publisher,
+            journal: trace::Switch::new(),
         });
         let store = PostgresStore { inner };
         let mut client = store.client().await?;
@@ -373,7 +376,13 @@ impl Store for PostgresStore {
     fn enqueue_send(&self, batch: SendBatch) -> StoreFuture<'_, SendOutcome> {
         Box::pin(async move {
             let batch = &batch;
-            let outcome = on_client!(self, |c| send::enqueue_send(&mut c, batch).await).await?;
+            let outcome = on_client!(self, |c| send::enqueue_send(
+                &mut c,
+                batch,
+                &self.inner.journal
+            )
+            .await)
+            .await?;
             if let SendOutcome::Accepted {
                 woken_devices,
                 destinations,
@@ -393,8 +402,10 @@ impl Store for PostgresStore {
     fn apply_inbound_txn(&self, txn: InboundTxn) -> StoreFuture<'_, InboundOutcome> {
         Box::pin(async move {
             let txn = &txn;
-            let (outcome, origin_backing_off) =
-                on_client!(self, |c| inbox::apply_inbound_txn(&mut c, txn).await).await?;
+            let (outcome, origin_backing_off) = on_client!(self, |c| {
+                inbox::apply_inbound_txn(&mut c, txn, &self.inner.journal).await
+            })
+            .await?;
             let mut wakeups = Vec::new();
             // Only an authenticated origin reaches the store: it is up. Tell
             // the worker that owns it, if its sender is backing off.
@@ -430,8 +441,9 @@ impl Store for PostgresStore {
         limit: u32,
     ) -> StoreFuture<'a, InboxPage> {
         let now_ms = crate::clock::now_ms();
+        let journal = &self.inner.journal;
         Box::pin(on_client!(self, |c| inbox::fetch_inbox(
-            &c, user_id, device_id, since, limit, now_ms
+            &c, user_id, device_id, since, limit, now_ms, journal
         )
         .await))
     }
@@ -749,7 +761,11 @@ impl Store for PostgresStore {
     }
 
     fn set_trace_journal(&self, enabled: bool) -> StoreFuture<'_, ()> {
-        Box::pin(on_client!(self, |c| trace::set_enabled(&c, enabled).await))
+        let journal = &self.inner.journal;
+        Box::pin(on_client!(self, |c| trace::set_enabled(
+            &c, journal, enabled
+        )
+        .await))
     }
 
     fn close(&self) -> StoreFuture<'_, ()> {

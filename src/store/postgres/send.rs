@@ -3,16 +3,25 @@
 //! transaction on the connection given. A repeated client transaction rolls
 //! back and writes nothing. The inbox rows go through `inbox::write_inbox`,
 //! shared with inbound federation transactions, so they follow its
-//! device-row locking order.
+//! device-row locking order. The outbox rows are one multi-row INSERT
+//! (`unnest` of arrays); with the journal on, its rows are one more.
+
+use std::collections::HashSet;
 
 use deadpool_postgres::Object;
 
 use super::Fail;
 use super::inbox::write_inbox;
 use super::trace;
+use crate::store::trace::Detail;
 use crate::store::{NewInboxMessage, SendBatch, SendOutcome};
 
-pub async fn enqueue_send(c: &mut Object, batch: &SendBatch) -> Result<SendOutcome, Fail> {
+pub async fn enqueue_send(
+    c: &mut Object,
+    batch: &SendBatch,
+    switch: &trace::Switch,
+) -> Result<SendOutcome, Fail> {
+    let journal_on = switch.on(&*c).await?;
     let tx = c.transaction().await?;
     let t = &batch.txn;
     let record = tx
@@ -41,7 +50,7 @@ pub async fn enqueue_send(c: &mut Object, batch: &SendBatch) -> Result<SendOutco
     let (woken_devices, spans) = write_inbox(&tx, &local, batch.now_ms).await?;
     let mut journal = trace::Rows::default();
     let t = &batch.txn;
-    if let Some(first) = batch.local.first() {
+    if journal_on && let Some(first) = batch.local.first() {
         let span = spans.get(&first.message_id).copied();
         let recipients =
             crate::store::trace::recipients(batch.local.iter().map(|m| m.user_id.as_str()));
@@ -53,21 +62,31 @@ pub async fn enqueue_send(c: &mut Object, batch: &SendBatch) -> Result<SendOutco
             device_id: Some(&t.device_id),
             first_id: span.map(|s| s.0),
             last_id: span.map(|s| s.1),
-            detail: serde_json::json!({
-                "event_type": t.event_type,
-                "rows": span.map_or(0, |s| s.2),
-                "recipients": recipients,
-            })
-            .to_string(),
+            detail: Detail::default()
+                .str("event_type", &t.event_type)
+                .strs("recipients", &recipients)
+                .int("rows", span.map_or(0, |s| s.2))
+                .finish(),
             ..trace::Row::default()
         });
     }
-    let ids: Vec<Option<String>> = batch
+    let ids: Vec<Option<String>> = if journal_on {
+        batch
+            .remote
+            .iter()
+            .map(|e| crate::store::trace::edu_message_id(&e.edu_json))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    // Each destination once, in first-seen order.
+    let mut seen: HashSet<&str> = HashSet::new();
+    let destinations: Vec<String> = batch
         .remote
         .iter()
-        .map(|e| crate::store::trace::edu_message_id(&e.edu_json))
+        .filter(|edu| seen.insert(edu.destination.as_str()))
+        .map(|edu| edu.destination.clone())
         .collect();
-    let mut destinations: Vec<String> = Vec::new();
     if !batch.remote.is_empty() {
         let mut dests: Vec<&str> = Vec::with_capacity(batch.remote.len());
         let mut edus: Vec<&str> = Vec::with_capacity(batch.remote.len());
@@ -76,10 +95,9 @@ pub async fn enqueue_send(c: &mut Object, batch: &SendBatch) -> Result<SendOutco
             dests.push(&edu.destination);
             edus.push(&edu.edu_json);
             counts.push(i32::try_from(edu.message_count).unwrap_or(i32::MAX));
-            if !destinations.contains(&edu.destination) {
-                destinations.push(edu.destination.clone());
-            }
         }
+        // All of a send's rows in one statement (no chunking: the arrays
+        // are three parameters whatever their length).
         let insert = tx
             .prepare_cached(
                 "INSERT INTO outbox (destination, edu_json, message_count, queued_ts)
@@ -105,15 +123,15 @@ pub async fn enqueue_send(c: &mut Object, batch: &SendBatch) -> Result<SendOutco
                 user_id: Some(&t.user_id),
                 device_id: Some(&t.device_id),
                 first_id: Some(*seq),
-                detail: serde_json::json!({
-                    "event_type": t.event_type,
-                    "messages": edu.message_count,
-                })
-                .to_string(),
+                detail: Detail::default()
+                    .str("event_type", &t.event_type)
+                    .int("messages", edu.message_count)
+                    .finish(),
                 ..trace::Row::default()
             });
         }
     }
+    // Empty when the journal is off: then no statement runs.
     journal.write(&tx, batch.now_ms).await?;
     tx.commit().await?;
     Ok(SendOutcome::Accepted {

@@ -2,8 +2,20 @@
 //! the row kinds). Every journal write is a statement of the transaction it
 //! records, or a data-modifying CTE of that transaction's one statement, so
 //! it commits exactly when its event does; each is conditional on
-//! `trace_settings.enabled`, so a journal turned off costs no round trip.
-//! `trace_journal` reads one query's rows back.
+//! `trace_settings.enabled`. `trace_journal` reads one query's rows back.
+//!
+//! The hot writes (client sends, inbound transactions, `/sync`
+//! acknowledgements) first ask `Switch`, this worker's copy of the
+//! setting: when it is off they run no journal statement (and build no
+//! rows) at all. The worker that changes the setting (`set_enabled`)
+//! updates its copy at once; every worker reloads its copy from the table
+//! when it is older than `Switch::REFRESH_MS`, so after another worker
+//! turns the journal on, this one journals those writes within 2 s (when
+//! it is turned off, the table condition every statement keeps stops
+//! them at once). The outbox's statements carry the condition in the same
+//! statement and need no copy.
+
+use std::time::Instant;
 
 use deadpool_postgres::GenericClient;
 use tokio_postgres::types::ToSql;
@@ -11,7 +23,7 @@ use tokio_postgres::types::ToSql;
 use super::Fail;
 use crate::store::TimestampMs;
 use crate::store::trace::{
-    MAX_TRACED_MESSAGES, PendingInboxRow, QueuedEdu, TraceEvent, TraceQuery, TraceRecords,
+    Detail, MAX_TRACED_MESSAGES, PendingInboxRow, QueuedEdu, TraceEvent, TraceQuery, TraceRecords,
     delivered_lists, delivered_message_ids, detail_recipients,
 };
 
@@ -77,6 +89,70 @@ pub(super) fn set_retry_state_sql(upsert: &str) -> String {
              {upsert}",
         ENABLED
     )
+}
+
+/// This worker's copy of `trace_settings.enabled` (see the module doc).
+#[derive(Debug)]
+pub(super) struct Switch {
+    state: std::sync::Mutex<SwitchState>,
+}
+
+#[derive(Debug)]
+struct SwitchState {
+    on: bool,
+    /// When `on` was last read from the table or set here (None: never).
+    checked: Option<Instant>,
+    /// Counts `set` calls, so that a reload racing with one keeps its value.
+    sets: u64,
+}
+
+impl Switch {
+    /// How old the copy may get before the next write reloads it.
+    pub(super) const REFRESH_MS: u64 = 2_000;
+
+    pub(super) fn new() -> Switch {
+        Switch {
+            state: std::sync::Mutex::new(SwitchState {
+                on: false,
+                checked: None,
+                sets: 0,
+            }),
+        }
+    }
+
+    /// Whether the journal is on, reloading the copy first (one statement
+    /// on `c`, before the caller's transaction) when it is stale.
+    pub(super) async fn on(&self, c: &impl GenericClient) -> Result<bool, Fail> {
+        let refresh = std::time::Duration::from_millis(Self::REFRESH_MS);
+        let sets = {
+            let mut state = crate::sync::lock(&self.state);
+            if state.checked.is_some_and(|at| at.elapsed() < refresh) {
+                return Ok(state.on);
+            }
+            // Concurrent writes use the old copy meanwhile, not a second reload.
+            state.checked = Some(Instant::now());
+            state.sets
+        };
+        let stmt = c
+            .prepare_cached("SELECT enabled FROM trace_settings WHERE id = 1")
+            .await?;
+        let on = c
+            .query_opt(&stmt, &[])
+            .await?
+            .is_some_and(|row| row.get::<_, bool>(0));
+        let mut state = crate::sync::lock(&self.state);
+        if state.sets == sets {
+            state.on = on;
+        }
+        Ok(state.on)
+    }
+
+    fn set(&self, on: bool) {
+        let mut state = crate::sync::lock(&self.state);
+        state.on = on;
+        state.checked = Some(Instant::now());
+        state.sets += 1;
+    }
 }
 
 /// Journal rows to write with one statement.
@@ -179,13 +255,22 @@ pub(super) async fn record_expired(
         kind: "expired",
         message_id: Some(message_id),
         peer: Some(place),
-        detail: serde_json::json!({"where": place, "reason": reason}).to_string(),
+        detail: Detail::default()
+            .str("reason", reason)
+            .str("where", place)
+            .finish(),
         ..Row::default()
     });
     rows.write(c, now_ms).await
 }
 
-pub(super) async fn set_enabled(c: &impl GenericClient, on: bool) -> Result<(), Fail> {
+/// Stores the setting (committed on return: the statement runs alone) and
+/// updates this worker's copy.
+pub(super) async fn set_enabled(
+    c: &impl GenericClient,
+    switch: &Switch,
+    on: bool,
+) -> Result<(), Fail> {
     let stmt = c
         .prepare_cached(
             "INSERT INTO trace_settings (id, enabled) VALUES (1, $1)
@@ -193,6 +278,7 @@ pub(super) async fn set_enabled(c: &impl GenericClient, on: bool) -> Result<(), 
         )
         .await?;
     c.execute(&stmt, &[&on]).await?;
+    switch.set(on);
     Ok(())
 }
 

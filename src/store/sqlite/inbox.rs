@@ -1,16 +1,17 @@
 //! SQL of the inbox side of the SQLite backend: inbound federation
-//! transactions (with their dedupe records), `*` expansion and the chunked
-//! inbox insert (`InboxWriter`, which client sends in `send.rs` share), and
-//! reading and acknowledging a device inbox. Every function here runs inside
+//! transactions (with their dedupe records, recorded with multi-row
+//! INSERTs), `*` expansion and the chunked inbox insert (`InboxWriter`,
+//! which client sends in `send.rs` share), and reading and acknowledging a
+//! device inbox. Every function here runs inside
 //! a transaction its caller owns (the group transaction on the writer, or a
 //! single statement on a reader).
 
 use std::collections::{HashMap, HashSet};
 use std::rc::Rc;
-use std::sync::LazyLock;
 
 use rusqlite::{CachedStatement, Connection, OptionalExtension};
 
+use super::multirow::{self, CHUNK};
 use super::trace;
 
 use crate::store::{
@@ -18,36 +19,11 @@ use crate::store::{
     StoreError, TimestampMs,
 };
 
-/// Rows per multi-row INSERT: fewer statement executions per row on the
-/// hot path (7 parameters each, far below SQLite's parameter limit).
-const CHUNK: usize = 32;
-
-const INSERT_ONE: &str = "INSERT INTO device_inbox
-    (user_id, device_id, sender, event_type, content_json, message_id, received_ts)
-    VALUES (?, ?, ?, ?, ?, ?, ?)";
-
-/// `INSERT ... VALUES (...), (...)` with `CHUNK` rows; rows get increasing
-/// stream ids in the order of the VALUES list.
-static INSERT_CHUNK: LazyLock<String> = LazyLock::new(|| {
-    let mut sql = String::from(
-        "INSERT INTO device_inbox \
-         (user_id, device_id, sender, event_type, content_json, message_id, received_ts) \
-         VALUES ",
-    );
-    for i in 0..CHUNK {
-        if i > 0 {
-            sql.push_str(", ");
-        }
-        sql.push_str("(?, ?, ?, ?, ?, ?, ?)");
-    }
-    sql
-});
-
 /// Expands targets and inserts local messages in the order given, collecting
 /// the woken devices. Lives for one operation: its device cache is only valid
-/// inside the transaction it was filled in. Rows are buffered and written in
-/// chunks; `finish` writes the rest and must be called before the result is
-/// used.
+/// inside the transaction it was filled in. Rows are buffered and written
+/// with multi-row INSERTs (`multirow`), full chunks as they fill; `finish`
+/// writes the rest and must be called before the result is used.
 pub(super) struct InboxWriter<'c, 'm> {
     conn: &'c Connection,
     list: CachedStatement<'c>,
@@ -61,6 +37,20 @@ pub(super) struct InboxWriter<'c, 'm> {
     /// Rows taken so far (written or buffered), in order: the trace journal
     /// derives each message's stream ids from it.
     rows: u64,
+    /// The stream id before the first row written (known once one is).
+    base: Option<i64>,
+}
+
+/// What an `InboxWriter` wrote.
+pub(super) struct Written {
+    /// Devices that got a row, in first-seen order.
+    pub woken: Vec<DeviceKey>,
+    /// The rows written.
+    pub rows: u64,
+    /// The stream id before the first row: the rows took the ids after it,
+    /// consecutively and in order (only the writer thread inserts). 0 when
+    /// no row was written.
+    pub base: i64,
 }
 
 /// Devices that got a row, in first-seen order, without repeats.
@@ -102,6 +92,7 @@ impl<'c, 'm> InboxWriter<'c, 'm> {
             pending: Vec::with_capacity(CHUNK),
             woken: Woken::default(),
             rows: 0,
+            base: None,
         })
     }
 
@@ -140,45 +131,42 @@ impl<'c, 'm> InboxWriter<'c, 'm> {
             }
         }
         if self.pending.len() >= CHUNK {
-            self.flush()?;
+            self.flush(self.pending.len() / CHUNK * CHUNK)?;
         }
         Ok(())
     }
 
-    /// Inserts the buffered rows, full chunks first, the rest one by one.
-    fn flush(&mut self) -> Result<(), StoreError> {
-        let mut rows = self.pending.as_slice();
-        while rows.len() >= CHUNK {
-            let mut stmt = self.conn.prepare_cached(&INSERT_CHUNK)?;
-            let mut index = 1;
-            for (msg, device_id) in &rows[..CHUNK] {
-                stmt.raw_bind_parameter(index, &msg.user_id)?;
-                stmt.raw_bind_parameter(index + 1, &**device_id)?;
-                stmt.raw_bind_parameter(index + 2, &msg.sender)?;
-                stmt.raw_bind_parameter(index + 3, &msg.event_type)?;
-                stmt.raw_bind_parameter(index + 4, &msg.content_json)?;
-                stmt.raw_bind_parameter(index + 5, &msg.message_id)?;
-                stmt.raw_bind_parameter(index + 6, self.now_ms)?;
-                index += 7;
-            }
-            stmt.raw_execute()?;
-            rows = &rows[CHUNK..];
-        }
-        if !rows.is_empty() {
-            let mut stmt = self.conn.prepare_cached(INSERT_ONE)?;
-            for (msg, device_id) in rows {
-                stmt.execute((
-                    &msg.user_id,
-                    &**device_id,
-                    &msg.sender,
-                    &msg.event_type,
-                    &msg.content_json,
-                    &msg.message_id,
-                    self.now_ms,
-                ))?;
-            }
-        }
-        self.pending.clear();
+    /// Inserts the first `count` buffered rows, in order.
+    fn flush(&mut self, count: usize) -> Result<(), StoreError> {
+        let (conn, now_ms, base) = (self.conn, self.now_ms, &mut self.base);
+        multirow::insert(
+            conn,
+            &multirow::INBOX,
+            &self.pending[..count],
+            |stmt, chunk| {
+                for (i, (msg, device_id)) in chunk.iter().enumerate() {
+                    multirow::bind_row(
+                        stmt,
+                        i,
+                        &[
+                            &msg.user_id,
+                            &&**device_id,
+                            &msg.sender,
+                            &msg.event_type,
+                            &msg.content_json,
+                            &msg.message_id,
+                            &now_ms,
+                        ],
+                    )?;
+                }
+                stmt.raw_execute()?;
+                if base.is_none() {
+                    *base = Some(multirow::first_rowid(conn, chunk.len()) - 1);
+                }
+                Ok(())
+            },
+        )?;
+        self.pending.drain(..count);
         Ok(())
     }
 
@@ -187,16 +175,38 @@ impl<'c, 'm> InboxWriter<'c, 'm> {
         self.rows
     }
 
-    /// Writes what is still buffered; returns the woken devices.
-    pub(super) fn finish(mut self) -> Result<Vec<DeviceKey>, StoreError> {
-        self.flush()?;
-        Ok(self.woken.list)
+    /// Writes what is still buffered.
+    pub(super) fn finish(mut self) -> Result<Written, StoreError> {
+        self.flush(self.pending.len())?;
+        Ok(Written {
+            woken: self.woken.list,
+            rows: self.rows,
+            base: self.base.unwrap_or(0),
+        })
     }
+}
+
+/// The inbound message ids of `txn` recorded now, i.e. not seen before
+/// (a repeat inside `txn` is recorded once), with multi-row INSERTs.
+fn record_message_ids(conn: &Connection, txn: &InboundTxn) -> Result<HashSet<String>, StoreError> {
+    let mut fresh = HashSet::with_capacity(txn.edus.len());
+    multirow::insert(conn, &multirow::MESSAGE_IDS, &txn.edus, |stmt, chunk| {
+        for (i, edu) in chunk.iter().enumerate() {
+            multirow::bind_row(stmt, i, &[&txn.origin, &edu.message_id, &txn.now_ms])?;
+        }
+        let mut recorded = stmt.raw_query();
+        while let Some(row) = recorded.next()? {
+            fresh.insert(row.get(0)?);
+        }
+        Ok(())
+    })?;
+    Ok(fresh)
 }
 
 pub fn apply_inbound_txn(
     conn: &Connection,
     txn: &InboundTxn,
+    journal: bool,
 ) -> Result<InboundOutcome, StoreError> {
     let recorded = conn
         .prepare_cached(
@@ -211,37 +221,31 @@ pub fn apply_inbound_txn(
             })?;
         return Ok(InboundOutcome::Duplicate { response_json });
     }
+    let mut fresh = record_message_ids(conn, txn)?;
     let mut inbox = InboxWriter::new(conn, txn.now_ms)?;
     let mut duplicate_message_ids = 0u32;
-    let journal = trace::InboundJournal::start(conn)?;
+    // Per EDU, for the journal: the writer's row counts before and after
+    // it, or `None` when it was deduped.
+    let mut edu_rows: Vec<Option<(u64, u64)>> = Vec::with_capacity(txn.edus.len());
     for edu in &txn.edus {
-        let fresh = conn
-            .prepare_cached(
-                "INSERT OR IGNORE INTO inbound_message_ids (origin, message_id, received_ts)
-                 VALUES (?1, ?2, ?3)",
-            )?
-            .execute((&txn.origin, &edu.message_id, txn.now_ms))?;
-        if fresh == 0 {
+        if !fresh.remove(&edu.message_id) {
             duplicate_message_ids += 1;
             tracing::debug!(origin = %txn.origin, txn_id = %txn.txn_id, message_id = %edu.message_id, "deduped a message_id seen before");
-            if let Some(journal) = &journal {
-                journal.edu(conn, txn, edu, None)?;
-            }
+            edu_rows.push(None);
             continue;
         }
         let before = inbox.rows();
         for msg in &edu.messages {
             inbox.write(msg)?;
         }
-        if let Some(journal) = &journal {
-            journal.edu(conn, txn, edu, Some((before, inbox.rows())))?;
-        }
+        edu_rows.push(Some((before, inbox.rows())));
     }
-    if let Some(journal) = &journal {
-        journal.finish(conn, txn, duplicate_message_ids)?;
+    let written = inbox.finish()?;
+    if journal {
+        trace::record_inbound(conn, txn, written.base, &edu_rows, duplicate_message_ids)?;
     }
     Ok(InboundOutcome::Accepted {
-        woken_devices: inbox.finish()?,
+        woken_devices: written.woken,
         duplicate_message_ids,
     })
 }
@@ -274,17 +278,37 @@ pub fn inbox_has_acked(
         .exists((user_id, device_id, since))?)
 }
 
-pub fn delete_acked(
+/// Deletes the device's rows at or below `since` (its `/sync`
+/// acknowledgement) and, with the journal on, records the `delivered` row
+/// from the same statement's `RETURNING` (no second read).
+pub fn acknowledge(
     conn: &Connection,
     user_id: &str,
     device_id: &str,
     since: i64,
-) -> Result<usize, StoreError> {
-    Ok(conn
-        .prepare_cached(
+    now_ms: TimestampMs,
+    journal: bool,
+) -> Result<(), StoreError> {
+    if !journal {
+        conn.prepare_cached(
             "DELETE FROM device_inbox WHERE user_id = ?1 AND device_id = ?2 AND stream_id <= ?3",
         )?
-        .execute((user_id, device_id, since))?)
+        .execute((user_id, device_id, since))?;
+        return Ok(());
+    }
+    let mut stmt = conn.prepare_cached(
+        "DELETE FROM device_inbox WHERE user_id = ?1 AND device_id = ?2 AND stream_id <= ?3
+         RETURNING stream_id, message_id",
+    )?;
+    let mut deleted: Vec<(i64, String)> = stmt
+        .query_map((user_id, device_id, since), |row| {
+            Ok((row.get(0)?, row.get(1)?))
+        })?
+        .collect::<Result<_, _>>()?;
+    // RETURNING yields rows in no promised order; the journal lists them
+    // by stream id.
+    deleted.sort_unstable_by_key(|row| row.0);
+    trace::record_delivered(conn, user_id, device_id, since, &deleted, now_ms)
 }
 
 pub fn inbox_page(

@@ -39,6 +39,7 @@ mod devices;
 mod inbox;
 mod keys;
 mod maintenance;
+mod multirow;
 mod outbox;
 mod remote_cache;
 mod retention;
@@ -92,6 +93,8 @@ struct Inner {
     orphan_cursor: AtomicI64,
     /// Tokens confirmed by `lookup_token`; every token write invalidates.
     tokens: TokenCache<DeviceKey>,
+    /// Whether the trace journal is on (`trace_settings`, mirrored).
+    journal: trace::Switch,
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -119,6 +122,8 @@ impl SqliteStore {
         let thread_stats = stats.clone();
         let busy_timeout = options.busy_timeout;
         let max_batch = options.max_batch.max(1);
+        let journal = trace::Switch::default();
+        let thread_journal = journal.clone();
         std::thread::Builder::new()
             .name("courier-sqlite-writer".to_owned())
             .spawn(move || {
@@ -130,6 +135,7 @@ impl SqliteStore {
                     }
                     let mut conn = schema::open_writer(&thread_path, busy_timeout)?;
                     schema::migrate(&mut conn, crate::clock::now_ms())?;
+                    thread_journal.set(trace::enabled(&conn)?);
                     Ok::<_, StoreError>(conn)
                 })();
                 match setup {
@@ -170,6 +176,7 @@ impl SqliteStore {
                 reader_permits: Arc::new(Semaphore::new(count)),
                 orphan_cursor: AtomicI64::new(0),
                 tokens: TokenCache::new(),
+                journal,
             }),
         })
     }
@@ -307,11 +314,13 @@ impl Store for SqliteStore {
     }
 
     fn enqueue_send(&self, batch: SendBatch) -> StoreFuture<'_, SendOutcome> {
-        Box::pin(self.write(move |c| send::enqueue_send(c, &batch)))
+        let journal = self.inner.journal.clone();
+        Box::pin(self.write(move |c| send::enqueue_send(c, &batch, journal.on())))
     }
 
     fn apply_inbound_txn(&self, txn: InboundTxn) -> StoreFuture<'_, InboundOutcome> {
-        Box::pin(self.write(move |c| inbox::apply_inbound_txn(c, &txn)))
+        let journal = self.inner.journal.clone();
+        Box::pin(self.write(move |c| inbox::apply_inbound_txn(c, &txn, journal.on())))
     }
 
     fn inbound_txn_response<'a>(
@@ -566,6 +575,18 @@ impl Store for SqliteStore {
     }
 
     fn set_trace_journal(&self, enabled: bool) -> StoreFuture<'_, ()> {
-        Box::pin(self.write(move |c| trace::set_enabled(c, enabled)))
+        let (journal, restore) = (self.inner.journal.clone(), self.inner.journal.clone());
+        Box::pin(async move {
+            let result = self
+                .write(move |c| trace::set_enabled(c, &journal, enabled))
+                .await;
+            if result.is_err() {
+                // The group may have failed after the switch was set: put
+                // back what the table holds (best effort; the error stands).
+                let reload = move |c: &Connection| trace::enabled(c).map(|on| restore.set(on));
+                let _ = self.write(reload).await;
+            }
+            result
+        })
     }
 }

@@ -2,15 +2,25 @@
 //! record (its dedupe key), the local inbox rows and the outbox rows, all in
 //! the one transaction its caller owns (the group transaction on the
 //! writer). A repeated client transaction writes nothing. The inbox rows go
-//! through `inbox::InboxWriter`, shared with inbound federation transactions.
+//! through `inbox::InboxWriter`, shared with inbound federation
+//! transactions; the outbox rows (and, with the journal on, the journal's
+//! rows) are multi-row INSERTs (`multirow`), so a send to many
+//! destinations runs a few statements, not one per EDU.
+
+use std::collections::HashSet;
 
 use rusqlite::Connection;
 
 use super::inbox::InboxWriter;
-use super::trace;
+use super::{multirow, trace};
 use crate::store::{SendBatch, SendOutcome, StoreError};
 
-pub fn enqueue_send(conn: &Connection, batch: &SendBatch) -> Result<SendOutcome, StoreError> {
+/// `journal`: whether the trace journal is on (`trace::Switch`).
+pub fn enqueue_send(
+    conn: &Connection,
+    batch: &SendBatch,
+    journal: bool,
+) -> Result<SendOutcome, StoreError> {
     let t = &batch.txn;
     let recorded = conn
         .prepare_cached(
@@ -21,39 +31,47 @@ pub fn enqueue_send(conn: &Connection, batch: &SendBatch) -> Result<SendOutcome,
     if recorded == 0 {
         return Ok(SendOutcome::Duplicate);
     }
-    let journal = trace::SendJournal::start(conn)?;
     let mut inbox = InboxWriter::new(conn, batch.now_ms)?;
     for msg in &batch.local {
         inbox.write(msg)?;
     }
-    let rows = inbox.rows();
-    let woken_devices = inbox.finish()?;
-    if let Some(journal) = &journal {
-        journal.accepted(conn, batch, rows)?;
-    }
-    let mut destinations: Vec<String> = Vec::new();
-    {
-        let mut stmt = conn.prepare_cached(
-            "INSERT INTO outbox (destination, edu_json, message_count, queued_ts)
-             VALUES (?1, ?2, ?3, ?4)",
-        )?;
-        for edu in &batch.remote {
-            stmt.execute((
-                &edu.destination,
-                &edu.edu_json,
-                edu.message_count,
-                batch.now_ms,
-            ))?;
-            if let Some(journal) = &journal {
-                journal.queued(conn, batch, edu, conn.last_insert_rowid())?;
-            }
-            if !destinations.contains(&edu.destination) {
-                destinations.push(edu.destination.clone());
-            }
+    let written = inbox.finish()?;
+    // The outbox seqs, for the journal: each statement's rows took
+    // consecutive seqs in order (`multirow`).
+    let mut seqs: Vec<i64> = Vec::with_capacity(if journal { batch.remote.len() } else { 0 });
+    multirow::insert(conn, &multirow::OUTBOX, &batch.remote, |stmt, chunk| {
+        for (i, edu) in chunk.iter().enumerate() {
+            multirow::bind_row(
+                stmt,
+                i,
+                &[
+                    &edu.destination,
+                    &edu.edu_json,
+                    &edu.message_count,
+                    &batch.now_ms,
+                ],
+            )?;
         }
+        stmt.raw_execute()?;
+        if journal {
+            let first = multirow::first_rowid(conn, chunk.len());
+            seqs.extend((0..chunk.len()).map(|i| first.saturating_add(i as i64)));
+        }
+        Ok(())
+    })?;
+    if journal {
+        trace::record_send(conn, batch, written.base, written.rows, &seqs)?;
     }
+    // Each destination once, in first-seen order.
+    let mut seen: HashSet<&str> = HashSet::new();
+    let destinations: Vec<String> = batch
+        .remote
+        .iter()
+        .filter(|edu| seen.insert(edu.destination.as_str()))
+        .map(|edu| edu.destination.clone())
+        .collect();
     Ok(SendOutcome::Accepted {
-        woken_devices,
+        woken_devices: written.woken,
         destinations,
     })
 }

@@ -8,7 +8,7 @@
 
 use rusqlite::Connection;
 
-use super::{SqliteStore, inbox, trace};
+use super::{SqliteStore, inbox};
 use crate::store::{InboxPage, StoreError};
 
 /// What the reader decided.
@@ -48,9 +48,10 @@ impl SqliteStore {
             InboxRead::Page(page, more) => Ok((page, more)),
             InboxRead::NeedsDelete => {
                 let (u, d) = (user_id.to_owned(), device_id.to_owned());
+                let journal = self.inner.journal.clone();
                 self.write(move |c| {
-                    trace::record_delivered(c, &u, &d, since, crate::clock::now_ms())?;
-                    inbox::delete_acked(c, &u, &d, since)?;
+                    let now_ms = crate::clock::now_ms();
+                    inbox::acknowledge(c, &u, &d, since, now_ms, journal.on())?;
                     let page = inbox::inbox_page(c, &u, &d, since, limit)?;
                     Ok((page, extra(c, &u, &d)?))
                 })

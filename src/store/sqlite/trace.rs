@@ -1,13 +1,42 @@
 //! SQL of the trace journal's writes in the SQLite backend (`store::trace`
-//! holds the row kinds): the `record_*` functions and the two journals run
-//! on the writer thread inside the transaction of the event they record, so
-//! a journal row exists exactly when its event committed. Nothing is
-//! written while `trace_settings.enabled` is 0. Reading is `trace_read.rs`.
+//! holds the row kinds): the `record_*` functions run on the writer thread
+//! inside the transaction of the event they record, so a journal row exists
+//! exactly when its event committed. Reading is `trace_read.rs`.
+//!
+//! Whether the journal is on is `trace_settings.enabled`, mirrored in
+//! memory by `Switch`: the store reads it at open and `set_enabled` changes
+//! both on the writer thread, so every later write job sees the new value
+//! (the same order as reading the table). The hot writes (client sends,
+//! inbound transactions, `/sync` acknowledgements) take it from the
+//! `Switch` and, when it is off, run no journal statement at all; they
+//! write a batch's rows with multi-row INSERTs (`multirow`). The writes of
+//! the outbox (transactions, attempts, quarantine) and of retention, one
+//! per federation transaction or expired row, still read the table.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use rusqlite::{Connection, OptionalExtension};
 
-use crate::store::trace::delivered_detail;
+use super::multirow;
+use crate::store::trace::{Detail, delivered_detail};
 use crate::store::{StoreError, TimestampMs};
+
+/// The in-memory copy of `trace_settings.enabled`, shared by a store's
+/// clones. Read and written only by write jobs on the writer thread (and
+/// at open, before the writer takes jobs), so relaxed ordering suffices.
+#[derive(Debug, Clone, Default)]
+pub(super) struct Switch(Arc<AtomicBool>);
+
+impl Switch {
+    pub(super) fn on(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    pub(super) fn set(&self, on: bool) {
+        self.0.store(on, Ordering::Relaxed);
+    }
+}
 
 /// One journal row to write.
 #[derive(Debug, Default)]
@@ -24,7 +53,7 @@ pub(super) struct Row<'a> {
     pub detail: String,
 }
 
-/// Whether the journal is on (`Store::set_trace_journal`).
+/// Whether the journal is on, as stored (`Store::set_trace_journal`).
 pub(super) fn enabled(conn: &Connection) -> Result<bool, StoreError> {
     Ok(conn
         .prepare_cached("SELECT enabled FROM trace_settings WHERE id = 1")?
@@ -33,45 +62,47 @@ pub(super) fn enabled(conn: &Connection) -> Result<bool, StoreError> {
         .unwrap_or(false))
 }
 
-pub(super) fn set_enabled(conn: &Connection, on: bool) -> Result<(), StoreError> {
+/// Stores the setting and, once the statement succeeded, mirrors it in
+/// `switch` (a failed commit of the group is undone by the caller, which
+/// reloads the switch from the table).
+pub(super) fn set_enabled(conn: &Connection, switch: &Switch, on: bool) -> Result<(), StoreError> {
     conn.prepare_cached(
         "INSERT INTO trace_settings (id, enabled) VALUES (1, ?1)
          ON CONFLICT (id) DO UPDATE SET enabled = excluded.enabled",
     )?
     .execute([on])?;
+    switch.set(on);
     Ok(())
+}
+
+/// Writes `rows` in order, at most 32 to a statement.
+pub(super) fn insert_rows(conn: &Connection, rows: &[Row<'_>]) -> Result<(), StoreError> {
+    multirow::insert(conn, &multirow::TRACE, rows, |stmt, chunk| {
+        for (i, row) in chunk.iter().enumerate() {
+            multirow::bind_row(
+                stmt,
+                i,
+                &[
+                    &row.ts,
+                    &row.kind,
+                    &row.message_id,
+                    &row.txn_id,
+                    &row.peer,
+                    &row.user_id,
+                    &row.device_id,
+                    &row.first_id,
+                    &row.last_id,
+                    &row.detail,
+                ],
+            )?;
+        }
+        stmt.raw_execute()?;
+        Ok(())
+    })
 }
 
 pub(super) fn insert(conn: &Connection, row: &Row<'_>) -> Result<(), StoreError> {
-    conn.prepare_cached(
-        "INSERT INTO trace_events
-             (ts, kind, message_id, txn_id, peer, user_id, device_id, first_id, last_id, detail)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
-    )?
-    .execute(rusqlite::params![
-        row.ts,
-        row.kind,
-        row.message_id,
-        row.txn_id,
-        row.peer,
-        row.user_id,
-        row.device_id,
-        row.first_id,
-        row.last_id,
-        row.detail,
-    ])?;
-    Ok(())
-}
-
-/// The highest inbox stream id ever taken (`AUTOINCREMENT`'s counter): the
-/// rows a writer inserts next get the ids after it, contiguously, because
-/// only the writer thread inserts.
-pub(super) fn inbox_stream_head(conn: &Connection) -> Result<i64, StoreError> {
-    Ok(conn
-        .prepare_cached("SELECT seq FROM sqlite_sequence WHERE name = 'device_inbox'")?
-        .query_row([], |row| row.get(0))
-        .optional()?
-        .unwrap_or(0))
+    insert_rows(conn, std::slice::from_ref(row))
 }
 
 /// A stream range `(after, after + rows]`, or none when no row was written.
@@ -104,7 +135,10 @@ pub(super) fn record_attempt(
             kind: "attempt",
             txn_id: Some(txn_id),
             peer: Some(destination),
-            detail: serde_json::json!({"outcome": outcome, "reason": reason}).to_string(),
+            detail: Detail::default()
+                .str("outcome", outcome)
+                .opt_str("reason", reason)
+                .finish(),
             ..Row::default()
         },
     )
@@ -148,27 +182,16 @@ pub(super) fn record_failed_attempt(
     record_attempt(conn, destination, &txn_id, now_ms, outcome, Some(reason))
 }
 
-/// Records a device's `/sync` acknowledgement: the rows at or below
-/// `since` about to be deleted.
+/// Records a device's `/sync` acknowledgement: `rows` are the
+/// `(stream_id, message_id)` pairs it deleted, by stream id (none: no row).
 pub(super) fn record_delivered(
     conn: &Connection,
     user_id: &str,
     device_id: &str,
     since: i64,
+    rows: &[(i64, String)],
     now_ms: TimestampMs,
 ) -> Result<(), StoreError> {
-    if !enabled(conn)? {
-        return Ok(());
-    }
-    let mut stmt = conn.prepare_cached(
-        "SELECT stream_id, message_id FROM device_inbox
-         WHERE user_id = ?1 AND device_id = ?2 AND stream_id <= ?3 ORDER BY stream_id",
-    )?;
-    let rows: Vec<(i64, String)> = stmt
-        .query_map((user_id, device_id, since), |row| {
-            Ok((row.get(0)?, row.get(1)?))
-        })?
-        .collect::<Result<_, _>>()?;
     let (Some(first), Some(last)) = (rows.first(), rows.last()) else {
         return Ok(());
     };
@@ -181,7 +204,7 @@ pub(super) fn record_delivered(
             device_id: Some(device_id),
             first_id: Some(first.0),
             last_id: Some(last.0),
-            detail: delivered_detail(since, &rows),
+            detail: delivered_detail(since, rows),
             ..Row::default()
         },
     )
@@ -208,7 +231,10 @@ pub fn record_expired(
             kind: "expired",
             message_id: Some(message_id),
             peer: Some(place),
-            detail: serde_json::json!({"where": place, "reason": reason}).to_string(),
+            detail: Detail::default()
+                .str("reason", reason)
+                .str("where", place)
+                .finish(),
             ..Row::default()
         },
     )
@@ -229,177 +255,121 @@ pub(super) fn prune(conn: &Connection, cutoff: TimestampMs, limit: i64) -> Resul
 
 // --- the journal of the two write paths ------------------------------------------
 
-/// The journal of one client send, started before its inbox rows are
-/// taken (`None`: the journal is off).
-pub(super) struct SendJournal {
-    /// The stream head before the send's rows.
-    base: i64,
-}
-
-impl SendJournal {
-    pub(super) fn start(conn: &Connection) -> Result<Option<SendJournal>, StoreError> {
-        if !enabled(conn)? {
-            return Ok(None);
-        }
-        Ok(Some(SendJournal {
-            base: inbox_stream_head(conn)?,
-        }))
-    }
-
-    /// The `accepted` row, when the send has local recipients (`rows`:
-    /// inbox rows taken, which may be 0 when no named device exists).
-    pub(super) fn accepted(
-        &self,
-        conn: &Connection,
-        batch: &crate::store::SendBatch,
-        rows: u64,
-    ) -> Result<(), StoreError> {
-        let Some(first) = batch.local.first() else {
-            return Ok(());
-        };
-        let t = &batch.txn;
-        let (first_id, last_id) = span(self.base, rows);
+/// The journal of one client send, written after its rows: the `accepted`
+/// row when the send has local recipients (`inbox_base`: the stream id
+/// before its inbox rows, `rows`: how many were written, which may be 0
+/// when no named device exists), then one `queued` row per remote EDU
+/// (`seqs`: their outbox seqs, in order).
+pub(super) fn record_send(
+    conn: &Connection,
+    batch: &crate::store::SendBatch,
+    inbox_base: i64,
+    rows: u64,
+    seqs: &[i64],
+) -> Result<(), StoreError> {
+    let t = &batch.txn;
+    let message_ids: Vec<Option<String>> = batch
+        .remote
+        .iter()
+        .map(|edu| crate::store::trace::edu_message_id(&edu.edu_json))
+        .collect();
+    let mut journal: Vec<Row<'_>> = Vec::with_capacity(batch.remote.len() + 1);
+    if let Some(first) = batch.local.first() {
+        let (first_id, last_id) = span(inbox_base, rows);
         let recipients =
             crate::store::trace::recipients(batch.local.iter().map(|m| m.user_id.as_str()));
-        insert(
-            conn,
-            &Row {
-                ts: batch.now_ms,
-                kind: "accepted",
-                message_id: Some(&first.message_id),
-                txn_id: Some(&t.txn_id),
-                user_id: Some(&t.user_id),
-                device_id: Some(&t.device_id),
-                first_id,
-                last_id,
-                detail: serde_json::json!({
-                    "event_type": t.event_type,
-                    "rows": rows,
-                    "recipients": recipients,
-                })
-                .to_string(),
-                ..Row::default()
-            },
-        )
+        journal.push(Row {
+            ts: batch.now_ms,
+            kind: "accepted",
+            message_id: Some(&first.message_id),
+            txn_id: Some(&t.txn_id),
+            user_id: Some(&t.user_id),
+            device_id: Some(&t.device_id),
+            first_id,
+            last_id,
+            detail: Detail::default()
+                .str("event_type", &t.event_type)
+                .strs("recipients", &recipients)
+                .int("rows", rows)
+                .finish(),
+            ..Row::default()
+        });
     }
-
-    /// The `queued` row of one remote EDU, given its outbox seq.
-    pub(super) fn queued(
-        &self,
-        conn: &Connection,
-        batch: &crate::store::SendBatch,
-        edu: &crate::store::NewOutboxEdu,
-        seq: i64,
-    ) -> Result<(), StoreError> {
-        let t = &batch.txn;
-        let message_id = crate::store::trace::edu_message_id(&edu.edu_json);
-        insert(
-            conn,
-            &Row {
-                ts: batch.now_ms,
-                kind: "queued",
-                message_id: message_id.as_deref(),
-                txn_id: Some(&t.txn_id),
-                peer: Some(&edu.destination),
-                user_id: Some(&t.user_id),
-                device_id: Some(&t.device_id),
-                first_id: Some(seq),
-                detail: serde_json::json!({
-                    "event_type": t.event_type,
-                    "messages": edu.message_count,
-                })
-                .to_string(),
-                ..Row::default()
-            },
-        )
+    for ((edu, seq), message_id) in batch.remote.iter().zip(seqs).zip(&message_ids) {
+        journal.push(Row {
+            ts: batch.now_ms,
+            kind: "queued",
+            message_id: message_id.as_deref(),
+            txn_id: Some(&t.txn_id),
+            peer: Some(&edu.destination),
+            user_id: Some(&t.user_id),
+            device_id: Some(&t.device_id),
+            first_id: Some(*seq),
+            detail: Detail::default()
+                .str("event_type", &t.event_type)
+                .int("messages", edu.message_count)
+                .finish(),
+            ..Row::default()
+        });
     }
+    insert_rows(conn, &journal)
 }
 
-/// The journal of one inbound federation transaction, started before its
-/// inbox rows are taken (`None`: the journal is off).
-pub(super) struct InboundJournal {
-    base: i64,
-}
-
-impl InboundJournal {
-    pub(super) fn start(conn: &Connection) -> Result<Option<InboundJournal>, StoreError> {
-        if !enabled(conn)? {
-            return Ok(None);
-        }
-        Ok(Some(InboundJournal {
-            base: inbox_stream_head(conn)?,
-        }))
-    }
-
-    /// The row of one EDU: `applied` with the writer's row counts before
-    /// and after it, or `deduped` (`None`).
-    pub(super) fn edu(
-        &self,
-        conn: &Connection,
-        txn: &crate::store::InboundTxn,
-        edu: &crate::store::InboundEdu,
-        rows: Option<(u64, u64)>,
-    ) -> Result<(), StoreError> {
+/// The journal of one inbound federation transaction, written after its
+/// rows: per EDU in order, `applied` with the writer's row counts before
+/// and after it (`Some((before, after))`, stream ids after `inbox_base`)
+/// or `deduped` (`None`), then the transaction's `received` row.
+pub(super) fn record_inbound(
+    conn: &Connection,
+    txn: &crate::store::InboundTxn,
+    inbox_base: i64,
+    edu_rows: &[Option<(u64, u64)>],
+    duplicates: u32,
+) -> Result<(), StoreError> {
+    let mut journal: Vec<Row<'_>> = Vec::with_capacity(txn.edus.len() + 1);
+    for (edu, rows) in txn.edus.iter().zip(edu_rows) {
         let sender = edu.messages.first().map(|m| m.sender.as_str());
         let event_type = edu.messages.first().map(|m| m.event_type.as_str());
-        let (kind, first_id, last_id, detail) = match rows {
+        let mut detail = Detail::default();
+        detail.opt_str("event_type", event_type);
+        let (kind, first_id, last_id) = match rows {
             Some((before, after)) => {
-                let offset = i64::try_from(before).unwrap_or(i64::MAX);
-                let (first_id, last_id) = span(self.base.saturating_add(offset), after - before);
+                let offset = i64::try_from(*before).unwrap_or(i64::MAX);
+                let written = after.saturating_sub(*before);
+                let (first_id, last_id) = span(inbox_base.saturating_add(offset), written);
                 let recipients = crate::store::trace::recipients(
                     edu.messages.iter().map(|m| m.user_id.as_str()),
                 );
-                let detail = serde_json::json!({
-                    "event_type": event_type,
-                    "rows": after - before,
-                    "recipients": recipients,
-                });
-                ("applied", first_id, last_id, detail)
+                detail.strs("recipients", &recipients).int("rows", written);
+                ("applied", first_id, last_id)
             }
-            None => (
-                "deduped",
-                None,
-                None,
-                serde_json::json!({"event_type": event_type}),
-            ),
+            None => ("deduped", None, None),
         };
-        insert(
-            conn,
-            &Row {
-                ts: txn.now_ms,
-                kind,
-                message_id: Some(&edu.message_id),
-                txn_id: Some(&txn.txn_id),
-                peer: Some(&txn.origin),
-                user_id: sender,
-                first_id,
-                last_id,
-                detail: detail.to_string(),
-                ..Row::default()
-            },
-        )
+        journal.push(Row {
+            ts: txn.now_ms,
+            kind,
+            message_id: Some(&edu.message_id),
+            txn_id: Some(&txn.txn_id),
+            peer: Some(&txn.origin),
+            user_id: sender,
+            first_id,
+            last_id,
+            detail: detail.finish(),
+            ..Row::default()
+        });
     }
-
-    /// The transaction's `received` row.
-    pub(super) fn finish(
-        &self,
-        conn: &Connection,
-        txn: &crate::store::InboundTxn,
-        duplicates: u32,
-    ) -> Result<(), StoreError> {
-        insert(
-            conn,
-            &Row {
-                ts: txn.now_ms,
-                kind: "received",
-                txn_id: Some(&txn.txn_id),
-                peer: Some(&txn.origin),
-                detail: serde_json::json!({"edus": txn.edus.len(), "duplicates": duplicates})
-                    .to_string(),
-                ..Row::default()
-            },
-        )
-    }
+    journal.push(Row {
+        ts: txn.now_ms,
+        kind: "received",
+        txn_id: Some(&txn.txn_id),
+        peer: Some(&txn.origin),
+        detail: Detail::default()
+            .int("duplicates", duplicates)
+            .int("edus", txn.edus.len() as u64)
+            .finish(),
+        ..Row::default()
+    });
+    insert_rows(conn, &journal)
 }
 
 /// The `txn` row of a transaction recorded before its first send.
@@ -420,7 +390,9 @@ pub(super) fn record_txn(
             peer: Some(&txn.destination),
             first_id: txn.seqs.first().copied(),
             last_id: txn.seqs.last().copied(),
-            detail: serde_json::json!({"edus": txn.seqs.len()}).to_string(),
+            detail: Detail::default()
+                .int("edus", txn.seqs.len() as u64)
+                .finish(),
             ..Row::default()
         },
     )
@@ -452,7 +424,10 @@ pub(super) fn record_quarantined(
             message_id: message_id.as_deref(),
             peer: Some(destination),
             first_id: Some(seq),
-            detail: serde_json::json!({"where": destination, "reason": reason}).to_string(),
+            detail: Detail::default()
+                .str("reason", reason)
+                .str("where", destination)
+                .finish(),
             ..Row::default()
         },
     )

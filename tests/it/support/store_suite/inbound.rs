@@ -125,3 +125,43 @@ pub async fn inbound_message_id_dedupe_inside_new_txn(harness: &Harness) {
         }
     );
 }
+
+/// One inbound transaction of 70 EDUs (past the multi-row INSERT chunks of
+/// the message-id records and inbox rows): an id seen in an earlier
+/// transaction and an id repeated inside this one are each skipped, every
+/// other EDU's rows are stored once, in the order received.
+pub async fn seventy_edus_in_one_inbound_txn_dedupe_and_keep_order(harness: &Harness) {
+    let store = harness.store.clone();
+    let s = &*store;
+    devices(s, ALICE, &["A", "B"]).await;
+    s.apply_inbound_txn(inbound(
+        "remote.test",
+        "before",
+        vec![inbound_edu("m3", vec![msg(ALICE, one("A"), 3)])],
+    ))
+    .await
+    .expect("apply");
+    let mut edus: Vec<_> = (0..70u64)
+        .map(|i| {
+            let target = if i % 7 == 0 { DeviceTarget::All } else { one("A") };
+            inbound_edu(&format!("m{i}"), vec![msg(ALICE, target, 1000 + i)])
+        })
+        .collect();
+    edus[50] = inbound_edu("m10", vec![msg(ALICE, one("B"), 9999)]);
+    match s
+        .apply_inbound_txn(inbound("remote.test", "seventy", edus))
+        .await
+        .expect("apply")
+    {
+        InboundOutcome::Accepted {
+            duplicate_message_ids,
+            ..
+        } => assert_eq!(duplicate_message_ids, 2),
+        other => panic!("unexpected {other:?}"),
+    }
+    let mut expect_a = vec![3];
+    expect_a.extend((0..70u64).filter(|i| *i != 3 && *i != 50).map(|i| 1000 + i));
+    assert_eq!(inbox_ns(s, ALICE, "A").await, expect_a);
+    let expect_b: Vec<u64> = (0..70u64).filter(|i| i % 7 == 0).map(|i| 1000 + i).collect();
+    assert_eq!(inbox_ns(s, ALICE, "B").await, expect_b);
+}

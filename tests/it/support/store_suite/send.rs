@@ -180,3 +180,74 @@ pub async fn concurrent_writers_each_row_once(harness: &Harness) {
         .expect("fetch");
     assert_eq!(again.messages.len(), a.messages.len());
 }
+
+/// One call with 73 local rows and 70 remote EDUs: past the backends'
+/// multi-row INSERT chunks (SQLite: 32 rows a statement, then halves), so
+/// a row dropped, doubled or reordered at a chunk edge shows, and the
+/// journal's `accepted` span and `queued` seqs match the rows stored.
+pub async fn seventy_recipients_in_one_call_each_get_their_row_once_in_order(harness: &Harness) {
+    let store = harness.store.clone();
+    let s = &*store;
+    let alice_devices = ["D0", "D1", "D2", "D3", "D4"];
+    devices(s, ALICE, &alice_devices).await;
+    devices(s, BOB, &["X", "Y", "Z"]).await;
+    let mut local: Vec<_> = (0..70)
+        .map(|i| msg(ALICE, one(alice_devices[i % 5]), i as u64))
+        .collect();
+    local.push(msg(BOB, DeviceTarget::All, 100));
+    // A client send's local messages share the message_id minted for it.
+    for m in &mut local {
+        m.message_id = "SEVENTY".to_owned();
+    }
+    let remote: Vec<_> = (0..70)
+        .map(|i| edu(["x.test", "y.test", "z.test"][i % 3], 1000 + i as u64, 1))
+        .collect();
+    let (woken, dests) = accepted(s, batch("seventy", local, remote)).await;
+    assert_eq!(woken.len(), 8);
+    assert_eq!(dests, vec!["x.test", "y.test", "z.test"]);
+    let mut stream_ids = Vec::new();
+    for (d, device) in alice_devices.iter().enumerate() {
+        let expect: Vec<u64> = (0..70).filter(|i| i % 5 == d).map(|i| i as u64).collect();
+        assert_eq!(inbox_ns(s, ALICE, device).await, expect, "{device}");
+        let page = s.fetch_inbox(ALICE, device, 0, 1000).await.expect("fetch");
+        stream_ids.extend(page.messages.iter().map(|m| m.stream_id));
+    }
+    for device in ["X", "Y", "Z"] {
+        assert_eq!(inbox_ns(s, BOB, device).await, vec![100]);
+        let page = s.fetch_inbox(BOB, device, 0, 1000).await.expect("fetch");
+        stream_ids.extend(page.messages.iter().map(|m| m.stream_id));
+    }
+    stream_ids.sort_unstable();
+    stream_ids.dedup();
+    assert_eq!(stream_ids.len(), 73, "one row per recipient device");
+    let mut seqs = std::collections::HashMap::new();
+    for (k, destination) in ["x.test", "y.test", "z.test"].iter().enumerate() {
+        let expect: Vec<u64> = (0..70u64).filter(|i| i % 3 == k as u64).map(|i| 1000 + i).collect();
+        assert_eq!(queued_ns(s, destination).await, expect, "{destination}");
+        let rows = s.peek_outbox(destination, 1000, u64::MAX).await.expect("peek");
+        seqs.insert(destination.to_string(), rows.iter().map(|e| e.seq).collect::<Vec<_>>());
+    }
+    // The journal (on by default): its stream span covers exactly the rows
+    // written, and each `queued` row names its EDU's seq, in order.
+    let records = s
+        .trace_journal(&courier::store::trace::TraceQuery::TxnId("seventy".into()))
+        .await
+        .expect("journal");
+    let accepted_row = records
+        .events
+        .iter()
+        .find(|e| e.kind == "accepted")
+        .expect("accepted row");
+    assert_eq!(accepted_row.first_id, stream_ids.first().copied());
+    assert_eq!(accepted_row.last_id, stream_ids.last().copied());
+    assert_eq!(accepted_row.last_id.zip(accepted_row.first_id).map(|(l, f)| l - f + 1), Some(73));
+    let mut journaled: std::collections::HashMap<String, Vec<i64>> = Default::default();
+    for e in records.events.iter().filter(|e| e.kind == "queued") {
+        let peer = e.peer.clone().expect("queued row names its destination");
+        journaled
+            .entry(peer)
+            .or_default()
+            .push(e.first_id.expect("queued row names its seq"));
+    }
+    assert_eq!(journaled, seqs);
+}
