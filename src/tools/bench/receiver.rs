@@ -77,6 +77,15 @@ impl Shared {
     /// device) and returns its latency if it is new.
     fn record(&self, index: Option<u64>, c: BenchContent, now_us: u64) -> Recorded {
         let progress = &self.progress;
+        if index.is_none()
+            && c.run
+                .as_deref()
+                .and_then(|run| run.strip_prefix(self.run_id.as_str()))
+                == Some("-warmup")
+        {
+            progress.warmed.fetch_add(1, Ordering::Relaxed);
+            return Recorded::Nothing;
+        }
         if c.run.as_deref() != Some(self.run_id.as_str()) {
             progress.stale.fetch_add(1, Ordering::Relaxed);
             return Recorded::Nothing;
@@ -218,9 +227,31 @@ impl ReceiverTask {
         started.as_mut().enable();
         let _ = ready.send(Ok(())).await;
         drop(ready);
+        let mut since = since;
         let epoch = loop {
             if let Some(epoch) = self.shared.epoch.get() {
                 break *epoch;
+            }
+            if self.index.is_none() && self.shared.progress.warmed.load(Ordering::Relaxed) == 0 {
+                // The probe device takes the warm-up message before the
+                // clock starts (`sender::warm_up`); nothing is timed yet.
+                let before_clock = Clock {
+                    epoch: Instant::now(),
+                };
+                tokio::select! {
+                    polled = self.sync(Some(&since), SYNC_TIMEOUT_MS) => match polled {
+                        Ok(body) => {
+                            self.take(body.to_device, &before_clock, &mut samples);
+                            since = body.next_batch;
+                        }
+                        Err(error) => {
+                            self.shared.progress.note_error(error);
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                        }
+                    },
+                    _ = self.stop.cancelled() => return samples,
+                }
+                continue;
             }
             tokio::select! {
                 _ = &mut started => {}
@@ -228,7 +259,6 @@ impl ReceiverTask {
             }
         };
         let clock = Clock { epoch };
-        let mut since = since;
         loop {
             let polled = tokio::select! {
                 _ = self.stop.cancelled() => break,

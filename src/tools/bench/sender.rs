@@ -122,6 +122,46 @@ async fn send_with_retries(
     ))
 }
 
+/// Sends the warm-up message to the probe device (its `run` is
+/// `<run_id>-warmup`, which the receivers count apart) and waits up to
+/// `wait` for it to arrive: the first message between two servers pays for
+/// connections and key fetches, and the clock starts only after that.
+pub(super) async fn warm_up(
+    http: &JsonClient,
+    endpoints: &Endpoints,
+    event_type: &str,
+    probe: &Recipient,
+    run_id: &str,
+    progress: &Progress,
+    wait: Duration,
+) -> Result<(), String> {
+    let body = Bytes::from(format!(
+        r#"{{"messages":{{{}:{{{}:{{"run":{}}}}}}}}}"#,
+        json_str(&probe.user_id),
+        json_str(&probe.device_id),
+        json_str(&format!("{run_id}-warmup"))
+    ));
+    let url = format!(
+        "{}/_matrix/client/v3/sendToDevice/{}/{run_id}-warmup",
+        endpoints.sender_url,
+        encode_segment(event_type)
+    );
+    send_with_retries(http, &url, &endpoints.sender_token, body)
+        .await
+        .map_err(|e| format!("warm-up: {e}"))?;
+    let deadline = tokio::time::Instant::now() + wait;
+    while progress.warmed.load(Ordering::Relaxed) == 0 {
+        if tokio::time::Instant::now() >= deadline {
+            return Err(format!(
+                "warm-up: the message did not reach the probe device within {} s",
+                wait.as_secs()
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    Ok(())
+}
+
 /// A JSON string literal.
 fn json_str(s: &str) -> String {
     serde_json::to_string(s).expect("serializing a string to JSON cannot fail")

@@ -26,11 +26,13 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::receiver::{ReceiverTask, Shared};
-use super::sender::{ProbeTask, SenderTask};
+use super::sender::{ProbeTask, SenderTask, warm_up};
 use crate::tools::plain_http::JsonClient;
 
 /// The bound on every request of a run; a long-poll asks for 30 s.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long the warm-up message may take to reach the probe device.
+const WARM_UP_WAIT: Duration = Duration::from_secs(30);
 
 /// One receiving device and how to reach it.
 #[derive(Debug, Clone)]
@@ -81,6 +83,8 @@ pub struct Progress {
     pub misdelivered: AtomicU64,
     /// Events without this run's id (left over from earlier runs).
     pub stale: AtomicU64,
+    /// The warm-up message reached the probe device (before the clock).
+    pub warmed: AtomicU64,
     pub probes_sent: AtomicU64,
     pub probes_accepted: AtomicU64,
     pub probes_delivered: AtomicU64,
@@ -106,6 +110,7 @@ impl Progress {
             duplicates: AtomicU64::new(0),
             misdelivered: AtomicU64::new(0),
             stale: AtomicU64::new(0),
+            warmed: AtomicU64::new(0),
             probes_sent: AtomicU64::new(0),
             probes_accepted: AtomicU64::new(0),
             probes_delivered: AtomicU64::new(0),
@@ -261,6 +266,26 @@ pub async fn run(
 
     // The senders' pool, shared by the C senders and the probe's sends.
     let http = JsonClient::new(REQUEST_TIMEOUT);
+
+    // One message to the probe device first, outside the figures: the
+    // first contact between the servers (connections, key fetches) is not
+    // what a run measures.
+    if let (Some(probe), true) = (&endpoints.probe, syncing) {
+        let warmed = warm_up(
+            &http,
+            endpoints,
+            &workload.event_type,
+            probe,
+            run_id,
+            &progress,
+            WARM_UP_WAIT,
+        )
+        .await;
+        if let Err(error) = warmed {
+            stop_receivers.cancel();
+            return Err(WorkloadError::Setup(error));
+        }
+    }
 
     // Start the clock.
     let epoch = *shared.epoch.get_or_init(Instant::now);
