@@ -77,6 +77,7 @@ pub async fn run_demo(options: DemoOptions) -> Result<Vec<ScenarioResult>, DemoE
         config_b: options.config_b,
         data_parent: None,
         worker_threads: 2,
+        client_connections: None,
     })
     .await?;
     let outcome = drive(&pair.a, &pair.b, options.batch).await;

@@ -61,6 +61,10 @@ pub struct DevPairOptions {
     pub data_parent: Option<PathBuf>,
     /// Worker threads of each relay's runtime.
     pub worker_threads: usize,
+    /// Raise each relay's client-listener caps (connections and requests
+    /// in flight, in all and per address) to at least this, for a load
+    /// generator that holds one connection per device.
+    pub client_connections: Option<usize>,
 }
 
 /// Two relays running in this process. Stop them with `stop`.
@@ -87,8 +91,21 @@ impl DevPair {
             None => builder.tempdir(),
         }
         .map_err(|e| DevPairError::Setup(format!("temporary directory: {e}")))?;
-        let config_a = prepare_config(&options.config_a, &data.path().join("relay-a"))?;
-        let config_b = prepare_config(&options.config_b, &data.path().join("relay-b"))?;
+        let mut config_a = prepare_config(&options.config_a, &data.path().join("relay-a"))?;
+        let mut config_b = prepare_config(&options.config_b, &data.path().join("relay-b"))?;
+        if let Some(wanted) = options.client_connections {
+            for config in [&mut config_a, &mut config_b] {
+                let limits = &mut config.client.listener;
+                for cap in [
+                    &mut limits.max_connections,
+                    &mut limits.max_connections_per_ip,
+                    &mut limits.max_concurrent_requests,
+                    &mut limits.max_concurrent_requests_per_ip,
+                ] {
+                    *cap = (*cap).max(wanted);
+                }
+            }
+        }
         let a = describe("A", &config_a);
         let b = describe("B", &config_b);
 

@@ -164,6 +164,9 @@ pub(super) async fn run_in_process(
         config_b: args.config_b.clone(),
         data_parent: args.data_dir.clone(),
         worker_threads: args.relay_threads,
+        // One connection per receiving device and the probe, the senders'
+        // pool, and some slack.
+        client_connections: Some(super::receiving_devices(args) + args.concurrency + 64),
     })
     .await?;
     let outcome = drive_in_process(args, http, &pair).await;
