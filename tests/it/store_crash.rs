@@ -34,11 +34,7 @@ const CHILD_ENV: &str = "COURIER_CRASH_CHILD";
 const TEST_FN: &str = "kill9_loses_no_acknowledged_write";
 /// The child: writes batches from several tasks until killed.
 fn child_main(db: &Path) {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("child runtime");
+    let runtime = child::runtime();
     runtime.block_on(async {
         let store: Arc<dyn Store> = Arc::new(SqliteStore::open(db).await.expect("child open"));
         crash::write_until_killed(store, Duration::from_secs(30), false).await;
@@ -54,11 +50,7 @@ fn kill9_loses_no_acknowledged_write() {
     let started = Instant::now();
     let dir = tempfile::tempdir().expect("temp dir");
     let db = dir.path().join("crash.db");
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let runtime = child::runtime();
     let mut acked: BTreeSet<String> = BTreeSet::new();
     let mut total_kills_mid_write = 0;
 
@@ -97,11 +89,7 @@ const KEYS_TEST_FN: &str = "kill9_never_hands_out_a_key_twice";
 #[test]
 fn kill9_never_hands_out_a_key_twice() {
     if let Ok(db) = std::env::var(KEYS_CHILD_ENV) {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("child runtime");
+        let runtime = child::runtime();
         runtime.block_on(async {
             let store: Arc<dyn Store> =
                 Arc::new(SqliteStore::open(Path::new(&db)).await.expect("child open"));
@@ -111,11 +99,7 @@ fn kill9_never_hands_out_a_key_twice() {
     }
     let dir = tempfile::tempdir().expect("temp dir");
     let db = dir.path().join("claims.db");
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let runtime = child::runtime();
     let mut ledger = crash_keys::Ledger::default();
     let test_name = child::exact_test_name(module_path!(), KEYS_TEST_FN);
     for round in 0..ROUNDS {
@@ -154,11 +138,7 @@ const DEVICE_LISTS_TEST_FN: &str = "kill9_keeps_device_changes_and_their_updates
 #[test]
 fn kill9_keeps_device_changes_and_their_updates_together() {
     if let Ok(db) = std::env::var(DEVICE_LISTS_CHILD_ENV) {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("child runtime");
+        let runtime = child::runtime();
         runtime.block_on(async {
             let store: Arc<dyn Store> =
                 Arc::new(SqliteStore::open(Path::new(&db)).await.expect("child open"));
@@ -169,11 +149,7 @@ fn kill9_keeps_device_changes_and_their_updates_together() {
     let started = Instant::now();
     let dir = tempfile::tempdir().expect("temp dir");
     let db = dir.path().join("device_lists.db");
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let runtime = child::runtime();
     let mut ledger = crash_device_lists::Ledger::default();
     runtime.block_on(async {
         let store = SqliteStore::open(&db).await.expect("open");
@@ -212,11 +188,7 @@ const PIPELINE_TEST_FN: &str = "kill9_keeps_the_sender_pipeline_exact";
 #[test]
 fn kill9_keeps_the_sender_pipeline_exact() {
     if let Ok(db) = std::env::var(PIPELINE_CHILD_ENV) {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("child runtime");
+        let runtime = child::runtime();
         runtime.block_on(async {
             let store: Arc<dyn Store> =
                 Arc::new(SqliteStore::open(Path::new(&db)).await.expect("child open"));
@@ -226,11 +198,7 @@ fn kill9_keeps_the_sender_pipeline_exact() {
     }
     let dir = tempfile::tempdir().expect("temp dir");
     let db = dir.path().join("pipeline.db");
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let runtime = child::runtime();
     let mut ledger = crash_outbox::Ledger::default();
     let test_name = child::exact_test_name(module_path!(), PIPELINE_TEST_FN);
     for round in 0..ROUNDS {

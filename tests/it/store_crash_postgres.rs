@@ -38,11 +38,7 @@ const CHILD_ENV: &str = "COURIER_CRASH_CHILD";
 const TEST_FN: &str = "kill9_loses_no_acknowledged_write_on_postgres";
 /// The child: writes batches from several tasks until killed.
 fn child_main(conninfo: &str) {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("child runtime");
+    let runtime = child::runtime();
     runtime.block_on(async {
         let store: Arc<dyn Store> =
             Arc::new(PostgresStore::open(conninfo).await.expect("child open"));
@@ -60,11 +56,7 @@ fn kill9_loses_no_acknowledged_write_on_postgres() {
         return;
     };
     let started = Instant::now();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let runtime = child::runtime();
     let conninfo = runtime.block_on(cluster.fresh_database());
     let mut acked: BTreeSet<String> = BTreeSet::new();
     let mut kills_mid_write = 0;
@@ -124,11 +116,7 @@ const KEYS_TEST_FN: &str = "kill9_never_hands_out_a_key_twice_on_postgres";
 #[test]
 fn kill9_never_hands_out_a_key_twice_on_postgres() {
     if let Ok(conninfo) = std::env::var(KEYS_CHILD_ENV) {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("child runtime");
+        let runtime = child::runtime();
         runtime.block_on(async {
             let store: Arc<dyn Store> =
                 Arc::new(PostgresStore::open(&conninfo).await.expect("child open"));
@@ -139,11 +127,7 @@ fn kill9_never_hands_out_a_key_twice_on_postgres() {
     let Some(cluster) = pg::PgCluster::start() else {
         return;
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let runtime = child::runtime();
     let conninfo = runtime.block_on(cluster.fresh_database());
     let mut ledger = crash_keys::Ledger::default();
     let test_name = child::exact_test_name(module_path!(), KEYS_TEST_FN);
@@ -220,11 +204,7 @@ async fn wait_for_quiet_backends(conninfo: &str) {
 #[test]
 fn kill9_keeps_device_changes_and_their_updates_together_on_postgres() {
     if let Ok(conninfo) = std::env::var(DEVICE_LISTS_CHILD_ENV) {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("child runtime");
+        let runtime = child::runtime();
         runtime.block_on(async {
             let store: Arc<dyn Store> =
                 Arc::new(PostgresStore::open(&conninfo).await.expect("child open"));
@@ -236,11 +216,7 @@ fn kill9_keeps_device_changes_and_their_updates_together_on_postgres() {
         return;
     };
     let started = Instant::now();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let runtime = child::runtime();
     let conninfo = runtime.block_on(cluster.fresh_database());
     let mut ledger = crash_device_lists::Ledger::default();
     runtime.block_on(async {
@@ -282,11 +258,7 @@ const PIPELINE_TEST_FN: &str = "kill9_keeps_the_sender_pipeline_exact_on_postgre
 #[test]
 fn kill9_keeps_the_sender_pipeline_exact_on_postgres() {
     if let Ok(conninfo) = std::env::var(PIPELINE_CHILD_ENV) {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("child runtime");
+        let runtime = child::runtime();
         runtime.block_on(async {
             let store: Arc<dyn Store> =
                 Arc::new(PostgresStore::open(&conninfo).await.expect("child open"));
@@ -297,11 +269,7 @@ fn kill9_keeps_the_sender_pipeline_exact_on_postgres() {
     let Some(cluster) = pg::PgCluster::start() else {
         return;
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let runtime = child::runtime();
     let conninfo = runtime.block_on(cluster.fresh_database());
     let mut ledger = crash_outbox::Ledger::default();
     let test_name = child::exact_test_name(module_path!(), PIPELINE_TEST_FN);

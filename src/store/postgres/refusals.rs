@@ -8,7 +8,7 @@
 //! destination task makes (`restore_quarantined`, `set_refusal_state`)
 //! check its lease fence first, in that transaction.
 
-use deadpool_postgres::Object;
+use deadpool_postgres::{Object, Transaction};
 
 use super::Fail;
 use super::lease::check_fence;
@@ -69,6 +69,38 @@ pub async fn restore_quarantined(
     Ok(row.get::<_, i64>(0) > 0)
 }
 
+/// Queues a row taken from quarantine (`seq, edu_json, message_count,
+/// queued_ts, dl_user, dl_device, dl_stream`) again under a fresh seq, at
+/// the end of the destination's queue, its refusals at 0. A device-list row
+/// keeps its meta, so it is finished when sent.
+async fn append_to_queue(
+    tx: &Transaction<'_>,
+    destination: &str,
+    row: &tokio_postgres::Row,
+) -> Result<(), Fail> {
+    let (edu_json, count, queued_ts): (String, i32, i64) = (row.get(1), row.get(2), row.get(3));
+    let (dl_user, dl_device, dl_stream): (Option<String>, Option<String>, Option<i64>) =
+        (row.get(4), row.get(5), row.get(6));
+    let insert = tx
+        .prepare_cached(
+            "INSERT INTO outbox (destination, edu_json, message_count, queued_ts, refusals,
+                                 dl_user, dl_device, dl_stream)
+             VALUES ($1, $2, $3, $4, 0, $5, $6, $7)",
+        )
+        .await?;
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 7] = [
+        &destination,
+        &edu_json,
+        &count,
+        &queued_ts,
+        &dl_user,
+        &dl_device,
+        &dl_stream,
+    ];
+    tx.execute(&insert, &params).await?;
+    Ok(())
+}
+
 pub async fn requeue_quarantined(c: &mut Object, destination: &str) -> Result<u64, Fail> {
     let tx = c.transaction().await?;
     // Fresh seqs, assigned in the old seqs' order: the end of the queue, in
@@ -81,30 +113,8 @@ pub async fn requeue_quarantined(c: &mut Object, destination: &str) -> Result<u6
         .await?;
     let mut rows = tx.query(&take, &[&destination]).await?;
     rows.sort_by_key(|r| r.get::<_, i64>(0));
-    let insert = tx
-        .prepare_cached(
-            "INSERT INTO outbox (destination, edu_json, message_count, queued_ts, refusals,
-                                 dl_user, dl_device, dl_stream)
-             VALUES ($1, $2, $3, $4, 0, $5, $6, $7)",
-        )
-        .await?;
     for row in &rows {
-        let (edu_json, count, queued_ts): (String, i32, i64) = (row.get(1), row.get(2), row.get(3));
-        let (dl_user, dl_device, dl_stream): (Option<String>, Option<String>, Option<i64>) =
-            (row.get(4), row.get(5), row.get(6));
-        tx.execute(
-            &insert,
-            &[
-                &destination,
-                &edu_json,
-                &count,
-                &queued_ts,
-                &dl_user,
-                &dl_device,
-                &dl_stream,
-            ],
-        )
-        .await?;
+        append_to_queue(&tx, destination, row).await?;
     }
     tx.commit().await?;
     Ok(rows.len() as u64)
@@ -249,7 +259,7 @@ pub async fn release_quarantined(
     let take = tx
         .prepare_cached(
             "DELETE FROM quarantine WHERE destination = $1 AND seq = $2
-             RETURNING edu_json, message_count, queued_ts, dl_user, dl_device, dl_stream",
+             RETURNING seq, edu_json, message_count, queued_ts, dl_user, dl_device, dl_stream",
         )
         .await?;
     let Some(row) = tx.query_opt(&take, &[&destination, &seq]).await? else {
@@ -258,32 +268,7 @@ pub async fn release_quarantined(
     };
     if requeue {
         // A fresh seq puts it at the end of the queue; refusals start over.
-        let edu_json: String = row.get(0);
-        let count: i32 = row.get(1);
-        let queued_ts: i64 = row.get(2);
-        let (dl_user, dl_device, dl_stream): (Option<String>, Option<String>, Option<i64>) =
-            (row.get(3), row.get(4), row.get(5));
-        // A device-list row keeps its meta (so it is finished when sent).
-        let insert = tx
-            .prepare_cached(
-                "INSERT INTO outbox (destination, edu_json, message_count, queued_ts, refusals,
-                                     dl_user, dl_device, dl_stream)
-                 VALUES ($1, $2, $3, $4, 0, $5, $6, $7)",
-            )
-            .await?;
-        tx.execute(
-            &insert,
-            &[
-                &destination,
-                &edu_json,
-                &count,
-                &queued_ts,
-                &dl_user,
-                &dl_device,
-                &dl_stream,
-            ],
-        )
-        .await?;
+        append_to_queue(&tx, destination, &row).await?;
     }
     tx.commit().await?;
     Ok(true)

@@ -9,6 +9,16 @@ use std::fs::File;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// The runtime a crash test's parent or child runs its store on: two
+/// worker threads, timers and I/O on.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
 /// The name libtest knows a test by, for `--exact`: the test function's
 /// module path without the crate name (`store_crash::kill9_…` in the `it`
 /// binary). `module_path` is the caller's `module_path!()`.

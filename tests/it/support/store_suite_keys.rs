@@ -48,6 +48,7 @@ macro_rules! store_key_conformance_tests {
             reopen_keeps_every_key,
             concurrent_claims_hand_out_each_key_once,
             claimed_key_tombstones_expire,
+            sync_read_answers_as_its_three_reads_do,
         );
     };
     (@cases [] $make:path; $($case:ident),+ $(,)?) => {
@@ -1122,4 +1123,58 @@ pub async fn claimed_key_tombstones_expire(harness: &Harness) {
     // (SPEC-E2EE §7.4 keeps tombstones for 7 days; clients never reuse IDs
     // that late): x2, k1, k2.
     assert_eq!(up(s, keys).await, stored(&[(OTK, 3)], false));
+}
+
+/// `Store::sync_read` gives what `fetch_inbox`, `device_list_position` and
+/// `key_counts` give, read the same moment; with a `since` that
+/// acknowledges rows it deletes them as `fetch_inbox` does.
+pub async fn sync_read_answers_as_its_three_reads_do(harness: &Harness) {
+    let s = &*harness.store;
+    register(s, ALICE, &["A", "B"]).await;
+    up(
+        s,
+        KeysUpload {
+            one_time_keys: vec![otk("k1", "v1"), otk("k2", "v2")],
+            fallback_keys: vec![fallback("f1", "fv1")],
+            ..upload(ALICE, "A")
+        },
+    )
+    .await;
+    assert!(
+        s.set_display_name(ALICE, "B", Some("phone"), NOW)
+            .await
+            .expect("rename")
+    );
+    for n in 0..3 {
+        s.enqueue_send(send(&format!("t{n}"), ALICE, "A", 1))
+            .await
+            .expect("send");
+    }
+    let read = s.sync_read(ALICE, "A", 0, 2).await.expect("sync read");
+    assert_eq!(
+        read.page,
+        s.fetch_inbox(ALICE, "A", 0, 2).await.expect("fetch")
+    );
+    assert_eq!(read.page.messages.len(), 2);
+    assert!(read.page.more);
+    assert_eq!(read.device_list_position, position(s).await);
+    assert!(read.device_list_position > 0);
+    assert_eq!(read.key_counts, counts(s, ALICE, "A").await);
+    assert_eq!(read.key_counts.one_time.get(OTK), Some(&2));
+    assert_eq!(read.key_counts.unused_fallback, vec![OTK]);
+
+    // Acknowledging the first page: its rows go, the rest is the page.
+    claim_one(s, ALICE, "A").await.expect("a one-time key");
+    let since = read.page.next_batch;
+    let acked = s.sync_read(ALICE, "A", since, 100).await.expect("ack");
+    assert_eq!(acked.page.messages.len(), 1);
+    assert!(!acked.page.more);
+    assert_eq!(acked.key_counts.one_time.get(OTK), Some(&1));
+    let from_start = s.fetch_inbox(ALICE, "A", 0, 100).await.expect("fetch");
+    assert_eq!(from_start.messages, acked.page.messages);
+    // Another device's read is its own.
+    let other = s.sync_read(ALICE, "B", 0, 100).await.expect("sync read B");
+    assert!(other.page.messages.is_empty());
+    assert!(other.key_counts.one_time.is_empty());
+    assert_eq!(other.device_list_position, read.device_list_position);
 }
