@@ -22,12 +22,14 @@ pub mod retention;
 pub mod sqlite;
 pub mod token_cache;
 pub mod trace;
+pub mod txn_body;
 
 pub use device_lists::DeviceListStore;
 pub use keys::KeyStore;
 pub use retention::{
     EventTypePattern, ExpiredMessage, ExpiryKind, ExpiryPolicy, ExpiryReason, ExpiryTotal, InboxTtl,
 };
+pub use txn_body::RecordedBody;
 
 /// The future every store operation returns: boxed so that `Store` is usable
 /// as `Arc<dyn Store>` by the server, which picks a backend from config.
@@ -267,32 +269,102 @@ pub struct InFlightTxn {
 
 /// The transaction `Store::advance` records next: the destination's oldest
 /// queued rows (at most `max_edus`, stopping before `max_bytes` as
-/// `peek_outbox` does) under `txn_id`, with the body `build` makes of them.
+/// `peek_outbox` does) under `txn_id`, their EDUs joined by `,` and put in
+/// `envelope` at byte `edus_at`.
 pub struct NextTxn {
     pub txn_id: String,
     pub max_edus: u32,
     pub max_bytes: u64,
-    /// Makes the exact request body from the rows peeked, in order; it may
-    /// rewrite their `edu_json` first (device-list `prev_id`). It runs
-    /// inside the store's transaction, so it must be cheap and must not
-    /// touch the store. It may run more than once (a PostgreSQL
-    /// transaction retried after a serialization failure) and must give
-    /// the same bytes for the same rows.
-    pub build: BuildBody,
+    /// The request body without its EDUs.
+    pub envelope: String,
+    pub edus_at: usize,
+    /// Rewrites the rows before the body is made of them when any is a
+    /// device-list row (`OutboxEdu::device_list`: its `prev_id`); such a
+    /// transaction is recorded with its exact bytes. It runs inside the
+    /// store's transaction, so it must be cheap and must not touch the
+    /// store. It may run more than once (a PostgreSQL transaction retried
+    /// after a serialization failure) and must give the same bytes for the
+    /// same rows.
+    pub finish: FinishRows,
 }
 
-/// How `NextTxn` makes a request body of its rows.
-pub type BuildBody = Box<dyn Fn(&mut [OutboxEdu]) -> String + Send + Sync>;
+/// How `NextTxn` finishes device-list rows before they are sent.
+pub type FinishRows = Box<dyn Fn(&mut [OutboxEdu]) + Send + Sync>;
 
 impl NextTxn {
-    /// The record of `edus` (non-empty) for `destination`, body built.
-    pub fn record(&self, destination: &str, mut edus: Vec<OutboxEdu>) -> InFlightTxn {
-        let body = (self.build)(&mut edus);
-        InFlightTxn {
+    /// `head` + the EDUs + `tail`, the rows sent as stored.
+    pub fn around(txn_id: &str, max_edus: u32, max_bytes: u64, head: &str, tail: &str) -> Self {
+        NextTxn {
+            txn_id: txn_id.to_owned(),
+            max_edus,
+            max_bytes,
+            envelope: format!("{head}{tail}"),
+            edus_at: head.len(),
+            finish: Box::new(|_: &mut [OutboxEdu]| {}),
+        }
+    }
+
+    /// What is recorded for `edus` (non-empty, in order): a transaction of
+    /// to-device rows only names them (its EDUs are the rows themselves);
+    /// one with device-list rows is finished and kept whole.
+    pub fn draft(&self, destination: &str, mut edus: Vec<OutboxEdu>) -> RecordedTxn {
+        let seqs = edus.iter().map(|e| e.seq).collect();
+        let body = if edus.iter().any(|e| e.device_list.is_some()) {
+            (self.finish)(&mut edus);
+            RecordedBody::Exact(txn_body::splice(
+                &self.envelope,
+                self.edus_at,
+                edus.iter().map(|e| e.edu_json.as_str()),
+            ))
+        } else {
+            RecordedBody::Spliced {
+                envelope: self.envelope.clone(),
+                edus_at: self.edus_at,
+                edus: edus.into_iter().map(|e| e.edu_json).collect(),
+            }
+        };
+        RecordedTxn {
             destination: destination.to_owned(),
             txn_id: self.txn_id.clone(),
-            seqs: edus.iter().map(|e| e.seq).collect(),
+            seqs,
             body,
+        }
+    }
+
+    /// The record of `edus` (non-empty) for `destination`, body made.
+    pub fn record(&self, destination: &str, edus: Vec<OutboxEdu>) -> InFlightTxn {
+        self.draft(destination, edus).into_in_flight()
+    }
+}
+
+/// A transaction `Store::advance` recorded, its body not yet put together
+/// (the caller does that, off the store's writer).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordedTxn {
+    pub destination: String,
+    pub txn_id: String,
+    pub seqs: Vec<i64>,
+    pub body: RecordedBody,
+}
+
+impl RecordedTxn {
+    /// What the record row keeps: the exact body, or the envelope and the
+    /// offset of the EDUs (which are the rows named by `seqs`).
+    pub fn stored(&self) -> (&str, Option<i64>) {
+        match &self.body {
+            RecordedBody::Exact(body) => (body, None),
+            RecordedBody::Spliced {
+                envelope, edus_at, ..
+            } => (envelope, Some(i64::try_from(*edus_at).unwrap_or(i64::MAX))),
+        }
+    }
+
+    pub fn into_in_flight(self) -> InFlightTxn {
+        InFlightTxn {
+            destination: self.destination,
+            txn_id: self.txn_id,
+            seqs: self.seqs,
+            body: self.body.into_body(),
         }
     }
 }

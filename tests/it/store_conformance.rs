@@ -432,3 +432,53 @@ async fn an_expired_message_shows_in_its_trace() {
         "expired 1970-01-01T00:00:01.000Z at inbox of @a:x/A: m.room_key_request older than 7 days"
     ));
 }
+
+/// A transaction `advance` records names its rows: the record keeps the
+/// envelope alone, not a second copy of the queued EDUs (SQLite's file
+/// shows it; `in_flight` puts the body back together).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_advanced_record_holds_no_copy_of_its_edus() {
+    use courier::store::{ClientTxnKey, NewOutboxEdu, NextTxn};
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("courier.db");
+    let store = SqliteStore::open(&path).await.expect("open");
+    let padding = "x".repeat(10_000);
+    let remote = (0..5)
+        .map(|n| NewOutboxEdu {
+            destination: "d.test".to_owned(),
+            edu_json: serde_json::json!({ "content": { "n": n, "pad": padding } }).to_string(),
+            message_count: 1,
+        })
+        .collect();
+    let batch = SendBatch {
+        txn: ClientTxnKey {
+            user_id: "@s:x".to_owned(),
+            device_id: "S".to_owned(),
+            event_type: "m.test".to_owned(),
+            txn_id: "t".to_owned(),
+        },
+        local: vec![],
+        remote,
+        now_ms: courier::clock::now_ms(),
+    };
+    store.enqueue_send(batch).await.expect("enqueue");
+    let fence = crate::support::lease_fence(&store, "d.test").await;
+    let next = NextTxn::around("tx", 100, u64::MAX, "{\"edus\":[", "],\"pdus\":[]}");
+    let recorded = store
+        .advance(&fence, "d.test", None, next)
+        .await
+        .expect("advance")
+        .expect("recorded");
+    assert!(recorded.body.len() > 50_000);
+    let conn = rusqlite::Connection::open(&path).expect("raw open");
+    let (stored, edus_at): (i64, i64) = conn
+        .query_row("SELECT length(body), edus_at FROM outbox_txn", [], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .expect("the record");
+    assert_eq!((stored, edus_at), (21, 9), "the envelope and the offset");
+    assert_eq!(
+        store.in_flight("d.test").await.expect("in flight"),
+        Some(recorded)
+    );
+}

@@ -81,15 +81,7 @@ fn assert_fenced(result: Result<(), StoreError>, what: &str, stale: &Fence) {
 
 /// A next transaction of every queued row, its body their EDUs.
 fn body_of_rows(txn_id: &str) -> NextTxn {
-    NextTxn {
-        txn_id: txn_id.to_owned(),
-        max_edus: 50,
-        max_bytes: u64::MAX,
-        build: Box::new(|edus: &mut [OutboxEdu]| {
-            let parts: Vec<&str> = edus.iter().map(|e| e.edu_json.as_str()).collect();
-            format!("{{\"edus\":[{}]}}", parts.join(","))
-        }),
-    }
+    NextTxn::around(txn_id, 50, u64::MAX, "{\"edus\":[", "]}")
 }
 
 fn failing(failures: u32) -> RetryState {

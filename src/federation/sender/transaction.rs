@@ -89,20 +89,19 @@ pub fn is_canonical_layout(body: &[u8]) -> bool {
 }
 
 /// What `Store::advance` records next for a destination: at most `limit`
-/// of its oldest rows under a fresh txnId, the body made of them by
-/// `build_body` (device-list EDUs finished first) with this moment as
+/// of its oldest rows under a fresh txnId, in the envelope `build_body`
+/// writes (device-list EDUs finished first) with this moment as
 /// `origin_server_ts`, so the same rows always give the same bytes.
 pub fn next_txn(config: &Config, txn_ids: &TxnIds, limit: u32) -> NextTxn {
-    let origin = config.server_name.as_str().to_owned();
     let names_over_federation = config.e2ee.device_names_over_federation;
-    let origin_server_ts = crate::clock::now_ms();
     NextTxn {
         txn_id: txn_ids.next(),
         max_edus: limit,
         max_bytes: MAX_EDU_BYTES,
-        build: Box::new(move |edus: &mut [OutboxEdu]| {
+        envelope: build_body(config.server_name.as_str(), crate::clock::now_ms(), &[]),
+        edus_at: CANONICAL_PREFIX.len(),
+        finish: Box::new(move |edus: &mut [OutboxEdu]| {
             finish_device_list_edus(edus, names_over_federation);
-            build_body(&origin, origin_server_ts, edus)
         }),
     }
 }

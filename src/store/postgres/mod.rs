@@ -521,7 +521,8 @@ impl Store for PostgresStore {
                 metrics::counter!("courier_device_list_updates_total", "event" => "sent")
                     .increment(sent);
             }
-            Ok(txn)
+            // Put together here, after the commit.
+            Ok(txn.map(crate::store::RecordedTxn::into_in_flight))
         })
     }
 

@@ -14,9 +14,10 @@ use super::Fail;
 use super::device_list_outbox::{PrevChain, record_acked};
 use super::lease::check_fence;
 use super::trace;
+use crate::store::txn_body::splice;
 use crate::store::{
-    DestinationStatus, Fence, InFlightTxn, NextTxn, OutboxEdu, PruneReport, Retention, RetryState,
-    TimestampMs,
+    DestinationStatus, Fence, InFlightTxn, NextTxn, OutboxEdu, PruneReport, RecordedTxn, Retention,
+    RetryState, StoreError, TimestampMs,
 };
 
 /// Destinations with queued EDUs, found by skipping through the
@@ -42,17 +43,51 @@ fn to_i32(n: u32) -> i32 {
 }
 
 pub async fn in_flight(c: &Object, destination: &str) -> Result<Option<InFlightTxn>, Fail> {
+    // A record that names its EDUs (`edus_at` set) gets its rows' JSON in
+    // the record's order; a missing row comes back as NULL.
     let stmt = c
-        .prepare_cached("SELECT txn_id, seqs, body FROM outbox_txn WHERE destination = $1")
+        .prepare_cached(
+            "SELECT t.txn_id, t.seqs, t.body, t.edus_at,
+                    CASE WHEN t.edus_at IS NOT NULL THEN
+                        (SELECT array_agg(o.edu_json ORDER BY k.ord)
+                         FROM unnest(t.seqs) WITH ORDINALITY AS k (seq, ord)
+                         LEFT JOIN outbox o ON o.destination = t.destination AND o.seq = k.seq)
+                    END
+             FROM outbox_txn t WHERE t.destination = $1",
+        )
         .await?;
-    Ok(c.query_opt(&stmt, &[&destination])
-        .await?
-        .map(|r| InFlightTxn {
-            destination: destination.to_owned(),
-            txn_id: r.get(0),
-            seqs: r.get(1),
-            body: r.get(2),
-        }))
+    let Some(row) = c.query_opt(&stmt, &[&destination]).await? else {
+        return Ok(None);
+    };
+    let seqs: Vec<i64> = row.get(1);
+    let mut body: String = row.get(2);
+    if let Some(at) = row.get::<_, Option<i64>>(3) {
+        let edus: Vec<Option<String>> = row
+            .get::<_, Option<Vec<Option<String>>>>(4)
+            .unwrap_or_default();
+        // Recorded rows leave the queue only with their record (ack, or a
+        // dead destination's expiry): one missing means a damaged store.
+        let edus = edus
+            .into_iter()
+            .collect::<Option<Vec<String>>>()
+            .filter(|edus| edus.len() == seqs.len())
+            .ok_or_else(|| {
+                StoreError::Corrupt(format!(
+                    "an outbox row of the transaction in flight to {destination} is missing"
+                ))
+            })?;
+        body = splice(
+            &body,
+            usize::try_from(at).unwrap_or(usize::MAX),
+            edus.iter().map(String::as_str),
+        );
+    }
+    Ok(Some(InFlightTxn {
+        destination: destination.to_owned(),
+        txn_id: row.get(0),
+        seqs,
+        body,
+    }))
 }
 
 pub async fn peek_outbox(
@@ -102,23 +137,38 @@ pub async fn peek_outbox(
 pub async fn begin_txn(c: &mut Object, fence: &Fence, txn: &InFlightTxn) -> Result<(), Fail> {
     let tx = c.transaction().await?;
     check_fence(&tx, &txn.destination, fence).await?;
-    record_txn(&tx, txn).await?;
+    record_txn(
+        &tx,
+        &txn.destination,
+        &txn.txn_id,
+        &txn.seqs,
+        (&txn.body, None),
+    )
+    .await?;
     tx.commit().await?;
     Ok(())
 }
 
-/// Inserts the in-flight record (and its journal row).
-async fn record_txn(tx: &Transaction<'_>, txn: &InFlightTxn) -> Result<(), Fail> {
+/// Inserts the in-flight record (and its journal row): `stored` is the
+/// body, or the envelope and the offset of the EDUs (`RecordedTxn::stored`).
+async fn record_txn(
+    tx: &Transaction<'_>,
+    destination: &str,
+    txn_id: &str,
+    seqs: &[i64],
+    stored: (&str, Option<i64>),
+) -> Result<(), Fail> {
     // The primary key on destination makes a second in-flight txn fail.
     let stmt = tx.prepare_cached(&trace::begin_txn_sql()).await?;
     tx.execute(
         &stmt,
         &[
-            &txn.destination,
-            &txn.txn_id,
-            &txn.seqs,
-            &txn.body,
+            &destination,
+            &txn_id,
+            &seqs,
+            &stored.0,
             &crate::clock::now_ms(),
+            &stored.1,
         ],
     )
     .await?;
@@ -126,15 +176,16 @@ async fn record_txn(tx: &Transaction<'_>, txn: &InFlightTxn) -> Result<(), Fail>
 }
 
 /// `Store::advance` as one transaction: the fence check, the ack, the peek
-/// and the new record. Returns the new record and how many device-list rows
-/// the acknowledged transaction carried.
+/// and the new record. Returns the new record (its body put together by the
+/// caller) and how many device-list rows the acknowledged transaction
+/// carried.
 pub async fn advance(
     c: &mut Object,
     fence: &Fence,
     destination: &str,
     acked: Option<(&str, TimestampMs)>,
     next: &NextTxn,
-) -> Result<(Option<InFlightTxn>, u64), Fail> {
+) -> Result<(Option<RecordedTxn>, u64), Fail> {
     let tx = c.transaction().await?;
     check_fence(&tx, destination, fence).await?;
     let mut sent = 0;
@@ -145,8 +196,8 @@ pub async fn advance(
     let txn = if edus.is_empty() {
         None
     } else {
-        let txn = next.record(destination, edus);
-        record_txn(&tx, &txn).await?;
+        let txn = next.draft(destination, edus);
+        record_txn(&tx, destination, &txn.txn_id, &txn.seqs, txn.stored()).await?;
         Some(txn)
     };
     tx.commit().await?;

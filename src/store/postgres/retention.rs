@@ -262,7 +262,8 @@ fn outbox_row(
 
 /// Rows of destinations failing since at or before `cutoff`: queued and
 /// in-flight outbox rows first, then quarantined ones, at most `batch`.
-/// A destination's in-flight record goes once none of its rows is left.
+/// A destination's in-flight record goes with the first of its rows, or
+/// once none of the queue is left.
 async fn dead_destination_rows(
     tx: &Transaction<'_>,
     cutoff: TimestampMs,
@@ -311,9 +312,11 @@ async fn dead_destination_rows(
             .collect();
         let rows = tx.query(&queued, &[&destination, &left]).await?;
         let fetched = rows.len() as i64;
+        let mut record_hit = false;
         for row in &rows {
             let seq: i64 = row.get(0);
             let hold = if seqs.contains(&seq) {
+                record_hit = true;
                 OutboxHold::InFlight
             } else {
                 OutboxHold::Queued
@@ -321,6 +324,11 @@ async fn dead_destination_rows(
             out.push(outbox_row(row, &destination, hold, failing_since_ts));
         }
         let left = left - fetched;
+        if record_hit && left <= 0 {
+            // Some of its rows go in this batch: so does the record (one
+            // that names its EDUs could not be sent again without them).
+            tx.execute(&drop_txn, &[&destination]).await?;
+        }
         if left > 0 {
             for row in tx.query(&held, &[&destination, &left]).await? {
                 out.push(outbox_row(

@@ -81,10 +81,17 @@ const MIGRATIONS: &[(u32, &str)] = &[
             "/migrations/postgres/0010_trace.sql"
         )),
     ),
+    (
+        11,
+        include_str!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/migrations/postgres/0011_txn_by_reference.sql"
+        )),
+    ),
 ];
 
 /// The schema version this build writes.
-pub const LATEST_VERSION: u32 = 10;
+pub const LATEST_VERSION: u32 = 11;
 
 /// The advisory lock key that serializes migrations ("courier" in ASCII).
 const MIGRATION_LOCK: i64 = 0x0063_6f75_7269_6572;

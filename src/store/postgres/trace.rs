@@ -64,7 +64,8 @@ pub(super) fn begin_txn_sql() -> String {
                         json_build_object('edus', cardinality($3::int8[]))::text
                  WHERE {}
              )
-             INSERT INTO outbox_txn (destination, txn_id, seqs, body) VALUES ($1, $2, $3, $4)",
+             INSERT INTO outbox_txn (destination, txn_id, seqs, body, edus_at)
+             VALUES ($1, $2, $3, $4, $6)",
         ENABLED
     )
 }

@@ -410,10 +410,16 @@ impl Store for SqliteStore {
     ) -> StoreFuture<'a, Option<InFlightTxn>> {
         let destination = destination.to_owned();
         let acked = acked.map(|(txn_id, now_ms)| (txn_id.to_owned(), now_ms));
-        Box::pin(self.write(move |c| {
-            let acked = acked.as_ref().map(|(id, now)| (id.as_str(), *now));
-            outbox::advance(c, &destination, acked, next)
-        }))
+        Box::pin(async move {
+            let recorded = self
+                .write(move |c| {
+                    let acked = acked.as_ref().map(|(id, now)| (id.as_str(), *now));
+                    outbox::advance(c, &destination, acked, next)
+                })
+                .await?;
+            // Put together here, on the caller's thread, not the writer's.
+            Ok(recorded.map(crate::store::RecordedTxn::into_in_flight))
+        })
     }
 
     fn refuse_txn<'a>(

@@ -9,31 +9,71 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use super::device_list_outbox::{PeekChain, record_acked};
 use super::trace;
+use crate::store::txn_body::splice;
 use crate::store::{
-    DestinationStatus, InFlightTxn, NextTxn, OutboxEdu, QuarantinedEdu, RefusalState, RetryState,
-    StoreError, TimestampMs,
+    DestinationStatus, InFlightTxn, NextTxn, OutboxEdu, QuarantinedEdu, RecordedTxn, RefusalState,
+    RetryState, StoreError, TimestampMs,
 };
 
 pub fn in_flight(conn: &Connection, destination: &str) -> Result<Option<InFlightTxn>, StoreError> {
     let row = conn
-        .prepare_cached("SELECT txn_id, seqs_json, body FROM outbox_txn WHERE destination = ?1")?
+        .prepare_cached(
+            "SELECT txn_id, seqs_json, body, edus_at FROM outbox_txn WHERE destination = ?1",
+        )?
         .query_row([destination], |row| {
             Ok((
                 row.get::<_, String>(0)?,
                 row.get::<_, String>(1)?,
                 row.get::<_, String>(2)?,
+                row.get::<_, Option<i64>>(3)?,
             ))
         })
         .optional()?;
-    match row {
-        None => Ok(None),
-        Some((txn_id, seqs_json, body)) => Ok(Some(InFlightTxn {
-            destination: destination.to_owned(),
-            txn_id,
-            seqs: parse_seqs(&seqs_json)?,
-            body,
-        })),
+    let Some((txn_id, seqs_json, body, edus_at)) = row else {
+        return Ok(None);
+    };
+    let seqs = parse_seqs(&seqs_json)?;
+    let body = match edus_at {
+        None => body,
+        Some(at) => {
+            let edus = recorded_rows(conn, destination, &seqs)?;
+            splice(
+                &body,
+                usize::try_from(at).unwrap_or(usize::MAX),
+                edus.iter().map(String::as_str),
+            )
+        }
+    };
+    Ok(Some(InFlightTxn {
+        destination: destination.to_owned(),
+        txn_id,
+        seqs,
+        body,
+    }))
+}
+
+/// The `edu_json` of the rows a record names, in its order. Recorded rows
+/// leave the queue only with their record (ack, or a dead destination's
+/// expiry), so one missing means a damaged store.
+fn recorded_rows(
+    conn: &Connection,
+    destination: &str,
+    seqs: &[i64],
+) -> Result<Vec<String>, StoreError> {
+    let mut stmt =
+        conn.prepare_cached("SELECT edu_json FROM outbox WHERE destination = ?1 AND seq = ?2")?;
+    let mut out = Vec::with_capacity(seqs.len());
+    for seq in seqs {
+        let edu_json: Option<String> = stmt
+            .query_row((destination, seq), |row| row.get(0))
+            .optional()?;
+        out.push(edu_json.ok_or_else(|| {
+            StoreError::Corrupt(format!(
+                "outbox row {seq} of the transaction in flight to {destination} is missing"
+            ))
+        })?);
     }
+    Ok(out)
 }
 
 fn parse_seqs(seqs_json: &str) -> Result<Vec<i64>, StoreError> {
@@ -80,14 +120,33 @@ pub fn peek_outbox(
 }
 
 pub fn begin_txn(conn: &Connection, txn: &InFlightTxn) -> Result<(), StoreError> {
-    let seqs_json = serde_json::to_string(&txn.seqs)
+    insert_record(
+        conn,
+        &txn.destination,
+        &txn.txn_id,
+        &txn.seqs,
+        (&txn.body, None),
+    )
+}
+
+/// Inserts the in-flight record: `stored` is the body, or the envelope and
+/// the offset of the EDUs (`RecordedTxn::stored`).
+fn insert_record(
+    conn: &Connection,
+    destination: &str,
+    txn_id: &str,
+    seqs: &[i64],
+    stored: (&str, Option<i64>),
+) -> Result<(), StoreError> {
+    let seqs_json = serde_json::to_string(seqs)
         .map_err(|e| StoreError::Corrupt(format!("seqs not serializable: {e}")))?;
     // The primary key on destination makes a second in-flight txn fail.
     conn.prepare_cached(
-        "INSERT INTO outbox_txn (destination, txn_id, seqs_json, body) VALUES (?1, ?2, ?3, ?4)",
+        "INSERT INTO outbox_txn (destination, txn_id, seqs_json, body, edus_at)
+         VALUES (?1, ?2, ?3, ?4, ?5)",
     )?
-    .execute((&txn.destination, &txn.txn_id, seqs_json, &txn.body))?;
-    trace::record_txn(conn, txn, crate::clock::now_ms())
+    .execute((destination, txn_id, seqs_json, stored.0, stored.1))?;
+    trace::record_txn(conn, destination, txn_id, seqs, crate::clock::now_ms())
 }
 
 /// The seqs of the recorded txn if it is `txn_id`; removes the record.
@@ -135,13 +194,13 @@ pub fn ack_txn(
 }
 
 /// `Store::advance` in the writer's transaction: the ack, the peek and the
-/// new record in one commit.
+/// new record in one commit. The body is put together by the caller.
 pub fn advance(
     conn: &Connection,
     destination: &str,
     acked: Option<(&str, TimestampMs)>,
     next: NextTxn,
-) -> Result<Option<InFlightTxn>, StoreError> {
+) -> Result<Option<RecordedTxn>, StoreError> {
     if let Some((txn_id, now_ms)) = acked {
         ack_txn(conn, destination, txn_id, now_ms)?;
     }
@@ -149,8 +208,8 @@ pub fn advance(
     if edus.is_empty() {
         return Ok(None);
     }
-    let txn = next.record(destination, edus);
-    begin_txn(conn, &txn)?;
+    let txn = next.draft(destination, edus);
+    insert_record(conn, destination, &txn.txn_id, &txn.seqs, txn.stored())?;
     Ok(Some(txn))
 }
 

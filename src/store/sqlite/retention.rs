@@ -195,7 +195,8 @@ fn inbox_over_cap(
 
 /// Rows of destinations failing since at or before `cutoff`: queued and
 /// in-flight outbox rows first, then quarantined ones, at most `batch`.
-/// A destination's in-flight record goes once none of its rows is left.
+/// A destination's in-flight record goes with the first of its rows, or
+/// once none of the queue is left.
 fn dead_destination_rows(
     conn: &Connection,
     cutoff: TimestampMs,
@@ -261,7 +262,12 @@ fn dead_destination_rows(
                 out.push(row?);
             }
         }
-        if queue_done {
+        // The record goes with the first of its rows (one that names its
+        // EDUs could not be sent again without them), or with the queue.
+        let record_hit = out[before..]
+            .iter()
+            .any(|m| matches!(m, ExpiredMessage::Outbox(e) if e.held == OutboxHold::InFlight));
+        if queue_done || record_hit {
             conn.prepare_cached("DELETE FROM outbox_txn WHERE destination = ?1")?
                 .execute([&destination])?;
         }

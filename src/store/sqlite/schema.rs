@@ -69,10 +69,17 @@ const MIGRATIONS: &[(u32, &str)] = &[
             "/migrations/sqlite/0008_trace.sql"
         )),
     ),
+    (
+        9,
+        include_str!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/migrations/sqlite/0009_txn_by_reference.sql"
+        )),
+    ),
 ];
 
 /// The schema version this build writes.
-pub const LATEST_VERSION: u32 = 8;
+pub const LATEST_VERSION: u32 = 9;
 
 /// Opens the writer connection: creates the file, switches to WAL and sets
 /// the per-connection durability PRAGMAs.

@@ -375,7 +375,9 @@ pub(super) fn record_inbound(
 /// The `txn` row of a transaction recorded before its first send.
 pub(super) fn record_txn(
     conn: &Connection,
-    txn: &crate::store::InFlightTxn,
+    destination: &str,
+    txn_id: &str,
+    seqs: &[i64],
     now_ms: TimestampMs,
 ) -> Result<(), StoreError> {
     if !enabled(conn)? {
@@ -386,13 +388,11 @@ pub(super) fn record_txn(
         &Row {
             ts: now_ms,
             kind: "txn",
-            txn_id: Some(&txn.txn_id),
-            peer: Some(&txn.destination),
-            first_id: txn.seqs.first().copied(),
-            last_id: txn.seqs.last().copied(),
-            detail: Detail::default()
-                .int("edus", txn.seqs.len() as u64)
-                .finish(),
+            txn_id: Some(txn_id),
+            peer: Some(destination),
+            first_id: seqs.first().copied(),
+            last_id: seqs.last().copied(),
+            detail: Detail::default().int("edus", seqs.len() as u64).finish(),
             ..Row::default()
         },
     )

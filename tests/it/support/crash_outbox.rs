@@ -22,12 +22,11 @@ use courier::store::{
 pub const DESTINATION: &str = "pipeline.test";
 const WORKER: &str = "crash-pipeline";
 
-/// The body the child records for `rows`: their EDU JSON, one per line.
+/// The body the child records for `rows`: a JSON array of their EDUs (the
+/// record names the rows; reading it back puts them in).
 fn build(rows: &mut [OutboxEdu]) -> String {
-    rows.iter()
-        .map(|r| r.edu_json.as_str())
-        .collect::<Vec<_>>()
-        .join("\n")
+    let edus: Vec<&str> = rows.iter().map(|r| r.edu_json.as_str()).collect();
+    format!("[{}]", edus.join(","))
 }
 
 fn edu_json(n: u64) -> String {
@@ -126,12 +125,13 @@ pub async fn pipeline_until_killed(
         let mut counter = 0u64;
         while Instant::now() < deadline {
             counter += 1;
-            let next = NextTxn {
-                txn_id: format!("{pid}-{counter:08}"),
-                max_edus: rand::random_range(1..8),
-                max_bytes: u64::MAX,
-                build: Box::new(build),
-            };
+            let next = NextTxn::around(
+                &format!("{pid}-{counter:08}"),
+                rand::random_range(1..8),
+                u64::MAX,
+                "[",
+                "]",
+            );
             let acked = current
                 .as_ref()
                 .map(|t| (t.txn_id.as_str(), courier::clock::now_ms()));
@@ -168,7 +168,10 @@ pub async fn pipeline_until_killed(
 }
 
 fn ns_of_body(body: &str) -> Vec<u64> {
-    body.lines().map(n_of).collect()
+    let edus: Vec<serde_json::Value> = serde_json::from_str(body).expect("a recorded body");
+    edus.iter()
+        .map(|edu| edu["content"]["n"].as_u64().expect("EDU names its n"))
+        .collect()
 }
 
 /// What the children reported, over every round.

@@ -65,7 +65,7 @@ macro_rules! suite_cases {
             inbox: [inbox_order_and_next_batch, inbox_limit_pages_150_as_100_then_50, repeated_since_redelivers_same_rows, star_expands_at_write_time, unknown_devices_are_dropped, mixed_targets_keep_order_in_large_sends],
             send: [client_txn_dedupe_writes_nothing, outbox_rows_and_destinations_in_order, concurrent_writers_each_row_once, seventy_recipients_in_one_call_each_get_their_row_once_in_order],
             inbound: [inbound_txn_dedupe_replays_response, inbound_message_id_dedupe_inside_new_txn, seventy_edus_in_one_inbound_txn_dedupe_and_keep_order],
-            outbox: [peek_outbox_respects_limits, begin_ack_txn, refuse_txn_counts_refusals, quarantine_and_release, advance_acks_and_records_the_next_in_one_step],
+            outbox: [peek_outbox_respects_limits, begin_ack_txn, refuse_txn_counts_refusals, quarantine_and_release, advance_acks_and_records_the_next_in_one_step, a_recorded_transaction_reads_back_byte_for_byte],
             refusals: [refusal_state_round_trips_beside_the_retry_state, restore_quarantined_returns_an_edu_to_its_place, requeue_quarantined_puts_all_back_in_order_at_the_end],
             retry: [retry_state_round_trip, destination_statuses_report_queues],
             server_keys: [server_keys_round_trip],
