@@ -52,28 +52,37 @@ pub fn in_flight(conn: &Connection, destination: &str) -> Result<Option<InFlight
     }))
 }
 
-/// The `edu_json` of the rows a record names, in its order. Recorded rows
-/// leave the queue only with their record (ack, or a dead destination's
-/// expiry), so one missing means a damaged store.
+/// The `edu_json` of the rows a record names, in its order, read in one
+/// range scan (a quarantined row put back keeps its old seq, so the range
+/// may hold rows the record does not name; they are skipped). Recorded
+/// rows leave the queue only with their record (ack, or a dead
+/// destination's expiry), so one missing means a damaged store.
 fn recorded_rows(
     conn: &Connection,
     destination: &str,
     seqs: &[i64],
 ) -> Result<Vec<String>, StoreError> {
-    let mut stmt =
-        conn.prepare_cached("SELECT edu_json FROM outbox WHERE destination = ?1 AND seq = ?2")?;
-    let mut out = Vec::with_capacity(seqs.len());
-    for seq in seqs {
-        let edu_json: Option<String> = stmt
-            .query_row((destination, seq), |row| row.get(0))
-            .optional()?;
-        out.push(edu_json.ok_or_else(|| {
-            StoreError::Corrupt(format!(
-                "outbox row {seq} of the transaction in flight to {destination} is missing"
-            ))
-        })?);
+    let (Some(&first), Some(&last)) = (seqs.first(), seqs.last()) else {
+        return Ok(Vec::new());
+    };
+    let mut stmt = conn.prepare_cached(
+        "SELECT seq, edu_json FROM outbox
+         WHERE destination = ?1 AND seq BETWEEN ?2 AND ?3 ORDER BY seq",
+    )?;
+    let mut rows = stmt.query((destination, first.min(last), first.max(last)))?;
+    let mut found = std::collections::HashMap::with_capacity(seqs.len());
+    while let Some(row) = rows.next()? {
+        found.insert(row.get::<_, i64>(0)?, row.get::<_, String>(1)?);
     }
-    Ok(out)
+    seqs.iter()
+        .map(|seq| {
+            found.remove(seq).ok_or_else(|| {
+                StoreError::Corrupt(format!(
+                    "outbox row {seq} of the transaction in flight to {destination} is missing"
+                ))
+            })
+        })
+        .collect()
 }
 
 fn parse_seqs(seqs_json: &str) -> Result<Vec<i64>, StoreError> {
