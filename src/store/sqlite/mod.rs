@@ -36,6 +36,7 @@ mod device_changes;
 mod device_list_outbox;
 mod device_lists;
 mod devices;
+mod in_flight;
 mod inbox;
 mod keys;
 mod maintenance;
@@ -370,7 +371,7 @@ impl Store for SqliteStore {
 
     fn in_flight<'a>(&'a self, destination: &'a str) -> StoreFuture<'a, Option<InFlightTxn>> {
         let destination = destination.to_owned();
-        Box::pin(self.read(move |c| outbox::in_flight(c, &destination)))
+        Box::pin(self.read(move |c| in_flight::in_flight(c, &destination)))
     }
 
     fn peek_outbox<'a>(
