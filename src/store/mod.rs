@@ -193,6 +193,19 @@ pub struct SendBatch {
     pub now_ms: TimestampMs,
 }
 
+impl SendBatch {
+    /// The destinations of its outbox rows, each once, in first-seen order
+    /// (`SendOutcome::Accepted::destinations`).
+    pub fn destinations(&self) -> Vec<String> {
+        let mut seen = std::collections::HashSet::new();
+        self.remote
+            .iter()
+            .filter(|edu| seen.insert(edu.destination.as_str()))
+            .map(|edu| edu.destination.clone())
+            .collect()
+    }
+}
+
 /// What a send did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SendOutcome {

@@ -6,8 +6,6 @@
 //! device-row locking order. The outbox rows are one multi-row INSERT
 //! (`unnest` of arrays); with the journal on, its rows are one more.
 
-use std::collections::HashSet;
-
 use deadpool_postgres::Object;
 
 use super::Fail;
@@ -79,14 +77,7 @@ pub async fn enqueue_send(
     } else {
         Vec::new()
     };
-    // Each destination once, in first-seen order.
-    let mut seen: HashSet<&str> = HashSet::new();
-    let destinations: Vec<String> = batch
-        .remote
-        .iter()
-        .filter(|edu| seen.insert(edu.destination.as_str()))
-        .map(|edu| edu.destination.clone())
-        .collect();
+    let destinations = batch.destinations();
     if !batch.remote.is_empty() {
         let mut dests: Vec<&str> = Vec::with_capacity(batch.remote.len());
         let mut edus: Vec<&str> = Vec::with_capacity(batch.remote.len());

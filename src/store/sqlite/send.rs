@@ -7,8 +7,6 @@
 //! rows) are multi-row INSERTs (`multirow`), so a send to many
 //! destinations runs a few statements, not one per EDU.
 
-use std::collections::HashSet;
-
 use rusqlite::Connection;
 
 use super::inbox::InboxWriter;
@@ -62,14 +60,7 @@ pub fn enqueue_send(
     if journal {
         trace::record_send(conn, batch, written.base, written.rows, &seqs)?;
     }
-    // Each destination once, in first-seen order.
-    let mut seen: HashSet<&str> = HashSet::new();
-    let destinations: Vec<String> = batch
-        .remote
-        .iter()
-        .filter(|edu| seen.insert(edu.destination.as_str()))
-        .map(|edu| edu.destination.clone())
-        .collect();
+    let destinations = batch.destinations();
     Ok(SendOutcome::Accepted {
         woken_devices: written.woken,
         destinations,
